@@ -1,1 +1,77 @@
+//! ringtun: a thread-per-core HBONE tunnel engine, a drop-in for Istio ambient's ztunnel.
+//!
+//! One shard per core runs a monoio runtime on io_uring and owns its listeners, connections,
+//! HBONE pool and counters ([`shard`]); a control thread loads and watches the config and feeds
+//! the shards ([`control`]). Each accepted connection takes one of the paths in [`proxy`].
+//! Protocol logic that needs no socket lives in the `ringtun-hbone` crate.
+#![warn(missing_docs)]
 
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod net;
+pub mod options;
+pub mod pki;
+pub mod proxy;
+pub mod shard;
+pub mod tls;
+
+use std::net::SocketAddr;
+
+use shard::ListenerKind;
+
+/// Why ringtun could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The config file is invalid; the message names file, line and field.
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    /// Certificates could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsSetupError),
+    /// Generating demo or test certificates failed.
+    #[error("{0}")]
+    Pki(#[from] pki::PkiError),
+    /// A listener could not be bound.
+    #[error("cannot listen for {kind} on {addr}: {source} (is another proxy running, or is the address not local?)")]
+    Listen {
+        /// What the listener was for.
+        kind: ListenerKind,
+        /// Where.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// SO_MARK could not be set.
+    #[error("cannot set SO_MARK {mark:#x} on sockets: {source}; ringtun needs CAP_NET_ADMIN for this, or pass --mark 0 if no capture rule relies on it")]
+    Mark {
+        /// The mark.
+        mark: u32,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// io_uring was demanded but is not available.
+    #[error("--io-driver io-uring was requested but io_uring is not available on this kernel (or is disabled by seccomp / kernel.io_uring_disabled); use --io-driver auto or legacy")]
+    NoIoUring,
+    /// A shard thread could not be started.
+    #[error("cannot start shard thread: {0}")]
+    Thread(std::io::Error),
+    /// A shard could not take its listener.
+    #[error("shard {shard}: {error}")]
+    ShardListen {
+        /// Which shard.
+        shard: usize,
+        /// What failed.
+        error: String,
+    },
+    /// A shard stopped unexpectedly during start-up.
+    #[error("a shard stopped during start-up; see the log above")]
+    ShardDied,
+    /// A command-line value was invalid.
+    #[error("{0}")]
+    Usage(String),
+    /// The demo's network set-up failed.
+    #[error("demo: {0}")]
+    Demo(String),
+}

@@ -1,0 +1,298 @@
+//! Command-line interface: `ringtun run`, `check-config`, `gen-certs`, `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ringtun_hbone::pool::PoolLimits;
+use ringtun_hbone::settings::H2Settings;
+use ringtun_hbone::Identity;
+use tracing_subscriber::EnvFilter;
+
+use crate::options::{IoDriver, RunOptions};
+use crate::tls::CertPaths;
+use crate::{config, control, demo, pki, EngineError};
+
+/// ringtun: HBONE tunnel engine, a drop-in for Istio ambient's ztunnel.
+#[derive(Parser, Debug)]
+#[command(name = "ringtun", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `debug`, `ringtun=debug,access=info`.
+    #[arg(long, global = true, env = "RINGTUN_LOG", default_value = "info")]
+    pub log: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the tunnel: capture outbound on 15001, serve HBONE on 15008 and plaintext on 15006.
+    Run(RunArgs),
+    /// Parse a ztunnel local config file and report errors with file, line and field.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Create a CA (or reuse the one in DIR) and issue SPIFFE workload certificates.
+    GenCerts {
+        /// Directory for ca.pem/ca.key and <ns>.<sa>.pem/.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain of the identities.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Identities to issue, as NAMESPACE/SERVICEACCOUNT (repeatable).
+        #[arg(long = "identity", required = true)]
+        identities: Vec<String>,
+    },
+    /// Show a working tunnel: two network namespaces, two ringtuns, a client and an echo server.
+    Demo(demo::DemoArgs),
+}
+
+/// Options of `ringtun run`.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// ztunnel local config (YAML), the file ztunnel reads from LOCAL_XDS_PATH; reloaded on change.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    pub config: PathBuf,
+    /// Our certificate chain (PEM): leaf first, with a spiffe:// URI SAN.
+    #[arg(long)]
+    pub cert_chain: PathBuf,
+    /// Private key of the leaf certificate (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Mesh root certificates (PEM) that peers' chains must end at.
+    #[arg(long)]
+    pub roots: PathBuf,
+    /// Trust domain of the mesh.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The workload this ringtun serves, NAMESPACE/NAME[/SA] (as ztunnel's PROXY_WORKLOAD_INFO).
+    #[arg(long, env = "PROXY_WORKLOAD_INFO")]
+    pub workload: Option<String>,
+    /// Serve every workload of this node instead (config `node` field).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: Option<String>,
+    /// `k8s.cluster.name` in baggage for workloads without clusterId.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// Worker shards; default: one per available core.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Do not pin shards to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// I/O driver for the shards.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub io_driver: IoDriver,
+    /// Outbound capture listener (repeatable). Default [::]:15001, or 0.0.0.0:15001 without IPv6.
+    #[arg(long)]
+    pub outbound_listen: Vec<SocketAddr>,
+    /// HBONE listener (repeatable). Default [::]:15008.
+    #[arg(long)]
+    pub inbound_listen: Vec<SocketAddr>,
+    /// Plaintext inbound capture listener (repeatable). Default [::]:15006.
+    #[arg(long)]
+    pub inbound_plaintext_listen: Vec<SocketAddr>,
+    /// SO_MARK set on every socket ringtun opens, so capture rules can skip it (0: none).
+    #[arg(long, default_value = "0x539", value_parser = parse_u32)]
+    pub mark: u32,
+    /// Streams per pooled HBONE connection before another is opened.
+    #[arg(long, default_value_t = 100)]
+    pub pool_max_streams: u32,
+    /// Close pooled HBONE connections idle this long (milliseconds).
+    #[arg(long, default_value_t = 60_000)]
+    pub pool_idle_timeout_ms: u64,
+    /// HTTP/2 stream window (bytes).
+    #[arg(long, default_value_t = H2Settings::default().stream_window)]
+    pub h2_stream_window: u32,
+    /// HTTP/2 connection window (bytes).
+    #[arg(long, default_value_t = H2Settings::default().connection_window)]
+    pub h2_connection_window: u32,
+    /// HTTP/2 max frame size (bytes).
+    #[arg(long, default_value_t = H2Settings::default().max_frame_size)]
+    pub h2_max_frame_size: u32,
+    /// HTTP/2 concurrent streams accepted per inbound connection.
+    #[arg(long, default_value_t = H2Settings::default().max_concurrent_streams)]
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 max header list size (bytes).
+    #[arg(long, default_value_t = H2Settings::default().max_header_list_size)]
+    pub h2_max_header_list_size: u32,
+    /// TCP connect timeout (milliseconds).
+    #[arg(long, default_value_t = 10_000)]
+    pub connect_timeout_ms: u64,
+    /// TLS handshake timeout (milliseconds).
+    #[arg(long, default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// How often to check the config file for changes (milliseconds).
+    #[arg(long, default_value_t = 500)]
+    pub config_poll_ms: u64,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn default_listen(port: u16) -> Vec<SocketAddr> {
+    if crate::net::ipv6_available() {
+        vec![SocketAddr::from(([0u16; 8], port))]
+    } else {
+        vec![SocketAddr::from(([0, 0, 0, 0], port))]
+    }
+}
+
+impl RunArgs {
+    /// Resolves defaults and validates values.
+    pub fn into_options(self) -> Result<RunOptions, EngineError> {
+        let workload = match &self.workload {
+            None => None,
+            Some(s) => {
+                let parts: Vec<&str> = s.split('/').collect();
+                match parts.as_slice() {
+                    [ns, name] | [ns, name, _] if !ns.is_empty() && !name.is_empty() => {
+                        Some((ns.to_string(), name.to_string()))
+                    }
+                    _ => {
+                        return Err(EngineError::Usage(format!(
+                            "--workload {s:?}: expected NAMESPACE/NAME or NAMESPACE/NAME/SERVICEACCOUNT"
+                        )))
+                    }
+                }
+            }
+        };
+        let or_default = |v: Vec<SocketAddr>, port| {
+            if v.is_empty() {
+                default_listen(port)
+            } else {
+                v
+            }
+        };
+        let workers = self
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if workers == 0 {
+            return Err(EngineError::Usage("--workers must be at least 1".into()));
+        }
+        Ok(RunOptions {
+            config_path: self.config,
+            config_poll: Duration::from_millis(self.config_poll_ms.max(10)),
+            certs: CertPaths {
+                chain: self.cert_chain,
+                key: self.key,
+                roots: self.roots,
+            },
+            trust_domain: self.trust_domain,
+            cluster_id: self.cluster_id,
+            workload,
+            node: self.node,
+            workers,
+            pin: !self.no_pin,
+            io_driver: self.io_driver,
+            outbound: or_default(self.outbound_listen, 15001),
+            inbound: or_default(self.inbound_listen, 15008),
+            inbound_plaintext: or_default(self.inbound_plaintext_listen, 15006),
+            mark: self.mark,
+            pool: PoolLimits {
+                max_streams: self.pool_max_streams.max(1),
+                idle_timeout: Duration::from_millis(self.pool_idle_timeout_ms),
+            },
+            h2: H2Settings {
+                stream_window: self.h2_stream_window,
+                connection_window: self.h2_connection_window,
+                max_frame_size: self.h2_max_frame_size,
+                max_concurrent_streams: self.h2_max_concurrent_streams,
+                max_header_list_size: self.h2_max_header_list_size,
+                ..H2Settings::default()
+            }
+            .sanitized(),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+        })
+    }
+}
+
+/// Installs the log subscriber (stderr, key=value fields).
+pub fn init_logging(filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("ringtun: bad --log filter {filter:?} ({e}); using info");
+        EnvFilter::new("info")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(true)
+        .try_init();
+}
+
+/// Runs `ringtun run` until killed.
+pub fn run(args: RunArgs) -> Result<(), EngineError> {
+    let opts = args.into_options()?;
+    let running = control::start(opts.clone())?;
+    running.watch_config(&opts)
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::GenCerts {
+            dir,
+            trust_domain,
+            identities,
+        } => gen_certs(&dir, &trust_domain, &identities),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringtun: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> Result<(), EngineError> {
+    let loaded = config::load(file)?;
+    for w in &loaded.warnings {
+        eprintln!("{}: warning: {w}", file.display());
+    }
+    let c = &loaded.config;
+    println!(
+        "{}: ok: {} workloads, {} services, {} policies",
+        file.display(),
+        c.workloads.len(),
+        c.services.len(),
+        c.policies.len()
+    );
+    Ok(())
+}
+
+fn gen_certs(dir: &std::path::Path, td: &str, identities: &[String]) -> Result<(), EngineError> {
+    let ca = pki::Ca::open_or_create(dir)?;
+    for spec in identities {
+        let (ns, sa) = spec
+            .split_once('/')
+            .filter(|(n, s)| !n.is_empty() && !s.is_empty() && !s.contains('/'))
+            .ok_or_else(|| {
+                EngineError::Usage(format!(
+                    "--identity {spec:?}: expected NAMESPACE/SERVICEACCOUNT"
+                ))
+            })?;
+        let id = Identity::new(td, ns, sa);
+        let paths = ca.issue(&id)?;
+        println!("{id}: {} {}", paths.chain.display(), paths.key.display());
+    }
+    Ok(())
+}

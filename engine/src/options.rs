@@ -1,0 +1,62 @@
+//! Run-time options of `ringtun run`, independent of how they were given (CLI, env, demo).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ringtun_hbone::pool::PoolLimits;
+use ringtun_hbone::settings::H2Settings;
+
+use crate::tls::CertPaths;
+
+/// Which monoio driver the shards run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, else the legacy driver (announced in the log).
+    Auto,
+    /// io_uring only; refuse to start without it.
+    IoUring,
+    /// epoll (the legacy driver), e.g. where seccomp or sysctl forbid io_uring.
+    Legacy,
+}
+
+/// Everything `ringtun run` needs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// ztunnel local config file, watched for changes.
+    pub config_path: PathBuf,
+    /// How often the config file is checked for changes.
+    pub config_poll: Duration,
+    /// Certificate files.
+    pub certs: CertPaths,
+    /// Trust domain of the mesh.
+    pub trust_domain: String,
+    /// `k8s.cluster.name` for workloads whose config has no clusterId.
+    pub cluster_id: String,
+    /// The workload this ringtun serves (`namespace`, `name`), as ztunnel's dedicated mode.
+    pub workload: Option<(String, String)>,
+    /// Serve every workload on this node instead.
+    pub node: Option<String>,
+    /// Worker shards (one thread each).
+    pub workers: usize,
+    /// Pin shards to cores.
+    pub pin: bool,
+    /// Driver choice.
+    pub io_driver: IoDriver,
+    /// Outbound capture listen addresses.
+    pub outbound: Vec<SocketAddr>,
+    /// HBONE listen addresses.
+    pub inbound: Vec<SocketAddr>,
+    /// Plaintext inbound capture listen addresses.
+    pub inbound_plaintext: Vec<SocketAddr>,
+    /// SO_MARK on every socket ringtun originates (0: none).
+    pub mark: u32,
+    /// HBONE pool limits.
+    pub pool: PoolLimits,
+    /// HTTP/2 settings.
+    pub h2: H2Settings,
+    /// TCP connect timeout for upstream and HBONE connections.
+    pub connect_timeout: Duration,
+    /// TLS handshake timeout, both directions.
+    pub handshake_timeout: Duration,
+}

@@ -1,0 +1,131 @@
+//! One access-log line per connection, written when it closes.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use ringtun_hbone::Identity;
+
+use super::copy::{End, Transferred};
+
+/// Which path a connection took through ringtun.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Captured on 15001 and sent over HBONE.
+    Outbound,
+    /// Captured on 15001 and sent as plain TCP (destination not in the mesh, or protocol TCP).
+    Passthrough,
+    /// Arrived over HBONE on 15008.
+    Inbound,
+    /// Arrived in plaintext on the 15006 capture.
+    InboundPlaintext,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Outbound => "outbound",
+            Direction::Passthrough => "passthrough",
+            Direction::Inbound => "inbound",
+            Direction::InboundPlaintext => "inbound-plaintext",
+        })
+    }
+}
+
+/// Everything logged about one connection.
+#[derive(Debug)]
+pub struct AccessLog {
+    /// Path taken.
+    pub direction: Direction,
+    /// Original client address.
+    pub src_addr: SocketAddr,
+    /// Client identity, when known.
+    pub src_identity: Option<Identity>,
+    /// Destination (original destination outbound, authority inbound).
+    pub dst_addr: Option<SocketAddr>,
+    /// HBONE peer address outbound.
+    pub dst_hbone: Option<SocketAddr>,
+    /// Service hostname when a VIP was dialled.
+    pub dst_service: Option<String>,
+    /// Destination workload `ns/name`.
+    pub dst_workload: Option<String>,
+    /// Destination identity, when known.
+    pub dst_identity: Option<Identity>,
+    /// Whether the HBONE connection was new or reused from the pool.
+    pub pool_reused: Option<bool>,
+    /// Bytes each way.
+    pub bytes: Transferred,
+    /// Start of the connection.
+    pub started: quanta::Instant,
+    /// How it ended.
+    pub end: End,
+    /// Shard that carried it.
+    pub shard: usize,
+}
+
+impl AccessLog {
+    /// A record for a connection that starts now.
+    pub fn new(direction: Direction, src_addr: SocketAddr, shard: usize) -> Self {
+        AccessLog {
+            direction,
+            src_addr,
+            src_identity: None,
+            dst_addr: None,
+            dst_hbone: None,
+            dst_service: None,
+            dst_workload: None,
+            dst_identity: None,
+            pool_reused: None,
+            bytes: Transferred::default(),
+            started: quanta::Instant::now(),
+            end: End::Closed,
+            shard,
+        }
+    }
+
+    /// Writes the line (target `access`).
+    pub fn emit(&self) {
+        match &self.end {
+            End::Closed => tracing::info!(target: "access", "{self}"),
+            _ => tracing::warn!(target: "access", "{self}"),
+        }
+    }
+}
+
+impl fmt::Display for AccessLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "direction={} src.addr={}", self.direction, self.src_addr)?;
+        if let Some(v) = &self.src_identity {
+            write!(f, " src.identity={v}")?;
+        }
+        if let Some(v) = &self.dst_addr {
+            write!(f, " dst.addr={v}")?;
+        }
+        if let Some(v) = &self.dst_hbone {
+            write!(f, " dst.hbone={v}")?;
+        }
+        if let Some(v) = &self.dst_service {
+            write!(f, " dst.service={v}")?;
+        }
+        if let Some(v) = &self.dst_workload {
+            write!(f, " dst.workload={v}")?;
+        }
+        if let Some(v) = &self.dst_identity {
+            write!(f, " dst.identity={v}")?;
+        }
+        if let Some(r) = self.pool_reused {
+            write!(f, " pool={}", if r { "reused" } else { "new" })?;
+        }
+        let ms = quanta::Instant::now()
+            .duration_since(self.started)
+            .as_millis();
+        write!(
+            f,
+            " bytes_sent={} bytes_received={} duration_ms={ms} shard={} end={}",
+            self.bytes.up, self.bytes.down, self.shard, self.end
+        )?;
+        if let Some(r) = self.end.reason() {
+            write!(f, " reason=\"{}\"", r.replace('"', "'"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! The copy loops: bytes between a client socket and an HBONE stream, or between two sockets.
+//!
+//! Both directions run concurrently on the connection's shard. A clean EOF one way is passed on
+//! (FIN ↔ END_STREAM) while the other way keeps flowing; an error or reset either way stops both
+//! and is passed on as a reset (RST_STREAM ↔ TCP RST). Buffers are owned by the loop and reused:
+//! a read lands in a `BytesMut`, the filled part is split off and frozen and handed to h2 without
+//! copying, and once h2 has written it the allocation is reclaimed by `reserve`.
+
+use std::cell::Cell;
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::try_join;
+use h2::{Reason, RecvStream, SendStream};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+
+use crate::net;
+
+/// Smallest read buffer; a connection starts here so idle ones stay small.
+pub const MIN_BUF: usize = 16 * 1024;
+/// Largest read buffer; reads that fill the buffer double it up to this size.
+pub const MAX_BUF: usize = 256 * 1024;
+
+/// How a tunnelled connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished with EOF.
+    Closed,
+    /// One side reset; the other was reset too.
+    Reset(String),
+    /// An I/O or protocol error; the other side was reset.
+    Error(String),
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::Closed => f.write_str("closed"),
+            End::Reset(_) => f.write_str("reset"),
+            End::Error(_) => f.write_str("error"),
+        }
+    }
+}
+
+impl End {
+    /// The detail behind a reset or error, if any.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            End::Closed => None,
+            End::Reset(r) | End::Error(r) => Some(r),
+        }
+    }
+}
+
+/// Bytes moved each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the connecting client towards the destination.
+    pub up: u64,
+    /// From the destination back to the client.
+    pub down: u64,
+}
+
+fn from_io(e: io::Error) -> End {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
+            End::Reset(format!("tcp: {e}"))
+        }
+        _ => End::Error(format!("tcp: {e}")),
+    }
+}
+
+fn from_h2(e: h2::Error) -> End {
+    match e.reason() {
+        Some(r) if e.is_reset() || e.is_remote() => {
+            End::Reset(format!("hbone stream reset ({r:?})"))
+        }
+        _ => End::Error(format!("hbone: {e}")),
+    }
+}
+
+/// Grows the read buffer when reads fill it, so bulk transfers use big reads and idle or chatty
+/// connections keep small ones.
+struct ReadBuf {
+    buf: BytesMut,
+    size: usize,
+}
+
+impl ReadBuf {
+    fn new() -> Self {
+        ReadBuf {
+            buf: BytesMut::with_capacity(MIN_BUF),
+            size: MIN_BUF,
+        }
+    }
+
+    /// A buffer with at least `size` free bytes, len 0; reuses the previous allocation when h2
+    /// has released every piece of it.
+    fn take(&mut self) -> BytesMut {
+        if self.buf.capacity() < self.size {
+            self.buf.reserve(self.size);
+        }
+        std::mem::take(&mut self.buf)
+    }
+
+    fn give_back(&mut self, buf: BytesMut, filled: usize) {
+        if filled == buf.capacity() && self.size < MAX_BUF {
+            self.size *= 2;
+        }
+        self.buf = buf;
+    }
+}
+
+/// Tunnels a TCP connection over an HBONE stream until both directions end.
+pub async fn tcp_h2(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> (Transferred, End) {
+    let fd = tcp.as_raw_fd();
+    let (mut rd, mut wr) = tcp.into_split();
+    let up_bytes = Cell::new(0u64);
+    let down_bytes = Cell::new(0u64);
+
+    let up = async {
+        let mut bufs = ReadBuf::new();
+        loop {
+            let (res, mut buf) = rd.read(bufs.take()).await;
+            match res {
+                Ok(0) => {
+                    bufs.give_back(buf, 0);
+                    send.send_data(Bytes::new(), true).map_err(from_h2)?;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    up_bytes.set(up_bytes.get() + n as u64);
+                    let chunk = buf.split().freeze();
+                    bufs.give_back(buf, n);
+                    ringtun_hbone::stream::send_all(&mut send, chunk)
+                        .await
+                        .map_err(from_h2)?;
+                }
+                Err(e) => {
+                    send.send_reset(Reason::CANCEL);
+                    return Err(from_io(e));
+                }
+            }
+        }
+    };
+
+    let down = async {
+        loop {
+            match recv.data().await {
+                Some(Ok(data)) => {
+                    let n = data.len();
+                    let (res, _) = wr.write_all(data).await;
+                    res.map_err(from_io)?;
+                    down_bytes.set(down_bytes.get() + n as u64);
+                    // Only now may the peer send more: the window tracks what reached the socket.
+                    recv.flow_control().release_capacity(n).map_err(from_h2)?;
+                }
+                None => {
+                    wr.shutdown().await.map_err(from_io)?;
+                    return Ok::<(), End>(());
+                }
+                Some(Err(e)) => return Err(from_h2(e)),
+            }
+        }
+    };
+
+    let end = match try_join(up, down).await {
+        Ok(_) => End::Closed,
+        Err(end) => {
+            // The loop that did not fail was dropped mid-operation; make sure the h2 side
+            // learns of the failure too, then close the socket with RST.
+            send.send_reset(Reason::CANCEL);
+            net::abort_on_close(fd);
+            end
+        }
+    };
+    (
+        Transferred {
+            up: up_bytes.get(),
+            down: down_bytes.get(),
+        },
+        end,
+    )
+}
+
+async fn pipe<R: AsyncReadRent, W: AsyncWriteRent>(
+    rd: &mut R,
+    wr: &mut W,
+    count: &Cell<u64>,
+) -> Result<(), End> {
+    let mut buf = Vec::with_capacity(MIN_BUF);
+    loop {
+        let (res, b) = rd.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) => {
+                wr.shutdown().await.map_err(from_io)?;
+                return Ok(());
+            }
+            Ok(n) => {
+                let full = n == buf.capacity();
+                let (res, b) = wr.write_all(buf).await;
+                buf = b;
+                res.map_err(from_io)?;
+                count.set(count.get() + n as u64);
+                buf.clear();
+                if full && buf.capacity() < MAX_BUF {
+                    buf.reserve(buf.capacity() * 2);
+                }
+            }
+            Err(e) => return Err(from_io(e)),
+        }
+    }
+}
+
+/// Copies between two TCP connections (plaintext paths) until both directions end.
+pub async fn tcp_tcp(a: TcpStream, b: TcpStream) -> (Transferred, End) {
+    let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+    let (mut ar, mut aw) = a.into_split();
+    let (mut br, mut bw) = b.into_split();
+    let up = Cell::new(0u64);
+    let down = Cell::new(0u64);
+    let end = match try_join(pipe(&mut ar, &mut bw, &up), pipe(&mut br, &mut aw, &down)).await {
+        Ok(_) => End::Closed,
+        Err(end) => {
+            net::abort_on_close(fa);
+            net::abort_on_close(fb);
+            end
+        }
+    };
+    (
+        Transferred {
+            up: up.get(),
+            down: down.get(),
+        },
+        end,
+    )
+}

@@ -1,0 +1,163 @@
+//! Inbound HBONE on 15008: mutual TLS, then one CONNECT stream per tunnelled connection.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Response, StatusCode};
+use monoio::io::IntoPollIo;
+use monoio::net::TcpStream;
+use ringtun_hbone::connect::{parse_connect, Refusal};
+use ringtun_hbone::{verify, Identity};
+
+use super::access::{AccessLog, Direction};
+use super::copy::{self, End};
+use crate::net;
+use crate::shard::Shard;
+
+/// Handles one connection accepted on the HBONE listener: handshake, then serve its streams.
+pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
+    let peer = net::canonical(peer);
+    let _ = tcp.set_nodelay(true);
+    let io = match tcp.into_poll_io() {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "inbound: cannot switch socket to poll mode");
+            return;
+        }
+    };
+    let timeout = shard.opts.handshake_timeout;
+    let tls = match monoio::time::timeout(timeout, shard.acceptor.accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            count_failed(shard);
+            tracing::warn!(%peer, error = %e, "inbound: TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            count_failed(shard);
+            tracing::warn!(%peer, ?timeout, "inbound: TLS handshake timed out");
+            return;
+        }
+    };
+    // The verifier already required a SPIFFE identity in our trust domain.
+    let client_id = match verify::peer_identity(tls.get_ref().1.peer_certificates()) {
+        Ok(id) => id,
+        Err(e) => {
+            count_failed(shard);
+            tracing::warn!(%peer, error = %e, "inbound: no client identity");
+            return;
+        }
+    };
+    let mut conn = match shard
+        .opts
+        .h2
+        .server_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "inbound: HTTP/2 handshake failed");
+            return;
+        }
+    };
+    while let Some(next) = conn.accept().await {
+        match next {
+            Ok((req, respond)) => {
+                let shard = shard.clone();
+                let client_id = client_id.clone();
+                monoio::spawn(async move { stream(&shard, req, respond, peer, client_id).await });
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "inbound: HTTP/2 connection error");
+                return;
+            }
+        }
+    }
+    // Streams still running need the connection driven until they finish.
+    let _ = poll_fn(|cx| conn.poll_closed(cx)).await;
+}
+
+fn count_failed(shard: &Shard) {
+    shard.counters.failed.set(shard.counters.failed.get() + 1);
+}
+
+fn refuse(shard: &Shard, mut respond: SendResponse<Bytes>, refusal: Refusal, mut log: AccessLog) {
+    count_failed(shard);
+    let mut resp = Response::new(());
+    *resp.status_mut() = refusal.status;
+    // A refused stream ends here; its connection and sibling streams are untouched.
+    let _ = respond.send_response(resp, true);
+    log.end = End::Error(format!("{} {}", refusal.status.as_u16(), refusal.reason));
+    log.emit();
+}
+
+async fn stream(
+    shard: &Rc<Shard>,
+    req: http::Request<h2::RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    client_id: Identity,
+) {
+    let mut log = AccessLog::new(Direction::Inbound, peer, shard.id);
+    log.src_identity = Some(client_id);
+    log.dst_identity = Some(shard.tls.identity.clone());
+    let (parts, body) = req.into_parts();
+    let target = match parse_connect(&parts.method, &parts.uri, &parts.headers) {
+        Ok(t) => t,
+        Err(r) => return refuse(shard, respond, r, log),
+    };
+    if let Some(src) = target.forwarded_for.filter(|a| a.port() != 0) {
+        log.src_addr = src;
+    }
+    let dst = net::canonical(target.target);
+    log.dst_addr = Some(dst);
+    let snap = shard.snapshot();
+    if !shard.serves(&snap, dst.ip()) {
+        return refuse(
+            shard,
+            respond,
+            Refusal::unavailable("destination is not a workload served here"),
+            log,
+        );
+    }
+    if let Some(w) = snap.workload_by_ip(dst.ip()) {
+        log.dst_workload = Some(w.display_name());
+    }
+    let upstream = match net::connect_marked(dst, shard.opts.mark, shard.opts.connect_timeout).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%dst, error = %e, "inbound: destination unreachable");
+            return refuse(
+                shard,
+                respond,
+                Refusal::unavailable("destination unreachable"),
+                log,
+            );
+        }
+    };
+    let mut respond = respond;
+    let send = match respond.send_response(
+        Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .unwrap_or_default(),
+        false,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            log.end = End::Error(format!("hbone: {e}"));
+            log.emit();
+            return;
+        }
+    };
+    let (bytes, end) = copy::tcp_h2(upstream, send, body).await;
+    // Inbound, "sent" is what the remote client sent us: the stream's upload.
+    log.bytes = bytes;
+    log.end = end;
+    log.emit();
+}

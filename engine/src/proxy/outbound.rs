@@ -1,0 +1,416 @@
+//! Outbound: a connection captured on 15001 leaves as an HBONE stream, or as plain TCP.
+
+use std::cell::Cell;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use monoio::io::IntoPollIo;
+use monoio::net::TcpStream;
+use ringtun_hbone::connect::{Baggage, ConnectRequest, TraceParent};
+use ringtun_hbone::pool::{ConnId, PoolKey, Pooled};
+use ringtun_hbone::{verify, HboneError, Identity, HBONE_PORT};
+use rustls::pki_types::ServerName;
+
+use super::access::{AccessLog, Direction};
+use super::copy::{self, End};
+use super::plaintext;
+use crate::config::{Protocol, Snapshot, Workload};
+use crate::net;
+use crate::shard::Shard;
+
+/// A pooled HBONE connection: a handle to send requests on, and whether its driver task still
+/// runs (it stops when the peer sends GOAWAY or the connection fails).
+pub struct PooledH2 {
+    send: SendRequest<Bytes>,
+    alive: Rc<Cell<bool>>,
+    peer: Identity,
+}
+
+impl Pooled for PooledH2 {
+    fn is_usable(&self) -> bool {
+        self.alive.get()
+    }
+}
+
+/// Where the destination lookup says a connection should go.
+pub(crate) enum Route {
+    /// Over HBONE to a mesh workload.
+    Hbone {
+        /// `<workload ip>:<target port>`, the CONNECT authority.
+        target: SocketAddr,
+        /// Identities the peer may present.
+        identities: Vec<Identity>,
+        /// Service hostname when a VIP was dialled.
+        service: Option<String>,
+        /// `ns/name` of the chosen workload.
+        workload: String,
+    },
+    /// Plain TCP to this address (destination protocol TCP, or not in the mesh).
+    Direct {
+        /// Where to connect.
+        target: SocketAddr,
+        /// Service hostname when a VIP was dialled.
+        service: Option<String>,
+    },
+    /// A service VIP with no endpoint for that port.
+    NoEndpoint {
+        /// The service hostname.
+        service: String,
+    },
+}
+
+/// Decides where a captured connection to `dst` goes, as ztunnel would: a service VIP picks an
+/// endpoint round-robin (skipping workloads without that port); a workload IP goes to that
+/// workload; anything else passes through.
+pub(crate) fn route(shard: &Shard, snap: &Snapshot, dst: SocketAddr) -> Route {
+    let (workload, port, service): (&Workload, u16, Option<String>) =
+        if let Some(svc) = snap.service_by_vip(dst.ip()) {
+            let eps = snap.endpoints(svc, dst.port());
+            let host = svc.service.hostname.clone();
+            if eps.is_empty() {
+                return Route::NoEndpoint { service: host };
+            }
+            let i = shard.next_rr(snap.generation, svc.index, dst.port()) % eps.len();
+            match eps.get(i) {
+                Some((w, target_port)) => (w, target_port, Some(host)),
+                None => return Route::NoEndpoint { service: host },
+            }
+        } else if let Some(w) = snap.workload_by_ip(dst.ip()) {
+            (w, dst.port(), None)
+        } else {
+            return Route::Direct {
+                target: dst,
+                service: None,
+            };
+        };
+    // A VIP maps to the workload's address in the same family where it has one.
+    let ip = workload
+        .workload_ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .or_else(|| workload.workload_ips.first().copied())
+        .unwrap_or(dst.ip());
+    let target = SocketAddr::new(ip, port);
+    if workload.protocol != Protocol::Hbone {
+        return Route::Direct { target, service };
+    }
+    let mut identities = vec![shard.workload_identity(workload)];
+    if let Some(svc) = service.as_ref().and_then(|_| snap.service_by_vip(dst.ip())) {
+        identities.extend(
+            svc.service
+                .subject_alt_names
+                .iter()
+                .filter_map(|san| Identity::parse(san).ok()),
+        );
+    }
+    Route::Hbone {
+        target,
+        identities,
+        service,
+        workload: workload.display_name(),
+    }
+}
+
+/// Handles one connection accepted on the outbound capture listener.
+pub async fn handle(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
+    let src = net::canonical(peer);
+    let mut log = AccessLog::new(Direction::Outbound, src, shard.id);
+    let _ = client.set_nodelay(true);
+    let local = client.local_addr().map(net::canonical);
+    let dst = match local.and_then(|l| net::original_dst(client.as_raw_fd(), l).map(|d| (l, d))) {
+        Ok((local, dst)) if dst != local => net::canonical(dst),
+        Ok(_) | Err(_) => {
+            // Not redirected: connecting to ourselves would loop. Refuse it plainly.
+            log.end = End::Error("connection was not redirected (no original destination); outbound listener only serves captured traffic".into());
+            fail(shard, client, log);
+            return;
+        }
+    };
+    log.dst_addr = Some(dst);
+    let snap = shard.snapshot();
+    match route(shard, &snap, dst) {
+        Route::NoEndpoint { service } => {
+            log.dst_service = Some(service);
+            log.end = End::Error(format!("no endpoint serves port {}", dst.port()));
+            fail(shard, client, log);
+        }
+        Route::Direct { target, service } => {
+            log.direction = Direction::Passthrough;
+            log.dst_service = service;
+            plaintext::forward(shard, client, target, log).await;
+        }
+        Route::Hbone {
+            target,
+            identities,
+            service,
+            workload,
+        } => {
+            log.dst_service = service.clone();
+            log.dst_workload = Some(workload);
+            log.src_identity = Some(shard.tls.identity.clone());
+            let src_w = shard.source_workload(&snap, src.ip());
+            let baggage = baggage(shard, src_w);
+            let req = ConnectRequest {
+                target,
+                source: src,
+                service_host: service,
+                baggage,
+                traceparent: TraceParent::random(&mut rand::thread_rng()),
+            };
+            tunnel(shard, client, req, identities, log).await;
+        }
+    }
+}
+
+fn baggage(shard: &Shard, w: Option<&Workload>) -> Baggage {
+    let Some(w) = w else {
+        return Baggage::default();
+    };
+    let kind = if w.workload_type.is_empty() {
+        "deployment"
+    } else {
+        &w.workload_type
+    };
+    let name = [&w.workload_name, &w.name]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .cloned()
+        .unwrap_or_default();
+    Baggage {
+        cluster: if w.cluster_id.is_empty() {
+            shard.opts.cluster_id.clone()
+        } else {
+            w.cluster_id.clone()
+        },
+        namespace: w.namespace.clone(),
+        workload_type: kind.to_owned(),
+        service: if w.canonical_name.is_empty() {
+            name.clone()
+        } else {
+            w.canonical_name.clone()
+        },
+        version: if w.canonical_revision.is_empty() {
+            "latest".to_owned()
+        } else {
+            w.canonical_revision.clone()
+        },
+        workload_name: name,
+    }
+}
+
+fn fail(shard: &Shard, client: TcpStream, mut log: AccessLog) {
+    shard.counters.failed.set(shard.counters.failed.get() + 1);
+    net::abort_on_close(client.as_raw_fd());
+    drop(client);
+    if matches!(log.end, End::Closed) {
+        log.end = End::Error("refused".into());
+    }
+    log.emit();
+}
+
+/// Returns the pool slot when the stream ends, however it ends.
+struct Slot<'a> {
+    shard: &'a Shard,
+    key: PoolKey,
+    id: ConnId,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.shard
+            .pool
+            .borrow_mut()
+            .release(&self.key, self.id, Instant::now());
+    }
+}
+
+async fn tunnel(
+    shard: &Rc<Shard>,
+    client: TcpStream,
+    req: ConnectRequest,
+    identities: Vec<Identity>,
+    mut log: AccessLog,
+) {
+    let hbone = SocketAddr::new(req.target.ip(), HBONE_PORT);
+    log.dst_hbone = Some(hbone);
+    let key = PoolKey::new(
+        shard.tls.identity.clone(),
+        identities.clone(),
+        hbone,
+        req.source.ip(),
+    );
+    let opened = open_stream(shard, &key, &req, &identities).await;
+    let (stream, slot, peer_id, reused) = match opened {
+        Ok(v) => v,
+        Err(e) => {
+            log.end = End::Error(e.to_string());
+            fail(shard, client, log);
+            return;
+        }
+    };
+    log.pool_reused = Some(reused);
+    log.dst_identity = Some(peer_id);
+    let (send, recv) = stream;
+    let (bytes, end) = copy::tcp_h2(client, send, recv).await;
+    drop(slot);
+    log.bytes = bytes;
+    log.end = end;
+    log.emit();
+}
+
+type Stream = (h2::SendStream<Bytes>, h2::RecvStream);
+
+/// Opens a CONNECT stream, on a pooled connection if one has room, else on a new one. A pooled
+/// connection that turns out to be closing is marked dead and the stream retried once on a new
+/// connection.
+async fn open_stream<'a>(
+    shard: &'a Rc<Shard>,
+    key: &PoolKey,
+    req: &ConnectRequest,
+    identities: &[Identity],
+) -> Result<(Stream, Slot<'a>, Identity, bool), OpenError> {
+    let pooled = {
+        let mut pool = shard.pool.borrow_mut();
+        pool.checkout(key)
+            .map(|(id, c)| (id, c.send.clone(), c.alive.clone(), c.peer.clone()))
+    };
+    if let Some((id, send, alive, peer)) = pooled {
+        let slot = Slot {
+            shard,
+            key: key.clone(),
+            id,
+        };
+        match request(send, req).await {
+            Ok(stream) => {
+                shard
+                    .counters
+                    .pool_reused
+                    .set(shard.counters.pool_reused.get() + 1);
+                return Ok((stream, slot, peer, true));
+            }
+            Err(OpenError::Refused(e)) => return Err(OpenError::Refused(e)),
+            Err(e) => {
+                tracing::debug!(error = %e, "pooled HBONE connection unusable; opening a new one");
+                alive.set(false);
+            }
+        }
+    }
+    let (conn, peer) = connect(shard, key.dst, identities).await?;
+    let send = conn.send.clone();
+    let id = shard.pool.borrow_mut().insert(key.clone(), conn);
+    let slot = Slot {
+        shard,
+        key: key.clone(),
+        id,
+    };
+    let stream = request(send, req).await?;
+    shard
+        .counters
+        .pool_new
+        .set(shard.counters.pool_new.get() + 1);
+    Ok((stream, slot, peer, false))
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpenError {
+    /// TCP connect to the peer's 15008 failed.
+    #[error("connect to HBONE peer {addr}: {source}")]
+    Connect {
+        /// The peer.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed or timed out.
+    #[error("TLS handshake with {addr}: {why}")]
+    Handshake {
+        /// The peer.
+        addr: SocketAddr,
+        /// What failed.
+        why: String,
+    },
+    /// The peer is not who the destination may be, or protocol failure.
+    #[error(transparent)]
+    Hbone(#[from] HboneError),
+    /// The peer answered the CONNECT with an error status.
+    #[error("{0}")]
+    Refused(HboneError),
+}
+
+async fn request(send: SendRequest<Bytes>, req: &ConnectRequest) -> Result<Stream, OpenError> {
+    let mut send = send.ready().await.map_err(HboneError::from)?;
+    let (resp, stream) = send
+        .send_request(req.to_request(), false)
+        .map_err(HboneError::from)?;
+    let resp = resp.await.map_err(HboneError::from)?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(OpenError::Refused(HboneError::Refused {
+            peer: SocketAddr::new(req.target.ip(), HBONE_PORT),
+            authority: req.target,
+            status: resp.status().as_u16(),
+        }));
+    }
+    Ok((stream, resp.into_body()))
+}
+
+async fn connect(
+    shard: &Rc<Shard>,
+    addr: SocketAddr,
+    identities: &[Identity],
+) -> Result<(PooledH2, Identity), OpenError> {
+    let opts = &shard.opts;
+    let tcp = net::connect_marked(addr, opts.mark, opts.connect_timeout)
+        .await
+        .map_err(|source| OpenError::Connect { addr, source })?;
+    let io = tcp
+        .into_poll_io()
+        .map_err(|source| OpenError::Connect { addr, source })?;
+    let name = ServerName::IpAddress(IpAddr::from(addr.ip()).into());
+    let tls = match monoio::time::timeout(opts.handshake_timeout, shard.connector.connect(name, io))
+        .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            return Err(OpenError::Handshake {
+                addr,
+                why: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(OpenError::Handshake {
+                addr,
+                why: format!("timed out after {:?}", opts.handshake_timeout),
+            })
+        }
+    };
+    let peer = verify::expect_identity(tls.get_ref().1.peer_certificates(), identities)?;
+    let (send, conn) = opts
+        .h2
+        .client_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(HboneError::from)?;
+    let alive = Rc::new(Cell::new(true));
+    let flag = alive.clone();
+    let shard_id = shard.id;
+    monoio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(shard = shard_id, peer = %addr, error = %e, "HBONE connection ended");
+        }
+        flag.set(false);
+    });
+    Ok((
+        PooledH2 {
+            send,
+            alive,
+            peer: peer.clone(),
+        },
+        peer,
+    ))
+}

@@ -1,0 +1,60 @@
+//! Plaintext paths: inbound capture on 15006, and outbound passthrough for destinations that
+//! are not HBONE.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+
+use monoio::net::TcpStream;
+
+use super::access::{AccessLog, Direction};
+use super::copy::{self, End};
+use crate::net;
+use crate::shard::Shard;
+
+/// Connects to `target` (marked) and copies both ways; logs the connection at the end.
+pub async fn forward(shard: &Shard, client: TcpStream, target: SocketAddr, mut log: AccessLog) {
+    log.dst_addr.get_or_insert(target);
+    match net::connect_marked(target, shard.opts.mark, shard.opts.connect_timeout).await {
+        Ok(upstream) => {
+            let (bytes, end) = copy::tcp_tcp(client, upstream).await;
+            log.bytes = bytes;
+            log.end = end;
+        }
+        Err(e) => {
+            shard.counters.failed.set(shard.counters.failed.get() + 1);
+            net::abort_on_close(client.as_raw_fd());
+            log.end = End::Error(format!("connect {target}: {e}"));
+        }
+    }
+    log.emit();
+}
+
+/// Handles one connection captured on 15006: plaintext traffic for a local workload.
+pub async fn inbound(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
+    let mut log = AccessLog::new(Direction::InboundPlaintext, net::canonical(peer), shard.id);
+    let _ = client.set_nodelay(true);
+    let local = client.local_addr().map(net::canonical);
+    let dst = match local.and_then(|l| net::original_dst(client.as_raw_fd(), l).map(|d| (l, d))) {
+        Ok((l, d)) if d != l => net::canonical(d),
+        _ => {
+            log.end = End::Error("connection was not redirected (no original destination)".into());
+            net::abort_on_close(client.as_raw_fd());
+            log.emit();
+            return;
+        }
+    };
+    log.dst_addr = Some(dst);
+    let snap = shard.snapshot();
+    if !shard.serves(&snap, dst.ip()) {
+        log.end = End::Error("destination is not a workload served here".into());
+        net::abort_on_close(client.as_raw_fd());
+        log.emit();
+        return;
+    }
+    if let Some(w) = snap.workload_by_ip(dst.ip()) {
+        log.dst_workload = Some(w.display_name());
+        log.dst_identity = Some(shard.workload_identity(w));
+    }
+    forward(shard, client, dst, log).await;
+}

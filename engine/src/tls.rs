@@ -1,0 +1,128 @@
+//! Certificates and keys from PEM files, turned into the TLS settings every shard shares.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ringtun_hbone::{cert, verify, Identity};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::RootCertStore;
+
+/// What went wrong loading certificates, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// A PEM file could not be read or held nothing usable.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong with it.
+        what: String,
+    },
+    /// The certificate has no usable SPIFFE identity.
+    #[error("{path}: {source}")]
+    Identity {
+        /// The certificate chain file.
+        path: PathBuf,
+        /// Why the identity could not be read.
+        source: ringtun_hbone::HboneError,
+    },
+    /// The certificate's identity is not in the trust domain ringtun was told to serve.
+    #[error("{path}: certificate identity {identity} is not in trust domain {trust_domain:?}; pass --trust-domain {actual:?} or use a certificate from this mesh")]
+    TrustDomain {
+        /// The certificate chain file.
+        path: PathBuf,
+        /// Identity in the certificate.
+        identity: Identity,
+        /// Configured trust domain.
+        trust_domain: String,
+        /// Trust domain found in the certificate.
+        actual: String,
+    },
+    /// rustls refused the material (key does not match the certificate, etc.).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Paths of the PEM files ringtun presents and trusts.
+#[derive(Clone, Debug)]
+pub struct CertPaths {
+    /// Leaf certificate followed by its intermediates.
+    pub chain: PathBuf,
+    /// Private key of the leaf (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Mesh root certificates.
+    pub roots: PathBuf,
+}
+
+/// TLS material shared read-only by all shards.
+pub struct TlsMaterial {
+    /// Our SPIFFE identity, from the leaf certificate.
+    pub identity: Identity,
+    /// Server side of HBONE (port 15008).
+    pub server: Arc<rustls::ServerConfig>,
+    /// Client side of HBONE (outbound).
+    pub client: Arc<rustls::ClientConfig>,
+    /// Unix time after which our certificate expires.
+    pub not_after: i64,
+}
+
+fn pem_err(path: &Path, what: impl std::fmt::Display) -> TlsSetupError {
+    TlsSetupError::Pem {
+        path: path.to_owned(),
+        what: what.to_string(),
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, e))?;
+    if certs.is_empty() {
+        return Err(pem_err(path, "no CERTIFICATE block found"));
+    }
+    Ok(certs)
+}
+
+impl TlsMaterial {
+    /// Loads the chain, key and roots and builds both TLS configurations.
+    pub fn load(paths: &CertPaths, trust_domain: &str) -> Result<Self, TlsSetupError> {
+        let chain = read_certs(&paths.chain)?;
+        let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| pem_err(&paths.key, e))?;
+        let mut roots = RootCertStore::empty();
+        for root in read_certs(&paths.roots)? {
+            roots
+                .add(root)
+                .map_err(|e| pem_err(&paths.roots, format!("not a usable root: {e}")))?;
+        }
+        let roots = Arc::new(roots);
+        let identity =
+            cert::leaf_identity(&chain[0]).map_err(|source| TlsSetupError::Identity {
+                path: paths.chain.clone(),
+                source,
+            })?;
+        if identity.trust_domain != trust_domain {
+            return Err(TlsSetupError::TrustDomain {
+                path: paths.chain.clone(),
+                actual: identity.trust_domain.clone(),
+                identity,
+                trust_domain: trust_domain.to_owned(),
+            });
+        }
+        let not_after =
+            cert::not_after_unix(&chain[0]).map_err(|source| TlsSetupError::Identity {
+                path: paths.chain.clone(),
+                source,
+            })?;
+        let server =
+            verify::server_config(chain.clone(), key.clone_key(), roots.clone(), trust_domain)?;
+        let client = verify::client_config(chain, key, roots)?;
+        Ok(TlsMaterial {
+            identity,
+            server: Arc::new(server),
+            client: Arc::new(client),
+            not_after,
+        })
+    }
+}
