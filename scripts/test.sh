@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# ringtun's whole test suite, from a fresh Debian 12 machine (run as root):
+# installs what the tests need, then formatting, lints, unit/property tests, the network-namespace
+# end-to-end tests, the independent Python HBONE peers, and the kTLS tests inside a VM.
+# Exits non-zero when anything fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh: the end-to-end tests create network namespaces and need root" >&2
+  exit 1
+fi
+
+step "system packages"
+need_pkgs=(iproute2 nftables iptables qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio)
+missing=()
+for p in "${need_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "ok: ${need_pkgs[*]}"
+
+step "python packages (independent HBONE peers)"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r tests/peers/requirements.txt
+python3 -c 'import h2; print("h2", h2.__version__)'
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  step "cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+netns_before=$(ip netns list | awk '{print $1}' | sort)
+
+step "tests (unit, property, network namespaces, python peers)"
+cargo nextest run --workspace --locked --no-fail-fast
+
+step "doc tests"
+cargo test --workspace --locked --doc
+
+if [ -x deploy/vm/test-ktls.sh ]; then
+  step "kTLS inside a VM (Debian cloud kernel, CONFIG_TLS=m)"
+  bash deploy/vm/test-ktls.sh
+fi
+
+step "leftover network namespaces"
+left=$(comm -13 <(echo "$netns_before") <(ip netns list | awk '{print $1}' | sort))
+if [ -n "$left" ]; then
+  echo "tests left namespaces behind:" >&2; echo "$left" >&2; exit 1
+fi
+echo "none"
+
+step "all tests passed"
