@@ -26,10 +26,10 @@ use shard::ListenerKind;
 pub enum EngineError {
     /// The config file is invalid; the message names file, line and field.
     #[error("{0}")]
-    Config(#[from] config::ConfigError),
+    Config(Box<config::ConfigError>),
     /// Certificates could not be loaded.
     #[error("{0}")]
-    Tls(#[from] tls::TlsSetupError),
+    Tls(Box<tls::TlsSetupError>),
     /// Generating demo or test certificates failed.
     #[error("{0}")]
     Pki(#[from] pki::PkiError),
@@ -74,4 +74,17 @@ pub enum EngineError {
     /// The demo's network set-up failed.
     #[error("demo: {0}")]
     Demo(String),
+}
+
+// Boxed so every Result<_, EngineError> stays small; these errors are rare and start-up only.
+impl From<config::ConfigError> for EngineError {
+    fn from(e: config::ConfigError) -> Self {
+        EngineError::Config(Box::new(e))
+    }
+}
+
+impl From<tls::TlsSetupError> for EngineError {
+    fn from(e: tls::TlsSetupError) -> Self {
+        EngineError::Tls(Box::new(e))
+    }
 }

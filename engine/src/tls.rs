@@ -33,7 +33,7 @@ pub enum TlsSetupError {
         /// The certificate chain file.
         path: PathBuf,
         /// Identity in the certificate.
-        identity: Identity,
+        identity: Box<Identity>,
         /// Configured trust domain.
         trust_domain: String,
         /// Trust domain found in the certificate.
@@ -106,7 +106,7 @@ impl TlsMaterial {
             return Err(TlsSetupError::TrustDomain {
                 path: paths.chain.clone(),
                 actual: identity.trust_domain.clone(),
-                identity,
+                identity: Box::new(identity),
                 trust_domain: trust_domain.to_owned(),
             });
         }

@@ -1,7 +1,7 @@
 //! Outbound: a connection captured on 15001 leaves as an HBONE stream, or as plain TCP.
 
 use std::cell::Cell;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Instant;
@@ -371,7 +371,7 @@ async fn connect(
     let io = tcp
         .into_poll_io()
         .map_err(|source| OpenError::Connect { addr, source })?;
-    let name = ServerName::IpAddress(IpAddr::from(addr.ip()).into());
+    let name = ServerName::IpAddress(addr.ip().into());
     let tls = match monoio::time::timeout(opts.handshake_timeout, shard.connector.connect(name, io))
         .await
     {
