@@ -168,11 +168,16 @@ pub fn probe() -> Capability {
         };
         let fd = client.as_raw_fd();
         if let Err(e) = enable_ulp(fd) {
-            let errno = match &e {
-                KtlsError::Ulp { source, .. } => source.raw_os_error(),
-                _ => None,
+            return match e {
+                KtlsError::Ulp { source, hint } => Capability::unavailable(
+                    source.raw_os_error(),
+                    format!(
+                        "setsockopt(TCP_ULP, \"tls\") failed with {}: {hint}",
+                        errno_desc(&source)
+                    ),
+                ),
+                e => Capability::unavailable(None, e.to_string()),
             };
-            return Capability::unavailable(errno, e.to_string());
         }
         let info = match CryptoInfo::new(cipher, &vec![0; cipher.key_len()], &[0; 12], 0) {
             Ok(i) => i,
