@@ -36,6 +36,10 @@ for b in "${BINS[@]}"; do
 	ARGS+=("$b" --test-threads=1 "$@")
 done
 
-exec "$HERE/run-in-vm.sh" --timeout "$TIMEOUT" \
-	--env RINGTUN_EXPECT_KTLS=1 --env RUST_BACKTRACE=1 \
-	-- "${ARGS[@]}"
+ENVS=(--env RINGTUN_EXPECT_KTLS=1 --env RUST_BACKTRACE=1)
+# Knobs the tests read, forwarded when set on the host.
+for v in RINGTUN_KTLS_BULK_MIB RUST_LOG; do
+	[ -n "${!v:-}" ] && ENVS+=(--env "$v=${!v}")
+done
+
+exec "$HERE/run-in-vm.sh" --timeout "$TIMEOUT" "${ENVS[@]}" -- "${ARGS[@]}"

@@ -338,7 +338,7 @@ mod tests {
     fn record(ty: u8, body_len: usize) -> Vec<u8> {
         let mut r = vec![ty, 3, 3];
         r.extend_from_slice(&(body_len as u16).to_be_bytes());
-        r.extend(std::iter::repeat(0xee).take(body_len));
+        r.resize(r.len() + body_len, 0xee);
         r
     }
 

@@ -7,6 +7,7 @@
 //!
 //! All tests take one global lock: they assert on the per-namespace `/proc/net/tls_stat`
 //! counters, and on a 2-vCPU TCG guest running them side by side buys nothing.
+#![cfg(target_os = "linux")]
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -733,7 +734,25 @@ fn peer_key_update_is_reported_not_garbage() {
             assert!(after["TlsDecryptError"] > before["TlsDecryptError"]);
             // The error is sticky: the socket is dead.
             let e2 = recv_record(fd, &mut big).unwrap_err();
-            eprintln!("second recvmsg -> {e2}");
+            assert_eq!(e2.raw_os_error(), Some(libc::EBADMSG));
+            // And new RX keys cannot be installed: these kernels accept crypto info once
+            // per direction ("set crypto info more than one time" is EBUSY).
+            let mut info = [0u8; 40]; // tls12_crypto_info_aes_gcm_128, contents irrelevant
+            info[..2].copy_from_slice(&0x0304u16.to_ne_bytes());
+            info[2..4].copy_from_slice(&51u16.to_ne_bytes());
+            // SAFETY: `info` is a live 40-byte buffer the kernel only reads.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_TLS,
+                    libc::TLS_RX,
+                    info.as_ptr().cast(),
+                    info.len() as libc::socklen_t,
+                )
+            };
+            let rekey = io::Error::last_os_error();
+            eprintln!("setsockopt(TLS_RX) again -> rc {rc}, {rekey}");
+            assert_eq!((rc, rekey.raw_os_error()), (-1, Some(libc::EBUSY)));
         }
     });
 }
