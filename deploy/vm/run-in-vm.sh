@@ -124,7 +124,6 @@ need() { # need CMD PACKAGE
 }
 need qemu-system-x86_64 qemu-system-x86
 need busybox busybox-static
-need cpio cpio
 need ldd libc-bin
 need timeout coreutils
 [ $GZIP = 0 ] || need gzip gzip
@@ -272,7 +271,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /tmp
+# The initramfs root is already RAM; a tmpfs over /tmp would hide files carried there.
+[ -n "\$(ls -A /tmp)" ] || mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
 ip link set lo up
@@ -306,7 +306,12 @@ EOF
 chmod 755 "$ROOT/init"
 
 INITRD=$WORK/initramfs.cpio
-(cd "$ROOT" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) >"$INITRD"
+if command -v cpio >/dev/null 2>&1; then
+	(cd "$ROOT" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) >"$INITRD"
+else
+	# busybox's cpio can write newc archives too (no --null: names are plain here).
+	(cd "$ROOT" && find . | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc 2>/dev/null) >"$INITRD"
+fi
 if [ $GZIP = 1 ]; then
 	gzip -1 "$INITRD"
 	INITRD=$INITRD.gz
