@@ -132,7 +132,7 @@ fn loopback_listener() -> io::Result<TcpListener> {
 ///
 /// Uses throwaway loopback connections with dummy all-zero keys (no data ever flows on
 /// them), so it costs a few syscalls and one ephemeral port. Never panics: any failure
-/// becomes [`Capability::unavailable`] with the reason. Run it once at startup, log its
+/// becomes [`Capability`]`::unavailable` with the reason. Run it once at startup, log its
 /// `Display`, and consult [`Capability::can_offload_suite`] per connection.
 pub fn probe() -> Capability {
     let listener = match loopback_listener() {
