@@ -446,7 +446,9 @@ fn ktls_server_interoperates_with_userspace_client() {
     if !require_ktls() {
         return;
     }
-    let mib = bulk_mib();
+    // A quarter of the main bulk size: the userspace side runs its directions one after
+    // the other, and interop bugs show in the first records, not the 64th MiB.
+    let mib = bulk_mib().div_ceil(4);
     with_timeout(TEST_TIMEOUT, move || {
         let p = handshake(Cipher::Aes128Gcm, 2);
         let mut stcp = p.server_tcp;
