@@ -28,6 +28,11 @@ pub const MAX_NAME_LEN: usize = 15;
 /// Directory where `ip netns` keeps the bind mounts that pin named namespaces.
 const NETNS_RUN_DIR: &str = "/run/netns";
 
+/// Directory of owner records (`NAME` → "pid starttime") of the namespaces this crate created,
+/// so that namespaces leaked by a killed process (SIGKILL skips destructors, e.g. a test runner
+/// timing out) are removed by the next process that creates one.
+const OWNERS_DIR: &str = "/run/ringtun-topology";
+
 /// The default firewall mark ringtun puts on sockets it originates (ztunnel uses the same).
 pub const DEFAULT_MARK: u32 = 0x539;
 
@@ -226,6 +231,8 @@ impl Netns {
     /// prefix is shortened if needed, so keep it to ~5 chars) with its loopback up.
     pub fn new(prefix: &str) -> Result<Self> {
         require_root()?;
+        // Best effort: a failure to clean up someone else's leftovers must not fail this test.
+        let _ = sweep_stale();
         let mut last_err = None;
         // A collision is only possible with a namespace leaked by an earlier process that had
         // the same pid; a new random suffix resolves it.
@@ -237,6 +244,7 @@ impl Netns {
             match run_args("ip", ["netns", "add", name.as_str()]) {
                 Ok(_) => {
                     let ns = Netns { name, armed: true };
+                    record_owner(&ns.name)?;
                     // From here on drop cleans up if a later step fails.
                     ns.ip(["link", "set", "lo", "up"])?;
                     return Ok(ns);
@@ -436,7 +444,71 @@ fn teardown(name: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    run_args("ip", ["netns", "del", name]).map(drop)
+    run_args("ip", ["netns", "del", name])?;
+    let _ = std::fs::remove_file(std::path::Path::new(OWNERS_DIR).join(name));
+    Ok(())
+}
+
+/// Start time of a process (clock ticks since boot, field 22 of `/proc/PID/stat`); it tells a
+/// live owner from an unrelated process that got the same pid later.
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn record_owner(name: &str) -> Result<()> {
+    let io = |context: String| move |source| Error::Io { context, source };
+    std::fs::create_dir_all(OWNERS_DIR).map_err(io(format!("creating {OWNERS_DIR}")))?;
+    let pid = std::process::id();
+    let start = process_start_time(pid).unwrap_or_default();
+    let path = std::path::Path::new(OWNERS_DIR).join(name);
+    std::fs::write(&path, format!("{pid} {start}\n"))
+        .map_err(io(format!("writing {}", path.display())))
+}
+
+/// Deletes namespaces created by this crate whose owning process is gone (killed before its
+/// destructors ran), with anything still running in them; returns their names. Called by
+/// [`Netns::new`]; namespaces of live processes are never touched.
+pub fn sweep_stale() -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(OWNERS_DIR) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::Io {
+                context: format!("reading {OWNERS_DIR}"),
+                source: e,
+            })
+        }
+    };
+    let mut swept = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let mut parts = text.split_whitespace().map(|p| p.parse::<u64>().ok());
+        let (Some(Some(pid)), Some(Some(start))) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let alive = u32::try_from(pid)
+            .ok()
+            .and_then(process_start_time)
+            .is_some_and(|s| s == start);
+        if alive {
+            continue;
+        }
+        if std::path::Path::new(NETNS_RUN_DIR).join(&name).exists() {
+            // Another process may be sweeping the same leftover: losing that race is fine.
+            if teardown(&name).is_err() {
+                continue;
+            }
+        }
+        let _ = std::fs::remove_file(entry.path());
+        swept.push(name);
+    }
+    Ok(swept)
 }
 
 fn setns_net(file: &File) -> Result<()> {
@@ -704,6 +776,27 @@ mod tests {
         let name = name.into_inner().expect("lock");
         assert!(!name.is_empty());
         assert!(!list_netns().expect("list").contains(&name));
+    }
+
+    #[test]
+    fn stale_namespaces_are_swept() {
+        // Simulate a namespace leaked by a killed process: create one, then rewrite its owner
+        // record to a pid that cannot be alive (pid_max is at most 2^22).
+        let ns = Netns::new("rts").expect("create netns");
+        let name = ns.name().to_owned();
+        std::mem::forget(ns);
+        let record = std::path::Path::new(OWNERS_DIR).join(&name);
+        std::fs::write(&record, "4194305 1\n").expect("fake owner record");
+        let swept = sweep_stale().expect("sweep");
+        assert!(swept.contains(&name), "{name} not swept: {swept:?}");
+        assert!(!list_netns().expect("list").contains(&name));
+        assert!(!record.exists());
+        // Our own live namespaces are left alone.
+        let live = Netns::new("rts").expect("create netns");
+        sweep_stale().expect("sweep");
+        assert!(list_netns()
+            .expect("list")
+            .contains(&live.name().to_owned()));
     }
 
     #[test]
