@@ -45,8 +45,8 @@ pub fn peers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers")
 }
 
-/// A scratch directory, removed on drop unless the test failed (then kept and its path
-/// printed, for the logs and certificates in it).
+/// A scratch directory, removed on drop unless the test failed or `RINGTUN_E2E_KEEP` is set
+/// (then kept and its path printed, for the logs, reports and certificates in it).
 pub struct TempDir(PathBuf);
 
 static TEMP_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -79,6 +79,8 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("test failed; keeping {}", self.0.display());
+        } else if std::env::var_os("RINGTUN_E2E_KEEP").is_some() {
+            eprintln!("RINGTUN_E2E_KEEP set; keeping {}", self.0.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.0);
         }

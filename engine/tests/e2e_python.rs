@@ -1,0 +1,336 @@
+//! ringtun against independent HBONE peers (`tests/peers/`, Python `ssl` + `h2`), which share no
+//! code with it: the Python client against ringtun's inbound (200 and echo, refused
+//! certificates, 400, 503), and ringtun's outbound against the Python server (what the CONNECT
+//! request carries: authority, forwarded, baggage, traceparent, client identity).
+//!
+//! Each test builds its own namespaces; they need root and fail without it.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use ringtun_topology::{TwoNodes, DEFAULT_MARK};
+
+const MIB: u64 = 1 << 20;
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
+/// A server namespace with ringtun (workload default/server) and an echo server on 5201, and a
+/// client namespace without ringtun where the Python client runs.
+struct Inbound {
+    server: Ringtun,
+    echo: EchoServer,
+    nodes: TwoNodes,
+    dir: TempDir,
+}
+
+impl Inbound {
+    fn start(prefix: &'static str) -> Inbound {
+        let nodes = TwoNodes::new(prefix).expect("two-node topology (needs root)");
+        let dir = TempDir::new(prefix);
+        // An identity in another trust domain signed by the same CA. gen-certs names files by
+        // namespace and service account only, so it is issued first and moved aside.
+        gen_certs(dir.path(), "other.example", &["default/client"]);
+        for ext in ["pem", "key"] {
+            std::fs::rename(
+                dir.join(&format!("default.client.{ext}")),
+                dir.join(&format!("otherdomain.client.{ext}")),
+            )
+            .expect("move the other-domain certificate aside");
+        }
+        gen_certs(
+            dir.path(),
+            "cluster.local",
+            &["default/client", "default/server"],
+        );
+        let config = dir.join("config.yaml");
+        write_atomic(&config, &mesh_config(&["/10.96.0.10"], false));
+        let server = Ringtun::start(
+            &nodes.server,
+            "server",
+            dir.path(),
+            RingtunArgs {
+                config: &config,
+                certs: dir.path(),
+                identity: "default/server",
+                workload: "default/server",
+                extra: vec!["--workers".into(), "1".into()],
+            },
+        );
+        let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+        Inbound {
+            server,
+            echo,
+            nodes,
+            dir,
+        }
+    }
+
+    /// Runs the Python client in the client namespace against 10.77.0.2:15008 with the
+    /// certificate `cert_dir/NAME.pem` (+ `.key`), verifying the server with our CA.
+    fn client(&self, cert_dir: &Path, name: &str, args: &[&str]) -> PeerRun {
+        let cert = cert_dir.join(format!("{name}.pem"));
+        let key = cert_dir.join(format!("{name}.key"));
+        let ca = self.dir.join("ca.pem");
+        let mut all: Vec<String> = vec![
+            "--connect".into(),
+            "10.77.0.2:15008".into(),
+            "--cert".into(),
+            cert.to_string_lossy().into_owned(),
+            "--key".into(),
+            key.to_string_lossy().into_owned(),
+            "--ca".into(),
+            ca.to_string_lossy().into_owned(),
+            "--timeout".into(),
+            "20".into(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        python_client(&self.nodes.client, &refs)
+    }
+}
+
+#[test]
+fn python_client_good_certificate_gets_200_and_exact_echo() {
+    let t = Inbound::start("pyg");
+    let run = t.client(
+        t.dir.path(),
+        "default.client",
+        &["--authority", "10.77.0.2:5201", "--bytes", "8388608"],
+    );
+    assert_eq!(run.code, Some(0), "{run}");
+    let tls = run.event("tls").expect("tls line");
+    assert_eq!(tls["version"], "TLSv1.3", "{run}");
+    assert_eq!(tls["alpn"], "h2", "{run}");
+    assert_eq!(
+        tls["server_identities"],
+        serde_json::json!([SERVER_ID]),
+        "{run}"
+    );
+    assert_eq!(run.event("response").expect("response")["status"], 200);
+    let result = run.event("result").expect("result line");
+    assert_eq!(result["bytes_received"], 8 * MIB, "{run}");
+    assert_eq!(result["sha256_sent"], result["sha256_received"], "{run}");
+    let sha = result["sha256_sent"].as_str().expect("sha").to_owned();
+    let seen = t
+        .echo
+        .records
+        .wait_for(LOG_WAIT, |r| r.sha256 == sha)
+        .expect("the echo server saw the bytes");
+    assert_eq!(seen.bytes, 8 * MIB);
+    let line = t.server.wait_access("inbound from python", LOG_WAIT, |l| {
+        l.is("direction", "inbound")
+    });
+    assert!(line.is("src.identity", CLIENT_ID), "{}", line.raw);
+    assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
+    assert!(line.is("dst.addr", "10.77.0.2:5201"), "{}", line.raw);
+    assert_eq!(line.num("bytes_received"), 8 * MIB, "{}", line.raw);
+    assert!(line.is("end", "closed"), "{}", line.raw);
+    t.server.assert_no_panic();
+}
+
+#[test]
+fn python_client_certificate_from_another_ca_is_refused() {
+    let t = Inbound::start("pyc");
+    let other = TempDir::new("pyc-other-ca");
+    gen_certs(other.path(), "cluster.local", &["default/client"]);
+    let run = t.client(
+        other.path(),
+        "default.client",
+        &["--authority", "10.77.0.2:5201"],
+    );
+    assert_eq!(run.code, Some(3), "expected a refused handshake: {run}");
+    assert!(run.event("response").is_none(), "{run}");
+    assert!(
+        t.echo.records.all().is_empty(),
+        "nothing may reach the workload"
+    );
+    t.server.assert_no_panic();
+}
+
+#[test]
+fn python_client_identity_in_another_trust_domain_is_refused() {
+    let t = Inbound::start("pyt");
+    let run = t.client(
+        t.dir.path(),
+        "otherdomain.client",
+        &["--authority", "10.77.0.2:5201"],
+    );
+    assert_eq!(run.code, Some(3), "expected a refused handshake: {run}");
+    assert!(run.event("response").is_none(), "{run}");
+    assert!(
+        t.echo.records.all().is_empty(),
+        "nothing may reach the workload"
+    );
+    t.server.assert_no_panic();
+}
+
+#[test]
+fn python_client_get_or_bad_authority_gets_400() {
+    let t = Inbound::start("pyb");
+    let run = t.client(
+        t.dir.path(),
+        "default.client",
+        &["--method", "GET", "--authority", "10.77.0.2:5201"],
+    );
+    assert_eq!(run.code, Some(4), "{run}");
+    assert_eq!(
+        run.event("response").expect("response")["status"],
+        400,
+        "{run}"
+    );
+    let run = t.client(
+        t.dir.path(),
+        "default.client",
+        &["--authority", "server.default.svc.cluster.local"],
+    );
+    assert_eq!(run.code, Some(4), "{run}");
+    assert_eq!(
+        run.event("response").expect("response")["status"],
+        400,
+        "{run}"
+    );
+    t.server.assert_no_panic();
+}
+
+#[test]
+fn python_client_authority_not_served_here_gets_503() {
+    let t = Inbound::start("pyu");
+    // The client workload's address (not served by this ringtun), and an unknown one.
+    for authority in ["10.77.0.1:5201", "10.99.0.1:80"] {
+        let run = t.client(t.dir.path(), "default.client", &["--authority", authority]);
+        assert_eq!(run.code, Some(4), "{authority}: {run}");
+        assert_eq!(
+            run.event("response").expect("response")["status"],
+            503,
+            "{authority}: {run}"
+        );
+    }
+    t.server.assert_no_panic();
+}
+
+/// The value of request header `name` in a python server report stream.
+fn header<'a>(stream: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    stream["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0] == name)
+        .and_then(|h| h[1].as_str())
+}
+
+fn assert_traceparent(tp: &str) {
+    let parts: Vec<&str> = tp.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    assert!(
+        parts.len() == 4
+            && parts[0] == "00"
+            && hex(parts[1], 32)
+            && hex(parts[2], 16)
+            && parts[3] == "01",
+        "traceparent {tp:?} is not 00-<32 hex>-<16 hex>-01"
+    );
+    assert!(
+        parts[1].bytes().any(|b| b != b'0') && parts[2].bytes().any(|b| b != b'0'),
+        "traceparent {tp:?} has an all-zero id (invalid per W3C)"
+    );
+}
+
+#[test]
+fn ringtun_outbound_to_python_server_sends_a_proper_connect() {
+    let nodes = TwoNodes::new("pys").expect("two-node topology (needs root)");
+    let dir = TempDir::new("pys");
+    gen_certs(
+        dir.path(),
+        "cluster.local",
+        &["default/client", "default/server"],
+    );
+    let config = dir.join("config.yaml");
+    write_atomic(&config, &mesh_config(&["/10.96.0.10"], false));
+    nodes
+        .client
+        .capture_outbound(15001, DEFAULT_MARK)
+        .expect("outbound capture");
+    let py = PythonServer::start(&nodes.server, dir.path(), "default/server", "*:15008");
+    let client = Ringtun::start(
+        &nodes.client,
+        "client",
+        dir.path(),
+        RingtunArgs {
+            config: &config,
+            certs: dir.path(),
+            identity: "default/client",
+            workload: "default/client",
+            extra: vec!["--workers".into(), "1".into()],
+        },
+    );
+
+    let via_vip = echo_ok(&nodes.client, "10.96.0.10:80", 4 * MIB);
+    let via_pod = echo_ok(&nodes.client, "10.77.0.2:5201", MIB);
+    for (t, via_service) in [(&via_vip, true), (&via_pod, false)] {
+        let (conn, stream) = py.wait_stream(&t.sha_sent, LOG_WAIT);
+        let ctx = format!("connection {conn:#}");
+        assert_eq!(
+            conn["peer_identities"],
+            serde_json::json!([CLIENT_ID]),
+            "{ctx}"
+        );
+        assert_eq!(conn["tls_version"], "TLSv1.3", "{ctx}");
+        assert_eq!(conn["alpn"], "h2", "{ctx}");
+        assert!(
+            conn["peer_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("10.77.0.1:")),
+            "{ctx}"
+        );
+        assert_eq!(stream["method"], "CONNECT", "{ctx}");
+        assert_eq!(stream["authority"], "10.77.0.2:5201", "{ctx}");
+        assert_eq!(stream["end"], "end_stream", "{ctx}");
+        assert_eq!(stream["bytes_received"], t.sent, "{ctx}");
+        assert_eq!(stream["sha256_sent"].as_str(), Some(t.sha_sent.as_str()));
+
+        let fwd = header(&stream, "forwarded").unwrap_or_else(|| panic!("no forwarded: {ctx}"));
+        let want_for = format!("for=\"{}\"", t.local);
+        assert!(
+            fwd.starts_with(&want_for),
+            "forwarded {fwd:?}, want {want_for}…"
+        );
+        let want_host = format!(";host={SERVICE_HOST}");
+        if via_service {
+            assert!(
+                fwd.contains(&want_host),
+                "forwarded {fwd:?} lacks {want_host}"
+            );
+        } else {
+            assert!(
+                !fwd.contains("host="),
+                "forwarded {fwd:?}: no service was dialled"
+            );
+        }
+        let baggage = header(&stream, "baggage").unwrap_or_else(|| panic!("no baggage: {ctx}"));
+        assert!(
+            baggage
+                .split(',')
+                .any(|kv| kv.trim() == "k8s.namespace.name=default"),
+            "baggage {baggage:?}"
+        );
+        let tp = header(&stream, "traceparent").unwrap_or_else(|| panic!("no traceparent: {ctx}"));
+        assert_traceparent(tp);
+    }
+    // The second CONNECT rode the same (pooled) TLS connection.
+    let report = py.report();
+    let streams: usize = report["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["streams"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(streams, 2, "{report:#}");
+    assert_eq!(
+        report["connections"].as_array().map(Vec::len),
+        Some(1),
+        "both CONNECTs should share one pooled connection: {report:#}"
+    );
+    assert!(report["tls_errors"].as_array().is_some_and(Vec::is_empty));
+    client.assert_no_panic();
+}
