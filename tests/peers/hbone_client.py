@@ -211,16 +211,20 @@ async def run(args):
     except (ssl.SSLError, ConnectionError, OSError, EOFError) as e:
         raise Failure(EXIT_TLS, "tls", f"handshake failed: {e!r}") from e
     tls = writer.get_extra_info("ssl_object")
-    emit(
-        {
+    try:
+        info = {
             "event": "tls",
             "version": tls.version(),
             "alpn": tls.selected_alpn_protocol(),
             "server_identities": uri_sans(tls.getpeercert()),
         }
-    )
-    if tls.selected_alpn_protocol() != "h2":
-        raise Failure(EXIT_TLS, "tls", f"ALPN {tls.selected_alpn_protocol()!r}, expected h2")
+    except (ValueError, OSError, AttributeError) as e:
+        # The server's refusal (a TLS 1.3 alert right after our Finished) can tear the
+        # connection down before we even look at it.
+        raise Failure(EXIT_TLS, "tls", f"refused right after handshake: {e!r}") from e
+    emit(info)
+    if info["alpn"] != "h2":
+        raise Failure(EXIT_TLS, "tls", f"ALPN {info['alpn']!r}, expected h2")
 
     conn = h2_connection(client_side=True)
     start(conn)
