@@ -586,7 +586,7 @@ fn check_config_points_at_file_line_and_field() {
 
 #[test]
 fn run_refuses_a_bad_config() {
-    let ns = Netns::new("ebc").expect("netns (needs root)");
+    let ns = netns("ebc");
     let dir = TempDir::new("ebc");
     gen_certs(dir.path(), "cluster.local", &["default/client"]);
     let (text, line) = broken_config();

@@ -27,7 +27,7 @@ struct Inbound {
 
 impl Inbound {
     fn start(prefix: &'static str) -> Inbound {
-        let nodes = TwoNodes::new(prefix).expect("two-node topology (needs root)");
+        let nodes = two_nodes(prefix);
         let dir = TempDir::new(prefix);
         // An identity in another trust domain signed by the same CA. gen-certs names files by
         // namespace and service account only, so it is issued first and moved aside.
@@ -238,7 +238,7 @@ fn assert_traceparent(tp: &str) {
 
 #[test]
 fn ringtun_outbound_to_python_server_sends_a_proper_connect() {
-    let nodes = TwoNodes::new("pys").expect("two-node topology (needs root)");
+    let nodes = two_nodes("pys");
     let dir = TempDir::new("pys");
     gen_certs(
         dir.path(),

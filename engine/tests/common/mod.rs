@@ -462,6 +462,16 @@ pub fn parse_fields(s: &str) -> HashMap<String, String> {
     out
 }
 
+/// Builds a [`TwoNodes`] topology or fails the test with a readable reason (e.g. not root).
+pub fn two_nodes(prefix: &str) -> TwoNodes {
+    TwoNodes::new(prefix).unwrap_or_else(|e| panic!("building the two-node topology: {e}"))
+}
+
+/// Creates a namespace or fails the test with a readable reason (e.g. not root).
+pub fn netns(prefix: &str) -> Netns {
+    Netns::new(prefix).unwrap_or_else(|e| panic!("creating a network namespace: {e}"))
+}
+
 /// The usual two-node mesh: namespaces, certificates, config, outbound capture in the client
 /// namespace, a ringtun on each side.
 // Fields drop in declaration order: processes first, then the namespaces, then the directory
@@ -506,7 +516,7 @@ impl MeshOptions {
 impl Mesh {
     /// Builds the topology and starts both ringtuns.
     pub fn start(opts: MeshOptions) -> Mesh {
-        let nodes = TwoNodes::new(opts.prefix).expect("build two-node topology (needs root)");
+        let nodes = two_nodes(opts.prefix);
         let dir = TempDir::new(opts.prefix);
         gen_certs(
             dir.path(),
