@@ -33,7 +33,10 @@ import sys
 import h2.events
 import h2.exceptions
 
-from hbone_common import (
+# Keep the source tree clean: no __pycache__ next to the peers when they import their helper.
+sys.dont_write_bytecode = True
+
+from hbone_common import (  # noqa: E402 - after the bytecode switch on purpose
     decode,
     emit,
     h2_connection,
