@@ -20,6 +20,7 @@ use crate::EngineError;
 /// A running ringtun: its shard handles, for callers that want to stop it (tests, demo).
 pub struct Running {
     senders: Vec<Sender<ShardMsg>>,
+    events: Receiver<ShardEvent>,
     threads: Vec<thread::JoinHandle<()>>,
     /// Addresses actually bound, per listener kind (useful with port 0).
     pub bound: Vec<(ListenerKind, SocketAddr)>,
@@ -110,7 +111,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     }
     for _ in 0..expected {
         match ev_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(ShardEvent::Listening { .. }) => {}
+            Ok(ShardEvent::Listening { .. } | ShardEvent::ConfigApplied { .. }) => {}
             Ok(ShardEvent::ListenFailed { shard, error }) => {
                 return Err(EngineError::ShardListen { shard, error })
             }
@@ -129,6 +130,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     );
     Ok(Running {
         senders,
+        events: ev_rx,
         threads,
         bound,
     })
@@ -223,6 +225,9 @@ impl Running {
                     for tx in &self.senders {
                         let _ = tx.send(ShardMsg::Config(Box::new(snap.clone())));
                     }
+                    // Announce the reload only once every shard uses it, so "reloaded" in the
+                    // log means new connections see the new config.
+                    self.await_applied(generation);
                     tracing::info!(
                         generation,
                         workloads = snap.config().workloads.len(),
@@ -232,6 +237,24 @@ impl Running {
                 }
                 Err(e) => {
                     tracing::error!("config reload failed, keeping generation {generation}: {e}");
+                }
+            }
+        }
+    }
+
+    fn await_applied(&self, generation: u64) {
+        let mut pending = self.senders.len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pending > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ShardEvent::ConfigApplied { generation: g, .. }) if g == generation => {
+                    pending -= 1
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(generation, pending, "shards slow to apply the new config");
+                    return;
                 }
             }
         }

@@ -70,6 +70,13 @@ pub enum ShardEvent {
         /// Where.
         addr: SocketAddr,
     },
+    /// A config generation is now what new connections use on this shard.
+    ConfigApplied {
+        /// Which shard.
+        shard: usize,
+        /// The generation.
+        generation: u64,
+    },
     /// A listener could not be taken into the runtime.
     ListenFailed {
         /// Which shard.

@@ -9,12 +9,14 @@
 use std::cell::Cell;
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::try_join;
 use h2::{Reason, RecvStream, SendStream};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
 use monoio::net::TcpStream;
 
 use crate::net;
@@ -177,7 +179,7 @@ pub async fn tcp_h2(
             // The loop that did not fail was dropped mid-operation; make sure the h2 side
             // learns of the failure too, then close the socket with RST.
             send.send_reset(Reason::CANCEL);
-            net::abort_on_close(fd);
+            abort(rd, wr, fd);
             end
         }
     };
@@ -188,6 +190,17 @@ pub async fn tcp_h2(
         },
         end,
     )
+}
+
+/// Closes a split socket with RST. Reuniting first matters: dropping the write half on its own
+/// would send FIN, and the peer would read a clean EOF before the reset.
+fn abort(rd: OwnedReadHalf<TcpStream>, wr: OwnedWriteHalf<TcpStream>, fd: RawFd) {
+    net::abort_on_close(fd);
+    match rd.reunite(wr) {
+        Ok(stream) => drop(stream),
+        // Halves of one socket always reunite; if not, dropping them still closes the fd.
+        Err(e) => drop(e),
+    }
 }
 
 async fn pipe<R: AsyncReadRent, W: AsyncWriteRent>(
@@ -230,8 +243,8 @@ pub async fn tcp_tcp(a: TcpStream, b: TcpStream) -> (Transferred, End) {
     let end = match try_join(pipe(&mut ar, &mut bw, &up), pipe(&mut br, &mut aw, &down)).await {
         Ok(_) => End::Closed,
         Err(end) => {
-            net::abort_on_close(fa);
-            net::abort_on_close(fb);
+            abort(ar, aw, fa);
+            abort(br, bw, fb);
             end
         }
     };
