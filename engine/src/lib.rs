@@ -10,12 +10,14 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod metrics;
 pub mod net;
 pub mod options;
 pub mod pki;
 pub mod proxy;
 pub mod shard;
 pub mod tls;
+pub mod transport;
 
 use std::net::SocketAddr;
 
@@ -54,6 +56,12 @@ pub enum EngineError {
     /// io_uring was demanded but is not available.
     #[error("--io-driver io-uring was requested but io_uring is not available on this kernel (or is disabled by seccomp / kernel.io_uring_disabled); use --io-driver auto or legacy")]
     NoIoUring,
+    /// `--ktls on` was given but the kernel cannot offload TLS.
+    #[error("--ktls on was requested but kernel TLS is not usable here: {reason}. Load the tls module (`modprobe tls`, CONFIG_TLS), or run with --ktls auto to fall back to userspace rustls")]
+    KtlsUnavailable {
+        /// What the capability probe found.
+        reason: String,
+    },
     /// A shard thread could not be started.
     #[error("cannot start shard thread: {0}")]
     Thread(std::io::Error),

@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::try_join;
 use h2::{Reason, RecvStream, SendStream};
+use monoio::buf::IoBufMut;
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
 };
@@ -21,10 +22,14 @@ use monoio::net::TcpStream;
 
 use crate::net;
 
-/// Smallest read buffer; a connection starts here so idle ones stay small.
-pub const MIN_BUF: usize = 16 * 1024;
-/// Largest read buffer; reads that fill the buffer double it up to this size.
-pub const MAX_BUF: usize = 256 * 1024;
+/// TLS 1.3 records carry at most 16 KiB of plaintext; an HTTP/2 DATA frame adds a 9-byte head.
+const RECORD: usize = 16 * 1024;
+const FRAME_HEAD: usize = 9;
+/// Smallest read: one DATA frame that fills exactly one TLS record (16 KiB minus the frame
+/// head). A 16 KiB read would need a second, 9-byte record for every frame.
+pub const MIN_BUF: usize = RECORD - FRAME_HEAD;
+/// Largest read: sixteen full records' worth of frame.
+pub const MAX_BUF: usize = 16 * RECORD - FRAME_HEAD;
 
 /// How a tunnelled connection ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,8 +89,9 @@ fn from_h2(e: h2::Error) -> End {
     }
 }
 
-/// Grows the read buffer when reads fill it, so bulk transfers use big reads and idle or chatty
-/// connections keep small ones.
+/// Grows the read size when reads fill it, so bulk transfers use big reads and idle or chatty
+/// connections keep small ones. Each read asks for exactly `size` bytes, a size chosen so that
+/// the DATA frame it becomes fills whole TLS records.
 struct ReadBuf {
     buf: BytesMut,
     size: usize,
@@ -99,18 +105,19 @@ impl ReadBuf {
         }
     }
 
-    /// A buffer with at least `size` free bytes, len 0; reuses the previous allocation when h2
-    /// has released every piece of it.
-    fn take(&mut self) -> BytesMut {
-        if self.buf.capacity() < self.size {
-            self.buf.reserve(self.size);
-        }
-        std::mem::take(&mut self.buf)
+    /// A buffer for one read of `size` bytes; reuses the previous allocation when h2 has
+    /// released every piece of it (`reserve` reclaims it then).
+    fn take(&mut self) -> monoio::buf::SliceMut<BytesMut> {
+        self.buf.reserve(self.size);
+        let buf = std::mem::take(&mut self.buf);
+        // Bound the read to `size` even if the allocation is bigger: frame alignment matters
+        // more than reading a little more.
+        IoBufMut::slice_mut(buf, 0..self.size)
     }
 
     fn give_back(&mut self, buf: BytesMut, filled: usize) {
-        if filled == buf.capacity() && self.size < MAX_BUF {
-            self.size *= 2;
+        if filled == self.size && self.size < MAX_BUF {
+            self.size = (self.size + FRAME_HEAD) * 2 - FRAME_HEAD;
         }
         self.buf = buf;
     }
@@ -130,7 +137,8 @@ pub async fn tcp_h2(
     let up = async {
         let mut bufs = ReadBuf::new();
         loop {
-            let (res, mut buf) = rd.read(bufs.take()).await;
+            let (res, slice) = rd.read(bufs.take()).await;
+            let mut buf = slice.into_inner();
             match res {
                 Ok(0) => {
                     bufs.give_back(buf, 0);
