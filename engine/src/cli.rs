@@ -11,7 +11,7 @@ use ringtun_hbone::settings::H2Settings;
 use ringtun_hbone::Identity;
 use tracing_subscriber::EnvFilter;
 
-use crate::options::{IoDriver, RunOptions};
+use crate::options::{IoDriver, KtlsMode, RunOptions};
 use crate::tls::CertPaths;
 use crate::{config, control, demo, pki, EngineError};
 
@@ -133,6 +133,15 @@ pub struct RunArgs {
     /// How often to check the config file for changes (milliseconds).
     #[arg(long, default_value_t = 500)]
     pub config_poll_ms: u64,
+    /// Kernel TLS (kTLS) for HBONE connections: `auto` offloads where the kernel can and
+    /// falls back to userspace rustls otherwise, `on` refuses to start without kTLS, `off`
+    /// always uses userspace rustls.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub ktls: KtlsMode,
+    /// Records an offloaded AES-GCM connection may send with one key before it is retired
+    /// (no new streams, GOAWAY). Lowering it is for tests; the default is also the maximum.
+    #[arg(long, hide = true, default_value_t = crate::transport::DEFAULT_TX_RECORD_LIMIT)]
+    pub ktls_tx_record_limit: u64,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -183,6 +192,12 @@ impl RunArgs {
         if workers == 0 {
             return Err(EngineError::Usage("--workers must be at least 1".into()));
         }
+        let max_records = crate::transport::DEFAULT_TX_RECORD_LIMIT;
+        if self.ktls_tx_record_limit == 0 || self.ktls_tx_record_limit > max_records {
+            return Err(EngineError::Usage(format!(
+                "--ktls-tx-record-limit must be between 1 and {max_records}"
+            )));
+        }
         Ok(RunOptions {
             config_path: self.config,
             config_poll: Duration::from_millis(self.config_poll_ms.max(10)),
@@ -217,6 +232,8 @@ impl RunArgs {
             .sanitized(),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            ktls: self.ktls,
+            ktls_tx_record_limit: self.ktls_tx_record_limit,
         })
     }
 }

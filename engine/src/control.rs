@@ -51,7 +51,10 @@ fn load_snapshot(path: &Path, generation: u64) -> Result<Snapshot, config::Confi
 pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     let opts = Arc::new(opts);
     let snapshot = load_snapshot(&opts.config_path, 1)?;
-    let tls = Arc::new(TlsMaterial::load(&opts.certs, &opts.trust_domain)?);
+    // Probed once here; every shard shares the result (logged by `startup`).
+    let ktls = crate::transport::startup(opts.ktls)?;
+    let tls =
+        Arc::new(TlsMaterial::load(&opts.certs, &opts.trust_domain)?.with_kernel_offload(ktls));
     net::check_mark(opts.mark).map_err(|e| EngineError::Mark {
         mark: opts.mark,
         source: e,
@@ -122,6 +125,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         workers,
         driver = ?driver,
         identity = %tls.identity,
+        tls = if tls.ktls.is_some() { "ktls" } else { "userspace" },
         config = %opts.config_path.display(),
         workloads = snapshot.config().workloads.len(),
         services = snapshot.config().services.len(),

@@ -57,7 +57,7 @@ pub enum EngineError {
     #[error("--io-driver io-uring was requested but io_uring is not available on this kernel (or is disabled by seccomp / kernel.io_uring_disabled); use --io-driver auto or legacy")]
     NoIoUring,
     /// `--ktls on` was given but the kernel cannot offload TLS.
-    #[error("--ktls on was requested but kernel TLS is not usable here: {reason}. Load the tls module (`modprobe tls`, CONFIG_TLS), or run with --ktls auto to fall back to userspace rustls")]
+    #[error("--ktls on was requested, but {reason}; run with --ktls auto to fall back to userspace rustls where the kernel cannot offload")]
     KtlsUnavailable {
         /// What the capability probe found.
         reason: String,

@@ -20,6 +20,27 @@ pub enum IoDriver {
     Legacy,
 }
 
+/// Whether HBONE connections hand their TLS record layer to the kernel (kTLS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KtlsMode {
+    /// kTLS where the kernel supports it, else userspace rustls (announced in the log).
+    Auto,
+    /// kTLS required: refuse to start when the kernel cannot do it.
+    On,
+    /// Always userspace rustls; the kernel is not even probed.
+    Off,
+}
+
+impl std::fmt::Display for KtlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KtlsMode::Auto => "auto",
+            KtlsMode::On => "on",
+            KtlsMode::Off => "off",
+        })
+    }
+}
+
 /// Everything `ringtun run` needs.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -59,4 +80,10 @@ pub struct RunOptions {
     pub connect_timeout: Duration,
     /// TLS handshake timeout, both directions.
     pub handshake_timeout: Duration,
+    /// Kernel TLS for HBONE connections.
+    pub ktls: KtlsMode,
+    /// Records an offloaded AES-GCM connection may send with one key before it takes no new
+    /// streams (see `transport::KeyBudget`); the default is
+    /// [`crate::transport::DEFAULT_TX_RECORD_LIMIT`].
+    pub ktls_tx_record_limit: u64,
 }

@@ -100,6 +100,16 @@ pub struct Counters {
     pub pool_reused: Cell<u64>,
     /// Connections refused or failed before tunnelling.
     pub failed: Cell<u64>,
+    /// HBONE connections (both directions) whose sending side the kernel encrypts (kTLS TX).
+    pub ktls_tx: Cell<u64>,
+    /// HBONE connections whose receiving side the kernel decrypts (kTLS RX).
+    pub ktls_rx: Cell<u64>,
+    /// HBONE connections carried by userspace rustls (no kTLS, or offload not possible).
+    pub tls_userspace: Cell<u64>,
+    /// HBONE connections lost while switching to kTLS (after rustls gave up its secrets).
+    pub ktls_failed: Cell<u64>,
+    /// Offloaded connections retired because their TX key neared its usage limit.
+    pub ktls_key_retired: Cell<u64>,
 }
 
 /// Round-robin cursors per (service index, port), valid for one config generation.

@@ -65,6 +65,9 @@ pub struct TlsMaterial {
     pub client: Arc<rustls::ClientConfig>,
     /// Unix time after which our certificate expires.
     pub not_after: i64,
+    /// What the kernel can offload, when HBONE connections should try kTLS (`--ktls auto` on
+    /// a capable kernel, or `on`); `None` keeps every connection on userspace rustls.
+    pub ktls: Option<tls_kernel_offload::Capability>,
 }
 
 fn pem_err(path: &Path, what: impl std::fmt::Display) -> TlsSetupError {
@@ -123,6 +126,20 @@ impl TlsMaterial {
             server: Arc::new(server),
             client: Arc::new(client),
             not_after,
+            ktls: None,
         })
+    }
+
+    /// Enables kTLS for HBONE connections with what the probe found: rustls must then keep
+    /// the traffic secrets so they can be handed to the kernel after the handshake. Without
+    /// kTLS the configs stay as they are (rustls forgets secrets it does not need).
+    pub fn with_kernel_offload(mut self, cap: Option<tls_kernel_offload::Capability>) -> Self {
+        if cap.is_some() {
+            // Still the only owner here, so make_mut does not copy.
+            Arc::make_mut(&mut self.server).enable_secret_extraction = true;
+            Arc::make_mut(&mut self.client).enable_secret_extraction = true;
+        }
+        self.ktls = cap;
+        self
     }
 }

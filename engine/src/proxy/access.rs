@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use ringtun_hbone::Identity;
 
 use super::copy::{End, Transferred};
+use crate::transport::TlsPath;
 
 /// Which path a connection took through ringtun.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +53,8 @@ pub struct AccessLog {
     pub dst_identity: Option<Identity>,
     /// Whether the HBONE connection was new or reused from the pool.
     pub pool_reused: Option<bool>,
+    /// Record layer of the HBONE connection (kTLS per direction, or userspace rustls).
+    pub tls: Option<TlsPath>,
     /// Bytes each way.
     pub bytes: Transferred,
     /// Start of the connection.
@@ -75,6 +78,7 @@ impl AccessLog {
             dst_workload: None,
             dst_identity: None,
             pool_reused: None,
+            tls: None,
             bytes: Transferred::default(),
             started: quanta::Instant::now(),
             end: End::Closed,
@@ -114,6 +118,9 @@ impl fmt::Display for AccessLog {
         }
         if let Some(r) = self.pool_reused {
             write!(f, " pool={}", if r { "reused" } else { "new" })?;
+        }
+        if let Some(t) = self.tls {
+            write!(f, " {t}")?;
         }
         let ms = quanta::Instant::now()
             .duration_since(self.started)

@@ -3,6 +3,7 @@
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -16,6 +17,7 @@ use super::access::{AccessLog, Direction};
 use super::copy::{self, End};
 use crate::net;
 use crate::shard::Shard;
+use crate::transport::{self, HandshakeIo, TlsPath};
 
 /// Handles one connection accepted on the HBONE listener: handshake, then serve its streams.
 pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
@@ -29,6 +31,8 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let timeout = shard.opts.handshake_timeout;
+    // Corked when kTLS may follow, so the handshake never reads past a TLS record.
+    let io = HandshakeIo::for_shard(shard, io);
     let tls = match monoio::time::timeout(timeout, shard.acceptor.accept(io)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -51,11 +55,28 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    // kTLS where possible, else rustls: the same h2 code runs on either.
+    let established =
+        match monoio::time::timeout(timeout, transport::establish(shard, tls.into())).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                count_failed(shard);
+                tracing::warn!(%peer, error = %e, "inbound: connection lost");
+                return;
+            }
+            Err(_) => {
+                count_failed(shard);
+                tracing::warn!(%peer, ?timeout, "inbound: switching to kTLS timed out");
+                return;
+            }
+        };
+    let tls = established.path;
+    let budget = established.budget;
     let mut conn = match shard
         .opts
         .h2
         .server_builder()
-        .handshake::<_, Bytes>(tls)
+        .handshake::<_, Bytes>(established.io)
         .await
     {
         Ok(c) => c,
@@ -64,12 +85,38 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    while let Some(next) = conn.accept().await {
+    let mut retired = false;
+    loop {
+        // An offloaded connection whose TX key nears its usage limit gets a GOAWAY: the client
+        // opens new streams elsewhere, the ones here finish (see transport::KeyBudget).
+        let next = poll_fn(|cx| {
+            if !retired
+                && budget
+                    .as_ref()
+                    .is_some_and(|b| b.poll_retired(cx).is_ready())
+            {
+                return Poll::Ready(None);
+            }
+            conn.poll_accept(cx).map(Some)
+        })
+        .await;
+        let next = match next {
+            None => {
+                retired = true;
+                tracing::debug!(%peer, "inbound: TX key retired; GOAWAY");
+                conn.graceful_shutdown();
+                continue;
+            }
+            Some(None) => break,
+            Some(Some(next)) => next,
+        };
         match next {
             Ok((req, respond)) => {
                 let shard = shard.clone();
                 let client_id = client_id.clone();
-                monoio::spawn(async move { stream(&shard, req, respond, peer, client_id).await });
+                monoio::spawn(
+                    async move { stream(&shard, req, respond, peer, client_id, tls).await },
+                );
             }
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "inbound: HTTP/2 connection error");
@@ -101,8 +148,10 @@ async fn stream(
     respond: SendResponse<Bytes>,
     peer: SocketAddr,
     client_id: Identity,
+    tls: TlsPath,
 ) {
     let mut log = AccessLog::new(Direction::Inbound, peer, shard.id);
+    log.tls = Some(tls);
     log.src_identity = Some(client_id);
     log.dst_identity = Some(shard.tls.identity.clone());
     let (parts, body) = req.into_parts();

@@ -21,6 +21,7 @@ use super::plaintext;
 use crate::config::{Protocol, Snapshot, Workload};
 use crate::net;
 use crate::shard::Shard;
+use crate::transport::{self, HandshakeIo, KeyBudget, TlsPath};
 
 /// A pooled HBONE connection: a handle to send requests on, and whether its driver task still
 /// runs (it stops when the peer sends GOAWAY or the connection fails).
@@ -28,11 +29,15 @@ pub struct PooledH2 {
     send: SendRequest<Bytes>,
     alive: Rc<Cell<bool>>,
     peer: Identity,
+    /// How its records are carried, for the access log of every stream on it.
+    tls: TlsPath,
+    /// Offloaded connections retire (take no new streams) before their TX key wears out.
+    budget: Option<Rc<KeyBudget>>,
 }
 
 impl Pooled for PooledH2 {
     fn is_usable(&self) -> bool {
-        self.alive.get()
+        self.alive.get() && !self.budget.as_ref().is_some_and(|b| b.is_retired())
     }
 }
 
@@ -245,7 +250,7 @@ async fn tunnel(
         req.source.ip(),
     );
     let opened = open_stream(shard, &key, &req, &identities).await;
-    let (stream, slot, peer_id, reused) = match opened {
+    let (stream, slot, peer_id, reused, tls) = match opened {
         Ok(v) => v,
         Err(e) => {
             log.end = End::Error(e.to_string());
@@ -254,6 +259,7 @@ async fn tunnel(
         }
     };
     log.pool_reused = Some(reused);
+    log.tls = Some(tls);
     log.dst_identity = Some(peer_id);
     let (send, recv) = stream;
     let (bytes, end) = copy::tcp_h2(client, send, recv).await;
@@ -273,13 +279,13 @@ async fn open_stream<'a>(
     key: &PoolKey,
     req: &ConnectRequest,
     identities: &[Identity],
-) -> Result<(Stream, Slot<'a>, Identity, bool), OpenError> {
+) -> Result<(Stream, Slot<'a>, Identity, bool, TlsPath), OpenError> {
     let pooled = {
         let mut pool = shard.pool.borrow_mut();
         pool.checkout(key)
-            .map(|(id, c)| (id, c.send.clone(), c.alive.clone(), c.peer.clone()))
+            .map(|(id, c)| (id, c.send.clone(), c.alive.clone(), c.peer.clone(), c.tls))
     };
-    if let Some((id, send, alive, peer)) = pooled {
+    if let Some((id, send, alive, peer, tls)) = pooled {
         let slot = Slot {
             shard,
             key: key.clone(),
@@ -291,7 +297,7 @@ async fn open_stream<'a>(
                     .counters
                     .pool_reused
                     .set(shard.counters.pool_reused.get() + 1);
-                return Ok((stream, slot, peer, true));
+                return Ok((stream, slot, peer, true, tls));
             }
             Err(OpenError::Refused(e)) => return Err(OpenError::Refused(e)),
             Err(e) => {
@@ -302,6 +308,7 @@ async fn open_stream<'a>(
     }
     let (conn, peer) = connect(shard, key.dst, identities).await?;
     let send = conn.send.clone();
+    let tls = conn.tls;
     let id = shard.pool.borrow_mut().insert(key.clone(), conn);
     let slot = Slot {
         shard,
@@ -313,7 +320,7 @@ async fn open_stream<'a>(
         .counters
         .pool_new
         .set(shard.counters.pool_new.get() + 1);
-    Ok((stream, slot, peer, false))
+    Ok((stream, slot, peer, false, tls))
 }
 
 /// Why a stream could not be opened.
@@ -371,6 +378,8 @@ async fn connect(
     let io = tcp
         .into_poll_io()
         .map_err(|source| OpenError::Connect { addr, source })?;
+    // Corked when kTLS may follow, so the handshake never reads past a TLS record.
+    let io = HandshakeIo::for_shard(shard, io);
     let name = ServerName::IpAddress(addr.ip().into());
     let tls = match monoio::time::timeout(opts.handshake_timeout, shard.connector.connect(name, io))
         .await
@@ -390,10 +399,34 @@ async fn connect(
         }
     };
     let peer = verify::expect_identity(tls.get_ref().1.peer_certificates(), identities)?;
+    // kTLS where possible, else rustls: the same h2 code runs on either.
+    let established = match monoio::time::timeout(
+        opts.handshake_timeout,
+        transport::establish(shard, tls.into()),
+    )
+    .await
+    {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            return Err(OpenError::Handshake {
+                addr,
+                why: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(OpenError::Handshake {
+                addr,
+                why: format!(
+                    "switching to kTLS timed out after {:?}",
+                    opts.handshake_timeout
+                ),
+            })
+        }
+    };
     let (send, conn) = opts
         .h2
         .client_builder()
-        .handshake::<_, Bytes>(tls)
+        .handshake::<_, Bytes>(established.io)
         .await
         .map_err(HboneError::from)?;
     let alive = Rc::new(Cell::new(true));
@@ -410,6 +443,8 @@ async fn connect(
             send,
             alive,
             peer: peer.clone(),
+            tls: established.path,
+            budget: established.budget,
         },
         peer,
     ))

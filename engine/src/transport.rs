@@ -1,0 +1,949 @@
+//! The byte stream HTTP/2 runs on in an HBONE connection: userspace rustls, or the kernel's
+//! TLS record layer (kTLS) once rustls has finished the handshake.
+//!
+//! Both ends of HBONE (outbound [`crate::proxy::outbound`], inbound
+//! [`crate::proxy::inbound`]) do the same three steps:
+//!
+//! 1. Wrap the socket in a [`HandshakeIo`]. When kTLS will be attempted it is *corked*: every
+//!    read stops at a TLS record boundary ([`RecordBoundary`]), so rustls never holds a
+//!    fragment of a record the kernel would then miss.
+//! 2. Run the tokio-rustls handshake over it and check the peer's identity.
+//! 3. [`establish`]: if the kernel can take this connection (probe result, negotiated cipher
+//!    suite, the `tls` ULP attaches), finish any record the handshake left half-read, flush
+//!    what rustls still has to send, drain the plaintext it already decrypted, hand the
+//!    secrets to the kernel and continue on a [`KtlsIo`]; otherwise stay on rustls. Either
+//!    way the caller gets one [`HboneIo`], and everything above it (h2, the copy loops) is
+//!    the same code.
+//!
+//! After the switch the socket is read and written through monoio's poll I/O like any other,
+//! as plaintext. The kernel reports a record that is not application data by failing the
+//! plain read with `EIO`; [`KtlsIo`] then reads it with its record type (`recvmsg` and the
+//! `TLS_GET_RECORD_TYPE` control message, via `tls_kernel_offload::recv_data`): session
+//! tickets are skipped, close_notify is end of stream, any other alert is a connection error,
+//! and a KeyUpdate closes the connection with a log line (Linux before 6.13 cannot install
+//! new keys, and rekeying is not implemented here), because every record after it would be
+//! undecryptable.
+//!
+//! Nobody counts records once the kernel encrypts, so [`KeyBudget`] does: see there for the
+//! AES-GCM key-usage limit and what happens when a connection approaches it.
+
+use std::cell::Cell;
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use tls_kernel_offload::{self as ktls, Capability, Cipher, Handoff, KtlsError, RecordBoundary};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::options::KtlsMode;
+use crate::shard::Shard;
+use crate::EngineError;
+
+/// Records an offloaded AES-GCM connection sends with one key before it is retired (no new
+/// streams; GOAWAY from the server side): 2^23, about 8.4 million.
+///
+/// RFC 8446 section 5.5 allows about 2^24.5 full-size records per AES-GCM key; rustls
+/// rekeys its own connections before 2^24. ringtun's count is an upper bound (every write
+/// is charged as if it started a new record), so the real number is lower still. Retiring
+/// at 2^23 leaves [`TX_RECORD_MARGIN`] (another 2^23 records, at least 128 GiB at full
+/// records) for the streams already on the connection to finish before the hard stop at
+/// 2^24.
+pub const DEFAULT_TX_RECORD_LIMIT: u64 = 1 << 23;
+
+/// Records a retired connection may still send before writes fail; see
+/// [`DEFAULT_TX_RECORD_LIMIT`].
+pub const TX_RECORD_MARGIN: u64 = 1 << 23;
+
+/// How long to wait before retrying close_notify when the socket's send buffer is full, and
+/// how often; after that the connection is shut down without it (the peer then sees a TCP
+/// FIN without close_notify, which both kTLS and ringtun treat as end of stream).
+const CLOSE_NOTIFY_RETRY: Duration = Duration::from_millis(10);
+const CLOSE_NOTIFY_TRIES: u32 = 100;
+
+/// Probes the kernel once at startup (unless `--ktls off`), logs what it found, and returns
+/// the capability HBONE connections should use, `None` for userspace rustls. With
+/// `--ktls on` a kernel without usable kTLS is an error.
+pub fn startup(mode: KtlsMode) -> Result<Option<Capability>, EngineError> {
+    if mode == KtlsMode::Off {
+        tracing::info!("kTLS off (--ktls off): HBONE connections use userspace rustls");
+        return Ok(None);
+    }
+    let cap = ktls::probe();
+    if cap.is_available() {
+        tracing::info!(
+            ktls = %mode,
+            "{cap}; HBONE connections hand their TLS record layer to the kernel after the handshake"
+        );
+        Ok(Some(cap))
+    } else if mode == KtlsMode::On {
+        Err(EngineError::KtlsUnavailable {
+            reason: cap.to_string(),
+        })
+    } else {
+        tracing::info!(
+            ktls = %mode,
+            "{cap}; HBONE connections use userspace rustls"
+        );
+        Ok(None)
+    }
+}
+
+fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
+}
+
+/// Which record layer carries an HBONE connection, per direction: the access log's
+/// `tls=… ktls.tx=… ktls.rx=…`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsPath {
+    /// The kernel encrypts what we send.
+    pub ktls_tx: bool,
+    /// The kernel decrypts what we receive.
+    pub ktls_rx: bool,
+}
+
+impl TlsPath {
+    /// Userspace rustls both ways.
+    pub const USERSPACE: TlsPath = TlsPath {
+        ktls_tx: false,
+        ktls_rx: false,
+    };
+
+    /// `ktls`, `userspace`, or `ktls-tx` / `ktls-rx` for a half-offloaded connection.
+    pub fn name(self) -> &'static str {
+        match (self.ktls_tx, self.ktls_rx) {
+            (true, true) => "ktls",
+            (false, false) => "userspace",
+            (true, false) => "ktls-tx",
+            (false, true) => "ktls-rx",
+        }
+    }
+}
+
+impl fmt::Display for TlsPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "tls={} ktls.tx={} ktls.rx={}",
+            self.name(),
+            self.ktls_tx,
+            self.ktls_rx
+        )
+    }
+}
+
+/// How many records an offloaded connection has sent with its one TX key, and whether it
+/// should stop being used.
+///
+/// The kernel on Linux before 6.13 cannot rekey (and ringtun does not implement kTLS rekey
+/// for later kernels), so an offloaded connection keeps its first key for life. Past
+/// `retire_at` records the connection is *retired*: the outbound pool stops handing it out
+/// and the inbound side sends GOAWAY, so new streams go to a fresh connection with fresh
+/// keys while the streams already on it finish. Past `retire_at +` [`TX_RECORD_MARGIN`]
+/// writes fail and the connection closes, before the AES-GCM limit is reached.
+/// ChaCha20-Poly1305 has no practical limit (RFC 8446 section 5.5) and is never retired.
+///
+/// Shared (`Rc`) between the connection's [`KtlsIo`] and whoever decides about new streams.
+pub struct KeyBudget {
+    records: Cell<u64>,
+    retire_at: u64,
+    limit: u64,
+    waker: Cell<Option<Waker>>,
+}
+
+impl fmt::Debug for KeyBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyBudget")
+            .field("records", &self.records.get())
+            .field("retire_at", &self.retire_at)
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyBudget {
+    /// A budget for a fresh key of `cipher`, retiring after `retire_at` records.
+    pub fn new(cipher: Cipher, retire_at: u64) -> Self {
+        let (retire_at, limit) = match cipher {
+            Cipher::Aes128Gcm | Cipher::Aes256Gcm => {
+                (retire_at, retire_at.saturating_add(TX_RECORD_MARGIN))
+            }
+            _ => (u64::MAX, u64::MAX),
+        };
+        KeyBudget {
+            records: Cell::new(0),
+            retire_at,
+            limit,
+            waker: Cell::new(None),
+        }
+    }
+
+    /// Records sent so far (an upper bound).
+    pub fn records(&self) -> u64 {
+        self.records.get()
+    }
+
+    /// Whether the connection should take no new streams.
+    pub fn is_retired(&self) -> bool {
+        self.records.get() >= self.retire_at
+    }
+
+    /// Ready once the connection is retired; registers `cx` to be woken when it happens.
+    pub fn poll_retired(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_retired() {
+            return Poll::Ready(());
+        }
+        self.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+
+    fn exhausted(&self) -> bool {
+        self.records.get() >= self.limit
+    }
+
+    /// Accounts for `records`; true when this charge retired the connection.
+    fn charge(&self, records: u64) -> bool {
+        let before = self.records.get();
+        let now = before.saturating_add(records);
+        self.records.set(now);
+        if before < self.retire_at && now >= self.retire_at {
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+            return true;
+        }
+        false
+    }
+}
+
+/// Upper bound of the records one `write`/`writev` of `bytes` makes the kernel send: it
+/// splits at 16 KiB and may close a record at the end of every call.
+fn records_for(bytes: usize) -> u64 {
+    if bytes == 0 {
+        0
+    } else {
+        1 + (bytes / ktls::MAX_RECORD_PLAINTEXT) as u64
+    }
+}
+
+/// The socket under the TLS handshake.
+///
+/// Corked (when kTLS may follow), reads never cross a TLS record boundary, so that after the
+/// handshake rustls holds no fragment of a record and the kernel can take over exactly at
+/// the next record. That costs two reads per record during the handshake; connections that
+/// stay on rustls are uncorked afterwards and read straight through, and with kTLS off or
+/// unavailable the wrapper never corks at all.
+#[derive(Debug)]
+pub struct HandshakeIo {
+    io: TcpStreamPoll,
+    cork: Option<RecordBoundary>,
+}
+
+impl HandshakeIo {
+    /// Wraps a socket at the start of a TLS connection.
+    pub fn new(io: TcpStreamPoll, corked: bool) -> Self {
+        HandshakeIo {
+            io,
+            cork: corked.then(RecordBoundary::new),
+        }
+    }
+
+    /// A wrapper that corks when this shard may offload connections to the kernel.
+    pub fn for_shard(shard: &Shard, io: TcpStreamPoll) -> Self {
+        Self::new(io, shard.tls.ktls.is_some())
+    }
+
+    fn uncork(&mut self) {
+        self.cork = None;
+    }
+}
+
+impl AsyncRead for HandshakeIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some(cork) = this.cork.as_mut() else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        let limit = cork.max_read().min(buf.remaining());
+        if limit == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let mut part = buf.take(limit);
+        ready!(Pin::new(&mut this.io).poll_read(cx, &mut part))?;
+        let n = part.filled().len();
+        cork.advance(part.filled());
+        // SAFETY: `part` is a view of `buf`'s unfilled region, and the read just filled (so
+        // initialised) its first `n` bytes.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for HandshakeIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Where an orderly shutdown of a [`KtlsIo`] is.
+enum Closing {
+    /// close_notify not sent yet.
+    Open,
+    /// The send buffer was full; retry when the timer fires.
+    Waiting {
+        timer: Pin<Box<monoio::time::Sleep>>,
+        tries: u32,
+    },
+    /// close_notify sent (or given up on): only the TCP shutdown is left.
+    Done,
+}
+
+/// An offloaded HBONE socket: plaintext in and out, the kernel does the records.
+pub struct KtlsIo {
+    io: TcpStreamPoll,
+    /// Application data rustls decrypted before the switch; delivered before the socket's.
+    early: Vec<u8>,
+    early_pos: usize,
+    /// close_notify (or TCP FIN) seen: every further read is end of stream.
+    eof: bool,
+    budget: Rc<KeyBudget>,
+    /// Writes failed for good once the key budget ran out (logged once).
+    exhausted_logged: bool,
+    closing: Closing,
+    shard: Rc<Shard>,
+    peer: Option<SocketAddr>,
+}
+
+impl fmt::Debug for KtlsIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KtlsIo")
+            .field("fd", &self.io.as_raw_fd())
+            .field("peer", &self.peer)
+            .field("early_left", &(self.early.len() - self.early_pos))
+            .field("eof", &self.eof)
+            .field("tx_records", &self.budget.records())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KtlsIo {
+    fn new(shard: Rc<Shard>, io: TcpStreamPoll, early: Vec<u8>, budget: Rc<KeyBudget>) -> Self {
+        let peer = io.peer_addr().ok();
+        KtlsIo {
+            io,
+            early,
+            early_pos: 0,
+            eof: false,
+            budget,
+            exhausted_logged: false,
+            closing: Closing::Open,
+            shard,
+            peer,
+        }
+    }
+
+    /// Logs why the record layer gave up on this connection, and turns it into the error h2
+    /// sees.
+    fn fail(&self, e: KtlsError) -> io::Error {
+        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+        match &e {
+            KtlsError::KeyUpdate { .. } => tracing::warn!(
+                shard = self.shard.id,
+                %peer,
+                "kTLS: peer sent a TLS KeyUpdate; the kernel cannot switch to the new key (no kTLS rekey on Linux < 6.13, not implemented here), so the HBONE connection is closed rather than fed undecryptable records; the peer will reconnect"
+            ),
+            _ => tracing::warn!(
+                shard = self.shard.id,
+                %peer,
+                error = %e,
+                "kTLS: HBONE connection failed"
+            ),
+        }
+        let kind = match &e {
+            KtlsError::PeerAlert { .. } | KtlsError::KeyUpdate { .. } => {
+                io::ErrorKind::ConnectionAborted
+            }
+            _ => io::ErrorKind::InvalidData,
+        };
+        match e {
+            // Plain socket errors (ECONNRESET, ...) keep their errno.
+            KtlsError::Io { source, .. } => source,
+            e => io::Error::new(kind, e),
+        }
+    }
+
+    /// A failed plain read: decryption failures get a readable message, the rest passes.
+    fn read_error(&self, e: io::Error) -> io::Error {
+        match e.raw_os_error() {
+            Some(libc::EBADMSG) => self.fail(KtlsError::BadRecord(e)),
+            Some(libc::EKEYEXPIRED) => self.fail(KtlsError::KeyUpdate {
+                update_requested: false,
+            }),
+            _ => e,
+        }
+    }
+
+    fn check_budget(&mut self) -> io::Result<()> {
+        if !self.budget.exhausted() {
+            return Ok(());
+        }
+        if !self.exhausted_logged {
+            self.exhausted_logged = true;
+            tracing::warn!(
+                shard = self.shard.id,
+                peer = ?self.peer,
+                records = self.budget.records(),
+                "kTLS: the connection's TX key reached its usage limit; closing it"
+            );
+        }
+        Err(io::Error::other(
+            "kTLS TX key usage limit reached (no rekey); connection closed",
+        ))
+    }
+
+    fn charge(&self, bytes: usize) {
+        if self.budget.charge(records_for(bytes)) {
+            bump(&self.shard.counters.ktls_key_retired);
+            tracing::info!(
+                shard = self.shard.id,
+                peer = ?self.peer,
+                records = self.budget.records(),
+                "kTLS: TX key used for {} records; retiring the HBONE connection (no new streams)",
+                self.budget.records()
+            );
+        }
+    }
+}
+
+impl AsyncRead for KtlsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.early_pos < this.early.len() {
+            let n = buf.remaining().min(this.early.len() - this.early_pos);
+            buf.put_slice(&this.early[this.early_pos..this.early_pos + n]);
+            this.early_pos += n;
+            if this.early_pos == this.early.len() {
+                this.early = Vec::new();
+                this.early_pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if this.eof || buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            match ready!(Pin::new(&mut this.io).poll_read(cx, buf)) {
+                Ok(()) => return Poll::Ready(Ok(())),
+                // A record that is not application data heads the queue.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
+                Err(e) => return Poll::Ready(Err(this.read_error(e))),
+            }
+            let fd = this.io.as_raw_fd();
+            match ktls::recv_data(fd, buf.initialize_unfilled()) {
+                Ok(0) => {
+                    tracing::debug!(shard = this.shard.id, peer = ?this.peer, "kTLS: close_notify or FIN from the peer");
+                    this.eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // Only session tickets were there: wait for more through the runtime.
+                Err(e) if e.is_would_block() => continue,
+                Err(e) => return Poll::Ready(Err(this.fail(e))),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for KtlsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_budget()?;
+        let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
+        this.charge(n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_budget()?;
+        let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
+        this.charge(n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    /// close_notify through the kernel, then `shutdown(SHUT_WR)`.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let fd = this.io.as_raw_fd();
+        loop {
+            let attempt = match &mut this.closing {
+                Closing::Done => return Pin::new(&mut this.io).poll_shutdown(cx),
+                Closing::Open => 1,
+                Closing::Waiting { timer, tries } => {
+                    ready!(timer.as_mut().poll(cx));
+                    *tries + 1
+                }
+            };
+            this.closing = match ktls::send_close_notify(fd) {
+                Ok(()) => {
+                    this.charge(1);
+                    Closing::Done
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && attempt < CLOSE_NOTIFY_TRIES => {
+                    Closing::Waiting {
+                        timer: Box::pin(monoio::time::sleep(CLOSE_NOTIFY_RETRY)),
+                        tries: attempt,
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(shard = this.shard.id, peer = ?this.peer, error = %e, "kTLS: close_notify not sent");
+                    Closing::Done
+                }
+            };
+        }
+    }
+}
+
+/// The stream h2 runs on for one HBONE connection.
+// The rustls variant is large, but boxing it would add an indirection to every read and write
+// of the userspace path, which is the one without kernel help.
+#[allow(clippy::large_enum_variant)]
+pub enum HboneIo {
+    /// Userspace rustls.
+    Rustls(tokio_rustls::TlsStream<HandshakeIo>),
+    /// Kernel TLS.
+    Kernel(KtlsIo),
+}
+
+impl fmt::Debug for HboneIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HboneIo::Rustls(_) => f.write_str("HboneIo::Rustls"),
+            HboneIo::Kernel(k) => f.debug_tuple("HboneIo::Kernel").field(k).finish(),
+        }
+    }
+}
+
+impl AsyncRead for HboneIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HboneIo::Rustls(s) => Pin::new(s).poll_read(cx, buf),
+            HboneIo::Kernel(k) => Pin::new(k).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HboneIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HboneIo::Rustls(s) => Pin::new(s).poll_write(cx, buf),
+            HboneIo::Kernel(k) => Pin::new(k).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HboneIo::Rustls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            HboneIo::Kernel(k) => Pin::new(k).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            HboneIo::Rustls(s) => s.is_write_vectored(),
+            HboneIo::Kernel(k) => k.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HboneIo::Rustls(s) => Pin::new(s).poll_flush(cx),
+            HboneIo::Kernel(k) => Pin::new(k).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HboneIo::Rustls(s) => Pin::new(s).poll_shutdown(cx),
+            HboneIo::Kernel(k) => Pin::new(k).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An HBONE connection after its TLS handshake.
+#[derive(Debug)]
+pub struct Established {
+    /// What h2 runs on.
+    pub io: HboneIo,
+    /// How its records are carried.
+    pub path: TlsPath,
+    /// The TX key budget of an offloaded connection (`None` on rustls, which counts and
+    /// rekeys by itself).
+    pub budget: Option<Rc<KeyBudget>>,
+}
+
+/// A connection lost while switching to kTLS: by then rustls had given up (or was about to
+/// give up) its secrets, so it cannot continue in userspace either.
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    /// The offload crate refused or the kernel rejected the keys.
+    #[error("switching to kTLS: {0}")]
+    Ktls(#[from] KtlsError),
+    /// Socket I/O while finishing the last record or flushing rustls failed.
+    #[error("switching to kTLS: {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// rustls failed on the record that completed the handshake's last read.
+    #[error("switching to kTLS: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Finishes a handshaken connection: offloads it to the kernel when this shard, the kernel
+/// and the negotiated cipher suite allow, else keeps it on rustls (uncorked). Counts the
+/// outcome in the shard's counters.
+pub async fn establish(
+    shard: &Rc<Shard>,
+    tls: tokio_rustls::TlsStream<HandshakeIo>,
+) -> Result<Established, OffloadError> {
+    let Some(cap) = shard.tls.ktls.as_ref() else {
+        return Ok(userspace(shard, tls));
+    };
+    let (io, common) = tls.get_ref();
+    let suite = common.negotiated_cipher_suite().map(|s| s.suite());
+    let cipher = suite
+        .filter(|s| cap.can_offload_suite(*s))
+        .and_then(Cipher::from_suite);
+    let Some(cipher) = cipher.filter(|_| io.cork.is_some()) else {
+        tracing::debug!(shard = shard.id, ?suite, "kTLS: this kernel cannot offload the negotiated cipher suite; the connection stays on userspace rustls");
+        return Ok(userspace(shard, tls));
+    };
+    // Attaching the ULP is the one step that can fail without losing the connection: the
+    // socket stays plain TCP until keys are installed. So it comes before the secrets leave
+    // rustls.
+    if let Err(e) = ktls::enable_ulp(io.io.as_raw_fd()) {
+        tracing::warn!(shard = shard.id, error = %e, "kTLS: the connection stays on userspace rustls");
+        return Ok(userspace(shard, tls));
+    }
+    // Committed: an error from here on loses the connection.
+    let hio = match tls {
+        tokio_rustls::TlsStream::Client(s) => {
+            let (io, conn) = s.into_inner();
+            (io, rustls::Connection::from(conn))
+        }
+        tokio_rustls::TlsStream::Server(s) => {
+            let (io, conn) = s.into_inner();
+            (io, rustls::Connection::from(conn))
+        }
+    };
+    let result = offload(shard, hio, cipher).await;
+    if result.is_err() {
+        bump(&shard.counters.ktls_failed);
+    }
+    result
+}
+
+fn userspace(shard: &Shard, mut tls: tokio_rustls::TlsStream<HandshakeIo>) -> Established {
+    tls.get_mut().0.uncork();
+    bump(&shard.counters.tls_userspace);
+    Established {
+        io: HboneIo::Rustls(tls),
+        path: TlsPath::USERSPACE,
+        budget: None,
+    }
+}
+
+async fn offload(
+    shard: &Rc<Shard>,
+    (mut hio, mut conn): (HandshakeIo, rustls::Connection),
+    cipher: Cipher,
+) -> Result<Established, OffloadError> {
+    let mut early = Vec::new();
+    // 1. The handshake may have stopped reading inside a record (tokio-rustls keeps reading
+    //    after the handshake until the socket has nothing more). Read exactly the rest of it
+    //    and let rustls decrypt it, so the kernel starts at a record boundary.
+    let mut cork = hio.cork.take().unwrap_or_default();
+    let mut chunk = Vec::new();
+    while !cork.at_boundary() {
+        drain_plaintext(&mut conn, &mut early)?;
+        chunk.resize(cork.max_read(), 0);
+        let n = read_some(&mut hio.io, &mut chunk)
+            .await
+            .map_err(|source| OffloadError::Io {
+                context: "reading the rest of a record",
+                source,
+            })?;
+        if n == 0 {
+            return Err(OffloadError::Io {
+                context: "reading the rest of a record",
+                source: io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        cork.advance(&chunk[..n]);
+        feed(&mut conn, &chunk[..n])?;
+    }
+    // 2. Flush what rustls still has for the peer, then take its secrets and the plaintext it
+    //    decrypted but nobody read yet.
+    let extracted = loop {
+        match ktls::try_extract(conn)? {
+            Handoff::Ready(x) => break x,
+            Handoff::NeedsFlush(mut c) => {
+                let mut out = Vec::new();
+                while c.wants_write() {
+                    c.write_tls(&mut out).map_err(|source| OffloadError::Io {
+                        context: "collecting rustls output",
+                        source,
+                    })?;
+                }
+                write_all(&mut hio.io, &out)
+                    .await
+                    .map_err(|source| OffloadError::Io {
+                        context: "flushing rustls output",
+                        source,
+                    })?;
+                conn = *c;
+            }
+        }
+    };
+    early.extend_from_slice(&extracted.plaintext);
+    // 3. Keys into the kernel.
+    let off = ktls::enable(hio.io.as_raw_fd(), extracted.secrets)?;
+    let c = &shard.counters;
+    if off.tx {
+        bump(&c.ktls_tx);
+    }
+    if off.rx {
+        bump(&c.ktls_rx);
+    }
+    tracing::debug!(
+        shard = shard.id,
+        peer = ?hio.io.peer_addr().ok(),
+        %cipher,
+        early = early.len(),
+        "kTLS: HBONE connection offloaded"
+    );
+    let budget = Rc::new(KeyBudget::new(cipher, shard.opts.ktls_tx_record_limit));
+    Ok(Established {
+        io: HboneIo::Kernel(KtlsIo::new(shard.clone(), hio.io, early, budget.clone())),
+        path: TlsPath {
+            ktls_tx: off.tx,
+            ktls_rx: off.rx,
+        },
+        budget: Some(budget),
+    })
+}
+
+/// Moves the plaintext rustls has decrypted into `out` (so its buffer never fills while we
+/// feed it more).
+fn drain_plaintext(conn: &mut rustls::Connection, out: &mut Vec<u8>) -> Result<(), OffloadError> {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.reader().read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            // TCP EOF without close_notify: what was decrypted is still good.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(source) => {
+                return Err(OffloadError::Io {
+                    context: "draining rustls plaintext",
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Gives rustls bytes read from the socket and processes them.
+fn feed(conn: &mut rustls::Connection, mut bytes: &[u8]) -> Result<(), OffloadError> {
+    while !bytes.is_empty() {
+        let n = conn
+            .read_tls(&mut bytes)
+            .map_err(|source| OffloadError::Io {
+                context: "handing the record to rustls",
+                source,
+            })?;
+        if n == 0 {
+            return Err(OffloadError::Io {
+                context: "handing the record to rustls",
+                source: io::ErrorKind::WriteZero.into(),
+            });
+        }
+        conn.process_new_packets()?;
+    }
+    Ok(())
+}
+
+async fn read_some(io: &mut TcpStreamPoll, buf: &mut [u8]) -> io::Result<usize> {
+    poll_fn(|cx| {
+        let mut rb = ReadBuf::new(buf);
+        ready!(Pin::new(&mut *io).poll_read(cx, &mut rb))?;
+        Poll::Ready(Ok(rb.filled().len()))
+    })
+    .await
+}
+
+async fn write_all(io: &mut TcpStreamPoll, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, buf)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_overcounted_never_under() {
+        assert_eq!(records_for(0), 0);
+        assert_eq!(records_for(1), 1);
+        assert_eq!(records_for(16 * 1024 - 1), 1);
+        // Exactly one full record is charged as two: the bound may be loose, never short.
+        assert_eq!(records_for(16 * 1024), 2);
+        assert_eq!(records_for(1 << 20), 65);
+    }
+
+    #[test]
+    fn budget_retires_then_exhausts_aes_only() {
+        let b = KeyBudget::new(Cipher::Aes128Gcm, 10);
+        assert!(!b.is_retired());
+        assert!(!b.charge(9));
+        assert!(
+            b.charge(1),
+            "the charge that crosses the threshold reports it"
+        );
+        assert!(b.is_retired());
+        assert!(!b.charge(1), "reported once");
+        assert!(!b.exhausted());
+        b.charge(TX_RECORD_MARGIN);
+        assert!(b.exhausted());
+
+        let c = KeyBudget::new(Cipher::Chacha20Poly1305, 10);
+        c.charge(1 << 40);
+        assert!(!c.is_retired() && !c.exhausted());
+    }
+
+    #[test]
+    fn default_limits_stay_under_the_aes_gcm_bound() {
+        // RFC 8446 5.5: 2^24.5 full-size records per AES-GCM key.
+        let rfc = (2f64).powf(24.5) as u64;
+        let hard = KeyBudget::new(Cipher::Aes128Gcm, DEFAULT_TX_RECORD_LIMIT).limit;
+        assert!(hard <= 1 << 24, "at most where rustls itself rekeys");
+        assert!(hard < rfc);
+    }
+
+    #[test]
+    fn budget_wakes_the_waiter_when_retired() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let b = KeyBudget::new(Cipher::Aes256Gcm, 3);
+        assert!(b.poll_retired(&mut cx).is_pending());
+        b.charge(2);
+        assert_eq!(count.0.load(Ordering::Relaxed), 0);
+        b.charge(2);
+        assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        assert!(b.poll_retired(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn path_names() {
+        assert_eq!(
+            TlsPath::USERSPACE.to_string(),
+            "tls=userspace ktls.tx=false ktls.rx=false"
+        );
+        let both = TlsPath {
+            ktls_tx: true,
+            ktls_rx: true,
+        };
+        assert_eq!(both.to_string(), "tls=ktls ktls.tx=true ktls.rx=true");
+    }
+}
