@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod net;
 pub mod options;
 pub mod pki;
+pub mod policy;
 pub mod proxy;
 pub mod shard;
 pub mod tls;

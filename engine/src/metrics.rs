@@ -58,23 +58,35 @@ pub struct TcpLabels {
 impl TcpLabels {
     fn pairs(&self) -> [(&'static str, &str); 11] {
         [
-            ("reporter", self.reporter.map_or("unknown", Reporter::as_str)),
+            (
+                "reporter",
+                self.reporter.map_or("unknown", Reporter::as_str),
+            ),
             ("source_workload", or_unknown(&self.source_workload)),
             (
                 "source_workload_namespace",
                 or_unknown(&self.source_workload_namespace),
             ),
             ("source_principal", or_unknown(&self.source_principal)),
-            ("destination_workload", or_unknown(&self.destination_workload)),
+            (
+                "destination_workload",
+                or_unknown(&self.destination_workload),
+            ),
             (
                 "destination_workload_namespace",
                 or_unknown(&self.destination_workload_namespace),
             ),
-            ("destination_principal", or_unknown(&self.destination_principal)),
+            (
+                "destination_principal",
+                or_unknown(&self.destination_principal),
+            ),
             ("destination_service", or_unknown(&self.destination_service)),
             ("request_protocol", self.request_protocol),
             ("response_flags", or_dash(&self.response_flags)),
-            ("connection_security_policy", self.connection_security_policy),
+            (
+                "connection_security_policy",
+                self.connection_security_policy,
+            ),
         ]
     }
 }
@@ -238,6 +250,11 @@ fn labels_text(pairs: &[(&str, &str)]) -> String {
     s
 }
 
+/// Reads one figure out of a counts struct.
+type Getter<T> = fn(&T) -> u64;
+/// Name, help text and getter of one metric family.
+type Family<T> = (&'static str, &'static str, Getter<T>);
+
 /// Renders the summed reports. `openmetrics` selects the OpenMetrics text format (counter
 /// families named without `_total`, `# EOF` at the end); otherwise Prometheus text 0.0.4.
 pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) -> String {
@@ -248,7 +265,7 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
         }
     }
     let mut out = String::new();
-    let families: [(&str, &str, fn(&TcpCounts) -> u64); 5] = [
+    let families: [Family<TcpCounts>; 5] = [
         (
             "istio_tcp_connections_opened",
             "The total number of TCP connections opened",
@@ -281,14 +298,49 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             let _ = writeln!(out, "{name}_total{} {}", labels_text(&l.pairs()), get(c));
         }
     }
-    let per_shard: [(&str, &str, bool, fn(&ShardGauges) -> u64); 7] = [
-        ("ringtun_open_connections", "Connections open now, per shard", false, |g| g.open_connections),
-        ("ringtun_accepted_connections", "Connections accepted, per shard", true, |g| g.accepted),
-        ("ringtun_pool_connections", "Pooled HBONE connections now, per shard", false, |g| g.pool_connections),
-        ("ringtun_pool_streams", "Streams on pooled HBONE connections now, per shard", false, |g| g.pool_streams),
-        ("ringtun_ktls_connections", "HBONE connections with kernel TLS (TX and RX offloaded), per shard", true, |g| g.ktls_connections),
-        ("ringtun_userspace_tls_connections", "HBONE connections with userspace TLS, per shard", true, |g| g.userspace_tls_connections),
-        ("ringtun_config_generation", "Config generation in use, per shard", false, |g| g.config_generation),
+    let per_shard: [(&str, &str, bool, Getter<ShardGauges>); 7] = [
+        (
+            "ringtun_open_connections",
+            "Connections open now, per shard",
+            false,
+            |g| g.open_connections,
+        ),
+        (
+            "ringtun_accepted_connections",
+            "Connections accepted, per shard",
+            true,
+            |g| g.accepted,
+        ),
+        (
+            "ringtun_pool_connections",
+            "Pooled HBONE connections now, per shard",
+            false,
+            |g| g.pool_connections,
+        ),
+        (
+            "ringtun_pool_streams",
+            "Streams on pooled HBONE connections now, per shard",
+            false,
+            |g| g.pool_streams,
+        ),
+        (
+            "ringtun_ktls_connections",
+            "HBONE connections with kernel TLS (TX and RX offloaded), per shard",
+            true,
+            |g| g.ktls_connections,
+        ),
+        (
+            "ringtun_userspace_tls_connections",
+            "HBONE connections with userspace TLS, per shard",
+            true,
+            |g| g.userspace_tls_connections,
+        ),
+        (
+            "ringtun_config_generation",
+            "Config generation in use, per shard",
+            false,
+            |g| g.config_generation,
+        ),
     ];
     for (name, help, is_counter, get) in per_shard {
         if is_counter {
@@ -306,7 +358,8 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             );
         }
     }
-    let _ = writeln!(
+    let _ =
+        writeln!(
         out,
         "# HELP ringtun_info Build and runtime facts\n# TYPE ringtun_info gauge\nringtun_info{} 1",
         labels_text(&[
