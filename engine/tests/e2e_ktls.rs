@@ -1,0 +1,291 @@
+//! kTLS end to end: two ringtuns in two network namespaces, a checksummed echo through the
+//! service VIP, and the record layer each side reports in its access log.
+//!
+//! Where kTLS is missing (the dev host's kernel has no `CONFIG_TLS`) the same tests run the
+//! userspace fallback: `--ktls auto` announces it and every connection logs
+//! `tls=userspace`. Inside the kTLS VM (`deploy/vm/test-engine-ktls.sh`) they run with
+//! `RINGTUN_EXPECT_KTLS=1`: the kTLS sides then get `--ktls on` (so a missing kTLS fails the
+//! start instead of falling back), and the tests assert `tls=ktls ktls.tx=true ktls.rx=true`
+//! and rising `/proc/net/tls_stat` counters in each namespace.
+//!
+//! Sizes are for the VM's emulated CPU (about 4 MiB/s of AES-GCM per direction):
+//! `RINGTUN_KTLS_E2E_MIB` (default 8) each way for the both-sides test, a quarter of that for
+//! the one-sided ones.
+//!
+//! Like the other netns tests these need root and fail without it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ringtun_topology::{Netns, DEFAULT_MARK};
+
+const MIB: u64 = 1 << 20;
+const LOG_WAIT: Duration = Duration::from_secs(30);
+const VIP: &str = "10.96.0.10:80";
+
+/// Whether the run must prove kTLS (set inside the VM).
+fn expect_ktls() -> bool {
+    std::env::var("RINGTUN_EXPECT_KTLS").is_ok_and(|v| v == "1")
+}
+
+fn bulk_mib() -> u64 {
+    std::env::var("RINGTUN_KTLS_E2E_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(8)
+}
+
+/// `--ktls` for a side that should offload: `on` where kTLS must be proven, else `auto`.
+fn want_ktls() -> Vec<String> {
+    let mode = if expect_ktls() { "on" } else { "auto" };
+    vec!["--ktls".into(), mode.into()]
+}
+
+fn no_ktls() -> Vec<String> {
+    vec!["--ktls".into(), "off".into()]
+}
+
+/// The two-node mesh with per-side arguments (the shared `Mesh::start` gives both the same).
+fn mesh(prefix: &'static str, client_extra: Vec<String>, server_extra: Vec<String>) -> Mesh {
+    let nodes = two_nodes(prefix);
+    let dir = TempDir::new(prefix);
+    gen_certs(
+        dir.path(),
+        "cluster.local",
+        &["default/client", "default/server"],
+    );
+    let config = dir.join("config.yaml");
+    write_atomic(&config, &mesh_config(&["/10.96.0.10"], false));
+    nodes
+        .client
+        .capture_outbound(15001, DEFAULT_MARK)
+        .expect("outbound capture");
+    let base = ["--workers", "1"].map(String::from);
+    let side = |ns: &Netns, name: &str, id: &str, extra: Vec<String>| {
+        let mut args: Vec<String> = base.to_vec();
+        args.extend(extra);
+        Ringtun::start(
+            ns,
+            name,
+            dir.path(),
+            RingtunArgs {
+                config: &config,
+                certs: dir.path(),
+                identity: id,
+                workload: id,
+                extra: args,
+            },
+        )
+    };
+    let server = side(&nodes.server, "server", "default/server", server_extra);
+    let client = side(&nodes.client, "client", "default/client", client_extra);
+    Mesh {
+        client,
+        server,
+        nodes,
+        config,
+        dir,
+    }
+}
+
+/// What a ringtun's startup log says about kTLS: true when it will offload. With
+/// `RINGTUN_EXPECT_KTLS=1` a side started for kTLS must have it.
+fn announced_ktls(r: &Ringtun, started_for_ktls: bool) -> bool {
+    let log = r.log();
+    let line = log
+        .lines()
+        .find(|l| {
+            l.contains("kTLS available") || l.contains("kTLS unavailable") || l.contains("kTLS off")
+        })
+        .unwrap_or_else(|| panic!("ringtun ({}) logged nothing about kTLS:\n{log}", r.name))
+        .to_owned();
+    let ready = log
+        .lines()
+        .find(|l| l.contains("ringtun ready"))
+        .unwrap_or_default();
+    let on = line.contains("kTLS available");
+    assert_eq!(
+        ready.contains("tls=\"ktls\"") || ready.contains("tls=ktls"),
+        on,
+        "ready line disagrees with the probe line: {ready} / {line}"
+    );
+    if !started_for_ktls {
+        assert!(!on, "ringtun ({}) offloads with --ktls off: {line}", r.name);
+    }
+    if started_for_ktls && expect_ktls() {
+        assert!(
+            on,
+            "RINGTUN_EXPECT_KTLS=1 but ringtun ({}) says: {line}",
+            r.name
+        );
+    }
+    on
+}
+
+/// Asserts the record layer an access line reports.
+fn assert_tls(line: &AccessLine, ktls: bool) {
+    let (name, flag) = if ktls {
+        ("ktls", "true")
+    } else {
+        ("userspace", "false")
+    };
+    assert!(
+        line.is("tls", name) && line.is("ktls.tx", flag) && line.is("ktls.rx", flag),
+        "expected tls={name} ktls.tx={flag} ktls.rx={flag}: {}",
+        line.raw
+    );
+}
+
+/// `/proc/net/tls_stat` of a namespace as name → value (empty without kTLS).
+fn tls_stat(ns: &Netns) -> std::collections::HashMap<String, u64> {
+    ns.run("cat", ["/proc/net/tls_stat"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One checksummed echo of `n` bytes each way through the VIP; returns the outbound and
+/// inbound access lines of that connection.
+fn echo_via_vip(m: &Mesh, n: u64) -> (AccessLine, AccessLine) {
+    let t = echo_ok(&m.nodes.client, VIP, n);
+    eprintln!("{} MiB each way through {VIP} took {:?}", n / MIB, t.took);
+    let suffix = format!(":{}", t.local.port());
+    let out = m.client.wait_access("for the echo", LOG_WAIT, |l| {
+        l.is("direction", "outbound") && l.get("src.addr").is_some_and(|a| a.ends_with(&suffix))
+    });
+    assert!(out.is("end", "closed"), "{}", out.raw);
+    assert_eq!(out.num("bytes_sent"), n, "{}", out.raw);
+    assert_eq!(out.num("bytes_received"), n, "{}", out.raw);
+    let local = t.local.to_string();
+    let inb = m.server.wait_access("for the echo", LOG_WAIT, |l| {
+        l.is("direction", "inbound") && l.is("src.addr", &local)
+    });
+    assert!(inb.is("end", "closed"), "{}", inb.raw);
+    assert_eq!(inb.num("bytes_sent"), n, "{}", inb.raw);
+    (out, inb)
+}
+
+#[test]
+fn ktls_both_sides() {
+    let m = mesh("kb", want_ktls(), want_ktls());
+    let client_on = announced_ktls(&m.client, true);
+    let server_on = announced_ktls(&m.server, true);
+    let before = (tls_stat(&m.nodes.client), tls_stat(&m.nodes.server));
+    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+
+    let n = bulk_mib() * MIB;
+    let (out, inb) = echo_via_vip(&m, n);
+    assert_tls(&out, client_on);
+    assert_tls(&inb, server_on);
+    // A second stream rides the pooled connection and reports its record layer too.
+    let (out2, inb2) = echo_via_vip(&m, MIB / 4);
+    assert!(out2.is("pool", "reused"), "{}", out2.raw);
+    assert_tls(&out2, client_on);
+    assert_tls(&inb2, server_on);
+
+    let after = (tls_stat(&m.nodes.client), tls_stat(&m.nodes.server));
+    for ((b, a), (on, side)) in [(&before.0, &after.0), (&before.1, &after.1)]
+        .into_iter()
+        .zip([(client_on, "client"), (server_on, "server")])
+    {
+        let rose = |k: &str| a.get(k).copied().unwrap_or(0) > b.get(k).copied().unwrap_or(0);
+        if on {
+            assert!(
+                rose("TlsTxSw") && rose("TlsRxSw"),
+                "{side}: /proc/net/tls_stat did not count an offloaded socket: {b:?} -> {a:?}"
+            );
+            assert_eq!(
+                a.get("TlsDecryptError").copied().unwrap_or(0),
+                0,
+                "{side}: {a:?}"
+            );
+        } else {
+            assert!(
+                !rose("TlsTxSw"),
+                "{side} offloaded without saying so: {a:?}"
+            );
+        }
+    }
+    m.client.assert_no_panic();
+    m.server.assert_no_panic();
+}
+
+/// kTLS on one side, userspace rustls (`--ktls off`) on the other: the two record layers
+/// interoperate, each side reports its own.
+fn one_side(prefix: &'static str, client_ktls: bool) {
+    let (c, s) = if client_ktls {
+        (want_ktls(), no_ktls())
+    } else {
+        (no_ktls(), want_ktls())
+    };
+    let m = mesh(prefix, c, s);
+    let client_on = announced_ktls(&m.client, client_ktls);
+    let server_on = announced_ktls(&m.server, !client_ktls);
+    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let n = (bulk_mib() * MIB / 4).max(MIB);
+    let (out, inb) = echo_via_vip(&m, n);
+    assert_tls(&out, client_on);
+    assert_tls(&inb, server_on);
+    m.client.assert_no_panic();
+    m.server.assert_no_panic();
+}
+
+#[test]
+fn ktls_client_side_only() {
+    one_side("kc", true);
+}
+
+#[test]
+fn ktls_server_side_only() {
+    one_side("ks", false);
+}
+
+/// With a tiny TX record budget, offloaded connections retire (the client's pool stops
+/// using them, the server sends GOAWAY) and later streams open new connections; no stream
+/// is lost on the way. On userspace rustls the budget does not apply and every stream after
+/// the first reuses the connection.
+#[test]
+fn ktls_key_budget_retires_connections() {
+    let budget = ["--ktls-tx-record-limit", "24"].map(String::from);
+    let mut c = want_ktls();
+    c.extend(budget.clone());
+    let mut s = want_ktls();
+    s.extend(budget);
+    let m = mesh("kr", c, s);
+    let on = announced_ktls(&m.client, true) && announced_ktls(&m.server, true);
+    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let mut new_conns = 0;
+    for _ in 0..6 {
+        let (out, inb) = echo_via_vip(&m, 256 * 1024);
+        assert_tls(&out, on);
+        assert_tls(&inb, on);
+        if out.is("pool", "new") {
+            new_conns += 1;
+        }
+    }
+    if on {
+        assert!(
+            new_conns >= 2,
+            "retired connections should have made later streams open new ones ({new_conns} new)"
+        );
+        for r in [&m.client, &m.server] {
+            assert!(
+                r.log().contains("retiring the HBONE connection"),
+                "ringtun ({}) never retired a connection:\n{}",
+                r.name,
+                r.log()
+            );
+        }
+    } else {
+        assert_eq!(new_conns, 1, "userspace connections are reused");
+    }
+    m.client.assert_no_panic();
+    m.server.assert_no_panic();
+}
