@@ -11,6 +11,7 @@ use ringtun_hbone::settings::H2Settings;
 use ringtun_hbone::Identity;
 use tracing_subscriber::EnvFilter;
 
+use crate::admin::Role;
 use crate::options::{IoDriver, KtlsMode, RunOptions};
 use crate::tls::CertPaths;
 use crate::{config, control, demo, pki, EngineError};
@@ -130,6 +131,19 @@ pub struct RunArgs {
     /// TLS handshake timeout (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
+    /// Prometheus metrics listener (`/metrics`).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Readiness listener (`/healthz/ready`).
+    #[arg(long)]
+    pub readiness_listen: Option<SocketAddr>,
+    /// Admin API listener (`/config_dump`, `/logging`, `/quitquitquit`); keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_listen: SocketAddr,
+    /// On SIGTERM or /quitquitquit, how long live connections may finish (milliseconds);
+    /// ztunnel's DaemonSet gives 30 s of termination grace.
+    #[arg(long, default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
     /// How often to check the config file for changes (milliseconds).
     #[arg(long, default_value_t = 500)]
     pub config_poll_ms: u64,
@@ -230,6 +244,20 @@ impl RunArgs {
                 ..H2Settings::default()
             }
             .sanitized(),
+            admin_listeners: vec![
+                (
+                    Role::Metrics,
+                    self.metrics_listen
+                        .unwrap_or_else(|| default_listen(15020)[0]),
+                ),
+                (
+                    Role::Readiness,
+                    self.readiness_listen
+                        .unwrap_or_else(|| default_listen(15021)[0]),
+                ),
+                (Role::Admin, self.admin_listen),
+            ],
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             ktls: self.ktls,
@@ -240,23 +268,46 @@ impl RunArgs {
 
 /// Installs the log subscriber (stderr, key=value fields).
 pub fn init_logging(filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("ringtun: bad --log filter {filter:?} ({e}); using info");
         EnvFilter::new("info")
     });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(true)
-        .try_init();
+        .with_target(true);
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+    {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+static LOG_FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
+
+/// Replaces the log filter of the running process (the admin API's `/logging?level=`).
+pub fn set_log_filter(filter: &str) -> Result<String, String> {
+    let parsed = EnvFilter::try_new(filter).map_err(|e| format!("bad filter {filter:?}: {e}"))?;
+    let handle = LOG_FILTER
+        .get()
+        .ok_or_else(|| "logging is not reloadable in this process".to_owned())?;
+    handle.reload(parsed).map_err(|e| e.to_string())?;
+    Ok(filter.to_owned())
 }
 
 /// Runs `ringtun run` until killed.
 pub fn run(args: RunArgs) -> Result<(), EngineError> {
     let opts = args.into_options()?;
+    control::block_signals();
     let running = control::start(opts.clone())?;
-    running.watch_config(&opts)
+    running.serve(&opts)
 }
 
 /// Entry point of the binary.

@@ -3,14 +3,17 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 use sha2::{Digest, Sha256};
 
+use crate::admin::{self, Admin as _};
 use crate::config::{self, Snapshot};
+use crate::metrics::{ProcessInfo, ShardReport};
 use crate::net;
 use crate::options::{IoDriver, RunOptions};
 use crate::shard::{self, ListenerKind, ShardEvent, ShardMsg};
@@ -22,6 +25,7 @@ pub struct Running {
     senders: Vec<Sender<ShardMsg>>,
     events: Receiver<ShardEvent>,
     threads: Vec<thread::JoinHandle<()>>,
+    state: Arc<ControlState>,
     /// Addresses actually bound, per listener kind (useful with port 0).
     pub bound: Vec<(ListenerKind, SocketAddr)>,
 }
@@ -132,10 +136,21 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         listeners = ?bound,
         "ringtun ready"
     );
+    let state = Arc::new(ControlState {
+        senders: senders.clone(),
+        ready: AtomicBool::new(true),
+        draining: AtomicBool::new(false),
+        quit: AtomicBool::new(false),
+        current: Mutex::new(snapshot),
+        tls: tls.clone(),
+        driver,
+        workers,
+    });
     Ok(Running {
         senders,
         events: ev_rx,
         threads,
+        state,
         bound,
     })
 }
@@ -180,6 +195,155 @@ fn shard_thread(
     }
 }
 
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards, so
+/// the control thread can take them with `sigtimedwait` instead of dying.
+pub fn block_signals() {
+    // SAFETY: plain signal-mask calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits up to `timeout` for SIGTERM or SIGINT; returns the signal's name if one came.
+fn wait_signal(timeout: Duration) -> Option<&'static str> {
+    // SAFETY: sigtimedwait on a local set with a valid timespec; info may stay unread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        match libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) {
+            libc::SIGTERM => Some("SIGTERM"),
+            libc::SIGINT => Some("SIGINT"),
+            _ => None,
+        }
+    }
+}
+
+/// What the admin endpoints see of the running proxy; lives on the control side.
+struct ControlState {
+    senders: Vec<Sender<ShardMsg>>,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    quit: AtomicBool,
+    current: Mutex<Snapshot>,
+    tls: Arc<TlsMaterial>,
+    driver: IoDriver,
+    workers: usize,
+}
+
+impl admin::Admin for ControlState {
+    fn scrape(&self) -> Vec<ShardReport> {
+        let (tx, rx) = crossbeam_channel::bounded(self.senders.len());
+        let asked = self
+            .senders
+            .iter()
+            .filter(|s| s.send(ShardMsg::Scrape(tx.clone())).is_ok())
+            .count();
+        let mut out: Vec<ShardReport> = (0..asked)
+            .filter_map(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
+            .collect();
+        out.sort_by_key(|r| r.shard);
+        out
+    }
+
+    fn info(&self) -> ProcessInfo {
+        ProcessInfo {
+            driver: match self.driver {
+                IoDriver::Legacy => "legacy".into(),
+                _ => "io_uring".into(),
+            },
+            ktls_available: self.tls.ktls.is_some(),
+            draining: self.draining.load(Ordering::Relaxed),
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining".into());
+        }
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err("starting".into());
+        }
+        Ok(())
+    }
+
+    fn config_dump(&self) -> String {
+        let Ok(snap) = self.current.lock() else {
+            return "{}".into();
+        };
+        let c = snap.config();
+        let workloads: Vec<_> = c
+            .workloads
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "uid": w.uid, "name": w.name, "namespace": w.namespace,
+                    "serviceAccount": w.service_account,
+                    "workloadIps": w.workload_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                    "protocol": format!("{:?}", w.protocol).to_uppercase(),
+                    "node": w.node, "network": w.network, "services": w.services,
+                    "authorizationPolicies": w.authorization_policies,
+                })
+            })
+            .collect();
+        let services: Vec<_> = c
+            .services
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
+                    "vips": s.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+                    "ports": s.ports, "subjectAltNames": s.subject_alt_names,
+                })
+            })
+            .collect();
+        let policies: Vec<_> = c
+            .policies
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name, "namespace": p.namespace,
+                    "scope": format!("{:?}", p.scope), "action": format!("{:?}", p.action),
+                    "rules": p.rules.len(), "dryRun": p.dry_run,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "configGeneration": snap.generation,
+            "workloads": workloads,
+            "services": services,
+            "policies": policies,
+            "certificates": [{
+                "identity": self.tls.identity.to_string(),
+                "notAfterUnix": self.tls.not_after,
+            }],
+            "shards": self.workers,
+            "driver": self.info().driver,
+            "ktls": self.tls.ktls.as_ref().map(|k| format!("{k:?}")),
+            "draining": self.draining.load(Ordering::Relaxed),
+        })
+        .to_string()
+    }
+
+    fn set_log_level(&self, level: &str) -> Result<String, String> {
+        crate::cli::set_log_filter(level)
+    }
+
+    fn quit(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.quit.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Identifies a version of the config file cheaply (metadata) and exactly (content hash).
 #[derive(PartialEq, Eq, Clone)]
 struct FileStamp {
@@ -202,13 +366,29 @@ fn stamp(path: &Path) -> Option<FileStamp> {
 impl Running {
     /// Watches the config file until the process is stopped; a valid change is sent to every
     /// shard, an invalid one is logged and the previous config stays in force.
-    pub fn watch_config(&self, opts: &RunOptions) -> ! {
+    ///
+    /// SIGTERM, SIGINT or `/quitquitquit` start a drain (see [`Running::drain`]); this returns
+    /// when the drain is over. The caller must have blocked those signals with
+    /// [`block_signals`] before [`start`], so that they queue for this thread.
+    pub fn serve(self, opts: &RunOptions) -> Result<(), EngineError> {
+        let admin: Arc<dyn admin::Admin> = self.state.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let bound =
+            admin::serve(admin, &opts.admin_listeners, stop.clone()).map_err(EngineError::Admin)?;
+        tracing::info!(endpoints = ?bound, "metrics, readiness and admin endpoints up");
         let path = &opts.config_path;
         let mut last_stamp = stamp(path);
         let mut last_hash = std::fs::read(path).map(|b| Sha256::digest(&b)).ok();
         let mut generation = 1u64;
         loop {
-            thread::sleep(opts.config_poll);
+            if let Some(sig) = wait_signal(opts.config_poll) {
+                tracing::info!(signal = sig, "signal received; draining");
+                break;
+            }
+            if self.state.quit.load(Ordering::Relaxed) {
+                tracing::info!("/quitquitquit received; draining");
+                break;
+            }
             let now = stamp(path);
             if now == last_stamp {
                 continue;
@@ -232,6 +412,9 @@ impl Running {
                     // Announce the reload only once every shard uses it, so "reloaded" in the
                     // log means new connections see the new config.
                     self.await_applied(generation);
+                    if let Ok(mut cur) = self.state.current.lock() {
+                        *cur = snap.clone();
+                    }
                     tracing::info!(
                         generation,
                         workloads = snap.config().workloads.len(),
@@ -243,6 +426,41 @@ impl Running {
                     tracing::error!("config reload failed, keeping generation {generation}: {e}");
                 }
             }
+        }
+        self.drain(opts.drain_timeout);
+        stop.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Graceful drain: readiness fails at once, listeners stop accepting, HBONE peers get
+    /// GOAWAY, and live connections have until `deadline` to finish; whatever is left then is
+    /// closed when the process exits.
+    pub fn drain(&self, deadline: Duration) {
+        self.state.draining.store(true, Ordering::Relaxed);
+        for tx in &self.senders {
+            let _ = tx.send(ShardMsg::Drain);
+        }
+        let until = std::time::Instant::now() + deadline;
+        loop {
+            let open: u64 = self
+                .state
+                .scrape()
+                .iter()
+                .map(|r| r.gauges.open_connections)
+                .sum();
+            if open == 0 {
+                tracing::info!("drained: no connections left");
+                return;
+            }
+            if std::time::Instant::now() >= until {
+                tracing::warn!(
+                    open,
+                    ?deadline,
+                    "drain deadline reached; closing what is left"
+                );
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
         }
     }
 

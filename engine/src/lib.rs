@@ -6,6 +6,7 @@
 //! Protocol logic that needs no socket lives in the `ringtun-hbone` crate.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -80,6 +81,9 @@ pub enum EngineError {
     /// A command-line value was invalid.
     #[error("{0}")]
     Usage(String),
+    /// The metrics, readiness or admin listener could not be bound.
+    #[error("cannot serve the metrics/readiness/admin endpoints: {0} (is another ringtun or ztunnel running here?)")]
+    Admin(std::io::Error),
     /// The demo's network set-up failed.
     #[error("demo: {0}")]
     Demo(String),

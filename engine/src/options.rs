@@ -86,4 +86,8 @@ pub struct RunOptions {
     /// streams (see `transport::KeyBudget`); the default is
     /// [`crate::transport::DEFAULT_TX_RECORD_LIMIT`].
     pub ktls_tx_record_limit: u64,
+    /// Metrics (15020), readiness (15021) and admin (127.0.0.1:15000) listeners.
+    pub admin_listeners: Vec<(crate::admin::Role, SocketAddr)>,
+    /// How long a drain lets live connections finish before exiting.
+    pub drain_timeout: Duration,
 }

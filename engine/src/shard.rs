@@ -12,13 +12,18 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{AsRawFd, RawFd};
+use std::task::{Context, Poll, Waker};
+
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use monoio::net::TcpListener;
 use ringtun_hbone::pool::Pool;
 use ringtun_hbone::Identity;
 
 use crate::config::{Snapshot, Workload};
+use crate::metrics::{ShardGauges, ShardMetrics, ShardReport};
 use crate::options::RunOptions;
+use crate::policy::PolicyIndex;
 use crate::proxy;
 use crate::proxy::outbound::PooledH2;
 use crate::tls::TlsMaterial;
@@ -56,6 +61,10 @@ pub enum ShardMsg {
     },
     /// A new config generation; applies to new connections, live ones keep theirs.
     Config(Box<Snapshot>),
+    /// Send a copy of this shard's metrics (the scrape runs on the control side).
+    Scrape(Sender<ShardReport>),
+    /// Stop accepting, ask HBONE peers to go away (GOAWAY), let live connections finish.
+    Drain,
 }
 
 /// Messages from shards back to the control thread.
@@ -133,9 +142,87 @@ pub struct Shard {
     pub pool: RefCell<Pool<PooledH2>>,
     /// Counters.
     pub counters: Counters,
+    /// Istio TCP metrics.
+    pub metrics: ShardMetrics,
+    policy: RefCell<Rc<PolicyIndex>>,
+    /// Fired once when draining starts.
+    pub drain: DrainSignal,
+    listener_fds: RefCell<Vec<RawFd>>,
+}
+
+/// A one-shot signal that tasks on this shard can wait on (no atomics: one thread).
+#[derive(Default)]
+pub struct DrainSignal {
+    fired: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl DrainSignal {
+    /// Whether draining has started.
+    pub fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// Ready once draining has started; registers the task to be woken then.
+    pub fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.fired.get() {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.wakers.borrow_mut();
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn fire(&self) {
+        self.fired.set(true);
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
 }
 
 impl Shard {
+    /// Authorization policies of the config generation new connections use.
+    pub fn policy(&self) -> Rc<PolicyIndex> {
+        self.policy.borrow().clone()
+    }
+
+    fn report(&self) -> ShardReport {
+        let pool = self.pool.borrow();
+        let c = &self.counters;
+        ShardReport {
+            shard: self.id,
+            tcp: self.metrics.export(),
+            gauges: ShardGauges {
+                open_connections: c.open.get(),
+                accepted: c.accepted.get(),
+                pool_connections: pool.connections() as u64,
+                pool_streams: pool.streams(),
+                ktls_connections: c.ktls_tx.get().min(c.ktls_rx.get()),
+                userspace_tls_connections: c.tls_userspace.get(),
+                config_generation: self.snapshot.borrow().generation,
+            },
+        }
+    }
+
+    fn start_drain(&self) {
+        if self.drain.is_fired() {
+            return;
+        }
+        // Shutting the listening sockets down wakes their pending accepts with an error, which
+        // ends the accept loops; with every shard's socket shut, the kernel refuses new SYNs.
+        for fd in self.listener_fds.borrow_mut().drain(..) {
+            // SAFETY: the fd belongs to a listener this shard owns and has not closed.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        // Dropping pooled handles lets idle client connections close; busy ones close when
+        // their last stream ends. Inbound connections send GOAWAY when they see the signal.
+        *self.pool.borrow_mut() = Pool::new(self.opts.pool);
+        self.drain.fire();
+    }
+
     /// The config generation new connections use.
     pub fn snapshot(&self) -> Rc<Snapshot> {
         self.snapshot.borrow().clone()
@@ -195,8 +282,13 @@ pub async fn run(
     events: Sender<ShardEvent>,
     initial: Snapshot,
 ) {
+    let policy = RefCell::new(Rc::new(PolicyIndex::new(&initial)));
     let shard = Rc::new(Shard {
         id,
+        metrics: ShardMetrics::default(),
+        policy,
+        drain: DrainSignal::default(),
+        listener_fds: RefCell::new(Vec::new()),
         acceptor: tokio_rustls::TlsAcceptor::from(tls.server.clone()),
         connector: tokio_rustls::TlsConnector::from(tls.client.clone()),
         snapshot: RefCell::new(Rc::new(initial)),
@@ -224,18 +316,25 @@ pub async fn run(
 fn handle(shard: &Rc<Shard>, msg: ShardMsg, events: &Sender<ShardEvent>) {
     match msg {
         ShardMsg::Config(snap) => {
-            tracing::debug!(
-                shard = shard.id,
-                generation = snap.generation,
-                "config applied"
-            );
+            let generation = snap.generation;
+            tracing::debug!(shard = shard.id, generation, "config applied");
+            *shard.policy.borrow_mut() = Rc::new(PolicyIndex::new(&snap));
             *shard.snapshot.borrow_mut() = Rc::new(*snap);
+            let _ = events.send(ShardEvent::ConfigApplied {
+                shard: shard.id,
+                generation,
+            });
         }
+        ShardMsg::Scrape(reply) => {
+            let _ = reply.send(shard.report());
+        }
+        ShardMsg::Drain => shard.start_drain(),
         ShardMsg::Listen { kind, socket } => {
             // from_std registers the fd with this thread's driver, so it must run in the runtime.
             let event = match TcpListener::from_std(socket) {
                 Ok(l) => {
                     let addr = l.local_addr();
+                    shard.listener_fds.borrow_mut().push(l.as_raw_fd());
                     monoio::spawn(accept_loop(shard.clone(), kind, l));
                     match addr {
                         Ok(addr) => ShardEvent::Listening {
@@ -282,6 +381,7 @@ async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener
                     shard.counters.open.set(shard.counters.open.get() - 1);
                 });
             }
+            Err(_) if shard.drain.is_fired() => return,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, keep serving live ones.
                 tracing::warn!(shard = shard.id, %kind, error = %e, "accept failed");

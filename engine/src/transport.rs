@@ -738,6 +738,13 @@ async fn offload(
     //    and let rustls decrypt it, so the kernel starts at a record boundary.
     let mut cork = hio.cork.take().unwrap_or_default();
     let mut chunk = Vec::new();
+    if !cork.at_boundary() {
+        tracing::debug!(
+            shard = shard.id,
+            missing = cork.max_read(),
+            "kTLS: finishing a record the handshake left half-read"
+        );
+    }
     while !cork.at_boundary() {
         drain_plaintext(&mut conn, &mut early)?;
         chunk.resize(cork.max_read(), 0);

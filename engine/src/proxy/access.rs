@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use ringtun_hbone::Identity;
 
 use super::copy::{End, Transferred};
+use crate::metrics::{Reporter, ShardMetrics, TcpLabels};
 use crate::transport::TlsPath;
 
 /// Which path a connection took through ringtun.
@@ -41,6 +42,8 @@ pub struct AccessLog {
     pub src_addr: SocketAddr,
     /// Client identity, when known.
     pub src_identity: Option<Identity>,
+    /// Source workload `ns/name`, when known.
+    pub src_workload: Option<String>,
     /// Destination (original destination outbound, authority inbound).
     pub dst_addr: Option<SocketAddr>,
     /// HBONE peer address outbound.
@@ -63,6 +66,10 @@ pub struct AccessLog {
     pub end: End,
     /// Shard that carried it.
     pub shard: usize,
+    /// Whether the connection was established (counted as opened in the metrics).
+    pub established: bool,
+    /// Why it was refused, for `response_flags` (`DENY`, `CONNECT`, ...).
+    pub response_flags: Option<&'static str>,
 }
 
 impl AccessLog {
@@ -72,6 +79,7 @@ impl AccessLog {
             direction,
             src_addr,
             src_identity: None,
+            src_workload: None,
             dst_addr: None,
             dst_hbone: None,
             dst_service: None,
@@ -83,7 +91,62 @@ impl AccessLog {
             started: quanta::Instant::now(),
             end: End::Closed,
             shard,
+            established: false,
+            response_flags: None,
         }
+    }
+
+    /// The Istio metric labels of this connection.
+    pub fn labels(&self) -> TcpLabels {
+        let split = |w: &Option<String>| -> (String, String) {
+            match w.as_deref().and_then(|w| w.split_once('/')) {
+                Some((ns, name)) => (name.to_owned(), ns.to_owned()),
+                None => (String::new(), String::new()),
+            }
+        };
+        let (src_name, src_ns) = split(&self.src_workload);
+        let (dst_name, dst_ns) = split(&self.dst_workload);
+        let mtls = matches!(self.direction, Direction::Outbound | Direction::Inbound);
+        TcpLabels {
+            reporter: Some(match self.direction {
+                Direction::Outbound | Direction::Passthrough => Reporter::Source,
+                Direction::Inbound | Direction::InboundPlaintext => Reporter::Destination,
+            }),
+            source_workload: src_name,
+            source_workload_namespace: src_ns,
+            source_principal: self
+                .src_identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            destination_workload: dst_name,
+            destination_workload_namespace: dst_ns,
+            destination_principal: self
+                .dst_identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            destination_service: self.dst_service.clone().unwrap_or_default(),
+            request_protocol: "tcp",
+            response_flags: self.response_flags.unwrap_or_default().to_owned(),
+            connection_security_policy: if mtls { "mutual_tls" } else { "unknown" },
+        }
+    }
+
+    /// Marks the connection established: counted as opened now, as closed when it finishes.
+    pub fn established(&mut self, metrics: &ShardMetrics) {
+        self.established = true;
+        metrics.opened(&self.labels());
+    }
+
+    /// Counts the connection's end in the shard's metrics and writes the access line.
+    pub fn finish(self, metrics: &ShardMetrics) {
+        if self.established {
+            metrics.closed(&self.labels(), self.bytes.up, self.bytes.down);
+        } else {
+            metrics.failed(&self.labels());
+        }
+        self.emit();
     }
 
     /// Writes the line (target `access`).
@@ -100,6 +163,9 @@ impl fmt::Display for AccessLog {
         write!(f, "direction={} src.addr={}", self.direction, self.src_addr)?;
         if let Some(v) = &self.src_identity {
             write!(f, " src.identity={v}")?;
+        }
+        if let Some(v) = &self.src_workload {
+            write!(f, " src.workload={v}")?;
         }
         if let Some(v) = &self.dst_addr {
             write!(f, " dst.addr={v}")?;
@@ -130,6 +196,9 @@ impl fmt::Display for AccessLog {
             " bytes_sent={} bytes_received={} duration_ms={ms} shard={} end={}",
             self.bytes.up, self.bytes.down, self.shard, self.end
         )?;
+        if let Some(flags) = self.response_flags {
+            write!(f, " response_flags={flags}")?;
+        }
         if let Some(r) = self.end.reason() {
             write!(f, " reason=\"{}\"", r.replace('"', "'"))?;
         }

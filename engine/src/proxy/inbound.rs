@@ -15,7 +15,9 @@ use ringtun_hbone::{verify, Identity};
 
 use super::access::{AccessLog, Direction};
 use super::copy::{self, End};
+use crate::config::Workload;
 use crate::net;
+use crate::policy;
 use crate::shard::Shard;
 use crate::transport::{self, HandshakeIo, TlsPath};
 
@@ -88,12 +90,14 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
     let mut retired = false;
     loop {
         // An offloaded connection whose TX key nears its usage limit gets a GOAWAY: the client
-        // opens new streams elsewhere, the ones here finish (see transport::KeyBudget).
+        // opens new streams elsewhere, the ones here finish (see transport::KeyBudget). A drain
+        // does the same for every connection.
         let next = poll_fn(|cx| {
             if !retired
-                && budget
-                    .as_ref()
-                    .is_some_and(|b| b.poll_retired(cx).is_ready())
+                && (shard.drain.poll_fired(cx).is_ready()
+                    || budget
+                        .as_ref()
+                        .is_some_and(|b| b.poll_retired(cx).is_ready()))
             {
                 return Poll::Ready(None);
             }
@@ -103,7 +107,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
         let next = match next {
             None => {
                 retired = true;
-                tracing::debug!(%peer, "inbound: TX key retired; GOAWAY");
+                tracing::debug!(%peer, draining = shard.drain.is_fired(), "inbound: GOAWAY");
                 conn.graceful_shutdown();
                 continue;
             }
@@ -132,14 +136,32 @@ fn count_failed(shard: &Shard) {
     shard.counters.failed.set(shard.counters.failed.get() + 1);
 }
 
-fn refuse(shard: &Shard, mut respond: SendResponse<Bytes>, refusal: Refusal, mut log: AccessLog) {
+fn refuse(shard: &Shard, respond: SendResponse<Bytes>, refusal: Refusal, log: AccessLog) {
+    refuse_with(shard, respond, refusal, log, None)
+}
+
+fn refuse_with(
+    shard: &Shard,
+    mut respond: SendResponse<Bytes>,
+    refusal: Refusal,
+    mut log: AccessLog,
+    detail: Option<String>,
+) {
     count_failed(shard);
     let mut resp = Response::new(());
     *resp.status_mut() = refusal.status;
     // A refused stream ends here; its connection and sibling streams are untouched.
     let _ = respond.send_response(resp, true);
-    log.end = End::Error(format!("{} {}", refusal.status.as_u16(), refusal.reason));
-    log.emit();
+    let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
+    log.end = End::Error(format!(
+        "{} {}{detail}",
+        refusal.status.as_u16(),
+        refusal.reason
+    ));
+    if log.response_flags.is_none() {
+        log.response_flags = Some("CONNECT");
+    }
+    log.finish(&shard.metrics);
 }
 
 async fn stream(
@@ -165,6 +187,8 @@ async fn stream(
     let dst = net::canonical(target.target);
     log.dst_addr = Some(dst);
     let snap = shard.snapshot();
+    let src_ip = net::canonical(log.src_addr).ip();
+    log.src_workload = snap.workload_by_ip(src_ip).map(|w| w.display_name());
     if !shard.serves(&snap, dst.ip()) {
         return refuse(
             shard,
@@ -175,6 +199,22 @@ async fn stream(
     }
     if let Some(w) = snap.workload_by_ip(dst.ip()) {
         log.dst_workload = Some(w.display_name());
+        let conn = policy::Connection {
+            src_identity: log.src_identity.as_ref(),
+            src_ip,
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+        };
+        if let Err((why, detail)) = authorize(shard, w, &conn) {
+            log.response_flags = Some("DENY");
+            return refuse_with(
+                shard,
+                respond,
+                Refusal::unauthorized(why),
+                log,
+                Some(detail),
+            );
+        }
     }
     let upstream = match net::connect_marked(dst, shard.opts.mark, shard.opts.connect_timeout).await
     {
@@ -200,13 +240,42 @@ async fn stream(
         Ok(s) => s,
         Err(e) => {
             log.end = End::Error(format!("hbone: {e}"));
-            log.emit();
+            log.finish(&shard.metrics);
             return;
         }
     };
+    log.established(&shard.metrics);
     let (bytes, end) = copy::tcp_h2(upstream, send, body).await;
     // Inbound, "sent" is what the remote client sent us: the stream's upload.
     log.bytes = bytes;
     log.end = end;
-    log.emit();
+    log.finish(&shard.metrics);
+}
+
+/// Applies the authorization policies of `workload` to a new connection; the error is the
+/// reason for the access log. Dry-run policies are logged, never enforced.
+pub(crate) fn authorize(
+    shard: &Shard,
+    workload: &Workload,
+    conn: &policy::Connection<'_>,
+) -> Result<(), (&'static str, String)> {
+    let eval = shard.policy().evaluate(workload, conn);
+    for (name, would) in &eval.dry_run {
+        tracing::info!(policy = %name, decision = %would, src = %conn.src_ip, dst = %conn.dst_ip, "authorization dry run");
+    }
+    match eval.decision {
+        policy::Decision::Allow => Ok(()),
+        policy::Decision::Deny { policy, reason } => {
+            let short = match reason {
+                policy::DenyReason::DeniedBy => "denied by authorization policy",
+                policy::DenyReason::NotAllowed => "no authorization policy allows it",
+            };
+            let detail = if policy.is_empty() {
+                reason.to_string()
+            } else {
+                format!("{reason} {policy}")
+            };
+            Err((short, detail))
+        }
+    }
 }

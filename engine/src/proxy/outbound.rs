@@ -138,6 +138,8 @@ pub async fn handle(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
     };
     log.dst_addr = Some(dst);
     let snap = shard.snapshot();
+    let src_w = shard.source_workload(&snap, src.ip());
+    log.src_workload = src_w.map(|w| w.display_name());
     match route(shard, &snap, dst) {
         Route::NoEndpoint { service } => {
             log.dst_service = Some(service);
@@ -158,7 +160,6 @@ pub async fn handle(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
             log.dst_service = service.clone();
             log.dst_workload = Some(workload);
             log.src_identity = Some(shard.tls.identity.clone());
-            let src_w = shard.source_workload(&snap, src.ip());
             let baggage = baggage(shard, src_w);
             let req = ConnectRequest {
                 target,
@@ -215,7 +216,8 @@ fn fail(shard: &Shard, client: TcpStream, mut log: AccessLog) {
     if matches!(log.end, End::Closed) {
         log.end = End::Error("refused".into());
     }
-    log.emit();
+    log.response_flags.get_or_insert("CONNECT");
+    log.finish(&shard.metrics);
 }
 
 /// Returns the pool slot when the stream ends, however it ends.
@@ -261,12 +263,13 @@ async fn tunnel(
     log.pool_reused = Some(reused);
     log.tls = Some(tls);
     log.dst_identity = Some(peer_id);
+    log.established(&shard.metrics);
     let (send, recv) = stream;
     let (bytes, end) = copy::tcp_h2(client, send, recv).await;
     drop(slot);
     log.bytes = bytes;
     log.end = end;
-    log.emit();
+    log.finish(&shard.metrics);
 }
 
 type Stream = (h2::SendStream<Bytes>, h2::RecvStream);

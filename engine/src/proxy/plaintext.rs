@@ -17,6 +17,7 @@ pub async fn forward(shard: &Shard, client: TcpStream, target: SocketAddr, mut l
     log.dst_addr.get_or_insert(target);
     match net::connect_marked(target, shard.opts.mark, shard.opts.connect_timeout).await {
         Ok(upstream) => {
+            log.established(&shard.metrics);
             let (bytes, end) = copy::tcp_tcp(client, upstream).await;
             log.bytes = bytes;
             log.end = end;
@@ -25,9 +26,10 @@ pub async fn forward(shard: &Shard, client: TcpStream, target: SocketAddr, mut l
             shard.counters.failed.set(shard.counters.failed.get() + 1);
             net::abort_on_close(client.as_raw_fd());
             log.end = End::Error(format!("connect {target}: {e}"));
+            log.response_flags = Some("CONNECT");
         }
     }
-    log.emit();
+    log.finish(&shard.metrics);
 }
 
 /// Handles one connection captured on 15006: plaintext traffic for a local workload.
@@ -40,7 +42,7 @@ pub async fn inbound(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
         _ => {
             log.end = End::Error("connection was not redirected (no original destination)".into());
             net::abort_on_close(client.as_raw_fd());
-            log.emit();
+            log.finish(&shard.metrics);
             return;
         }
     };
@@ -49,12 +51,28 @@ pub async fn inbound(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
     if !shard.serves(&snap, dst.ip()) {
         log.end = End::Error("destination is not a workload served here".into());
         net::abort_on_close(client.as_raw_fd());
-        log.emit();
+        log.finish(&shard.metrics);
         return;
     }
+    let src_ip = log.src_addr.ip();
+    log.src_workload = snap.workload_by_ip(src_ip).map(|w| w.display_name());
     if let Some(w) = snap.workload_by_ip(dst.ip()) {
         log.dst_workload = Some(w.display_name());
         log.dst_identity = Some(shard.workload_identity(w));
+        // Plaintext has no identity: principal rules cannot match it.
+        let conn = crate::policy::Connection {
+            src_identity: None,
+            src_ip,
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+        };
+        if let Err((_, detail)) = super::inbound::authorize(shard, w, &conn) {
+            log.end = End::Error(format!("denied: {detail}"));
+            log.response_flags = Some("DENY");
+            net::abort_on_close(client.as_raw_fd());
+            log.finish(&shard.metrics);
+            return;
+        }
     }
     forward(shard, client, dst, log).await;
 }
