@@ -128,6 +128,13 @@ pub struct RunArgs {
     /// TCP connect timeout (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
+    /// Close a tunnelled connection idle (no bytes either way) this long, in milliseconds;
+    /// 0 disables. Default one hour, as Envoy's TCP proxy.
+    #[arg(long, default_value_t = 3_600_000)]
+    pub idle_timeout_ms: u64,
+    /// Connections one shard carries at most; beyond, new ones are refused with RST.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_connections_per_shard: u64,
     /// TLS handshake timeout (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
@@ -258,6 +265,8 @@ impl RunArgs {
                 (Role::Admin, self.admin_listen),
             ],
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections_per_shard: self.max_connections_per_shard.max(1),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             ktls: self.ktls,

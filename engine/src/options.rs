@@ -88,6 +88,10 @@ pub struct RunOptions {
     pub ktls_tx_record_limit: u64,
     /// Metrics (15020), readiness (15021) and admin (127.0.0.1:15000) listeners.
     pub admin_listeners: Vec<(crate::admin::Role, SocketAddr)>,
+    /// A tunnelled connection with no bytes either way for this long is closed (zero: never).
+    pub idle_timeout: Duration,
+    /// Connections a shard carries at most; more are refused at once (RST) and counted.
+    pub max_connections_per_shard: u64,
     /// How long a drain lets live connections finish before exiting.
     pub drain_timeout: Duration,
 }

@@ -109,6 +109,8 @@ pub struct Counters {
     pub pool_reused: Cell<u64>,
     /// Connections refused or failed before tunnelling.
     pub failed: Cell<u64>,
+    /// Connections refused because the shard was at `--max-connections-per-shard`.
+    pub overloaded: Cell<u64>,
     /// HBONE connections (both directions) whose sending side the kernel encrypts (kTLS TX).
     pub ktls_tx: Cell<u64>,
     /// HBONE connections whose receiving side the kernel decrypts (kTLS RX).
@@ -366,6 +368,17 @@ async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener
                     .counters
                     .accepted
                     .set(shard.counters.accepted.get() + 1);
+                if shard.counters.open.get() >= shard.opts.max_connections_per_shard {
+                    // Refusing at once beats queueing: the client retries elsewhere or fails
+                    // fast, and the connections already here keep their share of the shard.
+                    shard
+                        .counters
+                        .overloaded
+                        .set(shard.counters.overloaded.get() + 1);
+                    crate::net::abort_on_close(stream.as_raw_fd());
+                    tracing::warn!(shard = shard.id, %kind, %peer, limit = shard.opts.max_connections_per_shard, "connection refused: shard at its connection limit");
+                    continue;
+                }
                 let shard = shard.clone();
                 monoio::spawn(async move {
                     shard.counters.open.set(shard.counters.open.get() + 1);

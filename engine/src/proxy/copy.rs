@@ -10,6 +10,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::try_join;
@@ -128,11 +129,13 @@ pub async fn tcp_h2(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    idle: Duration,
 ) -> (Transferred, End) {
     let fd = tcp.as_raw_fd();
     let (mut rd, mut wr) = tcp.into_split();
     let up_bytes = Cell::new(0u64);
     let down_bytes = Cell::new(0u64);
+    let active = Cell::new(quanta::Instant::now());
 
     let up = async {
         let mut bufs = ReadBuf::new();
@@ -147,6 +150,7 @@ pub async fn tcp_h2(
                 }
                 Ok(n) => {
                     up_bytes.set(up_bytes.get() + n as u64);
+                    active.set(quanta::Instant::now());
                     let chunk = buf.split().freeze();
                     bufs.give_back(buf, n);
                     ringtun_hbone::stream::send_all(&mut send, chunk)
@@ -166,6 +170,7 @@ pub async fn tcp_h2(
             match recv.data().await {
                 Some(Ok(data)) => {
                     let n = data.len();
+                    active.set(quanta::Instant::now());
                     let (res, _) = wr.write_all(data).await;
                     res.map_err(from_io)?;
                     down_bytes.set(down_bytes.get() + n as u64);
@@ -181,7 +186,7 @@ pub async fn tcp_h2(
         }
     };
 
-    let end = match try_join(up, down).await {
+    let end = match until_idle(try_join(up, down), &active, idle).await {
         Ok(_) => End::Closed,
         Err(end) => {
             // The loop that did not fail was dropped mid-operation; make sure the h2 side
@@ -211,10 +216,38 @@ fn abort(rd: OwnedReadHalf<TcpStream>, wr: OwnedWriteHalf<TcpStream>, fd: RawFd)
     }
 }
 
+/// Runs `work` unless neither direction moves a byte for `idle` (zero: no limit); then the
+/// connection ends with an error (and its sockets are reset by the caller).
+async fn until_idle<T>(
+    work: impl std::future::Future<Output = Result<T, End>>,
+    active: &Cell<quanta::Instant>,
+    idle: Duration,
+) -> Result<T, End> {
+    let watchdog = async {
+        if idle.is_zero() {
+            return std::future::pending::<End>().await;
+        }
+        loop {
+            let quiet = quanta::Instant::now().duration_since(active.get());
+            if quiet >= idle {
+                return End::Error(format!("idle for {idle:?} (--idle-timeout-ms)"));
+            }
+            monoio::time::sleep(idle - quiet).await;
+        }
+    };
+    let work = std::pin::pin!(work);
+    let watchdog = std::pin::pin!(watchdog);
+    match futures_util::future::select(work, watchdog).await {
+        futures_util::future::Either::Left((r, _)) => r,
+        futures_util::future::Either::Right((end, _)) => Err(end),
+    }
+}
+
 async fn pipe<R: AsyncReadRent, W: AsyncWriteRent>(
     rd: &mut R,
     wr: &mut W,
     count: &Cell<u64>,
+    active: &Cell<quanta::Instant>,
 ) -> Result<(), End> {
     let mut buf = Vec::with_capacity(MIN_BUF);
     loop {
@@ -226,6 +259,7 @@ async fn pipe<R: AsyncReadRent, W: AsyncWriteRent>(
                 return Ok(());
             }
             Ok(n) => {
+                active.set(quanta::Instant::now());
                 let full = n == buf.capacity();
                 let (res, b) = wr.write_all(buf).await;
                 buf = b;
@@ -242,13 +276,18 @@ async fn pipe<R: AsyncReadRent, W: AsyncWriteRent>(
 }
 
 /// Copies between two TCP connections (plaintext paths) until both directions end.
-pub async fn tcp_tcp(a: TcpStream, b: TcpStream) -> (Transferred, End) {
+pub async fn tcp_tcp(a: TcpStream, b: TcpStream, idle: Duration) -> (Transferred, End) {
     let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
     let (mut ar, mut aw) = a.into_split();
     let (mut br, mut bw) = b.into_split();
     let up = Cell::new(0u64);
     let down = Cell::new(0u64);
-    let end = match try_join(pipe(&mut ar, &mut bw, &up), pipe(&mut br, &mut aw, &down)).await {
+    let active = Cell::new(quanta::Instant::now());
+    let both = try_join(
+        pipe(&mut ar, &mut bw, &up, &active),
+        pipe(&mut br, &mut aw, &down, &active),
+    );
+    let end = match until_idle(both, &active, idle).await {
         Ok(_) => End::Closed,
         Err(end) => {
             abort(ar, aw, fa);

@@ -245,7 +245,7 @@ async fn stream(
         }
     };
     log.established(&shard.metrics);
-    let (bytes, end) = copy::tcp_h2(upstream, send, body).await;
+    let (bytes, end) = copy::tcp_h2(upstream, send, body, shard.opts.idle_timeout).await;
     // Inbound, "sent" is what the remote client sent us: the stream's upload.
     log.bytes = bytes;
     log.end = end;

@@ -265,7 +265,7 @@ async fn tunnel(
     log.dst_identity = Some(peer_id);
     log.established(&shard.metrics);
     let (send, recv) = stream;
-    let (bytes, end) = copy::tcp_h2(client, send, recv).await;
+    let (bytes, end) = copy::tcp_h2(client, send, recv, shard.opts.idle_timeout).await;
     drop(slot);
     log.bytes = bytes;
     log.end = end;

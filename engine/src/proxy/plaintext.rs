@@ -18,7 +18,7 @@ pub async fn forward(shard: &Shard, client: TcpStream, target: SocketAddr, mut l
     match net::connect_marked(target, shard.opts.mark, shard.opts.connect_timeout).await {
         Ok(upstream) => {
             log.established(&shard.metrics);
-            let (bytes, end) = copy::tcp_tcp(client, upstream).await;
+            let (bytes, end) = copy::tcp_tcp(client, upstream, shard.opts.idle_timeout).await;
             log.bytes = bytes;
             log.end = end;
         }
