@@ -1,45 +1,102 @@
 #!/usr/bin/env bash
-# Build the tls-kernel-offload test binaries on the host and run them inside the kTLS VM
-# with RINGTUN_EXPECT_KTLS=1 (a missing kTLS fails the run instead of skipping).
+# Build the kTLS tests on the host and run them inside the kTLS VM with
+# RINGTUN_EXPECT_KTLS=1 (a missing kTLS fails the run instead of skipping or falling back):
 #
-#   deploy/vm/test-ktls.sh [--timeout SECS] [-- extra libtest args, e.g. a test name]
+#   crate   the tls-kernel-offload tests (unit tests and tests/*.rs)
+#   engine  ringtun's kTLS end-to-end tests (engine/tests/e2e_ktls.rs: two ringtuns in two
+#           network namespaces, kTLS on both sides / one side / key budget), the record
+#           handling at and after the switch against an offloaded hand-made client
+#           (engine/tests/ktls_records.rs) and the --ktls CLI tests
+#           (engine/tests/ktls_cli.rs); carries the ringtun binary, ip and nft
 #
-# Needs cargo plus what run-in-vm.sh needs (it says what is missing).
+#   deploy/vm/test-ktls.sh [--suite crate|engine|all] [--timeout SECS] [-- extra libtest args]
+#
+# Default: both suites in one VM. Needs cargo, iproute2 and nftables (engine suite) plus
+# what run-in-vm.sh needs (it says what is missing).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 TIMEOUT=600
+SUITE=all
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--timeout) TIMEOUT=${2:?}; shift 2 ;;
+	--suite) SUITE=${2:?}; shift 2 ;;
 	--) shift; break ;;
-	-h | --help) sed -n '2,7p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,15p' "$0"; exit 0 ;;
 	*) echo "test-ktls.sh: unknown option $1" >&2; exit 2 ;;
 	esac
 done
+case "$SUITE" in
+crate | engine | all) ;;
+*) echo "test-ktls.sh: --suite must be crate, engine or all (got '$SUITE')" >&2; exit 2 ;;
+esac
+want() { [ "$SUITE" = all ] || [ "$SUITE" = "$1" ]; }
 
 cd "$REPO"
-# libtest binaries for the crate: the unit tests and tests/*.rs. `--message-format=json`
+# Executables cargo builds for a test selection, one per line. `--message-format=json`
 # names each executable; the compiler messages go to stderr via the human rendering.
-mapfile -t BINS < <(
-	cargo test -p tls-kernel-offload --no-run --message-format=json-render-diagnostics |
+executables() {
+	cargo test "$@" --no-run --message-format=json-render-diagnostics |
 		grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//' | sort -u
-)
-[ ${#BINS[@]} -gt 0 ] || { echo "test-ktls.sh: cargo produced no test executables" >&2; exit 1; }
+}
+
+TESTS=()
+VM_OPTS=()
+if want crate; then
+	mapfile -t BINS < <(executables -p tls-kernel-offload)
+	[ ${#BINS[@]} -gt 0 ] || { echo "test-ktls.sh: cargo produced no tls-kernel-offload test executables" >&2; exit 1; }
+	TESTS+=("${BINS[@]}")
+fi
+SCRATCH=""
+if want engine; then
+	for tool in ip nft; do
+		command -v "$tool" >/dev/null 2>&1 || {
+			echo "test-ktls.sh: the engine suite needs '$tool' on the host to carry into the VM (apt-get install -y iproute2 nftables)" >&2
+			exit 2
+		}
+	done
+	# The test binaries plus the ringtun binary they run (CARGO_BIN_EXE_ringtun, an
+	# absolute host path baked into them, so it goes to the same path in the guest).
+	mapfile -t BINS < <(executables -p ringtun --test e2e_ktls --test ktls_records --test ktls_cli)
+	RINGTUN=""
+	for b in "${BINS[@]}"; do
+		case "$b" in
+		*/deps/*) TESTS+=("$b") ;;
+		*/ringtun) RINGTUN=$b ;;
+		esac
+	done
+	[ -n "$RINGTUN" ] || { echo "test-ktls.sh: cargo did not name the ringtun binary" >&2; exit 1; }
+	# run-in-vm.sh strips debug info from commands, not from carried files: strip a copy
+	# (130 MiB -> 16 MiB for a debug build; the guest unpacks everything into RAM).
+	SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/ringtun-ktls-vm.XXXXXX")
+	trap 'rm -rf "$SCRATCH"' EXIT
+	if command -v objcopy >/dev/null 2>&1; then
+		objcopy --strip-debug "$RINGTUN" "$SCRATCH/ringtun"
+	else
+		cp "$RINGTUN" "$SCRATCH/ringtun"
+	fi
+	VM_OPTS+=(--carry "$SCRATCH/ringtun:$RINGTUN")
+	# iproute2's ip (netns, veth) and nft (capture rules), found first on the guest's PATH:
+	# busybox's ip has no `netns`.
+	VM_OPTS+=(--carry "$(command -v ip)" --carry "$(command -v nft)")
+	VM_OPTS+=(--env PATH=/usr/sbin:/usr/bin:/sbin:/bin)
+fi
 
 ARGS=()
-for b in "${BINS[@]}"; do
+for b in "${TESTS[@]}"; do
 	[ ${#ARGS[@]} -gt 0 ] && ARGS+=(---)
-	# One test at a time: the tests assert on per-namespace /proc/net/tls_stat counters,
-	# and the guest has two emulated CPUs anyway.
+	# One test at a time: the crate tests assert on per-namespace /proc/net/tls_stat
+	# counters, and the guest has two emulated CPUs anyway.
 	ARGS+=("$b" --test-threads=1 "$@")
 done
 
 ENVS=(--env RINGTUN_EXPECT_KTLS=1 --env RUST_BACKTRACE=1)
 # Knobs the tests read, forwarded when set on the host.
-for v in RINGTUN_KTLS_BULK_MIB RUST_LOG; do
+for v in RINGTUN_KTLS_BULK_MIB RINGTUN_KTLS_E2E_MIB RINGTUN_E2E_LOG RUST_LOG; do
 	[ -n "${!v:-}" ] && ENVS+=(--env "$v=${!v}")
 done
 
-exec "$HERE/run-in-vm.sh" --timeout "$TIMEOUT" "${ENVS[@]}" -- "${ARGS[@]}"
+# Not exec: the trap removes the stripped copy afterwards.
+"$HERE/run-in-vm.sh" --timeout "$TIMEOUT" "${ENVS[@]}" "${VM_OPTS[@]}" -- "${ARGS[@]}"

@@ -155,7 +155,7 @@ fn tls_stat(ns: &Netns) -> std::collections::HashMap<String, u64> {
 /// inbound access lines of that connection.
 fn echo_via_vip(m: &Mesh, n: u64) -> (AccessLine, AccessLine) {
     let t = echo_ok(&m.nodes.client, VIP, n);
-    eprintln!("{} MiB each way through {VIP} took {:?}", n / MIB, t.took);
+    eprintln!("{} KiB each way through {VIP} took {:?}", n / 1024, t.took);
     let suffix = format!(":{}", t.local.port());
     let out = m.client.wait_access("for the echo", LOG_WAIT, |l| {
         l.is("direction", "outbound") && l.get("src.addr").is_some_and(|a| a.ends_with(&suffix))

@@ -1,0 +1,417 @@
+//! What an offloaded ringtun does with the records a peer sends around and after the switch
+//! to kTLS, driven by a hand-made HBONE client that is itself offloaded (so it can send any
+//! record through its kernel): the client's Finished and its first application data record
+//! split across TCP segments (the record the handshake left half-read must be finished before
+//! the kernel takes over), the first data arriving with the Finished (decrypted by rustls,
+//! drained and served first), a NewSessionTicket (skipped), a KeyUpdate (connection closed
+//! with a log line), a fatal alert (connection error naming the alert) and close_notify
+//! (clean end both ways).
+//!
+//! The client speaks just enough HTTP/2 to see ringtun answer: the connection preface,
+//! SETTINGS, and PING → PING ACK.
+//!
+//! Needs kTLS in the kernel the test runs on, for both ringtun and the client: on a host
+//! without it the tests say so and pass without checking anything, unless
+//! `RINGTUN_EXPECT_KTLS=1` (set in the kTLS VM by `deploy/vm/test-ktls.sh`), where a missing
+//! kTLS fails them. No namespaces: ringtun listens on 127.0.0.1 with port 0.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tls_kernel_offload as ktls;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_SETTINGS: u8 = 4;
+const FRAME_PING: u8 = 6;
+const FLAG_ACK: u8 = 1;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Whether kTLS can be tested here; prints why not when it cannot.
+fn ktls_here(test: &str) -> bool {
+    let cap = ktls::probe();
+    if cap.is_available() {
+        return true;
+    }
+    assert!(
+        !std::env::var("RINGTUN_EXPECT_KTLS").is_ok_and(|v| v == "1"),
+        "RINGTUN_EXPECT_KTLS=1 but {cap}"
+    );
+    eprintln!("{test}: nothing checked, this kernel cannot offload TLS ({cap}); deploy/vm/test-ktls.sh runs it");
+    false
+}
+
+/// A ringtun serving HBONE on 127.0.0.1 with kTLS required; killed on drop (its log is
+/// printed when the test fails).
+struct Server {
+    child: Child,
+    log: std::path::PathBuf,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Server {
+    fn start(tag: &str) -> Server {
+        let dir = TempDir::new(tag);
+        gen_certs(
+            dir.path(),
+            "cluster.local",
+            &["default/client", "default/server"],
+        );
+        write_atomic(
+            &dir.join("config.yaml"),
+            &mesh_config(&["/10.96.0.10"], false),
+        );
+        let (chain, key) = cert_paths(dir.path(), "default/server");
+        let log = dir.join("ringtun.log");
+        let file = std::fs::File::create(&log).expect("create log");
+        let child = std::process::Command::new(ringtun_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(dir.join("config.yaml"))
+            .arg("--cert-chain")
+            .arg(chain)
+            .arg("--key")
+            .arg(key)
+            .arg("--roots")
+            .arg(dir.join("ca.pem"))
+            .args([
+                "--workload",
+                "default/server",
+                "--workers",
+                "1",
+                "--mark",
+                "0",
+            ])
+            .args(["--ktls", "on"])
+            .args(["--outbound-listen", "127.0.0.1:0"])
+            .args(["--inbound-listen", "127.0.0.1:0"])
+            .args(["--inbound-plaintext-listen", "127.0.0.1:0"])
+            .env("RINGTUN_LOG", "info,ringtun::transport=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn ringtun run");
+        let mut s = Server {
+            child,
+            log,
+            port: 0,
+            dir,
+        };
+        let deadline = Instant::now() + WAIT;
+        let ready = loop {
+            if let Some(l) = s.text().lines().find(|l| l.contains("ringtun ready")) {
+                break l.to_owned();
+            }
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!("ringtun exited with {st}:\n{}", s.text());
+            }
+            assert!(Instant::now() < deadline, "ringtun did not start");
+            std::thread::sleep(Duration::from_millis(25));
+        };
+        // listeners=[(Outbound, 127.0.0.1:P), (Inbound, 127.0.0.1:P), ...]
+        s.port = ready
+            .split("(Inbound, ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no inbound port in {ready}"));
+        s
+    }
+
+    fn text(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// Waits until the log has a line containing all of `needles`; returns it.
+    fn wait_line(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = self.text();
+            if let Some(l) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return l.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringtun never logged a line with {needles:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("===== ringtun log =====\n{}\n===== end =====", self.text());
+        }
+    }
+}
+
+fn client_config(dir: &TempDir) -> Arc<rustls::ClientConfig> {
+    let (chain, key) = cert_paths(dir.path(), "default/client");
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&chain)
+        .expect("chain")
+        .collect::<Result<_, _>>()
+        .expect("chain PEM");
+    let key = PrivateKeyDer::from_pem_file(&key).expect("key PEM");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).expect("roots") {
+        roots.add(c.expect("root PEM")).expect("root");
+    }
+    let mut cfg =
+        ringtun_hbone::verify::client_config(chain, key, Arc::new(roots)).expect("client config");
+    cfg.enable_secret_extraction = true;
+    Arc::new(cfg)
+}
+
+/// How the client's Finished and its first data record travel.
+#[derive(Clone, Copy, PartialEq)]
+enum FirstFlight {
+    /// One write: ringtun's handshake likely reads (and rustls decrypts) the data record too.
+    Together,
+    /// The data record split 10 bytes in, the rest 300 ms later: ringtun's handshake ends
+    /// inside that record.
+    Split,
+}
+
+/// An offloaded HBONE client connection to ringtun, after the HTTP/2 preface and SETTINGS
+/// went out in the first flight.
+struct Client {
+    stream: ktls::KtlsStream<TcpStream>,
+    /// Frames read but not consumed yet.
+    buf: Vec<u8>,
+}
+
+impl Client {
+    fn connect(server: &Server, flight: FirstFlight) -> Client {
+        let tcp = TcpStream::connect((Ipv4Addr::LOCALHOST, server.port)).expect("connect");
+        tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+        tcp.set_write_timeout(Some(WAIT)).expect("timeout");
+        tcp.set_nodelay(true).expect("nodelay");
+        let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+        let mut conn =
+            rustls::ClientConnection::new(client_config(&server.dir), name).expect("client");
+        // Handshake with reads that stop at record boundaries, and without sending the
+        // Finished: it goes out below together with the first data.
+        let mut corked = ktls::Corked::new(&tcp);
+        while conn.is_handshaking() {
+            if conn.wants_write() {
+                conn.write_tls(&mut corked).expect("write handshake");
+                continue;
+            }
+            let n = conn.read_tls(&mut corked).expect("read handshake");
+            assert!(n > 0, "ringtun closed during the handshake");
+            conn.process_new_packets().expect("TLS handshake");
+        }
+        let mut first = PREFACE.to_vec();
+        first.extend_from_slice(&frame(FRAME_SETTINGS, 0, &[]));
+        conn.writer().write_all(&first).expect("buffer preface");
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).expect("collect TLS output");
+        }
+        let last = last_record_start(&out);
+        let mut w = &tcp;
+        match flight {
+            FirstFlight::Together => w.write_all(&out).expect("write first flight"),
+            FirstFlight::Split => {
+                w.write_all(&out[..last + 10]).expect("write first part");
+                std::thread::sleep(Duration::from_millis(300));
+                w.write_all(&out[last + 10..]).expect("write the rest");
+            }
+        }
+        let mut tcp = tcp;
+        let (off, early) = ktls::offload(conn, &mut tcp).expect("client offload");
+        assert!(off.tx && off.rx);
+        Client {
+            stream: ktls::KtlsStream::new(tcp, early),
+            buf: Vec::new(),
+        }
+    }
+
+    fn fd(&self) -> i32 {
+        self.stream.as_raw_fd()
+    }
+
+    /// Next frame (type, flags, payload); None at end of stream.
+    fn frame(&mut self) -> Option<(u8, u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 9 {
+                let len = usize::from(self.buf[0]) << 16
+                    | usize::from(self.buf[1]) << 8
+                    | usize::from(self.buf[2]);
+                if self.buf.len() >= 9 + len {
+                    let f: Vec<u8> = self.buf.drain(..9 + len).collect();
+                    return Some((f[3], f[4], f[9..].to_vec()));
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => panic!("reading from ringtun: {e}"),
+            }
+        }
+    }
+
+    /// Reads frames until one of `ty` with `flags`; fails at end of stream.
+    fn expect_frame(&mut self, ty: u8, flags: u8) -> Vec<u8> {
+        loop {
+            match self.frame() {
+                Some((t, f, p)) if t == ty && f & FLAG_ACK == flags & FLAG_ACK => return p,
+                Some(_) => {}
+                None => panic!("ringtun ended the stream before frame type {ty}"),
+            }
+        }
+    }
+
+    /// PING with `payload`, then waits for its ACK: proof the connection still works.
+    fn ping(&mut self, payload: [u8; 8]) {
+        self.stream
+            .write_all(&frame(FRAME_PING, 0, &payload))
+            .expect("send PING");
+        let back = self.expect_frame(FRAME_PING, FLAG_ACK);
+        assert_eq!(back, payload, "PING ACK carries the PING's payload");
+    }
+
+    /// Reads until ringtun ends the connection (EOF or reset); fails if it does not.
+    fn expect_closed(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringtun kept the connection open"
+            );
+        }
+    }
+}
+
+/// An HTTP/2 frame on stream 0.
+fn frame(ty: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![
+        (len >> 16) as u8,
+        (len >> 8) as u8,
+        len as u8,
+        ty,
+        flags,
+        0,
+        0,
+        0,
+        0,
+    ];
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Offset of the last TLS record in a run of whole records.
+fn last_record_start(tls: &[u8]) -> usize {
+    let mut at = 0;
+    let mut last = 0;
+    while at + 5 <= tls.len() {
+        last = at;
+        at += 5 + usize::from(u16::from_be_bytes([tls[at + 3], tls[at + 4]]));
+    }
+    assert_eq!(at, tls.len(), "not whole records");
+    last
+}
+
+#[test]
+fn first_data_split_across_the_switch() {
+    if !ktls_here("first_data_split_across_the_switch") {
+        return;
+    }
+    let server = Server::start("krec-split");
+    for flight in [FirstFlight::Split, FirstFlight::Together] {
+        let mut c = Client::connect(&server, flight);
+        // ringtun answers the preface: its SETTINGS, and the ACK of ours, which it could
+        // only have read if no byte of the first data record was lost at the switch.
+        c.expect_frame(FRAME_SETTINGS, 0);
+        c.expect_frame(FRAME_SETTINGS, FLAG_ACK);
+        c.ping(*b"switched");
+    }
+    let line = server.wait_line(&["kTLS: HBONE connection offloaded"]);
+    assert!(line.contains("early="), "{line}");
+    for l in server.text().lines().filter(|l| l.contains("kTLS")) {
+        eprintln!("{l}");
+    }
+    // The split flight makes ringtun finish a half-read record before the kernel takes over.
+    server.wait_line(&["finishing a record the handshake left half-read"]);
+}
+
+#[test]
+fn session_ticket_is_skipped_and_close_notify_ends_cleanly() {
+    if !ktls_here("session_ticket_is_skipped_and_close_notify_ends_cleanly") {
+        return;
+    }
+    let server = Server::start("krec-ticket");
+    let mut c = Client::connect(&server, FirstFlight::Together);
+    c.expect_frame(FRAME_SETTINGS, 0);
+    // A NewSessionTicket (handshake type 4): lifetime, age_add, nonce, ticket, extensions.
+    let body = [0, 0, 0, 60, 1, 2, 3, 4, 1, 9, 0, 3, 7, 7, 7, 0, 0];
+    let mut msg = vec![4, 0, 0, body.len() as u8];
+    msg.extend_from_slice(&body);
+    ktls::send_record(c.fd(), ktls::CONTENT_HANDSHAKE, &msg).expect("send ticket");
+    c.ping(*b"tickets!");
+    // close_notify: ringtun sees end of stream, closes its side with close_notify too.
+    ktls::send_close_notify(c.fd()).expect("send close_notify");
+    c.expect_closed();
+    server.wait_line(&["kTLS: close_notify or FIN from the peer"]);
+    let text = server.text();
+    assert!(!text.contains("HBONE connection failed"), "{text}");
+}
+
+#[test]
+fn key_update_closes_the_connection_with_a_log_line() {
+    if !ktls_here("key_update_closes_the_connection_with_a_log_line") {
+        return;
+    }
+    let server = Server::start("krec-ku");
+    let mut c = Client::connect(&server, FirstFlight::Together);
+    c.expect_frame(FRAME_SETTINGS, 0);
+    c.ping(*b"before!!");
+    // KeyUpdate (handshake type 24), update_requested. The client's kernel keeps its key:
+    // ringtun must stop at the KeyUpdate itself, not at the records after it.
+    ktls::send_record(c.fd(), ktls::CONTENT_HANDSHAKE, &[24, 0, 0, 1, 1]).expect("send");
+    c.expect_closed();
+    server.wait_line(&["peer sent a TLS KeyUpdate", "closed"]);
+    // The shard goes on: a new connection works.
+    let mut c = Client::connect(&server, FirstFlight::Together);
+    c.expect_frame(FRAME_SETTINGS, 0);
+    c.ping(*b"after!!!");
+}
+
+#[test]
+fn fatal_alert_is_a_connection_error_naming_the_alert() {
+    if !ktls_here("fatal_alert_is_a_connection_error_naming_the_alert") {
+        return;
+    }
+    let server = Server::start("krec-alert");
+    let mut c = Client::connect(&server, FirstFlight::Together);
+    c.expect_frame(FRAME_SETTINGS, 0);
+    ktls::send_alert(c.fd(), ktls::ALERT_LEVEL_FATAL, 80).expect("send alert");
+    c.expect_closed();
+    server.wait_line(&["HBONE connection failed", "internal_error"]);
+}
