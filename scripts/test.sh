@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ringtun's whole test suite, from a fresh Debian 12 machine (run as root):
 # installs what the tests need, then formatting, lints, unit/property tests, the network-namespace
-# end-to-end tests, the independent Python HBONE peers, and the kTLS tests inside a VM.
+# end-to-end tests, the independent Python HBONE peers, the kTLS tests inside a VM, the
+# Kubernetes manifests, and a bounded fuzzing pass.
 # Exits non-zero when anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +54,12 @@ if [ -x deploy/vm/test-ktls.sh ]; then
   step "kTLS inside a VM (Debian cloud kernel, CONFIG_TLS=m)"
   bash deploy/vm/test-ktls.sh
 fi
+
+step "Kubernetes manifests and Helm chart (rendered and schema-validated)"
+bash deploy/validate-manifests.sh
+
+step "fuzz targets, ${FUZZ_SECONDS:-30}s each"
+bash scripts/fuzz.sh
 
 step "leftover network namespaces"
 left=$(comm -13 <(echo "$netns_before") <(ip netns list | awk '{print $1}' | sort))
