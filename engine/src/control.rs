@@ -380,8 +380,12 @@ impl Running {
         let mut last_stamp = stamp(path);
         let mut last_hash = std::fs::read(path).map(|b| Sha256::digest(&b)).ok();
         let mut generation = 1u64;
+        // /quitquitquit sets a flag from an admin thread; waking every tick (not every config
+        // poll) lets the drain reach the shards' listeners within a tick of the request.
+        let tick = opts.config_poll.min(Duration::from_millis(50));
+        let mut next_poll = std::time::Instant::now() + opts.config_poll;
         loop {
-            if let Some(sig) = wait_signal(opts.config_poll) {
+            if let Some(sig) = wait_signal(tick) {
                 tracing::info!(signal = sig, "signal received; draining");
                 break;
             }
@@ -389,6 +393,10 @@ impl Running {
                 tracing::info!("/quitquitquit received; draining");
                 break;
             }
+            if std::time::Instant::now() < next_poll {
+                continue;
+            }
+            next_poll = std::time::Instant::now() + opts.config_poll;
             let now = stamp(path);
             if now == last_stamp {
                 continue;

@@ -72,6 +72,16 @@ pub struct Transferred {
     pub down: u64,
 }
 
+impl Transferred {
+    /// The same counts seen from the other end, for a copy whose first side is the destination.
+    pub fn reversed(self) -> Transferred {
+        Transferred {
+            up: self.down,
+            down: self.up,
+        }
+    }
+}
+
 fn from_io(e: io::Error) -> End {
     match e.kind() {
         io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {

@@ -246,8 +246,9 @@ async fn stream(
     };
     log.established(&shard.metrics);
     let (bytes, end) = copy::tcp_h2(upstream, send, body, shard.opts.idle_timeout).await;
-    // Inbound, "sent" is what the remote client sent us: the stream's upload.
-    log.bytes = bytes;
+    // tcp_h2 counts from its TCP side, here the destination; the access log and the metrics
+    // count from the client (request = client towards destination) in every direction.
+    log.bytes = bytes.reversed();
     log.end = end;
     log.finish(&shard.metrics);
 }

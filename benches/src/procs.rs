@@ -1,0 +1,116 @@
+//! What the kernel says about a process: CPU time and resident memory from `/proc`, and which
+//! ports it listens on (from its network namespace's view).
+
+use std::collections::HashMap;
+
+/// Clock ticks per second (`_SC_CLK_TCK`), the unit of `utime`/`stime`.
+pub fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
+/// Fields of `/proc/PID/stat` after the command name, which may contain spaces: index 0 is
+/// the state (field 3 of the man page).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime+stime of a process (all its threads), in seconds; `None` once it is gone.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the state.
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Some((ticks(11) + ticks(12)) as f64 / clk_tck())
+}
+
+/// `pid` and all its descendants (children of children…), from the parent pids in
+/// `/proc/*/stat`. A tunnel started through a shell or a wrapper is measured whole.
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(ppid) = stat_fields(p).and_then(|f| f.get(1)?.parse::<u32>().ok()) {
+                children.entry(ppid).or_default().push(p);
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(c) = children.get(&out[i]) {
+            out.extend(c);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// CPU seconds of several processes together (gone ones count 0).
+pub fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&p| cpu_seconds(p)).sum()
+}
+
+/// Resident set size (`VmRSS`) of a process in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// RSS of several processes together, in KiB.
+pub fn rss_of(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|&p| rss_kib(p)).sum()
+}
+
+/// Whether a socket of `pid`'s network namespace listens on TCP `port` (any address), read from
+/// `/proc/PID/net/tcp` and `tcp6` (state `0A`).
+pub fn listens(pid: u32, port: u16) -> bool {
+    let want = format!("{port:04X}");
+    ["tcp", "tcp6"].iter().any(|f| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{f}"))
+            .map(|t| {
+                t.lines().skip(1).any(|l| {
+                    let mut cols = l.split_whitespace();
+                    let local = cols.nth(1).unwrap_or("");
+                    let state = cols.nth(1).unwrap_or("");
+                    state == "0A" && local.rsplit(':').next() == Some(want.as_str())
+                })
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to `want` (and the hard limit too, which root may do);
+/// returns the soft limit in force afterwards. Children inherit it.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a valid, initialised struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < want {
+            let new = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: lim.rlim_max.max(want),
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &new) != 0 {
+                let capped = libc::rlimit {
+                    rlim_cur: lim.rlim_max.min(want),
+                    rlim_max: lim.rlim_max,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &capped);
+            }
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}

@@ -1,0 +1,693 @@
+//! What `ringtun-bench` records and how it shows it: samples (one number per measurement, per
+//! run, per contender), latency CDFs, memory points; a table on stdout with medians, spreads and
+//! ratios; a JSON file with everything; an HTML report with SVG plots made with plotters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::stats::{self, Summary};
+
+/// The baseline every ratio is taken against.
+pub const DIRECT: &str = "direct";
+
+/// One measured number.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    /// Run index (0-based); the contenders alternate within a run.
+    pub run: usize,
+    /// `direct`, `ringtun` or the other tunnel's name.
+    pub contender: String,
+    /// What was run, e.g. `bulk up 1 stream`.
+    pub test: String,
+    /// What was measured, with its unit, e.g. `MiB/s`.
+    pub metric: String,
+    /// The value.
+    pub value: f64,
+    /// Whether more is better (throughput) or less (latency, CPU, memory).
+    pub higher_is_better: bool,
+}
+
+/// A latency distribution of one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct LatencyCdf {
+    /// Run index.
+    pub run: usize,
+    /// Contender.
+    pub contender: String,
+    /// Test name.
+    pub test: String,
+    /// Number of round trips behind it.
+    pub count: usize,
+    /// (quantile, round-trip µs) pairs.
+    pub cdf: Vec<(f64, f64)>,
+}
+
+/// RSS of one tunnel process with some number of idle tunnelled connections open.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryPoint {
+    /// Run index.
+    pub run: usize,
+    /// Contender.
+    pub contender: String,
+    /// `client` or `server` side tunnel.
+    pub side: String,
+    /// Idle connections open.
+    pub conns: usize,
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+}
+
+/// Facts about the machine and the run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Meta {
+    /// Start time (UTC, RFC 3339).
+    pub date: String,
+    /// `uname -r`.
+    pub kernel: String,
+    /// CPU model from /proc/cpuinfo.
+    pub cpu: String,
+    /// Online CPUs.
+    pub cores: usize,
+    /// The command line.
+    pub command: String,
+    /// git describe of the ringtun tree, when known.
+    pub ringtun_commit: String,
+    /// Options in force, rendered.
+    pub options: BTreeMap<String, String>,
+}
+
+/// Everything a run produced.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Results {
+    /// Machine and options.
+    pub meta: Meta,
+    /// Contenders in the order they ran.
+    pub contenders: Vec<String>,
+    /// Every measured number.
+    pub samples: Vec<Sample>,
+    /// Latency distributions.
+    pub latency: Vec<LatencyCdf>,
+    /// Memory points.
+    pub memory: Vec<MemoryPoint>,
+    /// Cross-check results from iperf3/sockperf (same shape as samples).
+    pub crosscheck: Vec<Sample>,
+    /// Things the reader must know (what could not be measured and why).
+    pub notes: Vec<String>,
+    /// Raw round-trip times per (contender, test), all runs, for plots (not serialised).
+    #[serde(skip)]
+    pub raw_rtts: HashMap<(String, String), Vec<f64>>,
+}
+
+impl Results {
+    /// Records a sample.
+    pub fn push(
+        &mut self,
+        run: usize,
+        contender: &str,
+        test: &str,
+        metric: &str,
+        value: f64,
+        hib: bool,
+    ) {
+        if value.is_finite() {
+            self.samples.push(Sample {
+                run,
+                contender: contender.to_owned(),
+                test: test.to_owned(),
+                metric: metric.to_owned(),
+                value,
+                higher_is_better: hib,
+            });
+        }
+    }
+
+    /// Records round-trip times: p50/p90/p99/p99.9 as samples, the CDF, and the raw values for
+    /// the plots.
+    pub fn push_rtts(&mut self, run: usize, contender: &str, test: &str, rtts: &[f64]) {
+        if rtts.is_empty() {
+            return;
+        }
+        let s = stats::sorted(rtts);
+        for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
+            self.push(
+                run,
+                contender,
+                test,
+                &format!("RTT {name} µs"),
+                stats::quantile(&s, q),
+                false,
+            );
+        }
+        self.latency.push(LatencyCdf {
+            run,
+            contender: contender.to_owned(),
+            test: test.to_owned(),
+            count: s.len(),
+            cdf: stats::cdf(&s, 200),
+        });
+        self.raw_rtts
+            .entry((contender.to_owned(), test.to_owned()))
+            .or_default()
+            .extend_from_slice(rtts);
+    }
+
+    /// Values of one (contender, test, metric) over all runs.
+    pub fn values(&self, contender: &str, test: &str, metric: &str) -> Vec<f64> {
+        self.samples
+            .iter()
+            .filter(|s| s.contender == contender && s.test == test && s.metric == metric)
+            .map(|s| s.value)
+            .collect()
+    }
+
+    /// Median of one (contender, test, metric) over all runs.
+    pub fn median(&self, contender: &str, test: &str, metric: &str) -> Option<f64> {
+        Summary::of(&self.values(contender, test, metric)).map(|s| s.median)
+    }
+
+    /// (test, metric) rows in first-seen order.
+    pub fn rows(&self) -> Vec<(String, String, bool)> {
+        let mut seen = Vec::new();
+        for s in &self.samples {
+            let key = (s.test.clone(), s.metric.clone(), s.higher_is_better);
+            if !seen.contains(&key) {
+                seen.push(key);
+            }
+        }
+        seen
+    }
+}
+
+/// Formats a number with a precision that suits its size.
+pub fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if !v.is_finite() {
+        "–".into()
+    } else if a >= 10_000.0 {
+        format!("{v:.0}")
+    } else if a >= 100.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn fmt_summary(s: &Summary) -> String {
+    if s.n == 1 {
+        fmt_num(s.median)
+    } else {
+        format!(
+            "{} ({}–{})",
+            fmt_num(s.median),
+            fmt_num(s.min),
+            fmt_num(s.max)
+        )
+    }
+}
+
+/// One rendered table: header and rows of cells.
+pub struct Table {
+    /// Column titles.
+    pub header: Vec<String>,
+    /// Cells.
+    pub rows: Vec<Vec<String>>,
+}
+
+/// Builds the comparison table: per (test, metric), each contender's median (min–max), and
+/// the ratios of medians to direct and, with another tunnel, ringtun to it.
+pub fn table(r: &Results, samples: &[Sample]) -> Table {
+    let others: Vec<&String> = r
+        .contenders
+        .iter()
+        .filter(|c| *c != DIRECT && *c != "ringtun")
+        .collect();
+    let mut header = vec!["test".to_owned(), "metric".to_owned()];
+    header.extend(r.contenders.iter().cloned());
+    for c in r.contenders.iter().filter(|c| *c != DIRECT) {
+        header.push(format!("{c}/direct"));
+    }
+    for o in &others {
+        header.push(format!("ringtun/{o}"));
+    }
+    let view = Results {
+        samples: samples.to_vec(),
+        contenders: r.contenders.clone(),
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    for (test, metric, _) in view.rows() {
+        let mut row = vec![test.clone(), metric.clone()];
+        let mut med = HashMap::new();
+        for c in &r.contenders {
+            match Summary::of(&view.values(c, &test, &metric)) {
+                Some(s) => {
+                    med.insert(c.clone(), s.median);
+                    row.push(fmt_summary(&s));
+                }
+                None => row.push("–".into()),
+            }
+        }
+        let ratio = |a: Option<&f64>, b: Option<&f64>| match (a, b) {
+            (Some(a), Some(b)) if *b != 0.0 => format!("×{:.2}", a / b),
+            _ => "–".into(),
+        };
+        for c in r.contenders.iter().filter(|c| *c != DIRECT) {
+            row.push(ratio(med.get(c), med.get(DIRECT)));
+        }
+        for o in &others {
+            row.push(ratio(med.get("ringtun"), med.get(*o)));
+        }
+        rows.push(row);
+    }
+    Table { header, rows }
+}
+
+/// Renders a table as aligned text.
+pub fn render_text(t: &Table) -> String {
+    let cols = t.header.len();
+    let mut w = vec![0usize; cols];
+    for row in std::iter::once(&t.header).chain(&t.rows) {
+        for (i, c) in row.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |row: &Vec<String>, out: &mut String| {
+        for (i, c) in row.iter().enumerate() {
+            let pad = w[i] - c.chars().count();
+            if i < 2 {
+                let _ = write!(out, "{c}{}  ", " ".repeat(pad));
+            } else {
+                let _ = write!(out, "{}{c}  ", " ".repeat(pad));
+            }
+        }
+        out.push('\n');
+    };
+    line(&t.header, &mut out);
+    let total: usize = w.iter().sum::<usize>() + 2 * cols;
+    out.push_str(&"-".repeat(total));
+    out.push('\n');
+    for row in &t.rows {
+        line(row, &mut out);
+    }
+    out
+}
+
+/// Renders a table as Markdown.
+pub fn render_markdown(t: &Table) -> String {
+    let mut out = format!("| {} |\n", t.header.join(" | "));
+    out.push_str(&format!("|{}\n", "---|".repeat(t.header.len())));
+    for row in &t.rows {
+        out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out
+}
+
+fn render_html_table(t: &Table) -> String {
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
+    let mut out = String::from("<table>\n<tr>");
+    for h in &t.header {
+        let _ = write!(out, "<th>{}</th>", esc(h));
+    }
+    out.push_str("</tr>\n");
+    for row in &t.rows {
+        out.push_str("<tr>");
+        for c in row {
+            let _ = write!(out, "<td>{}</td>", esc(c));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+    out
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(90, 90, 90),
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+];
+
+fn color(i: usize) -> RGBColor {
+    PALETTE[i % PALETTE.len()]
+}
+
+type PlotResult = Result<String, Box<dyn std::error::Error>>;
+
+/// Grouped bars: one group per test, one bar per contender (median), whiskers min..max.
+fn bars(title: &str, ylabel: &str, r: &Results, tests: &[String], metric: &str) -> PlotResult {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let k = r.contenders.len() + 1;
+        let n = tests.len().max(1);
+        let mut ymax: f64 = 0.0;
+        for t in tests {
+            for c in &r.contenders {
+                for v in r.values(c, t, metric) {
+                    ymax = ymax.max(v);
+                }
+            }
+        }
+        let ymax = if ymax > 0.0 { ymax * 1.15 } else { 1.0 };
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((0..(n * k) as i32).into_segmented(), 0.0..ymax)?;
+        let center = r.contenders.len() as i32 / 2;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n * k + 1)
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) if i % k as i32 == center => tests
+                    .get((*i / k as i32) as usize)
+                    .cloned()
+                    .unwrap_or_default(),
+                _ => String::new(),
+            })
+            .y_desc(ylabel)
+            .draw()?;
+        for (ci, c) in r.contenders.iter().enumerate() {
+            let col = color(ci);
+            let mut rects = Vec::new();
+            let mut whiskers = Vec::new();
+            for (ti, t) in tests.iter().enumerate() {
+                let Some(s) = Summary::of(&r.values(c, t, metric)) else {
+                    continue;
+                };
+                let x = (ti * k + ci) as i32;
+                rects.push(Rectangle::new(
+                    [
+                        (SegmentValue::Exact(x), 0.0),
+                        (SegmentValue::Exact(x + 1), s.median),
+                    ],
+                    col.filled(),
+                ));
+                whiskers.push(PathElement::new(
+                    vec![
+                        (SegmentValue::CenterOf(x), s.min),
+                        (SegmentValue::CenterOf(x), s.max),
+                    ],
+                    BLACK.stroke_width(1),
+                ));
+            }
+            chart
+                .draw_series(rects)?
+                .label(c.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], col.filled()));
+            chart.draw_series(whiskers)?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+/// Latency CDF of one test: one line per contender, all runs pooled, log-scaled x.
+fn latency_cdf(title: &str, r: &Results, test: &str) -> PlotResult {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut lo = f64::INFINITY;
+        let mut hi: f64 = 0.0;
+        let mut series = Vec::new();
+        for (ci, c) in r.contenders.iter().enumerate() {
+            if let Some(v) = r.raw_rtts.get(&(c.clone(), test.to_owned())) {
+                let s = stats::sorted(v);
+                if let (Some(a), Some(b)) = (s.first(), s.last()) {
+                    lo = lo.min(*a);
+                    hi = hi.max(*b);
+                }
+                series.push((ci, c.clone(), stats::cdf(&s, 400)));
+            }
+        }
+        if series.is_empty() {
+            return Ok(String::new());
+        }
+        let lo = (lo * 0.9).max(0.1);
+        let hi = (hi * 1.1).max(lo * 2.0);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("round trip, µs (log scale)")
+            .y_desc("fraction ≤ x")
+            .draw()?;
+        for (ci, name, cdf) in series {
+            let col = color(ci);
+            chart
+                .draw_series(LineSeries::new(
+                    cdf.into_iter().map(|(q, v)| (v, q)),
+                    col.stroke_width(2),
+                ))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 15, y)], col.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+/// RSS against open idle connections, one line per (contender, side), medians over runs.
+fn memory_plot(r: &Results) -> PlotResult {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut lines: BTreeMap<(usize, String, String), BTreeMap<usize, Vec<f64>>> =
+            BTreeMap::new();
+        for m in &r.memory {
+            let ci = r
+                .contenders
+                .iter()
+                .position(|c| *c == m.contender)
+                .unwrap_or(0);
+            lines
+                .entry((ci, m.contender.clone(), m.side.clone()))
+                .or_default()
+                .entry(m.conns)
+                .or_default()
+                .push(m.rss_kib as f64 / 1024.0);
+        }
+        if lines.is_empty() {
+            return Ok(String::new());
+        }
+        let xmax = r.memory.iter().map(|m| m.conns).max().unwrap_or(1).max(1) as f64;
+        let ymax = r.memory.iter().map(|m| m.rss_kib).max().unwrap_or(1) as f64 / 1024.0 * 1.15;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "tunnel RSS vs idle tunnelled connections",
+                ("sans-serif", 18),
+            )
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..xmax * 1.05, 0.0..ymax.max(1.0))?;
+        chart
+            .configure_mesh()
+            .x_desc("idle connections open")
+            .y_desc("RSS, MiB")
+            .draw()?;
+        for ((ci, name, side), pts) in lines {
+            let col = color(ci);
+            let style = if side == "server" {
+                col.stroke_width(1)
+            } else {
+                col.stroke_width(3)
+            };
+            let pts: Vec<(f64, f64)> = pts
+                .into_iter()
+                .filter_map(|(n, v)| Summary::of(&v).map(|s| (n as f64, s.median)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), style))?
+                .label(format!("{name} {side}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], style));
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, col.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+/// Writes `results.json`, the SVG plots and `report.html` (table and plots) into `dir`;
+/// returns the paths written.
+pub fn write_all(dir: &Path, r: &Results) -> std::io::Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    let json = dir.join("results.json");
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(r).map_err(std::io::Error::other)?,
+    )?;
+    written.push(json);
+
+    let tests_with = |prefix: &str, metric: &str| -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for s in &r.samples {
+            if s.test.starts_with(prefix) && s.metric == metric && !v.contains(&s.test) {
+                v.push(s.test.clone());
+            }
+        }
+        v
+    };
+    let mut plots: Vec<(&str, String)> = Vec::new();
+    let mut add = |name: &'static str, svg: PlotResult| match svg {
+        Ok(s) if !s.is_empty() => plots.push((name, s)),
+        Ok(_) => {}
+        Err(e) => eprintln!("plot {name}: {e}"),
+    };
+    add(
+        "throughput.svg",
+        bars(
+            "bulk throughput (median, whiskers min–max)",
+            "MiB/s",
+            r,
+            &tests_with("bulk", "MiB/s"),
+            "MiB/s",
+        ),
+    );
+    add(
+        "cpu-per-gib.svg",
+        bars(
+            "tunnel CPU per GiB moved (both tunnel processes)",
+            "CPU s / GiB",
+            r,
+            &tests_with("bulk", "CPU s/GiB (pair)"),
+            "CPU s/GiB (pair)",
+        ),
+    );
+    add(
+        "requests.svg",
+        bars(
+            "request rate, 16 kept-alive connections",
+            "req/s",
+            r,
+            &tests_with("rr16", "req/s"),
+            "req/s",
+        ),
+    );
+    add(
+        "connections.svg",
+        bars(
+            "new connections per second",
+            "conn/s",
+            r,
+            &tests_with("conn", "conn/s"),
+            "conn/s",
+        ),
+    );
+    let mut lat_tests: Vec<String> = Vec::new();
+    for l in &r.latency {
+        if !lat_tests.contains(&l.test) {
+            lat_tests.push(l.test.clone());
+        }
+    }
+    let mut lat_svgs = Vec::new();
+    for (i, t) in lat_tests.iter().enumerate() {
+        match latency_cdf(&format!("round-trip latency CDF: {t}"), r, t) {
+            Ok(s) if !s.is_empty() => lat_svgs.push((format!("latency-{i}.svg"), s)),
+            Ok(_) => {}
+            Err(e) => eprintln!("latency plot {t}: {e}"),
+        }
+    }
+    add("memory.svg", memory_plot(r));
+    add(
+        "scaling-throughput.svg",
+        bars(
+            "scaling: bulk throughput by shards",
+            "MiB/s",
+            r,
+            &tests_with("shards", "MiB/s"),
+            "MiB/s",
+        ),
+    );
+    add(
+        "scaling-connections.svg",
+        bars(
+            "scaling: connection rate by shards",
+            "conn/s",
+            r,
+            &tests_with("shards", "conn/s"),
+            "conn/s",
+        ),
+    );
+
+    let mut html = String::from(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>ringtun-bench report</title>\n\
+         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}\
+         td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child,td:nth-child(2){text-align:left}\
+         pre{background:#f4f4f4;padding:8px}</style></head><body>\n<h1>ringtun-bench</h1>\n",
+    );
+    let m = &r.meta;
+    let _ = writeln!(
+        html,
+        "<p>{} · kernel {} · {} × {} · ringtun {}</p>\n<pre>{}</pre>",
+        m.date, m.kernel, m.cores, m.cpu, m.ringtun_commit, m.command
+    );
+    html.push_str("<h2>Figures</h2>\n<p>median (min–max) over runs; ratios are of medians.</p>\n");
+    html.push_str(&render_html_table(&table(r, &r.samples)));
+    if !r.crosscheck.is_empty() {
+        html.push_str("<h2>Cross-checks (iperf3, sockperf)</h2>\n");
+        html.push_str(&render_html_table(&table(r, &r.crosscheck)));
+    }
+    if !r.notes.is_empty() {
+        html.push_str("<h2>Notes</h2>\n<ul>\n");
+        for n in &r.notes {
+            let _ = writeln!(html, "<li>{}</li>", n.replace('<', "&lt;"));
+        }
+        html.push_str("</ul>\n");
+    }
+    html.push_str("<h2>Plots</h2>\n");
+    for (name, svg) in plots
+        .iter()
+        .map(|(n, s)| (n.to_string(), s))
+        .chain(lat_svgs.iter().map(|(n, s)| (n.clone(), s)))
+    {
+        let path = dir.join(&name);
+        std::fs::write(&path, svg)?;
+        written.push(path);
+        let _ = writeln!(html, "<div>{svg}</div>");
+    }
+    html.push_str("</body></html>\n");
+    let path = dir.join("report.html");
+    std::fs::write(&path, html)?;
+    written.push(path);
+    Ok(written)
+}
