@@ -30,7 +30,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::future::{poll_fn, Future};
-use std::io;
+use std::io::{self, BufRead as _, Write as _};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
@@ -238,8 +238,8 @@ fn records_for(bytes: usize) -> u64 {
 /// Corked (when kTLS may follow), reads never cross a TLS record boundary, so that after the
 /// handshake rustls holds no fragment of a record and the kernel can take over exactly at
 /// the next record. That costs two reads per record during the handshake; connections that
-/// stay on rustls are uncorked afterwards and read straight through, and with kTLS off or
-/// unavailable the wrapper never corks at all.
+/// stay on rustls leave the wrapper behind afterwards ([`RustlsIo`] reads the socket itself),
+/// and with kTLS off or unavailable the wrapper never corks at all.
 #[derive(Debug)]
 pub struct HandshakeIo {
     io: TcpStreamPoll,
@@ -258,10 +258,6 @@ impl HandshakeIo {
     /// A wrapper that corks when this shard may offload connections to the kernel.
     pub fn for_shard(shard: &Shard, io: TcpStreamPoll) -> Self {
         Self::new(io, shard.tls.ktls.is_some())
-    }
-
-    fn uncork(&mut self) {
-        self.cork = None;
     }
 }
 
@@ -563,13 +559,287 @@ impl AsyncWrite for KtlsIo {
     }
 }
 
+/// Bytes asked of the socket per read on the userspace path: 64 KiB is four full TLS records,
+/// so a bulk transfer makes one read syscall per four records instead of rustls' own 4 KiB
+/// reads (four syscalls per record).
+const RUSTLS_READ_CHUNK: usize = 64 * 1024;
+
+/// Encrypted bytes rustls may hold for the socket before a write must wait for a flush; also
+/// the most one `writev` sends (rustls hands out at most 64 records per call).
+const RUSTLS_SEND_LIMIT: usize = 512 * 1024;
+
+/// Encrypted bytes buffered since the last flush past which a write goes to the socket at
+/// once, without waiting for h2's flush: big enough to batch a 256 KiB DATA frame into one
+/// `writev`, small enough that bulk data starts moving before the send limit stalls h2.
+const RUSTLS_EAGER_WRITE: usize = 256 * 1024;
+
+/// An HBONE connection on userspace rustls, after the handshake.
+///
+/// tokio-rustls would do this job, but it costs a syscall per 4 KiB read (rustls reads into
+/// its record buffer in 4 KiB steps) and one `writev` per h2 write (every frame head, every
+/// WINDOW_UPDATE, every DATA frame its own syscall, and on a chatty stream its own record).
+/// Here reads take up to [`RUSTLS_READ_CHUNK`] from the socket into a buffer of ours and
+/// rustls is fed from it; writes are encrypted into rustls' send buffer and go to the socket
+/// when h2 flushes (once per batch of frames, so a request's HEADERS and DATA share one record
+/// and one syscall) or when [`RUSTLS_EAGER_WRITE`] bytes are waiting.
+pub struct RustlsIo {
+    io: TcpStreamPoll,
+    conn: rustls::Connection,
+    /// Ciphertext read from the socket; `rbuf[rpos..]` is not yet handed to rustls. Released
+    /// when empty and the socket has nothing more, so idle connections hold no buffer.
+    rbuf: Vec<u8>,
+    rpos: usize,
+    /// The socket reported end of stream.
+    eof: bool,
+    /// Plaintext bytes accepted since the last full write to the socket.
+    unflushed: usize,
+    /// close_notify queued (poll_shutdown started).
+    closing: bool,
+}
+
+impl fmt::Debug for RustlsIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RustlsIo")
+            .field("fd", &self.io.as_raw_fd())
+            .field("buffered_in", &(self.rbuf.len() - self.rpos))
+            .field("unflushed", &self.unflushed)
+            .field("eof", &self.eof)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RustlsIo {
+    fn new(io: TcpStreamPoll, mut conn: rustls::Connection) -> Self {
+        conn.set_buffer_limit(Some(RUSTLS_SEND_LIMIT));
+        RustlsIo {
+            io,
+            conn,
+            rbuf: Vec::new(),
+            rpos: 0,
+            eof: false,
+            unflushed: 0,
+            closing: false,
+        }
+    }
+
+    /// Writes what rustls holds for the socket until it holds nothing (Ready) or the socket
+    /// is full (Pending, woken when it drains).
+    fn poll_write_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.conn.wants_write() {
+            let mut out = SocketWriter {
+                io: &mut self.io,
+                cx,
+            };
+            match self.conn.write_tls(&mut out) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.unflushed = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Hands rustls the next piece of buffered ciphertext and lets it decrypt what is
+    /// complete. rustls takes at most 4 KiB per call, from memory that is cheap; the syscall
+    /// was the expensive part.
+    fn feed(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let mut rest = &self.rbuf[self.rpos..];
+        let n = self.conn.read_tls(&mut rest)?;
+        self.rpos += n;
+        if self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+        }
+        if let Err(e) = self.conn.process_new_packets() {
+            // rustls queued an alert describing the failure: a last try to tell the peer.
+            let _ = self.poll_write_tls(cx);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        Ok(())
+    }
+
+    /// Reads from the socket into `rbuf`: Ready(true) when bytes arrived, Ready(false) at end
+    /// of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.rbuf.capacity() < RUSTLS_READ_CHUNK {
+            self.rbuf.reserve_exact(RUSTLS_READ_CHUNK);
+        }
+        let len = self.rbuf.len();
+        let mut rb = ReadBuf::uninit(self.rbuf.spare_capacity_mut());
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                // SAFETY: the read initialised the first `n` bytes of the spare capacity
+                // (ReadBuf tracks exactly what was filled).
+                unsafe { self.rbuf.set_len(len + n) };
+                Poll::Ready(Ok(n > 0))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if len == 0 {
+                    // Idle: give the buffer back rather than pin it for the connection's life.
+                    self.rbuf = Vec::new();
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncRead for RustlsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let start = buf.filled().len();
+        loop {
+            // Plaintext rustls already has goes first, straight into h2's buffer.
+            loop {
+                if buf.remaining() == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                match this.conn.reader().into_first_chunk() {
+                    // close_notify: end of stream once everything before it is delivered.
+                    Ok([]) => return Poll::Ready(Ok(())),
+                    Ok(chunk) => {
+                        let n = chunk.len().min(buf.remaining());
+                        buf.put_slice(&chunk[..n]);
+                        this.conn.reader().consume(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // TCP end of stream without close_notify: deliver what came before it
+                    // first, then the error.
+                    Err(_) if buf.filled().len() > start => return Poll::Ready(Ok(())),
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            if this.rpos < this.rbuf.len() {
+                this.feed(cx)?;
+                continue;
+            }
+            if this.eof {
+                // Tell rustls (it then reports a missing close_notify as UnexpectedEof).
+                this.conn.read_tls(&mut io::empty())?;
+                this.conn
+                    .process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                if buf.filled().len() > start {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            if buf.filled().len() > start {
+                // h2 has something to chew on; the next read comes back for more.
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.poll_fill(cx)) {
+                Ok(true) => {}
+                Ok(false) => this.eof = true,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for RustlsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            // rustls encrypts into its send buffer here (records span the slices, so a frame
+            // head and its payload share one record), up to RUSTLS_SEND_LIMIT.
+            let n = this.conn.writer().write_vectored(bufs)?;
+            if n > 0 {
+                this.unflushed += n;
+                if this.unflushed >= RUSTLS_EAGER_WRITE {
+                    // Pending only means the socket is full; the bytes are accepted either way
+                    // and the flush that follows waits for room.
+                    if let Poll::Ready(Err(e)) = this.poll_write_tls(cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                return Poll::Ready(Ok(n));
+            }
+            // The send buffer is full: make room first.
+            ready!(this.poll_write_tls(cx))?;
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_write_tls(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.closing {
+            this.closing = true;
+            this.conn.send_close_notify();
+        }
+        ready!(this.poll_write_tls(cx))?;
+        match ready!(Pin::new(&mut this.io).poll_shutdown(cx)) {
+            // Shutting down a connection the peer already dropped is not a failure.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+            r => Poll::Ready(r),
+        }
+    }
+}
+
+/// `std::io::Write` over the socket for rustls' `write_tls`; Pending becomes WouldBlock (and
+/// the task is woken when the socket can take more).
+struct SocketWriter<'a, 'b> {
+    io: &'a mut TcpStreamPoll,
+    cx: &'a mut Context<'b>,
+}
+
+impl io::Write for SocketWriter<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match Pin::new(&mut *self.io).poll_write(self.cx, buf) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match Pin::new(&mut *self.io).poll_write_vectored(self.cx, bufs) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The stream h2 runs on for one HBONE connection.
 // The rustls variant is large, but boxing it would add an indirection to every read and write
 // of the userspace path, which is the one without kernel help.
 #[allow(clippy::large_enum_variant)]
 pub enum HboneIo {
     /// Userspace rustls.
-    Rustls(tokio_rustls::TlsStream<HandshakeIo>),
+    Rustls(RustlsIo),
     /// Kernel TLS.
     Kernel(KtlsIo),
 }
@@ -674,7 +944,7 @@ pub enum OffloadError {
 }
 
 /// Finishes a handshaken connection: offloads it to the kernel when this shard, the kernel
-/// and the negotiated cipher suite allow, else keeps it on rustls (uncorked). Counts the
+/// and the negotiated cipher suite allow, else keeps it on userspace rustls ([`RustlsIo`]). Counts the
 /// outcome in the shard's counters.
 pub async fn establish(
     shard: &Rc<Shard>,
@@ -717,11 +987,22 @@ pub async fn establish(
     result
 }
 
-fn userspace(shard: &Shard, mut tls: tokio_rustls::TlsStream<HandshakeIo>) -> Established {
-    tls.get_mut().0.uncork();
+fn userspace(shard: &Shard, tls: tokio_rustls::TlsStream<HandshakeIo>) -> Established {
+    // Past the handshake nothing reads through the cork any more: the record layer reads the
+    // socket itself.
+    let (hio, conn) = match tls {
+        tokio_rustls::TlsStream::Client(s) => {
+            let (io, conn) = s.into_inner();
+            (io, rustls::Connection::from(conn))
+        }
+        tokio_rustls::TlsStream::Server(s) => {
+            let (io, conn) = s.into_inner();
+            (io, rustls::Connection::from(conn))
+        }
+    };
     bump(&shard.counters.tls_userspace);
     Established {
-        io: HboneIo::Rustls(tls),
+        io: HboneIo::Rustls(RustlsIo::new(hio.io, conn)),
         path: TlsPath::USERSPACE,
         budget: None,
     }
