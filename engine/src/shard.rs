@@ -153,10 +153,16 @@ pub struct Shard {
 }
 
 /// A one-shot signal that tasks on this shard can wait on (no atomics: one thread).
+///
+/// Every inbound HBONE connection waits on it for its whole life, so each one registers
+/// through a [`DrainWaiter`] that forgets its waker when the connection ends. (A plain list of
+/// wakers would grow by one per connection ever accepted, keep each finished task's memory
+/// alive through its waker, and be scanned on every poll of every connection.)
 #[derive(Default)]
 pub struct DrainSignal {
     fired: Cell<bool>,
-    wakers: RefCell<Vec<Waker>>,
+    next_key: Cell<u64>,
+    wakers: RefCell<HashMap<u64, Waker>>,
 }
 
 impl DrainSignal {
@@ -165,23 +171,54 @@ impl DrainSignal {
         self.fired.get()
     }
 
-    /// Ready once draining has started; registers the task to be woken then.
-    pub fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.fired.get() {
-            return Poll::Ready(());
-        }
-        let mut wakers = self.wakers.borrow_mut();
-        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
-        }
-        Poll::Pending
+    /// A handle one task polls to learn that draining started.
+    pub fn waiter(&self) -> DrainWaiter<'_> {
+        let key = self.next_key.get();
+        self.next_key.set(key + 1);
+        DrainWaiter { signal: self, key }
+    }
+
+    /// Tasks waiting right now.
+    pub fn waiting(&self) -> usize {
+        self.wakers.borrow().len()
     }
 
     fn fire(&self) {
         self.fired.set(true);
-        for w in self.wakers.borrow_mut().drain(..) {
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        for (_, w) in wakers {
             w.wake();
         }
+    }
+}
+
+/// One task's registration with a [`DrainSignal`]; dropping it unregisters the task.
+pub struct DrainWaiter<'a> {
+    signal: &'a DrainSignal,
+    key: u64,
+}
+
+impl DrainWaiter<'_> {
+    /// Ready once draining has started; otherwise the task is woken when it does.
+    pub fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.fired.get() {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.signal.wakers.borrow_mut();
+        match wakers.get_mut(&self.key) {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            Some(w) => *w = cx.waker().clone(),
+            None => {
+                wakers.insert(self.key, cx.waker().clone());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for DrainWaiter<'_> {
+    fn drop(&mut self) {
+        self.signal.wakers.borrow_mut().remove(&self.key);
     }
 }
 
@@ -275,6 +312,16 @@ impl Shard {
     }
 }
 
+/// aws-lc seeds its per-thread random generator on first use, which costs tens of
+/// milliseconds here; do it before the listeners open so the first handshake on each shard
+/// does not pay for it.
+fn warm_up_rng(tls: &TlsMaterial) {
+    let mut seed = [0u8; 32];
+    if let Err(e) = tls.client.crypto_provider().secure_random.fill(&mut seed) {
+        tracing::warn!(error = ?e, "random generator not ready at start");
+    }
+}
+
 /// Runs one shard until the control thread goes away.
 pub async fn run(
     id: usize,
@@ -284,6 +331,7 @@ pub async fn run(
     events: Sender<ShardEvent>,
     initial: Snapshot,
 ) {
+    warm_up_rng(&tls);
     let policy = RefCell::new(Rc::new(PolicyIndex::new(&initial)));
     let shard = Rc::new(Shard {
         id,
@@ -413,5 +461,51 @@ async fn sweep_pool(shard: Rc<Shard>) {
         if dropped > 0 {
             tracing::debug!(shard = shard.id, dropped, "idle HBONE connections closed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    struct Count(AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn drain_waiters_unregister_when_dropped_and_wake_when_fired() {
+        let signal = DrainSignal::default();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        // Connections that come and go leave nothing behind.
+        for _ in 0..1000 {
+            let w = signal.waiter();
+            assert!(w.poll_fired(&mut cx).is_pending());
+            assert!(
+                w.poll_fired(&mut cx).is_pending(),
+                "polled again: same entry"
+            );
+            assert_eq!(signal.waiting(), 1);
+        }
+        assert_eq!(signal.waiting(), 0);
+        let live = signal.waiter();
+        assert!(live.poll_fired(&mut cx).is_pending());
+        signal.fire();
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            1,
+            "the live waiter is woken"
+        );
+        assert!(live.poll_fired(&mut cx).is_ready());
+        assert!(
+            signal.waiter().poll_fired(&mut cx).is_ready(),
+            "late waiters see it too"
+        );
     }
 }

@@ -88,13 +88,14 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let mut retired = false;
+    let drain = shard.drain.waiter();
     loop {
         // An offloaded connection whose TX key nears its usage limit gets a GOAWAY: the client
         // opens new streams elsewhere, the ones here finish (see transport::KeyBudget). A drain
         // does the same for every connection.
         let next = poll_fn(|cx| {
             if !retired
-                && (shard.drain.poll_fired(cx).is_ready()
+                && (drain.poll_fired(cx).is_ready()
                     || budget
                         .as_ref()
                         .is_some_and(|b| b.poll_retired(cx).is_ready()))
