@@ -35,21 +35,58 @@ esac
 want() { [ "$SUITE" = all ] || [ "$SUITE" = "$1" ]; }
 
 cd "$REPO"
-# Executables cargo builds for a test selection, one per line. `--message-format=json`
-# names each executable; the compiler messages go to stderr via the human rendering.
+# Test executables from one `cargo test --workspace --no-run`: the same feature resolution as
+# the workspace test run before it (scripts/test.sh), so nothing is rebuilt; `-p` selections
+# would resolve features per package and rebuild most dependencies. Prints, one per line, the
+# test executables of package $1 (all of them, or only the integration tests named after it)
+# and, with `bin:NAME`, that binary.
+ARTIFACTS=$(mktemp "${TMPDIR:-/tmp}/ringtun-ktls-artifacts.XXXXXX")
+SCRATCH=""
+trap 'rm -rf "$ARTIFACTS" ${SCRATCH:+"$SCRATCH"}' EXIT
+cargo test --workspace --no-run --message-format=json-render-diagnostics >"$ARTIFACTS"
 executables() {
-	cargo test "$@" --no-run --message-format=json-render-diagnostics |
-		grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//' | sort -u
+	python3 - "$ARTIFACTS" "$@" <<'PY'
+import json, sys
+path, package, *wanted = sys.argv[1:]
+bins = {w[4:] for w in wanted if w.startswith("bin:")}
+tests = {w for w in wanted if not w.startswith("bin:")}
+out = set()
+for line in open(path):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    exe = m.get("executable")
+    if m.get("reason") != "compiler-artifact" or not exe:
+        continue
+    pkg = m["package_id"]
+    # "path+file:///…/engine#ringtun@0.1.0", "path+file:///…/hbone#0.1.0" (name = directory),
+    # or, from older cargo, "ringtun 0.1.0 (path+…)".
+    if "#" in pkg:
+        url, frag = pkg.rsplit("#", 1)
+        name = frag.split("@")[0] if "@" in frag else url.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        name = pkg.split(" ")[0]
+    if name != package:
+        continue
+    target = m["target"]
+    if m["profile"]["test"]:
+        if not tests or target["name"] in tests:
+            out.add(exe)
+    elif "bin" in target["kind"] and target["name"] in bins:
+        out.add(exe)
+for e in sorted(out):
+    print(e)
+PY
 }
 
 TESTS=()
 VM_OPTS=()
 if want crate; then
-	mapfile -t BINS < <(executables -p tls-kernel-offload)
+	mapfile -t BINS < <(executables tls-kernel-offload)
 	[ ${#BINS[@]} -gt 0 ] || { echo "test-ktls.sh: cargo produced no tls-kernel-offload test executables" >&2; exit 1; }
 	TESTS+=("${BINS[@]}")
 fi
-SCRATCH=""
 if want engine; then
 	for tool in ip nft; do
 		command -v "$tool" >/dev/null 2>&1 || {
@@ -59,7 +96,7 @@ if want engine; then
 	done
 	# The test binaries plus the ringtun binary they run (CARGO_BIN_EXE_ringtun, an
 	# absolute host path baked into them, so it goes to the same path in the guest).
-	mapfile -t BINS < <(executables -p ringtun --test e2e_ktls --test ktls_records --test ktls_cli)
+	mapfile -t BINS < <(executables ringtun e2e_ktls ktls_records ktls_cli bin:ringtun)
 	RINGTUN=""
 	for b in "${BINS[@]}"; do
 		case "$b" in
@@ -71,7 +108,6 @@ if want engine; then
 	# run-in-vm.sh strips debug info from commands, not from carried files: strip a copy
 	# (130 MiB -> 16 MiB for a debug build; the guest unpacks everything into RAM).
 	SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/ringtun-ktls-vm.XXXXXX")
-	trap 'rm -rf "$SCRATCH"' EXIT
 	if command -v objcopy >/dev/null 2>&1; then
 		objcopy --strip-debug "$RINGTUN" "$SCRATCH/ringtun"
 	else
