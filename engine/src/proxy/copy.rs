@@ -2,14 +2,17 @@
 //!
 //! Both directions run concurrently on the connection's shard. A clean EOF one way is passed on
 //! (FIN ↔ END_STREAM) while the other way keeps flowing; an error or reset either way stops both
-//! and is passed on as a reset (RST_STREAM ↔ TCP RST). Buffers are owned by the loop and reused:
-//! a read lands in a `BytesMut`, the filled part is split off and frozen and handed to h2 without
-//! copying, and once h2 has written it the allocation is reclaimed by `reserve`.
+//! and is passed on as a reset (RST_STREAM ↔ TCP RST). A read lands in a `BytesMut`, the filled
+//! part is split off and frozen and handed on without copying; while data keeps coming the loop
+//! keeps the buffer and `reserve` reclaims it once h2 has written the bytes, and an idle
+//! connection holds no buffer at all (see [`Reader`]).
 
 use std::cell::Cell;
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -17,7 +20,8 @@ use futures_util::future::try_join;
 use h2::{Reason, RecvStream, SendStream};
 use monoio::buf::IoBufMut;
 use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+    AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf,
+    OwnedWriteHalf, Splitable,
 };
 use monoio::net::TcpStream;
 
@@ -100,37 +104,133 @@ fn from_h2(e: h2::Error) -> End {
     }
 }
 
-/// Grows the read size when reads fill it, so bulk transfers use big reads and idle or chatty
-/// connections keep small ones. Each read asks for exactly `size` bytes, a size chosen so that
-/// the DATA frame it becomes fills whole TLS records.
-struct ReadBuf {
-    buf: BytesMut,
+/// Reads the TCP side of a tunnel without pinning a buffer while the connection is idle.
+///
+/// An io_uring read needs its buffer submitted for as long as it waits, so a connection that
+/// sat in `read` would hold a buffer for its whole idle life. So the reader has two modes:
+///
+/// - *active*: io_uring reads into a kept buffer, one submitted read per read as bulk and
+///   request/response traffic always had; a read pending while the connection has been quiet
+///   for [`idle::QUIET`] (the shard's sweeper says so) is cancelled, which frees the buffer;
+/// - *idle*: no buffer; it waits for readability (an io_uring poll, or epoll readiness on the
+///   legacy driver), then allocates and reads without blocking, and is active again.
+///
+/// Each read asks for exactly `size` bytes, a size chosen so that the DATA frame it becomes
+/// fills whole TLS records; it grows when reads fill it, so bulk transfers use big reads and
+/// chatty connections keep small ones. A buffer let go here returns to the shard thread's
+/// allocator cache (mimalloc keeps per-thread free lists), which is what a per-shard free list
+/// would do, without holding memory for connections that may never read again.
+struct Reader {
     size: usize,
+    /// Kept between reads unless the connection went idle.
+    buf: Option<BytesMut>,
+    /// Cancels the pending read when the connection goes quiet.
+    canceller: Option<Canceller>,
 }
 
-impl ReadBuf {
+impl Reader {
     fn new() -> Self {
-        ReadBuf {
-            buf: BytesMut::with_capacity(MIN_BUF),
+        Reader {
             size: MIN_BUF,
+            buf: None,
+            canceller: None,
         }
     }
 
-    /// A buffer for one read of `size` bytes; reuses the previous allocation when h2 has
-    /// released every piece of it (`reserve` reclaims it then).
-    fn take(&mut self) -> monoio::buf::SliceMut<BytesMut> {
-        self.buf.reserve(self.size);
-        let buf = std::mem::take(&mut self.buf);
-        // Bound the read to `size` even if the allocation is bigger: frame alignment matters
-        // more than reading a little more.
-        IoBufMut::slice_mut(buf, 0..self.size)
+    /// The next bytes from `rd`; empty at EOF.
+    async fn next(
+        &mut self,
+        rd: &mut OwnedReadHalf<TcpStream>,
+        fd: RawFd,
+        conn: &idle::Conn,
+    ) -> io::Result<Bytes> {
+        loop {
+            if let Some(mut buf) = self.buf.take() {
+                // Reuses the allocation when h2 has released every piece of it.
+                buf.reserve(self.size);
+                // Bound the read to `size` even if the allocation is bigger: frame alignment
+                // matters more than reading a little more.
+                let slice = IoBufMut::slice_mut(buf, 0..self.size);
+                // Kept across reads while the connection is busy: one per read would cost an
+                // allocation each.
+                let canceller = self.canceller.take().unwrap_or_default();
+                let _holding = conn.hold();
+                let read = std::pin::pin!(rd.cancelable_read(slice, canceller.handle()));
+                let quiet = std::pin::pin!(conn.quiet());
+                let (res, slice) = match futures_util::future::select(read, quiet).await {
+                    futures_util::future::Either::Left((r, _)) => {
+                        self.canceller = Some(canceller);
+                        r
+                    }
+                    futures_util::future::Either::Right(((), read)) => {
+                        // A read that completed meanwhile still returns its bytes.
+                        let _ = canceller.cancel();
+                        read.await
+                    }
+                };
+                let buf = slice.into_inner();
+                match res {
+                    Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                        drop(buf);
+                        self.canceller = None;
+                        continue;
+                    }
+                    res => return res.map(|n| self.filled(buf, n)),
+                }
+            }
+            readable(rd).await?;
+            let mut buf = BytesMut::with_capacity(self.size);
+            match recv(fd, &mut buf, self.size) {
+                Ok(n) => return Ok(self.filled(buf, n)),
+                // Readiness can be stale (legacy driver) or the bytes already gone: wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    fn give_back(&mut self, buf: BytesMut, filled: usize) {
-        if filled == self.size && self.size < MAX_BUF {
+    /// Splits off the `n` bytes read into `buf` (without copying) and keeps the rest of the
+    /// buffer for the next read.
+    fn filled(&mut self, mut buf: BytesMut, n: usize) -> Bytes {
+        let chunk = buf.split().freeze();
+        if n == self.size && self.size < MAX_BUF {
             self.size = (self.size + FRAME_HEAD) * 2 - FRAME_HEAD;
         }
-        self.buf = buf;
+        if n > 0 {
+            self.buf = Some(buf);
+        }
+        chunk
+    }
+}
+
+/// Waits until the socket has bytes, EOF or an error to read, without a buffer.
+async fn readable(rd: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
+    // SAFETY: monoio's own split halves reach the stream the same way (both halves hand out
+    // `&mut` to it through this cell); `readable` only submits a poll on the shared fd and
+    // touches no state the write half uses.
+    let stream = unsafe { &*rd.0.get() };
+    stream.readable(false).await
+}
+
+/// One non-blocking `recv` of at most `len` bytes into the spare capacity of `buf`.
+fn recv(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<usize> {
+    buf.reserve(len);
+    let spare = buf.spare_capacity_mut();
+    let len = len.min(spare.len());
+    loop {
+        // SAFETY: `spare` is writable memory of at least `len` bytes owned by `buf`; the
+        // kernel writes at most `len` bytes into it.
+        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), len, libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -145,24 +245,19 @@ pub async fn tcp_h2(
     let (mut rd, mut wr) = tcp.into_split();
     let up_bytes = Cell::new(0u64);
     let down_bytes = Cell::new(0u64);
-    let active = Cell::new(quanta::Instant::now());
+    let conn = idle::Conn::new(idle);
 
     let up = async {
-        let mut bufs = ReadBuf::new();
+        let mut reader = Reader::new();
         loop {
-            let (res, slice) = rd.read(bufs.take()).await;
-            let mut buf = slice.into_inner();
-            match res {
-                Ok(0) => {
-                    bufs.give_back(buf, 0);
+            match reader.next(&mut rd, fd, &conn).await {
+                Ok(chunk) if chunk.is_empty() => {
                     send.send_data(Bytes::new(), true).map_err(from_h2)?;
                     return Ok(());
                 }
-                Ok(n) => {
-                    up_bytes.set(up_bytes.get() + n as u64);
-                    active.set(quanta::Instant::now());
-                    let chunk = buf.split().freeze();
-                    bufs.give_back(buf, n);
+                Ok(chunk) => {
+                    up_bytes.set(up_bytes.get() + chunk.len() as u64);
+                    conn.touch();
                     ringtun_hbone::stream::send_all(&mut send, chunk)
                         .await
                         .map_err(from_h2)?;
@@ -180,7 +275,7 @@ pub async fn tcp_h2(
             match recv.data().await {
                 Some(Ok(data)) => {
                     let n = data.len();
-                    active.set(quanta::Instant::now());
+                    conn.touch();
                     let (res, _) = wr.write_all(data).await;
                     res.map_err(from_io)?;
                     down_bytes.set(down_bytes.get() + n as u64);
@@ -196,7 +291,11 @@ pub async fn tcp_h2(
         }
     };
 
-    let end = match until_idle(try_join(up, down), &active, idle).await {
+    let result = {
+        let both = std::pin::pin!(try_join(up, down));
+        until_idle(both, &conn).await
+    };
+    let end = match result {
         Ok(_) => End::Closed,
         Err(end) => {
             // The loop that did not fail was dropped mid-operation; make sure the h2 side
@@ -226,62 +325,244 @@ fn abort(rd: OwnedReadHalf<TcpStream>, wr: OwnedWriteHalf<TcpStream>, fd: RawFd)
     }
 }
 
-/// Runs `work` unless neither direction moves a byte for `idle` (zero: no limit); then the
+/// Runs `work` unless neither direction moves a byte for the connection's idle limit; then the
 /// connection ends with an error (and its sockets are reset by the caller).
 async fn until_idle<T>(
-    work: impl std::future::Future<Output = Result<T, End>>,
-    active: &Cell<quanta::Instant>,
-    idle: Duration,
+    work: Pin<&mut impl Future<Output = Result<T, End>>>,
+    conn: &idle::Conn,
 ) -> Result<T, End> {
-    let watchdog = async {
-        if idle.is_zero() {
-            return std::future::pending::<End>().await;
-        }
-        loop {
-            let quiet = quanta::Instant::now().duration_since(active.get());
-            if quiet >= idle {
-                return End::Error(format!("idle for {idle:?} (--idle-timeout-ms)"));
-            }
-            monoio::time::sleep(idle - quiet).await;
-        }
-    };
-    let work = std::pin::pin!(work);
-    let watchdog = std::pin::pin!(watchdog);
-    match futures_util::future::select(work, watchdog).await {
+    let expired = std::pin::pin!(conn.expired());
+    match futures_util::future::select(work, expired).await {
         futures_util::future::Either::Left((r, _)) => r,
-        futures_util::future::Either::Right((end, _)) => Err(end),
+        futures_util::future::Either::Right((idle, _)) => {
+            Err(End::Error(format!("idle for {idle:?} (--idle-timeout-ms)")))
+        }
     }
 }
 
-async fn pipe<R: AsyncReadRent, W: AsyncWriteRent>(
-    rd: &mut R,
-    wr: &mut W,
-    count: &Cell<u64>,
-    active: &Cell<quanta::Instant>,
-) -> Result<(), End> {
-    let mut buf = Vec::with_capacity(MIN_BUF);
-    loop {
-        let (res, b) = rd.read(buf).await;
-        buf = b;
-        match res {
-            Ok(0) => {
-                wr.shutdown().await.map_err(from_io)?;
-                return Ok(());
-            }
-            Ok(n) => {
-                active.set(quanta::Instant::now());
-                let full = n == buf.capacity();
-                let (res, b) = wr.write_all(buf).await;
-                buf = b;
-                res.map_err(from_io)?;
-                count.set(count.get() + n as u64);
-                buf.clear();
-                if full && buf.capacity() < MAX_BUF {
-                    buf.reserve(buf.capacity() * 2);
+/// Idle timeouts and idle read buffers, without a timer per connection.
+///
+/// A monoio `Sleep` is 640 bytes, cache-line aligned, and would sit in every connection's
+/// future for its whole life. Instead each connection registers a small record with its
+/// thread's sweeper, one task per shard that looks every [`SCAN`] while any connection is
+/// registered: it expires connections quiet for their `--idle-timeout-ms` (so a timeout fires
+/// at most one scan late), and tells readers that hold a buffer on a connection quiet for
+/// [`QUIET`] to let it go.
+mod idle {
+    use std::cell::{Cell, RefCell};
+    use std::future::{poll_fn, Future};
+    use std::rc::Rc;
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
+
+    /// How often the sweeper looks.
+    pub(super) const SCAN: Duration = Duration::from_millis(250);
+    /// How long a read may hold its buffer on a connection that moves no bytes.
+    pub(super) const QUIET: Duration = Duration::from_secs(1);
+
+    struct Record {
+        active: Cell<quanta::Instant>,
+        /// Zero: no idle limit.
+        idle: Duration,
+        expired: Cell<bool>,
+        /// Readers holding a buffer in a read.
+        holding: Cell<u8>,
+        quiet: Cell<bool>,
+        /// The connection's task (both copy directions and the watchdog run in it).
+        waker: Cell<Option<Waker>>,
+    }
+
+    impl Record {
+        fn register(&self, cx: &Context<'_>) {
+            let w = self.waker.take();
+            self.waker.set(match w {
+                Some(w) if w.will_wake(cx.waker()) => Some(w),
+                _ => Some(cx.waker().clone()),
+            });
+        }
+    }
+
+    /// The shard's registered connections: slots reused through a free list.
+    #[derive(Default)]
+    struct Watched {
+        slots: Vec<Option<Rc<Record>>>,
+        free: Vec<usize>,
+        sweeping: bool,
+    }
+
+    impl Watched {
+        fn insert(&mut self, r: Rc<Record>) -> usize {
+            match self.free.pop() {
+                Some(k) => {
+                    self.slots[k] = Some(r);
+                    k
+                }
+                None => {
+                    self.slots.push(Some(r));
+                    self.slots.len() - 1
                 }
             }
-            Err(e) => return Err(from_io(e)),
         }
+
+        fn remove(&mut self, key: usize) {
+            if let Some(slot) = self.slots.get_mut(key) {
+                if slot.take().is_some() {
+                    self.free.push(key);
+                }
+            }
+        }
+
+        fn is_empty(&self) -> bool {
+            self.free.len() == self.slots.len()
+        }
+    }
+
+    thread_local! {
+        static WATCHED: RefCell<Watched> = RefCell::default();
+    }
+
+    /// One connection's registration; removed when dropped.
+    pub(super) struct Conn {
+        record: Rc<Record>,
+        key: usize,
+    }
+
+    /// A reader holding a buffer in a read (see [`Conn::hold`]).
+    pub(super) struct Holding<'a>(&'a Record);
+
+    impl Drop for Holding<'_> {
+        fn drop(&mut self) {
+            let h = self.0.holding.get().saturating_sub(1);
+            self.0.holding.set(h);
+            if h == 0 {
+                self.0.quiet.set(false);
+            }
+        }
+    }
+
+    impl Conn {
+        /// Registers a connection with an idle limit (zero: none).
+        pub(super) fn new(idle: Duration) -> Self {
+            let record = Rc::new(Record {
+                active: Cell::new(quanta::Instant::now()),
+                idle,
+                expired: Cell::new(false),
+                holding: Cell::new(0),
+                quiet: Cell::new(false),
+                waker: Cell::new(None),
+            });
+            let (key, start) = WATCHED.with(|w| {
+                let mut w = w.borrow_mut();
+                let key = w.insert(record.clone());
+                let start = !w.sweeping;
+                w.sweeping = true;
+                (key, start)
+            });
+            if start {
+                monoio::spawn(sweep());
+            }
+            Conn { record, key }
+        }
+
+        /// Bytes moved.
+        pub(super) fn touch(&self) {
+            self.record.active.set(quanta::Instant::now());
+            self.record.quiet.set(false);
+        }
+
+        /// Ready (with the limit) once the connection has been quiet for its idle limit.
+        pub(super) fn expired(&self) -> impl Future<Output = Duration> + '_ {
+            poll_fn(|cx| {
+                if self.record.expired.get() {
+                    return Poll::Ready(self.record.idle);
+                }
+                self.record.register(cx);
+                Poll::Pending
+            })
+        }
+
+        /// Marks a reader as holding a buffer until the guard drops.
+        pub(super) fn hold(&self) -> Holding<'_> {
+            self.record.holding.set(self.record.holding.get() + 1);
+            Holding(&self.record)
+        }
+
+        /// Ready once a held buffer should be let go.
+        pub(super) fn quiet(&self) -> impl Future<Output = ()> + '_ {
+            poll_fn(|cx| {
+                if self.record.quiet.get() {
+                    return Poll::Ready(());
+                }
+                self.record.register(cx);
+                Poll::Pending
+            })
+        }
+    }
+
+    impl Drop for Conn {
+        fn drop(&mut self) {
+            // At thread exit the registry may already be gone; nothing is left to sweep then.
+            let _ = WATCHED.try_with(|w| w.borrow_mut().remove(self.key));
+        }
+    }
+
+    async fn sweep() {
+        loop {
+            monoio::time::sleep(SCAN).await;
+            let now = quanta::Instant::now();
+            let done = WATCHED.with(|w| {
+                let mut w = w.borrow_mut();
+                for r in w.slots.iter().flatten() {
+                    let quiet_for = now.duration_since(r.active.get());
+                    let mut wake = false;
+                    if !r.idle.is_zero() && !r.expired.get() && quiet_for >= r.idle {
+                        r.expired.set(true);
+                        wake = true;
+                    }
+                    if r.holding.get() > 0 && !r.quiet.get() && quiet_for >= QUIET {
+                        r.quiet.set(true);
+                        wake = true;
+                    }
+                    if wake {
+                        if let Some(waker) = r.waker.take() {
+                            waker.wake();
+                        }
+                    }
+                }
+                if w.is_empty() {
+                    // Give the slots' memory back once a burst of connections is gone.
+                    *w = Watched::default();
+                    true
+                } else {
+                    false
+                }
+            });
+            if done {
+                return;
+            }
+        }
+    }
+}
+
+async fn pipe(
+    rd: &mut OwnedReadHalf<TcpStream>,
+    fd: RawFd,
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    count: &Cell<u64>,
+    conn: &idle::Conn,
+) -> Result<(), End> {
+    let mut reader = Reader::new();
+    loop {
+        let chunk = reader.next(rd, fd, conn).await.map_err(from_io)?;
+        if chunk.is_empty() {
+            wr.shutdown().await.map_err(from_io)?;
+            return Ok(());
+        }
+        conn.touch();
+        let n = chunk.len();
+        let (res, _) = wr.write_all(chunk).await;
+        res.map_err(from_io)?;
+        count.set(count.get() + n as u64);
     }
 }
 
@@ -292,12 +573,15 @@ pub async fn tcp_tcp(a: TcpStream, b: TcpStream, idle: Duration) -> (Transferred
     let (mut br, mut bw) = b.into_split();
     let up = Cell::new(0u64);
     let down = Cell::new(0u64);
-    let active = Cell::new(quanta::Instant::now());
-    let both = try_join(
-        pipe(&mut ar, &mut bw, &up, &active),
-        pipe(&mut br, &mut aw, &down, &active),
-    );
-    let end = match until_idle(both, &active, idle).await {
+    let conn = idle::Conn::new(idle);
+    let result = {
+        let both = std::pin::pin!(try_join(
+            pipe(&mut ar, fa, &mut bw, &up, &conn),
+            pipe(&mut br, fb, &mut aw, &down, &conn),
+        ));
+        until_idle(both, &conn).await
+    };
+    let end = match result {
         Ok(_) => End::Closed,
         Err(end) => {
             abort(ar, aw, fa);
