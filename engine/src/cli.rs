@@ -314,9 +314,36 @@ pub fn set_log_filter(filter: &str) -> Result<String, String> {
 /// Runs `ringtun run` until killed.
 pub fn run(args: RunArgs) -> Result<(), EngineError> {
     let opts = args.into_options()?;
+    raise_nofile();
     control::block_signals();
     let running = control::start(opts.clone())?;
     running.serve(&opts)
+}
+
+/// Raises the soft open-files limit to the hard limit. Every tunnelled connection holds one or
+/// two sockets, so the usual soft default of 1024 would refuse connections (accept fails with
+/// EMFILE) long before memory or CPU run out; the hard limit is what the operator allows.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid, initialised struct.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0
+            && (lim.rlim_cur >= lim.rlim_max || {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+            })
+    };
+    if raised {
+        tracing::debug!(limit = lim.rlim_cur, "open files limit");
+    } else {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot raise the open files limit; connections beyond it will be refused"
+        );
+    }
 }
 
 /// Entry point of the binary.
