@@ -57,7 +57,13 @@ mod rep_movsb {
         tunables.push(format!("{TUNABLE}={THRESHOLD}"));
         let mut args = std::env::args_os();
         let argv0 = args.next().unwrap_or_else(|| OsString::from("ringtun"));
-        let err = std::process::Command::new("/proc/self/exe")
+        // The resolved path rather than /proc/self/exe itself, so the process keeps its name
+        // ("ringtun", not "exe") for ps, pgrep and monitoring.
+        let exe = std::env::current_exe()
+            .ok()
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| "/proc/self/exe".into());
+        let err = std::process::Command::new(exe)
             .arg0(argv0)
             .args(args)
             .env("GLIBC_TUNABLES", tunables)
