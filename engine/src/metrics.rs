@@ -149,6 +149,8 @@ pub struct ShardGauges {
     pub userspace_tls_connections: u64,
     /// Config generation this shard uses.
     pub config_generation: u64,
+    /// Connections refused at accept because the shard was at `--max-connections-per-shard`.
+    pub refused_overloaded: u64,
 }
 
 /// A shard's metrics, owned by the shard thread.
@@ -357,6 +359,19 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
                 get(&r.gauges)
             );
         }
+    }
+    counter_header(
+        &mut out,
+        "ringtun_refused_connections",
+        "Connections refused at accept, per shard and reason",
+        openmetrics,
+    );
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "ringtun_refused_connections_total{{shard=\"{}\",reason=\"overloaded\"}} {}",
+            r.shard, r.gauges.refused_overloaded
+        );
     }
     let _ =
         writeln!(

@@ -242,6 +242,7 @@ impl Shard {
                 ktls_connections: c.ktls_tx.get().min(c.ktls_rx.get()),
                 userspace_tls_connections: c.tls_userspace.get(),
                 config_generation: self.snapshot.borrow().generation,
+                refused_overloaded: c.overloaded.get(),
             },
         }
     }

@@ -1004,11 +1004,13 @@ enum Trigger {
     QuitQuitQuit,
 }
 
-fn drain_with_live_transfer(prefix: &'static str, trigger: Trigger) {
-    const DRAIN: Duration = Duration::from_secs(10);
+/// `step`: the pause between the transfer's 64 steps of 128 KiB, i.e. how long it lasts.
+fn drain_with_live_transfer(prefix: &'static str, trigger: Trigger, step: Duration) {
+    // Longer than the transfer, so the process must exit when the transfer ends, not at it.
+    let drain = step * 64 + Duration::from_secs(12);
     let mut opts = MeshOptions::new(prefix);
     opts.extra
-        .extend(["--drain-timeout-ms".into(), DRAIN.as_millis().to_string()]);
+        .extend(["--drain-timeout-ms".into(), drain.as_millis().to_string()]);
     let mut m = Mesh::start(opts);
     wait_endpoints(&m.server);
     let echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
@@ -1019,14 +1021,14 @@ fn drain_with_live_transfer(prefix: &'static str, trigger: Trigger) {
 
     let (tx, rx) = mpsc::channel();
     let (transfer, drain_started, exit_status, exited_after) = std::thread::scope(|s| {
-        // 8 MiB in 128 KiB steps every 25 ms: about 1.6 s, most of it after the drain starts.
+        // 8 MiB in 64 steps of 128 KiB, most of them after the drain starts.
         let live = s.spawn(move || {
             paced_echo(
                 client_ns,
                 "10.77.0.2:5201",
                 8 * MIB,
                 128 * 1024,
-                Duration::from_millis(25),
+                step,
                 (MIB, move || {
                     let _ = tx.send(());
                 }),
@@ -1071,7 +1073,7 @@ fn drain_with_live_transfer(prefix: &'static str, trigger: Trigger) {
         let how = expect_no_answer(client_ns, "10.77.0.2:5201");
         eprintln!("new connection while draining: {how}");
         let transfer = live.join().expect("transfer thread");
-        let status = server.wait_exit(DRAIN + Duration::from_secs(5));
+        let status = server.wait_exit(drain + Duration::from_secs(5));
         (transfer, t0, status, t0.elapsed())
     });
     let t = transfer.unwrap_or_else(|e| panic!("the live transfer broke during the drain: {e}"));
@@ -1086,14 +1088,14 @@ fn drain_with_live_transfer(prefix: &'static str, trigger: Trigger) {
         .wait_for(LOG_WAIT, |r| r.sha256 == t.sha_sent)
         .expect("the echo server got the whole transfer");
     let status = exit_status
-        .unwrap_or_else(|| panic!("ringtun still running {DRAIN:?} + 5 s after the drain started"));
+        .unwrap_or_else(|| panic!("ringtun still running {drain:?} + 5 s after the drain started"));
     assert_eq!(
         status.code(),
         Some(0),
         "exit status after the drain: {status}"
     );
     assert!(
-        exited_after < DRAIN,
+        exited_after < drain,
         "ringtun should exit once its last connection closes, not at the deadline: {exited_after:?} after {:?}",
         drain_started
     );
@@ -1107,12 +1109,13 @@ fn drain_with_live_transfer(prefix: &'static str, trigger: Trigger) {
 
 #[test]
 fn sigterm_drains_live_connections_refuses_new_ones_and_exits_zero() {
-    drain_with_live_transfer("opd", Trigger::Sigterm);
+    // A 30 s transfer, as an operator's rolling restart would meet one.
+    drain_with_live_transfer("opd", Trigger::Sigterm, Duration::from_millis(470));
 }
 
 #[test]
 fn quitquitquit_drains_like_sigterm() {
-    drain_with_live_transfer("opq", Trigger::QuitQuitQuit);
+    drain_with_live_transfer("opq", Trigger::QuitQuitQuit, Duration::from_millis(25));
 }
 
 #[test]
