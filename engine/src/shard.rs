@@ -428,20 +428,20 @@ async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener
                     tracing::warn!(shard = shard.id, %kind, %peer, limit = shard.opts.max_connections_per_shard, "connection refused: shard at its connection limit");
                     continue;
                 }
+                // One spawn per kind, not one future matching on it: a task is as big as the
+                // largest future it may run, and every idle connection keeps its task.
                 let shard = shard.clone();
-                monoio::spawn(async move {
-                    shard.counters.open.set(shard.counters.open.get() + 1);
-                    match kind {
-                        ListenerKind::Outbound => {
-                            proxy::outbound::handle(&shard, stream, peer).await
-                        }
-                        ListenerKind::Inbound => proxy::inbound::handle(&shard, stream, peer).await,
-                        ListenerKind::InboundPlaintext => {
-                            proxy::plaintext::inbound(&shard, stream, peer).await
-                        }
-                    }
-                    shard.counters.open.set(shard.counters.open.get() - 1);
-                });
+                match kind {
+                    ListenerKind::Outbound => spawn_counted(shard, move |s| async move {
+                        proxy::outbound::handle(&s, stream, peer).await
+                    }),
+                    ListenerKind::Inbound => spawn_counted(shard, move |s| async move {
+                        proxy::inbound::handle(&s, stream, peer).await
+                    }),
+                    ListenerKind::InboundPlaintext => spawn_counted(shard, move |s| async move {
+                        proxy::plaintext::inbound(&s, stream, peer).await
+                    }),
+                }
             }
             Err(_) if shard.drain.is_fired() => return,
             Err(e) => {
@@ -451,6 +451,20 @@ async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener
             }
         }
     }
+}
+
+/// Runs one connection's handler as its own task, counted in `open` while it runs.
+fn spawn_counted<F, Fut>(shard: Rc<Shard>, f: F)
+where
+    F: FnOnce(Rc<Shard>) -> Fut + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    monoio::spawn(async move {
+        shard.counters.open.set(shard.counters.open.get() + 1);
+        let fut = f(shard.clone());
+        fut.await;
+        shard.counters.open.set(shard.counters.open.get() - 1);
+    });
 }
 
 async fn sweep_pool(shard: Rc<Shard>) {

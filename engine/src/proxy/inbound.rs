@@ -182,6 +182,8 @@ async fn stream(
         Ok(t) => t,
         Err(r) => return refuse(shard, respond, r, log),
     };
+    // The request head is not needed past here; the stream's future outlives it by far.
+    drop(parts);
     if let Some(src) = target.forwarded_for.filter(|a| a.port() != 0) {
         log.src_addr = src;
     }
@@ -217,6 +219,7 @@ async fn stream(
             );
         }
     }
+    drop(snap);
     let upstream = match net::connect_marked(dst, shard.opts.mark, shard.opts.connect_timeout).await
     {
         Ok(s) => s,

@@ -264,6 +264,11 @@ async fn tunnel(
     log.tls = Some(tls);
     log.dst_identity = Some(peer_id);
     log.established(&shard.metrics);
+    // The copy below lasts as long as the connection does: nothing it does not need may stay
+    // in this future across it (memory per idle connection).
+    drop(req);
+    drop(identities);
+    drop(key);
     let (send, recv) = stream;
     let (bytes, end) = copy::tcp_h2(client, send, recv, shard.opts.idle_timeout).await;
     drop(slot);
@@ -309,7 +314,9 @@ async fn open_stream<'a>(
             }
         }
     }
-    let (conn, peer) = connect(shard, key.dst, identities).await?;
+    // Boxed: the TLS and h2 handshake state is large and only a stream that opens a new
+    // connection needs it; unboxed it would sit in every connection's future for life.
+    let (conn, peer) = Box::pin(connect(shard, key.dst, identities)).await?;
     let send = conn.send.clone();
     let tls = conn.tls;
     let id = shard.pool.borrow_mut().insert(key.clone(), conn);
