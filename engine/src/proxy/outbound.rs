@@ -1,6 +1,7 @@
 //! Outbound: a connection captured on 15001 leaves as an HBONE stream, or as plain TCP.
 
 use std::cell::Cell;
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -11,7 +12,7 @@ use h2::client::SendRequest;
 use monoio::io::IntoPollIo;
 use monoio::net::TcpStream;
 use ringtun_hbone::connect::{Baggage, ConnectRequest, TraceParent};
-use ringtun_hbone::pool::{ConnId, PoolKey, Pooled};
+use ringtun_hbone::pool::{AttemptId, ConnId, PoolKey, Pooled};
 use ringtun_hbone::{verify, HboneError, Identity, HBONE_PORT};
 use rustls::pki_types::ServerName;
 
@@ -314,12 +315,77 @@ async fn open_stream<'a>(
             }
         }
     }
+    // A connection to the same key being opened already has room for this stream: wait for
+    // it rather than open one more (a burst of new streams would otherwise open one each).
+    let joined = shard.pool.borrow_mut().join(key);
+    if let Some(attempt) = joined {
+        let mut waiter = Waiter {
+            shard,
+            key,
+            attempt,
+            done: false,
+        };
+        let joined = poll_fn(|cx| {
+            let mut pool = shard.pool.borrow_mut();
+            pool.poll_joined(key, attempt, cx).map(|r| {
+                r.map(|(id, c)| (id, c.send.clone(), c.alive.clone(), c.peer.clone(), c.tls))
+            })
+        })
+        .await;
+        waiter.done = true;
+        let (id, send, alive, peer, tls) =
+            joined.map_err(|why| OpenError::Shared { addr: key.dst, why })?;
+        let slot = Slot {
+            shard,
+            key: key.clone(),
+            id,
+        };
+        match request(send, req).await {
+            Ok(stream) => {
+                shard
+                    .counters
+                    .pool_reused
+                    .set(shard.counters.pool_reused.get() + 1);
+                return Ok((stream, slot, peer, true, tls));
+            }
+            Err(OpenError::Refused(e)) => return Err(OpenError::Refused(e)),
+            Err(e) => {
+                tracing::debug!(error = %e, "new HBONE connection unusable; opening another");
+                alive.set(false);
+            }
+        }
+    }
+    let attempt = shard.pool.borrow_mut().begin(key);
+    let mut opener = Opener {
+        shard,
+        key,
+        attempt,
+        done: false,
+    };
     // Boxed: the TLS and h2 handshake state is large and only a stream that opens a new
     // connection needs it; unboxed it would sit in every connection's future for life.
-    let (conn, peer) = Box::pin(connect(shard, key.dst, identities)).await?;
+    let connected = Box::pin(connect(shard, key.dst, identities)).await;
+    opener.done = true;
+    let (conn, peer) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            shard
+                .pool
+                .borrow_mut()
+                .finish(key, attempt, Err(e.to_string()));
+            return Err(e);
+        }
+    };
     let send = conn.send.clone();
     let tls = conn.tls;
-    let id = shard.pool.borrow_mut().insert(key.clone(), conn);
+    let id = shard
+        .pool
+        .borrow_mut()
+        .finish(key, attempt, Ok(conn))
+        .ok_or_else(|| OpenError::Shared {
+            addr: key.dst,
+            why: "connection attempt vanished from the pool".into(),
+        })?;
     let slot = Slot {
         shard,
         key: key.clone(),
@@ -331,6 +397,47 @@ async fn open_stream<'a>(
         .pool_new
         .set(shard.counters.pool_new.get() + 1);
     Ok((stream, slot, peer, false, tls))
+}
+
+/// Ends a connection attempt that its opener abandoned (its task dropped mid-handshake), so
+/// the streams waiting on it fail instead of waiting forever.
+struct Opener<'a> {
+    shard: &'a Shard,
+    key: &'a PoolKey,
+    attempt: AttemptId,
+    done: bool,
+}
+
+impl Drop for Opener<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shard.pool.borrow_mut().finish(
+                self.key,
+                self.attempt,
+                Err("connection attempt abandoned".into()),
+            );
+        }
+    }
+}
+
+/// Gives back the stream promised on a connection being opened when its waiter goes away
+/// before the outcome.
+struct Waiter<'a> {
+    shard: &'a Shard,
+    key: &'a PoolKey,
+    attempt: AttemptId,
+    done: bool,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shard
+                .pool
+                .borrow_mut()
+                .leave(self.key, self.attempt, Instant::now());
+        }
+    }
 }
 
 /// Why a stream could not be opened.
@@ -355,6 +462,14 @@ pub(crate) enum OpenError {
     /// The peer is not who the destination may be, or protocol failure.
     #[error(transparent)]
     Hbone(#[from] HboneError),
+    /// The connection another stream was opening for this one failed.
+    #[error("HBONE connection to {addr} (opened for several streams): {why}")]
+    Shared {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why it failed.
+        why: String,
+    },
     /// The peer answered the CONNECT with an error status.
     #[error("{0}")]
     Refused(HboneError),
