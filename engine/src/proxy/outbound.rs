@@ -36,6 +36,27 @@ pub struct PooledH2 {
     budget: Option<Rc<KeyBudget>>,
 }
 
+/// What a pooled connection lends one stream: handles that outlive the pool borrow.
+struct Lent {
+    id: ConnId,
+    send: SendRequest<Bytes>,
+    alive: Rc<Cell<bool>>,
+    peer: Identity,
+    tls: TlsPath,
+}
+
+impl PooledH2 {
+    fn lend(&self, id: ConnId) -> Lent {
+        Lent {
+            id,
+            send: self.send.clone(),
+            alive: self.alive.clone(),
+            peer: self.peer.clone(),
+            tls: self.tls,
+        }
+    }
+}
+
 impl Pooled for PooledH2 {
     fn is_usable(&self) -> bool {
         self.alive.get() && !self.budget.as_ref().is_some_and(|b| b.is_retired())
@@ -289,30 +310,14 @@ async fn open_stream<'a>(
     req: &ConnectRequest,
     identities: &[Identity],
 ) -> Result<(Stream, Slot<'a>, Identity, bool, TlsPath), OpenError> {
-    let pooled = {
-        let mut pool = shard.pool.borrow_mut();
-        pool.checkout(key)
-            .map(|(id, c)| (id, c.send.clone(), c.alive.clone(), c.peer.clone(), c.tls))
-    };
-    if let Some((id, send, alive, peer, tls)) = pooled {
-        let slot = Slot {
-            shard,
-            key: key.clone(),
-            id,
-        };
-        match request(send, req).await {
-            Ok(stream) => {
-                shard
-                    .counters
-                    .pool_reused
-                    .set(shard.counters.pool_reused.get() + 1);
-                return Ok((stream, slot, peer, true, tls));
-            }
-            Err(OpenError::Refused(e)) => return Err(OpenError::Refused(e)),
-            Err(e) => {
-                tracing::debug!(error = %e, "pooled HBONE connection unusable; opening a new one");
-                alive.set(false);
-            }
+    let pooled = shard
+        .pool
+        .borrow_mut()
+        .checkout(key)
+        .map(|(id, c)| c.lend(id));
+    if let Some(lent) = pooled {
+        if let Some(done) = on_pooled(shard, key, req, lent, "pooled").await {
+            return done;
         }
     }
     // A connection to the same key being opened already has room for this stream: wait for
@@ -327,32 +332,14 @@ async fn open_stream<'a>(
         };
         let joined = poll_fn(|cx| {
             let mut pool = shard.pool.borrow_mut();
-            pool.poll_joined(key, attempt, cx).map(|r| {
-                r.map(|(id, c)| (id, c.send.clone(), c.alive.clone(), c.peer.clone(), c.tls))
-            })
+            pool.poll_joined(key, attempt, cx)
+                .map(|r| r.map(|(id, c)| c.lend(id)))
         })
         .await;
         waiter.done = true;
-        let (id, send, alive, peer, tls) =
-            joined.map_err(|why| OpenError::Shared { addr: key.dst, why })?;
-        let slot = Slot {
-            shard,
-            key: key.clone(),
-            id,
-        };
-        match request(send, req).await {
-            Ok(stream) => {
-                shard
-                    .counters
-                    .pool_reused
-                    .set(shard.counters.pool_reused.get() + 1);
-                return Ok((stream, slot, peer, true, tls));
-            }
-            Err(OpenError::Refused(e)) => return Err(OpenError::Refused(e)),
-            Err(e) => {
-                tracing::debug!(error = %e, "new HBONE connection unusable; opening another");
-                alive.set(false);
-            }
+        let lent = joined.map_err(|why| OpenError::Shared { addr: key.dst, why })?;
+        if let Some(done) = on_pooled(shard, key, req, lent, "just opened").await {
+            return done;
         }
     }
     let attempt = shard.pool.borrow_mut().begin(key);
@@ -397,6 +384,38 @@ async fn open_stream<'a>(
         .pool_new
         .set(shard.counters.pool_new.get() + 1);
     Ok((stream, slot, peer, false, tls))
+}
+
+/// Opens the stream on a connection taken from the pool (`what`: how it got there, for the
+/// log). `None` when that connection turned out unusable: it is marked dead, its slot given
+/// back, and the caller opens another.
+async fn on_pooled<'a>(
+    shard: &'a Rc<Shard>,
+    key: &PoolKey,
+    req: &ConnectRequest,
+    lent: Lent,
+    what: &str,
+) -> Option<Result<(Stream, Slot<'a>, Identity, bool, TlsPath), OpenError>> {
+    let slot = Slot {
+        shard,
+        key: key.clone(),
+        id: lent.id,
+    };
+    match request(lent.send, req).await {
+        Ok(stream) => {
+            shard
+                .counters
+                .pool_reused
+                .set(shard.counters.pool_reused.get() + 1);
+            Some(Ok((stream, slot, lent.peer, true, lent.tls)))
+        }
+        Err(OpenError::Refused(e)) => Some(Err(OpenError::Refused(e))),
+        Err(e) => {
+            tracing::debug!(error = %e, "{what} HBONE connection unusable; opening a new one");
+            lent.alive.set(false);
+            None
+        }
+    }
 }
 
 /// Ends a connection attempt that its opener abandoned (its task dropped mid-handshake), so
