@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use ringtun_topology::{Netns, TwoNodes, DEFAULT_MARK as MARK};
-use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -281,73 +280,6 @@ fn source_server(ns: &Netns, addr: &str) -> Arc<AtomicU64> {
         }
     });
     written
-}
-
-/// Echoes `n` bytes through `dst`, writing `chunk` bytes then pausing `pause`, and calling
-/// `at_bytes.1` once `at_bytes.0` bytes are written; reads the echo concurrently.
-fn paced_echo(
-    ns: &Netns,
-    dst: &str,
-    n: u64,
-    chunk: usize,
-    pause: Duration,
-    at_bytes: (u64, impl FnOnce()),
-) -> std::io::Result<Transfer> {
-    let start = Instant::now();
-    let mut s = connect_in(ns, dst)?;
-    let local = s.local_addr()?;
-    let mut r = s.try_clone()?;
-    let reader = std::thread::spawn(move || -> std::io::Result<(u64, String)> {
-        let mut h = Sha256::new();
-        let mut got = 0u64;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => return Ok((got, hex::encode(h.finalize()))),
-                Ok(k) => {
-                    h.update(&buf[..k]);
-                    got += k as u64;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    });
-    let (at, f) = at_bytes;
-    let mut f = Some(f);
-    let mut pat = Pattern::new();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; chunk];
-    let mut sent = 0u64;
-    let write_result = (|| -> std::io::Result<()> {
-        while sent < n {
-            let k = (n - sent).min(chunk as u64) as usize;
-            pat.fill(&mut buf[..k]);
-            s.write_all(&buf[..k])?;
-            h.update(&buf[..k]);
-            sent += k as u64;
-            if sent >= at {
-                if let Some(f) = f.take() {
-                    f();
-                }
-            }
-            std::thread::sleep(pause);
-        }
-        s.shutdown(Shutdown::Write)
-    })();
-    let read_result = reader
-        .join()
-        .map_err(|_| std::io::Error::other("reader thread panicked"))?;
-    write_result?;
-    let (received, sha_received) = read_result?;
-    Ok(Transfer {
-        local,
-        sent: n,
-        received,
-        sha_sent: hex::encode(h.finalize()),
-        sha_received,
-        took: start.elapsed(),
-    })
 }
 
 /// Runs `tests/peers/hbone_client.py` in `ns` against 10.77.0.2:15008 with the certificate
@@ -1023,15 +955,16 @@ fn drain_with_live_transfer(prefix: &'static str, trigger: Trigger, step: Durati
     let (transfer, drain_started, exit_status, exited_after) = std::thread::scope(|s| {
         // 8 MiB in 64 steps of 128 KiB, most of them after the drain starts.
         let live = s.spawn(move || {
-            paced_echo(
+            transfer_paced(
                 client_ns,
                 "10.77.0.2:5201",
                 8 * MIB,
                 128 * 1024,
                 step,
-                (MIB, move || {
+                MIB,
+                move |_| {
                     let _ = tx.send(());
-                }),
+                },
             )
         });
         rx.recv_timeout(Duration::from_secs(20))

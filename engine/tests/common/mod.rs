@@ -921,6 +921,20 @@ pub fn transfer_with(
     n: u64,
     at_half: impl FnOnce(u64),
 ) -> std::io::Result<Transfer> {
+    transfer_paced(ns, dst, n, 256 * 1024, Duration::ZERO, n - n / 2, at_half)
+}
+
+/// Echoes `n` bytes through `dst` in writes of `chunk` bytes with `pause` after each, calling
+/// `at_bytes(written)` once `at` bytes are written; reads the echo concurrently.
+pub fn transfer_paced(
+    ns: &Netns,
+    dst: &str,
+    n: u64,
+    chunk: usize,
+    pause: Duration,
+    at: u64,
+    at_bytes: impl FnOnce(u64),
+) -> std::io::Result<Transfer> {
     let start = Instant::now();
     let mut s = connect_in(ns, dst)?;
     let local = s.local_addr()?;
@@ -943,21 +957,24 @@ pub fn transfer_with(
     });
     let mut pat = Pattern::new();
     let mut h = Sha256::new();
-    let mut chunk = vec![0u8; 256 * 1024];
-    let mut left = n;
-    let mut at_half = Some(at_half);
+    let mut buf = vec![0u8; chunk];
+    let mut sent = 0u64;
+    let mut at_bytes = Some(at_bytes);
     let write_result = (|| -> std::io::Result<()> {
-        while left > 0 {
-            if left <= n / 2 {
-                if let Some(f) = at_half.take() {
-                    f(n - left);
+        while sent < n {
+            let k = (n - sent).min(chunk as u64) as usize;
+            pat.fill(&mut buf[..k]);
+            s.write_all(&buf[..k])?;
+            h.update(&buf[..k]);
+            sent += k as u64;
+            if sent >= at {
+                if let Some(f) = at_bytes.take() {
+                    f(sent);
                 }
             }
-            let k = left.min(chunk.len() as u64) as usize;
-            pat.fill(&mut chunk[..k]);
-            s.write_all(&chunk[..k])?;
-            h.update(&chunk[..k]);
-            left -= k as u64;
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
         }
         s.shutdown(Shutdown::Write)
     })();
