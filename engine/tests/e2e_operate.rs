@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use ringtun_topology::{Netns, TwoNodes, DEFAULT_MARK as MARK};
+use ringtun_topology::{Netns, DEFAULT_MARK as MARK};
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -359,45 +359,9 @@ fn disconnected(result: &serde_json::Value) -> bool {
     !result["goaway"].is_null() || !result["closed"].is_null()
 }
 
-/// A server namespace with ringtun (workload default/server), an echo server on 5201 and the
-/// certificates; a client namespace without ringtun or capture, where the Python peers run.
-struct ServerOnly {
-    server: Ringtun,
-    echo: EchoServer,
-    nodes: TwoNodes,
-    dir: TempDir,
-}
-
 impl ServerOnly {
     fn start(prefix: &'static str) -> ServerOnly {
-        let nodes = two_nodes(prefix);
-        let dir = TempDir::new(prefix);
-        gen_certs(
-            dir.path(),
-            "cluster.local",
-            &["default/client", "default/server"],
-        );
-        let config = dir.join("config.yaml");
-        write_atomic(&config, &mesh_config(&["/10.96.0.10"], false));
-        let server = Ringtun::start(
-            &nodes.server,
-            "server",
-            dir.path(),
-            RingtunArgs {
-                config: &config,
-                certs: dir.path(),
-                identity: "default/server",
-                workload: "default/server",
-                extra: vec!["--workers".into(), "1".into()],
-            },
-        );
-        let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
-        ServerOnly {
-            server,
-            echo,
-            nodes,
-            dir,
-        }
+        ServerOnly::start_with(prefix, |_| {})
     }
 
     /// Runs an abuse mode while a normal client echoes `bytes` on its own connection; returns

@@ -11,60 +11,28 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use ringtun_topology::{TwoNodes, DEFAULT_MARK};
+use ringtun_topology::DEFAULT_MARK;
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
 
-/// A server namespace with ringtun (workload default/server) and an echo server on 5201, and a
-/// client namespace without ringtun where the Python client runs.
-struct Inbound {
-    server: Ringtun,
-    echo: EchoServer,
-    nodes: TwoNodes,
-    dir: TempDir,
-}
+/// The server side alone (see [`ServerOnly`]), where the Python client plays the client.
+type Inbound = ServerOnly;
 
 impl Inbound {
     fn start(prefix: &'static str) -> Inbound {
-        let nodes = two_nodes(prefix);
-        let dir = TempDir::new(prefix);
-        // An identity in another trust domain signed by the same CA. gen-certs names files by
-        // namespace and service account only, so it is issued first and moved aside.
-        gen_certs(dir.path(), "other.example", &["default/client"]);
-        for ext in ["pem", "key"] {
-            std::fs::rename(
-                dir.join(&format!("default.client.{ext}")),
-                dir.join(&format!("otherdomain.client.{ext}")),
-            )
-            .expect("move the other-domain certificate aside");
-        }
-        gen_certs(
-            dir.path(),
-            "cluster.local",
-            &["default/client", "default/server"],
-        );
-        let config = dir.join("config.yaml");
-        write_atomic(&config, &mesh_config(&["/10.96.0.10"], false));
-        let server = Ringtun::start(
-            &nodes.server,
-            "server",
-            dir.path(),
-            RingtunArgs {
-                config: &config,
-                certs: dir.path(),
-                identity: "default/server",
-                workload: "default/server",
-                extra: vec!["--workers".into(), "1".into()],
-            },
-        );
-        let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
-        Inbound {
-            server,
-            echo,
-            nodes,
-            dir,
-        }
+        ServerOnly::start_with(prefix, |dir| {
+            // An identity in another trust domain signed by the same CA. gen-certs names files
+            // by namespace and service account only, so it is issued first and moved aside.
+            gen_certs(dir.path(), "other.example", &["default/client"]);
+            for ext in ["pem", "key"] {
+                std::fs::rename(
+                    dir.join(&format!("default.client.{ext}")),
+                    dir.join(&format!("otherdomain.client.{ext}")),
+                )
+                .expect("move the other-domain certificate aside");
+            }
+        })
     }
 
     /// Runs the Python client in the client namespace against 10.77.0.2:15008 with the

@@ -1227,3 +1227,52 @@ impl Ringtun {
             .unwrap_or_else(|| panic!("ringtun ({}): no VmRSS in /proc status", self.name))
     }
 }
+
+/// A server namespace with ringtun (workload default/server, one worker) and an echo server on
+/// 5201, and a client namespace without ringtun, where a test's own peer runs.
+pub struct ServerOnly {
+    /// The server-side ringtun.
+    pub server: Ringtun,
+    /// The workload behind it.
+    pub echo: EchoServer,
+    /// Both namespaces.
+    pub nodes: TwoNodes,
+    /// Certificates (default/client, default/server) and the config.
+    pub dir: TempDir,
+}
+
+impl ServerOnly {
+    /// Sets it up; `prepare` runs on the fresh directory before the mesh certificates are
+    /// issued (e.g. to issue extra ones).
+    pub fn start_with(prefix: &'static str, prepare: impl FnOnce(&TempDir)) -> ServerOnly {
+        let nodes = two_nodes(prefix);
+        let dir = TempDir::new(prefix);
+        prepare(&dir);
+        gen_certs(
+            dir.path(),
+            "cluster.local",
+            &["default/client", "default/server"],
+        );
+        let config = dir.join("config.yaml");
+        write_atomic(&config, &mesh_config(&["/10.96.0.10"], false));
+        let server = Ringtun::start(
+            &nodes.server,
+            "server",
+            dir.path(),
+            RingtunArgs {
+                config: &config,
+                certs: dir.path(),
+                identity: "default/server",
+                workload: "default/server",
+                extra: vec!["--workers".into(), "1".into()],
+            },
+        );
+        let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+        ServerOnly {
+            server,
+            echo,
+            nodes,
+            dir,
+        }
+    }
+}
