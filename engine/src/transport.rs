@@ -39,6 +39,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use monoio::net::TcpStream;
 use tls_kernel_offload::{self as ktls, Capability, Cipher, Handoff, KtlsError, RecordBoundary};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -573,6 +574,45 @@ const RUSTLS_SEND_LIMIT: usize = 512 * 1024;
 /// `writev`, small enough that bulk data starts moving before the send limit stalls h2.
 const RUSTLS_EAGER_WRITE: usize = 256 * 1024;
 
+/// Lets an HBONE connection's writes wait for the end of a shard tick, so that frames from
+/// every stream that became ready in the same tick leave in one record batch and one `writev`.
+///
+/// h2 flushes its I/O after every DATA frame it sends without copying (payloads over 256
+/// bytes) and at the end of every poll; with sixteen streams each sending a small request, that
+/// was one `writev` per request although all sixteen were ready at once. The task that drives
+/// the h2 connection polls it through [`FlushTick::poll`], which numbers its polls; a flush
+/// during a poll only marks the bytes due and has the task polled once more after the other
+/// ready tasks of this tick, and the next poll writes them (at its first read or flush).
+/// Until a driver polls through it (the h2 handshake), flushes write at once.
+#[derive(Debug, Default)]
+pub struct FlushTick {
+    /// A driver polls through [`FlushTick::poll`]: flushes may be deferred.
+    armed: Cell<bool>,
+    /// Which poll of the driving task this is.
+    poll: Cell<u32>,
+    /// A flush was deferred during this poll: poll the task once more.
+    repoll: Cell<bool>,
+}
+
+impl FlushTick {
+    /// Polls the h2 connection (`f`) as one tick of the driving task.
+    pub fn poll<T>(
+        &self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.armed.set(true);
+        self.poll.set(self.poll.get().wrapping_add(1));
+        let r = f(cx);
+        if self.repoll.replace(false) {
+            // To the back of the shard's run queue: the streams woken in this tick buffer
+            // their frames first.
+            cx.waker().wake_by_ref();
+        }
+        r
+    }
+}
+
 /// An HBONE connection on userspace rustls, after the handshake.
 ///
 /// tokio-rustls would do this job, but it costs a syscall per 4 KiB read (rustls reads into
@@ -581,26 +621,48 @@ const RUSTLS_EAGER_WRITE: usize = 256 * 1024;
 /// Here reads take up to [`RUSTLS_READ_CHUNK`] from the socket into a buffer of ours and
 /// rustls is fed from it; writes are encrypted into rustls' send buffer and go to the socket
 /// when h2 flushes (once per batch of frames, so a request's HEADERS and DATA share one record
-/// and one syscall) or when [`RUSTLS_EAGER_WRITE`] bytes are waiting.
+/// and one syscall; see [`FlushTick`] for batching across streams) or when
+/// [`RUSTLS_EAGER_WRITE`] bytes are waiting.
+///
+/// The socket is in monoio's completion mode and is driven by hand: a non-blocking `recv`
+/// while bytes keep coming, and after a short read an io_uring poll for readability before
+/// the next `recv`; writes are non-blocking `sendmsg`s, with a poll for writability when the
+/// socket is full. monoio's poll I/O would instead route readiness through an epoll instance
+/// (one `epoll_wait` per wake-up) and learn that the socket is empty from a `recv` that fails
+/// with `EAGAIN`: two syscalls more per message.
 pub struct RustlsIo {
-    io: TcpStreamPoll,
+    sock: Rc<TcpStream>,
     conn: rustls::Connection,
     /// Ciphertext read from the socket; `rbuf[rpos..]` is not yet handed to rustls. Released
     /// when empty and the socket has nothing more, so idle connections hold no buffer.
     rbuf: Vec<u8>,
     rpos: usize,
+    /// The last `recv` returned less than it asked for: the socket is (most likely) empty,
+    /// so the next read waits for readability instead of trying a `recv` first.
+    drained: bool,
     /// The socket reported end of stream.
     eof: bool,
+    /// A wait for readability (after a short read) or writability (after `EAGAIN`).
+    read_wait: Option<Readiness>,
+    write_wait: Option<Readiness>,
     /// Plaintext bytes accepted since the last full write to the socket.
     unflushed: usize,
     /// close_notify queued (poll_shutdown started).
     closing: bool,
+    /// Shared with the task driving h2 (see [`FlushTick`]).
+    tick: Rc<FlushTick>,
+    /// The poll of the driving task in which a flush was deferred.
+    deferred: Option<u32>,
 }
+
+/// An io_uring poll on the socket (`TcpStream::readable`/`writable`), owning its own handle
+/// to the stream so that it can live next to it.
+type Readiness = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 
 impl fmt::Debug for RustlsIo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RustlsIo")
-            .field("fd", &self.io.as_raw_fd())
+            .field("fd", &self.sock.as_raw_fd())
             .field("buffered_in", &(self.rbuf.len() - self.rpos))
             .field("unflushed", &self.unflushed)
             .field("eof", &self.eof)
@@ -609,16 +671,35 @@ impl fmt::Debug for RustlsIo {
 }
 
 impl RustlsIo {
-    fn new(io: TcpStreamPoll, mut conn: rustls::Connection) -> Self {
+    fn new(sock: TcpStream, mut conn: rustls::Connection, tick: Rc<FlushTick>) -> Self {
         conn.set_buffer_limit(Some(RUSTLS_SEND_LIMIT));
         RustlsIo {
-            io,
+            sock: Rc::new(sock),
             conn,
             rbuf: Vec::new(),
             rpos: 0,
+            // The handshake may have left the socket empty or not: try a recv first.
+            drained: false,
             eof: false,
+            read_wait: None,
+            write_wait: None,
             unflushed: 0,
             closing: false,
+            tick,
+            deferred: None,
+        }
+    }
+
+    /// Writes a deferred flush once the driving task is in a later poll than the one that
+    /// deferred it. Pending (socket full) is not an error: the task is woken when it drains,
+    /// and the bytes stay due.
+    fn write_due(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.deferred {
+            Some(p) if p != self.tick.poll.get() => match self.poll_write_tls(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => Ok(()),
+            },
+            _ => Ok(()),
         }
     }
 
@@ -626,18 +707,25 @@ impl RustlsIo {
     /// is full (Pending, woken when it drains).
     fn poll_write_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.conn.wants_write() {
+            if let Some(w) = self.write_wait.as_mut() {
+                ready!(w.as_mut().poll(cx))?;
+                self.write_wait = None;
+            }
             let mut out = SocketWriter {
-                io: &mut self.io,
-                cx,
+                fd: self.sock.as_raw_fd(),
             };
             match self.conn.write_tls(&mut out) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let sock = self.sock.clone();
+                    self.write_wait = Some(Box::pin(async move { sock.writable(false).await }));
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
         self.unflushed = 0;
+        self.deferred = None;
         Poll::Ready(Ok(()))
     }
 
@@ -663,27 +751,54 @@ impl RustlsIo {
     /// Reads from the socket into `rbuf`: Ready(true) when bytes arrived, Ready(false) at end
     /// of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        if self.rbuf.capacity() < RUSTLS_READ_CHUNK {
-            self.rbuf.reserve_exact(RUSTLS_READ_CHUNK);
-        }
-        let len = self.rbuf.len();
-        let mut rb = ReadBuf::uninit(self.rbuf.spare_capacity_mut());
-        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                // SAFETY: the read initialised the first `n` bytes of the spare capacity
-                // (ReadBuf tracks exactly what was filled).
-                unsafe { self.rbuf.set_len(len + n) };
-                Poll::Ready(Ok(n > 0))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                if len == 0 {
+        loop {
+            if self.drained {
+                if self.read_wait.is_none() {
                     // Idle: give the buffer back rather than pin it for the connection's life.
-                    self.rbuf = Vec::new();
+                    if self.rbuf.is_empty() {
+                        self.rbuf = Vec::new();
+                    }
+                    let sock = self.sock.clone();
+                    self.read_wait = Some(Box::pin(async move { sock.readable(false).await }));
                 }
-                Poll::Pending
+                if let Some(w) = self.read_wait.as_mut() {
+                    ready!(w.as_mut().poll(cx))?;
+                }
+                self.read_wait = None;
+                self.drained = false;
             }
+            if self.rbuf.capacity() < RUSTLS_READ_CHUNK {
+                self.rbuf.reserve_exact(RUSTLS_READ_CHUNK);
+            }
+            let len = self.rbuf.len();
+            let spare = self.rbuf.spare_capacity_mut();
+            let want = spare.len();
+            // SAFETY: `spare` is writable memory of `want` bytes owned by `rbuf`; the kernel
+            // writes at most `want` bytes into it.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    want,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => {
+                        self.drained = true;
+                        continue;
+                    }
+                    _ => return Poll::Ready(Err(e)),
+                }
+            }
+            let n = n as usize;
+            // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+            unsafe { self.rbuf.set_len(len + n) };
+            self.drained = n < want;
+            return Poll::Ready(Ok(n > 0));
         }
     }
 }
@@ -695,6 +810,7 @@ impl AsyncRead for RustlsIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.write_due(cx)?;
         let start = buf.filled().len();
         loop {
             // Plaintext rustls already has goes first, straight into h2's buffer.
@@ -788,7 +904,20 @@ impl AsyncWrite for RustlsIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_write_tls(cx)
+        let this = self.get_mut();
+        if this.tick.armed.get() && this.conn.wants_write() {
+            let now = this.tick.poll.get();
+            match this.deferred {
+                None => {
+                    this.deferred = Some(now);
+                    this.tick.repoll.set(true);
+                    return Poll::Ready(Ok(()));
+                }
+                Some(p) if p == now => return Poll::Ready(Ok(())),
+                Some(_) => {}
+            }
+        }
+        this.poll_write_tls(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -798,33 +927,47 @@ impl AsyncWrite for RustlsIo {
             this.conn.send_close_notify();
         }
         ready!(this.poll_write_tls(cx))?;
-        match ready!(Pin::new(&mut this.io).poll_shutdown(cx)) {
+        // SAFETY: plain syscall on a descriptor this connection owns.
+        if unsafe { libc::shutdown(this.sock.as_raw_fd(), libc::SHUT_WR) } < 0 {
+            let e = io::Error::last_os_error();
             // Shutting down a connection the peer already dropped is not a failure.
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
-            r => Poll::Ready(r),
+            if e.kind() != io::ErrorKind::NotConnected {
+                return Poll::Ready(Err(e));
+            }
         }
+        Poll::Ready(Ok(()))
     }
 }
 
-/// `std::io::Write` over the socket for rustls' `write_tls`; Pending becomes WouldBlock (and
-/// the task is woken when the socket can take more).
-struct SocketWriter<'a, 'b> {
-    io: &'a mut TcpStreamPoll,
-    cx: &'a mut Context<'b>,
+/// `std::io::Write` over the socket for rustls' `write_tls`: non-blocking `sendmsg`, so a full
+/// socket is `WouldBlock` (and the caller waits for writability).
+struct SocketWriter {
+    fd: std::os::fd::RawFd,
 }
 
-impl io::Write for SocketWriter<'_, '_> {
+impl io::Write for SocketWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match Pin::new(&mut *self.io).poll_write(self.cx, buf) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        self.write_vectored(&[io::IoSlice::new(buf)])
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match Pin::new(&mut *self.io).poll_write_vectored(self.cx, bufs) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        // IoSlice is ABI-compatible with iovec on unix.
+        let iovlen = bufs.len().min(1024);
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iovlen as _;
+        loop {
+            // SAFETY: `msg` points at `iovlen` valid iovecs borrowed for this call.
+            let n =
+                unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
         }
     }
 
@@ -916,6 +1059,8 @@ impl AsyncWrite for HboneIo {
 pub struct Established {
     /// What h2 runs on.
     pub io: HboneIo,
+    /// Poll the h2 connection through this (see [`FlushTick`]).
+    pub tick: Rc<FlushTick>,
     /// How its records are carried.
     pub path: TlsPath,
     /// The TX key budget of an offloaded connection (`None` on rustls, which counts and
@@ -923,8 +1068,9 @@ pub struct Established {
     pub budget: Option<Rc<KeyBudget>>,
 }
 
-/// A connection lost while switching to kTLS: by then rustls had given up (or was about to
-/// give up) its secrets, so it cannot continue in userspace either.
+/// A connection lost between the TLS handshake and its first HTTP/2 byte: mostly while
+/// switching to kTLS, when rustls had given up (or was about to give up) its secrets, so it
+/// cannot continue in userspace either.
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
     /// The offload crate refused or the kernel rejected the keys.
@@ -941,6 +1087,10 @@ pub enum OffloadError {
     /// rustls failed on the record that completed the handshake's last read.
     #[error("switching to kTLS: {0}")]
     Rustls(#[from] rustls::Error),
+    /// A connection staying on userspace rustls could not leave monoio's poll mode (the
+    /// runtime refused to deregister the socket); nothing was sent on it yet.
+    #[error("after the TLS handshake: leaving poll mode: {0}")]
+    PollMode(io::Error),
 }
 
 /// Finishes a handshaken connection: offloads it to the kernel when this shard, the kernel
@@ -951,7 +1101,7 @@ pub async fn establish(
     tls: tokio_rustls::TlsStream<HandshakeIo>,
 ) -> Result<Established, OffloadError> {
     let Some(cap) = shard.tls.ktls.as_ref() else {
-        return Ok(userspace(shard, tls));
+        return userspace(shard, tls);
     };
     let (io, common) = tls.get_ref();
     let suite = common.negotiated_cipher_suite().map(|s| s.suite());
@@ -960,14 +1110,14 @@ pub async fn establish(
         .and_then(Cipher::from_suite);
     let Some(cipher) = cipher.filter(|_| io.cork.is_some()) else {
         tracing::debug!(shard = shard.id, ?suite, "kTLS: this kernel cannot offload the negotiated cipher suite; the connection stays on userspace rustls");
-        return Ok(userspace(shard, tls));
+        return userspace(shard, tls);
     };
     // Attaching the ULP is the one step that can fail without losing the connection: the
     // socket stays plain TCP until keys are installed. So it comes before the secrets leave
     // rustls.
     if let Err(e) = ktls::enable_ulp(io.io.as_raw_fd()) {
         tracing::warn!(shard = shard.id, error = %e, "kTLS: the connection stays on userspace rustls");
-        return Ok(userspace(shard, tls));
+        return userspace(shard, tls);
     }
     // Committed: an error from here on loses the connection.
     let hio = match tls {
@@ -987,7 +1137,10 @@ pub async fn establish(
     result
 }
 
-fn userspace(shard: &Shard, tls: tokio_rustls::TlsStream<HandshakeIo>) -> Established {
+fn userspace(
+    shard: &Shard,
+    tls: tokio_rustls::TlsStream<HandshakeIo>,
+) -> Result<Established, OffloadError> {
     // Past the handshake nothing reads through the cork any more: the record layer reads the
     // socket itself.
     let (hio, conn) = match tls {
@@ -1000,12 +1153,19 @@ fn userspace(shard: &Shard, tls: tokio_rustls::TlsStream<HandshakeIo>) -> Establ
             (io, rustls::Connection::from(conn))
         }
     };
+    // Off monoio's poll I/O: RustlsIo drives the socket itself.
+    let sock = hio
+        .io
+        .try_into_comp_io()
+        .map_err(|(e, _)| OffloadError::PollMode(e))?;
     bump(&shard.counters.tls_userspace);
-    Established {
-        io: HboneIo::Rustls(RustlsIo::new(hio.io, conn)),
+    let tick = Rc::new(FlushTick::default());
+    Ok(Established {
+        io: HboneIo::Rustls(RustlsIo::new(sock, conn, tick.clone())),
+        tick,
         path: TlsPath::USERSPACE,
         budget: None,
-    }
+    })
 }
 
 async fn offload(
@@ -1087,6 +1247,8 @@ async fn offload(
     let budget = Rc::new(KeyBudget::new(cipher, shard.opts.ktls_tx_record_limit));
     Ok(Established {
         io: HboneIo::Kernel(KtlsIo::new(shard.clone(), hio.io, early, budget.clone())),
+        // The kernel's socket takes every write at once; nothing to defer.
+        tick: Rc::new(FlushTick::default()),
         path: TlsPath {
             ktls_tx: off.tx,
             ktls_rx: off.rx,

@@ -74,6 +74,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
         };
     let tls = established.path;
     let budget = established.budget;
+    let tick = established.tick;
     let mut conn = match shard
         .opts
         .h2
@@ -102,7 +103,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
             {
                 return Poll::Ready(None);
             }
-            conn.poll_accept(cx).map(Some)
+            tick.poll(cx, |cx| conn.poll_accept(cx)).map(Some)
         })
         .await;
         let next = match next {
@@ -130,7 +131,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
         }
     }
     // Streams still running need the connection driven until they finish.
-    let _ = poll_fn(|cx| conn.poll_closed(cx)).await;
+    let _ = poll_fn(|cx| tick.poll(cx, |cx| conn.poll_closed(cx))).await;
 }
 
 fn count_failed(shard: &Shard) {

@@ -2,8 +2,10 @@
 
 use std::cell::Cell;
 use std::future::poll_fn;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -576,8 +578,10 @@ async fn connect(
     let alive = Rc::new(Cell::new(true));
     let flag = alive.clone();
     let shard_id = shard.id;
+    let tick = established.tick;
     monoio::spawn(async move {
-        if let Err(e) = conn.await {
+        let mut conn = conn;
+        if let Err(e) = poll_fn(|cx| tick.poll(cx, |cx| Pin::new(&mut conn).poll(cx))).await {
             tracing::debug!(shard = shard_id, peer = %addr, error = %e, "HBONE connection ended");
         }
         flag.set(false);
