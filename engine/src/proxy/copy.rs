@@ -507,9 +507,15 @@ mod idle {
     }
 
     async fn sweep() {
+        // Buffers were let go of in the last sweep: by now their reads have been cancelled
+        // and the memory freed.
+        let mut released = false;
         loop {
             monoio::time::sleep(SCAN).await;
             let now = quanta::Instant::now();
+            if std::mem::take(&mut released) {
+                crate::alloc::collect_freed();
+            }
             let done = WATCHED.with(|w| {
                 let mut w = w.borrow_mut();
                 for r in w.slots.iter().flatten() {
@@ -522,6 +528,7 @@ mod idle {
                     if r.holding.get() > 0 && !r.quiet.get() && quiet_for >= QUIET {
                         r.quiet.set(true);
                         wake = true;
+                        released = true;
                     }
                     if wake {
                         if let Some(waker) = r.waker.take() {
