@@ -221,8 +221,14 @@ async fn stream(
         }
     }
     drop(snap);
-    let upstream = match net::connect_marked(dst, shard.opts.mark, shard.opts.connect_timeout).await
-    {
+    // Boxed: the connect (with its timer) would otherwise size this future, which lives as
+    // long as the connection does.
+    let connecting = Box::pin(net::connect_marked(
+        dst,
+        shard.opts.mark,
+        shard.opts.connect_timeout,
+    ));
+    let upstream = match connecting.await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%dst, error = %e, "inbound: destination unreachable");

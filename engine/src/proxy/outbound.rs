@@ -173,7 +173,8 @@ pub async fn handle(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
         Route::Direct { target, service } => {
             log.direction = Direction::Passthrough;
             log.dst_service = service;
-            plaintext::forward(shard, client, target, log).await;
+            // Boxed so that the HBONE connections' tasks are not sized by this path's state.
+            Box::pin(plaintext::forward(shard, client, target, log)).await;
         }
         Route::Hbone {
             target,
@@ -269,13 +270,20 @@ async fn tunnel(
 ) {
     let hbone = SocketAddr::new(req.target.ip(), HBONE_PORT);
     log.dst_hbone = Some(hbone);
-    let key = PoolKey::new(
-        shard.tls.identity.clone(),
-        identities.clone(),
-        hbone,
-        req.source.ip(),
-    );
-    let opened = open_stream(shard, &key, &req, &identities).await;
+    // The copy below lasts as long as the connection does, and a task is as big as the
+    // largest state its future can be in: opening the stream (pool lookup, request, a
+    // possible handshake) runs in its own allocation, freed before the copy starts, so an
+    // idle connection's task holds only the copy (memory per idle connection).
+    let opened = Box::pin(async {
+        let key = PoolKey::new(
+            shard.tls.identity.clone(),
+            identities.clone(),
+            hbone,
+            req.source.ip(),
+        );
+        open_stream(shard, &key, &req, &identities).await
+    })
+    .await;
     let (stream, slot, peer_id, reused, tls) = match opened {
         Ok(v) => v,
         Err(e) => {
@@ -288,11 +296,6 @@ async fn tunnel(
     log.tls = Some(tls);
     log.dst_identity = Some(peer_id);
     log.established(&shard.metrics);
-    // The copy below lasts as long as the connection does: nothing it does not need may stay
-    // in this future across it (memory per idle connection).
-    drop(req);
-    drop(identities);
-    drop(key);
     let (send, recv) = stream;
     let (bytes, end) = copy::tcp_h2(client, send, recv, shard.opts.idle_timeout).await;
     drop(slot);
