@@ -163,6 +163,30 @@ pub fn abort_on_close(fd: RawFd) {
     }
 }
 
+/// One non-blocking `recv` into `spare` (retried on EINTR): the bytes read, 0 at end of stream,
+/// `WouldBlock` when the socket is empty. The caller marks the first `n` bytes initialised.
+pub fn recv_nonblocking(fd: RawFd, spare: &mut [mem::MaybeUninit<u8>]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `spare` is writable memory of `spare.len()` bytes borrowed for this call; the
+        // kernel writes at most that many bytes into it.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Raw fd of anything that has one (helper to keep call sites short).
 pub fn fd_of<T: AsRawFd>(t: &T) -> RawFd {
     t.as_raw_fd()

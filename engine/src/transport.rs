@@ -43,6 +43,7 @@ use monoio::net::TcpStream;
 use tls_kernel_offload::{self as ktls, Capability, Cipher, Handoff, KtlsError, RecordBoundary};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::net;
 use crate::options::KtlsMode;
 use crate::shard::Shard;
 use crate::EngineError;
@@ -773,28 +774,14 @@ impl RustlsIo {
             let len = self.rbuf.len();
             let spare = self.rbuf.spare_capacity_mut();
             let want = spare.len();
-            // SAFETY: `spare` is writable memory of `want` bytes owned by `rbuf`; the kernel
-            // writes at most `want` bytes into it.
-            let n = unsafe {
-                libc::recv(
-                    self.sock.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    want,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => {
-                        self.drained = true;
-                        continue;
-                    }
-                    _ => return Poll::Ready(Err(e)),
+            let n = match net::recv_nonblocking(self.sock.as_raw_fd(), spare) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.drained = true;
+                    continue;
                 }
-            }
-            let n = n as usize;
+                Err(e) => return Poll::Ready(Err(e)),
+            };
             // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
             unsafe { self.rbuf.set_len(len + n) };
             self.drained = n < want;

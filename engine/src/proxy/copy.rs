@@ -217,21 +217,10 @@ fn recv(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<usize> {
     buf.reserve(len);
     let spare = buf.spare_capacity_mut();
     let len = len.min(spare.len());
-    loop {
-        // SAFETY: `spare` is writable memory of at least `len` bytes owned by `buf`; the
-        // kernel writes at most `len` bytes into it.
-        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), len, libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            let n = n as usize;
-            // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
-            unsafe { buf.set_len(buf.len() + n) };
-            return Ok(n);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    let n = net::recv_nonblocking(fd, &mut spare[..len])?;
+    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// Tunnels a TCP connection over an HBONE stream until both directions end.
