@@ -1,11 +1,10 @@
 //! The one thing ringtun asks of its allocator (mimalloc) beyond malloc and free.
 
-// mimalloc itself is linked through the `mimalloc` crate (the global allocator in main.rs);
-// only this entry point of its extended API is used, so it is declared here rather than pulling
-// in libmimalloc-sys's `extended` feature and its dependencies.
-// The library itself never names the crate (main.rs does, as the global allocator), and a
-// crate nobody names is not linked: without this, binaries built on the library alone (tests,
-// fuzz targets) would miss the symbol below.
+// mimalloc comes from the `mimalloc` crate (the global allocator in main.rs). Only this one
+// entry point of its extended API is used, so it is declared here rather than pulling in
+// libmimalloc-sys's `extended` feature and its dependencies. The library must still name the
+// crate: one nobody names is not linked, and binaries built on the library alone (tests, fuzz
+// targets) would miss the symbol.
 extern crate mimalloc as _;
 
 unsafe extern "C" {

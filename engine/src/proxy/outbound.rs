@@ -1,8 +1,7 @@
 //! Outbound: a connection captured on 15001 leaves as an HBONE stream, or as plain TCP.
 
 use std::cell::Cell;
-use std::future::poll_fn;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
