@@ -44,15 +44,9 @@ fn raise_nofile() -> u64 {
 /// Bytes connection `i` sends (the server echoes them back): distinct per connection, so a
 /// stream crossed with another one fails the check.
 fn payload(i: usize) -> Vec<u8> {
-    let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..PAYLOAD)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut bytes = vec![0u8; PAYLOAD];
+    Pattern::seeded(i as u64).fill(&mut bytes);
+    bytes
 }
 
 fn rss(m: &Mesh) -> (u64, u64) {

@@ -872,6 +872,11 @@ impl Pattern {
         Pattern(rand::random::<u64>() | 1)
     }
 
+    /// The stream for `seed`: the same bytes every time, different bytes for different seeds.
+    pub fn seeded(seed: u64) -> Self {
+        Pattern(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
     /// Fills `buf` with the next bytes.
     pub fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
