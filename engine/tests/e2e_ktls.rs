@@ -50,15 +50,7 @@ fn no_ktls() -> Vec<String> {
 
 /// The two-node mesh with per-side arguments (the shared `Mesh::start` gives both the same).
 fn mesh(prefix: &'static str, client_extra: Vec<String>, server_extra: Vec<String>) -> Mesh {
-    let nodes = two_nodes(prefix);
-    let dir = TempDir::new(prefix);
-    gen_certs(
-        dir.path(),
-        "cluster.local",
-        &["default/client", "default/server"],
-    );
-    let config = dir.join("config.yaml");
-    write_atomic(&config, &mesh_config(&["/10.96.0.10"], false));
+    let (nodes, dir, config) = mesh_files(prefix, &mesh_config(&["/10.96.0.10"], false), |_| {});
     nodes
         .client
         .capture_outbound(15001, DEFAULT_MARK)

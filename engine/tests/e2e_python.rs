@@ -206,15 +206,7 @@ fn assert_traceparent(tp: &str) {
 
 #[test]
 fn ringtun_outbound_to_python_server_sends_a_proper_connect() {
-    let nodes = two_nodes("pys");
-    let dir = TempDir::new("pys");
-    gen_certs(
-        dir.path(),
-        "cluster.local",
-        &["default/client", "default/server"],
-    );
-    let config = dir.join("config.yaml");
-    write_atomic(&config, &mesh_config(&["/10.96.0.10"], false));
+    let (nodes, dir, config) = mesh_files("pys", &mesh_config(&["/10.96.0.10"], false), |_| {});
     nodes
         .client
         .capture_outbound(15001, DEFAULT_MARK)

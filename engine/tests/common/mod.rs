@@ -513,18 +513,31 @@ impl MeshOptions {
     }
 }
 
+/// The start of every two-node mesh: the namespaces, a scratch directory with certificates for
+/// default/client and default/server, and `config.yaml` in it holding `config`. `prepare` runs
+/// on the fresh directory before the certificates are issued (e.g. to issue extra ones).
+pub fn mesh_files(
+    prefix: &'static str,
+    config: &str,
+    prepare: impl FnOnce(&TempDir),
+) -> (TwoNodes, TempDir, PathBuf) {
+    let nodes = two_nodes(prefix);
+    let dir = TempDir::new(prefix);
+    prepare(&dir);
+    gen_certs(
+        dir.path(),
+        "cluster.local",
+        &["default/client", "default/server"],
+    );
+    let path = dir.join("config.yaml");
+    write_atomic(&path, config);
+    (nodes, dir, path)
+}
+
 impl Mesh {
     /// Builds the topology and starts both ringtuns.
     pub fn start(opts: MeshOptions) -> Mesh {
-        let nodes = two_nodes(opts.prefix);
-        let dir = TempDir::new(opts.prefix);
-        gen_certs(
-            dir.path(),
-            "cluster.local",
-            &["default/client", "default/server"],
-        );
-        let config = dir.join("config.yaml");
-        write_atomic(&config, &opts.config);
+        let (nodes, dir, config) = mesh_files(opts.prefix, &opts.config, |_| {});
         nodes
             .client
             .capture_outbound(15001, DEFAULT_MARK)
@@ -1250,16 +1263,8 @@ impl ServerOnly {
     /// Sets it up; `prepare` runs on the fresh directory before the mesh certificates are
     /// issued (e.g. to issue extra ones).
     pub fn start_with(prefix: &'static str, prepare: impl FnOnce(&TempDir)) -> ServerOnly {
-        let nodes = two_nodes(prefix);
-        let dir = TempDir::new(prefix);
-        prepare(&dir);
-        gen_certs(
-            dir.path(),
-            "cluster.local",
-            &["default/client", "default/server"],
-        );
-        let config = dir.join("config.yaml");
-        write_atomic(&config, &mesh_config(&["/10.96.0.10"], false));
+        let (nodes, dir, config) =
+            mesh_files(prefix, &mesh_config(&["/10.96.0.10"], false), prepare);
         let server = Ringtun::start(
             &nodes.server,
             "server",
