@@ -7,7 +7,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -430,17 +432,22 @@ async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener
                 }
                 // One spawn per kind, not one future matching on it: a task is as big as the
                 // largest future it may run, and every idle connection keeps its task.
-                let shard = shard.clone();
                 match kind {
-                    ListenerKind::Outbound => spawn_counted(shard, move |s| async move {
-                        proxy::outbound::handle(&s, stream, peer).await
-                    }),
-                    ListenerKind::Inbound => spawn_counted(shard, move |s| async move {
-                        proxy::inbound::handle(&s, stream, peer).await
-                    }),
-                    ListenerKind::InboundPlaintext => spawn_counted(shard, move |s| async move {
-                        proxy::plaintext::inbound(&s, stream, peer).await
-                    }),
+                    ListenerKind::Outbound => {
+                        spawn_counted(&shard, proxy::outbound::handle(shard.clone(), stream, peer))
+                    }
+                    ListenerKind::Inbound => {
+                        let s = shard.clone();
+                        spawn_counted(&shard, async move {
+                            proxy::inbound::handle(&s, stream, peer).await
+                        })
+                    }
+                    ListenerKind::InboundPlaintext => {
+                        let s = shard.clone();
+                        spawn_counted(&shard, async move {
+                            proxy::plaintext::inbound(&s, stream, peer).await
+                        })
+                    }
                 }
             }
             Err(_) if shard.drain.is_fired() => return,
@@ -454,17 +461,39 @@ async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener
 }
 
 /// Runs one connection's handler as its own task, counted in `open` while it runs.
-fn spawn_counted<F, Fut>(shard: Rc<Shard>, f: F)
-where
-    F: FnOnce(Rc<Shard>) -> Fut + 'static,
-    Fut: std::future::Future<Output = ()> + 'static,
-{
-    monoio::spawn(async move {
-        shard.counters.open.set(shard.counters.open.get() + 1);
-        let fut = f(shard.clone());
-        fut.await;
-        shard.counters.open.set(shard.counters.open.get() - 1);
+fn spawn_counted<F: Future<Output = ()> + 'static>(shard: &Rc<Shard>, fut: F) {
+    let open = &shard.counters.open;
+    open.set(open.get() + 1);
+    monoio::spawn(Counted {
+        fut,
+        shard: shard.clone(),
     });
+}
+
+/// A connection's future that counts itself out of `open` when it ends or is dropped.
+///
+/// Written out rather than as `async move { fut.await; … }`: an async block keeps its captured
+/// future and the one it awaits as two fields, which would double every connection's task.
+struct Counted<F> {
+    fut: F,
+    shard: Rc<Shard>,
+}
+
+impl<F: Future<Output = ()>> Future for Counted<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `fut` is structurally pinned: it is never moved out of a pinned `Counted`
+        // (Drop below only touches `shard`), and `Counted` is `Unpin` only when `F` is.
+        unsafe { self.map_unchecked_mut(|c| &mut c.fut) }.poll(cx)
+    }
+}
+
+impl<F> Drop for Counted<F> {
+    fn drop(&mut self) {
+        let open = &self.shard.counters.open;
+        open.set(open.get().saturating_sub(1));
+    }
 }
 
 async fn sweep_pool(shard: Rc<Shard>) {

@@ -145,37 +145,13 @@ impl Reader {
         conn: &idle::Conn,
     ) -> io::Result<Bytes> {
         loop {
-            if let Some(mut buf) = self.buf.take() {
-                // Reuses the allocation when h2 has released every piece of it.
-                buf.reserve(self.size);
-                // Bound the read to `size` even if the allocation is bigger: frame alignment
-                // matters more than reading a little more.
-                let slice = IoBufMut::slice_mut(buf, 0..self.size);
-                // Kept across reads while the connection is busy: one per read would cost an
-                // allocation each.
-                let canceller = self.canceller.take().unwrap_or_default();
-                let _holding = conn.hold();
-                let read = std::pin::pin!(rd.cancelable_read(slice, canceller.handle()));
-                let quiet = std::pin::pin!(conn.quiet());
-                let (res, slice) = match futures_util::future::select(read, quiet).await {
-                    futures_util::future::Either::Left((r, _)) => {
-                        self.canceller = Some(canceller);
-                        r
-                    }
-                    futures_util::future::Either::Right(((), read)) => {
-                        // A read that completed meanwhile still returns its bytes.
-                        let _ = canceller.cancel();
-                        read.await
-                    }
-                };
-                let buf = slice.into_inner();
-                match res {
-                    Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
-                        drop(buf);
-                        self.canceller = None;
-                        continue;
-                    }
-                    res => return res.map(|n| self.filled(buf, n)),
+            if let Some(buf) = self.buf.take() {
+                // Boxed: the pending read and its quiet watch take about 700 bytes, needed only
+                // while a read is in flight, and an idle connection's task would otherwise keep
+                // room for them for its whole life (one small allocation per read instead).
+                match Box::pin(self.read_into(buf, rd, conn)).await {
+                    Some(res) => return res,
+                    None => continue,
                 }
             }
             readable(rd).await?;
@@ -186,6 +162,47 @@ impl Reader {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// One io_uring read into the kept buffer; `None` when the connection went quiet first and
+    /// the read was cancelled (the buffer is gone, wait for readability instead).
+    async fn read_into(
+        &mut self,
+        mut buf: BytesMut,
+        rd: &mut OwnedReadHalf<TcpStream>,
+        conn: &idle::Conn,
+    ) -> Option<io::Result<Bytes>> {
+        // Reuses the allocation when h2 has released every piece of it.
+        buf.reserve(self.size);
+        // Bound the read to `size` even if the allocation is bigger: frame alignment matters
+        // more than reading a little more.
+        let slice = IoBufMut::slice_mut(buf, 0..self.size);
+        // Kept across reads while the connection is busy: one per read would cost an
+        // allocation each.
+        let canceller = self.canceller.take().unwrap_or_default();
+        let _holding = conn.hold();
+        let read = std::pin::pin!(rd.cancelable_read(slice, canceller.handle()));
+        let quiet = std::pin::pin!(conn.quiet());
+        let (res, slice) = match futures_util::future::select(read, quiet).await {
+            futures_util::future::Either::Left((r, _)) => {
+                self.canceller = Some(canceller);
+                r
+            }
+            futures_util::future::Either::Right(((), read)) => {
+                // A read that completed meanwhile still returns its bytes.
+                let _ = canceller.cancel();
+                read.await
+            }
+        };
+        let buf = slice.into_inner();
+        match res {
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                drop(buf);
+                self.canceller = None;
+                None
+            }
+            res => Some(res.map(|n| self.filled(buf, n))),
         }
     }
 
@@ -224,83 +241,90 @@ fn recv(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<usize> {
 }
 
 /// Tunnels a TCP connection over an HBONE stream until both directions end.
-pub async fn tcp_h2(
+///
+/// Not an `async fn`: one keeps its arguments and the locals they move into as separate
+/// fields for its whole life, and this future lives as long as the connection.
+pub fn tcp_h2(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     idle: Duration,
-) -> (Transferred, End) {
+) -> impl Future<Output = (Transferred, End)> {
     let fd = tcp.as_raw_fd();
     let (mut rd, mut wr) = tcp.into_split();
-    let up_bytes = Cell::new(0u64);
-    let down_bytes = Cell::new(0u64);
     let conn = idle::Conn::new(idle);
+    async move {
+        let up_bytes = Cell::new(0u64);
+        let down_bytes = Cell::new(0u64);
 
-    let up = async {
-        let mut reader = Reader::new();
-        loop {
-            match reader.next(&mut rd, fd, &conn).await {
-                Ok(chunk) if chunk.is_empty() => {
-                    send.send_data(Bytes::new(), true).map_err(from_h2)?;
-                    return Ok(());
-                }
-                Ok(chunk) => {
-                    up_bytes.set(up_bytes.get() + chunk.len() as u64);
-                    conn.touch();
-                    ringtun_hbone::stream::send_all(&mut send, chunk)
-                        .await
-                        .map_err(from_h2)?;
-                }
-                Err(e) => {
-                    send.send_reset(Reason::CANCEL);
-                    return Err(from_io(e));
+        let up = async {
+            let mut reader = Reader::new();
+            loop {
+                match reader.next(&mut rd, fd, &conn).await {
+                    Ok(chunk) if chunk.is_empty() => {
+                        send.send_data(Bytes::new(), true).map_err(from_h2)?;
+                        return Ok(());
+                    }
+                    Ok(chunk) => {
+                        up_bytes.set(up_bytes.get() + chunk.len() as u64);
+                        conn.touch();
+                        ringtun_hbone::stream::send_all(&mut send, chunk)
+                            .await
+                            .map_err(from_h2)?;
+                    }
+                    Err(e) => {
+                        send.send_reset(Reason::CANCEL);
+                        return Err(from_io(e));
+                    }
                 }
             }
-        }
-    };
+        };
 
-    let down = async {
-        loop {
-            match recv.data().await {
-                Some(Ok(data)) => {
-                    let n = data.len();
-                    conn.touch();
-                    let (res, _) = wr.write_all(data).await;
-                    res.map_err(from_io)?;
-                    down_bytes.set(down_bytes.get() + n as u64);
-                    // Only now may the peer send more: the window tracks what reached the socket.
-                    recv.flow_control().release_capacity(n).map_err(from_h2)?;
+        let down = async {
+            loop {
+                match recv.data().await {
+                    Some(Ok(data)) => {
+                        let n = data.len();
+                        conn.touch();
+                        // Boxed like the read: the write's state exists only while bytes are in
+                        // flight.
+                        let (res, _) = Box::pin(wr.write_all(data)).await;
+                        res.map_err(from_io)?;
+                        down_bytes.set(down_bytes.get() + n as u64);
+                        // Only now may the peer send more: the window tracks what reached the socket.
+                        recv.flow_control().release_capacity(n).map_err(from_h2)?;
+                    }
+                    None => {
+                        wr.shutdown().await.map_err(from_io)?;
+                        return Ok::<(), End>(());
+                    }
+                    Some(Err(e)) => return Err(from_h2(e)),
                 }
-                None => {
-                    wr.shutdown().await.map_err(from_io)?;
-                    return Ok::<(), End>(());
-                }
-                Some(Err(e)) => return Err(from_h2(e)),
             }
-        }
-    };
+        };
 
-    let result = {
-        let both = std::pin::pin!(try_join(up, down));
-        until_idle(both, &conn).await
-    };
-    let end = match result {
-        Ok(_) => End::Closed,
-        Err(end) => {
-            // The loop that did not fail was dropped mid-operation; make sure the h2 side
-            // learns of the failure too, then close the socket with RST.
-            send.send_reset(Reason::CANCEL);
-            abort(rd, wr, fd);
-            end
-        }
-    };
-    (
-        Transferred {
-            up: up_bytes.get(),
-            down: down_bytes.get(),
-        },
-        end,
-    )
+        let result = {
+            let both = std::pin::pin!(try_join(up, down));
+            until_idle(both, &conn).await
+        };
+        let end = match result {
+            Ok(_) => End::Closed,
+            Err(end) => {
+                // The loop that did not fail was dropped mid-operation; make sure the h2 side
+                // learns of the failure too, then close the socket with RST.
+                send.send_reset(Reason::CANCEL);
+                abort(rd, wr, fd);
+                end
+            }
+        };
+        (
+            Transferred {
+                up: up_bytes.get(),
+                down: down_bytes.get(),
+            },
+            end,
+        )
+    }
 }
 
 /// Closes a split socket with RST. Reuniting first matters: dropping the write half on its own

@@ -1,12 +1,13 @@
 //! Inbound HBONE on 15008: mutual TLS, then one CONNECT stream per tunnelled connection.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::Poll;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
+use h2::SendStream;
 use http::{Response, StatusCode};
 use monoio::io::IntoPollIo;
 use monoio::net::TcpStream;
@@ -118,11 +119,14 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
         };
         match next {
             Ok((req, respond)) => {
-                let shard = shard.clone();
-                let client_id = client_id.clone();
-                monoio::spawn(
-                    async move { stream(&shard, req, respond, peer, client_id, tls).await },
-                );
+                monoio::spawn(stream(
+                    shard.clone(),
+                    req,
+                    respond,
+                    peer,
+                    client_id.clone(),
+                    tls,
+                ));
             }
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "inbound: HTTP/2 connection error");
@@ -166,14 +170,54 @@ fn refuse_with(
     log.finish(&shard.metrics);
 }
 
-async fn stream(
-    shard: &Rc<Shard>,
+/// Serves one CONNECT stream, in two allocations like the outbound side (see
+/// `outbound::handle`): the request's checks, the policy and the upstream connect run boxed
+/// and are freed once the stream is accepted; the task keeps only the copy.
+fn stream(
+    shard: Rc<Shard>,
     req: http::Request<h2::RecvStream>,
     respond: SendResponse<Bytes>,
     peer: SocketAddr,
     client_id: Identity,
     tls: TlsPath,
-) {
+) -> impl Future<Output = ()> + 'static {
+    let opening = Box::pin(accept_stream(
+        shard.clone(),
+        req,
+        respond,
+        peer,
+        client_id,
+        tls,
+    ));
+    async move {
+        let Some((upstream, send, body, mut log)) = opening.await else {
+            return;
+        };
+        let (bytes, end) = copy::tcp_h2(upstream, send, body, shard.opts.idle_timeout).await;
+        // tcp_h2 counts from its TCP side, here the destination; the access log and the
+        // metrics count from the client (request = client towards destination) in every
+        // direction.
+        log.bytes = bytes.reversed();
+        log.end = end;
+        log.finish(&shard.metrics);
+    }
+}
+
+/// A stream accepted: the upstream socket, both halves of the HBONE stream, and the
+/// access-log record (boxed, needed only when the copy ends).
+type Accepted = (TcpStream, SendStream<Bytes>, h2::RecvStream, Box<AccessLog>);
+
+/// Checks and connects one CONNECT stream and answers it; `None` when it was refused (the
+/// refusal sent and logged).
+async fn accept_stream(
+    shard: Rc<Shard>,
+    req: http::Request<h2::RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    client_id: Identity,
+    tls: TlsPath,
+) -> Option<Accepted> {
+    let shard = &shard;
     let mut log = AccessLog::new(Direction::Inbound, peer, shard.id);
     log.tls = Some(tls);
     log.src_identity = Some(client_id);
@@ -181,10 +225,11 @@ async fn stream(
     let (parts, body) = req.into_parts();
     let target = match parse_connect(&parts.method, &parts.uri, &parts.headers) {
         Ok(t) => t,
-        Err(r) => return refuse(shard, respond, r, log),
+        Err(r) => {
+            refuse(shard, respond, r, log);
+            return None;
+        }
     };
-    // The request head is not needed past here; the stream's future outlives it by far.
-    drop(parts);
     if let Some(src) = target.forwarded_for.filter(|a| a.port() != 0) {
         log.src_addr = src;
     }
@@ -194,12 +239,13 @@ async fn stream(
     let src_ip = net::canonical(log.src_addr).ip();
     log.src_workload = snap.workload_by_ip(src_ip).map(|w| w.display_name());
     if !shard.serves(&snap, dst.ip()) {
-        return refuse(
+        refuse(
             shard,
             respond,
             Refusal::unavailable("destination is not a workload served here"),
             log,
         );
+        return None;
     }
     if let Some(w) = snap.workload_by_ip(dst.ip()) {
         log.dst_workload = Some(w.display_name());
@@ -211,33 +257,29 @@ async fn stream(
         };
         if let Err((why, detail)) = authorize(shard, w, &conn) {
             log.response_flags = Some("DENY");
-            return refuse_with(
+            refuse_with(
                 shard,
                 respond,
                 Refusal::unauthorized(why),
                 log,
                 Some(detail),
             );
+            return None;
         }
     }
     drop(snap);
-    // Boxed: the connect (with its timer) would otherwise size this future, which lives as
-    // long as the connection does.
-    let connecting = Box::pin(net::connect_marked(
-        dst,
-        shard.opts.mark,
-        shard.opts.connect_timeout,
-    ));
+    let connecting = net::connect_marked(dst, shard.opts.mark, shard.opts.connect_timeout);
     let upstream = match connecting.await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%dst, error = %e, "inbound: destination unreachable");
-            return refuse(
+            refuse(
                 shard,
                 respond,
                 Refusal::unavailable("destination unreachable"),
                 log,
             );
+            return None;
         }
     };
     let mut respond = respond;
@@ -252,16 +294,11 @@ async fn stream(
         Err(e) => {
             log.end = End::Error(format!("hbone: {e}"));
             log.finish(&shard.metrics);
-            return;
+            return None;
         }
     };
     log.established(&shard.metrics);
-    let (bytes, end) = copy::tcp_h2(upstream, send, body, shard.opts.idle_timeout).await;
-    // tcp_h2 counts from its TCP side, here the destination; the access log and the metrics
-    // count from the client (request = client towards destination) in every direction.
-    log.bytes = bytes.reversed();
-    log.end = end;
-    log.finish(&shard.metrics);
+    Some((upstream, send, body, Box::new(log)))
 }
 
 /// Applies the authorization policies of `workload` to a new connection; the error is the

@@ -145,7 +145,54 @@ pub(crate) fn route(shard: &Shard, snap: &Snapshot, dst: SocketAddr) -> Route {
 }
 
 /// Handles one connection accepted on the outbound capture listener.
-pub async fn handle(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
+///
+/// In two allocations. Everything up to an open HBONE stream (routing, the pool, the CONNECT,
+/// a possible handshake, or the whole passthrough path) runs boxed and is freed when it
+/// returns; the task itself then holds only the copy. A task is as big as the largest state
+/// its future can be in and an idle connection keeps its task for life, so what it holds
+/// while idle is the memory per idle connection.
+pub fn handle(
+    shard: Rc<Shard>,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + 'static {
+    let opening = Box::pin(open(shard.clone(), client, peer));
+    async move {
+        let Some(Opened {
+            client,
+            stream: (send, recv),
+            done,
+        }) = opening.await
+        else {
+            return;
+        };
+        let (bytes, end) = copy::tcp_h2(client, send, recv, shard.opts.idle_timeout).await;
+        let Done { mut log, slot } = *done;
+        drop(slot);
+        log.bytes = bytes;
+        log.end = end;
+        log.finish(&shard.metrics);
+    }
+}
+
+/// A captured connection with its HBONE stream open, ready to copy.
+struct Opened {
+    client: TcpStream,
+    stream: Stream,
+    /// Needed only when the copy ends; boxed so the task does not carry it inline.
+    done: Box<Done>,
+}
+
+/// What a tunnelled connection's end needs: its access-log record and its pool slot.
+struct Done {
+    log: AccessLog,
+    slot: Slot,
+}
+
+/// Routes the connection and opens its stream; `None` when the connection was handled here
+/// (refused, failed, or passed through), its log written.
+async fn open(shard: Rc<Shard>, client: TcpStream, peer: SocketAddr) -> Option<Opened> {
+    let shard = &shard;
     let src = net::canonical(peer);
     let mut log = AccessLog::new(Direction::Outbound, src, shard.id);
     let _ = client.set_nodelay(true);
@@ -156,7 +203,7 @@ pub async fn handle(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
             // Not redirected: connecting to ourselves would loop. Refuse it plainly.
             log.end = End::Error("connection was not redirected (no original destination); outbound listener only serves captured traffic".into());
             fail(shard, client, log);
-            return;
+            return None;
         }
     };
     log.dst_addr = Some(dst);
@@ -168,12 +215,14 @@ pub async fn handle(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
             log.dst_service = Some(service);
             log.end = End::Error(format!("no endpoint serves port {}", dst.port()));
             fail(shard, client, log);
+            None
         }
         Route::Direct { target, service } => {
             log.direction = Direction::Passthrough;
             log.dst_service = service;
-            // Boxed so that the HBONE connections' tasks are not sized by this path's state.
-            Box::pin(plaintext::forward(shard, client, target, log)).await;
+            drop(snap);
+            plaintext::forward(shard, client, target, log).await;
+            None
         }
         Route::Hbone {
             target,
@@ -185,6 +234,7 @@ pub async fn handle(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
             log.dst_workload = Some(workload);
             log.src_identity = Some(shard.tls.identity.clone());
             let baggage = baggage(shard, src_w);
+            drop(snap);
             let req = ConnectRequest {
                 target,
                 source: src,
@@ -192,7 +242,32 @@ pub async fn handle(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
                 baggage,
                 traceparent: TraceParent::random(&mut rand::thread_rng()),
             };
-            tunnel(shard, client, req, identities, log).await;
+            let hbone = SocketAddr::new(req.target.ip(), HBONE_PORT);
+            log.dst_hbone = Some(hbone);
+            let key = PoolKey::new(
+                shard.tls.identity.clone(),
+                identities.clone(),
+                hbone,
+                req.source.ip(),
+            );
+            match open_stream(shard, &key, &req, &identities).await {
+                Ok((stream, slot, peer_id, reused, tls)) => {
+                    log.pool_reused = Some(reused);
+                    log.tls = Some(tls);
+                    log.dst_identity = Some(peer_id);
+                    log.established(&shard.metrics);
+                    Some(Opened {
+                        client,
+                        stream,
+                        done: Box::new(Done { log, slot }),
+                    })
+                }
+                Err(e) => {
+                    log.end = End::Error(e.to_string());
+                    fail(shard, client, log);
+                    None
+                }
+            }
         }
     }
 }
@@ -245,13 +320,13 @@ fn fail(shard: &Shard, client: TcpStream, mut log: AccessLog) {
 }
 
 /// Returns the pool slot when the stream ends, however it ends.
-struct Slot<'a> {
-    shard: &'a Shard,
+struct Slot {
+    shard: Rc<Shard>,
     key: PoolKey,
     id: ConnId,
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         self.shard
             .pool
@@ -260,60 +335,17 @@ impl Drop for Slot<'_> {
     }
 }
 
-async fn tunnel(
-    shard: &Rc<Shard>,
-    client: TcpStream,
-    req: ConnectRequest,
-    identities: Vec<Identity>,
-    mut log: AccessLog,
-) {
-    let hbone = SocketAddr::new(req.target.ip(), HBONE_PORT);
-    log.dst_hbone = Some(hbone);
-    // The copy below lasts as long as the connection does, and a task is as big as the
-    // largest state its future can be in: opening the stream (pool lookup, request, a
-    // possible handshake) runs in its own allocation, freed before the copy starts, so an
-    // idle connection's task holds only the copy (memory per idle connection).
-    let opened = Box::pin(async {
-        let key = PoolKey::new(
-            shard.tls.identity.clone(),
-            identities.clone(),
-            hbone,
-            req.source.ip(),
-        );
-        open_stream(shard, &key, &req, &identities).await
-    })
-    .await;
-    let (stream, slot, peer_id, reused, tls) = match opened {
-        Ok(v) => v,
-        Err(e) => {
-            log.end = End::Error(e.to_string());
-            fail(shard, client, log);
-            return;
-        }
-    };
-    log.pool_reused = Some(reused);
-    log.tls = Some(tls);
-    log.dst_identity = Some(peer_id);
-    log.established(&shard.metrics);
-    let (send, recv) = stream;
-    let (bytes, end) = copy::tcp_h2(client, send, recv, shard.opts.idle_timeout).await;
-    drop(slot);
-    log.bytes = bytes;
-    log.end = end;
-    log.finish(&shard.metrics);
-}
-
 type Stream = (h2::SendStream<Bytes>, h2::RecvStream);
 
 /// Opens a CONNECT stream, on a pooled connection if one has room, else on a new one. A pooled
 /// connection that turns out to be closing is marked dead and the stream retried once on a new
 /// connection.
-async fn open_stream<'a>(
-    shard: &'a Rc<Shard>,
+async fn open_stream(
+    shard: &Rc<Shard>,
     key: &PoolKey,
     req: &ConnectRequest,
     identities: &[Identity],
-) -> Result<(Stream, Slot<'a>, Identity, bool, TlsPath), OpenError> {
+) -> Result<(Stream, Slot, Identity, bool, TlsPath), OpenError> {
     let pooled = shard
         .pool
         .borrow_mut()
@@ -353,8 +385,8 @@ async fn open_stream<'a>(
         attempt,
         done: false,
     };
-    // Boxed: the TLS and h2 handshake state is large and only a stream that opens a new
-    // connection needs it; unboxed it would sit in every connection's future for life.
+    // Boxed: the TLS and h2 handshake state is large (about 8 KiB) and only a stream that
+    // opens a new connection needs it; unboxed, every stream's opening would allocate it.
     let connected = Box::pin(connect(shard, key.dst, identities)).await;
     opener.done = true;
     let (conn, peer) = match connected {
@@ -378,7 +410,7 @@ async fn open_stream<'a>(
             why: "connection attempt vanished from the pool".into(),
         })?;
     let slot = Slot {
-        shard,
+        shard: shard.clone(),
         key: key.clone(),
         id,
     };
@@ -393,15 +425,15 @@ async fn open_stream<'a>(
 /// Opens the stream on a connection taken from the pool (`what`: how it got there, for the
 /// log). `None` when that connection turned out unusable: it is marked dead, its slot given
 /// back, and the caller opens another.
-async fn on_pooled<'a>(
-    shard: &'a Rc<Shard>,
+async fn on_pooled(
+    shard: &Rc<Shard>,
     key: &PoolKey,
     req: &ConnectRequest,
     lent: Lent,
     what: &str,
-) -> Option<Result<(Stream, Slot<'a>, Identity, bool, TlsPath), OpenError>> {
+) -> Option<Result<(Stream, Slot, Identity, bool, TlsPath), OpenError>> {
     let slot = Slot {
-        shard,
+        shard: shard.clone(),
         key: key.clone(),
         id: lent.id,
     };
