@@ -136,6 +136,8 @@ pub struct Shard {
     pub opts: Arc<RunOptions>,
     /// TLS material (read-only).
     pub tls: Arc<TlsMaterial>,
+    /// Our identity (`tls.identity`), shared by every access-log record on this shard.
+    pub identity: Rc<Identity>,
     /// TLS acceptor for 15008.
     pub acceptor: tokio_rustls::TlsAcceptor,
     /// TLS connector for outbound HBONE.
@@ -348,6 +350,7 @@ pub async fn run(
         rr: RefCell::new((0, HashMap::new())),
         pool: RefCell::new(Pool::new(opts.pool)),
         counters: Counters::default(),
+        identity: Rc::new(tls.identity.clone()),
         opts,
         tls,
     });

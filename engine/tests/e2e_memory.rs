@@ -17,11 +17,11 @@ use common::*;
 /// Idle connections held open.
 const CONNS: usize = 2000;
 /// Bound on the RSS growth per idle connection, both ringtun processes together. Measured
-/// here: 13.1–13.7 KiB (client 8.8–9.9, server 3.4–4.3) since each listener kind spawns its
-/// own task and the handshake state is boxed; the bound leaves about 40% for noise. A read
-/// buffer kept by an idle connection (a page or more per direction) or handshake state back in
-/// the per-connection future would break it.
-const MAX_KIB_PER_CONN: f64 = 19.0;
+/// here: 4.9–5.5 KiB (client 3.3–3.9, server 1.5–2.1) since an idle connection's task holds
+/// only its copy loop (13.1–13.7 KiB before); the bound leaves about 50% for noise. A read
+/// buffer kept by an idle connection (a page or more per direction), or opening or handshake
+/// state back in the per-connection task, would break it.
+const MAX_KIB_PER_CONN: f64 = 8.0;
 /// Bytes each connection carries each way after its idle period.
 const PAYLOAD: usize = 3000;
 

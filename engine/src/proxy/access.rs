@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::rc::Rc;
 
 use ringtun_hbone::Identity;
 
@@ -41,7 +42,7 @@ pub struct AccessLog {
     /// Original client address.
     pub src_addr: SocketAddr,
     /// Client identity, when known.
-    pub src_identity: Option<Identity>,
+    pub src_identity: Option<Rc<Identity>>,
     /// Source workload `ns/name`, when known.
     pub src_workload: Option<String>,
     /// Destination (original destination outbound, authority inbound).
@@ -53,7 +54,7 @@ pub struct AccessLog {
     /// Destination workload `ns/name`.
     pub dst_workload: Option<String>,
     /// Destination identity, when known.
-    pub dst_identity: Option<Identity>,
+    pub dst_identity: Option<Rc<Identity>>,
     /// Whether the HBONE connection was new or reused from the pool.
     pub pool_reused: Option<bool>,
     /// Record layer of the HBONE connection (kTLS per direction, or userspace rustls).

@@ -260,23 +260,24 @@ pub fn tcp_h2(
         let up = async {
             let mut reader = Reader::new();
             loop {
-                match reader.next(&mut rd, fd, &conn).await {
-                    Ok(chunk) if chunk.is_empty() => {
-                        send.send_data(Bytes::new(), true).map_err(from_h2)?;
-                        return Ok(());
-                    }
-                    Ok(chunk) => {
-                        up_bytes.set(up_bytes.get() + chunk.len() as u64);
-                        conn.touch();
-                        ringtun_hbone::stream::send_all(&mut send, chunk)
-                            .await
-                            .map_err(from_h2)?;
-                    }
+                // Bound before the send, not matched around it: a match would keep the read's
+                // result alive (and in the task) across the send's wait.
+                let chunk = match reader.next(&mut rd, fd, &conn).await {
+                    Ok(chunk) => chunk,
                     Err(e) => {
                         send.send_reset(Reason::CANCEL);
                         return Err(from_io(e));
                     }
+                };
+                if chunk.is_empty() {
+                    send.send_data(Bytes::new(), true).map_err(from_h2)?;
+                    return Ok(());
                 }
+                up_bytes.set(up_bytes.get() + chunk.len() as u64);
+                conn.touch();
+                ringtun_hbone::stream::send_all(&mut send, chunk)
+                    .await
+                    .map_err(from_h2)?;
             }
         };
 

@@ -51,7 +51,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
     };
     // The verifier already required a SPIFFE identity in our trust domain.
     let client_id = match verify::peer_identity(tls.get_ref().1.peer_certificates()) {
-        Ok(id) => id,
+        Ok(id) => Rc::new(id),
         Err(e) => {
             count_failed(shard);
             tracing::warn!(%peer, error = %e, "inbound: no client identity");
@@ -178,7 +178,7 @@ fn stream(
     req: http::Request<h2::RecvStream>,
     respond: SendResponse<Bytes>,
     peer: SocketAddr,
-    client_id: Identity,
+    client_id: Rc<Identity>,
     tls: TlsPath,
 ) -> impl Future<Output = ()> + 'static {
     let opening = Box::pin(accept_stream(
@@ -214,14 +214,14 @@ async fn accept_stream(
     req: http::Request<h2::RecvStream>,
     respond: SendResponse<Bytes>,
     peer: SocketAddr,
-    client_id: Identity,
+    client_id: Rc<Identity>,
     tls: TlsPath,
 ) -> Option<Accepted> {
     let shard = &shard;
     let mut log = AccessLog::new(Direction::Inbound, peer, shard.id);
     log.tls = Some(tls);
     log.src_identity = Some(client_id);
-    log.dst_identity = Some(shard.tls.identity.clone());
+    log.dst_identity = Some(shard.identity.clone());
     let (parts, body) = req.into_parts();
     let target = match parse_connect(&parts.method, &parts.uri, &parts.headers) {
         Ok(t) => t,
@@ -250,7 +250,7 @@ async fn accept_stream(
     if let Some(w) = snap.workload_by_ip(dst.ip()) {
         log.dst_workload = Some(w.display_name());
         let conn = policy::Connection {
-            src_identity: log.src_identity.as_ref(),
+            src_identity: log.src_identity.as_deref(),
             src_ip,
             dst_ip: dst.ip(),
             dst_port: dst.port(),

@@ -30,7 +30,7 @@ use crate::transport::{self, HandshakeIo, KeyBudget, TlsPath};
 pub struct PooledH2 {
     send: SendRequest<Bytes>,
     alive: Rc<Cell<bool>>,
-    peer: Identity,
+    peer: Rc<Identity>,
     /// How its records are carried, for the access log of every stream on it.
     tls: TlsPath,
     /// Offloaded connections retire (take no new streams) before their TX key wears out.
@@ -42,7 +42,7 @@ struct Lent {
     id: ConnId,
     send: SendRequest<Bytes>,
     alive: Rc<Cell<bool>>,
-    peer: Identity,
+    peer: Rc<Identity>,
     tls: TlsPath,
 }
 
@@ -232,7 +232,7 @@ async fn open(shard: Rc<Shard>, client: TcpStream, peer: SocketAddr) -> Option<O
         } => {
             log.dst_service = service.clone();
             log.dst_workload = Some(workload);
-            log.src_identity = Some(shard.tls.identity.clone());
+            log.src_identity = Some(shard.identity.clone());
             let baggage = baggage(shard, src_w);
             drop(snap);
             let req = ConnectRequest {
@@ -244,12 +244,12 @@ async fn open(shard: Rc<Shard>, client: TcpStream, peer: SocketAddr) -> Option<O
             };
             let hbone = SocketAddr::new(req.target.ip(), HBONE_PORT);
             log.dst_hbone = Some(hbone);
-            let key = PoolKey::new(
+            let key = Rc::new(PoolKey::new(
                 shard.tls.identity.clone(),
                 identities.clone(),
                 hbone,
                 req.source.ip(),
-            );
+            ));
             match open_stream(shard, &key, &req, &identities).await {
                 Ok((stream, slot, peer_id, reused, tls)) => {
                     log.pool_reused = Some(reused);
@@ -322,7 +322,7 @@ fn fail(shard: &Shard, client: TcpStream, mut log: AccessLog) {
 /// Returns the pool slot when the stream ends, however it ends.
 struct Slot {
     shard: Rc<Shard>,
-    key: PoolKey,
+    key: Rc<PoolKey>,
     id: ConnId,
 }
 
@@ -342,10 +342,10 @@ type Stream = (h2::SendStream<Bytes>, h2::RecvStream);
 /// connection.
 async fn open_stream(
     shard: &Rc<Shard>,
-    key: &PoolKey,
+    key: &Rc<PoolKey>,
     req: &ConnectRequest,
     identities: &[Identity],
-) -> Result<(Stream, Slot, Identity, bool, TlsPath), OpenError> {
+) -> Result<(Stream, Slot, Rc<Identity>, bool, TlsPath), OpenError> {
     let pooled = shard
         .pool
         .borrow_mut()
@@ -427,11 +427,11 @@ async fn open_stream(
 /// back, and the caller opens another.
 async fn on_pooled(
     shard: &Rc<Shard>,
-    key: &PoolKey,
+    key: &Rc<PoolKey>,
     req: &ConnectRequest,
     lent: Lent,
     what: &str,
-) -> Option<Result<(Stream, Slot, Identity, bool, TlsPath), OpenError>> {
+) -> Option<Result<(Stream, Slot, Rc<Identity>, bool, TlsPath), OpenError>> {
     let slot = Slot {
         shard: shard.clone(),
         key: key.clone(),
@@ -550,7 +550,7 @@ async fn connect(
     shard: &Rc<Shard>,
     addr: SocketAddr,
     identities: &[Identity],
-) -> Result<(PooledH2, Identity), OpenError> {
+) -> Result<(PooledH2, Rc<Identity>), OpenError> {
     let opts = &shard.opts;
     let tcp = net::connect_marked(addr, opts.mark, opts.connect_timeout)
         .await
@@ -578,7 +578,10 @@ async fn connect(
             })
         }
     };
-    let peer = verify::expect_identity(tls.get_ref().1.peer_certificates(), identities)?;
+    let peer = Rc::new(verify::expect_identity(
+        tls.get_ref().1.peer_certificates(),
+        identities,
+    )?);
     // kTLS where possible, else rustls: the same h2 code runs on either.
     let established = match monoio::time::timeout(
         opts.handshake_timeout,

@@ -58,7 +58,7 @@ pub async fn inbound(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
     log.src_workload = snap.workload_by_ip(src_ip).map(|w| w.display_name());
     if let Some(w) = snap.workload_by_ip(dst.ip()) {
         log.dst_workload = Some(w.display_name());
-        log.dst_identity = Some(shard.workload_identity(w));
+        log.dst_identity = Some(Rc::new(shard.workload_identity(w)));
         // Plaintext has no identity: principal rules cannot match it.
         let conn = crate::policy::Connection {
             src_identity: None,
