@@ -84,15 +84,7 @@ fn header(cmd: u8, arg: u64) -> Vec<u8> {
 }
 
 fn pattern(n: usize) -> Box<[u8]> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
+    crate::pattern(n).into_boxed_slice()
 }
 
 /// Connects a non-blocking TCP socket to `dst`, optionally marked and bound to `src`, and

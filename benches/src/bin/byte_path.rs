@@ -209,15 +209,7 @@ fn echo_server(ns: &Netns) {
 }
 
 fn pattern() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..PATTERN_LEN)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    ringtun_benches::pattern(PATTERN_LEN)
 }
 
 /// Sends `n` bytes of the pattern to the VIP and checks the echo; returns the elapsed time.

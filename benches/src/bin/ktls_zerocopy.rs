@@ -214,15 +214,8 @@ impl Pattern {
     fn get() -> &'static Pattern {
         static P: OnceLock<Pattern> = OnceLock::new();
         P.get_or_init(|| {
-            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-            let mut bytes = Vec::with_capacity(PERIOD + TAIL);
-            while bytes.len() < PERIOD {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                bytes.extend_from_slice(&x.to_le_bytes());
-            }
-            bytes.truncate(PERIOD);
+            let mut bytes = ringtun_benches::pattern(PERIOD);
+            bytes.reserve(TAIL);
             bytes.extend_from_within(..TAIL);
             Pattern { bytes }
         })
