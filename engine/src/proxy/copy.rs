@@ -292,7 +292,8 @@ pub fn tcp_h2(
                         let (res, _) = Box::pin(wr.write_all(data)).await;
                         res.map_err(from_io)?;
                         down_bytes.set(down_bytes.get() + n as u64);
-                        // Only now may the peer send more: the window tracks what reached the socket.
+                        // Only now may the peer send more: the window tracks what reached
+                        // the socket.
                         recv.flow_control().release_capacity(n).map_err(from_h2)?;
                     }
                     None => {
