@@ -62,14 +62,16 @@ step "fuzz targets, ${FUZZ_SECONDS:-30}s each"
 bash scripts/fuzz.sh
 
 step "benchmark harness smoke (tiny sizes, debug builds, no thresholds)"
-# Checks that ringtun-bench still builds its topology, drives every test group through both
-# contenders and writes its report; the figures from a debug build mean nothing.
+# Checks that ringtun-bench still builds its topology, drives every test group through every
+# contender (direct, ringtun, and the bare relay as the other tunnel) and writes its report;
+# the figures from a debug build mean nothing.
 cargo build --locked -p ringtun -p ringtun-benches
 smoke_out=target/ringtun-bench/ci-smoke
 rm -rf "$smoke_out"
 target/debug/ringtun-bench --ringtun target/debug/ringtun --runs 1 --bytes 4M --pingpongs 200 \
   --secs 1 --rate 200 --conns 200 --unpooled-conns 20 --idle-conns 100 --no-crosscheck \
-  --only bulk,latency,rr,conn,unpooled,memory --out "$smoke_out"
+  --only bulk,latency,rr,conn,unpooled,memory --other-name relay \
+  --other-tunnel "target/debug/relay {side}" --out "$smoke_out"
 test -s "$smoke_out/results.json" && test -s "$smoke_out/report.html"
 
 step "leftover network namespaces"
