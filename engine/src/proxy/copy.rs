@@ -13,6 +13,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -342,17 +343,22 @@ fn abort(rd: OwnedReadHalf<TcpStream>, wr: OwnedWriteHalf<TcpStream>, fd: RawFd)
 
 /// Runs `work` unless neither direction moves a byte for the connection's idle limit; then the
 /// connection ends with an error (and its sockets are reset by the caller).
-async fn until_idle<T>(
-    work: Pin<&mut impl Future<Output = Result<T, End>>>,
-    conn: &idle::Conn,
-) -> Result<T, End> {
-    let expired = std::pin::pin!(conn.expired());
-    match futures_util::future::select(work, expired).await {
-        futures_util::future::Either::Left((r, _)) => r,
-        futures_util::future::Either::Right((idle, _)) => {
-            Err(End::Error(format!("idle for {idle:?} (--idle-timeout-ms)")))
+///
+/// A poll loop over the two rather than a `select` of two futures: it keeps only two
+/// references (16 bytes instead of 48), and it lives in every connection's task.
+fn until_idle<'a, T>(
+    mut work: Pin<&'a mut impl Future<Output = Result<T, End>>>,
+    conn: &'a idle::Conn,
+) -> impl Future<Output = Result<T, End>> + 'a {
+    let mut expired = conn.expired();
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(r) = work.as_mut().poll(cx) {
+            return Poll::Ready(r);
         }
-    }
+        Pin::new(&mut expired)
+            .poll(cx)
+            .map(|idle| Err(End::Error(format!("idle for {idle:?} (--idle-timeout-ms)"))))
+    })
 }
 
 /// Idle timeouts and idle read buffers, without a timer per connection.
