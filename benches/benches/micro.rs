@@ -278,7 +278,8 @@ async fn copy_once(total: usize) -> Duration {
         let b = monoio::net::TcpStream::connect(back_addr)
             .await
             .expect("connect back");
-        ringtun::proxy::copy::tcp_tcp(a, b, Duration::ZERO).await
+        ringtun::proxy::copy::tcp_tcp(a, b, ringtun::proxy::live::Conn::new(Duration::ZERO, None))
+            .await
     });
     let sink = monoio::spawn(async move {
         let (mut s, _) = back.accept().await.expect("accept back");

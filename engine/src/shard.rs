@@ -27,6 +27,7 @@ use crate::metrics::{ShardGauges, ShardMetrics, ShardReport};
 use crate::options::RunOptions;
 use crate::policy::PolicyIndex;
 use crate::proxy;
+use crate::proxy::live::{self, Grant};
 use crate::proxy::outbound::PooledH2;
 use crate::tls::TlsMaterial;
 
@@ -61,7 +62,8 @@ pub enum ShardMsg {
         /// A bound, listening, non-blocking socket (this shard's SO_REUSEPORT copy).
         socket: std::net::TcpListener,
     },
-    /// A new config generation; applies to new connections, live ones keep theirs.
+    /// A new config generation: new connections use it, live ones keep their routing and are
+    /// re-authorized against its policies (those now denied are cut).
     Config(Box<Snapshot>),
     /// Send a copy of this shard's metrics (the scrape runs on the control side).
     Scrape(Sender<ShardReport>),
@@ -267,6 +269,44 @@ impl Shard {
         self.drain.fire();
     }
 
+    /// Registers a connection about to copy bytes with this shard's live set (its idle limit
+    /// and, when policy admitted it, its grant). A grant issued under an older generation than
+    /// the current one missed the re-check of the update in between (it was connecting), so it
+    /// is checked now.
+    pub fn track(&self, grant: Option<Grant>) -> live::Conn {
+        let conn = live::Conn::new(self.opts.idle_timeout, grant);
+        if let Some(g) = conn.grant() {
+            if g.generation != self.snapshot.borrow().generation {
+                if let Some(why) = self.denies(g) {
+                    tracing::info!(src = %g.src_ip, reason = %why, "connection closed: no longer allowed after a policy update");
+                    conn.revoke();
+                }
+            }
+        }
+        conn
+    }
+
+    /// Why the current policies would refuse a live connection admitted on `g`; `None` when
+    /// they allow it. A destination no longer in the config is left alone: with no workload
+    /// there are no policies to apply (ztunnel keeps the workload it admitted against).
+    fn denies(&self, g: &Grant) -> Option<String> {
+        let snap = self.snapshot.borrow();
+        let w = snap.workload_by_ip(g.dst_ip)?;
+        let conn = crate::policy::Connection {
+            src_identity: g.src_identity.as_deref(),
+            src_ip: g.src_ip,
+            dst_ip: g.dst_ip,
+            dst_port: g.dst_port,
+        };
+        match self.policy.borrow().evaluate(w, &conn).decision {
+            crate::policy::Decision::Allow => None,
+            crate::policy::Decision::Deny { policy, reason } if policy.is_empty() => {
+                Some(reason.to_string())
+            }
+            crate::policy::Decision::Deny { policy, reason } => Some(format!("{reason} {policy}")),
+        }
+    }
+
     /// The config generation new connections use.
     pub fn snapshot(&self) -> Rc<Snapshot> {
         self.snapshot.borrow().clone()
@@ -376,6 +416,17 @@ fn handle(shard: &Rc<Shard>, msg: ShardMsg, events: &Sender<ShardEvent>) {
             tracing::debug!(shard = shard.id, generation, "config applied");
             *shard.policy.borrow_mut() = Rc::new(PolicyIndex::new(&snap));
             *shard.snapshot.borrow_mut() = Rc::new(*snap);
+            // Live connections were admitted under the old policies; those the new ones deny
+            // are cut now, as ztunnel does, on this shard that owns them.
+            let cut = live::recheck(|g| shard.denies(g));
+            if cut > 0 {
+                tracing::info!(
+                    shard = shard.id,
+                    generation,
+                    cut,
+                    "policy update closed live connections"
+                );
+            }
             let _ = events.send(ShardEvent::ConfigApplied {
                 shard: shard.id,
                 generation,

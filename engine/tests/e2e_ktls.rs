@@ -146,6 +146,15 @@ fn tls_stat(ns: &Netns) -> std::collections::HashMap<String, u64> {
 /// One checksummed echo of `n` bytes each way through the VIP; returns the outbound and
 /// inbound access lines of that connection.
 fn echo_via_vip(m: &Mesh, n: u64) -> (AccessLine, AccessLine) {
+    // The inbound line names the client ringtun's own address (the peer), not the app's, so
+    // it is found as the one inbound line this echo added.
+    let inbound = |lines: &[AccessLine]| {
+        lines
+            .iter()
+            .filter(|l| l.is("direction", "inbound"))
+            .count()
+    };
+    let before = inbound(&m.server.access());
     let t = echo_ok(&m.nodes.client, VIP, n);
     eprintln!("{} KiB each way through {VIP} took {:?}", n / 1024, t.took);
     let suffix = format!(":{}", t.local.port());
@@ -155,10 +164,14 @@ fn echo_via_vip(m: &Mesh, n: u64) -> (AccessLine, AccessLine) {
     assert!(out.is("end", "closed"), "{}", out.raw);
     assert_eq!(out.num("bytes_sent"), n, "{}", out.raw);
     assert_eq!(out.num("bytes_received"), n, "{}", out.raw);
-    let local = t.local.to_string();
-    let inb = m.server.wait_access("for the echo", LOG_WAIT, |l| {
-        l.is("direction", "inbound") && l.is("src.addr", &local)
-    });
+    let lines = m
+        .server
+        .wait_access_all("for the echo", LOG_WAIT, |l| inbound(l) > before);
+    let inb = lines
+        .into_iter()
+        .filter(|l| l.is("direction", "inbound"))
+        .nth(before)
+        .expect("the echo's inbound line");
     assert!(inb.is("end", "closed"), "{}", inb.raw);
     assert_eq!(inb.num("bytes_sent"), n, "{}", inb.raw);
     (out, inb)

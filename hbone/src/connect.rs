@@ -172,7 +172,8 @@ impl Refusal {
 pub struct ConnectTarget {
     /// Destination `ip:port` from `:authority`.
     pub target: SocketAddr,
-    /// Original client address from `forwarded: for=`, when present and well-formed.
+    /// Original client address from `forwarded: for=`, when present and well-formed: the
+    /// client's claim, for logs at most, never for authorization.
     pub forwarded_for: Option<SocketAddr>,
 }
 

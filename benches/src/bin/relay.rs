@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use ringtun::net::connect_marked;
 use ringtun::proxy::copy::tcp_tcp;
+use ringtun::proxy::live::Conn;
 use ringtun_topology::DEFAULT_MARK;
 
 /// Where each side listens, where it forwards, and the mark its outgoing connections carry.
@@ -76,7 +77,7 @@ fn main() -> ExitCode {
             monoio::spawn(async move {
                 match connect_marked(to, mark, Duration::from_secs(5)).await {
                     // No idle timeout: the benchmark closes every connection it opens.
-                    Ok(b) => drop(tcp_tcp(a, b, Duration::ZERO).await),
+                    Ok(b) => drop(tcp_tcp(a, b, Conn::new(Duration::ZERO, None)).await),
                     Err(e) => eprintln!("relay: connect {to}: {e}"),
                 }
             });

@@ -64,10 +64,10 @@
 //! those now denied, which end with `AuthorizationPolicyLateRejection` and the log line
 //! "connection ... closed because it's no longer allowed after a policy update".
 //!
-//! ringtun's first version checks policy only when a connection or HBONE stream is
-//! accepted; a connection admitted under one config generation keeps running when a
-//! reload changes the policies. Nothing here prevents re-checking later: an
-//! [`Evaluation`] is a pure function of (snapshot, workload, connection).
+//! ringtun does the same on each shard: a connection admitted by policy keeps a
+//! `proxy::live::Grant`, and each new config generation re-evaluates every grant on the
+//! shard that owns it (an [`Evaluation`] is a pure function of snapshot, workload and
+//! connection); those denied are cut with an access line flagged `DENY`.
 //!
 //! # Cost
 //!

@@ -14,7 +14,6 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::Poll;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::try_join;
@@ -26,6 +25,7 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
+use super::live::{self, Cut};
 use crate::net;
 
 /// TLS 1.3 records carry at most 16 KiB of plaintext; an HTTP/2 DATA frame adds a 9-byte head.
@@ -46,6 +46,8 @@ pub enum End {
     Reset(String),
     /// An I/O or protocol error; the other side was reset.
     Error(String),
+    /// Authorization policy no longer allows it (a policy update); both sides were reset.
+    Revoked(String),
 }
 
 impl fmt::Display for End {
@@ -53,7 +55,7 @@ impl fmt::Display for End {
         match self {
             End::Closed => f.write_str("closed"),
             End::Reset(_) => f.write_str("reset"),
-            End::Error(_) => f.write_str("error"),
+            End::Error(_) | End::Revoked(_) => f.write_str("error"),
         }
     }
 }
@@ -63,7 +65,7 @@ impl End {
     pub fn reason(&self) -> Option<&str> {
         match self {
             End::Closed => None,
-            End::Reset(r) | End::Error(r) => Some(r),
+            End::Reset(r) | End::Error(r) | End::Revoked(r) => Some(r),
         }
     }
 }
@@ -112,7 +114,7 @@ fn from_h2(e: h2::Error) -> End {
 ///
 /// - *active*: io_uring reads into a kept buffer, one submitted read per read as bulk and
 ///   request/response traffic always had; a read pending while the connection has been quiet
-///   for [`idle::QUIET`] (the shard's sweeper says so) is cancelled, which frees the buffer;
+///   for [`live::QUIET`] (the shard's sweeper says so) is cancelled, which frees the buffer;
 /// - *idle*: no buffer; it waits for readability (an io_uring poll, or epoll readiness on the
 ///   legacy driver), then allocates and reads without blocking, and is active again.
 ///
@@ -143,7 +145,7 @@ impl Reader {
         &mut self,
         rd: &mut OwnedReadHalf<TcpStream>,
         fd: RawFd,
-        conn: &idle::Conn,
+        conn: &live::Conn,
     ) -> io::Result<Bytes> {
         loop {
             if let Some(buf) = self.buf.take() {
@@ -172,7 +174,7 @@ impl Reader {
         &mut self,
         mut buf: BytesMut,
         rd: &mut OwnedReadHalf<TcpStream>,
-        conn: &idle::Conn,
+        conn: &live::Conn,
     ) -> Option<io::Result<Bytes>> {
         // Reuses the allocation when h2 has released every piece of it.
         buf.reserve(self.size);
@@ -241,7 +243,8 @@ fn recv(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Tunnels a TCP connection over an HBONE stream until both directions end.
+/// Tunnels a TCP connection over an HBONE stream until both directions end or the shard cuts
+/// `conn` (idle limit, policy update).
 ///
 /// Not an `async fn`: one keeps its arguments and the locals they move into as separate
 /// fields for its whole life, and this future lives as long as the connection.
@@ -249,11 +252,10 @@ pub fn tcp_h2(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-    idle: Duration,
+    conn: live::Conn,
 ) -> impl Future<Output = (Transferred, End)> {
     let fd = tcp.as_raw_fd();
     let (mut rd, mut wr) = tcp.into_split();
-    let conn = idle::Conn::new(idle);
     async move {
         let up_bytes = Cell::new(0u64);
         let down_bytes = Cell::new(0u64);
@@ -308,7 +310,7 @@ pub fn tcp_h2(
 
         let result = {
             let both = std::pin::pin!(try_join(up, down));
-            until_idle(both, &conn).await
+            until_cut(both, &conn).await
         };
         let end = match result {
             Ok(_) => End::Closed,
@@ -341,235 +343,30 @@ fn abort(rd: OwnedReadHalf<TcpStream>, wr: OwnedWriteHalf<TcpStream>, fd: RawFd)
     }
 }
 
-/// Runs `work` unless neither direction moves a byte for the connection's idle limit; then the
-/// connection ends with an error (and its sockets are reset by the caller).
+/// Runs `work` until the shard cuts the connection: neither direction moved a byte for its
+/// idle limit, or a policy update denies it; then it ends with an error (and its sockets are
+/// reset by the caller).
 ///
 /// A poll loop over the two rather than a `select` of two futures: it keeps only two
 /// references (16 bytes instead of 48), and it lives in every connection's task.
-fn until_idle<'a, T>(
+fn until_cut<'a, T>(
     mut work: Pin<&'a mut impl Future<Output = Result<T, End>>>,
-    conn: &'a idle::Conn,
+    conn: &'a live::Conn,
 ) -> impl Future<Output = Result<T, End>> + 'a {
-    let mut expired = conn.expired();
+    let mut cut = conn.cut();
     std::future::poll_fn(move |cx| {
         if let Poll::Ready(r) = work.as_mut().poll(cx) {
             return Poll::Ready(r);
         }
-        Pin::new(&mut expired)
-            .poll(cx)
-            .map(|idle| Err(End::Error(format!("idle for {idle:?} (--idle-timeout-ms)"))))
+        Pin::new(&mut cut).poll(cx).map(|cut| {
+            Err(match cut {
+                Cut::Idle(idle) => End::Error(format!("idle for {idle:?} (--idle-timeout-ms)")),
+                Cut::Revoked => {
+                    End::Revoked("no longer allowed by authorization policy (policy update)".into())
+                }
+            })
+        })
     })
-}
-
-/// Idle timeouts and idle read buffers, without a timer per connection.
-///
-/// A monoio `Sleep` is 640 bytes, cache-line aligned, and would sit in every connection's
-/// future for its whole life. Instead each connection registers a small record with its
-/// thread's sweeper, one task per shard that looks every [`SCAN`] while any connection is
-/// registered: it expires connections quiet for their `--idle-timeout-ms` (so a timeout fires
-/// at most one scan late), and tells readers that hold a buffer on a connection quiet for
-/// [`QUIET`] to let it go.
-mod idle {
-    use std::cell::{Cell, RefCell};
-    use std::future::{poll_fn, Future};
-    use std::rc::Rc;
-    use std::task::{Context, Poll, Waker};
-    use std::time::Duration;
-
-    /// How often the sweeper looks.
-    pub(super) const SCAN: Duration = Duration::from_millis(250);
-    /// How long a read may hold its buffer on a connection that moves no bytes.
-    pub(super) const QUIET: Duration = Duration::from_secs(1);
-
-    struct Record {
-        active: Cell<quanta::Instant>,
-        /// Zero: no idle limit.
-        idle: Duration,
-        expired: Cell<bool>,
-        /// Readers holding a buffer in a read.
-        holding: Cell<u8>,
-        quiet: Cell<bool>,
-        /// The connection's task (both copy directions and the watchdog run in it).
-        waker: Cell<Option<Waker>>,
-    }
-
-    impl Record {
-        fn register(&self, cx: &Context<'_>) {
-            let w = self.waker.take();
-            self.waker.set(match w {
-                Some(w) if w.will_wake(cx.waker()) => Some(w),
-                _ => Some(cx.waker().clone()),
-            });
-        }
-    }
-
-    /// The shard's registered connections: slots reused through a free list.
-    #[derive(Default)]
-    struct Watched {
-        slots: Vec<Option<Rc<Record>>>,
-        free: Vec<usize>,
-        sweeping: bool,
-    }
-
-    impl Watched {
-        fn insert(&mut self, r: Rc<Record>) -> usize {
-            match self.free.pop() {
-                Some(k) => {
-                    self.slots[k] = Some(r);
-                    k
-                }
-                None => {
-                    self.slots.push(Some(r));
-                    self.slots.len() - 1
-                }
-            }
-        }
-
-        fn remove(&mut self, key: usize) {
-            if let Some(slot) = self.slots.get_mut(key) {
-                if slot.take().is_some() {
-                    self.free.push(key);
-                }
-            }
-        }
-
-        fn is_empty(&self) -> bool {
-            self.free.len() == self.slots.len()
-        }
-    }
-
-    thread_local! {
-        static WATCHED: RefCell<Watched> = RefCell::default();
-    }
-
-    /// One connection's registration; removed when dropped.
-    pub(super) struct Conn {
-        record: Rc<Record>,
-        key: usize,
-    }
-
-    /// A reader holding a buffer in a read (see [`Conn::hold`]).
-    pub(super) struct Holding<'a>(&'a Record);
-
-    impl Drop for Holding<'_> {
-        fn drop(&mut self) {
-            let h = self.0.holding.get().saturating_sub(1);
-            self.0.holding.set(h);
-            if h == 0 {
-                self.0.quiet.set(false);
-            }
-        }
-    }
-
-    impl Conn {
-        /// Registers a connection with an idle limit (zero: none).
-        pub(super) fn new(idle: Duration) -> Self {
-            let record = Rc::new(Record {
-                active: Cell::new(quanta::Instant::now()),
-                idle,
-                expired: Cell::new(false),
-                holding: Cell::new(0),
-                quiet: Cell::new(false),
-                waker: Cell::new(None),
-            });
-            let (key, start) = WATCHED.with(|w| {
-                let mut w = w.borrow_mut();
-                let key = w.insert(record.clone());
-                let start = !w.sweeping;
-                w.sweeping = true;
-                (key, start)
-            });
-            if start {
-                monoio::spawn(sweep());
-            }
-            Conn { record, key }
-        }
-
-        /// Bytes moved.
-        pub(super) fn touch(&self) {
-            self.record.active.set(quanta::Instant::now());
-            self.record.quiet.set(false);
-        }
-
-        /// Ready (with the limit) once the connection has been quiet for its idle limit.
-        pub(super) fn expired(&self) -> impl Future<Output = Duration> + '_ {
-            poll_fn(|cx| {
-                if self.record.expired.get() {
-                    return Poll::Ready(self.record.idle);
-                }
-                self.record.register(cx);
-                Poll::Pending
-            })
-        }
-
-        /// Marks a reader as holding a buffer until the guard drops.
-        pub(super) fn hold(&self) -> Holding<'_> {
-            self.record.holding.set(self.record.holding.get() + 1);
-            Holding(&self.record)
-        }
-
-        /// Ready once a held buffer should be let go.
-        pub(super) fn quiet(&self) -> impl Future<Output = ()> + '_ {
-            poll_fn(|cx| {
-                if self.record.quiet.get() {
-                    return Poll::Ready(());
-                }
-                self.record.register(cx);
-                Poll::Pending
-            })
-        }
-    }
-
-    impl Drop for Conn {
-        fn drop(&mut self) {
-            // At thread exit the registry may already be gone; nothing is left to sweep then.
-            let _ = WATCHED.try_with(|w| w.borrow_mut().remove(self.key));
-        }
-    }
-
-    async fn sweep() {
-        // Buffers were let go of in the last sweep: by now their reads have been cancelled
-        // and the memory freed.
-        let mut released = false;
-        loop {
-            monoio::time::sleep(SCAN).await;
-            let now = quanta::Instant::now();
-            if std::mem::take(&mut released) {
-                crate::alloc::collect_freed();
-            }
-            let done = WATCHED.with(|w| {
-                let mut w = w.borrow_mut();
-                for r in w.slots.iter().flatten() {
-                    let quiet_for = now.duration_since(r.active.get());
-                    let mut wake = false;
-                    if !r.idle.is_zero() && !r.expired.get() && quiet_for >= r.idle {
-                        r.expired.set(true);
-                        wake = true;
-                    }
-                    if r.holding.get() > 0 && !r.quiet.get() && quiet_for >= QUIET {
-                        r.quiet.set(true);
-                        wake = true;
-                        released = true;
-                    }
-                    if wake {
-                        if let Some(waker) = r.waker.take() {
-                            waker.wake();
-                        }
-                    }
-                }
-                if w.is_empty() {
-                    // Give the slots' memory back once a burst of connections is gone.
-                    *w = Watched::default();
-                    true
-                } else {
-                    false
-                }
-            });
-            if done {
-                return;
-            }
-        }
-    }
 }
 
 async fn pipe(
@@ -577,7 +374,7 @@ async fn pipe(
     fd: RawFd,
     wr: &mut OwnedWriteHalf<TcpStream>,
     count: &Cell<u64>,
-    conn: &idle::Conn,
+    conn: &live::Conn,
 ) -> Result<(), End> {
     let mut reader = Reader::new();
     loop {
@@ -594,20 +391,20 @@ async fn pipe(
     }
 }
 
-/// Copies between two TCP connections (plaintext paths) until both directions end.
-pub async fn tcp_tcp(a: TcpStream, b: TcpStream, idle: Duration) -> (Transferred, End) {
+/// Copies between two TCP connections (plaintext paths) until both directions end or the shard
+/// cuts `conn`.
+pub async fn tcp_tcp(a: TcpStream, b: TcpStream, conn: live::Conn) -> (Transferred, End) {
     let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
     let (mut ar, mut aw) = a.into_split();
     let (mut br, mut bw) = b.into_split();
     let up = Cell::new(0u64);
     let down = Cell::new(0u64);
-    let conn = idle::Conn::new(idle);
     let result = {
         let both = std::pin::pin!(try_join(
             pipe(&mut ar, fa, &mut bw, &up, &conn),
             pipe(&mut br, fb, &mut aw, &down, &conn),
         ));
-        until_idle(both, &conn).await
+        until_cut(both, &conn).await
     };
     let end = match result {
         Ok(_) => End::Closed,

@@ -17,6 +17,7 @@ use ringtun_hbone::{verify, Identity};
 
 use super::access::{AccessLog, Direction};
 use super::copy::{self, End};
+use super::live::Grant;
 use crate::config::Workload;
 use crate::net;
 use crate::policy;
@@ -171,10 +172,14 @@ fn refuse_with(
 /// [`accept_stream`]) is boxed and freed once the stream is accepted; the task keeps only the
 /// copy. An `async fn` keeps its arguments twice, here 16 bytes.
 async fn stream(shard: Rc<Shard>, opening: Pin<Box<impl Future<Output = Option<Accepted>>>>) {
-    let Some((upstream, send, body, mut log)) = opening.await else {
+    let Some((upstream, send, body, mut log, grant)) = opening.await else {
         return;
     };
-    let (bytes, end) = copy::tcp_h2(upstream, send, body, shard.opts.idle_timeout).await;
+    let conn = shard.track(grant);
+    let (bytes, end) = copy::tcp_h2(upstream, send, body, conn).await;
+    if matches!(end, End::Revoked(_)) {
+        log.response_flags = Some("DENY");
+    }
     // tcp_h2 counts from its TCP side, here the destination; the access log and the metrics
     // count from the client (request = client towards destination) in every direction.
     log.bytes = bytes.reversed();
@@ -182,9 +187,15 @@ async fn stream(shard: Rc<Shard>, opening: Pin<Box<impl Future<Output = Option<A
     log.finish(&shard.metrics);
 }
 
-/// A stream accepted: the upstream socket, both halves of the HBONE stream, and the
-/// access-log record (boxed, needed only when the copy ends).
-type Accepted = (TcpStream, SendStream<Bytes>, h2::RecvStream, Box<AccessLog>);
+/// A stream accepted: the upstream socket, both halves of the HBONE stream, the access-log
+/// record (boxed, needed only when the copy ends) and what policy admitted it on.
+type Accepted = (
+    TcpStream,
+    SendStream<Bytes>,
+    h2::RecvStream,
+    Box<AccessLog>,
+    Option<Grant>,
+);
 
 /// Checks and connects one CONNECT stream and answers it; `None` when it was refused (the
 /// refusal sent and logged).
@@ -209,9 +220,10 @@ async fn accept_stream(
             return None;
         }
     };
-    if let Some(src) = target.forwarded_for.filter(|a| a.port() != 0) {
-        log.src_addr = src;
-    }
+    // The source that authorization and the logs see is the connection's own peer, as
+    // ztunnel's: `forwarded: for=` is the client's word, and trusting it would let any mesh
+    // client claim an address that a `sourceIps` ALLOW lets in or a DENY keeps out. (ztunnel
+    // honours it only for a network gateway's hostname CONNECT, which ringtun refuses.)
     let dst = net::canonical(target.target);
     log.dst_addr = Some(dst);
     let snap = shard.snapshot();
@@ -226,6 +238,7 @@ async fn accept_stream(
         );
         return None;
     }
+    let mut grant = None;
     if let Some(w) = snap.workload_by_ip(dst.ip()) {
         log.dst_workload = Some(w.display_name());
         let conn = policy::Connection {
@@ -245,6 +258,13 @@ async fn accept_stream(
             );
             return None;
         }
+        grant = Some(Grant {
+            src_identity: log.src_identity.clone(),
+            src_ip,
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+            generation: snap.generation,
+        });
     }
     drop(snap);
     let connecting = net::connect_marked(dst, shard.opts.mark, shard.opts.connect_timeout);
@@ -277,7 +297,7 @@ async fn accept_stream(
         }
     };
     log.established(&shard.metrics);
-    Some((upstream, send, body, Box::new(log)))
+    Some((upstream, send, body, Box::new(log), grant))
 }
 
 /// Applies the authorization policies of `workload` to a new connection; the error is the

@@ -19,6 +19,7 @@ use rustls::pki_types::ServerName;
 
 use super::access::{AccessLog, Direction};
 use super::copy::{self, End};
+use super::live;
 use super::plaintext;
 use crate::config::{Protocol, Snapshot, Workload};
 use crate::net;
@@ -166,7 +167,13 @@ pub fn handle(
         else {
             return;
         };
-        let (bytes, end) = copy::tcp_h2(client, send, recv, shard.opts.idle_timeout).await;
+        let (bytes, end) = copy::tcp_h2(
+            client,
+            send,
+            recv,
+            live::Conn::new(shard.opts.idle_timeout, None),
+        )
+        .await;
         let Done { mut log, slot } = *done;
         drop(slot);
         log.bytes = bytes;
@@ -221,7 +228,7 @@ async fn open(shard: Rc<Shard>, client: TcpStream, peer: SocketAddr) -> Option<O
             log.direction = Direction::Passthrough;
             log.dst_service = service;
             drop(snap);
-            plaintext::forward(shard, client, target, log).await;
+            plaintext::forward(shard, client, target, log, None).await;
             None
         }
         Route::Hbone {

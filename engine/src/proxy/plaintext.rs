@@ -9,16 +9,28 @@ use monoio::net::TcpStream;
 
 use super::access::{AccessLog, Direction};
 use super::copy::{self, End};
+use super::live::Grant;
 use crate::net;
 use crate::shard::Shard;
 
-/// Connects to `target` (marked) and copies both ways; logs the connection at the end.
-pub async fn forward(shard: &Shard, client: TcpStream, target: SocketAddr, mut log: AccessLog) {
+/// Connects to `target` (marked) and copies both ways; logs the connection at the end. `grant`:
+/// what authorization admitted it on, re-checked when policies change.
+pub async fn forward(
+    shard: &Shard,
+    client: TcpStream,
+    target: SocketAddr,
+    mut log: AccessLog,
+    grant: Option<Grant>,
+) {
     log.dst_addr.get_or_insert(target);
     match net::connect_marked(target, shard.opts.mark, shard.opts.connect_timeout).await {
         Ok(upstream) => {
             log.established(&shard.metrics);
-            let (bytes, end) = copy::tcp_tcp(client, upstream, shard.opts.idle_timeout).await;
+            let conn = shard.track(grant);
+            let (bytes, end) = copy::tcp_tcp(client, upstream, conn).await;
+            if matches!(end, End::Revoked(_)) {
+                log.response_flags = Some("DENY");
+            }
             log.bytes = bytes;
             log.end = end;
         }
@@ -56,6 +68,7 @@ pub async fn inbound(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
     }
     let src_ip = log.src_addr.ip();
     log.src_workload = snap.workload_by_ip(src_ip).map(|w| w.display_name());
+    let mut grant = None;
     if let Some(w) = snap.workload_by_ip(dst.ip()) {
         log.dst_workload = Some(w.display_name());
         log.dst_identity = Some(Rc::new(shard.workload_identity(w)));
@@ -73,6 +86,14 @@ pub async fn inbound(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
             log.finish(&shard.metrics);
             return;
         }
+        grant = Some(Grant {
+            src_identity: None,
+            src_ip,
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+            generation: snap.generation,
+        });
     }
-    forward(shard, client, dst, log).await;
+    drop(snap);
+    forward(shard, client, dst, log, grant).await;
 }

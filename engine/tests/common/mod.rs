@@ -954,7 +954,21 @@ pub fn transfer_paced(
     at_bytes: impl FnOnce(u64),
 ) -> std::io::Result<Transfer> {
     let start = Instant::now();
-    let mut s = connect_in(ns, dst)?;
+    let s = connect_in(ns, dst)?;
+    paced_on(s, start, n, chunk, pause, at, at_bytes)
+}
+
+/// [`transfer_paced`] on a socket the caller connected (e.g. a marked one that the outbound
+/// capture leaves alone); `start` is when the connection began.
+pub fn paced_on(
+    mut s: TcpStream,
+    start: Instant,
+    n: u64,
+    chunk: usize,
+    pause: Duration,
+    at: u64,
+    at_bytes: impl FnOnce(u64),
+) -> std::io::Result<Transfer> {
     let local = s.local_addr()?;
     let mut r = s.try_clone()?;
     let reader = std::thread::spawn(move || -> std::io::Result<(u64, String)> {

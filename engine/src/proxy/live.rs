@@ -1,0 +1,303 @@
+//! The shard's live connections: idle limits, idle read buffers, and re-authorization when
+//! policies change, without a timer or a task per connection.
+//!
+//! A monoio `Sleep` is 640 bytes, cache-line aligned, and would sit in every connection's
+//! future for its whole life. Instead each connection registers a small record with its
+//! thread's sweeper (a shard is one thread, so the registry is the shard's), one task per
+//! shard that looks every [`SCAN`] while any connection is registered: it expires connections
+//! quiet for their `--idle-timeout-ms` (so a timeout fires at most one scan late), and tells
+//! readers that hold a buffer on a connection quiet for [`QUIET`] to let it go.
+//!
+//! A connection admitted by authorization policy also carries its [`Grant`], what the policy
+//! looked at. When a new config generation arrives the shard calls [`recheck`] with it, and
+//! every connection the new policies deny is cut, as ztunnel's `PolicyWatcher` does
+//! (`src/proxy/connection_manager.rs`): the copy loop ends with [`Cut::Revoked`] and resets
+//! both sides; the others keep running untouched.
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use ringtun_hbone::Identity;
+
+/// How often the sweeper looks.
+pub(crate) const SCAN: Duration = Duration::from_millis(250);
+/// How long a read may hold its buffer on a connection that moves no bytes.
+pub(crate) const QUIET: Duration = Duration::from_secs(1);
+
+/// What authorization admitted a connection on: re-evaluated when policies change.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    /// The peer's verified identity (HBONE); `None` for plaintext.
+    pub src_identity: Option<Rc<Identity>>,
+    /// The connection's own source IP.
+    pub src_ip: IpAddr,
+    /// Destination workload IP.
+    pub dst_ip: IpAddr,
+    /// Destination port.
+    pub dst_port: u16,
+    /// The config generation that admitted it.
+    pub generation: u64,
+}
+
+/// Why the shard ended a connection that was still moving (or able to move) bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// Quiet for its idle limit (`--idle-timeout-ms`).
+    Idle(Duration),
+    /// A policy change denies it now.
+    Revoked,
+}
+
+struct Record {
+    active: Cell<quanta::Instant>,
+    /// Zero: no idle limit.
+    idle: Duration,
+    expired: Cell<bool>,
+    revoked: Cell<bool>,
+    /// Readers holding a buffer in a read.
+    holding: Cell<u8>,
+    quiet: Cell<bool>,
+    /// The connection's task (both copy directions and the watchdog run in it).
+    waker: Cell<Option<Waker>>,
+    /// Boxed: plaintext passthrough and outbound connections have none.
+    grant: Option<Box<Grant>>,
+}
+
+impl Record {
+    fn register(&self, cx: &Context<'_>) {
+        let w = self.waker.take();
+        self.waker.set(match w {
+            Some(w) if w.will_wake(cx.waker()) => Some(w),
+            _ => Some(cx.waker().clone()),
+        });
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// The shard's registered connections: slots reused through a free list.
+#[derive(Default)]
+struct Watched {
+    slots: Vec<Option<Rc<Record>>>,
+    free: Vec<usize>,
+    sweeping: bool,
+}
+
+impl Watched {
+    fn insert(&mut self, r: Rc<Record>) -> usize {
+        match self.free.pop() {
+            Some(k) => {
+                self.slots[k] = Some(r);
+                k
+            }
+            None => {
+                self.slots.push(Some(r));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            if slot.take().is_some() {
+                self.free.push(key);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.free.len() == self.slots.len()
+    }
+}
+
+thread_local! {
+    static WATCHED: RefCell<Watched> = RefCell::default();
+}
+
+/// One connection's registration; removed when dropped.
+pub struct Conn {
+    record: Rc<Record>,
+    key: usize,
+}
+
+/// A reader holding a buffer in a read (see [`Conn::hold`]).
+pub(crate) struct Holding<'a>(&'a Record);
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        let h = self.0.holding.get().saturating_sub(1);
+        self.0.holding.set(h);
+        if h == 0 {
+            self.0.quiet.set(false);
+        }
+    }
+}
+
+impl Conn {
+    /// Registers a connection with an idle limit (zero: none) and, when policy admitted it,
+    /// what it was admitted on.
+    pub fn new(idle: Duration, grant: Option<Grant>) -> Self {
+        let record = Rc::new(Record {
+            active: Cell::new(quanta::Instant::now()),
+            idle,
+            expired: Cell::new(false),
+            revoked: Cell::new(false),
+            holding: Cell::new(0),
+            quiet: Cell::new(false),
+            waker: Cell::new(None),
+            grant: grant.map(Box::new),
+        });
+        let (key, start) = WATCHED.with(|w| {
+            let mut w = w.borrow_mut();
+            let key = w.insert(record.clone());
+            let start = !w.sweeping;
+            w.sweeping = true;
+            (key, start)
+        });
+        if start {
+            monoio::spawn(sweep());
+        }
+        Conn { record, key }
+    }
+
+    /// What admitted this connection, if policy did.
+    pub fn grant(&self) -> Option<&Grant> {
+        self.record.grant.as_deref()
+    }
+
+    /// Cuts the connection as denied by policy (see [`recheck`]).
+    pub fn revoke(&self) {
+        self.record.revoked.set(true);
+        self.record.wake();
+    }
+
+    /// Bytes moved.
+    pub(crate) fn touch(&self) {
+        self.record.active.set(quanta::Instant::now());
+        self.record.quiet.set(false);
+    }
+
+    /// Ready once the shard has cut the connection: quiet for its idle limit, or revoked.
+    pub(crate) fn cut(&self) -> impl Future<Output = Cut> + '_ {
+        poll_fn(|cx| {
+            if self.record.revoked.get() {
+                return Poll::Ready(Cut::Revoked);
+            }
+            if self.record.expired.get() {
+                return Poll::Ready(Cut::Idle(self.record.idle));
+            }
+            self.record.register(cx);
+            Poll::Pending
+        })
+    }
+
+    /// Marks a reader as holding a buffer until the guard drops.
+    pub(crate) fn hold(&self) -> Holding<'_> {
+        self.record.holding.set(self.record.holding.get() + 1);
+        Holding(&self.record)
+    }
+
+    /// Ready once a held buffer should be let go.
+    pub(crate) fn quiet(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|cx| {
+            if self.record.quiet.get() {
+                return Poll::Ready(());
+            }
+            self.record.register(cx);
+            Poll::Pending
+        })
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // At thread exit the registry may already be gone; nothing is left to sweep then.
+        let _ = WATCHED.try_with(|w| w.borrow_mut().remove(self.key));
+    }
+}
+
+/// Re-authorizes every live connection of this shard that policy admitted: `denied` says why
+/// a grant is no longer allowed (`None`: still allowed). Each denied one is cut; returns how
+/// many were.
+pub fn recheck(mut denied: impl FnMut(&Grant) -> Option<String>) -> usize {
+    // The records are collected first: cutting wakes tasks, and a callback must not run while
+    // the registry is borrowed.
+    let granted: Vec<Rc<Record>> = WATCHED.with(|w| {
+        w.borrow()
+            .slots
+            .iter()
+            .flatten()
+            .filter(|r| r.grant.is_some() && !r.revoked.get())
+            .cloned()
+            .collect()
+    });
+    let mut cut = 0;
+    for r in granted {
+        let Some(g) = r.grant.as_deref() else {
+            continue;
+        };
+        if let Some(why) = denied(g) {
+            tracing::info!(
+                src = %g.src_ip,
+                dst = %std::net::SocketAddr::new(g.dst_ip, g.dst_port),
+                src_identity = g.src_identity.as_deref().map(tracing::field::display),
+                reason = %why,
+                "connection closed: no longer allowed after a policy update"
+            );
+            r.revoked.set(true);
+            r.wake();
+            cut += 1;
+        }
+    }
+    cut
+}
+
+async fn sweep() {
+    // Buffers were let go of in the last sweep: by now their reads have been cancelled
+    // and the memory freed.
+    let mut released = false;
+    loop {
+        monoio::time::sleep(SCAN).await;
+        let now = quanta::Instant::now();
+        if std::mem::take(&mut released) {
+            crate::alloc::collect_freed();
+        }
+        let done = WATCHED.with(|w| {
+            let mut w = w.borrow_mut();
+            for r in w.slots.iter().flatten() {
+                let quiet_for = now.duration_since(r.active.get());
+                let mut wake = false;
+                if !r.idle.is_zero() && !r.expired.get() && quiet_for >= r.idle {
+                    r.expired.set(true);
+                    wake = true;
+                }
+                if r.holding.get() > 0 && !r.quiet.get() && quiet_for >= QUIET {
+                    r.quiet.set(true);
+                    wake = true;
+                    released = true;
+                }
+                if wake {
+                    r.wake();
+                }
+            }
+            if w.is_empty() {
+                // Give the slots' memory back once a burst of connections is gone.
+                *w = Watched::default();
+                true
+            } else {
+                false
+            }
+        });
+        if done {
+            return;
+        }
+    }
+}

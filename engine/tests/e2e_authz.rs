@@ -1,0 +1,256 @@
+//! Authorization that a client cannot talk its way around, end to end in network namespaces:
+//! `sourceIps` is matched against the connection's own peer address whatever a `forwarded`
+//! header claims (an independent Python HBONE client forges one), and a policy update that
+//! denies a live connection cuts it on 15008 and 15006 while the connections it still allows
+//! keep running, checksummed.
+//!
+//! Each test builds its own namespaces; they need root and fail without it.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringtun_topology::{Netns, DEFAULT_MARK as MARK};
+
+const MIB: u64 = 1 << 20;
+const LOG_WAIT: Duration = Duration::from_secs(10);
+/// An address in the mesh's subnet that no node has: what a forging client claims to be.
+const FORGED: &str = "10.77.0.99";
+
+/// One policy on the server's namespace, `rules` written as the YAML of one match.
+fn policy(name: &str, action: &str, rule: &str) -> String {
+    format!(
+        "- name: {name}\n  namespace: default\n  scope: Namespace\n  action: {action}\n  dryRun: false\n  rules:\n  - - - {rule}\n"
+    )
+}
+
+fn config_with(policies: &[String]) -> String {
+    let base = mesh_config(&["/10.96.0.10"], false);
+    if policies.is_empty() {
+        return base;
+    }
+    base.replace(
+        "policies: []\n",
+        &format!("policies:\n{}", policies.concat()),
+    )
+}
+
+/// The Python HBONE client from the client namespace (10.77.0.1) to the server's 15008,
+/// echoing 64 KiB through `10.77.0.2:5201`, with extra request headers.
+fn py_connect(ns: &Netns, dir: &TempDir, headers: &[String]) -> PeerRun {
+    let pem = dir.join("default.client.pem");
+    let key = dir.join("default.client.key");
+    let ca = dir.join("ca.pem");
+    let mut args: Vec<String> = [
+        "--connect",
+        "10.77.0.2:15008",
+        "--cert",
+        &pem.to_string_lossy(),
+        "--key",
+        &key.to_string_lossy(),
+        "--ca",
+        &ca.to_string_lossy(),
+        "--authority",
+        "10.77.0.2:5201",
+        "--bytes",
+        "65536",
+        "--timeout",
+        "20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for h in headers {
+        args.push("--header".into());
+        args.push(h.clone());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    python_client(ns, &args)
+}
+
+fn status(run: &PeerRun) -> Option<u64> {
+    run.event("response").and_then(|r| r["status"].as_u64())
+}
+
+/// Rewrites the config and waits until the server ringtun has handed it to its shard.
+fn reload(so: &ServerOnly, path: &std::path::Path, text: &str, nth: usize) {
+    write_atomic(path, text);
+    so.server.wait_log_count("config reloaded", nth, LOG_WAIT);
+    // The shard applies it on its next look at the control channel (every 50 ms).
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn a_forged_forwarded_header_changes_no_source_ip_decision() {
+    let so = ServerOnly::start_with("afh", |_| {});
+    let path = so.dir.join("config.yaml");
+    let client = &so.nodes.client;
+    let forged = vec![format!("forwarded: for=\"{FORGED}:4444\"")];
+
+    // ALLOW only the forged address: claiming it must not let the client in.
+    reload(
+        &so,
+        &path,
+        &config_with(&[policy(
+            "allow-forged",
+            "Allow",
+            &format!("sourceIps: [\"{FORGED}/32\"]"),
+        )]),
+        1,
+    );
+    let run = py_connect(client, &so.dir, &forged);
+    assert_eq!(status(&run), Some(401), "ALLOW on a claimed address: {run}");
+    let line = so
+        .server
+        .wait_access("for the forged ALLOW", LOG_WAIT, |l| {
+            l.is("direction", "inbound") && l.is("response_flags", "DENY")
+        });
+    assert!(
+        line.get("src.addr")
+            .is_some_and(|a| a.starts_with("10.77.0.1:")),
+        "the log names the real peer, not the claim: {}",
+        line.raw
+    );
+
+    // DENY the real address: claiming another must not get the client out of it.
+    reload(
+        &so,
+        &path,
+        &config_with(&[policy("deny-real", "Deny", "sourceIps: [\"10.77.0.1/32\"]")]),
+        2,
+    );
+    let run = py_connect(client, &so.dir, &forged);
+    assert_eq!(status(&run), Some(401), "DENY dodged by a claim: {run}");
+    let line = so.server.wait_access("for the dodged DENY", LOG_WAIT, |l| {
+        l.is("direction", "inbound")
+            && l.get("reason")
+                .is_some_and(|r| r.contains("default/deny-real"))
+    });
+    assert!(line.is("response_flags", "DENY"), "{}", line.raw);
+
+    // DENY the forged address: the real client is not caught by what it claims either.
+    reload(
+        &so,
+        &path,
+        &config_with(&[policy(
+            "deny-forged",
+            "Deny",
+            &format!("sourceIps: [\"{FORGED}/32\"]"),
+        )]),
+        3,
+    );
+    let run = py_connect(client, &so.dir, &forged);
+    assert_eq!(run.code, Some(0), "allowed from its real address: {run}");
+    let result = run.event("result").expect("result line");
+    assert_eq!(result["sha256_sent"], result["sha256_received"], "{run}");
+    so.server.assert_no_panic();
+}
+
+/// What the live transfers of [`a_policy_update_cuts_live_connections_it_denies`] ended with.
+type Outcome = std::io::Result<Transfer>;
+
+#[test]
+fn a_policy_update_cuts_live_connections_it_denies() {
+    let mut opts = MeshOptions::new("apu");
+    opts.capture_inbound = true;
+    let m = Mesh::start(opts);
+    let _denied = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let kept = EchoServer::start(&m.nodes.server, "0.0.0.0:5202");
+    let client = &m.nodes.client;
+    // Each transfer: 8 MiB in 64 steps of 128 KiB, 100 ms apart (about 6.4 s).
+    let (n, chunk, pause) = (8 * MIB, 128 * 1024, Duration::from_millis(100));
+    let (tx, rx) = mpsc::channel::<()>();
+    let (hbone_denied, hbone_kept, plain_denied) = std::thread::scope(|s| {
+        let paced = |dst: &'static str, tx: mpsc::Sender<()>| {
+            move || -> Outcome {
+                transfer_paced(client, dst, n, chunk, pause, MIB, move |_| {
+                    let _ = tx.send(());
+                })
+            }
+        };
+        // Through the client ringtun (captured) over HBONE to the pod IP, two ports.
+        let a = s.spawn(paced("10.77.0.2:5201", tx.clone()));
+        let b = s.spawn(paced("10.77.0.2:5202", tx.clone()));
+        // Plaintext from outside the mesh (marked: the client's capture skips it) into the
+        // server's 15006 capture.
+        let tx_c = tx.clone();
+        let c = s.spawn(move || -> Outcome {
+            let start = Instant::now();
+            let sock = connect_marked_in(client, "10.77.0.2:5201".parse().expect("addr"), MARK)?;
+            paced_on(sock, start, n, chunk, pause, MIB, move |_| {
+                let _ = tx_c.send(());
+            })
+        });
+        for _ in 0..3 {
+            rx.recv_timeout(Duration::from_secs(20))
+                .expect("every live transfer got going");
+        }
+        // Now DENY port 5201 on the server workload.
+        write_atomic(
+            &m.config,
+            &config_with(&[policy("deny-5201", "Deny", "destinationPorts: [5201]")]),
+        );
+        (
+            a.join().expect("thread"),
+            b.join().expect("thread"),
+            c.join().expect("thread"),
+        )
+    });
+
+    // The kept one finished intact, after the update.
+    let t = hbone_kept.unwrap_or_else(|e| panic!("the allowed transfer broke: {e}"));
+    assert_eq!(t.received, n, "allowed transfer bytes");
+    assert_eq!(t.sha_sent, t.sha_received, "allowed transfer intact");
+    kept.records
+        .wait_for(LOG_WAIT, |r| r.sha256 == t.sha_sent)
+        .expect("the workload got the whole allowed transfer");
+
+    // The denied ones were cut: an error, or an echo short of what was sent.
+    for (what, outcome) in [("HBONE", &hbone_denied), ("plaintext", &plain_denied)] {
+        match outcome {
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
+                ),
+                "{what}: cut with {e}"
+            ),
+            Ok(t) => assert!(
+                t.received < n,
+                "{what}: the denied transfer ran to the end ({} bytes)",
+                t.received
+            ),
+        }
+    }
+    for direction in ["inbound", "inbound-plaintext"] {
+        let line = m
+            .server
+            .wait_access("for the cut connection", LOG_WAIT, |l| {
+                l.is("direction", direction) && l.is("dst.addr", "10.77.0.2:5201")
+            });
+        assert!(line.is("end", "error"), "{}", line.raw);
+        assert!(line.is("response_flags", "DENY"), "{}", line.raw);
+        assert!(
+            line.get("reason")
+                .is_some_and(|r| r.contains("policy update")),
+            "{}",
+            line.raw
+        );
+        assert!(
+            line.num("bytes_received") < n,
+            "cut before the end: {}",
+            line.raw
+        );
+    }
+    let log = m.server.log();
+    assert!(
+        log.contains("no longer allowed after a policy update")
+            && log.contains("default/deny-5201"),
+        "the cut is logged with the policy"
+    );
+    m.client.assert_no_panic();
+    m.server.assert_no_panic();
+}
