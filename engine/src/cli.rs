@@ -12,7 +12,7 @@ use ringtun_hbone::Identity;
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::Role;
-use crate::options::{IoDriver, KtlsMode, RunOptions};
+use crate::options::{IoDriver, KtlsMode, RunOptions, UringTaskrun};
 use crate::tls::CertPaths;
 use crate::{config, control, demo, pki, EngineError};
 
@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// I/O driver for the shards.
     #[arg(long, value_enum, default_value = "auto")]
     pub io_driver: IoDriver,
+    /// When an io_uring shard runs its completions: `defer` (batched at the shard's wait),
+    /// `coop` (at its next kernel entry) or `interrupt` (the kernel default). A kernel without
+    /// the chosen flags gets the next one down, announced in the log.
+    #[arg(long, value_enum, default_value = "defer")]
+    pub uring_taskrun: UringTaskrun,
     /// Outbound capture listener (repeatable). Default [::]:15001, or 0.0.0.0:15001 without IPv6.
     #[arg(long)]
     pub outbound_listen: Vec<SocketAddr>,
@@ -234,6 +239,7 @@ impl RunArgs {
             workers,
             pin: !self.no_pin,
             io_driver: self.io_driver,
+            uring_taskrun: self.uring_taskrun,
             outbound: or_default(self.outbound_listen, 15001),
             inbound: or_default(self.inbound_listen, 15008),
             inbound_plaintext: or_default(self.inbound_plaintext_listen, 15006),

@@ -15,7 +15,7 @@ use crate::admin::{self, Admin as _};
 use crate::config::{self, Snapshot};
 use crate::metrics::{ProcessInfo, ShardReport};
 use crate::net;
-use crate::options::{IoDriver, RunOptions};
+use crate::options::{IoDriver, RunOptions, UringTaskrun};
 use crate::shard::{self, ListenerKind, ShardEvent, ShardMsg};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
@@ -175,23 +175,48 @@ fn shard_thread(
             );
         }
     }
+    let taskrun = opts.uring_taskrun;
     let fut = shard::run(id, opts, tls, rx, events.clone(), snapshot);
     let built = match driver {
         IoDriver::Legacy => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()
             .map(|mut rt| rt.block_on(fut)),
-        _ => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .with_entries(1024)
-            .build()
-            .map(|mut rt| rt.block_on(fut)),
+        _ => uring_runtime(id, taskrun).map(|mut rt| rt.block_on(fut)),
     };
     if let Err(e) = built {
         let _ = events.send(ShardEvent::ListenFailed {
             shard: id,
             error: format!("runtime ({driver:?}) could not start: {e}"),
         });
+    }
+}
+
+/// An io_uring runtime with the setup flags asked for, or the next variant down where the
+/// kernel refuses them (EINVAL: flags it does not know).
+fn uring_runtime(
+    shard: usize,
+    want: UringTaskrun,
+) -> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
+    let mut taskrun = want;
+    loop {
+        let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .with_entries(1024)
+            .uring_builder(taskrun.builder())
+            .build();
+        match (built, taskrun.fallback()) {
+            (Err(e), Some(next)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(shard, refused = ?taskrun, trying = ?next, "io_uring setup flags not supported by this kernel");
+                taskrun = next;
+            }
+            (built, _) => {
+                if built.is_ok() && taskrun != want && shard == 0 {
+                    tracing::warn!(wanted = ?want, using = ?taskrun, "io_uring task work: the kernel lacks the flags asked for (--uring-taskrun)");
+                }
+                return built;
+            }
+        }
     }
 }
 

@@ -20,6 +20,53 @@ pub enum IoDriver {
     Legacy,
 }
 
+/// When the kernel runs an io_uring shard's completion work (its "task work").
+///
+/// Without a setup flag every completion interrupts the shard thread to run it (an IPI or a
+/// signal-style notification while the thread is in user space), which on a busy shard costs
+/// more than the completion itself. The flags move that work to the shard's own next
+/// `io_uring_enter`. Older kernels lack them: a ring the kernel refuses is built with the next
+/// variant down (`defer` → `coop` → `interrupt`) and the log says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UringTaskrun {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN` (Linux 6.1): completions are produced only when the
+    /// shard waits for them, in one batch.
+    Defer,
+    /// `SINGLE_ISSUER | COOP_TASKRUN | TASKRUN_FLAG` (Linux 6.0): no interrupt, the work runs
+    /// at the next kernel entry.
+    Coop,
+    /// No flag: the kernel's default (every completion interrupts the thread).
+    Interrupt,
+}
+
+impl UringTaskrun {
+    /// The variant to try when the kernel refuses this one.
+    pub fn fallback(self) -> Option<UringTaskrun> {
+        match self {
+            UringTaskrun::Defer => Some(UringTaskrun::Coop),
+            UringTaskrun::Coop => Some(UringTaskrun::Interrupt),
+            UringTaskrun::Interrupt => None,
+        }
+    }
+
+    /// The ring builder with this variant's setup flags.
+    pub fn builder(self) -> io_uring::Builder {
+        let mut b = io_uring::IoUring::builder();
+        match self {
+            UringTaskrun::Defer => {
+                b.setup_single_issuer().setup_defer_taskrun();
+            }
+            UringTaskrun::Coop => {
+                b.setup_single_issuer()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag();
+            }
+            UringTaskrun::Interrupt => {}
+        }
+        b
+    }
+}
+
 /// Whether HBONE connections hand their TLS record layer to the kernel (kTLS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum KtlsMode {
@@ -64,6 +111,8 @@ pub struct RunOptions {
     pub pin: bool,
     /// Driver choice.
     pub io_driver: IoDriver,
+    /// io_uring setup flags for the shards' rings.
+    pub uring_taskrun: UringTaskrun,
     /// Outbound capture listen addresses.
     pub outbound: Vec<SocketAddr>,
     /// HBONE listen addresses.

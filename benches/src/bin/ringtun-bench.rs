@@ -111,6 +111,18 @@ struct Opts {
     /// connections at once; when given, the unpooled connection-rate test runs for it too.
     #[arg(long)]
     other_unpooled_env: Option<String>,
+    /// Built-in contenders beside direct and ringtun: `legacy` (the same ringtun binary with
+    /// `--io-driver legacy`, epoll) and `ztunnel` (Istio's, from --ztunnel); `none` for neither.
+    #[arg(long, value_delimiter = ',', default_value = "legacy,ztunnel")]
+    contenders: Vec<String>,
+    /// Another contender that is the same ringtun with extra `ringtun run` arguments, as
+    /// `NAME=ARG ARG…` (repeatable), e.g. `coop=--uring-taskrun coop`: A/B of one flag in one run.
+    #[arg(long)]
+    variant: Vec<String>,
+    /// The ztunnel binary for the `ztunnel` contender [default: ../shared/ztunnel/ztunnel
+    /// beside the workspace].
+    #[arg(long)]
+    ztunnel: Option<PathBuf>,
     /// Idle tunnelled connections to hold open for the memory test [default: 1000,10000;
     /// quick 1000].
     #[arg(long, value_delimiter = ',')]
@@ -388,8 +400,31 @@ impl Tunnel {
 #[derive(Clone)]
 enum Kind {
     Direct,
-    Ringtun,
-    Other { template: String, env: String },
+    /// The ringtun under test, with these extra `ringtun run` arguments.
+    Ringtun {
+        extra: Vec<String>,
+    },
+    /// Any other tunnel: a command template and its environment (placeholders filled in), and
+    /// the extra environment that defeats its client-side pool (no unpooled test without it).
+    Other {
+        template: String,
+        env: String,
+        unpooled_env: Option<String>,
+    },
+}
+
+/// Istio's ztunnel in dedicated mode (one workload per process, local config, its test CA):
+/// what a node runs today, with one worker thread per `--workers`. `PACKET_MARK` lets the
+/// capture skip its upstream sockets as it skips ringtun's, `ENABLE_ORIG_SRC=false` keeps its
+/// inbound side from spoofing the client's address (no TPROXY routes here), and the access log
+/// stays on (`info`) as ringtun's does.
+const ZTUNNEL_ENV: &str = "PROXY_MODE=dedicated,PROXY_WORKLOAD_INFO={workload_info},LOCAL_XDS_PATH={config},FAKE_CA=true,XDS_ADDRESS=,CA_ADDRESS=,PACKET_MARK=1337,ENABLE_ORIG_SRC=false,ZTUNNEL_WORKER_THREADS={workers},RUST_LOG=info";
+/// ztunnel's client side releasing pooled connections as soon as they are unused.
+const ZTUNNEL_UNPOOLED_ENV: &str = "POOL_UNUSED_RELEASE_TIMEOUT=1ms";
+
+/// Where the shared ztunnel build lives, relative to the workspace.
+fn default_ztunnel() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ztunnel/ztunnel")
 }
 
 struct Contender {
@@ -502,10 +537,15 @@ fn start_side(
     let log = env.dir.join(format!("{}-{who}{tag}.log", c.name));
     let cmd = match &c.kind {
         Kind::Direct => return Err("direct has no tunnel".into()),
-        Kind::Ringtun => ringtun_cmd(env, ns, who, workers, extra),
+        Kind::Ringtun { extra: own } => {
+            let mut cmd = ringtun_cmd(env, ns, who, workers, extra);
+            cmd.args(own);
+            cmd
+        }
         Kind::Other {
             template,
             env: spec,
+            ..
         } => {
             let ph = placeholders(env, ns, who, workers);
             let mut cmd = ns.exec("sh");
@@ -526,7 +566,7 @@ fn start_side(
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ready = match c.kind {
-            Kind::Ringtun => p.log_text().contains("ringtun ready"),
+            Kind::Ringtun { .. } => p.log_text().contains("ringtun ready"),
             _ => p.pids().iter().any(|&pid| procs::listens(pid, port)),
         };
         if ready {
@@ -929,7 +969,7 @@ fn idle_child_main(args: &[String]) -> i32 {
 /// differently).
 fn client_log_count(c: &Contender, tunnel: &Tunnel, needle: &str) -> usize {
     match c.kind {
-        Kind::Ringtun => tunnel.client.log_text().matches(needle).count(),
+        Kind::Ringtun { .. } => tunnel.client.log_text().matches(needle).count(),
         _ => 0,
     }
 }
@@ -1037,7 +1077,7 @@ fn memory_test(
         }
         // Let the tunnels finish closing (and log) before the next step.
         std::thread::sleep(Duration::from_secs(1));
-        if matches!(c.kind, Kind::Ringtun) {
+        if matches!(c.kind, Kind::Ringtun { .. }) {
             let tunnelled = client_log_count(c, tunnel, "direction=outbound") - tunnelled_before;
             let new = client_log_count(c, tunnel, "pool=new") - new_before;
             if tunnelled < n {
@@ -1318,6 +1358,7 @@ fn machine_meta(o: &Opts, ringtun: &Path) -> report::Meta {
     options.insert("workers".into(), o.workers.to_string());
     options.insert("pin".into(), o.pin.to_string());
     options.insert("rate".into(), o.rate.to_string());
+    options.insert("contenders".into(), o.contenders.join(","));
     report::Meta {
         date,
         kernel,
@@ -1441,7 +1482,7 @@ fn run(o: Opts) -> Result<(), String> {
         },
         Contender {
             name: "ringtun".into(),
-            kind: Kind::Ringtun,
+            kind: Kind::Ringtun { extra: Vec::new() },
             topo: 0,
             target: Target {
                 addr: SocketAddr::from((VIP, VIP_PORT)),
@@ -1449,20 +1490,80 @@ fn run(o: Opts) -> Result<(), String> {
             },
         },
     ];
-    if let Some(template) = &o.other_tunnel {
-        topos.push(setup_topology("rtbo", true, &dir)?);
+    // Every tunnel gets its own pair of namespaces: all of them run at once, on the same ports.
+    let mut add = |name: String, kind: Kind, prefix: &str| -> Result<(), String> {
+        topos.push(setup_topology(prefix, true, &dir)?);
         contenders.push(Contender {
-            name: o.other_name.clone(),
-            kind: Kind::Other {
-                template: template.clone(),
-                env: o.other_env.clone(),
-            },
-            topo: 1,
+            name,
+            kind,
+            topo: topos.len() - 1,
             target: Target {
                 addr: SocketAddr::from((VIP, VIP_PORT)),
                 mark: 0,
             },
         });
+        Ok(())
+    };
+    for name in &o.contenders {
+        match name.as_str() {
+            "none" => {}
+            "legacy" => add(
+                "ringtun-legacy".into(),
+                Kind::Ringtun {
+                    extra: vec!["--io-driver".into(), "legacy".into()],
+                },
+                "rtbl",
+            )?,
+            "ztunnel" => {
+                let path = o.ztunnel.clone().unwrap_or_else(default_ztunnel);
+                if !path.exists() {
+                    return Err(format!(
+                        "the ztunnel contender needs its binary: {} is missing (pass --ztunnel PATH, or --contenders legacy to leave it out)",
+                        path.display()
+                    ));
+                }
+                let path = path
+                    .canonicalize()
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                add(
+                    "ztunnel".into(),
+                    Kind::Other {
+                        template: path.display().to_string(),
+                        env: ZTUNNEL_ENV.into(),
+                        unpooled_env: Some(ZTUNNEL_UNPOOLED_ENV.into()),
+                    },
+                    "rtbz",
+                )?;
+            }
+            other => {
+                return Err(format!(
+                    "--contenders: unknown contender {other:?} (legacy, ztunnel, none)"
+                ))
+            }
+        }
+    }
+    for (i, v) in o.variant.iter().enumerate() {
+        let (name, args) = v
+            .split_once('=')
+            .ok_or_else(|| format!("--variant {v:?}: expected NAME=ARGS"))?;
+        add(
+            name.trim().to_owned(),
+            Kind::Ringtun {
+                extra: args.split_whitespace().map(str::to_owned).collect(),
+            },
+            &format!("rtv{i}"),
+        )?;
+    }
+    if let Some(template) = &o.other_tunnel {
+        add(
+            o.other_name.clone(),
+            Kind::Other {
+                template: template.clone(),
+                env: o.other_env.clone(),
+                unpooled_env: o.other_unpooled_env.clone(),
+            },
+            "rtbo",
+        )?;
     }
     let servers = topos
         .iter()
@@ -1605,8 +1706,10 @@ fn run(o: Opts) -> Result<(), String> {
                 let c = &contenders[i];
                 let (extra, extra_env): (Vec<String>, Option<&str>) = match &c.kind {
                     Kind::Direct => (Vec::new(), None),
-                    Kind::Ringtun => (vec!["--pool-idle-timeout-ms".into(), "1".into()], None),
-                    Kind::Other { .. } => match &o.other_unpooled_env {
+                    Kind::Ringtun { .. } => {
+                        (vec!["--pool-idle-timeout-ms".into(), "1".into()], None)
+                    }
+                    Kind::Other { unpooled_env, .. } => match unpooled_env {
                         Some(e) => (Vec::new(), Some(e.as_str())),
                         None => continue,
                     },
@@ -1629,7 +1732,7 @@ fn run(o: Opts) -> Result<(), String> {
                     plan.unpooled_conns,
                     o.conn_concurrency,
                     &env.sources,
-                    matches!(c.kind, Kind::Ringtun),
+                    matches!(c.kind, Kind::Ringtun { .. }),
                 )?;
             }
         }
@@ -1646,7 +1749,7 @@ fn run(o: Opts) -> Result<(), String> {
                 let mut tunnels: Vec<Option<Tunnel>> = Vec::new();
                 for c in &contenders {
                     let scales = match &c.kind {
-                        Kind::Other { template, env } => {
+                        Kind::Other { template, env, .. } => {
                             template.contains("{workers}") || env.contains("{workers}")
                         }
                         _ => true,
