@@ -98,6 +98,7 @@ fn tls_pair() -> (Arc<rustls::ClientConfig>, Arc<rustls::ServerConfig>) {
                 roots: issued.roots,
             },
             "cluster.local",
+            ringtun_hbone::verify::CipherPreference::default(),
         )
         .expect("load certificates")
     };

@@ -12,7 +12,7 @@ use ringtun_hbone::Identity;
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::Role;
-use crate::options::{IoDriver, KtlsMode, RunOptions, UringTaskrun};
+use crate::options::{IoDriver, KtlsMode, RunOptions, TlsCipher, UringTaskrun};
 use crate::tls::CertPaths;
 use crate::{config, control, demo, pki, EngineError};
 
@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// I/O driver for the shards.
     #[arg(long, value_enum, default_value = "auto")]
     pub io_driver: IoDriver,
+    /// The TLS 1.3 suite HBONE connections prefer: `aes128` (AES-128-GCM, less CPU per byte) or
+    /// `aes256` (AES-256-GCM first, ztunnel's order). Both are always offered and accepted, so
+    /// either meshes with ztunnel; as a server ringtun applies its own preference.
+    #[arg(long, value_enum, default_value = "aes128")]
+    pub tls_cipher: TlsCipher,
     /// When an io_uring shard runs its completions: `defer` (batched at the shard's wait),
     /// `coop` (at its next kernel entry) or `interrupt` (the kernel default). A kernel without
     /// the chosen flags gets the next one down, announced in the log.
@@ -240,6 +245,7 @@ impl RunArgs {
             pin: !self.no_pin,
             io_driver: self.io_driver,
             uring_taskrun: self.uring_taskrun,
+            tls_cipher: self.tls_cipher,
             outbound: or_default(self.outbound_listen, 15001),
             inbound: or_default(self.inbound_listen, 15008),
             inbound_plaintext: or_default(self.inbound_plaintext_listen, 15006),

@@ -57,8 +57,10 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     let snapshot = load_snapshot(&opts.config_path, 1)?;
     // Probed once here; every shard shares the result (logged by `startup`).
     let ktls = crate::transport::startup(opts.ktls)?;
-    let tls =
-        Arc::new(TlsMaterial::load(&opts.certs, &opts.trust_domain)?.with_kernel_offload(ktls));
+    let tls = Arc::new(
+        TlsMaterial::load(&opts.certs, &opts.trust_domain, opts.tls_cipher.into())?
+            .with_kernel_offload(ktls),
+    );
     net::check_mark(opts.mark).map_err(|e| EngineError::Mark {
         mark: opts.mark,
         source: e,

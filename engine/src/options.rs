@@ -67,6 +67,24 @@ impl UringTaskrun {
     }
 }
 
+/// Which AES-GCM suite HBONE connections prefer (both are always offered and accepted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsCipher {
+    /// `TLS13_AES_128_GCM_SHA256` first: less cipher work per byte.
+    Aes128,
+    /// `TLS13_AES_256_GCM_SHA384` first, as ztunnel orders them.
+    Aes256,
+}
+
+impl From<TlsCipher> for ringtun_hbone::verify::CipherPreference {
+    fn from(c: TlsCipher) -> Self {
+        match c {
+            TlsCipher::Aes128 => Self::Aes128,
+            TlsCipher::Aes256 => Self::Aes256,
+        }
+    }
+}
+
 /// Whether HBONE connections hand their TLS record layer to the kernel (kTLS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum KtlsMode {
@@ -111,6 +129,8 @@ pub struct RunOptions {
     pub pin: bool,
     /// Driver choice.
     pub io_driver: IoDriver,
+    /// The AES-GCM suite HBONE connections prefer.
+    pub tls_cipher: TlsCipher,
     /// io_uring setup flags for the shards' rings.
     pub uring_taskrun: UringTaskrun,
     /// Outbound capture listen addresses.

@@ -90,7 +90,11 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError
 
 impl TlsMaterial {
     /// Loads the chain, key and roots and builds both TLS configurations.
-    pub fn load(paths: &CertPaths, trust_domain: &str) -> Result<Self, TlsSetupError> {
+    pub fn load(
+        paths: &CertPaths,
+        trust_domain: &str,
+        cipher: verify::CipherPreference,
+    ) -> Result<Self, TlsSetupError> {
         let chain = read_certs(&paths.chain)?;
         let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| pem_err(&paths.key, e))?;
         let mut roots = RootCertStore::empty();
@@ -118,9 +122,14 @@ impl TlsMaterial {
                 path: paths.chain.clone(),
                 source,
             })?;
-        let server =
-            verify::server_config(chain.clone(), key.clone_key(), roots.clone(), trust_domain)?;
-        let client = verify::client_config(chain, key, roots)?;
+        let server = verify::server_config(
+            chain.clone(),
+            key.clone_key(),
+            roots.clone(),
+            trust_domain,
+            cipher,
+        )?;
+        let client = verify::client_config(chain, key, roots, cipher)?;
         Ok(TlsMaterial {
             identity,
             server: Arc::new(server),

@@ -102,21 +102,26 @@ fn bump(c: &Cell<u64>) {
 }
 
 /// Which record layer carries an HBONE connection, per direction: the access log's
-/// `tls=… ktls.tx=… ktls.rx=…`.
+/// `tls=… ktls.tx=… ktls.rx=… tls.cipher=…`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TlsPath {
     /// The kernel encrypts what we send.
     pub ktls_tx: bool,
     /// The kernel decrypts what we receive.
     pub ktls_rx: bool,
+    /// The negotiated cipher suite.
+    pub cipher: Option<Cipher>,
 }
 
 impl TlsPath {
-    /// Userspace rustls both ways.
-    pub const USERSPACE: TlsPath = TlsPath {
-        ktls_tx: false,
-        ktls_rx: false,
-    };
+    /// Userspace rustls both ways, with the suite the handshake negotiated.
+    pub fn userspace(cipher: Option<Cipher>) -> TlsPath {
+        TlsPath {
+            ktls_tx: false,
+            ktls_rx: false,
+            cipher,
+        }
+    }
 
     /// `ktls`, `userspace`, or `ktls-tx` / `ktls-rx` for a half-offloaded connection.
     pub fn name(self) -> &'static str {
@@ -133,10 +138,11 @@ impl fmt::Display for TlsPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "tls={} ktls.tx={} ktls.rx={}",
+            "tls={} ktls.tx={} ktls.rx={} tls.cipher={}",
             self.name(),
             self.ktls_tx,
-            self.ktls_rx
+            self.ktls_rx,
+            self.cipher.map_or("-", Cipher::name)
         )
     }
 }
@@ -1140,6 +1146,9 @@ fn userspace(
             (io, rustls::Connection::from(conn))
         }
     };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| Cipher::from_suite(s.suite()));
     // Off monoio's poll I/O: RustlsIo drives the socket itself.
     let sock = hio
         .io
@@ -1150,7 +1159,7 @@ fn userspace(
     Ok(Established {
         io: HboneIo::Rustls(RustlsIo::new(sock, conn, tick.clone())),
         tick,
-        path: TlsPath::USERSPACE,
+        path: TlsPath::userspace(cipher),
         budget: None,
     })
 }
@@ -1239,6 +1248,7 @@ async fn offload(
         path: TlsPath {
             ktls_tx: off.tx,
             ktls_rx: off.rx,
+            cipher: Some(cipher),
         },
         budget: Some(budget),
     })
@@ -1374,13 +1384,17 @@ mod tests {
     #[test]
     fn path_names() {
         assert_eq!(
-            TlsPath::USERSPACE.to_string(),
-            "tls=userspace ktls.tx=false ktls.rx=false"
+            TlsPath::userspace(None).to_string(),
+            "tls=userspace ktls.tx=false ktls.rx=false tls.cipher=-"
         );
         let both = TlsPath {
             ktls_tx: true,
             ktls_rx: true,
+            cipher: Some(Cipher::Aes128Gcm),
         };
-        assert_eq!(both.to_string(), "tls=ktls ktls.tx=true ktls.rx=true");
+        assert_eq!(
+            both.to_string(),
+            "tls=ktls ktls.tx=true ktls.rx=true tls.cipher=aes-128-gcm"
+        );
     }
 }

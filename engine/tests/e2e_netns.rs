@@ -47,6 +47,8 @@ fn assert_outbound(line: &AccessLine, n: u64) {
     assert_eq!(line.num("bytes_sent"), n, "{}", line.raw);
     assert_eq!(line.num("bytes_received"), n, "{}", line.raw);
     assert!(line.is("end", "closed"), "{}", line.raw);
+    // Two ringtuns with the default preference agree on the cheaper suite.
+    assert!(line.is("tls.cipher", "aes-128-gcm"), "{}", line.raw);
 }
 
 /// Waits for the `nth` (1-based) inbound access line with the client identity and `n` bytes
@@ -226,6 +228,47 @@ fn main_path_io_uring() {
 #[test]
 fn main_path_legacy() {
     main_scenario("legacy", "elg");
+}
+
+#[test]
+fn tls_cipher_preference_is_the_servers() {
+    // The client prefers AES-128 (the default), the server AES-256: the server's choice wins.
+    let (nodes, dir, config) = mesh_files("ecp", &mesh_config(&["/10.96.0.10"], false), |_| {});
+    nodes
+        .client
+        .capture_outbound(15001, MARK)
+        .expect("outbound capture");
+    let start = |ns: &Netns, who: &str, extra: &[&str]| {
+        let mut args = vec!["--workers".to_string(), "1".to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let workload = format!("default/{who}");
+        Ringtun::start(
+            ns,
+            who,
+            dir.path(),
+            RingtunArgs {
+                config: &config,
+                certs: dir.path(),
+                identity: &workload,
+                workload: &workload,
+                extra: args,
+            },
+        )
+    };
+    let server = start(&nodes.server, "server", &["--tls-cipher", "aes256"]);
+    let client = start(&nodes.client, "client", &[]);
+    let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+    echo_ok(&nodes.client, "10.96.0.10:80", MIB);
+    for (who, r) in [("client", &client), ("server", &server)] {
+        let line = r.wait_access("for the echo", LOG_WAIT, |l| l.get("tls.cipher").is_some());
+        assert!(
+            line.is("tls.cipher", "aes-256-gcm"),
+            "{who}: the server's preference decides: {}",
+            line.raw
+        );
+    }
+    client.assert_no_panic();
+    server.assert_no_panic();
 }
 
 #[test]

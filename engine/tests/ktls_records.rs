@@ -172,8 +172,13 @@ fn client_config(dir: &TempDir) -> Arc<rustls::ClientConfig> {
     for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).expect("roots") {
         roots.add(c.expect("root PEM")).expect("root");
     }
-    let mut cfg =
-        ringtun_hbone::verify::client_config(chain, key, Arc::new(roots)).expect("client config");
+    let mut cfg = ringtun_hbone::verify::client_config(
+        chain,
+        key,
+        Arc::new(roots),
+        ringtun_hbone::verify::CipherPreference::default(),
+    )
+    .expect("client config");
     cfg.enable_secret_extraction = true;
     Arc::new(cfg)
 }

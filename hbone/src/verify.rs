@@ -24,14 +24,30 @@ fn refuse(e: HboneError) -> TlsError {
     TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
-/// The crypto provider HBONE uses: aws-lc-rs, TLS 1.3 suites AES-256-GCM and AES-128-GCM only,
-/// as ztunnel offers them.
-pub fn provider() -> Arc<CryptoProvider> {
+/// Which of HBONE's two AES-GCM suites a connection prefers. Both are always offered and
+/// accepted, as ztunnel does, so either preference meshes with any peer; the preference only
+/// decides what two peers that both offer both agree on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CipherPreference {
+    /// `TLS13_AES_128_GCM_SHA256` first: 10 AES rounds instead of 14, so about a quarter less
+    /// cipher work per byte on the bulk path, at a security margin TLS 1.3 mandates anyway.
+    #[default]
+    Aes128,
+    /// `TLS13_AES_256_GCM_SHA384` first (ztunnel's own order).
+    Aes256,
+}
+
+/// The crypto provider HBONE uses: aws-lc-rs, TLS 1.3 suites AES-128-GCM and AES-256-GCM only
+/// (as ztunnel offers them), in the order `pref` says.
+pub fn provider(pref: CipherPreference) -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256 as AES128, TLS13_AES_256_GCM_SHA384 as AES256,
+    };
     let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    p.cipher_suites = vec![
-        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
-    ];
+    p.cipher_suites = match pref {
+        CipherPreference::Aes128 => vec![AES128, AES256],
+        CipherPreference::Aes256 => vec![AES256, AES128],
+    };
     Arc::new(p)
 }
 
@@ -207,14 +223,17 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
     trust_domain: &str,
+    pref: CipherPreference,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let provider = provider();
+    let provider = provider(pref);
     let verifier = SpiffeClientVerifier::new(roots, trust_domain, provider.clone())?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![crate::ALPN_H2.to_vec()];
+    // Our preference decides, not the client's: the operator chose it (--tls-cipher).
+    cfg.ignore_client_order = true;
     // HBONE connections are long-lived and pooled; tickets would only cost a write per handshake.
     cfg.send_tls13_tickets = 0;
     Ok(cfg)
@@ -225,8 +244,9 @@ pub fn client_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    pref: CipherPreference,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let provider = provider();
+    let provider = provider(pref);
     let verifier = SpiffeServerVerifier::new(roots, &provider);
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
