@@ -138,9 +138,9 @@ pub struct RunArgs {
     /// TCP connect timeout (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
-    /// Close a tunnelled connection idle (no bytes either way) this long, in milliseconds;
-    /// 0 disables. Default one hour, as Envoy's TCP proxy.
-    #[arg(long, default_value_t = 3_600_000)]
+    /// Close a tunnelled connection idle (no bytes either way) this long, in milliseconds.
+    /// Default 0: never, as ztunnel (a database connection idle for an hour must survive).
+    #[arg(long, default_value_t = 0)]
     pub idle_timeout_ms: u64,
     /// Connections one shard carries at most; beyond, new ones are refused with RST.
     #[arg(long, default_value_t = 100_000)]
@@ -413,4 +413,36 @@ fn gen_certs(dir: &std::path::Path, td: &str, identities: &[String]) -> Result<(
         println!("{id}: {} {}", paths.chain.display(), paths.key.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn tunnels_have_no_idle_limit_unless_asked() {
+        let w = Wrap::try_parse_from([
+            "ringtun",
+            "--config",
+            "c.yaml",
+            "--cert-chain",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--roots",
+            "r.pem",
+        ])
+        .expect("parse");
+        assert_eq!(
+            w.run.idle_timeout_ms, 0,
+            "ztunnel never cuts an idle tunnel"
+        );
+    }
 }

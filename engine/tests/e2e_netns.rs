@@ -727,3 +727,43 @@ fn hot_reload_keeps_live_connections_and_survives_bad_configs() {
     m.client.assert_no_panic();
     m.server.assert_no_panic();
 }
+
+#[test]
+fn idle_limit_cuts_only_quiet_connections() {
+    let mut opts = MeshOptions::new("eit");
+    opts.extra
+        .extend(["--idle-timeout-ms".to_string(), "800".to_string()]);
+    let m = Mesh::start(opts);
+    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let client = &m.nodes.client;
+    let mut quiet = connect_in(client, "10.96.0.10:80").expect("connect");
+    let mut busy = connect_in(client, "10.96.0.10:80").expect("connect");
+    let mut buf = [0u8; 64];
+    for s in [&mut quiet, &mut busy] {
+        s.write_all(b"hello").expect("write");
+        s.read_exact(&mut buf[..5]).expect("echo");
+    }
+    // The busy one moves a byte every 200 ms for 2.4 s; the quiet one moves nothing.
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(200));
+        busy.write_all(b"x").expect("busy connection still open");
+        busy.read_exact(&mut buf[..1]).expect("busy echo");
+    }
+    match quiet.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if is_reset(&e) => {}
+        other => panic!("the quiet connection should have been cut: {other:?}"),
+    }
+    let line = m
+        .client
+        .wait_access("for the cut connection", LOG_WAIT, |l| {
+            l.is("direction", "outbound") && l.is("end", "error")
+        });
+    assert!(
+        line.get("reason").is_some_and(|r| r.contains("idle for")),
+        "{}",
+        line.raw
+    );
+    m.client.assert_no_panic();
+    m.server.assert_no_panic();
+}

@@ -294,3 +294,66 @@ fn ringtun_outbound_to_python_server_sends_a_proper_connect() {
     assert!(report["tls_errors"].as_array().is_some_and(Vec::is_empty));
     client.assert_no_panic();
 }
+
+/// The client ringtun in front of a Python HBONE server that ends every echoed stream with
+/// RST_STREAM(`code`) instead of END_STREAM; returns what an app sending `n` bytes saw.
+fn echo_through_resetting_server(prefix: &'static str, code: u32, n: u64) -> Transfer {
+    let (nodes, dir, config) = mesh_files(prefix, &mesh_config(&["/10.96.0.10"], false), |_| {});
+    nodes
+        .client
+        .capture_outbound(15001, DEFAULT_MARK)
+        .expect("outbound capture");
+    let code_arg = code.to_string();
+    let py = PythonServer::start_with(
+        &nodes.server,
+        dir.path(),
+        "default/server",
+        "*:15008",
+        &["--end-with-reset", &code_arg],
+    );
+    let client = Ringtun::start(
+        &nodes.client,
+        "client",
+        dir.path(),
+        RingtunArgs {
+            config: &config,
+            certs: dir.path(),
+            identity: "default/client",
+            workload: "default/client",
+            extra: vec!["--workers".into(), "1".into()],
+        },
+    );
+    let t = match transfer(&nodes.client, "10.77.0.2:5201", n) {
+        Ok(t) => t,
+        Err(e) => Transfer {
+            local: "0.0.0.0:0".parse().expect("addr"),
+            sent: n,
+            received: 0,
+            sha_sent: String::new(),
+            sha_received: format!("error: {e} ({:?})", e.kind()),
+            took: Duration::ZERO,
+        },
+    };
+    let (_, stream) = py.wait_stream_end(LOG_WAIT);
+    assert_eq!(stream["end"], format!("sent_reset:{code}"), "{stream:#}");
+    client.assert_no_panic();
+    t
+}
+
+#[test]
+fn a_peer_ending_with_cancel_or_no_error_is_an_end_of_stream() {
+    // RST_STREAM CANCEL (8) and NO_ERROR (0) after the echo: the app reads every byte and a
+    // clean end of file, as ztunnel passes them on.
+    for (prefix, code) in [("prc", 8), ("prn", 0)] {
+        let t = echo_through_resetting_server(prefix, code, MIB);
+        assert_eq!(t.received, MIB, "code {code}: {}", t.sha_received);
+        assert_eq!(t.sha_sent, t.sha_received, "code {code}: echo intact");
+    }
+    // Any other code is a failure, passed on as a reset.
+    let t = echo_through_resetting_server("pri", 2, MIB);
+    assert!(
+        t.sha_received.contains("ConnectionReset"),
+        "INTERNAL_ERROR must reach the app as a reset: {}",
+        t.sha_received
+    );
+}

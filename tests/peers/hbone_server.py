@@ -16,7 +16,8 @@ file, rewritten atomically after every change, so a test can read it at any time
                                  "path": null, "headers": [[name, value], ...], "status": 200,
                                  "bytes_received": N, "sha256_received": "...",
                                  "bytes_sent": N, "sha256_sent": "...",
-                                 "end": "open" | "end_stream" | "reset:<code>" | "closed"}]}]}
+                                 "end": "open" | "end_stream" | "reset:<code>"
+                                        | "sent_reset:<code>" | "closed"}]}]}
 
 The report exists (with no connections) as soon as the server listens.
 """
@@ -233,12 +234,16 @@ class Server:
             if not st.out and st.remote_ended:
                 self.ack(conn, sid, st.unacked)
                 st.unacked = 0
+                code = self.args.end_with_reset
                 try:
-                    conn.end_stream(sid)
+                    if code is None:
+                        conn.end_stream(sid)
+                    else:
+                        conn.reset_stream(sid, error_code=code)
                 except h2.exceptions.StreamClosedError:
                     pass
                 st.local_ended = True
-                st.finish("end_stream")
+                st.finish("end_stream" if code is None else f"sent_reset:{code}")
                 changed = True
         return changed
 
@@ -302,6 +307,13 @@ def main():
     p.add_argument("--ca", required=True, help="CA bundle that client certificates must chain to")
     p.add_argument("--report", required=True, help="JSON report file")
     p.add_argument("--status", type=int, default=200, help="status answered to CONNECT")
+    p.add_argument(
+        "--end-with-reset",
+        type=int,
+        default=None,
+        metavar="CODE",
+        help="end each echoed stream with RST_STREAM(CODE) instead of END_STREAM",
+    )
     args = p.parse_args()
     try:
         asyncio.run(amain(args))

@@ -2,10 +2,14 @@
 //!
 //! Both directions run concurrently on the connection's shard. A clean EOF one way is passed on
 //! (FIN ↔ END_STREAM) while the other way keeps flowing; an error or reset either way stops both
-//! and is passed on as a reset (RST_STREAM ↔ TCP RST). A read lands in a `BytesMut`, the filled
-//! part is split off and frozen and handed on without copying; while data keeps coming the loop
-//! keeps the buffer and `reserve` reclaims it once h2 has written the bytes, and an idle
-//! connection holds no buffer at all (see [`Reader`]).
+//! and is passed on as a reset: a TCP error becomes RST_STREAM `CONNECT_ERROR` (RFC 9113 section
+//! 8.5) and an RST_STREAM other than `NO_ERROR`/`CANCEL` a TCP RST. `NO_ERROR` and `CANCEL`
+//! are what h2 peers send when they drop a stream they are done with: an end, as ztunnel reads
+//! them.
+//!
+//! A read lands in a `BytesMut`, the filled part is split off and frozen and handed on without
+//! copying; while data keeps coming the loop keeps the buffer and `reserve` reclaims it once h2
+//! has written the bytes, and an idle connection holds no buffer at all (see [`Reader`]).
 
 use std::cell::Cell;
 use std::fmt;
@@ -96,6 +100,14 @@ fn from_io(e: io::Error) -> End {
         }
         _ => End::Error(format!("tcp: {e}")),
     }
+}
+
+/// The peer ended the stream with RST_STREAM `NO_ERROR` or `CANCEL`: h2 peers (ztunnel among
+/// them) send it when they drop a stream they are done with, so it is an end of stream, passed
+/// on as FIN, not a failure passed on as RST. A reset we sent ourselves does not count.
+fn peer_ended(e: &h2::Error) -> bool {
+    let ours = e.is_reset() && !e.is_remote();
+    !ours && matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL))
 }
 
 fn from_h2(e: h2::Error) -> End {
@@ -268,19 +280,24 @@ pub fn tcp_h2(
                 let chunk = match reader.next(&mut rd, fd, &conn).await {
                     Ok(chunk) => chunk,
                     Err(e) => {
-                        send.send_reset(Reason::CANCEL);
+                        send.send_reset(Reason::CONNECT_ERROR);
                         return Err(from_io(e));
                     }
                 };
                 if chunk.is_empty() {
-                    send.send_data(Bytes::new(), true).map_err(from_h2)?;
-                    return Ok(());
+                    return match send.send_data(Bytes::new(), true) {
+                        Err(e) if !peer_ended(&e) => Err(from_h2(e)),
+                        _ => Ok(()),
+                    };
                 }
                 up_bytes.set(up_bytes.get() + chunk.len() as u64);
                 conn.touch();
-                ringtun_hbone::stream::send_all(&mut send, chunk)
-                    .await
-                    .map_err(from_h2)?;
+                match ringtun_hbone::stream::send_all(&mut send, chunk).await {
+                    Ok(()) => {}
+                    // The peer wants no more: stop reading the client, nothing failed.
+                    Err(e) if peer_ended(&e) => return Ok(()),
+                    Err(e) => return Err(from_h2(e)),
+                }
             }
         };
 
@@ -303,6 +320,10 @@ pub fn tcp_h2(
                         wr.shutdown().await.map_err(from_io)?;
                         return Ok::<(), End>(());
                     }
+                    Some(Err(e)) if peer_ended(&e) => {
+                        wr.shutdown().await.map_err(from_io)?;
+                        return Ok(());
+                    }
                     Some(Err(e)) => return Err(from_h2(e)),
                 }
             }
@@ -317,7 +338,7 @@ pub fn tcp_h2(
             Err(end) => {
                 // The loop that did not fail was dropped mid-operation; make sure the h2 side
                 // learns of the failure too, then close the socket with RST.
-                send.send_reset(Reason::CANCEL);
+                send.send_reset(Reason::CONNECT_ERROR);
                 abort(rd, wr, fd);
                 end
             }

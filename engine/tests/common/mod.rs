@@ -1133,6 +1133,17 @@ impl PythonServer {
     /// Starts the server on `listen` with the certificate of `identity` from `certs`, and waits
     /// until it listens.
     pub fn start(ns: &Netns, certs: &Path, identity: &str, listen: &str) -> PythonServer {
+        Self::start_with(ns, certs, identity, listen, &[])
+    }
+
+    /// [`PythonServer::start`] with extra `hbone_server.py` arguments.
+    pub fn start_with(
+        ns: &Netns,
+        certs: &Path,
+        identity: &str,
+        listen: &str,
+        extra: &[&str],
+    ) -> PythonServer {
         let (chain, key) = cert_paths(certs, identity);
         let report = certs.join("python-server-report.json");
         let log = certs.join("python-server.log");
@@ -1149,6 +1160,7 @@ impl PythonServer {
             .arg(certs.join("ca.pem"))
             .arg("--report")
             .arg(&report)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -1194,6 +1206,28 @@ impl PythonServer {
             assert!(
                 Instant::now() < deadline,
                 "python server saw no finished stream with sha256 {sha}; report: {r:#}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl PythonServer {
+    /// Waits for the first stream that ended (any way) and returns it with its connection.
+    pub fn wait_stream_end(&self, timeout: Duration) -> (serde_json::Value, serde_json::Value) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.report();
+            for c in r["connections"].as_array().into_iter().flatten() {
+                for s in c["streams"].as_array().into_iter().flatten() {
+                    if s["end"] != "open" {
+                        return (c.clone(), s.clone());
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "python server saw no stream end; report: {r:#}"
             );
             std::thread::sleep(Duration::from_millis(25));
         }
