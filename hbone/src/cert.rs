@@ -7,8 +7,10 @@ use crate::{HboneError, Identity};
 
 /// All SPIFFE identities in a DER certificate's URI subject alternative names, in order.
 ///
-/// Non-SPIFFE URIs are skipped; a `spiffe://` URI that does not have Istio's shape is an error,
-/// because a mesh certificate with a mangled identity should be refused, not read as anonymous.
+/// Non-SPIFFE URIs are skipped, and so is a `spiffe://` URI without Istio's
+/// `spiffe://<td>/ns/<ns>/sa/<sa>` shape, as ztunnel's `identities` does: a certificate is judged
+/// by the identities it does carry, and one with none is refused by the callers
+/// ([`HboneError::NoIdentity`]), never read as anonymous.
 pub fn spiffe_identities(der: &[u8]) -> Result<Vec<Identity>, HboneError> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| HboneError::BadCertificate(e.to_string()))?;
@@ -20,7 +22,9 @@ pub fn spiffe_identities(der: &[u8]) -> Result<Vec<Identity>, HboneError> {
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name {
                 if uri.starts_with("spiffe://") {
-                    out.push(Identity::parse(uri)?);
+                    if let Ok(id) = Identity::parse(uri) {
+                        out.push(id);
+                    }
                 }
             }
         }
@@ -28,7 +32,8 @@ pub fn spiffe_identities(der: &[u8]) -> Result<Vec<Identity>, HboneError> {
     Ok(out)
 }
 
-/// The one identity of a leaf certificate; Istio issues exactly one URI SAN per workload.
+/// The identity of a leaf certificate: its first well-formed SPIFFE URI SAN (Istio issues
+/// exactly one per workload; ztunnel takes the first too).
 pub fn leaf_identity(der: &[u8]) -> Result<Identity, HboneError> {
     spiffe_identities(der)?
         .into_iter()
@@ -68,16 +73,33 @@ mod tests {
     }
 
     #[test]
-    fn no_identity_and_malformed_identity_are_errors() {
+    fn malformed_spiffe_uris_are_skipped_and_every_good_one_kept() {
+        let der = cert_with_sans(vec![
+            rcgen::SanType::URI("spiffe://td/workload/x".try_into().unwrap()),
+            rcgen::SanType::URI("spiffe://other.td/ns/a/sa/b".try_into().unwrap()),
+            rcgen::SanType::URI("spiffe://cluster.local/ns/c/sa/d".try_into().unwrap()),
+        ]);
+        assert_eq!(
+            spiffe_identities(&der).unwrap(),
+            vec![
+                Identity::new("other.td", "a", "b"),
+                Identity::new("cluster.local", "c", "d")
+            ]
+        );
+        assert_eq!(
+            leaf_identity(&der).unwrap(),
+            Identity::new("other.td", "a", "b")
+        );
+    }
+
+    #[test]
+    fn no_identity_and_only_malformed_identities_are_errors() {
         let none = cert_with_sans(vec![rcgen::SanType::DnsName("x".try_into().unwrap())]);
         assert!(matches!(leaf_identity(&none), Err(HboneError::NoIdentity)));
         let bad = cert_with_sans(vec![rcgen::SanType::URI(
             "spiffe://td/workload/x".try_into().unwrap(),
         )]);
-        assert!(matches!(
-            leaf_identity(&bad),
-            Err(HboneError::InvalidIdentity { .. })
-        ));
+        assert!(matches!(leaf_identity(&bad), Err(HboneError::NoIdentity)));
         assert!(matches!(
             leaf_identity(b"not a certificate"),
             Err(HboneError::BadCertificate(_))

@@ -88,8 +88,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, TlsError> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let id = cert::leaf_identity(end_entity).map_err(refuse)?;
-        check_trust_domain(&id, &self.trust_domain).map_err(refuse)?;
+        let ids = cert::spiffe_identities(end_entity).map_err(refuse)?;
+        in_trust_domain(&ids, &self.trust_domain).map_err(refuse)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -151,7 +151,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.algs.all,
         )?;
-        cert::leaf_identity(end_entity).map_err(refuse)?;
+        if cert::spiffe_identities(end_entity)
+            .map_err(refuse)?
+            .is_empty()
+        {
+            return Err(refuse(HboneError::NoIdentity));
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -178,23 +183,42 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-fn check_trust_domain(id: &Identity, trust_domain: &str) -> Result<(), HboneError> {
-    if id.trust_domain == trust_domain {
-        Ok(())
-    } else {
-        Err(HboneError::ForeignTrustDomain {
-            actual: id.to_string(),
+/// The first of a certificate's identities in `trust_domain` (ztunnel accepts a client when any
+/// of its SPIFFE SANs is in the mesh's trust domain).
+fn in_trust_domain(ids: &[Identity], trust_domain: &str) -> Result<Identity, HboneError> {
+    if ids.is_empty() {
+        return Err(HboneError::NoIdentity);
+    }
+    ids.iter()
+        .find(|id| id.trust_domain == trust_domain)
+        .cloned()
+        .ok_or_else(|| HboneError::ForeignTrustDomain {
+            actual: list(ids),
             trust_domain: trust_domain.to_owned(),
         })
-    }
 }
 
-/// The identity of a peer after the handshake, from its leaf certificate.
-pub fn peer_identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, HboneError> {
+fn list(ids: &[Identity]) -> String {
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn peer_identities(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<Vec<Identity>, HboneError> {
     let leaf = peer_certs
         .and_then(|c| c.first())
         .ok_or(HboneError::NoPeerCertificate)?;
-    cert::leaf_identity(leaf)
+    cert::spiffe_identities(leaf)
+}
+
+/// The identity of a client after the handshake: the first SPIFFE SAN of its leaf certificate
+/// in `trust_domain` (the verifier already refused certificates without one).
+pub fn peer_identity(
+    peer_certs: Option<&[CertificateDer<'_>]>,
+    trust_domain: &str,
+) -> Result<Identity, HboneError> {
+    in_trust_domain(&peer_identities(peer_certs)?, trust_domain)
 }
 
 /// Checks that the peer is one of the identities the destination may have; returns which.
@@ -202,12 +226,16 @@ pub fn expect_identity(
     peer_certs: Option<&[CertificateDer<'_>]>,
     expected: &[Identity],
 ) -> Result<Identity, HboneError> {
-    let actual = peer_identity(peer_certs)?;
-    if expected.contains(&actual) {
-        Ok(actual)
+    let actual = peer_identities(peer_certs)?;
+    if actual.is_empty() {
+        return Err(HboneError::NoIdentity);
+    }
+    // Any of the server's SANs may be the one expected, as ztunnel checks it.
+    if let Some(id) = actual.iter().find(|id| expected.contains(id)) {
+        Ok(id.clone())
     } else {
         Err(HboneError::IdentityMismatch {
-            actual: actual.to_string(),
+            actual: list(&actual),
             expected: expected
                 .iter()
                 .map(|i| i.to_string())
@@ -257,4 +285,85 @@ pub fn client_config(
     // Resumption would skip the peer's certificate, and with it the identity check.
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+
+    /// A CA (as a root store) and a leaf it signed carrying `uris` as URI SANs.
+    fn ca_and_leaf(uris: &[&str]) -> (Arc<RootCertStore>, CertificateDer<'static>) {
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).expect("params");
+        leaf.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().expect("uri")))
+            .collect();
+        let leaf = leaf.signed_by(&key, &ca, &ca_key).expect("leaf");
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der().clone()).expect("root");
+        (Arc::new(roots), leaf.der().clone())
+    }
+
+    fn client_verdict(uris: &[&str]) -> Result<(), TlsError> {
+        let (roots, leaf) = ca_and_leaf(uris);
+        let v = SpiffeClientVerifier::new(
+            roots,
+            "cluster.local",
+            provider(CipherPreference::default()),
+        )
+        .expect("verifier");
+        v.verify_client_cert(&leaf, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn a_client_is_accepted_when_any_san_is_in_the_trust_domain() {
+        let sans = [
+            "spiffe://td/not-istio-shaped",
+            "spiffe://other.td/ns/a/sa/b",
+            "spiffe://cluster.local/ns/default/sa/client",
+        ];
+        client_verdict(&sans).expect("the third SAN is in cluster.local");
+        let (_, leaf) = ca_and_leaf(&sans);
+        assert_eq!(
+            peer_identity(Some(&[leaf]), "cluster.local").expect("identity"),
+            Identity::new("cluster.local", "default", "client"),
+            "the identity policies see is the one in our trust domain"
+        );
+    }
+
+    #[test]
+    fn a_client_with_no_san_in_the_trust_domain_is_refused_with_all_of_them_named() {
+        let err = client_verdict(&["spiffe://other.td/ns/a/sa/b", "spiffe://x.td/ns/c/sa/d"])
+            .expect_err("foreign trust domains");
+        let text = err.to_string();
+        assert!(
+            text.contains("other.td/ns/a/sa/b") && text.contains("x.td/ns/c/sa/d"),
+            "{text}"
+        );
+        assert!(client_verdict(&["spiffe://td/malformed"]).is_err());
+    }
+
+    #[test]
+    fn a_server_matches_when_any_san_is_expected() {
+        let (_, leaf) = ca_and_leaf(&[
+            "spiffe://cluster.local/ns/default/sa/first",
+            "spiffe://cluster.local/ns/default/sa/server",
+        ]);
+        let want = Identity::new("cluster.local", "default", "server");
+        let certs = [leaf];
+        assert_eq!(
+            expect_identity(Some(&certs), std::slice::from_ref(&want)).expect("second SAN"),
+            want
+        );
+        let other = Identity::new("cluster.local", "default", "other");
+        let err = expect_identity(Some(&certs), &[other]).expect_err("no SAN expected");
+        assert!(err.to_string().contains("sa/first"), "{err}");
+    }
 }

@@ -52,7 +52,10 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     // The verifier already required a SPIFFE identity in our trust domain.
-    let client_id = match verify::peer_identity(tls.get_ref().1.peer_certificates()) {
+    let client_id = match verify::peer_identity(
+        tls.get_ref().1.peer_certificates(),
+        &shard.opts.trust_domain,
+    ) {
         Ok(id) => Rc::new(id),
         Err(e) => {
             count_failed(shard);
