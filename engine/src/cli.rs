@@ -97,6 +97,18 @@ pub struct RunArgs {
     /// either meshes with ztunnel; as a server ringtun applies its own preference.
     #[arg(long, value_enum, default_value = "aes128")]
     pub tls_cipher: TlsCipher,
+    /// TCP keepalive on every socket ringtun accepts or opens: the first probe after this many
+    /// seconds without traffic, then one every as many seconds, 9 at most (ztunnel's 180 s);
+    /// 0: off.
+    #[arg(long, default_value_t = 180)]
+    pub tcp_keepalive_secs: u64,
+    /// HBONE connections send an HTTP/2 PING this often (milliseconds; 0: never), as ztunnel.
+    #[arg(long, default_value_t = 10_000)]
+    pub hbone_keepalive_interval_ms: u64,
+    /// An HBONE connection whose peer leaves a PING unanswered this long (milliseconds) is
+    /// closed: pooled streams go elsewhere, its streams end.
+    #[arg(long, default_value_t = 20_000)]
+    pub hbone_keepalive_timeout_ms: u64,
     /// When an io_uring shard runs its completions: `defer` (batched at the shard's wait),
     /// `coop` (at its next kernel entry) or `interrupt` (the kernel default). A kernel without
     /// the chosen flags gets the next one down, announced in the log.
@@ -246,6 +258,11 @@ impl RunArgs {
             io_driver: self.io_driver,
             uring_taskrun: self.uring_taskrun,
             tls_cipher: self.tls_cipher,
+            tcp_keepalive: Duration::from_secs(self.tcp_keepalive_secs),
+            keepalive: crate::proxy::keepalive::Keepalive {
+                interval: Duration::from_millis(self.hbone_keepalive_interval_ms),
+                timeout: Duration::from_millis(self.hbone_keepalive_timeout_ms),
+            },
             outbound: or_default(self.outbound_listen, 15001),
             inbound: or_default(self.inbound_listen, 15008),
             inbound_plaintext: or_default(self.inbound_plaintext_listen, 15006),

@@ -131,6 +131,10 @@ pub struct RunOptions {
     pub io_driver: IoDriver,
     /// The AES-GCM suite HBONE connections prefer.
     pub tls_cipher: TlsCipher,
+    /// TCP keepalive idle time and probe interval on every socket (zero: off).
+    pub tcp_keepalive: Duration,
+    /// HTTP/2 PING keepalive on HBONE connections.
+    pub keepalive: crate::proxy::keepalive::Keepalive,
     /// io_uring setup flags for the shards' rings.
     pub uring_taskrun: UringTaskrun,
     /// Outbound capture listen addresses.

@@ -2,6 +2,7 @@
 
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
@@ -17,6 +18,7 @@ use ringtun_hbone::{verify, Identity};
 
 use super::access::{AccessLog, Direction};
 use super::copy::{self, End};
+use super::keepalive;
 use super::live::Grant;
 use crate::config::Workload;
 use crate::net;
@@ -96,31 +98,43 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
     };
     let mut retired = false;
     let drain = shard.drain.waiter();
+    // Boxed: its timer is only needed while the connection lives, and a task keeps its largest
+    // state for life.
+    let mut pinger = Box::pin(keepalive::watch(conn.ping_pong(), shard.opts.keepalive));
     loop {
         // An offloaded connection whose TX key nears its usage limit gets a GOAWAY: the client
         // opens new streams elsewhere, the ones here finish (see transport::KeyBudget). A drain
         // does the same for every connection.
         let next = poll_fn(|cx| {
+            if let Poll::Ready(why) = pinger.as_mut().poll(cx) {
+                return Poll::Ready(Err(why));
+            }
             if !retired
                 && (drain.poll_fired(cx).is_ready()
                     || budget
                         .as_ref()
                         .is_some_and(|b| b.poll_retired(cx).is_ready()))
             {
-                return Poll::Ready(None);
+                return Poll::Ready(Ok(None));
             }
-            tick.poll(cx, |cx| conn.poll_accept(cx)).map(Some)
+            tick.poll(cx, |cx| conn.poll_accept(cx))
+                .map(|n| Ok(Some(n)))
         })
         .await;
         let next = match next {
-            None => {
+            Err(why) => {
+                // Dropping the connection closes the socket: its streams end with an error.
+                tracing::warn!(%peer, %why, "inbound: HBONE peer unresponsive; connection closed");
+                return;
+            }
+            Ok(None) => {
                 retired = true;
                 tracing::debug!(%peer, draining = shard.drain.is_fired(), "inbound: GOAWAY");
                 conn.graceful_shutdown();
                 continue;
             }
-            Some(None) => break,
-            Some(Some(next)) => next,
+            Ok(Some(None)) => break,
+            Ok(Some(Some(next))) => next,
         };
         match next {
             Ok((req, respond)) => {
@@ -134,8 +148,15 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
             }
         }
     }
-    // Streams still running need the connection driven until they finish.
-    let _ = poll_fn(|cx| tick.poll(cx, |cx| conn.poll_closed(cx))).await;
+    // Streams still running need the connection driven until they finish (or the peer dies).
+    let _ = poll_fn(|cx| {
+        if let Poll::Ready(why) = pinger.as_mut().poll(cx) {
+            tracing::warn!(%peer, %why, "inbound: HBONE peer unresponsive; connection closed");
+            return Poll::Ready(Ok(()));
+        }
+        tick.poll(cx, |cx| conn.poll_closed(cx))
+    })
+    .await;
 }
 
 fn count_failed(shard: &Shard) {
@@ -272,7 +293,10 @@ async fn accept_stream(
     drop(snap);
     let connecting = net::connect_marked(dst, shard.opts.mark, shard.opts.connect_timeout);
     let upstream = match connecting.await {
-        Ok(s) => s,
+        Ok(s) => {
+            shard.tune_socket(s.as_raw_fd());
+            s
+        }
         Err(e) => {
             tracing::debug!(%dst, error = %e, "inbound: destination unreachable");
             refuse(

@@ -4,12 +4,14 @@
 //! - [`inbound`]: 15008 HBONE → identity check → the local workload;
 //! - [`plaintext`]: 15006 plaintext capture and outbound passthrough;
 //! - [`copy`]: the copy loops all of them end in;
+//! - [`keepalive`]: HTTP/2 PING keepalive on HBONE connections;
 //! - [`live`]: the shard's registry of live connections (idle limits, policy re-checks);
 //! - [`access`]: the access-log line each connection leaves.
 
 pub mod access;
 pub mod copy;
 pub mod inbound;
+pub mod keepalive;
 pub mod live;
 pub mod outbound;
 pub mod plaintext;

@@ -19,6 +19,7 @@ use rustls::pki_types::ServerName;
 
 use super::access::{AccessLog, Direction};
 use super::copy::{self, End};
+use super::keepalive;
 use super::live;
 use super::plaintext;
 use crate::config::{Protocol, Snapshot, Workload};
@@ -421,7 +422,7 @@ async fn open_stream(
         key: key.clone(),
         id,
     };
-    let stream = request(send, req).await?;
+    let stream = request(send, req, shard.opts.connect_timeout).await?;
     shard
         .counters
         .pool_new
@@ -444,7 +445,7 @@ async fn on_pooled(
         key: key.clone(),
         id: lent.id,
     };
-    match request(lent.send, req).await {
+    match request(lent.send, req, shard.opts.connect_timeout).await {
         Ok(stream) => {
             shard
                 .counters
@@ -532,17 +533,43 @@ pub(crate) enum OpenError {
         /// Why it failed.
         why: String,
     },
+    /// The peer did not answer the CONNECT in time.
+    #[error(
+        "HBONE peer {addr} did not answer the CONNECT within {after:?} (--connect-timeout-ms)"
+    )]
+    NoResponse {
+        /// The peer.
+        addr: SocketAddr,
+        /// How long we waited.
+        after: std::time::Duration,
+    },
     /// The peer answered the CONNECT with an error status.
     #[error("{0}")]
     Refused(HboneError),
 }
 
-async fn request(send: SendRequest<Bytes>, req: &ConnectRequest) -> Result<Stream, OpenError> {
+/// Sends the CONNECT and waits for its answer, at most `timeout` (`--connect-timeout-ms`: the
+/// stream is the tunnel's connect), so a peer that stopped answering fails the stream instead
+/// of holding the client forever.
+async fn request(
+    send: SendRequest<Bytes>,
+    req: &ConnectRequest,
+    timeout: std::time::Duration,
+) -> Result<Stream, OpenError> {
     let mut send = send.ready().await.map_err(HboneError::from)?;
-    let (resp, stream) = send
+    let (resp, mut stream) = send
         .send_request(req.to_request(), false)
         .map_err(HboneError::from)?;
-    let resp = resp.await.map_err(HboneError::from)?;
+    let resp = match monoio::time::timeout(timeout, resp).await {
+        Ok(r) => r.map_err(HboneError::from)?,
+        Err(_) => {
+            stream.send_reset(h2::Reason::CANCEL);
+            return Err(OpenError::NoResponse {
+                addr: SocketAddr::new(req.target.ip(), HBONE_PORT),
+                after: timeout,
+            });
+        }
+    };
     if resp.status() != http::StatusCode::OK {
         return Err(OpenError::Refused(HboneError::Refused {
             peer: SocketAddr::new(req.target.ip(), HBONE_PORT),
@@ -562,6 +589,7 @@ async fn connect(
     let tcp = net::connect_marked(addr, opts.mark, opts.connect_timeout)
         .await
         .map_err(|source| OpenError::Connect { addr, source })?;
+    shard.tune_socket(tcp.as_raw_fd());
     let io = tcp
         .into_poll_io()
         .map_err(|source| OpenError::Connect { addr, source })?;
@@ -623,10 +651,20 @@ async fn connect(
     let flag = alive.clone();
     let shard_id = shard.id;
     let tick = established.tick;
+    let ka = opts.keepalive;
     monoio::spawn(async move {
         let mut conn = conn;
-        if let Err(e) = poll_fn(|cx| tick.poll(cx, |cx| Pin::new(&mut conn).poll(cx))).await {
-            tracing::debug!(shard = shard_id, peer = %addr, error = %e, "HBONE connection ended");
+        let pinger = std::pin::pin!(keepalive::watch(conn.ping_pong(), ka));
+        let driving = poll_fn(|cx| tick.poll(cx, |cx| Pin::new(&mut conn).poll(cx)));
+        match futures_util::future::select(std::pin::pin!(driving), pinger).await {
+            futures_util::future::Either::Left((Err(e), _)) => {
+                tracing::debug!(shard = shard_id, peer = %addr, error = %e, "HBONE connection ended");
+            }
+            futures_util::future::Either::Left((Ok(()), _)) => {}
+            futures_util::future::Either::Right((why, _)) => {
+                // Dropping the connection closes the socket: its streams end with an error.
+                tracing::warn!(shard = shard_id, peer = %addr, %why, "HBONE peer unresponsive; connection closed");
+            }
         }
         flag.set(false);
     });

@@ -25,6 +25,7 @@ pub async fn forward(
     log.dst_addr.get_or_insert(target);
     match net::connect_marked(target, shard.opts.mark, shard.opts.connect_timeout).await {
         Ok(upstream) => {
+            shard.tune_socket(upstream.as_raw_fd());
             log.established(&shard.metrics);
             let conn = shard.track(grant);
             let (bytes, end) = copy::tcp_tcp(client, upstream, conn).await;

@@ -1213,6 +1213,14 @@ impl PythonServer {
 }
 
 impl PythonServer {
+    /// Sends `signal` to the server process (e.g. `SIGSTOP` to make it a peer that stops
+    /// answering while the kernel keeps its TCP connections up).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
     /// Waits for the first stream that ended (any way) and returns it with its connection.
     pub fn wait_stream_end(&self, timeout: Duration) -> (serde_json::Value, serde_json::Value) {
         let deadline = Instant::now() + timeout;
