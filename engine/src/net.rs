@@ -193,8 +193,9 @@ pub fn fd_of<T: AsRawFd>(t: &T) -> RawFd {
 }
 
 /// Probes a connection's peer with TCP keepalive after `every` without traffic, then every
-/// `every`, and gives up after 9 unanswered probes: ztunnel's settings (180 s), so a peer that
-/// vanished without a FIN or RST does not pin the connection's memory for ever. Zero: off.
+/// `every`, and gives up after the kernel's count of unanswered probes (9 by default):
+/// ztunnel's settings (180 s), so a peer that vanished without a FIN or RST does not pin the
+/// connection's memory for ever. Zero: off.
 pub fn set_keepalive(fd: RawFd, every: Duration) -> io::Result<()> {
     let on = libc::c_int::from(!every.is_zero());
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, on)?;
@@ -203,8 +204,9 @@ pub fn set_keepalive(fd: RawFd, every: Duration) -> io::Result<()> {
     }
     let secs = libc::c_int::try_from(every.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs)?;
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs)?;
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 9)
+    // Nine probes is also the kernel's default (net.ipv4.tcp_keepalive_probes), so no third
+    // call on every connection for it.
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs)
 }
 
 fn setsockopt_int(

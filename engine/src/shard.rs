@@ -307,8 +307,8 @@ impl Shard {
         }
     }
 
-    /// Applies the per-socket options every connection gets (TCP keepalive); a failure is
-    /// logged, the connection kept.
+    /// Applies the per-socket options every connection ringtun opens gets (TCP keepalive;
+    /// accepted ones inherit them from the listener); a failure is logged, the connection kept.
     pub fn tune_socket(&self, fd: RawFd) {
         if let Err(e) = crate::net::set_keepalive(fd, self.opts.tcp_keepalive) {
             tracing::debug!(shard = self.id, error = %e, "could not set TCP keepalive");
@@ -492,7 +492,6 @@ async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener
                     tracing::warn!(shard = shard.id, %kind, %peer, limit = shard.opts.max_connections_per_shard, "connection refused: shard at its connection limit");
                     continue;
                 }
-                shard.tune_socket(stream.as_raw_fd());
                 // One spawn per kind, not one future matching on it: a task is as big as the
                 // largest future it may run, and every idle connection keeps its task.
                 match kind {
