@@ -98,15 +98,13 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
     };
     let mut retired = false;
     let drain = shard.drain.waiter();
-    // Boxed: its timer is only needed while the connection lives, and a task keeps its largest
-    // state for life.
-    let mut pinger = Box::pin(keepalive::watch(conn.ping_pong(), shard.opts.keepalive));
+    let watch = keepalive::Watch::spawn(conn.ping_pong(), shard.opts.keepalive);
     loop {
         // An offloaded connection whose TX key nears its usage limit gets a GOAWAY: the client
         // opens new streams elsewhere, the ones here finish (see transport::KeyBudget). A drain
         // does the same for every connection.
         let next = poll_fn(|cx| {
-            if let Poll::Ready(why) = pinger.as_mut().poll(cx) {
+            if let Poll::Ready(why) = watch.poll_dead(cx) {
                 return Poll::Ready(Err(why));
             }
             if !retired
@@ -150,7 +148,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
     }
     // Streams still running need the connection driven until they finish (or the peer dies).
     let _ = poll_fn(|cx| {
-        if let Poll::Ready(why) = pinger.as_mut().poll(cx) {
+        if let Poll::Ready(why) = watch.poll_dead(cx) {
             tracing::warn!(%peer, %why, "inbound: HBONE peer unresponsive; connection closed");
             return Poll::Ready(Ok(()));
         }

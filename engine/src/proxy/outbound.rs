@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -654,14 +655,20 @@ async fn connect(
     let ka = opts.keepalive;
     monoio::spawn(async move {
         let mut conn = conn;
-        let pinger = std::pin::pin!(keepalive::watch(conn.ping_pong(), ka));
-        let driving = poll_fn(|cx| tick.poll(cx, |cx| Pin::new(&mut conn).poll(cx)));
-        match futures_util::future::select(std::pin::pin!(driving), pinger).await {
-            futures_util::future::Either::Left((Err(e), _)) => {
+        let watch = keepalive::Watch::spawn(conn.ping_pong(), ka);
+        let ended = poll_fn(|cx| {
+            if let Poll::Ready(why) = watch.poll_dead(cx) {
+                return Poll::Ready(Err(why));
+            }
+            tick.poll(cx, |cx| Pin::new(&mut conn).poll(cx)).map(Ok)
+        })
+        .await;
+        match ended {
+            Ok(Err(e)) => {
                 tracing::debug!(shard = shard_id, peer = %addr, error = %e, "HBONE connection ended");
             }
-            futures_util::future::Either::Left((Ok(()), _)) => {}
-            futures_util::future::Either::Right((why, _)) => {
+            Ok(Ok(())) => {}
+            Err(why) => {
                 // Dropping the connection closes the socket: its streams end with an error.
                 tracing::warn!(shard = shard_id, peer = %addr, %why, "HBONE peer unresponsive; connection closed");
             }
