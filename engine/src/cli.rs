@@ -84,8 +84,21 @@ pub struct RunArgs {
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
     /// Worker shards; default: one per available core.
-    #[arg(long)]
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS")]
     pub workers: Option<usize>,
+    /// ztunnel's proxy mode: `dedicated` serves the one workload named by --workload
+    /// (PROXY_WORKLOAD_INFO); `shared` serves a node's workloads (--node, NODE_NAME). Checked
+    /// against the other flags; without it the flags alone decide.
+    #[arg(long, env = "PROXY_MODE", value_enum)]
+    pub proxy_mode: Option<ProxyMode>,
+    /// Listen on IPv6 (dual stack) by default; `false` listens on IPv4 only, as ztunnel's
+    /// IPV6_ENABLED.
+    #[arg(long, env = "IPV6_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ipv6_enabled: bool,
+    /// ztunnel's ENABLE_ORIG_SRC (connect to the workload from the client's own address). Not
+    /// supported yet: `true` is refused at start rather than silently ignored.
+    #[arg(long, env = "ENABLE_ORIG_SRC", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enable_orig_src: bool,
     /// Do not pin shards to cores.
     #[arg(long)]
     pub no_pin: bool,
@@ -124,13 +137,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub inbound_plaintext_listen: Vec<SocketAddr>,
     /// SO_MARK set on every socket ringtun opens, so capture rules can skip it (0: none).
-    #[arg(long, default_value = "0x539", value_parser = parse_u32)]
+    #[arg(long, env = "PACKET_MARK", default_value = "0x539", value_parser = parse_u32)]
     pub mark: u32,
     /// Streams per pooled HBONE connection before another is opened.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "POOL_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
     pub pool_max_streams: u32,
-    /// Close pooled HBONE connections idle this long (milliseconds).
-    #[arg(long, default_value_t = 60_000)]
+    /// Close pooled HBONE connections unused this long (milliseconds, or a Go duration such as
+    /// `5m` as ztunnel's POOL_UNUSED_RELEASE_TIMEOUT); ztunnel's 5 minutes by default.
+    #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "300000", value_parser = |s: &str| parse_millis(s, "POOL_UNUSED_RELEASE_TIMEOUT"))]
     pub pool_idle_timeout_ms: u64,
     /// HTTP/2 stream window (bytes).
     #[arg(long, default_value_t = H2Settings::default().stream_window)]
@@ -169,9 +183,10 @@ pub struct RunArgs {
     /// Admin API listener (`/config_dump`, `/logging`, `/quitquitquit`); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_listen: SocketAddr,
-    /// On SIGTERM or /quitquitquit, how long live connections may finish (milliseconds);
-    /// ztunnel's DaemonSet gives 30 s of termination grace.
-    #[arg(long, default_value_t = 30_000)]
+    /// On SIGTERM or /quitquitquit, how long live connections may finish (milliseconds, or a
+    /// Go duration as ztunnel's CONNECTION_TERMINATION_DEADLINE); ztunnel's DaemonSet gives
+    /// 30 s of termination grace.
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", default_value = "30000", value_parser = |s: &str| parse_millis(s, "CONNECTION_TERMINATION_DEADLINE"))]
     pub drain_timeout_ms: u64,
     /// How often to check the config file for changes (milliseconds).
     #[arg(long, default_value_t = 500)]
@@ -187,6 +202,62 @@ pub struct RunArgs {
     pub ktls_tx_record_limit: u64,
 }
 
+/// ztunnel's two proxy modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// One workload (PROXY_WORKLOAD_INFO).
+    Dedicated,
+    /// A node's workloads.
+    Shared,
+}
+
+/// Milliseconds as a plain number (`1500`), or a Go duration as ztunnel's environment takes
+/// them (`1.5s`, `5m`, `1h30m`, `300ms`, `0`); `var` names the environment variable that may
+/// have given it, for the error.
+fn parse_millis(s: &str, var: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    go_duration(s)
+        .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
+        .ok_or_else(|| {
+            format!("{s:?} (the flag or {var}): expected milliseconds or a duration such as 300ms, 5s, 5m, 1h30m")
+        })
+}
+
+/// A Go `time.ParseDuration` string (units ns, us, µs, ms, s, m, h; no sign).
+fn go_duration(s: &str) -> Option<Duration> {
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_end);
+        let value: f64 = num.parse().ok()?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_end);
+        let secs = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * secs;
+        rest = next;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
 fn parse_u32(s: &str) -> Result<u32, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -195,8 +266,8 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     r.map_err(|e| format!("{s:?}: {e}"))
 }
 
-fn default_listen(port: u16) -> Vec<SocketAddr> {
-    if crate::net::ipv6_available() {
+fn default_listen(port: u16, ipv6: bool) -> Vec<SocketAddr> {
+    if ipv6 && crate::net::ipv6_available() {
         vec![SocketAddr::from(([0u16; 8], port))]
     } else {
         vec![SocketAddr::from(([0, 0, 0, 0], port))]
@@ -222,9 +293,28 @@ impl RunArgs {
                 }
             }
         };
+        match (self.proxy_mode, &workload, &self.node) {
+            (Some(ProxyMode::Dedicated), None, _) => {
+                return Err(EngineError::Usage(
+                    "PROXY_MODE=dedicated needs the workload it serves: --workload or PROXY_WORKLOAD_INFO".into(),
+                ))
+            }
+            (Some(ProxyMode::Shared), Some(_), _) => {
+                return Err(EngineError::Usage(
+                    "PROXY_MODE=shared serves a node's workloads: drop --workload (PROXY_WORKLOAD_INFO), or use PROXY_MODE=dedicated".into(),
+                ))
+            }
+            _ => {}
+        }
+        if self.enable_orig_src {
+            return Err(EngineError::Usage(
+                "ENABLE_ORIG_SRC=true (connecting to workloads from the client's own address) is not supported yet; set it to false".into(),
+            ));
+        }
+        let ipv6 = self.ipv6_enabled;
         let or_default = |v: Vec<SocketAddr>, port| {
             if v.is_empty() {
-                default_listen(port)
+                default_listen(port, ipv6)
             } else {
                 v
             }
@@ -284,12 +374,12 @@ impl RunArgs {
                 (
                     Role::Metrics,
                     self.metrics_listen
-                        .unwrap_or_else(|| default_listen(15020)[0]),
+                        .unwrap_or_else(|| default_listen(15020, ipv6)[0]),
                 ),
                 (
                     Role::Readiness,
                     self.readiness_listen
-                        .unwrap_or_else(|| default_listen(15021)[0]),
+                        .unwrap_or_else(|| default_listen(15021, ipv6)[0]),
                 ),
                 (Role::Admin, self.admin_listen),
             ],
@@ -461,5 +551,21 @@ mod tests {
             w.run.idle_timeout_ms, 0,
             "ztunnel never cuts an idle tunnel"
         );
+    }
+
+    #[test]
+    fn go_durations_as_ztunnel_reads_them() {
+        let ms = |s| parse_millis(s, "X");
+        assert_eq!(ms("1500"), Ok(1500));
+        assert_eq!(ms("300ms"), Ok(300));
+        assert_eq!(ms("1.5s"), Ok(1500));
+        assert_eq!(ms("5m"), Ok(300_000));
+        assert_eq!(ms("1h30m"), Ok(5_400_000));
+        assert_eq!(ms("2m30s"), Ok(150_000));
+        assert_eq!(ms("0"), Ok(0));
+        for bad in ["", "5 minutes", "m", "-1s", "1d", "1.2.3s"] {
+            let e = ms(bad).expect_err(bad);
+            assert!(e.contains("X"), "{bad}: {e}");
+        }
     }
 }

@@ -142,6 +142,10 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         workloads = snapshot.config().workloads.len(),
         services = snapshot.config().services.len(),
         listeners = ?bound,
+        mark = %format_args!("{:#x}", opts.mark),
+        pool_max_streams = opts.pool.max_streams,
+        pool_unused_release = ?opts.pool.idle_timeout,
+        drain_deadline = ?opts.drain_timeout,
         "ringtun ready"
     );
     let state = Arc::new(ControlState {

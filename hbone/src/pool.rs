@@ -100,7 +100,8 @@ impl Default for PoolLimits {
     fn default() -> Self {
         PoolLimits {
             max_streams: 100,
-            idle_timeout: Duration::from_secs(60),
+            // ztunnel's POOL_UNUSED_RELEASE_TIMEOUT default.
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
