@@ -315,6 +315,17 @@ impl Shard {
         }
     }
 
+    /// Whether `port` is one of ringtun's own traffic listeners, which a tunnel must never
+    /// target.
+    pub fn is_own_port(&self, port: u16) -> bool {
+        let o = &self.opts;
+        o.outbound
+            .iter()
+            .chain(&o.inbound)
+            .chain(&o.inbound_plaintext)
+            .any(|a| a.port() == port && port != 0)
+    }
+
     /// The config generation new connections use.
     pub fn snapshot(&self) -> Rc<Snapshot> {
         self.snapshot.borrow().clone()

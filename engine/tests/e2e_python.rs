@@ -163,15 +163,21 @@ fn python_client_get_or_bad_authority_gets_400() {
 }
 
 #[test]
-fn python_client_authority_not_served_here_gets_503() {
+fn python_client_refusals_carry_ztunnels_status_codes() {
     let t = Inbound::start("pyu");
-    // The client workload's address (not served by this ringtun), and an unknown one.
-    for authority in ["10.77.0.1:5201", "10.99.0.1:80"] {
+    // Another address than the one the connection reached (the client workload's, an unknown
+    // one): 400, ztunnel's IPMismatch. One of ringtun's own ports: 503, ztunnel's SelfCall.
+    for (authority, status) in [
+        ("10.77.0.1:5201", 400),
+        ("10.99.0.1:80", 400),
+        ("10.77.0.2:15008", 503),
+        ("10.77.0.2:15001", 503),
+    ] {
         let run = t.client(t.dir.path(), "default.client", &["--authority", authority]);
         assert_eq!(run.code, Some(4), "{authority}: {run}");
         assert_eq!(
             run.event("response").expect("response")["status"],
-            503,
+            status,
             "{authority}: {run}"
         );
     }

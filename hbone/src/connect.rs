@@ -144,7 +144,8 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// 400: not a CONNECT, or its authority is not `ip:port`.
+    /// 400: not a CONNECT, its authority is not `ip:port`, or it names another address than
+    /// the one the connection reached.
     pub const fn malformed(reason: &'static str) -> Self {
         Refusal {
             status: StatusCode::BAD_REQUEST,
@@ -158,7 +159,8 @@ impl Refusal {
             reason,
         }
     }
-    /// 503: the destination is not served by this ringtun or cannot be reached.
+    /// 503: the destination is not served by this ringtun, is one of its own ports, or cannot
+    /// be reached.
     pub const fn unavailable(reason: &'static str) -> Self {
         Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,

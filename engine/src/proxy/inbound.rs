@@ -29,6 +29,9 @@ use crate::transport::{self, HandshakeIo, TlsPath};
 /// Handles one connection accepted on the HBONE listener: handshake, then serve its streams.
 pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
     let peer = net::canonical(peer);
+    // The address the client dialled: in dedicated mode the workload's own IP, which a CONNECT
+    // must name (ztunnel's `validate_destination`).
+    let local = tcp.local_addr().map(net::canonical).ok();
     let _ = tcp.set_nodelay(true);
     let io = match tcp.into_poll_io() {
         Ok(io) => io,
@@ -136,8 +139,14 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
         };
         match next {
             Ok((req, respond)) => {
-                let opening =
-                    accept_stream(shard.clone(), req, respond, peer, client_id.clone(), tls);
+                let opening = accept_stream(
+                    shard.clone(),
+                    req,
+                    respond,
+                    (peer, local),
+                    client_id.clone(),
+                    tls,
+                );
                 monoio::spawn(stream(shard.clone(), Box::pin(opening)));
             }
             Err(e) => {
@@ -225,7 +234,7 @@ async fn accept_stream(
     shard: Rc<Shard>,
     req: http::Request<h2::RecvStream>,
     respond: SendResponse<Bytes>,
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, Option<SocketAddr>),
     client_id: Rc<Identity>,
     tls: TlsPath,
 ) -> Option<Accepted> {
@@ -248,6 +257,35 @@ async fn accept_stream(
     // honours it only for a network gateway's hostname CONNECT, which ringtun refuses.)
     let dst = net::canonical(target.target);
     log.dst_addr = Some(dst);
+    // Refusals as ztunnel answers them: a dedicated ringtun delivers only to the address the
+    // client connected to (400, ztunnel's IPMismatch), and never to its own listeners (503,
+    // ztunnel's SelfCall), which would loop a tunnel into itself.
+    if shard.opts.workload.is_some() {
+        if let Some(local) = local.filter(|l| l.ip() != dst.ip()) {
+            let why = format!(
+                "{} is not the address this connection reached ({})",
+                dst.ip(),
+                local.ip()
+            );
+            refuse_with(
+                shard,
+                respond,
+                Refusal::malformed("destination IP mismatch"),
+                log,
+                Some(why),
+            );
+            return None;
+        }
+    }
+    if shard.is_own_port(dst.port()) {
+        refuse(
+            shard,
+            respond,
+            Refusal::unavailable("the destination is one of ringtun's own ports"),
+            log,
+        );
+        return None;
+    }
     let snap = shard.snapshot();
     let src_ip = net::canonical(log.src_addr).ip();
     log.src_workload = snap.workload_by_ip(src_ip).map(|w| w.display_name());
