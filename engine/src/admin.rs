@@ -30,6 +30,10 @@ pub trait Admin: Send + Sync + 'static {
     fn config_dump(&self) -> String;
     /// Changes the log filter (`/logging?level=`); returns the filter now in force.
     fn set_log_level(&self, level: &str) -> Result<String, String>;
+    /// The log filter in force (`GET /logging`).
+    fn log_level(&self) -> String;
+    /// Puts the start-up log filter back (`/logging?reset`); returns it.
+    fn reset_log_level(&self) -> Result<String, String>;
     /// Starts a graceful drain (`/quitquitquit`).
     fn quit(&self);
 }
@@ -136,6 +140,13 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Whether the query has `key`, bare (`?reset`) or with a value.
+fn has_param(query: &str, key: &str) -> bool {
+    query
+        .split('&')
+        .any(|kv| kv == key || kv.split_once('=').is_some_and(|(k, _)| k == key))
+}
+
 const TEXT: &str = "text/plain; charset=utf-8";
 
 fn handle(admin: &dyn Admin, role: Role, stream: TcpStream) -> io::Result<()> {
@@ -167,22 +178,41 @@ fn handle(admin: &dyn Admin, role: Role, stream: TcpStream) -> io::Result<()> {
         (Role::Admin, "GET", "/config_dump") => {
             respond(&stream, "200 OK", "application/json", &admin.config_dump())
         }
-        (Role::Admin, "GET" | "POST", "/logging") => match query_param(&req.query, "level") {
+        // As ztunnel's admin: GET lists the filter, changes take a POST.
+        (Role::Admin, "GET", "/logging") if req.query.is_empty() => respond(
+            &stream,
+            "200 OK",
+            TEXT,
+            &format!("current log filter: {}\n", admin.log_level()),
+        ),
+        (Role::Admin, "POST", "/logging") if has_param(&req.query, "reset") => {
+            match admin.reset_log_level() {
+                Ok(now) => respond(&stream, "200 OK", TEXT, &format!("log filter: {now}\n")),
+                Err(e) => respond(&stream, "500 Internal Server Error", TEXT, &format!("{e}\n")),
+            }
+        }
+        (Role::Admin, "POST", "/logging") => match query_param(&req.query, "level") {
             None => respond(
                 &stream,
                 "400 Bad Request",
                 TEXT,
-                "usage: /logging?level=info|debug|<filter>\n",
+                "usage: POST /logging?level=info|debug|<filter>, POST /logging?reset, GET /logging\n",
             ),
             Some(level) => match admin.set_log_level(level) {
                 Ok(now) => respond(&stream, "200 OK", TEXT, &format!("log filter: {now}\n")),
                 Err(e) => respond(&stream, "400 Bad Request", TEXT, &format!("{e}\n")),
             },
         },
-        (Role::Admin, "POST" | "GET", "/quitquitquit") => {
+        (Role::Admin, "POST", "/quitquitquit") => {
             admin.quit();
             respond(&stream, "200 OK", TEXT, "draining\n")
         }
+        (Role::Admin, _, "/logging" | "/quitquitquit") => respond(
+            &stream,
+            "405 Method Not Allowed",
+            TEXT,
+            "changes take a POST\n",
+        ),
         _ => respond(&stream, "404 Not Found", TEXT, "not found\n"),
     }
 }
@@ -218,6 +248,12 @@ mod tests {
             *self.level.lock().map_err(|e| e.to_string())? = level.into();
             Ok(level.into())
         }
+        fn log_level(&self) -> String {
+            self.level.lock().map(|l| l.clone()).unwrap_or_default()
+        }
+        fn reset_log_level(&self) -> Result<String, String> {
+            self.set_log_level("info")
+        }
         fn quit(&self) {
             self.quit.store(true, Ordering::Relaxed);
         }
@@ -251,8 +287,13 @@ mod tests {
         let (m, r, a) = (bound[0].1, bound[1].1, bound[2].1);
         assert!(get(m, "GET /metrics HTTP/1.1\r\n\r\n").contains("ringtun_shards 1"));
         assert!(get(r, "GET /healthz/ready HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
-        assert!(get(a, "GET /logging?level=debug HTTP/1.1\r\n\r\n").contains("log filter: debug"));
+        assert!(get(a, "GET /logging?level=debug HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(get(a, "POST /logging?level=debug HTTP/1.1\r\n\r\n").contains("log filter: debug"));
         assert_eq!(*fake.level.lock().unwrap(), "debug");
+        assert!(get(a, "GET /logging HTTP/1.1\r\n\r\n").contains("current log filter: debug"));
+        assert!(get(a, "POST /logging?reset HTTP/1.1\r\n\r\n").contains("log filter: info"));
+        assert!(get(a, "GET /quitquitquit HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(get(r, "GET /healthz/ready HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
         assert!(get(a, "POST /quitquitquit HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
         assert!(get(r, "GET /healthz/ready HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 503"));
         // The admin API is not served on the metrics port.

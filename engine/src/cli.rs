@@ -398,10 +398,13 @@ impl RunArgs {
 pub fn init_logging(filter: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("ringtun: bad --log filter {filter:?} ({e}); using info");
-        EnvFilter::new("info")
-    });
+    let (filter, text) = match EnvFilter::try_new(filter) {
+        Ok(f) => (f, filter.to_owned()),
+        Err(e) => {
+            eprintln!("ringtun: bad --log filter {filter:?} ({e}); using info");
+            (EnvFilter::new("info"), "info".to_owned())
+        }
+    };
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -414,7 +417,31 @@ pub fn init_logging(filter: &str) {
         .is_ok()
     {
         let _ = LOG_FILTER.set(handle);
+        if let Ok(mut t) = LOG_FILTER_TEXT.lock() {
+            *t = (text.clone(), text);
+        }
     }
+}
+
+/// The start-up log filter and the one in force now, as text.
+static LOG_FILTER_TEXT: std::sync::Mutex<(String, String)> =
+    std::sync::Mutex::new((String::new(), String::new()));
+
+/// The log filter in force (the admin API's `GET /logging`).
+pub fn log_filter() -> String {
+    LOG_FILTER_TEXT
+        .lock()
+        .map(|t| t.1.clone())
+        .unwrap_or_default()
+}
+
+/// Puts the start-up log filter back (`POST /logging?reset`).
+pub fn reset_log_filter() -> Result<String, String> {
+    let start = LOG_FILTER_TEXT
+        .lock()
+        .map(|t| t.0.clone())
+        .map_err(|e| e.to_string())?;
+    set_log_filter(&start)
 }
 
 type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -427,6 +454,9 @@ pub fn set_log_filter(filter: &str) -> Result<String, String> {
         .get()
         .ok_or_else(|| "logging is not reloadable in this process".to_owned())?;
     handle.reload(parsed).map_err(|e| e.to_string())?;
+    if let Ok(mut t) = LOG_FILTER_TEXT.lock() {
+        t.1 = filter.to_owned();
+    }
     Ok(filter.to_owned())
 }
 

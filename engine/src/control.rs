@@ -375,6 +375,14 @@ impl admin::Admin for ControlState {
         crate::cli::set_log_filter(level)
     }
 
+    fn log_level(&self) -> String {
+        crate::cli::log_filter()
+    }
+
+    fn reset_log_level(&self) -> Result<String, String> {
+        crate::cli::reset_log_filter()
+    }
+
     fn quit(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.quit.store(true, Ordering::Relaxed);

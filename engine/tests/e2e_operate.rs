@@ -1130,7 +1130,14 @@ fn admin_config_dump_logging_and_loopback_only() {
     // /logging switches the filter live: a CONNECT to a closed port logs a DEBUG line only
     // while the level is debug.
     let (st, body) = http_in(server, ADMIN, "GET", "/logging").expect("logging");
-    assert_eq!(st, 400, "/logging without a level: {body}");
+    assert_eq!(st, 200, "GET /logging lists the filter: {body}");
+    assert!(body.contains("current log filter: info"), "{body}");
+    let (st, body) = http_in(server, ADMIN, "GET", "/logging?level=debug").expect("logging");
+    assert_eq!(st, 405, "changes take a POST: {body}");
+    let (st, body) = http_in(server, ADMIN, "GET", "/quitquitquit").expect("quitquitquit");
+    assert_eq!(st, 405, "GET /quitquitquit must not drain: {body}");
+    let (st, _) = http_in(server, READY, "GET", "/healthz/ready").expect("readiness");
+    assert_eq!(st, 200, "still serving after GET /quitquitquit");
     let (st, body) = http_in(server, ADMIN, "POST", "/logging?level=debug").expect("logging");
     assert_eq!(st, 200, "{body}");
     assert!(body.contains("debug"), "{body}");
@@ -1143,8 +1150,12 @@ fn admin_config_dump_logging_and_loopback_only() {
         .find(|l| l.contains("inbound: destination unreachable"))
         .expect("counted");
     assert!(line.contains("DEBUG"), "logged at debug: {line}");
-    let (st, body) = http_in(server, ADMIN, "POST", "/logging?level=info").expect("logging");
+    let (_, body) = http_in(server, ADMIN, "GET", "/logging").expect("logging");
+    assert!(body.contains("current log filter: debug"), "{body}");
+    // Back to the start-up filter.
+    let (st, body) = http_in(server, ADMIN, "POST", "/logging?reset").expect("logging");
     assert_eq!(st, 200, "{body}");
+    assert!(body.contains("info"), "{body}");
     expect_no_answer(client, "10.77.0.2:5999");
     m.server
         .wait_access_all("for both refused CONNECTs", LOG_WAIT, |ls| {
