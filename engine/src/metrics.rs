@@ -9,6 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::rc::Rc;
 
 /// Who reports a connection: the source side (outbound) or the destination side (inbound).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -157,6 +158,8 @@ pub struct ShardGauges {
 #[derive(Default)]
 pub struct ShardMetrics {
     tcp: RefCell<HashMap<TcpLabels, TcpCounts>>,
+    /// One shared copy of each label set live connections count their bytes in.
+    interned: RefCell<HashMap<TcpLabels, Rc<TcpLabels>>>,
     /// HBONE connections with kernel TLS, since start.
     pub ktls: Cell<u64>,
     /// HBONE connections with userspace TLS, since start.
@@ -176,12 +179,28 @@ impl ShardMetrics {
         }
     }
 
-    /// A connection was established.
-    pub fn opened(&self, labels: &TcpLabels) {
+    /// A connection was established; returns the shared copy of its labels that its live
+    /// byte counts are reported under (one per label set, not one per connection).
+    pub fn opened(&self, labels: &TcpLabels) -> Rc<TcpLabels> {
         self.with(labels, |c| c.opened += 1);
+        let mut interned = self.interned.borrow_mut();
+        if let Some(l) = interned.get(labels) {
+            return l.clone();
+        }
+        let l = Rc::new(labels.clone());
+        interned.insert(labels.clone(), l.clone());
+        l
     }
 
-    /// A connection closed after carrying `received` bytes from and `sent` bytes to the client.
+    /// Bytes a live connection moved since its last report.
+    pub fn moved(&self, labels: &TcpLabels, received: u64, sent: u64) {
+        self.with(labels, |c| {
+            c.received += received;
+            c.sent += sent;
+        });
+    }
+
+    /// A connection closed; `received` and `sent` are its bytes not reported while it lived.
     pub fn closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
         self.with(labels, |c| {
             c.closed += 1;

@@ -235,6 +235,8 @@ impl Shard {
     }
 
     fn report(&self) -> ShardReport {
+        // Live connections' bytes first, so a long transfer shows in the counters it feeds.
+        live::flush_bytes(|labels, received, sent| self.metrics.moved(labels, received, sent));
         let pool = self.pool.borrow();
         let c = &self.counters;
         ShardReport {
@@ -273,8 +275,17 @@ impl Shard {
     /// and, when policy admitted it, its grant). A grant issued under an older generation than
     /// the current one missed the re-check of the update in between (it was connecting), so it
     /// is checked now.
-    pub fn track(&self, grant: Option<Grant>) -> live::Conn {
+    /// `series`: the metric labels its bytes count in while it lives, and whether the copy's
+    /// TCP side is the destination.
+    pub fn track(
+        &self,
+        grant: Option<Grant>,
+        series: Option<(Rc<crate::metrics::TcpLabels>, bool)>,
+    ) -> live::Conn {
         let conn = live::Conn::new(self.opts.idle_timeout, grant);
+        if let Some((labels, reversed)) = series {
+            conn.count_in(labels, reversed);
+        }
         if let Some(g) = conn.grant() {
             if g.generation != self.snapshot.borrow().generation {
                 if let Some(why) = self.denies(g) {

@@ -1455,3 +1455,77 @@ fn an_h2_client_that_stops_reading_keeps_memory_bounded() {
     assert!(t.server.is_alive());
     t.server.assert_no_panic();
 }
+
+#[test]
+fn byte_counters_grow_while_a_connection_lives() {
+    let m = Mesh::start(MeshOptions::new("obl"));
+    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let client = &m.nodes.client;
+    let total = 4 * MIB;
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::scope(|s| {
+        // 4 MiB in 32 steps of 128 KiB, 100 ms apart: about 3 s.
+        let live = s.spawn(move || {
+            transfer_paced(
+                client,
+                "10.96.0.10:80",
+                total,
+                128 * 1024,
+                Duration::from_millis(100),
+                2 * MIB,
+                move |_| {
+                    let _ = tx.send(());
+                },
+            )
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the transfer got halfway");
+        // Halfway, still open: both ends already count the bytes that went through.
+        for (ns, reporter) in [(&m.nodes.client, "source"), (&m.nodes.server, "destination")] {
+            let deadline = Instant::now() + LOG_WAIT;
+            loop {
+                let sc = Scrape::take(ns, false);
+                let want = [("reporter", reporter)];
+                let received = sc.sum("istio_tcp_received_bytes_total", &want);
+                let sent = sc.sum("istio_tcp_sent_bytes_total", &want);
+                let closed = sc.sum("istio_tcp_connections_closed_total", &want);
+                assert_eq!(closed, 0.0, "{reporter}: the connection is still open");
+                if received >= MIB as f64 && sent >= MIB as f64 {
+                    assert!(received < total as f64, "{reporter}: {received}");
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{reporter}: byte counters did not grow while the connection lived ({received} received, {sent} sent)"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        live.join().expect("transfer thread")
+    })
+    .expect("transfer");
+    assert_eq!(t.sha_sent, t.sha_received, "transfer intact");
+    // Closed: every byte counted once, on both ends.
+    for (ns, reporter) in [
+        (&m.nodes.client, "source"),
+        (&m.nodes.server, "destination"),
+    ] {
+        let deadline = Instant::now() + LOG_WAIT;
+        loop {
+            let sc = Scrape::take(ns, false);
+            let want = [("reporter", reporter)];
+            if sc.sum("istio_tcp_connections_closed_total", &want) == 1.0 {
+                assert_eq!(
+                    sc.sum("istio_tcp_received_bytes_total", &want),
+                    total as f64
+                );
+                assert_eq!(sc.sum("istio_tcp_sent_bytes_total", &want), total as f64);
+                break;
+            }
+            assert!(Instant::now() < deadline, "{reporter}: never closed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    m.client.assert_no_panic();
+    m.server.assert_no_panic();
+}

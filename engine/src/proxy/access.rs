@@ -61,6 +61,11 @@ pub struct AccessLog {
     pub tls: Option<TlsPath>,
     /// Bytes each way.
     pub bytes: Transferred,
+    /// Of those, what the metrics have not counted yet (the rest were reported while the
+    /// connection lived); added when it finishes.
+    pub unreported: Transferred,
+    /// The metric series the connection counts in, once established.
+    pub series: Option<Rc<TcpLabels>>,
     /// Start of the connection.
     pub started: quanta::Instant,
     /// How it ended.
@@ -89,6 +94,8 @@ impl AccessLog {
             pool_reused: None,
             tls: None,
             bytes: Transferred::default(),
+            unreported: Transferred::default(),
+            series: None,
             started: quanta::Instant::now(),
             end: End::Closed,
             shard,
@@ -137,13 +144,13 @@ impl AccessLog {
     /// Marks the connection established: counted as opened now, as closed when it finishes.
     pub fn established(&mut self, metrics: &ShardMetrics) {
         self.established = true;
-        metrics.opened(&self.labels());
+        self.series = Some(metrics.opened(&self.labels()));
     }
 
     /// Counts the connection's end in the shard's metrics and writes the access line.
     pub fn finish(self, metrics: &ShardMetrics) {
         if self.established {
-            metrics.closed(&self.labels(), self.bytes.up, self.bytes.down);
+            metrics.closed(&self.labels(), self.unreported.up, self.unreported.down);
         } else {
             metrics.failed(&self.labels());
         }

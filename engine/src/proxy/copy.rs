@@ -11,7 +11,6 @@
 //! copying; while data keeps coming the loop keeps the buffer and `reserve` reclaims it once h2
 //! has written the bytes, and an idle connection holds no buffer at all (see [`Reader`]).
 
-use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -256,7 +255,8 @@ fn recv(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<usize> {
 }
 
 /// Tunnels a TCP connection over an HBONE stream until both directions end or the shard cuts
-/// `conn` (idle limit, policy update).
+/// `conn` (idle limit, policy update). Returns the bytes moved each way, how it ended, and the
+/// bytes its metric series has not counted yet (see [`unreported`]).
 ///
 /// Not an `async fn`: one keeps its arguments and the locals they move into as separate
 /// fields for its whole life, and this future lives as long as the connection.
@@ -265,13 +265,10 @@ pub fn tcp_h2(
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     conn: live::Conn,
-) -> impl Future<Output = (Transferred, End)> {
+) -> impl Future<Output = (Transferred, End, Transferred)> {
     let fd = tcp.as_raw_fd();
     let (mut rd, mut wr) = tcp.into_split();
     async move {
-        let up_bytes = Cell::new(0u64);
-        let down_bytes = Cell::new(0u64);
-
         let up = async {
             let mut reader = Reader::new();
             loop {
@@ -290,7 +287,7 @@ pub fn tcp_h2(
                         _ => Ok(()),
                     };
                 }
-                up_bytes.set(up_bytes.get() + chunk.len() as u64);
+                conn.moved(0, chunk.len() as u64);
                 conn.touch();
                 match ringtun_hbone::stream::send_all(&mut send, chunk).await {
                     Ok(()) => {}
@@ -311,7 +308,7 @@ pub fn tcp_h2(
                         // flight.
                         let (res, _) = Box::pin(wr.write_all(data)).await;
                         res.map_err(from_io)?;
-                        down_bytes.set(down_bytes.get() + n as u64);
+                        conn.moved(1, n as u64);
                         // Only now may the peer send more: the window tracks what reached
                         // the socket.
                         recv.flow_control().release_capacity(n).map_err(from_h2)?;
@@ -343,14 +340,17 @@ pub fn tcp_h2(
                 end
             }
         };
-        (
-            Transferred {
-                up: up_bytes.get(),
-                down: down_bytes.get(),
-            },
-            end,
-        )
+        let (up, down) = conn.moved_total();
+        (Transferred { up, down }, end, unreported(&conn))
     }
+}
+
+/// What the connection's close adds to its metric byte counters (the rest were flushed while
+/// it lived), already from the client's point of view (`up`: client → destination) whatever
+/// the copy's orientation.
+fn unreported(conn: &live::Conn) -> Transferred {
+    let (up, down) = conn.take_unreported();
+    Transferred { up, down }
 }
 
 /// Closes a split socket with RST. Reuniting first matters: dropping the write half on its own
@@ -394,8 +394,8 @@ async fn pipe(
     rd: &mut OwnedReadHalf<TcpStream>,
     fd: RawFd,
     wr: &mut OwnedWriteHalf<TcpStream>,
-    count: &Cell<u64>,
     conn: &live::Conn,
+    direction: usize,
 ) -> Result<(), End> {
     let mut reader = Reader::new();
     loop {
@@ -408,22 +408,24 @@ async fn pipe(
         let n = chunk.len();
         let (res, _) = wr.write_all(chunk).await;
         res.map_err(from_io)?;
-        count.set(count.get() + n as u64);
+        conn.moved(direction, n as u64);
     }
 }
 
 /// Copies between two TCP connections (plaintext paths) until both directions end or the shard
 /// cuts `conn`.
-pub async fn tcp_tcp(a: TcpStream, b: TcpStream, conn: live::Conn) -> (Transferred, End) {
+pub async fn tcp_tcp(
+    a: TcpStream,
+    b: TcpStream,
+    conn: live::Conn,
+) -> (Transferred, End, Transferred) {
     let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
     let (mut ar, mut aw) = a.into_split();
     let (mut br, mut bw) = b.into_split();
-    let up = Cell::new(0u64);
-    let down = Cell::new(0u64);
     let result = {
         let both = std::pin::pin!(try_join(
-            pipe(&mut ar, fa, &mut bw, &up, &conn),
-            pipe(&mut br, fb, &mut aw, &down, &conn),
+            pipe(&mut ar, fa, &mut bw, &conn, 0),
+            pipe(&mut br, fb, &mut aw, &conn, 1),
         ));
         until_cut(both, &conn).await
     };
@@ -435,11 +437,6 @@ pub async fn tcp_tcp(a: TcpStream, b: TcpStream, conn: live::Conn) -> (Transferr
             end
         }
     };
-    (
-        Transferred {
-            up: up.get(),
-            down: down.get(),
-        },
-        end,
-    )
+    let (up, down) = conn.moved_total();
+    (Transferred { up, down }, end, unreported(&conn))
 }

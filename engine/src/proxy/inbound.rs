@@ -206,8 +206,10 @@ async fn stream(shard: Rc<Shard>, opening: Pin<Box<impl Future<Output = Option<A
     let Some((upstream, send, body, mut log, grant)) = opening.await else {
         return;
     };
-    let conn = shard.track(grant);
-    let (bytes, end) = copy::tcp_h2(upstream, send, body, conn).await;
+    // The copy's TCP side is the destination here: its bytes are the response direction.
+    let conn = shard.track(grant, log.series.clone().map(|s| (s, true)));
+    let (bytes, end, unreported) = copy::tcp_h2(upstream, send, body, conn).await;
+    log.unreported = unreported;
     if matches!(end, End::Revoked(_)) {
         log.response_flags = Some("DENY");
     }

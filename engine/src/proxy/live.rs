@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use ringtun_hbone::Identity;
 
+use crate::metrics::TcpLabels;
+
 /// How often the sweeper looks.
 pub(crate) const SCAN: Duration = Duration::from_millis(250);
 /// How long a read may hold its buffer on a connection that moves no bytes.
@@ -65,6 +67,30 @@ struct Record {
     waker: Cell<Option<Waker>>,
     /// Boxed: plaintext passthrough and outbound connections have none.
     grant: Option<Box<Grant>>,
+    /// Bytes moved by the copy loop, `[first side → other, other → first side]` (the first
+    /// side is the copy's TCP socket).
+    moved: [Cell<u64>; 2],
+    /// Of those, what the shard's metrics already count (see [`flush_bytes`]).
+    reported: [Cell<u64>; 2],
+    /// The metric series the bytes count in, and whether the first side is the destination
+    /// (then its direction 0 is the response direction).
+    series: RefCell<Option<(Rc<TcpLabels>, bool)>>,
+}
+
+impl Record {
+    /// Bytes moved since the last report, as (received, sent): client → destination and back.
+    fn take_unreported(&self) -> (u64, u64) {
+        let d = |i: usize| {
+            let m = self.moved[i].get();
+            let r = self.reported[i].replace(m);
+            m - r
+        };
+        let (a, b) = (d(0), d(1));
+        match &*self.series.borrow() {
+            Some((_, true)) => (b, a),
+            _ => (a, b),
+        }
+    }
 }
 
 impl Record {
@@ -154,6 +180,9 @@ impl Conn {
             quiet: Cell::new(false),
             waker: Cell::new(None),
             grant: grant.map(Box::new),
+            moved: Default::default(),
+            reported: Default::default(),
+            series: RefCell::new(None),
         });
         let (key, start) = WATCHED.with(|w| {
             let mut w = w.borrow_mut();
@@ -166,6 +195,29 @@ impl Conn {
             monoio::spawn(sweep());
         }
         Conn { record, key }
+    }
+
+    /// Counts the connection's bytes in the metric series `labels` while it lives (see
+    /// [`flush_bytes`]); `reversed`: the copy's TCP side is the destination.
+    pub fn count_in(&self, labels: Rc<TcpLabels>, reversed: bool) {
+        *self.record.series.borrow_mut() = Some((labels, reversed));
+    }
+
+    /// `n` bytes moved in `direction` (0: from the copy's TCP side, 1: towards it).
+    pub(crate) fn moved(&self, direction: usize, n: u64) {
+        let c = &self.record.moved[direction];
+        c.set(c.get() + n);
+    }
+
+    /// Bytes moved in total, in the copy's orientation.
+    pub(crate) fn moved_total(&self) -> (u64, u64) {
+        (self.record.moved[0].get(), self.record.moved[1].get())
+    }
+
+    /// The bytes not yet in the metrics, as (received, sent), now marked counted: what the
+    /// connection's close adds.
+    pub fn take_unreported(&self) -> (u64, u64) {
+        self.record.take_unreported()
     }
 
     /// What admitted this connection, if policy did.
@@ -258,6 +310,25 @@ pub fn recheck(mut denied: impl FnMut(&Grant) -> Option<String>) -> usize {
         }
     }
     cut
+}
+
+/// Hands every live connection's bytes since the last call to `sink(labels, received, sent)`,
+/// so the byte counters of a long transfer grow while it runs (the scrape calls it), as
+/// ztunnel's do.
+pub fn flush_bytes(mut sink: impl FnMut(&TcpLabels, u64, u64)) {
+    WATCHED.with(|w| {
+        for r in w.borrow().slots.iter().flatten() {
+            let (received, sent) = r.take_unreported();
+            if received == 0 && sent == 0 {
+                continue;
+            }
+            if let Some((labels, _)) = &*r.series.borrow() {
+                sink(labels, received, sent);
+            } else {
+                // No series (the relay bench, tests): nothing to report to.
+            }
+        }
+    });
 }
 
 async fn sweep() {

@@ -21,7 +21,6 @@ use rustls::pki_types::ServerName;
 use super::access::{AccessLog, Direction};
 use super::copy::{self, End};
 use super::keepalive;
-use super::live;
 use super::plaintext;
 use crate::config::{Protocol, Snapshot, Workload};
 use crate::net;
@@ -169,15 +168,11 @@ pub fn handle(
         else {
             return;
         };
-        let (bytes, end) = copy::tcp_h2(
-            client,
-            send,
-            recv,
-            live::Conn::new(shard.opts.idle_timeout, None),
-        )
-        .await;
+        let conn = shard.track(None, done.log.series.clone().map(|s| (s, false)));
+        let (bytes, end, unreported) = copy::tcp_h2(client, send, recv, conn).await;
         let Done { mut log, slot } = *done;
         drop(slot);
+        log.unreported = unreported;
         log.bytes = bytes;
         log.end = end;
         log.finish(&shard.metrics);

@@ -27,8 +27,9 @@ pub async fn forward(
         Ok(upstream) => {
             shard.tune_socket(upstream.as_raw_fd());
             log.established(&shard.metrics);
-            let conn = shard.track(grant);
-            let (bytes, end) = copy::tcp_tcp(client, upstream, conn).await;
+            let conn = shard.track(grant, log.series.clone().map(|s| (s, false)));
+            let (bytes, end, unreported) = copy::tcp_tcp(client, upstream, conn).await;
+            log.unreported = unreported;
             if matches!(end, End::Revoked(_)) {
                 log.response_flags = Some("DENY");
             }
