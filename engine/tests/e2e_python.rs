@@ -76,7 +76,19 @@ fn python_client_good_certificate_gets_200_and_exact_echo() {
         serde_json::json!([SERVER_ID]),
         "{run}"
     );
-    assert_eq!(run.event("response").expect("response")["status"], 200);
+    let response = run.event("response").expect("response");
+    assert_eq!(response["status"], 200);
+    // As a real ztunnel answers for the same config entry: the destination's namespace, the
+    // only field of it the config has.
+    assert!(
+        response["headers"]
+            .as_array()
+            .is_some_and(|h| h.contains(&serde_json::json!([
+                "baggage",
+                "k8s.namespace.name=default"
+            ]))),
+        "{run}"
+    );
     let result = run.event("result").expect("result line");
     assert_eq!(result["bytes_received"], 8 * MIB, "{run}");
     assert_eq!(result["sha256_sent"], result["sha256_received"], "{run}");
