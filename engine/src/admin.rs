@@ -30,7 +30,7 @@ pub trait Admin: Send + Sync + 'static {
     fn config_dump(&self) -> String;
     /// Changes the log filter (`/logging?level=`); returns the filter now in force.
     fn set_log_level(&self, level: &str) -> Result<String, String>;
-    /// The log filter in force (`GET /logging`).
+    /// The log filter in force (`POST /logging` without a query).
     fn log_level(&self) -> String;
     /// Puts the start-up log filter back (`/logging?reset`); returns it.
     fn reset_log_level(&self) -> Result<String, String>;
@@ -178,8 +178,9 @@ fn handle(admin: &dyn Admin, role: Role, stream: TcpStream) -> io::Result<()> {
         (Role::Admin, "GET", "/config_dump") => {
             respond(&stream, "200 OK", "application/json", &admin.config_dump())
         }
-        // As ztunnel's admin: GET lists the filter, changes take a POST.
-        (Role::Admin, "GET", "/logging") if req.query.is_empty() => respond(
+        // As ztunnel's admin (checked against a running one): every /logging request is a
+        // POST; without a query it lists the filter (`istioctl ztunnel-config log` does that).
+        (Role::Admin, "POST", "/logging") if req.query.is_empty() => respond(
             &stream,
             "200 OK",
             TEXT,
@@ -196,7 +197,7 @@ fn handle(admin: &dyn Admin, role: Role, stream: TcpStream) -> io::Result<()> {
                 &stream,
                 "400 Bad Request",
                 TEXT,
-                "usage: POST /logging?level=info|debug|<filter>, POST /logging?reset, GET /logging\n",
+                "usage: POST /logging (list), POST /logging?level=info|debug|<filter>, POST /logging?reset\n",
             ),
             Some(level) => match admin.set_log_level(level) {
                 Ok(now) => respond(&stream, "200 OK", TEXT, &format!("log filter: {now}\n")),
@@ -211,7 +212,7 @@ fn handle(admin: &dyn Admin, role: Role, stream: TcpStream) -> io::Result<()> {
             &stream,
             "405 Method Not Allowed",
             TEXT,
-            "changes take a POST\n",
+            "Invalid HTTP method: use POST\n",
         ),
         _ => respond(&stream, "404 Not Found", TEXT, "not found\n"),
     }
@@ -290,7 +291,8 @@ mod tests {
         assert!(get(a, "GET /logging?level=debug HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
         assert!(get(a, "POST /logging?level=debug HTTP/1.1\r\n\r\n").contains("log filter: debug"));
         assert_eq!(*fake.level.lock().unwrap(), "debug");
-        assert!(get(a, "GET /logging HTTP/1.1\r\n\r\n").contains("current log filter: debug"));
+        assert!(get(a, "GET /logging HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(get(a, "POST /logging HTTP/1.1\r\n\r\n").contains("current log filter: debug"));
         assert!(get(a, "POST /logging?reset HTTP/1.1\r\n\r\n").contains("log filter: info"));
         assert!(get(a, "GET /quitquitquit HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
         assert!(get(r, "GET /healthz/ready HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));

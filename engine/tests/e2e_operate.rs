@@ -1129,9 +1129,14 @@ fn admin_config_dump_logging_and_loopback_only() {
 
     // /logging switches the filter live: a CONNECT to a closed port logs a DEBUG line only
     // while the level is debug.
-    let (st, body) = http_in(server, ADMIN, "GET", "/logging").expect("logging");
-    assert_eq!(st, 200, "GET /logging lists the filter: {body}");
+    let (st, body) = http_in(server, ADMIN, "POST", "/logging").expect("logging");
+    assert_eq!(st, 200, "POST /logging lists the filter: {body}");
     assert!(body.contains("current log filter: info"), "{body}");
+    let (st, body) = http_in(server, ADMIN, "GET", "/logging").expect("logging");
+    assert_eq!(
+        st, 405,
+        "every /logging request is a POST, as ztunnel's: {body}"
+    );
     let (st, body) = http_in(server, ADMIN, "GET", "/logging?level=debug").expect("logging");
     assert_eq!(st, 405, "changes take a POST: {body}");
     let (st, body) = http_in(server, ADMIN, "GET", "/quitquitquit").expect("quitquitquit");
@@ -1150,7 +1155,7 @@ fn admin_config_dump_logging_and_loopback_only() {
         .find(|l| l.contains("inbound: destination unreachable"))
         .expect("counted");
     assert!(line.contains("DEBUG"), "logged at debug: {line}");
-    let (_, body) = http_in(server, ADMIN, "GET", "/logging").expect("logging");
+    let (_, body) = http_in(server, ADMIN, "POST", "/logging").expect("logging");
     assert!(body.contains("current log filter: debug"), "{body}");
     // Back to the start-up filter.
     let (st, body) = http_in(server, ADMIN, "POST", "/logging?reset").expect("logging");
