@@ -427,7 +427,7 @@ pub fn init_logging(filter: &str) {
 static LOG_FILTER_TEXT: std::sync::Mutex<(String, String)> =
     std::sync::Mutex::new((String::new(), String::new()));
 
-/// The log filter in force (the admin API's `GET /logging`).
+/// The log filter in force (the admin API's `POST /logging` without a query).
 pub fn log_filter() -> String {
     LOG_FILTER_TEXT
         .lock()
