@@ -152,6 +152,8 @@ pub struct ShardGauges {
     pub config_generation: u64,
     /// Connections refused at accept because the shard was at `--max-connections-per-shard`.
     pub refused_overloaded: u64,
+    /// Tunnelled connections open now, reported as source (outbound) and as destination.
+    pub sockets_open: [u64; 2],
 }
 
 /// A shard's metrics, owned by the shard thread.
@@ -391,6 +393,22 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             "ringtun_refused_connections_total{{shard=\"{}\",reason=\"overloaded\"}} {}",
             r.shard, r.gauges.refused_overloaded
         );
+    }
+    // ztunnel's own families, so its dashboards find a ringtun node (checked against a
+    // running ztunnel's /metrics: `istio_build{component="ztunnel",tag=…}`,
+    // `istio_tcp_sockets_open{reporter=…}`).
+    let _ = writeln!(
+        out,
+        "# HELP istio_build Istio component build info\n# TYPE istio_build gauge\nistio_build{} 1",
+        labels_text(&[("component", "ztunnel"), ("tag", env!("CARGO_PKG_VERSION"))])
+    );
+    let _ = writeln!(
+        out,
+        "# HELP istio_tcp_sockets_open The number of currently open TCP connections\n# TYPE istio_tcp_sockets_open gauge"
+    );
+    for (i, reporter) in ["source", "destination"].iter().enumerate() {
+        let n: u64 = reports.iter().map(|r| r.gauges.sockets_open[i]).sum();
+        let _ = writeln!(out, "istio_tcp_sockets_open{{reporter=\"{reporter}\"}} {n}");
     }
     let _ =
         writeln!(

@@ -251,6 +251,7 @@ impl Shard {
                 userspace_tls_connections: c.tls_userspace.get(),
                 config_generation: self.snapshot.borrow().generation,
                 refused_overloaded: c.overloaded.get(),
+                sockets_open: live::open_by_reporter(),
             },
         }
     }

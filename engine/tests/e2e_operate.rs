@@ -1495,6 +1495,12 @@ fn byte_counters_grow_while_a_connection_lives() {
                 let sent = sc.sum("istio_tcp_sent_bytes_total", &want);
                 let closed = sc.sum("istio_tcp_connections_closed_total", &want);
                 assert_eq!(closed, 0.0, "{reporter}: the connection is still open");
+                assert_eq!(
+                    sc.one("istio_tcp_sockets_open", &want),
+                    1.0,
+                    "{reporter}: one open connection"
+                );
+                assert_eq!(sc.one("istio_build", &[("component", "ztunnel")]), 1.0);
                 if received >= MIB as f64 && sent >= MIB as f64 {
                     assert!(received < total as f64, "{reporter}: {received}");
                     break;
@@ -1520,6 +1526,7 @@ fn byte_counters_grow_while_a_connection_lives() {
             let sc = Scrape::take(ns, false);
             let want = [("reporter", reporter)];
             if sc.sum("istio_tcp_connections_closed_total", &want) == 1.0 {
+                assert_eq!(sc.one("istio_tcp_sockets_open", &want), 0.0, "{reporter}");
                 assert_eq!(
                     sc.sum("istio_tcp_received_bytes_total", &want),
                     total as f64

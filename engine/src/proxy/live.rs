@@ -331,6 +331,24 @@ pub fn flush_bytes(mut sink: impl FnMut(&TcpLabels, u64, u64)) {
     });
 }
 
+/// Live connections that count in a metric series, as (reported by the source, by the
+/// destination): `istio_tcp_sockets_open`.
+pub fn open_by_reporter() -> [u64; 2] {
+    let mut n = [0u64; 2];
+    WATCHED.with(|w| {
+        for r in w.borrow().slots.iter().flatten() {
+            if let Some((labels, _)) = &*r.series.borrow() {
+                match labels.reporter {
+                    Some(crate::metrics::Reporter::Source) => n[0] += 1,
+                    Some(crate::metrics::Reporter::Destination) => n[1] += 1,
+                    None => {}
+                }
+            }
+        }
+    });
+    n
+}
+
 async fn sweep() {
     // Buffers were let go of in the last sweep: by now their reads have been cancelled
     // and the memory freed.
