@@ -1,0 +1,185 @@
+//! Interop with the real ztunnel (`../shared/ztunnel/ztunnel`, Istio's release build with its
+//! test CA), end to end in network namespaces: ringtun → ztunnel and ztunnel → ringtun carry
+//! checksummed bytes both ways through the service VIP, and each names the other's SPIFFE
+//! identity. ringtun's certificates are issued from ztunnel's test CA (its `FAKE_CA` signs its
+//! own). Without the binary the tests fail, never skip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringtun_topology::{Netns, DEFAULT_MARK};
+
+const MIB: u64 = 1 << 20;
+const LOG_WAIT: Duration = Duration::from_secs(10);
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+
+fn shared_ztunnel() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ztunnel");
+    assert!(
+        dir.join("ztunnel").exists(),
+        "the interop tests need the real ztunnel at {} (see its README)",
+        dir.display()
+    );
+    dir
+}
+
+/// The mesh config with `trustDomain: cluster.local` on each workload: ztunnel's test-CA
+/// certificates name the workload's trust domain (empty when absent).
+fn config() -> String {
+    mesh_config(&["/10.96.0.10"], false).replace(
+        "  network: \"\"\n",
+        "  network: \"\"\n  trustDomain: cluster.local\n",
+    )
+}
+
+/// Copies ztunnel's test CA in as the directory's CA, so `gen_certs` issues from it.
+fn use_test_ca(dir: &TempDir) {
+    let z = shared_ztunnel();
+    std::fs::copy(z.join("test-ca-root-cert.pem"), dir.join("ca.pem")).expect("copy CA");
+    std::fs::copy(z.join("test-ca-key.pem"), dir.join("ca.key")).expect("copy CA key");
+}
+
+/// A ztunnel in dedicated mode for `default/<who>`; killed on drop, its log printed if the
+/// test fails.
+struct Ztunnel {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Ztunnel {
+    fn start(ns: &Netns, who: &str, config: &Path, dir: &Path) -> Ztunnel {
+        let log = dir.join(format!("ztunnel-{who}.log"));
+        let child = ns
+            .exec(shared_ztunnel().join("ztunnel"))
+            .env("PROXY_MODE", "dedicated")
+            .env("PROXY_WORKLOAD_INFO", format!("default/{who}/{who}"))
+            .env("LOCAL_XDS_PATH", config)
+            .env("FAKE_CA", "true")
+            .env("XDS_ADDRESS", "")
+            .env("CA_ADDRESS", "")
+            .env("PACKET_MARK", "1337")
+            .env("ENABLE_ORIG_SRC", "false")
+            .env("ZTUNNEL_WORKER_THREADS", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::fs::File::create(dir.join(format!("ztunnel-{who}.err"))).expect("log"))
+            .spawn()
+            .expect("spawn ztunnel");
+        let z = Ztunnel { child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let listening = ns.run("ss", ["-ltnH"]).unwrap_or_default();
+            if listening.contains(":15008 ") && listening.contains(":15001 ") {
+                return z;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ztunnel ({who}) never listened:\n{}",
+                z.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn text(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// Waits for an access line of ztunnel's that contains every one of `want`.
+    fn wait_access(&self, want: &[&str]) -> String {
+        let deadline = Instant::now() + LOG_WAIT;
+        loop {
+            let text = self.text();
+            if let Some(l) = text
+                .lines()
+                .find(|l| l.contains("access") && want.iter().all(|w| l.contains(w)))
+            {
+                return l.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no ztunnel access line with {want:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Ztunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("===== ztunnel log =====\n{}", self.text());
+        }
+    }
+}
+
+fn ringtun(ns: &Netns, who: &str, dir: &TempDir, config: &Path) -> Ringtun {
+    let workload = format!("default/{who}");
+    Ringtun::start(
+        ns,
+        who,
+        dir.path(),
+        RingtunArgs {
+            config,
+            certs: dir.path(),
+            identity: &workload,
+            workload: &workload,
+            extra: vec!["--workers".into(), "1".into()],
+        },
+    )
+}
+
+#[test]
+fn ringtun_client_to_ztunnel_server() {
+    let (nodes, dir, path) = mesh_files("zrz", &config(), use_test_ca);
+    nodes
+        .client
+        .capture_outbound(15001, DEFAULT_MARK)
+        .expect("outbound capture");
+    let server = Ztunnel::start(&nodes.server, "server", &path, dir.path());
+    let client = ringtun(&nodes.client, "client", &dir, &path);
+    let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+    let t = echo_ok(&nodes.client, "10.96.0.10:80", 4 * MIB);
+    assert_eq!(t.sha_sent, t.sha_received);
+    let line = client.wait_access("through ztunnel", LOG_WAIT, |l| {
+        l.is("src.addr", &t.local.to_string())
+    });
+    assert!(line.is("end", "closed"), "{}", line.raw);
+    assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
+    assert_eq!(line.num("bytes_received"), 4 * MIB, "{}", line.raw);
+    let zl = server.wait_access(&["connection complete", CLIENT_ID]);
+    assert!(zl.contains("direction=\"inbound\""), "{zl}");
+    client.assert_no_panic();
+}
+
+#[test]
+fn ztunnel_client_to_ringtun_server() {
+    let (nodes, dir, path) = mesh_files("zzr", &config(), use_test_ca);
+    // ztunnel's PACKET_MARK 1337 is ringtun's 0x539: the same capture rule skips its sockets.
+    nodes
+        .client
+        .capture_outbound(15001, DEFAULT_MARK)
+        .expect("outbound capture");
+    let server = ringtun(&nodes.server, "server", &dir, &path);
+    let client = Ztunnel::start(&nodes.client, "client", &path, dir.path());
+    let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+    let t = echo_ok(&nodes.client, "10.96.0.10:80", 4 * MIB);
+    echo.records
+        .wait_for(LOG_WAIT, |r| r.sha256 == t.sha_sent)
+        .expect("the workload got every byte");
+    let line = server.wait_access("from ztunnel", LOG_WAIT, |l| l.is("direction", "inbound"));
+    assert!(line.is("end", "closed"), "{}", line.raw);
+    assert!(line.is("src.identity", CLIENT_ID), "{}", line.raw);
+    assert_eq!(line.num("bytes_received"), 4 * MIB, "{}", line.raw);
+    let zl = client.wait_access(&["connection complete", SERVER_ID]);
+    assert!(zl.contains("direction=\"outbound\""), "{zl}");
+    server.assert_no_panic();
+}
