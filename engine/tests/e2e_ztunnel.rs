@@ -183,3 +183,75 @@ fn ztunnel_client_to_ringtun_server() {
     assert!(zl.contains("direction=\"outbound\""), "{zl}");
     server.assert_no_panic();
 }
+
+/// DENY the client identity on the server workload.
+fn config_denying_client() -> String {
+    config().replace(
+        "policies: []\n",
+        r#"policies:
+- name: deny-client
+  namespace: default
+  scope: Namespace
+  action: Deny
+  dryRun: false
+  rules:
+  - - - principals: [!Exact "cluster.local/ns/default/sa/client"]
+"#,
+    )
+}
+
+/// What a client in `ns` sees of a refused connection through the VIP: the connect, a write
+/// and a read; it must not get an echo.
+fn refused_through_vip(ns: &Netns) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = connect_in(ns, "10.96.0.10:80") else {
+        return;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(b"hello");
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("a denied connection echoed {n} bytes"),
+    }
+}
+
+#[test]
+fn each_side_reads_the_others_policy_refusal() {
+    // ztunnel denies, ringtun's client side reports the 401 it got.
+    {
+        let (nodes, dir, path) = mesh_files("zdz", &config_denying_client(), use_test_ca);
+        nodes
+            .client
+            .capture_outbound(15001, DEFAULT_MARK)
+            .expect("outbound capture");
+        let _server = Ztunnel::start(&nodes.server, "server", &path, dir.path());
+        let client = ringtun(&nodes.client, "client", &dir, &path);
+        let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+        refused_through_vip(&nodes.client);
+        let line = client.wait_access("refused by ztunnel", LOG_WAIT, |l| {
+            l.is("direction", "outbound") && l.is("end", "error")
+        });
+        assert!(
+            line.get("reason").is_some_and(|r| r.contains("401")),
+            "{}",
+            line.raw
+        );
+    }
+    // ringtun denies, ztunnel's client side reports the 401 it got.
+    {
+        let (nodes, dir, path) = mesh_files("zdr", &config_denying_client(), use_test_ca);
+        nodes
+            .client
+            .capture_outbound(15001, DEFAULT_MARK)
+            .expect("outbound capture");
+        let server = ringtun(&nodes.server, "server", &dir, &path);
+        let client = Ztunnel::start(&nodes.client, "client", &path, dir.path());
+        let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+        refused_through_vip(&nodes.client);
+        let line = server.wait_access("the denial", LOG_WAIT, |l| l.is("direction", "inbound"));
+        assert!(line.is("response_flags", "DENY"), "{}", line.raw);
+        let zl = client.wait_access(&["error=\"http status: 401"]);
+        assert!(zl.contains("direction=\"outbound\""), "{zl}");
+    }
+}
