@@ -197,40 +197,20 @@ pub fn fd_of<T: AsRawFd>(t: &T) -> RawFd {
 /// ztunnel's settings (180 s), so a peer that vanished without a FIN or RST does not pin the
 /// connection's memory for ever. Zero: off.
 pub fn set_keepalive(fd: RawFd, every: Duration) -> io::Result<()> {
-    let on = libc::c_int::from(!every.is_zero());
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, on)?;
-    if on == 0 {
-        return Ok(());
+    // SAFETY: the caller owns the open socket `fd` for the duration of this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let sock = SockRef::from(&fd);
+    if every.is_zero() {
+        return sock.set_keepalive(false);
     }
-    let secs = libc::c_int::try_from(every.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs)?;
-    // Nine probes is also the kernel's default (net.ipv4.tcp_keepalive_probes), so no third
-    // call on every connection for it.
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs)
-}
-
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: a plain int option on a socket fd the caller owns; the pointer and length
-    // describe `v`, which outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // SO_KEEPALIVE, TCP_KEEPIDLE and TCP_KEEPINTVL. The probe count stays the kernel's
+    // (net.ipv4.tcp_keepalive_probes, 9 by default), which is ztunnel's too.
+    let secs = Duration::from_secs(every.as_secs().max(1));
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(secs)
+            .with_interval(secs),
+    )
 }
 
 #[cfg(test)]
