@@ -41,34 +41,11 @@ fn config_with(policies: &[String]) -> String {
 /// The Python HBONE client from the client namespace (10.77.0.1) to the server's 15008,
 /// echoing 64 KiB through `10.77.0.2:5201`, with extra request headers.
 fn py_connect(ns: &Netns, dir: &TempDir, headers: &[String]) -> PeerRun {
-    let pem = dir.join("default.client.pem");
-    let key = dir.join("default.client.key");
-    let ca = dir.join("ca.pem");
-    let mut args: Vec<String> = [
-        "--connect",
-        "10.77.0.2:15008",
-        "--cert",
-        &pem.to_string_lossy(),
-        "--key",
-        &key.to_string_lossy(),
-        "--ca",
-        &ca.to_string_lossy(),
-        "--authority",
-        "10.77.0.2:5201",
-        "--bytes",
-        "65536",
-        "--timeout",
-        "20",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut extra = Vec::new();
     for h in headers {
-        args.push("--header".into());
-        args.push(h.clone());
+        extra.extend(["--header", h.as_str()]);
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    python_client(ns, &args)
+    hbone_client(ns, dir, "default.client", "10.77.0.2:5201", 65536, &extra)
 }
 
 fn status(run: &PeerRun) -> Option<u64> {

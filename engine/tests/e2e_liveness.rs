@@ -42,20 +42,9 @@ fn a_stopped_hbone_server_is_dropped_and_the_next_stream_opens_a_new_connection(
         .capture_outbound(15001, DEFAULT_MARK)
         .expect("outbound capture");
     let py = PythonServer::start(&nodes.server, dir.path(), "default/server", "*:15008");
-    let mut extra = vec!["--workers".to_string(), "1".to_string()];
+    let mut extra = one_worker();
     extra.extend(fast_keepalive());
-    let client = Ringtun::start(
-        &nodes.client,
-        "client",
-        dir.path(),
-        RingtunArgs {
-            config: &config,
-            certs: dir.path(),
-            identity: "default/client",
-            workload: "default/client",
-            extra,
-        },
-    );
+    let client = Ringtun::start_as(&nodes.client, "client", dir.path(), &config, extra);
     echo_ok(&nodes.client, "10.77.0.2:5201", MIB);
     // Answered PINGs keep the pooled connection: after several intervals it is still reused.
     std::thread::sleep(Duration::from_millis(1500));

@@ -238,25 +238,10 @@ fn tls_cipher_preference_is_the_servers() {
         .client
         .capture_outbound(15001, MARK)
         .expect("outbound capture");
-    let start = |ns: &Netns, who: &str, extra: &[&str]| {
-        let mut args = vec!["--workers".to_string(), "1".to_string()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let workload = format!("default/{who}");
-        Ringtun::start(
-            ns,
-            who,
-            dir.path(),
-            RingtunArgs {
-                config: &config,
-                certs: dir.path(),
-                identity: &workload,
-                workload: &workload,
-                extra: args,
-            },
-        )
-    };
-    let server = start(&nodes.server, "server", &["--tls-cipher", "aes256"]);
-    let client = start(&nodes.client, "client", &[]);
+    let mut aes256 = one_worker();
+    aes256.extend(["--tls-cipher".to_string(), "aes256".to_string()]);
+    let server = Ringtun::start_as(&nodes.server, "server", dir.path(), &config, aes256);
+    let client = Ringtun::start_as(&nodes.client, "client", dir.path(), &config, one_worker());
     let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
     echo_ok(&nodes.client, "10.96.0.10:80", MIB);
     for (who, r) in [("client", &client), ("server", &server)] {

@@ -282,32 +282,9 @@ fn source_server(ns: &Netns, addr: &str) -> Arc<AtomicU64> {
     written
 }
 
-/// Runs `tests/peers/hbone_client.py` in `ns` against 10.77.0.2:15008 with the certificate
-/// `DIR/<cert>.pem`, CONNECTing to `authority` and echoing `bytes`.
+/// [`hbone_client`] with no extra arguments.
 fn py_client(ns: &Netns, dir: &TempDir, cert: &str, authority: &str, bytes: u64) -> PeerRun {
-    let pem = dir.join(&format!("{cert}.pem"));
-    let key = dir.join(&format!("{cert}.key"));
-    let ca = dir.join("ca.pem");
-    let bytes = bytes.to_string();
-    python_client(
-        ns,
-        &[
-            "--connect",
-            "10.77.0.2:15008",
-            "--cert",
-            &pem.to_string_lossy(),
-            "--key",
-            &key.to_string_lossy(),
-            "--ca",
-            &ca.to_string_lossy(),
-            "--authority",
-            authority,
-            "--bytes",
-            &bytes,
-            "--timeout",
-            "20",
-        ],
-    )
+    hbone_client(ns, dir, cert, authority, bytes, &[])
 }
 
 /// Asserts a python client run got a 200 and an exact echo of `bytes`.

@@ -230,18 +230,7 @@ fn ringtun_outbound_to_python_server_sends_a_proper_connect() {
         .capture_outbound(15001, DEFAULT_MARK)
         .expect("outbound capture");
     let py = PythonServer::start(&nodes.server, dir.path(), "default/server", "*:15008");
-    let client = Ringtun::start(
-        &nodes.client,
-        "client",
-        dir.path(),
-        RingtunArgs {
-            config: &config,
-            certs: dir.path(),
-            identity: "default/client",
-            workload: "default/client",
-            extra: vec!["--workers".into(), "1".into()],
-        },
-    );
+    let client = Ringtun::start_as(&nodes.client, "client", dir.path(), &config, one_worker());
 
     let via_vip = echo_ok(&nodes.client, "10.96.0.10:80", 4 * MIB);
     let via_pod = echo_ok(&nodes.client, "10.77.0.2:5201", MIB);
@@ -329,18 +318,7 @@ fn echo_through_resetting_server(prefix: &'static str, code: u32, n: u64) -> Tra
         "*:15008",
         &["--end-with-reset", &code_arg],
     );
-    let client = Ringtun::start(
-        &nodes.client,
-        "client",
-        dir.path(),
-        RingtunArgs {
-            config: &config,
-            certs: dir.path(),
-            identity: "default/client",
-            workload: "default/client",
-            extra: vec!["--workers".into(), "1".into()],
-        },
-    );
+    let client = Ringtun::start_as(&nodes.client, "client", dir.path(), &config, one_worker());
     let t = match transfer(&nodes.client, "10.77.0.2:5201", n) {
         Ok(t) => t,
         Err(e) => Transfer {

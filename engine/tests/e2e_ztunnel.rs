@@ -11,7 +11,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringtun_topology::{Netns, DEFAULT_MARK};
+use ringtun_topology::{Netns, TwoNodes, DEFAULT_MARK};
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -121,29 +121,24 @@ impl Drop for Ztunnel {
     }
 }
 
-fn ringtun(ns: &Netns, who: &str, dir: &TempDir, config: &Path) -> Ringtun {
-    let workload = format!("default/{who}");
-    Ringtun::start(
-        ns,
-        who,
-        dir.path(),
-        RingtunArgs {
-            config,
-            certs: dir.path(),
-            identity: &workload,
-            workload: &workload,
-            extra: vec!["--workers".into(), "1".into()],
-        },
-    )
-}
-
-#[test]
-fn ringtun_client_to_ztunnel_server() {
-    let (nodes, dir, path) = mesh_files("zrz", &config(), use_test_ca);
+/// The namespaces, certificates from ztunnel's test CA, `config`, and the client namespace's
+/// outbound capture (ztunnel's PACKET_MARK 1337 is ringtun's 0x539: one rule skips both).
+fn topology(prefix: &'static str, config: &str) -> (TwoNodes, TempDir, PathBuf) {
+    let (nodes, dir, path) = mesh_files(prefix, config, use_test_ca);
     nodes
         .client
         .capture_outbound(15001, DEFAULT_MARK)
         .expect("outbound capture");
+    (nodes, dir, path)
+}
+
+fn ringtun(ns: &Netns, who: &str, dir: &TempDir, config: &Path) -> Ringtun {
+    Ringtun::start_as(ns, who, dir.path(), config, one_worker())
+}
+
+#[test]
+fn ringtun_client_to_ztunnel_server() {
+    let (nodes, dir, path) = topology("zrz", &config());
     let server = Ztunnel::start(&nodes.server, "server", &path, dir.path());
     let client = ringtun(&nodes.client, "client", &dir, &path);
     let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
@@ -162,12 +157,7 @@ fn ringtun_client_to_ztunnel_server() {
 
 #[test]
 fn ztunnel_client_to_ringtun_server() {
-    let (nodes, dir, path) = mesh_files("zzr", &config(), use_test_ca);
-    // ztunnel's PACKET_MARK 1337 is ringtun's 0x539: the same capture rule skips its sockets.
-    nodes
-        .client
-        .capture_outbound(15001, DEFAULT_MARK)
-        .expect("outbound capture");
+    let (nodes, dir, path) = topology("zzr", &config());
     let server = ringtun(&nodes.server, "server", &dir, &path);
     let client = Ztunnel::start(&nodes.client, "client", &path, dir.path());
     let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
@@ -220,11 +210,7 @@ fn refused_through_vip(ns: &Netns) {
 fn each_side_reads_the_others_policy_refusal() {
     // ztunnel denies, ringtun's client side reports the 401 it got.
     {
-        let (nodes, dir, path) = mesh_files("zdz", &config_denying_client(), use_test_ca);
-        nodes
-            .client
-            .capture_outbound(15001, DEFAULT_MARK)
-            .expect("outbound capture");
+        let (nodes, dir, path) = topology("zdz", &config_denying_client());
         let _server = Ztunnel::start(&nodes.server, "server", &path, dir.path());
         let client = ringtun(&nodes.client, "client", &dir, &path);
         let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
@@ -240,11 +226,7 @@ fn each_side_reads_the_others_policy_refusal() {
     }
     // ringtun denies, ztunnel's client side reports the 401 it got.
     {
-        let (nodes, dir, path) = mesh_files("zdr", &config_denying_client(), use_test_ca);
-        nodes
-            .client
-            .capture_outbound(15001, DEFAULT_MARK)
-            .expect("outbound capture");
+        let (nodes, dir, path) = topology("zdr", &config_denying_client());
         let server = ringtun(&nodes.server, "server", &dir, &path);
         let client = Ztunnel::start(&nodes.client, "client", &path, dir.path());
         let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");

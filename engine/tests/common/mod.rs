@@ -117,6 +117,11 @@ pub fn cert_paths(dir: &Path, identity: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// `--workers 1`, the extra arguments most single-ringtun tests start with.
+pub fn one_worker() -> Vec<String> {
+    vec!["--workers".into(), "1".into()]
+}
+
 /// A ztunnel local config with the client (10.77.0.1) and server (10.77.0.2) workloads and the
 /// service `default/server.default.svc.cluster.local` (port 80 → 5201) on the given VIPs
 /// (`/10.96.0.10` form). With `ipv6` the workloads also carry fd77::1 / fd77::2.
@@ -236,6 +241,30 @@ impl Ringtun {
         };
         r.wait_ready();
         r
+    }
+
+    /// Starts ringtun in `ns` as the workload `default/<who>`, with that identity's certificate
+    /// from `dir` (the log goes there too), the config at `config`, and `extra` arguments.
+    pub fn start_as(
+        ns: &Netns,
+        who: &str,
+        dir: &Path,
+        config: &Path,
+        extra: Vec<String>,
+    ) -> Ringtun {
+        let workload = format!("default/{who}");
+        Ringtun::start(
+            ns,
+            who,
+            dir,
+            RingtunArgs {
+                config,
+                certs: dir,
+                identity: &workload,
+                workload: &workload,
+                extra,
+            },
+        )
     }
 
     fn wait_ready(&mut self) {
@@ -548,30 +577,14 @@ impl Mesh {
                 .capture_inbound(15006, &INBOUND_EXCEPT)
                 .expect("inbound capture");
         }
-        let server = Ringtun::start(
+        let server = Ringtun::start_as(
             &nodes.server,
             "server",
             dir.path(),
-            RingtunArgs {
-                config: &config,
-                certs: dir.path(),
-                identity: "default/server",
-                workload: "default/server",
-                extra: opts.extra.clone(),
-            },
+            &config,
+            opts.extra.clone(),
         );
-        let client = Ringtun::start(
-            &nodes.client,
-            "client",
-            dir.path(),
-            RingtunArgs {
-                config: &config,
-                certs: dir.path(),
-                identity: "default/client",
-                workload: "default/client",
-                extra: opts.extra,
-            },
-        );
+        let client = Ringtun::start_as(&nodes.client, "client", dir.path(), &config, opts.extra);
         Mesh {
             dir,
             config,
@@ -1121,6 +1134,41 @@ pub fn python_client(ns: &Netns, args: &[&str]) -> PeerRun {
     }
 }
 
+/// Runs `tests/peers/hbone_client.py` in `ns` against 10.77.0.2:15008 with the certificate
+/// `DIR/<cert>.pem`, CONNECTing to `authority` and echoing `bytes`, plus `extra` arguments
+/// (e.g. `--header`).
+pub fn hbone_client(
+    ns: &Netns,
+    dir: &TempDir,
+    cert: &str,
+    authority: &str,
+    bytes: u64,
+    extra: &[&str],
+) -> PeerRun {
+    let pem = dir.join(&format!("{cert}.pem"));
+    let key = dir.join(&format!("{cert}.key"));
+    let ca = dir.join("ca.pem");
+    let bytes = bytes.to_string();
+    let mut args = vec![
+        "--connect",
+        "10.77.0.2:15008",
+        "--cert",
+        pem.to_str().expect("utf-8 path"),
+        "--key",
+        key.to_str().expect("utf-8 path"),
+        "--ca",
+        ca.to_str().expect("utf-8 path"),
+        "--authority",
+        authority,
+        "--bytes",
+        &bytes,
+        "--timeout",
+        "20",
+    ];
+    args.extend_from_slice(extra);
+    python_client(ns, &args)
+}
+
 /// `tests/peers/hbone_server.py` running in a namespace; killed on drop.
 pub struct PythonServer {
     child: Child,
@@ -1321,18 +1369,7 @@ impl ServerOnly {
     pub fn start_with(prefix: &'static str, prepare: impl FnOnce(&TempDir)) -> ServerOnly {
         let (nodes, dir, config) =
             mesh_files(prefix, &mesh_config(&["/10.96.0.10"], false), prepare);
-        let server = Ringtun::start(
-            &nodes.server,
-            "server",
-            dir.path(),
-            RingtunArgs {
-                config: &config,
-                certs: dir.path(),
-                identity: "default/server",
-                workload: "default/server",
-                extra: vec!["--workers".into(), "1".into()],
-            },
-        );
+        let server = Ringtun::start_as(&nodes.server, "server", dir.path(), &config, one_worker());
         let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
         ServerOnly {
             server,
