@@ -8,7 +8,6 @@
 mod common;
 
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -57,29 +56,7 @@ fn run_cmd(dir: &TempDir, extra: &[&str]) -> Command {
 /// whether it got ready and everything it printed.
 fn start_or_fail(dir: &TempDir, extra: &[&str]) -> (bool, Output) {
     let log = dir.join(&format!("ringtun-{}.log", extra.join("_")));
-    let file = std::fs::File::create(&log).expect("create log");
-    let mut child = run_cmd(dir, extra)
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("spawn ringtun run");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ready = loop {
-        if std::fs::read_to_string(&log).is_ok_and(|l| l.contains("ringtun ready")) {
-            let _ = child.kill();
-            break true;
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            break false;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ringtun neither started nor exited"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    };
-    let status = child.wait().expect("wait for ringtun");
-    let text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
+    let (ready, status, text) = run_until_ready(run_cmd(dir, extra), &log);
     (
         ready,
         Output {

@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
 use common::*;
 
 /// Runs `ringtun run` in a fresh namespace with `env` set and the workload flag only when
@@ -34,38 +31,15 @@ fn run_with_env(tag: &'static str, env: &[(&str, &str)], workload: bool) -> (boo
         .arg("--roots")
         .arg(dir.join("ca.pem"))
         .env("RINGTUN_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"));
+        .env("NO_COLOR", "1");
     if workload {
         cmd.args(["--workload", "default/client"]);
     }
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn ringtun");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ready = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("ringtun ready") {
-            let _ = child.kill();
-            break true;
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            break false;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ringtun neither started nor exited"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    };
-    let _ = child.wait();
-    (
-        ready,
-        strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default()),
-    )
+    let (ready, _, text) = run_until_ready(cmd, &log);
+    (ready, text)
 }
 
 #[test]

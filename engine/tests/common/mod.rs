@@ -117,6 +117,37 @@ pub fn cert_paths(dir: &Path, identity: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Runs `cmd` (a `ringtun run`) with its stderr in `log` until it exits, or until it logs
+/// `ringtun ready` (then kills it); returns whether it got ready, its exit status and what it
+/// printed.
+pub fn run_until_ready(mut cmd: Command, log: &Path) -> (bool, std::process::ExitStatus, String) {
+    let file = std::fs::File::create(log).expect("create log");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("spawn ringtun run");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        if std::fs::read_to_string(log).is_ok_and(|l| l.contains("ringtun ready")) {
+            let _ = child.kill();
+            break true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break false;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ringtun neither started nor exited"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let status = child.wait().expect("wait for ringtun");
+    let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
+    (ready, status, text)
+}
+
 /// `--workers 1`, the extra arguments most single-ringtun tests start with.
 pub fn one_worker() -> Vec<String> {
     vec!["--workers".into(), "1".into()]
