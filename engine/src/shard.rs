@@ -290,8 +290,7 @@ impl Shard {
         if let Some(g) = conn.grant() {
             if g.generation != self.snapshot.borrow().generation {
                 if let Some(why) = self.denies(g) {
-                    tracing::info!(src = %g.src_ip, reason = %why, "connection closed: no longer allowed after a policy update");
-                    conn.revoke();
+                    conn.revoke(&why);
                 }
             }
         }

@@ -102,6 +102,21 @@ impl Record {
         });
     }
 
+    /// Cuts a connection that policy no longer allows (`why`), saying so in the log.
+    fn revoke(&self, why: &str) {
+        if let Some(g) = self.grant.as_deref() {
+            tracing::info!(
+                src = %g.src_ip,
+                dst = %std::net::SocketAddr::new(g.dst_ip, g.dst_port),
+                src_identity = g.src_identity.as_deref().map(tracing::field::display),
+                reason = %why,
+                "connection closed: no longer allowed after a policy update"
+            );
+        }
+        self.revoked.set(true);
+        self.wake();
+    }
+
     fn wake(&self) {
         if let Some(waker) = self.waker.take() {
             waker.wake();
@@ -225,10 +240,9 @@ impl Conn {
         self.record.grant.as_deref()
     }
 
-    /// Cuts the connection as denied by policy (see [`recheck`]).
-    pub fn revoke(&self) {
-        self.record.revoked.set(true);
-        self.record.wake();
+    /// Cuts the connection as denied by policy (`why`; see [`recheck`]).
+    pub fn revoke(&self, why: &str) {
+        self.record.revoke(why);
     }
 
     /// Bytes moved.
@@ -297,15 +311,7 @@ pub fn recheck(mut denied: impl FnMut(&Grant) -> Option<String>) -> usize {
             continue;
         };
         if let Some(why) = denied(g) {
-            tracing::info!(
-                src = %g.src_ip,
-                dst = %std::net::SocketAddr::new(g.dst_ip, g.dst_port),
-                src_identity = g.src_identity.as_deref().map(tracing::field::display),
-                reason = %why,
-                "connection closed: no longer allowed after a policy update"
-            );
-            r.revoked.set(true);
-            r.wake();
+            r.revoke(&why);
             cut += 1;
         }
     }
