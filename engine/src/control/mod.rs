@@ -4,7 +4,7 @@
 //!
 //! [`start`] brings the proxy up and returns once every shard listens; [`Running::serve`] then
 //! watches until a signal or `/quitquitquit` starts the drain. What the operator endpoints see
-//! of all this is [`state::ControlState`], handed to `operate` as its [`Admin`].
+//! of all this is `ControlState` (in `state.rs`), handed to `operate` as its [`Admin`].
 
 mod process;
 mod runtime;
