@@ -187,11 +187,6 @@ pub fn recv_nonblocking(fd: RawFd, spare: &mut [mem::MaybeUninit<u8>]) -> io::Re
     }
 }
 
-/// Raw fd of anything that has one (helper to keep call sites short).
-pub fn fd_of<T: AsRawFd>(t: &T) -> RawFd {
-    t.as_raw_fd()
-}
-
 /// Probes a connection's peer with TCP keepalive after `every` without traffic, then every
 /// `every`, and gives up after the kernel's count of unanswered probes (9 by default):
 /// ztunnel's settings (180 s), so a peer that vanished without a FIN or RST does not pin the

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ringtun_hbone::pool::PoolLimits;
 use ringtun_hbone::settings::H2Settings;
 
+use crate::operate::admin::Role;
 use crate::tls::CertPaths;
 
 /// Which monoio driver the shards run on.
@@ -106,6 +107,47 @@ impl std::fmt::Display for KtlsMode {
     }
 }
 
+/// What a listener is for: which proxy path its connections take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// 15001: outbound capture (original destination after REDIRECT).
+    Outbound,
+    /// 15008: HBONE over mutual TLS.
+    Inbound,
+    /// 15006: plaintext inbound capture.
+    InboundPlaintext,
+}
+
+impl std::fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ListenerKind::Outbound => "outbound",
+            ListenerKind::Inbound => "inbound-hbone",
+            ListenerKind::InboundPlaintext => "inbound-plaintext",
+        })
+    }
+}
+
+/// HTTP/2 PING keepalive on HBONE connections: when to ping and when to give up (`interval`
+/// zero: no keepalive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Time between PINGs (and before the first).
+    pub interval: Duration,
+    /// How long a PING may go unanswered.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    /// ztunnel's: every 10 s, dead after 20 s without an answer.
+    fn default() -> Self {
+        Keepalive {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
 /// Everything `ringtun run` needs.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -134,7 +176,7 @@ pub struct RunOptions {
     /// TCP keepalive idle time and probe interval on every socket (zero: off).
     pub tcp_keepalive: Duration,
     /// HTTP/2 PING keepalive on HBONE connections.
-    pub keepalive: crate::proxy::keepalive::Keepalive,
+    pub keepalive: Keepalive,
     /// io_uring setup flags for the shards' rings.
     pub uring_taskrun: UringTaskrun,
     /// Outbound capture listen addresses.
@@ -160,7 +202,7 @@ pub struct RunOptions {
     /// [`crate::transport::DEFAULT_TX_RECORD_LIMIT`].
     pub ktls_tx_record_limit: u64,
     /// Metrics (15020), readiness (15021) and admin (127.0.0.1:15000) listeners.
-    pub admin_listeners: Vec<(crate::admin::Role, SocketAddr)>,
+    pub admin_listeners: Vec<(Role, SocketAddr)>,
     /// A tunnelled connection with no bytes either way for this long is closed (zero: never).
     pub idle_timeout: Duration,
     /// Connections a shard carries at most; more are refused at once (RST) and counted.

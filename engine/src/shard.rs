@@ -23,34 +23,13 @@ use ringtun_hbone::pool::Pool;
 use ringtun_hbone::Identity;
 
 use crate::config::{Snapshot, Workload};
-use crate::metrics::{ShardGauges, ShardMetrics, ShardReport};
-use crate::options::RunOptions;
+use crate::metrics::{ShardCounters, ShardGauges, ShardMetrics, ShardReport};
+use crate::options::{ListenerKind, RunOptions};
 use crate::policy::PolicyIndex;
 use crate::proxy;
 use crate::proxy::live::{self, Grant};
 use crate::proxy::outbound::PooledH2;
 use crate::tls::TlsMaterial;
-
-/// What a listener on a shard is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListenerKind {
-    /// 15001: outbound capture (original destination after REDIRECT).
-    Outbound,
-    /// 15008: HBONE over mutual TLS.
-    Inbound,
-    /// 15006: plaintext inbound capture.
-    InboundPlaintext,
-}
-
-impl std::fmt::Display for ListenerKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ListenerKind::Outbound => "outbound",
-            ListenerKind::Inbound => "inbound-hbone",
-            ListenerKind::InboundPlaintext => "inbound-plaintext",
-        })
-    }
-}
 
 /// Messages from the control thread to a shard.
 pub enum ShardMsg {
@@ -244,14 +223,16 @@ impl Shard {
             tcp: self.metrics.export(),
             gauges: ShardGauges {
                 open_connections: c.open.get(),
-                accepted: c.accepted.get(),
                 pool_connections: pool.connections() as u64,
                 pool_streams: pool.streams(),
+                config_generation: self.snapshot.borrow().generation,
+                sockets_open: live::open_by_reporter(),
+            },
+            counters: ShardCounters {
+                accepted: c.accepted.get(),
                 ktls_connections: c.ktls_tx.get().min(c.ktls_rx.get()),
                 userspace_tls_connections: c.tls_userspace.get(),
-                config_generation: self.snapshot.borrow().generation,
                 refused_overloaded: c.overloaded.get(),
-                sockets_open: live::open_by_reporter(),
             },
         }
     }

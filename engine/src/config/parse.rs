@@ -2,7 +2,7 @@
 
 use super::error::ConfigError;
 use super::model::LocalConfig;
-use super::validate;
+use super::validate::{self, Presence};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer};
 use std::fmt::Write as _;
@@ -50,15 +50,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     let presence = probe(text);
     validate::cross_check(&config, &presence, &mut warnings);
     Ok(Loaded { config, warnings })
-}
-
-/// Which keys were written, for defaults ztunnel does not have (it requires them).
-#[derive(Debug, Default)]
-pub(crate) struct Presence {
-    /// Per workload: whether `services` was written.
-    pub workload_services: Vec<bool>,
-    /// Per policy: whether `dryRun` was written.
-    pub policy_dry_run: Vec<bool>,
 }
 
 /// Re-reads the (already valid) text, recording only key presence.

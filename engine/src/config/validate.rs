@@ -2,10 +2,20 @@
 //! so they are warnings, each naming the entity.
 
 use super::model::{LocalConfig, NetworkMode};
-use super::parse::Presence;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
+/// Which keys the file wrote, for defaults ztunnel does not have (it requires them); the
+/// parser records it, since the parsed model cannot tell a default from a written value.
+#[derive(Debug, Default)]
+pub(crate) struct Presence {
+    /// Per workload: whether `services` was written.
+    pub workload_services: Vec<bool>,
+    /// Per policy: whether `dryRun` was written.
+    pub policy_dry_run: Vec<bool>,
+}
+
+/// Adds a warning for each inconsistency ztunnel would load anyway, naming the entities.
 pub(crate) fn cross_check(config: &LocalConfig, presence: &Presence, warnings: &mut Vec<String>) {
     let mut warn = |msg: String| warnings.push(msg);
 

@@ -6,26 +6,8 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
-/// When to ping and when to give up (`interval` zero: no keepalive).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Keepalive {
-    /// Time between PINGs (and before the first).
-    pub interval: Duration,
-    /// How long a PING may go unanswered.
-    pub timeout: Duration,
-}
-
-impl Default for Keepalive {
-    /// ztunnel's: every 10 s, dead after 20 s without an answer.
-    fn default() -> Self {
-        Keepalive {
-            interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(20),
-        }
-    }
-}
+use crate::options::Keepalive;
 
 /// A connection's keepalive, run as a task of its own: the connection's driver, polled on
 /// every frame, only reads a flag here (polling a timer on every poll of the driver cost 6% of

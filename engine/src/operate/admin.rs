@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::metrics::{self, ProcessInfo, ShardReport};
+use crate::metrics::ShardReport;
+use crate::operate::logging::LogFilterError;
+use crate::operate::prometheus::{self, ProcessInfo};
 
 /// Largest request head accepted; admin requests are a line and a few headers.
 const MAX_HEAD: usize = 8 * 1024;
@@ -25,17 +27,35 @@ pub trait Admin: Send + Sync + 'static {
     /// Driver, kTLS, draining.
     fn info(&self) -> ProcessInfo;
     /// Ready: every shard has its listeners, a config is loaded, and not draining.
-    fn ready(&self) -> Result<(), String>;
+    fn ready(&self) -> Result<(), NotReady>;
     /// JSON for `/config_dump`.
     fn config_dump(&self) -> String;
     /// Changes the log filter (`/logging?level=`); returns the filter now in force.
-    fn set_log_level(&self, level: &str) -> Result<String, String>;
+    fn set_log_level(&self, level: &str) -> Result<String, LogFilterError>;
     /// The log filter in force (`POST /logging` without a query).
     fn log_level(&self) -> String;
     /// Puts the start-up log filter back (`/logging?reset`); returns it.
-    fn reset_log_level(&self) -> Result<String, String>;
+    fn reset_log_level(&self) -> Result<String, LogFilterError>;
     /// Starts a graceful drain (`/quitquitquit`).
     fn quit(&self);
+}
+
+/// Why `/healthz/ready` answers 503.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotReady {
+    /// Shards are still taking their listeners.
+    Starting,
+    /// A drain has begun; the process is on its way out.
+    Draining,
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NotReady::Starting => "starting",
+            NotReady::Draining => "draining",
+        })
+    }
 }
 
 /// Which endpoints a listener serves.
@@ -158,7 +178,7 @@ fn handle(admin: &dyn Admin, role: Role, stream: TcpStream) -> io::Result<()> {
     match (role, req.method.as_str(), req.path.as_str()) {
         (Role::Metrics, "GET", "/metrics" | "/stats/prometheus") => {
             let om = req.accept.contains("application/openmetrics-text");
-            let body = metrics::render(&admin.scrape(), &admin.info(), om);
+            let body = prometheus::render(&admin.scrape(), &admin.info(), om);
             let ctype = if om {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8"
             } else {
@@ -235,9 +255,9 @@ mod tests {
         fn info(&self) -> ProcessInfo {
             ProcessInfo::default()
         }
-        fn ready(&self) -> Result<(), String> {
+        fn ready(&self) -> Result<(), NotReady> {
             if self.quit.load(Ordering::Relaxed) {
-                Err("draining".into())
+                Err(NotReady::Draining)
             } else {
                 Ok(())
             }
@@ -245,14 +265,14 @@ mod tests {
         fn config_dump(&self) -> String {
             "{}".into()
         }
-        fn set_log_level(&self, level: &str) -> Result<String, String> {
-            *self.level.lock().map_err(|e| e.to_string())? = level.into();
+        fn set_log_level(&self, level: &str) -> Result<String, LogFilterError> {
+            *self.level.lock().map_err(|_| LogFilterError::Poisoned)? = level.into();
             Ok(level.into())
         }
         fn log_level(&self) -> String {
             self.level.lock().map(|l| l.clone()).unwrap_or_default()
         }
-        fn reset_log_level(&self) -> Result<String, String> {
+        fn reset_log_level(&self) -> Result<String, LogFilterError> {
             self.set_log_level("info")
         }
         fn quit(&self) {

@@ -1,60 +1,18 @@
-//! Command-line interface: `ringtun run`, `check-config`, `gen-certs`, `demo`.
+//! `ringtun run`'s flags, and how they become [`RunOptions`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use ringtun_hbone::pool::PoolLimits;
 use ringtun_hbone::settings::H2Settings;
-use ringtun_hbone::Identity;
-use tracing_subscriber::EnvFilter;
 
-use crate::admin::Role;
-use crate::options::{IoDriver, KtlsMode, RunOptions, TlsCipher, UringTaskrun};
+use super::values::{parse_millis, parse_u32};
+use crate::operate::admin::Role;
+use crate::options::{IoDriver, Keepalive, KtlsMode, RunOptions, TlsCipher, UringTaskrun};
 use crate::tls::CertPaths;
-use crate::{config, control, demo, pki, EngineError};
-
-/// ringtun: HBONE tunnel engine, a drop-in for Istio ambient's ztunnel.
-#[derive(Parser, Debug)]
-#[command(name = "ringtun", version, about, long_about = None)]
-pub struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `debug`, `ringtun=debug,access=info`.
-    #[arg(long, global = true, env = "RINGTUN_LOG", default_value = "info")]
-    pub log: String,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Subcommands.
-// Parsed once per process; boxing `RunArgs` would buy nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Run the tunnel: capture outbound on 15001, serve HBONE on 15008 and plaintext on 15006.
-    Run(RunArgs),
-    /// Parse a ztunnel local config file and report errors with file, line and field.
-    CheckConfig {
-        /// The config file.
-        file: PathBuf,
-    },
-    /// Create a CA (or reuse the one in DIR) and issue SPIFFE workload certificates.
-    GenCerts {
-        /// Directory for ca.pem/ca.key and <ns>.<sa>.pem/.key.
-        #[arg(long)]
-        dir: PathBuf,
-        /// Trust domain of the identities.
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-        /// Identities to issue, as NAMESPACE/SERVICEACCOUNT (repeatable).
-        #[arg(long = "identity", required = true)]
-        identities: Vec<String>,
-    },
-    /// Show a working tunnel: two network namespaces, two ringtuns, a client and an echo server.
-    Demo(demo::DemoArgs),
-}
+use crate::EngineError;
 
 /// Options of `ringtun run`.
 #[derive(Args, Debug, Clone)]
@@ -211,61 +169,6 @@ pub enum ProxyMode {
     Shared,
 }
 
-/// Milliseconds as a plain number (`1500`), or a Go duration as ztunnel's environment takes
-/// them (`1.5s`, `5m`, `1h30m`, `300ms`, `0`); `var` names the environment variable that may
-/// have given it, for the error.
-fn parse_millis(s: &str, var: &str) -> Result<u64, String> {
-    let s = s.trim();
-    if let Ok(ms) = s.parse::<u64>() {
-        return Ok(ms);
-    }
-    go_duration(s)
-        .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
-        .ok_or_else(|| {
-            format!("{s:?} (the flag or {var}): expected milliseconds or a duration such as 300ms, 5s, 5m, 1h30m")
-        })
-}
-
-/// A Go `time.ParseDuration` string (units ns, us, µs, ms, s, m, h; no sign).
-fn go_duration(s: &str) -> Option<Duration> {
-    let mut rest = s;
-    let mut total = 0f64;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(num_end);
-        let value: f64 = num.parse().ok()?;
-        let unit_end = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, next) = tail.split_at(unit_end);
-        let secs = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        total += value * secs;
-        rest = next;
-    }
-    Duration::try_from_secs_f64(total).ok()
-}
-
-fn parse_u32(s: &str) -> Result<u32, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    r.map_err(|e| format!("{s:?}: {e}"))
-}
-
 fn default_listen(port: u16, ipv6: bool) -> Vec<SocketAddr> {
     if ipv6 && crate::net::ipv6_available() {
         vec![SocketAddr::from(([0u16; 8], port))]
@@ -349,7 +252,7 @@ impl RunArgs {
             uring_taskrun: self.uring_taskrun,
             tls_cipher: self.tls_cipher,
             tcp_keepalive: Duration::from_secs(self.tcp_keepalive_secs),
-            keepalive: crate::proxy::keepalive::Keepalive {
+            keepalive: Keepalive {
                 interval: Duration::from_millis(self.hbone_keepalive_interval_ms),
                 timeout: Duration::from_millis(self.hbone_keepalive_timeout_ms),
             },
@@ -394,164 +297,6 @@ impl RunArgs {
     }
 }
 
-/// Installs the log subscriber (stderr, key=value fields).
-pub fn init_logging(filter: &str) {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let (filter, text) = match EnvFilter::try_new(filter) {
-        Ok(f) => (f, filter.to_owned()),
-        Err(e) => {
-            eprintln!("ringtun: bad --log filter {filter:?} ({e}); using info");
-            (EnvFilter::new("info"), "info".to_owned())
-        }
-    };
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(true);
-    if tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .try_init()
-        .is_ok()
-    {
-        let _ = LOG_FILTER.set(handle);
-        if let Ok(mut t) = LOG_FILTER_TEXT.lock() {
-            *t = (text.clone(), text);
-        }
-    }
-}
-
-/// The start-up log filter and the one in force now, as text.
-static LOG_FILTER_TEXT: std::sync::Mutex<(String, String)> =
-    std::sync::Mutex::new((String::new(), String::new()));
-
-/// The log filter in force (the admin API's `POST /logging` without a query).
-pub fn log_filter() -> String {
-    LOG_FILTER_TEXT
-        .lock()
-        .map(|t| t.1.clone())
-        .unwrap_or_default()
-}
-
-/// Puts the start-up log filter back (`POST /logging?reset`).
-pub fn reset_log_filter() -> Result<String, String> {
-    let start = LOG_FILTER_TEXT
-        .lock()
-        .map(|t| t.0.clone())
-        .map_err(|e| e.to_string())?;
-    set_log_filter(&start)
-}
-
-type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
-static LOG_FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
-
-/// Replaces the log filter of the running process (the admin API's `/logging?level=`).
-pub fn set_log_filter(filter: &str) -> Result<String, String> {
-    let parsed = EnvFilter::try_new(filter).map_err(|e| format!("bad filter {filter:?}: {e}"))?;
-    let handle = LOG_FILTER
-        .get()
-        .ok_or_else(|| "logging is not reloadable in this process".to_owned())?;
-    handle.reload(parsed).map_err(|e| e.to_string())?;
-    if let Ok(mut t) = LOG_FILTER_TEXT.lock() {
-        t.1 = filter.to_owned();
-    }
-    Ok(filter.to_owned())
-}
-
-/// Runs `ringtun run` until killed.
-pub fn run(args: RunArgs) -> Result<(), EngineError> {
-    let opts = args.into_options()?;
-    raise_nofile();
-    control::block_signals();
-    let running = control::start(opts.clone())?;
-    running.serve(&opts)
-}
-
-/// Raises the soft open-files limit to the hard limit. Every tunnelled connection holds one or
-/// two sockets, so the usual soft default of 1024 would refuse connections (accept fails with
-/// EMFILE) long before memory or CPU run out; the hard limit is what the operator allows.
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit with a valid, initialised struct.
-    let raised = unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0
-            && (lim.rlim_cur >= lim.rlim_max || {
-                lim.rlim_cur = lim.rlim_max;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
-            })
-    };
-    if raised {
-        tracing::debug!(limit = lim.rlim_cur, "open files limit");
-    } else {
-        tracing::warn!(
-            error = %std::io::Error::last_os_error(),
-            "cannot raise the open files limit; connections beyond it will be refused"
-        );
-    }
-}
-
-/// Entry point of the binary.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli.log);
-    let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::CheckConfig { file } => check_config(&file),
-        Command::GenCerts {
-            dir,
-            trust_domain,
-            identities,
-        } => gen_certs(&dir, &trust_domain, &identities),
-        Command::Demo(args) => demo::run(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ringtun: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn check_config(file: &std::path::Path) -> Result<(), EngineError> {
-    let loaded = config::load(file)?;
-    for w in &loaded.warnings {
-        eprintln!("{}: warning: {w}", file.display());
-    }
-    let c = &loaded.config;
-    println!(
-        "{}: ok: {} workloads, {} services, {} policies",
-        file.display(),
-        c.workloads.len(),
-        c.services.len(),
-        c.policies.len()
-    );
-    Ok(())
-}
-
-fn gen_certs(dir: &std::path::Path, td: &str, identities: &[String]) -> Result<(), EngineError> {
-    let ca = pki::Ca::open_or_create(dir)?;
-    for spec in identities {
-        let (ns, sa) = spec
-            .split_once('/')
-            .filter(|(n, s)| !n.is_empty() && !s.is_empty() && !s.contains('/'))
-            .ok_or_else(|| {
-                EngineError::Usage(format!(
-                    "--identity {spec:?}: expected NAMESPACE/SERVICEACCOUNT"
-                ))
-            })?;
-        let id = Identity::new(td, ns, sa);
-        let paths = ca.issue(&id)?;
-        println!("{id}: {} {}", paths.chain.display(), paths.key.display());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,21 +326,5 @@ mod tests {
             w.run.idle_timeout_ms, 0,
             "ztunnel never cuts an idle tunnel"
         );
-    }
-
-    #[test]
-    fn go_durations_as_ztunnel_reads_them() {
-        let ms = |s| parse_millis(s, "X");
-        assert_eq!(ms("1500"), Ok(1500));
-        assert_eq!(ms("300ms"), Ok(300));
-        assert_eq!(ms("1.5s"), Ok(1500));
-        assert_eq!(ms("5m"), Ok(300_000));
-        assert_eq!(ms("1h30m"), Ok(5_400_000));
-        assert_eq!(ms("2m30s"), Ok(150_000));
-        assert_eq!(ms("0"), Ok(0));
-        for bad in ["", "5 minutes", "m", "-1s", "1d", "1.2.3s"] {
-            let e = ms(bad).expect_err(bad);
-            assert!(e.contains("X"), "{bad}: {e}");
-        }
     }
 }

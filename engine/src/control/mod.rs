@@ -1,0 +1,308 @@
+//! The control thread: loads the config and certificates, starts the shards, hands them their
+//! listeners and config snapshots, serves the operator endpoints, watches the config file and
+//! the signals, and drains.
+//!
+//! [`start`] brings the proxy up and returns once every shard listens; [`Running::serve`] then
+//! watches until a signal or `/quitquitquit` starts the drain. What the operator endpoints see
+//! of all this is `ControlState` (in `state.rs`), handed to `operate` as its [`Admin`].
+
+mod process;
+mod runtime;
+mod state;
+mod watch;
+
+pub use process::{block_signals, raise_nofile};
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::{self, Snapshot};
+use crate::net;
+use crate::operate::admin::{self, Admin};
+use crate::options::{ListenerKind, RunOptions};
+use crate::shard::{ShardEvent, ShardMsg};
+use crate::tls::TlsMaterial;
+use crate::EngineError;
+use state::ControlState;
+use watch::ConfigFile;
+
+/// A running ringtun: its shard handles, for callers that want to stop it (tests, demo).
+pub struct Running {
+    senders: Vec<Sender<ShardMsg>>,
+    events: Receiver<ShardEvent>,
+    threads: Vec<thread::JoinHandle<()>>,
+    state: Arc<ControlState>,
+    /// Tells the endpoints' threads to stop taking requests.
+    endpoints_stop: Arc<AtomicBool>,
+    /// Addresses actually bound, per listener kind (useful with port 0).
+    pub bound: Vec<(ListenerKind, SocketAddr)>,
+}
+
+fn load_snapshot(path: &Path, generation: u64) -> Result<Snapshot, config::ConfigError> {
+    let loaded = config::load(path)?;
+    for w in &loaded.warnings {
+        tracing::warn!(config = %path.display(), "{w}");
+    }
+    Ok(Snapshot::new(loaded.config, generation))
+}
+
+/// Starts the shards, the operator endpoints and the listeners; returns once every listener
+/// accepts. Readiness answers 503 ("starting") until then.
+pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
+    let opts = Arc::new(opts);
+    let snapshot = load_snapshot(&opts.config_path, 1)?;
+    // Probed once here; every shard shares the result (logged by `startup`).
+    let ktls = crate::transport::startup(opts.ktls)?;
+    let tls = Arc::new(
+        TlsMaterial::load(&opts.certs, &opts.trust_domain, opts.tls_cipher.into())?
+            .with_kernel_offload(ktls),
+    );
+    net::check_mark(opts.mark).map_err(|e| EngineError::Mark {
+        mark: opts.mark,
+        source: e,
+    })?;
+    let driver = runtime::announce_driver(opts.io_driver)?;
+    let workers = opts.workers.max(1);
+    let cores = if opts.pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
+    let mut senders = Vec::with_capacity(workers);
+    let mut threads = Vec::with_capacity(workers);
+    for id in 0..workers {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+        let (opts, tls, ev_tx, snap) = (opts.clone(), tls.clone(), ev_tx.clone(), snapshot.clone());
+        let handle = thread::Builder::new()
+            .name(format!("ringtun-shard-{id}"))
+            .spawn(move || runtime::shard_thread(id, core, driver, opts, tls, rx, ev_tx, snap))
+            .map_err(EngineError::Thread)?;
+        senders.push(tx);
+        threads.push(handle);
+    }
+    drop(ev_tx);
+
+    let state = Arc::new(ControlState::new(
+        senders.clone(),
+        snapshot.clone(),
+        tls.clone(),
+        driver,
+        workers,
+    ));
+    // Up before the listeners, so readiness says "starting" rather than refusing connections.
+    let endpoints_stop = Arc::new(AtomicBool::new(false));
+    let admin: Arc<dyn Admin> = state.clone();
+    let endpoints = admin::serve(admin, &opts.admin_listeners, endpoints_stop.clone())
+        .map_err(EngineError::Admin)?;
+    tracing::info!(endpoints = ?endpoints, "metrics, readiness and admin endpoints up");
+    let stop_endpoints = |e: EngineError| {
+        endpoints_stop.store(true, Ordering::Relaxed);
+        e
+    };
+    let bound = listen(&opts, &senders, &ev_rx).map_err(stop_endpoints)?;
+    state.set_ready();
+    tracing::info!(
+        workers,
+        driver = ?driver,
+        identity = %tls.identity,
+        tls = if tls.ktls.is_some() { "ktls" } else { "userspace" },
+        config = %opts.config_path.display(),
+        workloads = snapshot.config().workloads.len(),
+        services = snapshot.config().services.len(),
+        listeners = ?bound,
+        mark = %format_args!("{:#x}", opts.mark),
+        pool_max_streams = opts.pool.max_streams,
+        pool_unused_release = ?opts.pool.idle_timeout,
+        drain_deadline = ?opts.drain_timeout,
+        "ringtun ready"
+    );
+    Ok(Running {
+        senders,
+        events: ev_rx,
+        threads,
+        state,
+        endpoints_stop,
+        bound,
+    })
+}
+
+/// Opens every listener once per shard, hands each shard its sockets and waits until every
+/// shard accepts on them; returns the addresses bound.
+fn listen(
+    opts: &RunOptions,
+    senders: &[Sender<ShardMsg>],
+    events: &Receiver<ShardEvent>,
+) -> Result<Vec<(ListenerKind, SocketAddr)>, EngineError> {
+    let mut expected = 0usize;
+    let mut bound = Vec::new();
+    let kinds = [
+        (ListenerKind::Outbound, &opts.outbound),
+        (ListenerKind::Inbound, &opts.inbound),
+        (ListenerKind::InboundPlaintext, &opts.inbound_plaintext),
+    ];
+    for (kind, addrs) in kinds {
+        for &addr in addrs.iter() {
+            // One SO_REUSEPORT socket per shard: the kernel spreads connections by flow hash,
+            // and each shard accepts only its own (see ARCHITECTURE.md).
+            let mut port_addr = addr;
+            for tx in senders {
+                let socket = net::reuseport_listener(port_addr)
+                    .map_err(|source| EngineError::Listen { kind, addr, source })?;
+                // Accepted connections inherit the listener's keepalive settings: set once here
+                // instead of three syscalls per connection.
+                if let Err(e) = net::set_keepalive(socket.as_raw_fd(), opts.tcp_keepalive) {
+                    tracing::warn!(%addr, error = %e, "could not set TCP keepalive on the listener");
+                }
+                if port_addr.port() == 0 {
+                    // Port 0: every shard must share the port the first one got.
+                    port_addr = socket.local_addr().map_err(|source| EngineError::Listen {
+                        kind,
+                        addr,
+                        source,
+                    })?;
+                }
+                tx.send(ShardMsg::Listen { kind, socket })
+                    .map_err(|_| EngineError::ShardDied)?;
+                expected += 1;
+            }
+            bound.push((kind, port_addr));
+        }
+    }
+    for _ in 0..expected {
+        match events.recv_timeout(Duration::from_secs(10)) {
+            Ok(ShardEvent::Listening { .. } | ShardEvent::ConfigApplied { .. }) => {}
+            Ok(ShardEvent::ListenFailed { shard, error }) => {
+                return Err(EngineError::ShardListen { shard, error })
+            }
+            Err(_) => return Err(EngineError::ShardDied),
+        }
+    }
+    Ok(bound)
+}
+
+impl Running {
+    /// Watches the config file until the process is stopped; a valid change is sent to every
+    /// shard, an invalid one is logged and the previous config stays in force.
+    ///
+    /// SIGTERM, SIGINT or `/quitquitquit` start a drain (see [`Running::drain`]); this returns
+    /// when the drain is over. The caller must have blocked those signals with
+    /// [`block_signals`] before [`start`], so that they queue for this thread.
+    pub fn serve(self, opts: &RunOptions) -> Result<(), EngineError> {
+        let path = &opts.config_path;
+        let mut file = ConfigFile::new(path);
+        let mut generation = 1u64;
+        // /quitquitquit sets a flag from an admin thread; waking every tick (not every config
+        // poll) lets the drain reach the shards' listeners within a tick of the request.
+        let tick = opts.config_poll.min(Duration::from_millis(50));
+        let mut next_poll = Instant::now() + opts.config_poll;
+        loop {
+            if let Some(sig) = process::wait_signal(tick) {
+                tracing::info!(signal = sig, "signal received; draining");
+                break;
+            }
+            if self.state.quit_requested() {
+                tracing::info!("/quitquitquit received; draining");
+                break;
+            }
+            if Instant::now() < next_poll {
+                continue;
+            }
+            next_poll = Instant::now() + opts.config_poll;
+            if !file.changed() {
+                continue;
+            }
+            match load_snapshot(path, generation + 1) {
+                Ok(snap) => {
+                    generation += 1;
+                    for tx in &self.senders {
+                        let _ = tx.send(ShardMsg::Config(Box::new(snap.clone())));
+                    }
+                    // Announce the reload only once every shard uses it, so "reloaded" in the
+                    // log means new connections see the new config.
+                    self.await_applied(generation);
+                    self.state.set_current(snap.clone());
+                    tracing::info!(
+                        generation,
+                        workloads = snap.config().workloads.len(),
+                        services = snap.config().services.len(),
+                        "config reloaded"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!("config reload failed, keeping generation {generation}: {e}");
+                }
+            }
+        }
+        self.drain(opts.drain_timeout);
+        self.endpoints_stop.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Graceful drain: readiness fails at once, listeners stop accepting, HBONE peers get
+    /// GOAWAY, and live connections have until `deadline` to finish; whatever is left then is
+    /// closed when the process exits.
+    pub fn drain(&self, deadline: Duration) {
+        self.state.set_draining();
+        for tx in &self.senders {
+            let _ = tx.send(ShardMsg::Drain);
+        }
+        let until = Instant::now() + deadline;
+        loop {
+            let open: u64 = self
+                .state
+                .scrape()
+                .iter()
+                .map(|r| r.gauges.open_connections)
+                .sum();
+            if open == 0 {
+                tracing::info!("drained: no connections left");
+                return;
+            }
+            if Instant::now() >= until {
+                tracing::warn!(
+                    open,
+                    ?deadline,
+                    "drain deadline reached; closing what is left"
+                );
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn await_applied(&self, generation: u64) {
+        let mut pending = self.senders.len();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pending > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ShardEvent::ConfigApplied { generation: g, .. }) if g == generation => {
+                    pending -= 1
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(generation, pending, "shards slow to apply the new config");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops the shards (closing their channels) and waits for them.
+    pub fn stop(self) {
+        self.endpoints_stop.store(true, Ordering::Relaxed);
+        drop(self.senders);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Prometheus text (and OpenMetrics) of the shards' reports: what `/metrics` on 15020 serves.
+//!
+//! The shards count ([`crate::metrics`]); this sums their copies and writes them out. Family
+//! and label names are ztunnel's so its dashboards keep working.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::metrics::{Reporter, ShardCounters, ShardGauges, ShardReport, TcpCounts, TcpLabels};
+
+/// Process-wide facts rendered with the shard figures.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessInfo {
+    /// `io_uring` or `legacy`.
+    pub driver: String,
+    /// Whether the kernel TLS ULP is available.
+    pub ktls_available: bool,
+    /// Whether ringtun is draining.
+    pub draining: bool,
+}
+
+/// The label pairs of one series, in ztunnel's order and spelling.
+fn label_pairs(l: &TcpLabels) -> [(&'static str, &str); 11] {
+    [
+        ("reporter", l.reporter.map_or("unknown", Reporter::as_str)),
+        ("source_workload", or_unknown(&l.source_workload)),
+        (
+            "source_workload_namespace",
+            or_unknown(&l.source_workload_namespace),
+        ),
+        ("source_principal", or_unknown(&l.source_principal)),
+        ("destination_workload", or_unknown(&l.destination_workload)),
+        (
+            "destination_workload_namespace",
+            or_unknown(&l.destination_workload_namespace),
+        ),
+        (
+            "destination_principal",
+            or_unknown(&l.destination_principal),
+        ),
+        ("destination_service", or_unknown(&l.destination_service)),
+        ("request_protocol", l.request_protocol),
+        ("response_flags", or_dash(&l.response_flags)),
+        ("connection_security_policy", l.connection_security_policy),
+    ]
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "unknown"
+    } else {
+        s
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+fn escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for ch in v.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn labels_text(pairs: &[(&str, &str)]) -> String {
+    let mut s = String::from("{");
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{k}=\"{}\"", escape(v));
+    }
+    s.push('}');
+    s
+}
+
+/// Reads one figure out of a counts struct.
+type Getter<T> = fn(&T) -> u64;
+/// Name, help text and getter of one metric family.
+type Family<T> = (&'static str, &'static str, Getter<T>);
+
+/// One of ringtun's per-shard figures: a gauge (a value now) or a counter (a total since start).
+#[derive(Clone, Copy)]
+enum Figure {
+    Gauge(Getter<ShardGauges>),
+    Counter(Getter<ShardCounters>),
+}
+
+/// Renders the summed reports. `openmetrics` selects the OpenMetrics text format (counter
+/// families named without `_total`, `# EOF` at the end); otherwise Prometheus text 0.0.4.
+pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) -> String {
+    let mut tcp: BTreeMap<TcpLabels, TcpCounts> = BTreeMap::new();
+    for r in reports {
+        for (l, c) in &r.tcp {
+            tcp.entry(l.clone()).or_default().add(c);
+        }
+    }
+    let mut out = String::new();
+    let families: [Family<TcpCounts>; 5] = [
+        (
+            "istio_tcp_connections_opened",
+            "The total number of TCP connections opened",
+            |c| c.opened,
+        ),
+        (
+            "istio_tcp_connections_closed",
+            "The total number of TCP connections closed",
+            |c| c.closed,
+        ),
+        (
+            "istio_tcp_connections_failed",
+            "The total number of TCP connections that failed to be established",
+            |c| c.failed,
+        ),
+        (
+            "istio_tcp_sent_bytes",
+            "Total bytes sent during response in case of a TCP connection",
+            |c| c.sent,
+        ),
+        (
+            "istio_tcp_received_bytes",
+            "Total bytes received during request in case of a TCP connection",
+            |c| c.received,
+        ),
+    ];
+    for (name, help, get) in families {
+        counter_header(&mut out, name, help, openmetrics);
+        for (l, c) in &tcp {
+            let _ = writeln!(
+                out,
+                "{name}_total{} {}",
+                labels_text(&label_pairs(l)),
+                get(c)
+            );
+        }
+    }
+    let per_shard: [(&str, &str, Figure); 7] = [
+        (
+            "ringtun_open_connections",
+            "Connections open now, per shard",
+            Figure::Gauge(|g| g.open_connections),
+        ),
+        (
+            "ringtun_accepted_connections",
+            "Connections accepted, per shard",
+            Figure::Counter(|c| c.accepted),
+        ),
+        (
+            "ringtun_pool_connections",
+            "Pooled HBONE connections now, per shard",
+            Figure::Gauge(|g| g.pool_connections),
+        ),
+        (
+            "ringtun_pool_streams",
+            "Streams on pooled HBONE connections now, per shard",
+            Figure::Gauge(|g| g.pool_streams),
+        ),
+        (
+            "ringtun_ktls_connections",
+            "HBONE connections with kernel TLS (TX and RX offloaded), per shard",
+            Figure::Counter(|c| c.ktls_connections),
+        ),
+        (
+            "ringtun_userspace_tls_connections",
+            "HBONE connections with userspace TLS, per shard",
+            Figure::Counter(|c| c.userspace_tls_connections),
+        ),
+        (
+            "ringtun_config_generation",
+            "Config generation in use, per shard",
+            Figure::Gauge(|g| g.config_generation),
+        ),
+    ];
+    for (name, help, figure) in per_shard {
+        let suffix = match figure {
+            Figure::Counter(_) => {
+                counter_header(&mut out, name, help, openmetrics);
+                "_total"
+            }
+            Figure::Gauge(_) => {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                ""
+            }
+        };
+        for r in reports {
+            let value = match figure {
+                Figure::Counter(get) => get(&r.counters),
+                Figure::Gauge(get) => get(&r.gauges),
+            };
+            let _ = writeln!(out, "{name}{suffix}{{shard=\"{}\"}} {value}", r.shard);
+        }
+    }
+    counter_header(
+        &mut out,
+        "ringtun_refused_connections",
+        "Connections refused at accept, per shard and reason",
+        openmetrics,
+    );
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "ringtun_refused_connections_total{{shard=\"{}\",reason=\"overloaded\"}} {}",
+            r.shard, r.counters.refused_overloaded
+        );
+    }
+    // ztunnel's own families, so its dashboards find a ringtun node (checked against a
+    // running ztunnel's /metrics: `istio_build{component="ztunnel",tag=…}`,
+    // `istio_tcp_sockets_open{reporter=…}`).
+    let _ = writeln!(
+        out,
+        "# HELP istio_build Istio component build info\n# TYPE istio_build gauge\nistio_build{} 1",
+        labels_text(&[("component", "ztunnel"), ("tag", env!("CARGO_PKG_VERSION"))])
+    );
+    let _ = writeln!(
+        out,
+        "# HELP istio_tcp_sockets_open The number of currently open TCP connections\n# TYPE istio_tcp_sockets_open gauge"
+    );
+    for (i, reporter) in ["source", "destination"].iter().enumerate() {
+        let n: u64 = reports.iter().map(|r| r.gauges.sockets_open[i]).sum();
+        let _ = writeln!(out, "istio_tcp_sockets_open{{reporter=\"{reporter}\"}} {n}");
+    }
+    let _ =
+        writeln!(
+        out,
+        "# HELP ringtun_info Build and runtime facts\n# TYPE ringtun_info gauge\nringtun_info{} 1",
+        labels_text(&[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("driver", &info.driver),
+            ("ktls", if info.ktls_available { "available" } else { "unavailable" }),
+        ])
+    );
+    let _ = writeln!(
+        out,
+        "# HELP ringtun_shards Worker shards\n# TYPE ringtun_shards gauge\nringtun_shards {}",
+        reports.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP ringtun_draining 1 while draining\n# TYPE ringtun_draining gauge\nringtun_draining {}",
+        u8::from(info.draining)
+    );
+    if openmetrics {
+        out.push_str("# EOF\n");
+    }
+    out
+}
+
+fn counter_header(out: &mut String, name: &str, help: &str, openmetrics: bool) {
+    // Prometheus text names the family after the sample (`_total`); OpenMetrics without it.
+    let family = if openmetrics {
+        name.to_owned()
+    } else {
+        format!("{name}_total")
+    };
+    let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ShardMetrics;
+
+    fn labels(r: Reporter) -> TcpLabels {
+        TcpLabels {
+            reporter: Some(r),
+            source_workload: "client".into(),
+            source_workload_namespace: "default".into(),
+            source_principal: "spiffe://cluster.local/ns/default/sa/client".into(),
+            destination_workload: "server".into(),
+            destination_workload_namespace: "default".into(),
+            destination_principal: "spiffe://cluster.local/ns/default/sa/server".into(),
+            destination_service: "server.default.svc.cluster.local".into(),
+            request_protocol: "tcp",
+            response_flags: String::new(),
+            connection_security_policy: "mutual_tls",
+        }
+    }
+
+    #[test]
+    fn shards_are_summed_per_series() {
+        let a = ShardMetrics::default();
+        let b = ShardMetrics::default();
+        let l = labels(Reporter::Source);
+        a.opened(&l);
+        a.closed(&l, 10, 20);
+        b.opened(&l);
+        b.closed(&l, 1, 2);
+        b.failed(&labels(Reporter::Destination));
+        let reports = vec![
+            ShardReport {
+                shard: 0,
+                tcp: a.export(),
+                ..ShardReport::default()
+            },
+            ShardReport {
+                shard: 1,
+                tcp: b.export(),
+                ..ShardReport::default()
+            },
+        ];
+        let text = render(&reports, &ProcessInfo::default(), false);
+        assert!(text.contains("# TYPE istio_tcp_received_bytes_total counter"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_received_bytes_total{reporter=\"source\""))
+            .unwrap();
+        assert!(line.ends_with(" 11"), "{line}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{reporter=\"source\""))
+            .unwrap();
+        assert!(line.ends_with(" 2"), "{line}");
+        assert!(text.contains("response_flags=\"-\""));
+        let om = render(&reports, &ProcessInfo::default(), true);
+        assert!(om.contains("# TYPE istio_tcp_sent_bytes counter"));
+        assert!(om.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    /// The exact text of a scrape of two shards (with every kind of series, escaping, a
+    /// series with default labels), as rendered before the figures were split into gauges and
+    /// counters: the rendering must not change a byte.
+    #[test]
+    fn text_is_unchanged() {
+        let l = |reporter, flags: &str| TcpLabels {
+            destination_service: "ser\"ver\\x\ny".into(),
+            response_flags: flags.into(),
+            ..labels(reporter)
+        };
+        let a = ShardMetrics::default();
+        let b = ShardMetrics::default();
+        a.opened(&l(Reporter::Source, ""));
+        a.closed(&l(Reporter::Source, ""), 10, 20);
+        b.opened(&l(Reporter::Source, ""));
+        b.moved(&l(Reporter::Source, ""), 5, 6);
+        b.failed(&l(Reporter::Destination, "DENY"));
+        b.failed(&TcpLabels::default());
+        let report = |shard: usize, tcp, k: u64| ShardReport {
+            shard,
+            tcp,
+            gauges: ShardGauges {
+                open_connections: k + 1,
+                pool_connections: k + 3,
+                pool_streams: k + 4,
+                config_generation: k + 7,
+                sockets_open: [k + 9, k + 10],
+            },
+            counters: ShardCounters {
+                accepted: k + 2,
+                ktls_connections: k + 5,
+                userspace_tls_connections: k + 6,
+                refused_overloaded: k + 8,
+            },
+        };
+        let reports = [report(0, a.export(), 0), report(1, b.export(), 100)];
+        let info = ProcessInfo {
+            driver: "io_uring".into(),
+            ktls_available: true,
+            draining: true,
+        };
+        let text = format!(
+            "{}=====OM\n{}",
+            render(&reports, &info, false),
+            render(&reports, &ProcessInfo::default(), true)
+        );
+        let want =
+            include_str!("testdata/metrics.txt").replace("{VERSION}", env!("CARGO_PKG_VERSION"));
+        assert_eq!(text, want);
+    }
+}
