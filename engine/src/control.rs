@@ -17,7 +17,7 @@ use crate::config::{self, Snapshot};
 use crate::metrics::{ProcessInfo, ShardReport};
 use crate::net;
 use crate::options::{IoDriver, RunOptions, UringTaskrun};
-use crate::shard::{self, ListenerKind, ShardEvent, ShardMsg};
+use crate::shard::{ListenerKind, ShardEvent, ShardMsg};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
 
@@ -188,7 +188,7 @@ fn shard_thread(
         }
     }
     let taskrun = opts.uring_taskrun;
-    let fut = shard::run(id, opts, tls, rx, events.clone(), snapshot);
+    let fut = crate::proxy::serve::run(id, opts, tls, rx, events.clone(), snapshot);
     let built = match driver {
         IoDriver::Legacy => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()

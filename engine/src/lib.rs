@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod decide;
 pub mod demo;
 pub mod metrics;
 pub mod net;

@@ -152,6 +152,12 @@ pub struct ShardGauges {
     pub config_generation: u64,
     /// Connections refused at accept because the shard was at `--max-connections-per-shard`.
     pub refused_overloaded: u64,
+    /// Connections refused or failed before tunnelling (HBONE handshakes included).
+    pub failed: u64,
+    /// HBONE streams opened on a new pooled connection.
+    pub pool_new: u64,
+    /// HBONE streams opened on a pooled connection that was already open.
+    pub pool_reused: u64,
     /// Tunnelled connections open now, reported as source (outbound) and as destination.
     pub sockets_open: [u64; 2],
 }
@@ -321,7 +327,7 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             let _ = writeln!(out, "{name}_total{} {}", labels_text(&l.pairs()), get(c));
         }
     }
-    let per_shard: [(&str, &str, bool, Getter<ShardGauges>); 7] = [
+    let per_shard: [(&str, &str, bool, Getter<ShardGauges>); 10] = [
         (
             "ringtun_open_connections",
             "Connections open now, per shard",
@@ -335,10 +341,28 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             |g| g.accepted,
         ),
         (
+            "ringtun_failed_connections",
+            "Connections refused or failed before tunnelling, per shard",
+            true,
+            |g| g.failed,
+        ),
+        (
             "ringtun_pool_connections",
             "Pooled HBONE connections now, per shard",
             false,
             |g| g.pool_connections,
+        ),
+        (
+            "ringtun_pool_new_streams",
+            "HBONE streams opened on a new pooled connection, per shard",
+            true,
+            |g| g.pool_new,
+        ),
+        (
+            "ringtun_pool_reused_streams",
+            "HBONE streams opened on an already open pooled connection, per shard",
+            true,
+            |g| g.pool_reused,
         ),
         (
             "ringtun_pool_streams",
