@@ -1,5 +1,5 @@
 //! One access-log line per connection, written when it closes (by
-//! [`super::lifecycle::Record`]).
+//! the connection's record in `lifecycle`).
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -10,7 +10,7 @@
 //! atomics.
 //!
 //! The thread's loop that feeds a shard (control messages, accept loops) is
-//! [`crate::proxy::serve`], above both: the proxy paths depend on the shard, not the reverse.
+//! `proxy::serve`, above both: the proxy paths depend on the shard, not the reverse.
 
 pub mod drain;
 pub mod live;
