@@ -404,3 +404,59 @@ pub async fn tcp_tcp(a: TcpStream, b: TcpStream, conn: live::Conn) -> End {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_and_errors_are_told_apart() {
+        let reset = from_io(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(matches!(reset, End::Reset(_)), "{reset:?}");
+        assert_eq!(reset.to_string(), "reset");
+        let error = from_io(io::Error::from(io::ErrorKind::TimedOut));
+        assert!(matches!(error, End::Error(_)), "{error:?}");
+        assert_eq!(error.to_string(), "error");
+        assert_eq!(End::Closed.reason(), None);
+        assert_eq!(End::Revoked("why".into()).to_string(), "error");
+        assert_eq!(End::Revoked("why".into()).reason(), Some("why"));
+    }
+
+    #[test]
+    fn reads_grow_in_whole_records_while_they_fill_and_keep_their_buffer() {
+        let mut r = Reader::new();
+        let mut sizes = vec![r.size];
+        while r.size < MAX_BUF {
+            let size = r.size;
+            let _ = r.filled(BytesMut::with_capacity(size), size);
+            sizes.push(r.size);
+        }
+        // Every read is whole TLS records once its 9-byte DATA frame head is added.
+        assert!(
+            sizes.iter().all(|s| (s + FRAME_HEAD) % RECORD == 0),
+            "{sizes:?}"
+        );
+        assert_eq!(sizes.first(), Some(&MIN_BUF));
+        assert_eq!(sizes.last(), Some(&MAX_BUF));
+        assert!(
+            r.buf.is_some(),
+            "a read that returned bytes keeps the buffer"
+        );
+        let _ = r.filled(BytesMut::with_capacity(MAX_BUF), MAX_BUF);
+        assert_eq!(r.size, MAX_BUF, "never past the largest read");
+        // The next read takes the kept buffer; at end of file it is let go.
+        let kept = r.buf.take().expect("kept");
+        let _ = r.filled(kept, 0);
+        assert!(r.buf.is_none(), "at end of file the buffer is let go");
+    }
+
+    #[test]
+    fn a_partial_read_does_not_grow_the_next_one() {
+        let mut r = Reader::new();
+        let mut buf = BytesMut::with_capacity(MIN_BUF);
+        buf.extend_from_slice(b"hello");
+        let chunk = r.filled(buf, 5);
+        assert_eq!(&chunk[..], b"hello");
+        assert_eq!(r.size, MIN_BUF);
+    }
+}
