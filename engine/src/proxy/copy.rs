@@ -9,7 +9,7 @@
 //!
 //! A read lands in a `BytesMut`, the filled part is split off and frozen and handed on without
 //! copying; while data keeps coming the loop keeps the buffer and `reserve` reclaims it once h2
-//! has written the bytes, and an idle connection holds no buffer at all (see [`Reader`]).
+//! has written the bytes, and an idle connection holds no buffer at all (see `Reader`).
 
 use std::fmt;
 use std::future::Future;

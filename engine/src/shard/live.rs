@@ -4,9 +4,9 @@
 //! A monoio `Sleep` is 640 bytes, cache-line aligned, and would sit in every connection's
 //! future for its whole life. Instead each connection registers a small record with its
 //! thread's sweeper (a shard is one thread, so the registry is the shard's), one task per
-//! shard that looks every [`SCAN`] while any connection is registered: it expires connections
+//! shard that looks every `SCAN` while any connection is registered: it expires connections
 //! quiet for their `--idle-timeout-ms` (so a timeout fires at most one scan late), and tells
-//! readers that hold a buffer on a connection quiet for [`QUIET`] to let it go.
+//! readers that hold a buffer on a connection quiet for `QUIET` to let it go.
 //!
 //! A connection admitted by authorization policy also carries its [`Grant`], what the policy
 //! looked at. When a new config generation arrives the shard calls [`recheck`] with it, and
