@@ -433,7 +433,9 @@ mod tests {
         }
         // Every read is whole TLS records once its 9-byte DATA frame head is added.
         assert!(
-            sizes.iter().all(|s| (s + FRAME_HEAD) % RECORD == 0),
+            sizes
+                .iter()
+                .all(|s| (s + FRAME_HEAD).is_multiple_of(RECORD)),
             "{sizes:?}"
         );
         assert_eq!(sizes.first(), Some(&MIN_BUF));
