@@ -12,6 +12,7 @@ pub mod alloc;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod decide;
 pub mod demo;
 mod error;
 pub mod metrics;

@@ -107,6 +107,12 @@ pub struct ShardCounters {
     pub userspace_tls_connections: u64,
     /// Connections refused at accept because the shard was at `--max-connections-per-shard`.
     pub refused_overloaded: u64,
+    /// Connections refused or failed before tunnelling (HBONE handshakes included).
+    pub failed: u64,
+    /// HBONE streams opened on a new pooled connection.
+    pub pool_new: u64,
+    /// HBONE streams opened on a pooled connection that was already open.
+    pub pool_reused: u64,
 }
 
 /// A shard's metrics, owned by the shard thread.

@@ -443,7 +443,7 @@ impl KtlsIo {
 
     fn charge(&self, bytes: usize) {
         if self.budget.charge(records_for(bytes)) {
-            bump(&self.shard.counters.ktls_key_retired);
+            bump(&self.shard.counters().ktls_key_retired);
             tracing::info!(
                 shard = self.shard.id,
                 peer = ?self.peer,
@@ -1125,7 +1125,7 @@ pub async fn establish(
     };
     let result = offload(shard, hio, cipher).await;
     if result.is_err() {
-        bump(&shard.counters.ktls_failed);
+        bump(&shard.counters().ktls_failed);
     }
     result
 }
@@ -1154,7 +1154,7 @@ fn userspace(
         .io
         .try_into_comp_io()
         .map_err(|(e, _)| OffloadError::PollMode(e))?;
-    bump(&shard.counters.tls_userspace);
+    bump(&shard.counters().tls_userspace);
     let tick = Rc::new(FlushTick::default());
     Ok(Established {
         io: HboneIo::Rustls(RustlsIo::new(sock, conn, tick.clone())),
@@ -1226,7 +1226,7 @@ async fn offload(
     early.extend_from_slice(&extracted.plaintext);
     // 3. Keys into the kernel.
     let off = ktls::enable(hio.io.as_raw_fd(), extracted.secrets)?;
-    let c = &shard.counters;
+    let c = shard.counters();
     if off.tx {
         bump(&c.ktls_tx);
     }

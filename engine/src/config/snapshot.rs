@@ -1,7 +1,7 @@
 //! [`Snapshot`]: the immutable lookup index built once per config generation.
 
 use super::model::{HealthStatus, LoadBalancerHealthPolicy, LocalConfig, NetworkMode, Protocol};
-use super::model::{Service, Workload};
+use super::model::{Policy, PolicyScope, Service, Workload};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,6 +27,16 @@ struct Index {
     workload_by_uid: HashMap<String, usize>,
     /// Per service index: service port → endpoints in config order.
     endpoints: Vec<HashMap<u16, Box<[EndpointIndex]>>>,
+    /// Authorization policies, as ztunnel's `PolicyStore` files them.
+    policies: PolicyTables,
+}
+
+#[derive(Debug)]
+struct PolicyTables {
+    /// Namespace (`""`: global) → positions in `config().policies`, config order.
+    by_namespace: HashMap<String, Box<[usize]>>,
+    /// `namespace/name` → position of the effective (last) policy with that key.
+    by_key: HashMap<String, usize>,
 }
 
 /// A service in a [`Snapshot`] together with its index.
@@ -126,6 +136,37 @@ fn nested_get(
     map.get(outer)?.get(inner).copied()
 }
 
+/// The policy tables: a later policy with the same `namespace/name` replaces an earlier one
+/// (and drops out of its bucket); `Global` policies go to the `""` bucket, `WorkloadSelector`
+/// ones to none (workloads list them).
+fn index_policies(policies: &[Policy]) -> PolicyTables {
+    let keys: Vec<String> = policies.iter().map(Policy::key).collect();
+    let mut by_key = HashMap::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        by_key.insert(key.clone(), i);
+    }
+    let mut buckets: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, (p, key)) in policies.iter().zip(&keys).enumerate() {
+        if by_key.get(key) != Some(&i) {
+            continue;
+        }
+        let bucket = match p.scope {
+            PolicyScope::Global => "",
+            PolicyScope::Namespace => p.namespace.as_str(),
+            PolicyScope::WorkloadSelector => continue,
+        };
+        buckets.entry(bucket.to_owned()).or_default().push(i);
+    }
+    let by_namespace = buckets
+        .into_iter()
+        .map(|(ns, v)| (ns, v.into_boxed_slice()))
+        .collect();
+    PolicyTables {
+        by_namespace,
+        by_key,
+    }
+}
+
 impl Snapshot {
     /// Builds the index. Conflicts resolve as ztunnel does (see the lookups); `parse`
     /// reports them as warnings.
@@ -210,6 +251,7 @@ impl Snapshot {
             })
             .collect();
 
+        let policies = index_policies(&config.policies);
         Snapshot {
             generation,
             index: Arc::new(Index {
@@ -220,6 +262,7 @@ impl Snapshot {
                 workload_by_name,
                 workload_by_uid,
                 endpoints,
+                policies,
             }),
         }
     }
@@ -275,6 +318,28 @@ impl Snapshot {
             .config
             .workloads
             .get(*self.index.workload_by_uid.get(uid)?)
+    }
+
+    /// The effective authorization policy stored under `namespace/name`, if any.
+    pub fn policy(&self, key: &str) -> Option<&Policy> {
+        self.index
+            .config
+            .policies
+            .get(*self.index.policies.by_key.get(key)?)
+    }
+
+    /// The effective policies filed under `namespace`, config order: its `Namespace`-scoped
+    /// ones, or for `""` the `Global` ones (and any written with `namespace: ""`).
+    pub fn policies_in(&self, namespace: &str) -> impl Iterator<Item = &Policy> + Clone {
+        let bucket = self
+            .index
+            .policies
+            .by_namespace
+            .get(namespace)
+            .map_or(&[][..], |b| &b[..]);
+        bucket
+            .iter()
+            .filter_map(|&i| self.index.config.policies.get(i))
     }
 
     /// Endpoints of `service` for `service_port`: every workload whose `services` map has

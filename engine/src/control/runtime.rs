@@ -6,7 +6,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::Snapshot;
 use crate::options::{IoDriver, RunOptions, UringTaskrun};
-use crate::shard::{self, ShardEvent, ShardMsg};
+use crate::shard::{ShardEvent, ShardMsg};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
 
@@ -48,7 +48,7 @@ pub(super) fn shard_thread(
         }
     }
     let taskrun = opts.uring_taskrun;
-    let fut = shard::run(id, opts, tls, rx, events.clone(), snapshot);
+    let fut = crate::proxy::serve::run(id, opts, tls, rx, events.clone(), snapshot);
     let built = match driver {
         IoDriver::Legacy => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()

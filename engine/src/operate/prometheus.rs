@@ -146,7 +146,7 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             );
         }
     }
-    let per_shard: [(&str, &str, Figure); 7] = [
+    let per_shard: [(&str, &str, Figure); 10] = [
         (
             "ringtun_open_connections",
             "Connections open now, per shard",
@@ -158,9 +158,24 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             Figure::Counter(|c| c.accepted),
         ),
         (
+            "ringtun_failed_connections",
+            "Connections refused or failed before tunnelling, per shard",
+            Figure::Counter(|c| c.failed),
+        ),
+        (
             "ringtun_pool_connections",
             "Pooled HBONE connections now, per shard",
             Figure::Gauge(|g| g.pool_connections),
+        ),
+        (
+            "ringtun_pool_new_streams",
+            "HBONE streams opened on a new pooled connection, per shard",
+            Figure::Counter(|c| c.pool_new),
+        ),
+        (
+            "ringtun_pool_reused_streams",
+            "HBONE streams opened on an already open pooled connection, per shard",
+            Figure::Counter(|c| c.pool_reused),
         ),
         (
             "ringtun_pool_streams",
@@ -366,6 +381,9 @@ mod tests {
                 ktls_connections: k + 5,
                 userspace_tls_connections: k + 6,
                 refused_overloaded: k + 8,
+                failed: k + 11,
+                pool_new: k + 12,
+                pool_reused: k + 13,
             },
         };
         let reports = [report(0, a.export(), 0), report(1, b.export(), 100)];

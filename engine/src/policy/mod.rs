@@ -65,16 +65,16 @@
 //! "connection ... closed because it's no longer allowed after a policy update".
 //!
 //! ringtun does the same on each shard: a connection admitted by policy keeps a
-//! `proxy::live::Grant`, and each new config generation re-evaluates every grant on the
+//! `decide::Grant`, and each new config generation re-evaluates every grant on the
 //! shard that owns it (an [`Evaluation`] is a pure function of snapshot, workload and
 //! connection); those denied are cut with an access line flagged `DENY`.
 //!
 //! # Cost
 //!
 //! [`evaluate`] scans `config().policies` (a few passes; duplicate keys make it
-//! quadratic in the number of policies) and needs no setup. [`PolicyIndex`] is built
-//! once per config generation and only visits the applicable policies; use it on the
-//! connection path. Neither allocates when the result is an allow without dry-run
+//! quadratic in the number of policies) and needs no setup. [`PolicyIndex`] reads the
+//! tables each [`Snapshot`] carries (built once per config generation, on the control side)
+//! and only visits the applicable policies; use it on the connection path. Neither allocates when the result is an allow without dry-run
 //! reports, neither takes locks or touches atomics.
 
 mod index;

@@ -1,4 +1,5 @@
-//! One access-log line per connection, written when it closes.
+//! One access-log line per connection, written when it closes (by
+//! the connection's record in `lifecycle`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -6,7 +7,7 @@ use std::rc::Rc;
 
 use ringtun_hbone::Identity;
 
-use super::copy::{End, Transferred};
+use super::copy::End;
 use crate::metrics::{Reporter, ShardMetrics, TcpLabels};
 use crate::transport::TlsPath;
 
@@ -32,6 +33,15 @@ impl fmt::Display for Direction {
             Direction::InboundPlaintext => "inbound-plaintext",
         })
     }
+}
+
+/// Bytes a connection moved, by direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the client towards the destination (Istio's `received` on both ends).
+    pub request: u64,
+    /// From the destination back to the client (Istio's `sent` on both ends).
+    pub response: u64,
 }
 
 /// Everything logged about one connection.
@@ -61,9 +71,6 @@ pub struct AccessLog {
     pub tls: Option<TlsPath>,
     /// Bytes each way.
     pub bytes: Transferred,
-    /// Of those, what the metrics have not counted yet (the rest were reported while the
-    /// connection lived); added when it finishes.
-    pub unreported: Transferred,
     /// The metric series the connection counts in, once established.
     pub series: Option<Rc<TcpLabels>>,
     /// Start of the connection.
@@ -94,13 +101,33 @@ impl AccessLog {
             pool_reused: None,
             tls: None,
             bytes: Transferred::default(),
-            unreported: Transferred::default(),
             series: None,
             started: quanta::Instant::now(),
             end: End::Closed,
             shard,
             established: false,
             response_flags: None,
+        }
+    }
+
+    /// Which end of the connection this record reports for: the source's ringtun outbound,
+    /// the destination's inbound.
+    pub fn reporter(&self) -> Reporter {
+        match self.direction {
+            Direction::Outbound | Direction::Passthrough => Reporter::Source,
+            Direction::Inbound | Direction::InboundPlaintext => Reporter::Destination,
+        }
+    }
+
+    /// `(bytes_sent, bytes_received)` as ztunnel logs them: from the point of view of the
+    /// workload this record reports for, which outbound sent the request and inbound sent the
+    /// response (ztunnel's `ConnectionResult`: "Istio flips the metric for source, unflip for
+    /// logs"). The metrics count the request as `received` on both ends.
+    pub fn logged_bytes(&self) -> (u64, u64) {
+        let b = self.bytes;
+        match self.reporter() {
+            Reporter::Source => (b.request, b.response),
+            Reporter::Destination => (b.response, b.request),
         }
     }
 
@@ -116,10 +143,7 @@ impl AccessLog {
         let (dst_name, dst_ns) = split(&self.dst_workload);
         let mtls = matches!(self.direction, Direction::Outbound | Direction::Inbound);
         TcpLabels {
-            reporter: Some(match self.direction {
-                Direction::Outbound | Direction::Passthrough => Reporter::Source,
-                Direction::Inbound | Direction::InboundPlaintext => Reporter::Destination,
-            }),
+            reporter: Some(self.reporter()),
             source_workload: src_name,
             source_workload_namespace: src_ns,
             source_principal: self
@@ -147,10 +171,12 @@ impl AccessLog {
         self.series = Some(metrics.opened(&self.labels()));
     }
 
-    /// Counts the connection's end in the shard's metrics and writes the access line.
-    pub fn finish(self, metrics: &ShardMetrics) {
+    /// Counts the connection's end in the shard's metrics and writes the access line;
+    /// `unreported`: its bytes the metrics have not counted yet (the rest were counted while
+    /// it lived).
+    pub fn finish(&self, metrics: &ShardMetrics, unreported: Transferred) {
         if self.established {
-            metrics.closed(&self.labels(), self.unreported.up, self.unreported.down);
+            metrics.closed(&self.labels(), unreported.request, unreported.response);
         } else {
             metrics.failed(&self.labels());
         }
@@ -199,10 +225,11 @@ impl fmt::Display for AccessLog {
         let ms = quanta::Instant::now()
             .duration_since(self.started)
             .as_millis();
+        let (sent, received) = self.logged_bytes();
         write!(
             f,
-            " bytes_sent={} bytes_received={} duration_ms={ms} shard={} end={}",
-            self.bytes.up, self.bytes.down, self.shard, self.end
+            " bytes_sent={sent} bytes_received={received} duration_ms={ms} shard={} end={}",
+            self.shard, self.end
         )?;
         if let Some(flags) = self.response_flags {
             write!(f, " response_flags={flags}")?;

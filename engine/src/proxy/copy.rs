@@ -9,7 +9,7 @@
 //!
 //! A read lands in a `BytesMut`, the filled part is split off and frozen and handed on without
 //! copying; while data keeps coming the loop keeps the buffer and `reserve` reclaims it once h2
-//! has written the bytes, and an idle connection holds no buffer at all (see [`Reader`]).
+//! has written the bytes, and an idle connection holds no buffer at all (see `Reader`).
 
 use std::fmt;
 use std::future::Future;
@@ -28,8 +28,8 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use super::live::{self, Cut};
 use crate::net;
+use crate::shard::live::{self, Cut};
 
 /// TLS 1.3 records carry at most 16 KiB of plaintext; an HTTP/2 DATA frame adds a 9-byte head.
 const RECORD: usize = 16 * 1024;
@@ -69,25 +69,6 @@ impl End {
         match self {
             End::Closed => None,
             End::Reset(r) | End::Error(r) | End::Revoked(r) => Some(r),
-        }
-    }
-}
-
-/// Bytes moved each way.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Transferred {
-    /// From the connecting client towards the destination.
-    pub up: u64,
-    /// From the destination back to the client.
-    pub down: u64,
-}
-
-impl Transferred {
-    /// The same counts seen from the other end, for a copy whose first side is the destination.
-    pub fn reversed(self) -> Transferred {
-        Transferred {
-            up: self.down,
-            down: self.up,
         }
     }
 }
@@ -255,8 +236,7 @@ fn recv(fd: RawFd, buf: &mut BytesMut, len: usize) -> io::Result<usize> {
 }
 
 /// Tunnels a TCP connection over an HBONE stream until both directions end or the shard cuts
-/// `conn` (idle limit, policy update). Returns the bytes moved each way, how it ended, and the
-/// bytes its metric series has not counted yet (see [`unreported`]).
+/// `conn` (idle limit, policy update); returns how it ended (`conn` counted the bytes).
 ///
 /// Not an `async fn`: one keeps its arguments and the locals they move into as separate
 /// fields for its whole life, and this future lives as long as the connection.
@@ -265,7 +245,7 @@ pub fn tcp_h2(
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     conn: live::Conn,
-) -> impl Future<Output = (Transferred, End, Transferred)> {
+) -> impl Future<Output = End> {
     let fd = tcp.as_raw_fd();
     let (mut rd, mut wr) = tcp.into_split();
     async move {
@@ -330,7 +310,7 @@ pub fn tcp_h2(
             let both = std::pin::pin!(try_join(up, down));
             until_cut(both, &conn).await
         };
-        let end = match result {
+        match result {
             Ok(_) => End::Closed,
             Err(end) => {
                 // The loop that did not fail was dropped mid-operation; make sure the h2 side
@@ -339,18 +319,8 @@ pub fn tcp_h2(
                 abort(rd, wr, fd);
                 end
             }
-        };
-        let (up, down) = conn.moved_total();
-        (Transferred { up, down }, end, unreported(&conn))
+        }
     }
-}
-
-/// What the connection's close adds to its metric byte counters (the rest were flushed while
-/// it lived), already from the client's point of view (`up`: client → destination) whatever
-/// the copy's orientation.
-fn unreported(conn: &live::Conn) -> Transferred {
-    let (up, down) = conn.take_unreported();
-    Transferred { up, down }
 }
 
 /// Closes a split socket with RST. Reuniting first matters: dropping the write half on its own
@@ -413,12 +383,8 @@ async fn pipe(
 }
 
 /// Copies between two TCP connections (plaintext paths) until both directions end or the shard
-/// cuts `conn`.
-pub async fn tcp_tcp(
-    a: TcpStream,
-    b: TcpStream,
-    conn: live::Conn,
-) -> (Transferred, End, Transferred) {
+/// cuts `conn`; returns how it ended (`conn` counted the bytes).
+pub async fn tcp_tcp(a: TcpStream, b: TcpStream, conn: live::Conn) -> End {
     let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
     let (mut ar, mut aw) = a.into_split();
     let (mut br, mut bw) = b.into_split();
@@ -429,14 +395,70 @@ pub async fn tcp_tcp(
         ));
         until_cut(both, &conn).await
     };
-    let end = match result {
+    match result {
         Ok(_) => End::Closed,
         Err(end) => {
             abort(ar, aw, fa);
             abort(br, bw, fb);
             end
         }
-    };
-    let (up, down) = conn.moved_total();
-    (Transferred { up, down }, end, unreported(&conn))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_and_errors_are_told_apart() {
+        let reset = from_io(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(matches!(reset, End::Reset(_)), "{reset:?}");
+        assert_eq!(reset.to_string(), "reset");
+        let error = from_io(io::Error::from(io::ErrorKind::TimedOut));
+        assert!(matches!(error, End::Error(_)), "{error:?}");
+        assert_eq!(error.to_string(), "error");
+        assert_eq!(End::Closed.reason(), None);
+        assert_eq!(End::Revoked("why".into()).to_string(), "error");
+        assert_eq!(End::Revoked("why".into()).reason(), Some("why"));
+    }
+
+    #[test]
+    fn reads_grow_in_whole_records_while_they_fill_and_keep_their_buffer() {
+        let mut r = Reader::new();
+        let mut sizes = vec![r.size];
+        while r.size < MAX_BUF {
+            let size = r.size;
+            let _ = r.filled(BytesMut::with_capacity(size), size);
+            sizes.push(r.size);
+        }
+        // Every read is whole TLS records once its 9-byte DATA frame head is added.
+        assert!(
+            sizes
+                .iter()
+                .all(|s| (s + FRAME_HEAD).is_multiple_of(RECORD)),
+            "{sizes:?}"
+        );
+        assert_eq!(sizes.first(), Some(&MIN_BUF));
+        assert_eq!(sizes.last(), Some(&MAX_BUF));
+        assert!(
+            r.buf.is_some(),
+            "a read that returned bytes keeps the buffer"
+        );
+        let _ = r.filled(BytesMut::with_capacity(MAX_BUF), MAX_BUF);
+        assert_eq!(r.size, MAX_BUF, "never past the largest read");
+        // The next read takes the kept buffer; at end of file it is let go.
+        let kept = r.buf.take().expect("kept");
+        let _ = r.filled(kept, 0);
+        assert!(r.buf.is_none(), "at end of file the buffer is let go");
+    }
+
+    #[test]
+    fn a_partial_read_does_not_grow_the_next_one() {
+        let mut r = Reader::new();
+        let mut buf = BytesMut::with_capacity(MIN_BUF);
+        buf.extend_from_slice(b"hello");
+        let chunk = r.filled(buf, 5);
+        assert_eq!(&chunk[..], b"hello");
+        assert_eq!(r.size, MIN_BUF);
+    }
 }

@@ -4,9 +4,9 @@
 //! A monoio `Sleep` is 640 bytes, cache-line aligned, and would sit in every connection's
 //! future for its whole life. Instead each connection registers a small record with its
 //! thread's sweeper (a shard is one thread, so the registry is the shard's), one task per
-//! shard that looks every [`SCAN`] while any connection is registered: it expires connections
+//! shard that looks every `SCAN` while any connection is registered: it expires connections
 //! quiet for their `--idle-timeout-ms` (so a timeout fires at most one scan late), and tells
-//! readers that hold a buffer on a connection quiet for [`QUIET`] to let it go.
+//! readers that hold a buffer on a connection quiet for `QUIET` to let it go.
 //!
 //! A connection admitted by authorization policy also carries its [`Grant`], what the policy
 //! looked at. When a new config generation arrives the shard calls [`recheck`] with it, and
@@ -16,34 +16,17 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
-use std::net::IpAddr;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use ringtun_hbone::Identity;
-
+use crate::decide::Grant;
 use crate::metrics::TcpLabels;
 
 /// How often the sweeper looks.
 pub(crate) const SCAN: Duration = Duration::from_millis(250);
 /// How long a read may hold its buffer on a connection that moves no bytes.
 pub(crate) const QUIET: Duration = Duration::from_secs(1);
-
-/// What authorization admitted a connection on: re-evaluated when policies change.
-#[derive(Clone, Debug)]
-pub struct Grant {
-    /// The peer's verified identity (HBONE); `None` for plaintext.
-    pub src_identity: Option<Rc<Identity>>,
-    /// The connection's own source IP.
-    pub src_ip: IpAddr,
-    /// Destination workload IP.
-    pub dst_ip: IpAddr,
-    /// Destination port.
-    pub dst_port: u16,
-    /// The config generation that admitted it.
-    pub generation: u64,
-}
 
 /// Why the shard ended a connection that was still moving (or able to move) bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +61,15 @@ struct Record {
 }
 
 impl Record {
+    /// `(a, b)` in the copy's orientation as (request, response): client → destination and
+    /// back.
+    fn oriented(&self, (a, b): (u64, u64)) -> (u64, u64) {
+        match &*self.series.borrow() {
+            Some((_, true)) => (b, a),
+            _ => (a, b),
+        }
+    }
+
     /// Bytes moved since the last report, as (received, sent): client → destination and back.
     fn take_unreported(&self) -> (u64, u64) {
         let d = |i: usize| {
@@ -85,11 +77,7 @@ impl Record {
             let r = self.reported[i].replace(m);
             m - r
         };
-        let (a, b) = (d(0), d(1));
-        match &*self.series.borrow() {
-            Some((_, true)) => (b, a),
-            _ => (a, b),
-        }
+        self.oriented((d(0), d(1)))
     }
 }
 
@@ -169,6 +157,24 @@ pub struct Conn {
     key: usize,
 }
 
+/// A handle on one connection's byte counts that outlives its registration: what its access
+/// record reads when the connection ends, however it ends.
+pub struct Meter(Rc<Record>);
+
+impl Meter {
+    /// Bytes moved in total, as (request, response): client → destination and back.
+    pub fn moved(&self) -> (u64, u64) {
+        let r = &self.0;
+        r.oriented((r.moved[0].get(), r.moved[1].get()))
+    }
+
+    /// The bytes not yet in the metrics, as (received, sent), now marked counted: what the
+    /// connection's close adds.
+    pub fn take_unreported(&self) -> (u64, u64) {
+        self.0.take_unreported()
+    }
+}
+
 /// A reader holding a buffer in a read (see [`Conn::hold`]).
 pub(crate) struct Holding<'a>(&'a Record);
 
@@ -224,15 +230,9 @@ impl Conn {
         c.set(c.get() + n);
     }
 
-    /// Bytes moved in total, in the copy's orientation.
-    pub(crate) fn moved_total(&self) -> (u64, u64) {
-        (self.record.moved[0].get(), self.record.moved[1].get())
-    }
-
-    /// The bytes not yet in the metrics, as (received, sent), now marked counted: what the
-    /// connection's close adds.
-    pub fn take_unreported(&self) -> (u64, u64) {
-        self.record.take_unreported()
+    /// A handle on the connection's byte counts.
+    pub fn meter(&self) -> Meter {
+        Meter(self.record.clone())
     }
 
     /// What admitted this connection, if policy did.

@@ -1,0 +1,714 @@
+//! Decisions without sockets: routing as ztunnel's outbound tests lay it out (a config, a
+//! destination, where it goes), admission and its refusals, and property tests over both.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::rc::Rc;
+
+use http::StatusCode;
+use proptest::prelude::*;
+use ringtun_hbone::Identity;
+
+use super::*;
+use crate::config::{parse, Snapshot};
+use crate::policy::Decision;
+
+const SERVER_HOST: &str = "server.default.svc.cluster.local";
+
+const CONFIG: &str = r#"
+workloads:
+- {uid: "c//Pod/default/client", name: client, namespace: default, serviceAccount: client, node: node-a, protocol: HBONE, workloadIps: [10.0.0.1], services: {}}
+- {uid: "c//Pod/default/server", name: server, namespace: default, serviceAccount: server, node: node-b, protocol: HBONE, workloadIps: [10.0.0.2], services: {"default/server.default.svc.cluster.local": {80: 8080}}}
+- {uid: "c//Pod/default/server2", name: server2, namespace: default, serviceAccount: server, node: node-b, protocol: HBONE, workloadIps: [10.0.0.3, "fd00::3"], services: {"default/server.default.svc.cluster.local": {80: 8081}}}
+- {uid: "c//Pod/default/plain", name: plain, namespace: default, serviceAccount: plain, node: node-b, protocol: TCP, workloadIps: [10.0.0.4], services: {"default/plain.default.svc.cluster.local": {80: 9090}}}
+- {uid: "c//Pod/other/far", name: far, namespace: other, serviceAccount: sa, trustDomain: other.td, protocol: HBONE, workloadIps: [10.0.0.5], services: {}}
+services:
+- {name: server, namespace: default, hostname: server.default.svc.cluster.local, vips: [/10.96.0.10, "/fd00::10"], ports: {80: 8080, 443: 8443}, subjectAltNames: ["spiffe://cluster.local/ns/default/sa/alt", "not a spiffe id"]}
+- {name: plain, namespace: default, hostname: plain.default.svc.cluster.local, vips: [/10.96.0.11], ports: {80: 9090}}
+- {name: empty, namespace: default, hostname: empty.default.svc.cluster.local, vips: [/10.96.0.12], ports: {80: 80}}
+policies: []
+"#;
+
+fn snapshot_of(text: &str, generation: u64) -> Snapshot {
+    match parse(Path::new("t.yaml"), text) {
+        Ok(l) => Snapshot::new(l.config, generation),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn snap() -> Snapshot {
+    snapshot_of(CONFIG, 1)
+}
+
+fn with_policies(policies: &str, generation: u64) -> Snapshot {
+    snapshot_of(
+        &CONFIG.replace("policies: []\n", &format!("policies:\n{policies}")),
+        generation,
+    )
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn id(ns: &str, sa: &str) -> Identity {
+    Identity::new("cluster.local", ns, sa)
+}
+
+/// The shared-mode scope of the server node's ringtun (certificate default/server).
+fn scope() -> Scope {
+    Scope {
+        workload: None,
+        node: None,
+        identity: id("default", "server"),
+        trust_domain: "cluster.local".into(),
+        own_ports: vec![15001, 15006, 15008],
+    }
+}
+
+fn hbone(target: &str, ids: &[Identity], service: Option<&str>, workload: &str) -> Route {
+    Route::Hbone {
+        target: addr(target),
+        identities: ids.to_vec(),
+        service: service.map(str::to_owned),
+        workload: workload.into(),
+    }
+}
+
+// --- routing ----------------------------------------------------------------------------------
+
+#[test]
+fn routes_like_ztunnel() {
+    let s = snap();
+    let alt = Identity::parse("spiffe://cluster.local/ns/default/sa/alt").unwrap();
+    let server = id("default", "server");
+    let cases: Vec<(&str, &str, Route)> =
+        vec![
+        (
+            "a VIP goes to an endpoint's target port, which may present the service's SANs",
+            "10.96.0.10:80",
+            hbone(
+                "10.0.0.2:8080",
+                &[server.clone(), alt.clone()],
+                Some(SERVER_HOST),
+                "default/server",
+            ),
+        ),
+        (
+            "a pod IP goes to that workload, port unchanged, its own identity only",
+            "10.0.0.3:5201",
+            hbone("10.0.0.3:5201", std::slice::from_ref(&server), None, "default/server2"),
+        ),
+        (
+            "a workload in another trust domain is expected to present it",
+            "10.0.0.5:80",
+            hbone(
+                "10.0.0.5:80",
+                &[Identity::new("other.td", "other", "sa")],
+                None,
+                "other/far",
+            ),
+        ),
+        (
+            "a TCP workload is reached directly",
+            "10.0.0.4:80",
+            Route::Direct {
+                target: addr("10.0.0.4:80"),
+                service: None,
+            },
+        ),
+        (
+            "a VIP whose endpoints are TCP workloads is reached directly, at the target port",
+            "10.96.0.11:80",
+            Route::Direct {
+                target: addr("10.0.0.4:9090"),
+                service: Some("plain.default.svc.cluster.local".into()),
+            },
+        ),
+        (
+            "an address outside the mesh passes through unchanged",
+            "192.0.2.7:443",
+            Route::Direct {
+                target: addr("192.0.2.7:443"),
+                service: None,
+            },
+        ),
+        (
+            "a service port no endpoint maps has no endpoint (no fallback to the service ports)",
+            "10.96.0.10:443",
+            Route::NoEndpoint {
+                service: SERVER_HOST.into(),
+            },
+        ),
+        (
+            "a service without endpoints has none",
+            "10.96.0.12:80",
+            Route::NoEndpoint {
+                service: "empty.default.svc.cluster.local".into(),
+            },
+        ),
+    ];
+    for (what, dst, want) in cases {
+        let mut rr = RoundRobin::default();
+        assert_eq!(route(&scope(), &s, &mut rr, addr(dst)), want, "{what}");
+    }
+}
+
+#[test]
+fn a_vip_takes_its_endpoints_in_turn_in_the_dialled_family() {
+    let s = snap();
+    let mut rr = RoundRobin::default();
+    let targets: Vec<SocketAddr> = (0..4)
+        .map(
+            |_| match route(&scope(), &s, &mut rr, addr("[fd00::10]:80")) {
+                Route::Hbone { target, .. } => target,
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    // server has no IPv6 address: its first one is used; server2 answers on its IPv6 one.
+    assert_eq!(
+        targets,
+        [
+            addr("10.0.0.2:8080"),
+            addr("[fd00::3]:8081"),
+            addr("10.0.0.2:8080"),
+            addr("[fd00::3]:8081")
+        ]
+    );
+    // The IPv4 VIP is the same service: it continues the same rotation.
+    let next = route(&scope(), &s, &mut rr, addr("10.96.0.10:80"));
+    assert!(
+        matches!(next, Route::Hbone { target, .. } if target == addr("10.0.0.2:8080")),
+        "{next:?}"
+    );
+}
+
+#[test]
+fn round_robin_restarts_with_each_generation_and_keeps_ports_apart() {
+    let mut rr = RoundRobin::default();
+    assert_eq!(rr.next(1, 0, 80), 0);
+    assert_eq!(rr.next(1, 0, 80), 1);
+    assert_eq!(rr.next(1, 0, 443), 0, "another port has its own cursor");
+    assert_eq!(rr.next(1, 1, 80), 0, "another service too");
+    assert_eq!(rr.next(1, 0, 80), 2);
+    assert_eq!(rr.next(2, 0, 80), 0, "a new generation starts over");
+    assert_eq!(rr.next(2, 0, 443), 0);
+}
+
+#[test]
+fn request_baggage_fills_ztunnels_defaults() {
+    let s = snap();
+    let w = s.workload_by_name("default", "client");
+    let b = request_baggage(w, "Kubernetes");
+    assert_eq!(b.cluster, "Kubernetes");
+    assert_eq!(b.namespace, "default");
+    assert_eq!(b.workload_type, "deployment");
+    assert_eq!(b.workload_name, "client");
+    assert_eq!(b.service, "client");
+    assert_eq!(b.version, "latest");
+    assert_eq!(request_baggage(None, "Kubernetes"), Default::default());
+}
+
+// --- the original destination -----------------------------------------------------------------
+
+#[test]
+fn only_a_redirected_connection_has_an_original_destination() {
+    let local = addr("10.0.0.1:15001");
+    assert_eq!(captured(local, local), Err(Refusal::NotRedirected));
+    assert_eq!(
+        captured(local, addr("10.96.0.10:80")),
+        Ok(addr("10.96.0.10:80"))
+    );
+    assert_eq!(
+        captured(local, addr("[::ffff:10.96.0.10]:80")),
+        Ok(addr("10.96.0.10:80")),
+        "an IPv4-mapped destination is used in IPv4 form"
+    );
+}
+
+// --- scope --------------------------------------------------------------------------------------
+
+#[test]
+fn scope_serves_by_workload_node_or_identity() {
+    let s = snap();
+    let shared = scope();
+    assert!(shared.serves(&s, ip("10.0.0.2")), "same identity");
+    assert!(shared.serves(&s, ip("10.0.0.3")), "same identity");
+    assert!(!shared.serves(&s, ip("10.0.0.1")), "another identity");
+    assert!(!shared.serves(&s, ip("192.0.2.7")), "no workload");
+    let node = Scope {
+        node: Some("node-b".into()),
+        ..scope()
+    };
+    assert!(node.serves(&s, ip("10.0.0.4")), "on the node, any identity");
+    assert!(!node.serves(&s, ip("10.0.0.1")), "another node");
+    let dedicated = Scope {
+        workload: Some(("default".into(), "server2".into())),
+        ..scope()
+    };
+    assert!(dedicated.is_dedicated());
+    assert!(dedicated.serves(&s, ip("fd00::3")));
+    assert!(
+        !dedicated.serves(&s, ip("10.0.0.2")),
+        "same identity, not it"
+    );
+    assert_eq!(
+        dedicated
+            .source_workload(&s, ip("192.0.2.7"))
+            .map(|w| w.name.as_str()),
+        Some("server2"),
+        "a dedicated ringtun speaks for its workload whatever the source address"
+    );
+    assert_eq!(
+        shared
+            .source_workload(&s, ip("10.0.0.1"))
+            .map(|w| w.name.as_str()),
+        Some("client")
+    );
+    assert!(shared.is_own_port(15008));
+    assert!(!shared.is_own_port(8080));
+    assert!(!Scope {
+        own_ports: vec![0],
+        ..scope()
+    }
+    .is_own_port(0));
+}
+
+// --- admission ----------------------------------------------------------------------------------
+
+fn arrival<'a>(src: &str, identity: Option<&'a Rc<Identity>>, dst: &str) -> Arrival<'a> {
+    Arrival {
+        src_ip: ip(src),
+        src_identity: identity,
+        dst: addr(dst),
+        reached: Some(addr("10.0.0.2:15008")),
+    }
+}
+
+#[test]
+fn hbone_admission_refuses_as_ztunnel_does() {
+    let s = snap();
+    let client = Rc::new(id("default", "client"));
+    let dedicated = Scope {
+        workload: Some(("default".into(), "server".into())),
+        ..scope()
+    };
+    let refused = |scope: &Scope, dst: &str| {
+        admit_hbone(scope, &s, &arrival("10.0.0.1", Some(&client), dst))
+            .outcome
+            .err()
+    };
+    assert_eq!(
+        refused(&dedicated, "10.0.0.3:80"),
+        Some(Refusal::IpMismatch {
+            dst: ip("10.0.0.3"),
+            reached: ip("10.0.0.2")
+        }),
+        "dedicated: only the address the connection reached"
+    );
+    assert_eq!(
+        refused(&scope(), "10.0.0.3:80"),
+        None,
+        "shared: any workload served here"
+    );
+    assert_eq!(refused(&scope(), "10.0.0.2:15008"), Some(Refusal::OwnPort));
+    assert_eq!(refused(&scope(), "10.0.0.1:80"), Some(Refusal::NotServed));
+    assert_eq!(refused(&scope(), "192.0.2.7:80"), Some(Refusal::NotServed));
+}
+
+#[test]
+fn admission_names_the_workloads_and_grants_what_it_checked() {
+    let s = snap();
+    let client = Rc::new(id("default", "client"));
+    let a = admit_hbone(
+        &scope(),
+        &s,
+        &arrival("10.0.0.1", Some(&client), "10.0.0.2:5201"),
+    );
+    assert_eq!(a.src_workload.map(|w| w.name.as_str()), Some("client"));
+    assert_eq!(a.dst_workload.map(|w| w.name.as_str()), Some("server"));
+    assert!(a.dry_run.is_empty());
+    assert_eq!(
+        a.outcome,
+        Ok(Grant {
+            src_identity: Some(client.clone()),
+            src_ip: ip("10.0.0.1"),
+            dst_ip: ip("10.0.0.2"),
+            dst_port: 5201,
+            generation: 1,
+        })
+    );
+    let refused = admit_hbone(
+        &scope(),
+        &s,
+        &arrival("10.0.0.1", Some(&client), "10.0.0.1:5201"),
+    );
+    assert_eq!(
+        refused.dst_workload, None,
+        "not served: no destination named"
+    );
+    assert_eq!(
+        refused.src_workload.map(|w| w.name.as_str()),
+        Some("client")
+    );
+}
+
+const DENY_CLIENT: &str = "- {name: deny-client, namespace: default, scope: Namespace, action: Deny, dryRun: false, rules: [[[{principals: [!Exact cluster.local/ns/default/sa/client]}]]]}\n";
+const ALLOW_MTLS: &str = "- {name: mtls-only, namespace: default, scope: Namespace, action: Allow, dryRun: false, rules: [[[{principals: [!Presence []]}]]]}\n";
+const DENY_ALL_DRY: &str = "- {name: deny-all-dry, namespace: default, scope: Namespace, action: Deny, dryRun: true, rules: [[]]}\n";
+
+#[test]
+fn policy_refuses_with_401_and_names_the_policy() {
+    let s = with_policies(&format!("{DENY_CLIENT}{DENY_ALL_DRY}"), 3);
+    let client = Rc::new(id("default", "client"));
+    let other = Rc::new(id("default", "other"));
+    let a = admit_hbone(
+        &scope(),
+        &s,
+        &arrival("10.0.0.1", Some(&client), "10.0.0.2:5201"),
+    );
+    let refusal = a.outcome.clone().unwrap_err();
+    assert_eq!(refusal.status(), Some(StatusCode::UNAUTHORIZED));
+    assert_eq!(refusal.response_flags(), Some("DENY"));
+    assert_eq!(
+        refusal.reason(Carrier::Stream),
+        "401 denied by authorization policy: explicitly denied default/deny-client"
+    );
+    assert_eq!(a.dst_workload.map(|w| w.name.as_str()), Some("server"));
+    assert_eq!(
+        a.dry_run.first().map(|(p, _)| p.as_str()),
+        Some("default/deny-all-dry"),
+        "dry-run policies are reported even when an enforced one refuses"
+    );
+    let b = admit_hbone(
+        &scope(),
+        &s,
+        &arrival("10.0.0.1", Some(&other), "10.0.0.2:5201"),
+    );
+    assert!(b.outcome.is_ok(), "{:?}", b.outcome);
+    assert!(
+        matches!(b.dry_run.as_slice(), [(p, Decision::Deny { .. })] if p == "default/deny-all-dry"),
+        "{:?}",
+        b.dry_run
+    );
+}
+
+#[test]
+fn plaintext_admission_has_no_principal_and_no_self_call_check() {
+    let s = with_policies(ALLOW_MTLS, 1);
+    let a = admit_plaintext(&scope(), &s, &arrival("10.0.0.1", None, "10.0.0.2:5201"));
+    assert_eq!(
+        a.outcome.unwrap_err(),
+        Refusal::Denied {
+            why: "no authorization policy allows it",
+            detail: "allow policies exist, but none allowed".into()
+        }
+    );
+    let open = snap();
+    let a = admit_plaintext(
+        &scope(),
+        &open,
+        &arrival("10.0.0.1", None, "10.0.0.2:15008"),
+    );
+    assert!(
+        a.outcome.is_ok(),
+        "15006 carries captured traffic: its destination port is the workload's"
+    );
+    let a = admit_plaintext(&scope(), &open, &arrival("10.0.0.1", None, "10.0.0.1:80"));
+    assert_eq!(a.outcome.unwrap_err(), Refusal::NotServed);
+}
+
+#[test]
+fn a_policy_update_revokes_the_grants_it_denies() {
+    let client = Rc::new(id("default", "client"));
+    let before = snap();
+    let grant = admit_hbone(
+        &scope(),
+        &before,
+        &arrival("10.0.0.1", Some(&client), "10.0.0.2:5201"),
+    )
+    .outcome
+    .unwrap();
+    assert_eq!(revoked(&before, &grant), None);
+    let after = with_policies(DENY_CLIENT, 2);
+    assert_eq!(
+        revoked(&after, &grant).as_deref(),
+        Some("explicitly denied default/deny-client")
+    );
+    let plain = Grant {
+        src_identity: None,
+        ..grant.clone()
+    };
+    assert_eq!(revoked(&after, &plain), None, "no principal, no match");
+    let gone = Grant {
+        dst_ip: ip("192.0.2.7"),
+        ..grant
+    };
+    assert_eq!(
+        revoked(&after, &gone),
+        None,
+        "a destination that left the config is left alone"
+    );
+}
+
+#[test]
+fn connect_targets_are_ip_and_port_only() {
+    let target = |method: &str, uri: &str| {
+        let method: http::Method = method.parse().unwrap();
+        let uri: http::Uri = uri.parse().unwrap();
+        connect_target(&method, &uri, &http::HeaderMap::new())
+    };
+    assert_eq!(target("CONNECT", "10.0.0.2:80"), Ok(addr("10.0.0.2:80")));
+    assert_eq!(
+        target("CONNECT", "[::ffff:10.0.0.2]:80"),
+        Ok(addr("10.0.0.2:80"))
+    );
+    for (method, uri) in [
+        ("GET", "http://10.0.0.2:80/"),
+        ("CONNECT", "server.default.svc.cluster.local:80"),
+        ("CONNECT", "10.0.0.2:0"),
+    ] {
+        let r = target(method, uri).unwrap_err();
+        assert!(matches!(r, Refusal::Malformed(_)), "{method} {uri}: {r:?}");
+        assert_eq!(r.status(), Some(StatusCode::BAD_REQUEST), "{method} {uri}");
+    }
+}
+
+#[test]
+fn response_baggage_has_only_what_the_entry_has() {
+    let s = snap();
+    let w = s.workload_by_name("default", "server").unwrap();
+    assert_eq!(response_baggage(w), "k8s.namespace.name=default");
+}
+
+// --- refusals ------------------------------------------------------------------------------------
+
+#[test]
+fn each_refusal_has_its_answer_flags_and_reason() {
+    let denied = Refusal::Denied {
+        why: "denied by authorization policy",
+        detail: "explicitly denied default/deny".into(),
+    };
+    let cases: Vec<(Refusal, Option<u16>, Option<&str>, &str)> = vec![
+        (
+            Refusal::NotRedirected,
+            None,
+            Some("CONNECT"),
+            "connection was not redirected (no original destination); this listener only serves captured traffic",
+        ),
+        (
+            Refusal::NoEndpoint { port: 443 },
+            None,
+            Some("CONNECT"),
+            "no endpoint serves port 443",
+        ),
+        (
+            Refusal::Unreachable {
+                target: addr("10.0.0.9:7000"),
+                error: "Connection refused (os error 111)".into(),
+            },
+            None,
+            Some("CONNECT"),
+            "connect 10.0.0.9:7000: Connection refused (os error 111)",
+        ),
+        (
+            Refusal::Tunnel("HBONE peer 10.0.0.2:15008 answered 401".into()),
+            None,
+            Some("CONNECT"),
+            "HBONE peer 10.0.0.2:15008 answered 401",
+        ),
+        (
+            Refusal::Malformed(ringtun_hbone::connect::Refusal::malformed(
+                "method is not CONNECT",
+            )),
+            Some(400),
+            Some("CONNECT"),
+            "400 method is not CONNECT",
+        ),
+        (
+            Refusal::IpMismatch {
+                dst: ip("10.0.0.3"),
+                reached: ip("10.0.0.2"),
+            },
+            Some(400),
+            Some("CONNECT"),
+            "400 destination IP mismatch: 10.0.0.3 is not the address this connection reached (10.0.0.2)",
+        ),
+        (
+            Refusal::OwnPort,
+            Some(503),
+            Some("CONNECT"),
+            "503 the destination is one of ringtun's own ports",
+        ),
+        (
+            Refusal::NotServed,
+            Some(503),
+            Some("CONNECT"),
+            "503 destination is not a workload served here",
+        ),
+        (
+            denied.clone(),
+            Some(401),
+            Some("DENY"),
+            "401 denied by authorization policy: explicitly denied default/deny",
+        ),
+        (
+            Refusal::DestinationUnreachable,
+            Some(503),
+            Some("CONNECT"),
+            "503 destination unreachable",
+        ),
+        (
+            Refusal::Lost("stream closed".into()),
+            None,
+            None,
+            "hbone: stream closed",
+        ),
+    ];
+    for (refusal, status, flags, reason) in cases {
+        assert_eq!(refusal.status().map(|s| s.as_u16()), status, "{refusal:?}");
+        assert_eq!(refusal.response_flags(), flags, "{refusal:?}");
+        assert_eq!(refusal.reason(Carrier::Stream), reason, "{refusal:?}");
+    }
+    // A reset carries no status: the reason is the bare text.
+    assert_eq!(
+        Refusal::NotServed.reason(Carrier::Tcp),
+        "destination is not a workload served here"
+    );
+    assert_eq!(
+        denied.reason(Carrier::Tcp),
+        "denied by authorization policy: explicitly denied default/deny"
+    );
+}
+
+// --- properties ------------------------------------------------------------------------------------
+
+fn any_dst() -> impl Strategy<Value = SocketAddr> {
+    let ips = prop::sample::select(vec![
+        "10.96.0.10",
+        "10.96.0.11",
+        "10.96.0.12",
+        "fd00::10",
+        "10.0.0.1",
+        "10.0.0.2",
+        "10.0.0.3",
+        "fd00::3",
+        "10.0.0.4",
+        "10.0.0.5",
+        "192.0.2.7",
+        "::ffff:10.96.0.10",
+    ]);
+    let ports = prop_oneof![
+        prop::sample::select(vec![80u16, 443, 15008, 0]),
+        any::<u16>()
+    ];
+    (ips, ports).prop_map(|(i, p)| SocketAddr::new(ip(i), p))
+}
+
+fn any_scope() -> impl Strategy<Value = Scope> {
+    let workload = prop::option::of(prop::sample::select(vec![
+        ("default", "server"),
+        ("default", "client"),
+        ("default", "nobody"),
+    ]));
+    let node = prop::option::of(prop::sample::select(vec!["node-a", "node-b"]));
+    (workload, node).prop_map(|(workload, node)| Scope {
+        workload: workload.map(|(ns, n)| (ns.to_owned(), n.to_owned())),
+        node: node.map(str::to_owned),
+        ..scope()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Never panics; a VIP's route is one of its endpoints for the dialled port, expected to
+    /// present the workload's identity first; anything not in the mesh passes through as is.
+    #[test]
+    fn routes_stay_within_the_config(dsts in prop::collection::vec(any_dst(), 1..12)) {
+        let s = snap();
+        let mut rr = RoundRobin::default();
+        for dst in dsts {
+            let r = route(&scope(), &s, &mut rr, dst);
+            let vip = s.service_by_vip(dst.ip());
+            match (&r, vip) {
+                (Route::NoEndpoint { service }, Some(svc)) => {
+                    prop_assert_eq!(service, &svc.service.hostname);
+                    prop_assert!(s.endpoints(svc, dst.port()).is_empty());
+                }
+                (Route::NoEndpoint { .. }, None) => prop_assert!(false, "{:?}: no VIP", dst),
+                (Route::Hbone { target, workload, identities, .. }, Some(svc)) => {
+                    let w = s.endpoints(svc, dst.port()).iter().find(|(w, p)| {
+                        *p == target.port() && w.workload_ips.contains(&target.ip())
+                    });
+                    prop_assert!(w.is_some(), "{:?} → {:?}", dst, r);
+                    let (w, _) = w.unwrap();
+                    prop_assert_eq!(workload, &w.display_name());
+                    prop_assert_eq!(identities.first(), Some(&scope().workload_identity(w)));
+                }
+                (Route::Hbone { target, .. }, None) => {
+                    prop_assert_eq!(*target, dst, "a workload IP keeps its port");
+                }
+                (Route::Direct { target, service: None }, None) => {
+                    prop_assert_eq!(*target, dst);
+                }
+                (Route::Direct { service, .. }, _) => {
+                    prop_assert_eq!(service.as_deref(), vip.map(|v| v.service.hostname.as_str()));
+                }
+            }
+        }
+    }
+
+    /// Round robin: `k` rounds over a port's `n` endpoints pick each one `k` times.
+    #[test]
+    fn round_robin_is_fair(k in 1usize..6, start in 0u64..3) {
+        let s = snap();
+        let mut rr = RoundRobin::default();
+        let _ = rr.next(start, 0, 80);
+        let svc = s.service_by_vip(ip("10.96.0.10")).unwrap();
+        let n = s.endpoints(svc, 80).len();
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..k * n {
+            if let Route::Hbone { workload, .. } = route(&scope(), &s, &mut rr, addr("10.96.0.10:80")) {
+                *seen.entry(workload).or_insert(0usize) += 1;
+            }
+        }
+        prop_assert_eq!(seen.len(), n);
+        prop_assert!(seen.values().all(|&c| c == k), "{:?}", seen);
+    }
+
+    /// An admitted connection is always for a served workload, and its grant says what was
+    /// checked; every refusal answers a stream with a status and records flags.
+    #[test]
+    fn admission_is_consistent(scope in any_scope(), dst in any_dst(), src in any_dst(), mtls in any::<bool>()) {
+        let s = with_policies(DENY_CLIENT, 5);
+        let client = Rc::new(id("default", "client"));
+        let a = Arrival {
+            src_ip: src.ip(),
+            src_identity: mtls.then_some(&client),
+            dst,
+            reached: Some(addr("10.0.0.2:15008")),
+        };
+        for admission in [admit_hbone(&scope, &s, &a), admit_plaintext(&scope, &s, &a)] {
+            match &admission.outcome {
+                Ok(g) => {
+                    prop_assert!(scope.serves(&s, dst.ip()));
+                    prop_assert!(admission.dst_workload.is_some());
+                    prop_assert_eq!((g.dst_ip, g.dst_port, g.generation), (dst.ip(), dst.port(), 5));
+                    prop_assert_eq!(g.src_identity.is_some(), mtls);
+                    prop_assert_eq!(revoked(&s, g), None, "what was just admitted is not revoked");
+                }
+                Err(r) => {
+                    prop_assert!(r.status().is_some(), "{:?}", r);
+                    prop_assert_eq!(r.response_flags() == Some("DENY"), matches!(r, Refusal::Denied { .. }));
+                    prop_assert!(r.reason(Carrier::Stream).starts_with(r.status().unwrap().as_str()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! One connection lifecycle for every proxy path: a connection's [`Record`] is created when it
+//! arrives, filled in as the decisions about it are made, and written exactly once, when it
+//! is dropped: after the path finished or refused the connection, or when its task went away
+//! mid-way (cancelled, or unwinding from a panic), as ztunnel's `ConnectionResult` does.
+//!
+//! Refusing a connection happens here too, one way per carrier: [`refuse_tcp`] resets a
+//! captured connection, [`refuse_stream`] answers a CONNECT stream; both count the failure
+//! and record the [`Refusal`].
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::Response;
+use monoio::net::TcpStream;
+
+use super::access::{AccessLog, Direction, Transferred};
+use super::copy::End;
+use crate::decide::{Admission, Arrival, Carrier, Grant, Refusal};
+use crate::metrics::TcpLabels;
+use crate::net;
+use crate::shard::live::{self, Meter};
+use crate::shard::{Shard, Tally};
+
+/// The `reason` of a connection whose task ended before its path did.
+pub(crate) const DROPPED: &str = "the connection's task ended before the connection did";
+
+/// A connection's access record and its end in the metrics, written once, on drop.
+///
+/// Boxed, so a connection's task holds two pointers for it while it copies; `X` is what else
+/// the path keeps until the connection ends (the outbound pool slot), released after the
+/// record is written.
+pub(crate) struct Record<X = ()> {
+    entry: Box<Entry<X>>,
+    tally: Rc<Tally>,
+}
+
+struct Entry<X> {
+    log: AccessLog,
+    /// The connection's byte counts, once it carries bytes.
+    meter: Option<Meter>,
+    /// The path set how it ended; otherwise the task was dropped.
+    settled: bool,
+    held: X,
+}
+
+impl<X: Default> Record<X> {
+    /// A record for a connection from `src` arriving now on `shard`.
+    pub(crate) fn new(shard: &Shard, direction: Direction, src: SocketAddr) -> Self {
+        Self::with_tally(shard.tally().clone(), shard.id, direction, src)
+    }
+
+    /// A record written to `tally`, for shard number `shard`.
+    pub(super) fn with_tally(
+        tally: Rc<Tally>,
+        shard: usize,
+        direction: Direction,
+        src: SocketAddr,
+    ) -> Self {
+        Record {
+            entry: Box::new(Entry {
+                log: AccessLog::new(direction, src, shard),
+                meter: None,
+                settled: false,
+                held: X::default(),
+            }),
+            tally,
+        }
+    }
+}
+
+impl<X> Record<X> {
+    /// The access-log fields, to fill in as the connection's decisions are made.
+    pub(crate) fn log(&mut self) -> &mut AccessLog {
+        &mut self.entry.log
+    }
+
+    /// What the path keeps until the connection ends.
+    pub(crate) fn held(&mut self) -> &mut X {
+        &mut self.entry.held
+    }
+
+    /// Notes an inbound admission: the workloads it names, and what dry-run policies would
+    /// have done (logged, never enforced).
+    pub(crate) fn admitted(&mut self, a: &Admission<'_>, arrival: &Arrival<'_>) {
+        for (name, would) in &a.dry_run {
+            tracing::info!(policy = %name, decision = %would, src = %arrival.src_ip, dst = %arrival.dst.ip(), "authorization dry run");
+        }
+        let log = self.log();
+        log.src_workload = a.src_workload.map(|w| w.display_name());
+        log.dst_workload = a.dst_workload.map(|w| w.display_name());
+    }
+
+    /// The connection is established: counted as opened now (as closed when the record is
+    /// written), and registered with the shard's live connections, whose handle the copy loop
+    /// takes. `reversed`: the copy's TCP side is the destination.
+    pub(crate) fn carry(
+        &mut self,
+        shard: &Shard,
+        grant: Option<Grant>,
+        reversed: bool,
+    ) -> live::Conn {
+        self.carry_with(reversed, |series| shard.track(grant, series))
+    }
+
+    /// [`Record::carry`], registering through `track` (given the metric series and
+    /// `reversed`).
+    pub(super) fn carry_with(
+        &mut self,
+        reversed: bool,
+        track: impl FnOnce(Option<(Rc<TcpLabels>, bool)>) -> live::Conn,
+    ) -> live::Conn {
+        let log = &mut self.entry.log;
+        log.established(&self.tally.metrics);
+        let conn = track(log.series.clone().map(|s| (s, reversed)));
+        self.entry.meter = Some(conn.meter());
+        conn
+    }
+
+    /// Records how the connection ended after carrying bytes.
+    pub(crate) fn finish(mut self, end: End) {
+        let log = self.log();
+        if matches!(end, End::Revoked(_)) {
+            log.response_flags = Some("DENY");
+        }
+        log.end = end;
+        self.entry.settled = true;
+    }
+
+    /// Records a refusal, counted as a failed connection (the caller answers it).
+    pub(super) fn refuse(mut self, refusal: &Refusal, carrier: Carrier) {
+        Tally::bump(&self.tally.counters.failed);
+        let log = self.log();
+        log.response_flags = refusal.response_flags();
+        log.end = End::Error(refusal.reason(carrier));
+        self.entry.settled = true;
+    }
+}
+
+impl<X> Drop for Record<X> {
+    fn drop(&mut self) {
+        let e = &mut *self.entry;
+        if !e.settled {
+            e.log.end = End::Error(DROPPED.into());
+        }
+        let unreported = match &e.meter {
+            Some(m) => {
+                let (request, response) = m.moved();
+                e.log.bytes = Transferred { request, response };
+                let (request, response) = m.take_unreported();
+                Transferred { request, response }
+            }
+            None => Transferred::default(),
+        };
+        e.log.finish(&self.tally.metrics, unreported);
+    }
+}
+
+/// Refuses a captured TCP connection: it is reset (RST), not closed, so the client sees a
+/// failure rather than an empty answer.
+pub(crate) fn refuse_tcp<X>(record: Record<X>, client: TcpStream, refusal: Refusal) {
+    net::abort_on_close(client.as_raw_fd());
+    drop(client);
+    record.refuse(&refusal, Carrier::Tcp);
+}
+
+/// Refuses a CONNECT stream with the refusal's status; its connection and sibling streams are
+/// untouched.
+pub(crate) fn refuse_stream<X>(
+    record: Record<X>,
+    mut respond: SendResponse<Bytes>,
+    refusal: Refusal,
+) {
+    if let Some(status) = refusal.status() {
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        let _ = respond.send_response(resp, true);
+    }
+    record.refuse(&refusal, Carrier::Stream);
+}

@@ -1,0 +1,184 @@
+//! A shard's thread: it takes the control thread's messages and runs an accept loop per
+//! listener, which hands each connection to its proxy path as a task of its own.
+//!
+//! This sits above both the shard (state) and the paths (what a connection does), so that the
+//! paths depend on the shard and not the reverse.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use monoio::net::TcpListener;
+
+use super::{inbound, outbound, plaintext};
+use crate::config::Snapshot;
+use crate::options::ListenerKind;
+use crate::options::RunOptions;
+use crate::shard::{Shard, ShardEvent, ShardMsg, Tally};
+use crate::tls::TlsMaterial;
+
+/// Runs one shard until the control thread goes away.
+pub async fn run(
+    id: usize,
+    opts: Arc<RunOptions>,
+    tls: Arc<TlsMaterial>,
+    rx: Receiver<ShardMsg>,
+    events: Sender<ShardEvent>,
+    initial: Snapshot,
+) {
+    let shard = Rc::new(Shard::new(id, opts, tls, initial));
+    monoio::spawn(shard.clone().sweep_pool());
+    // Control messages are rare (listeners at start, config on change), so polling the channel
+    // a few times a second costs nothing and needs no cross-thread wake-up on the data path.
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(msg) => handle(&shard, msg, &events),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        monoio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn handle(shard: &Rc<Shard>, msg: ShardMsg, events: &Sender<ShardEvent>) {
+    // A control thread that stopped listening has nobody left to tell.
+    match msg {
+        ShardMsg::Config(snap) => {
+            let _ = events.send(shard.apply_config(*snap));
+        }
+        ShardMsg::Scrape(reply) => {
+            let _ = reply.send(shard.report());
+        }
+        ShardMsg::Drain => shard.start_drain(),
+        ShardMsg::Listen { kind, socket } => {
+            let _ = events.send(listen(shard, kind, socket));
+        }
+    }
+}
+
+/// Takes a listening socket into this shard's runtime and starts accepting on it.
+fn listen(shard: &Rc<Shard>, kind: ListenerKind, socket: std::net::TcpListener) -> ShardEvent {
+    // from_std registers the fd with this thread's driver, so it must run in the runtime.
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            return ShardEvent::ListenFailed {
+                shard: shard.id,
+                error: format!("{kind} listener: {e}"),
+            }
+        }
+    };
+    let addr = listener.local_addr();
+    shard.add_listener(listener.as_raw_fd());
+    monoio::spawn(accept_loop(shard.clone(), kind, listener));
+    match addr {
+        Ok(addr) => ShardEvent::Listening {
+            shard: shard.id,
+            kind,
+            addr,
+        },
+        Err(e) => ShardEvent::ListenFailed {
+            shard: shard.id,
+            error: e.to_string(),
+        },
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                Tally::bump(&shard.counters().accepted);
+                if shard.is_full() {
+                    // Refusing at once beats queueing: the client retries elsewhere or fails
+                    // fast, and the connections already here keep their share of the shard.
+                    Tally::bump(&shard.counters().overloaded);
+                    crate::net::abort_on_close(stream.as_raw_fd());
+                    tracing::warn!(shard = shard.id, %kind, %peer, limit = shard.opts.max_connections_per_shard, "connection refused: shard at its connection limit");
+                    continue;
+                }
+                dispatch(&shard, kind, stream, peer);
+            }
+            Err(_) if shard.drain().is_fired() => return,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning, keep serving live ones.
+                tracing::warn!(shard = shard.id, %kind, error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Starts the path for a connection accepted on a `kind` listener.
+fn dispatch(
+    shard: &Rc<Shard>,
+    kind: ListenerKind,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    // One spawn per kind, not one future matching on it: a task is as big as the largest
+    // future it may run, and every idle connection keeps its task.
+    match kind {
+        ListenerKind::Outbound => {
+            spawn_counted(shard, outbound::handle(shard.clone(), stream, peer))
+        }
+        ListenerKind::Inbound => {
+            let s = shard.clone();
+            spawn_counted(
+                shard,
+                async move { inbound::handle(&s, stream, peer).await },
+            )
+        }
+        ListenerKind::InboundPlaintext => {
+            let s = shard.clone();
+            spawn_counted(
+                shard,
+                async move { plaintext::inbound(&s, stream, peer).await },
+            )
+        }
+    }
+}
+
+/// Runs one connection's handler as its own task, counted in `open` while it runs.
+fn spawn_counted<F: Future<Output = ()> + 'static>(shard: &Rc<Shard>, fut: F) {
+    let open = &shard.counters().open;
+    open.set(open.get() + 1);
+    monoio::spawn(Counted {
+        fut,
+        shard: shard.clone(),
+    });
+}
+
+/// A connection's future that counts itself out of `open` when it ends or is dropped.
+///
+/// Written out rather than as `async move { fut.await; … }`: an async block keeps its captured
+/// future and the one it awaits as two fields, which would double every connection's task.
+struct Counted<F> {
+    fut: F,
+    shard: Rc<Shard>,
+}
+
+impl<F: Future<Output = ()>> Future for Counted<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `fut` is structurally pinned: it is never moved out of a pinned `Counted`
+        // (Drop below only touches `shard`), and `Counted` is `Unpin` only when `F` is.
+        unsafe { self.map_unchecked_mut(|c| &mut c.fut) }.poll(cx)
+    }
+}
+
+impl<F> Drop for Counted<F> {
+    fn drop(&mut self) {
+        let open = &self.shard.counters().open;
+        open.set(open.get().saturating_sub(1));
+    }
+}

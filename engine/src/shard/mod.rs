@@ -1,0 +1,371 @@
+//! A shard: one pinned thread, one monoio runtime, and everything its connections share.
+//!
+//! A shard is its [`ShardContext`], what it was given at start and never changes (options, TLS
+//! configurations, identity, the [`Scope`] it serves), and its runtime state: the config
+//! generation new connections use, round-robin cursors, the HBONE [`pool`], its [`Tally`] of
+//! metrics and counters, the [`drain`] signal and the registry of [`live`] connections.
+//! Nothing in it is shared with other shards at run time: the read-only parts are `Arc`s
+//! cloned once at start, and config snapshots (with their policy tables) arrive from the
+//! control thread. So the per-connection and per-byte paths take no locks and touch no shared
+//! atomics.
+//!
+//! The thread's loop that feeds a shard (control messages, accept loops) is
+//! `proxy::serve`, above both: the proxy paths depend on the shard, not the reverse.
+
+pub mod drain;
+pub mod live;
+pub mod pool;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use ringtun_hbone::Identity;
+
+use crate::config::Snapshot;
+use crate::decide::{self, Grant, RoundRobin, Route, Scope};
+use crate::metrics::{ShardCounters, ShardGauges, ShardMetrics, ShardReport, TcpLabels};
+use crate::options::{ListenerKind, RunOptions};
+use crate::tls::TlsMaterial;
+use drain::DrainSignal;
+use pool::HbonePool;
+
+/// Messages from the control thread to a shard.
+pub enum ShardMsg {
+    /// Start accepting on this socket. In-pod mode will send sockets opened inside pods'
+    /// network namespaces the same way: a listener is a socket plus what it is for.
+    Listen {
+        /// What the listener is for.
+        kind: ListenerKind,
+        /// A bound, listening, non-blocking socket (this shard's SO_REUSEPORT copy).
+        socket: std::net::TcpListener,
+    },
+    /// A new config generation: new connections use it, live ones keep their routing and are
+    /// re-authorized against its policies (those now denied are cut).
+    Config(Box<Snapshot>),
+    /// Send a copy of this shard's metrics (the scrape runs on the control side).
+    Scrape(Sender<ShardReport>),
+    /// Stop accepting, ask HBONE peers to go away (GOAWAY), let live connections finish.
+    Drain,
+}
+
+/// Messages from shards back to the control thread.
+#[derive(Debug)]
+pub enum ShardEvent {
+    /// A listener is accepting.
+    Listening {
+        /// Which shard.
+        shard: usize,
+        /// What for.
+        kind: ListenerKind,
+        /// Where.
+        addr: SocketAddr,
+    },
+    /// A config generation is now what new connections use on this shard.
+    ConfigApplied {
+        /// Which shard.
+        shard: usize,
+        /// The generation.
+        generation: u64,
+    },
+    /// A listener could not be taken into the runtime.
+    ListenFailed {
+        /// Which shard.
+        shard: usize,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Per-shard counters: plain cells on the shard's thread, copied into its report on a scrape.
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// Connections accepted on any listener.
+    pub accepted: Cell<u64>,
+    /// Connections currently open.
+    pub open: Cell<u64>,
+    /// HBONE streams opened over a new pooled connection.
+    pub pool_new: Cell<u64>,
+    /// HBONE streams that reused a pooled connection.
+    pub pool_reused: Cell<u64>,
+    /// Connections refused or failed before tunnelling.
+    pub failed: Cell<u64>,
+    /// Connections refused because the shard was at `--max-connections-per-shard`.
+    pub overloaded: Cell<u64>,
+    /// HBONE connections (both directions) whose sending side the kernel encrypts (kTLS TX).
+    pub ktls_tx: Cell<u64>,
+    /// HBONE connections whose receiving side the kernel decrypts (kTLS RX).
+    pub ktls_rx: Cell<u64>,
+    /// HBONE connections carried by userspace rustls (no kTLS, or offload not possible).
+    pub tls_userspace: Cell<u64>,
+    /// HBONE connections lost while switching to kTLS (after rustls gave up its secrets).
+    pub ktls_failed: Cell<u64>,
+    /// Offloaded connections retired because their TX key neared its usage limit.
+    pub ktls_key_retired: Cell<u64>,
+}
+
+/// What a shard counts: Istio's TCP series and its own counters. Every connection's access
+/// record holds it (`Rc`) and writes to it once, when the connection ends.
+#[derive(Default)]
+pub struct Tally {
+    /// Istio TCP metrics.
+    pub metrics: ShardMetrics,
+    /// ringtun's own counters.
+    pub counters: Counters,
+}
+
+impl Tally {
+    /// Adds one to `counter` (one of [`Tally::counters`]).
+    pub fn bump(counter: &Cell<u64>) {
+        counter.set(counter.get() + 1);
+    }
+}
+
+/// What a shard is given at start and never changes. [`Shard`] derefs to it.
+pub struct ShardContext {
+    /// Shard number, 0-based.
+    pub id: usize,
+    /// Run options.
+    pub opts: Arc<RunOptions>,
+    /// TLS material.
+    pub tls: Arc<TlsMaterial>,
+    /// Our identity (`tls.identity`), shared by every access-log record on this shard.
+    pub identity: Rc<Identity>,
+    /// TLS acceptor for 15008.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// TLS connector for outbound HBONE.
+    pub connector: tokio_rustls::TlsConnector,
+    /// Which workloads this ringtun serves, and its own ports.
+    pub scope: Scope,
+}
+
+impl ShardContext {
+    fn new(id: usize, opts: Arc<RunOptions>, tls: Arc<TlsMaterial>) -> Self {
+        let own_ports = opts
+            .outbound
+            .iter()
+            .chain(&opts.inbound)
+            .chain(&opts.inbound_plaintext)
+            .map(SocketAddr::port)
+            .filter(|&p| p != 0)
+            .collect();
+        let scope = Scope {
+            workload: opts.workload.clone(),
+            node: opts.node.clone(),
+            identity: tls.identity.clone(),
+            trust_domain: opts.trust_domain.clone(),
+            own_ports,
+        };
+        ShardContext {
+            id,
+            identity: Rc::new(tls.identity.clone()),
+            acceptor: tokio_rustls::TlsAcceptor::from(tls.server.clone()),
+            connector: tokio_rustls::TlsConnector::from(tls.client.clone()),
+            scope,
+            opts,
+            tls,
+        }
+    }
+
+    /// Applies the per-socket options every connection ringtun opens gets (TCP keepalive;
+    /// accepted ones inherit them from the listener); a failure is logged, the connection kept.
+    pub fn tune_socket(&self, fd: RawFd) {
+        if let Err(e) = crate::net::set_keepalive(fd, self.opts.tcp_keepalive) {
+            tracing::debug!(shard = self.id, error = %e, "could not set TCP keepalive");
+        }
+    }
+}
+
+/// One shard's context and runtime state; its connections hold it through an `Rc`.
+pub struct Shard {
+    ctx: ShardContext,
+    snapshot: RefCell<Rc<Snapshot>>,
+    rr: RefCell<RoundRobin>,
+    pool: Rc<HbonePool>,
+    tally: Rc<Tally>,
+    drain: DrainSignal,
+    listener_fds: RefCell<Vec<RawFd>>,
+}
+
+impl Deref for Shard {
+    type Target = ShardContext;
+
+    fn deref(&self) -> &ShardContext {
+        &self.ctx
+    }
+}
+
+impl Shard {
+    /// A shard with nothing open yet, using `initial` for its first connections.
+    pub fn new(id: usize, opts: Arc<RunOptions>, tls: Arc<TlsMaterial>, initial: Snapshot) -> Self {
+        warm_up_rng(&tls);
+        Shard {
+            pool: Rc::new(HbonePool::new(opts.pool)),
+            ctx: ShardContext::new(id, opts, tls),
+            snapshot: RefCell::new(Rc::new(initial)),
+            rr: RefCell::new(RoundRobin::default()),
+            tally: Rc::default(),
+            drain: DrainSignal::default(),
+            listener_fds: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The config generation new connections use.
+    pub fn snapshot(&self) -> Rc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Where a captured connection to `dst` goes under `snap` (see [`decide::route`]); moves
+    /// this shard's round-robin cursors.
+    pub fn route(&self, snap: &Snapshot, dst: SocketAddr) -> Route {
+        decide::route(&self.scope, snap, &mut self.rr.borrow_mut(), dst)
+    }
+
+    /// The HBONE pool.
+    pub fn pool(&self) -> &Rc<HbonePool> {
+        &self.pool
+    }
+
+    /// Metrics and counters.
+    pub fn tally(&self) -> &Rc<Tally> {
+        &self.tally
+    }
+
+    /// The counters (of [`Shard::tally`]).
+    pub fn counters(&self) -> &Counters {
+        &self.tally.counters
+    }
+
+    /// Fired once when draining starts.
+    pub fn drain(&self) -> &DrainSignal {
+        &self.drain
+    }
+
+    /// Whether the shard carries `--max-connections-per-shard` connections already.
+    pub fn is_full(&self) -> bool {
+        self.counters().open.get() >= self.opts.max_connections_per_shard
+    }
+
+    /// Registers a connection about to copy bytes with this shard's live set (its idle limit
+    /// and, when policy admitted it, its grant). A grant issued under an older generation than
+    /// the current one missed the re-check of the update in between (it was connecting), so it
+    /// is checked now.
+    /// `series`: the metric labels its bytes count in while it lives, and whether the copy's
+    /// TCP side is the destination.
+    pub fn track(&self, grant: Option<Grant>, series: Option<(Rc<TcpLabels>, bool)>) -> live::Conn {
+        let conn = live::Conn::new(self.opts.idle_timeout, grant);
+        if let Some((labels, reversed)) = series {
+            conn.count_in(labels, reversed);
+        }
+        if let Some(g) = conn.grant() {
+            let snap = self.snapshot.borrow();
+            if g.generation != snap.generation {
+                if let Some(why) = decide::revoked(&snap, g) {
+                    conn.revoke(&why);
+                }
+            }
+        }
+        conn
+    }
+
+    /// Makes `snap` what new connections use, and cuts the live connections its policies deny
+    /// (as ztunnel does, on this shard that owns them).
+    pub fn apply_config(&self, snap: Snapshot) -> ShardEvent {
+        let generation = snap.generation;
+        tracing::debug!(shard = self.id, generation, "config applied");
+        *self.snapshot.borrow_mut() = Rc::new(snap);
+        let current = self.snapshot();
+        let cut = live::recheck(|g| decide::revoked(&current, g));
+        if cut > 0 {
+            tracing::info!(
+                shard = self.id,
+                generation,
+                cut,
+                "policy update closed live connections"
+            );
+        }
+        ShardEvent::ConfigApplied {
+            shard: self.id,
+            generation,
+        }
+    }
+
+    /// A copy of this shard's metrics and figures, for a scrape.
+    pub fn report(&self) -> ShardReport {
+        // Live connections' bytes first, so a long transfer shows in the counters it feeds.
+        let metrics = &self.tally.metrics;
+        live::flush_bytes(|labels, received, sent| metrics.moved(labels, received, sent));
+        let c = self.counters();
+        ShardReport {
+            shard: self.id,
+            tcp: metrics.export(),
+            gauges: ShardGauges {
+                open_connections: c.open.get(),
+                pool_connections: self.pool.connections() as u64,
+                pool_streams: self.pool.streams(),
+                config_generation: self.snapshot.borrow().generation,
+                sockets_open: live::open_by_reporter(),
+            },
+            counters: ShardCounters {
+                accepted: c.accepted.get(),
+                ktls_connections: c.ktls_tx.get().min(c.ktls_rx.get()),
+                userspace_tls_connections: c.tls_userspace.get(),
+                refused_overloaded: c.overloaded.get(),
+                failed: c.failed.get(),
+                pool_new: c.pool_new.get(),
+                pool_reused: c.pool_reused.get(),
+            },
+        }
+    }
+
+    /// Keeps a listening socket's fd, to shut it when draining starts.
+    pub fn add_listener(&self, fd: RawFd) {
+        self.listener_fds.borrow_mut().push(fd);
+    }
+
+    /// Starts draining: the listeners stop accepting, pooled HBONE connections are let go, and
+    /// every task waiting on [`Shard::drain`] learns of it.
+    pub fn start_drain(&self) {
+        if self.drain.is_fired() {
+            return;
+        }
+        // Shutting the listening sockets down wakes their pending accepts with an error, which
+        // ends the accept loops; with every shard's socket shut, the kernel refuses new SYNs.
+        for fd in self.listener_fds.borrow_mut().drain(..) {
+            // SAFETY: the fd belongs to a listener this shard owns and has not closed.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        // Idle client connections close; busy ones close when their last stream ends.
+        // Inbound connections send GOAWAY when they see the signal.
+        self.pool.clear();
+        self.drain.fire();
+    }
+
+    /// Closes pooled HBONE connections idle past their limit, for as long as the shard runs.
+    pub async fn sweep_pool(self: Rc<Self>) {
+        let period = (self.opts.pool.idle_timeout / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            monoio::time::sleep(period).await;
+            let dropped = self.pool.evict(Instant::now());
+            if dropped > 0 {
+                tracing::debug!(shard = self.id, dropped, "idle HBONE connections closed");
+            }
+        }
+    }
+}
+
+/// aws-lc seeds its per-thread random generator on first use, which costs tens of
+/// milliseconds here; do it before the listeners open so the first handshake on each shard
+/// does not pay for it.
+fn warm_up_rng(tls: &TlsMaterial) {
+    let mut seed = [0u8; 32];
+    if let Err(e) = tls.client.crypto_provider().secure_random.fill(&mut seed) {
+        tracing::warn!(error = ?e, "random generator not ready at start");
+    }
+}
