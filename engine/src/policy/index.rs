@@ -1,6 +1,7 @@
 //! [`PolicyIndex`]: [`super::evaluate`] over the policy tables a [`Snapshot`] carries.
 
-use super::{decide, listed_is_new, Connection, Evaluation};
+use super::model::{Connection, Evaluation};
+use super::scan::{decide, listed_is_new};
 use crate::config::{Policy, Snapshot, Workload};
 
 /// Evaluates connections against a snapshot's policy tables, so that it costs hash lookups

@@ -1,7 +1,7 @@
 //! Whether one policy matches one connection: ztunnel's `Authorization::matches`
 //! (`src/rbac.rs`), without allocating.
 
-use super::Connection;
+use super::model::Connection;
 use crate::config::{Policy, PolicyMatch, ServiceAccountMatch, StringMatch};
 use ringtun_hbone::Identity;
 use std::net::IpAddr;

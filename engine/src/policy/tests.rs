@@ -1,11 +1,16 @@
 //! Unit tests: ztunnel's own `src/rbac.rs` test table ported, store/selection edge cases,
 //! and property tests (no panics, index ≡ scan, dry-run never changes the decision).
 
+use super::matcher::{policy_matches, Subject};
+use super::scan::{has_key, same_key};
 use super::*;
 use crate::config::{
     parse, Clause, IpNet, LocalConfig, PolicyMatch, Rule, ServiceAccountMatch, StringMatch,
 };
+use crate::config::{Policy, PolicyAction, PolicyScope, Snapshot, Workload};
 use proptest::prelude::*;
+use ringtun_hbone::Identity;
+use std::net::IpAddr;
 use std::path::Path;
 
 fn snap(text: &str) -> Snapshot {
