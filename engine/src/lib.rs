@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod inpod;
 pub mod metrics;
 pub mod net;
 pub mod options;
