@@ -231,7 +231,8 @@ class Agent:
         try:
             return {"event": "hello", "version": parse_hello(data), "hex": data.hex()}
         except ValueError as e:
-            return {"event": "error", "cmd": "accept", "detail": f"bad hello: {e}", "hex": data.hex()}
+            detail = f"bad hello: {e}"
+            return {"event": "error", "cmd": "accept", "detail": detail, "hex": data.hex()}
 
     def recv(self, secs):
         """One packet; b"" when the peer closed, None on timeout."""
@@ -248,7 +249,8 @@ class Agent:
 
     def send(self, data, fds=()):
         if fds:
-            self.conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))
+            self.conn.sendmsg([data], [rights])
         else:
             self.conn.sendmsg([data])
 
@@ -396,10 +398,14 @@ COMMANDS = {
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--socket", required=True, help="path of the SOCK_SEQPACKET socket to listen on")
     p.add_argument("-c", "--commands", default="", help="commands to run first, separated by ';'")
-    p.add_argument("--ack-timeout", type=float, default=10.0, help="seconds to wait for each response")
+    p.add_argument(
+        "--ack-timeout", type=float, default=10.0, help="seconds to wait for each response"
+    )
     args = p.parse_args()
     agent = Agent(args.socket, args.ack_timeout)
     emit({"event": "listening", "socket": args.socket})
