@@ -15,6 +15,7 @@ pub mod control;
 pub mod decide;
 pub mod demo;
 mod error;
+pub mod inpod;
 pub mod metrics;
 pub mod net;
 pub mod operate;
