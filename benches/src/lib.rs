@@ -11,7 +11,7 @@
 //! - criterion micro-benchmarks of the hot paths in `benches/benches/` (`cargo bench -p
 //!   ringtun-benches`).
 //!
-//! ARCHITECTURE.md at the repository root quotes their figures. The modules below are shared
+//! `benches/reports/` and `docs/measurements/` record their figures. The modules below are shared
 //! by the binaries.
 
 pub mod load;

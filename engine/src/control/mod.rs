@@ -152,7 +152,7 @@ fn listen(
     for (kind, addrs) in kinds {
         for &addr in addrs.iter() {
             // One SO_REUSEPORT socket per shard: the kernel spreads connections by flow hash,
-            // and each shard accepts only its own (see ARCHITECTURE.md).
+            // and each shard accepts only its own (ARCHITECTURE.md, "The listener hand-off").
             let mut port_addr = addr;
             for tx in senders {
                 let socket = net::reuseport_listener(port_addr)
