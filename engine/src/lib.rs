@@ -19,8 +19,8 @@ pub mod pki;
 pub mod policy;
 pub mod proxy;
 pub mod shard;
+pub mod stream;
 pub mod tls;
-pub mod transport;
 
 use std::net::SocketAddr;
 

@@ -6,7 +6,7 @@
 //! copies and renders Prometheus text (or OpenMetrics) with [`render`]. Label names and family
 //! names are ztunnel's so dashboards keep working.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::rc::Rc;
@@ -148,6 +148,10 @@ pub struct ShardGauges {
     pub ktls_connections: u64,
     /// HBONE connections whose TLS runs in userspace rustls.
     pub userspace_tls_connections: u64,
+    /// HBONE connections lost while switching to kTLS.
+    pub ktls_failed: u64,
+    /// kTLS connections retired (no new streams) as their TX key neared its usage limit.
+    pub ktls_retired: u64,
     /// Config generation this shard uses.
     pub config_generation: u64,
     /// Connections refused at accept because the shard was at `--max-connections-per-shard`.
@@ -162,10 +166,6 @@ pub struct ShardMetrics {
     tcp: RefCell<HashMap<TcpLabels, TcpCounts>>,
     /// One shared copy of each label set live connections count their bytes in.
     interned: RefCell<HashMap<TcpLabels, Rc<TcpLabels>>>,
-    /// HBONE connections with kernel TLS, since start.
-    pub ktls: Cell<u64>,
-    /// HBONE connections with userspace TLS, since start.
-    pub userspace_tls: Cell<u64>,
 }
 
 impl ShardMetrics {
@@ -321,7 +321,7 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             let _ = writeln!(out, "{name}_total{} {}", labels_text(&l.pairs()), get(c));
         }
     }
-    let per_shard: [(&str, &str, bool, Getter<ShardGauges>); 7] = [
+    let per_shard: [(&str, &str, bool, Getter<ShardGauges>); 9] = [
         (
             "ringtun_open_connections",
             "Connections open now, per shard",
@@ -357,6 +357,18 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             "HBONE connections with userspace TLS, per shard",
             true,
             |g| g.userspace_tls_connections,
+        ),
+        (
+            "ringtun_ktls_failed_connections",
+            "HBONE connections lost while switching to kernel TLS, per shard",
+            true,
+            |g| g.ktls_failed,
+        ),
+        (
+            "ringtun_ktls_retired_connections",
+            "Kernel TLS connections retired (no new streams) as their TX key neared its usage limit, per shard",
+            true,
+            |g| g.ktls_retired,
         ),
         (
             "ringtun_config_generation",

@@ -29,6 +29,7 @@ use crate::policy::PolicyIndex;
 use crate::proxy;
 use crate::proxy::live::{self, Grant};
 use crate::proxy::outbound::PooledH2;
+use crate::stream::StreamCtx;
 use crate::tls::TlsMaterial;
 
 /// What a listener on a shard is for.
@@ -115,16 +116,6 @@ pub struct Counters {
     pub failed: Cell<u64>,
     /// Connections refused because the shard was at `--max-connections-per-shard`.
     pub overloaded: Cell<u64>,
-    /// HBONE connections (both directions) whose sending side the kernel encrypts (kTLS TX).
-    pub ktls_tx: Cell<u64>,
-    /// HBONE connections whose receiving side the kernel decrypts (kTLS RX).
-    pub ktls_rx: Cell<u64>,
-    /// HBONE connections carried by userspace rustls (no kTLS, or offload not possible).
-    pub tls_userspace: Cell<u64>,
-    /// HBONE connections lost while switching to kTLS (after rustls gave up its secrets).
-    pub ktls_failed: Cell<u64>,
-    /// Offloaded connections retired because their TX key neared its usage limit.
-    pub ktls_key_retired: Cell<u64>,
 }
 
 /// Round-robin cursors per (service index, port), valid for one config generation.
@@ -150,6 +141,8 @@ pub struct Shard {
     pub pool: RefCell<Pool<PooledH2>>,
     /// Counters.
     pub counters: Counters,
+    /// What HBONE byte streams on this shard need (and count: by record layer).
+    pub stream: Rc<StreamCtx>,
     /// Istio TCP metrics.
     pub metrics: ShardMetrics,
     policy: RefCell<Rc<PolicyIndex>>,
@@ -239,6 +232,7 @@ impl Shard {
         live::flush_bytes(|labels, received, sent| self.metrics.moved(labels, received, sent));
         let pool = self.pool.borrow();
         let c = &self.counters;
+        let t = &self.stream.counters;
         ShardReport {
             shard: self.id,
             tcp: self.metrics.export(),
@@ -247,8 +241,10 @@ impl Shard {
                 accepted: c.accepted.get(),
                 pool_connections: pool.connections() as u64,
                 pool_streams: pool.streams(),
-                ktls_connections: c.ktls_tx.get().min(c.ktls_rx.get()),
-                userspace_tls_connections: c.tls_userspace.get(),
+                ktls_connections: t.ktls_tx.get().min(t.ktls_rx.get()),
+                userspace_tls_connections: t.userspace.get(),
+                ktls_failed: t.ktls_failed.get(),
+                ktls_retired: t.ktls_retired.get(),
                 config_generation: self.snapshot.borrow().generation,
                 refused_overloaded: c.overloaded.get(),
                 sockets_open: live::open_by_reporter(),
@@ -420,6 +416,12 @@ pub async fn run(
         rr: RefCell::new((0, HashMap::new())),
         pool: RefCell::new(Pool::new(opts.pool)),
         counters: Counters::default(),
+        stream: Rc::new(StreamCtx::new(
+            id,
+            tls.ktls.clone(),
+            opts.ktls_tx_record_limit,
+            opts.handshake_timeout,
+        )),
         identity: Rc::new(tls.identity.clone()),
         opts,
         tls,
