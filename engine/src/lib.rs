@@ -24,7 +24,7 @@ pub mod pki;
 pub mod policy;
 pub mod proxy;
 pub mod shard;
+pub mod stream;
 pub mod tls;
-pub mod transport;
 
 pub use error::EngineError;

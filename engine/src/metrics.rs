@@ -5,7 +5,7 @@
 //! message to every shard asking for a [`ShardReport`]; the operator side
 //! (`operate::prometheus`) sums the reports and renders them.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -105,6 +105,10 @@ pub struct ShardCounters {
     pub ktls_connections: u64,
     /// HBONE connections whose TLS ran in userspace rustls.
     pub userspace_tls_connections: u64,
+    /// HBONE connections lost while switching to kTLS.
+    pub ktls_failed: u64,
+    /// kTLS connections retired (no new streams) as their TX key neared its usage limit.
+    pub ktls_retired: u64,
     /// Connections refused at accept because the shard was at `--max-connections-per-shard`.
     pub refused_overloaded: u64,
     /// Connections refused or failed before tunnelling (HBONE handshakes included).
@@ -121,10 +125,6 @@ pub struct ShardMetrics {
     tcp: RefCell<HashMap<TcpLabels, TcpCounts>>,
     /// One shared copy of each label set live connections count their bytes in.
     interned: RefCell<HashMap<TcpLabels, Rc<TcpLabels>>>,
-    /// HBONE connections with kernel TLS, since start.
-    pub ktls: Cell<u64>,
-    /// HBONE connections with userspace TLS, since start.
-    pub userspace_tls: Cell<u64>,
 }
 
 impl ShardMetrics {

@@ -198,8 +198,8 @@ pub struct RunOptions {
     /// Kernel TLS for HBONE connections.
     pub ktls: KtlsMode,
     /// Records an offloaded AES-GCM connection may send with one key before it takes no new
-    /// streams (see `transport::KeyBudget`); the default is
-    /// [`crate::transport::DEFAULT_TX_RECORD_LIMIT`].
+    /// streams (see `stream::KeyBudget`); the default is
+    /// [`crate::stream::DEFAULT_TX_RECORD_LIMIT`].
     pub ktls_tx_record_limit: u64,
     /// Metrics (15020), readiness (15021) and admin (127.0.0.1:15000) listeners.
     pub admin_listeners: Vec<(Role, SocketAddr)>,

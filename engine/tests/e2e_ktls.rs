@@ -16,6 +16,7 @@
 
 mod common;
 
+use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
 use common::*;
@@ -252,6 +253,23 @@ fn ktls_server_side_only() {
     one_side("ks", false);
 }
 
+/// A per-shard counter from the metrics endpoint of the ringtun in `ns`, summed over shards.
+fn counter(ns: &Netns, name: &str) -> u64 {
+    let mut s = connect_in(ns, "127.0.0.1:15020").expect("metrics port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: ringtun\r\nConnection: close\r\n\r\n")
+        .expect("metrics request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("metrics answer");
+    let prefix = format!("{name}_total{{shard=");
+    let values: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!values.is_empty(), "no {name} in /metrics:\n{text}");
+    values.iter().sum()
+}
+
 /// With a tiny TX record budget, offloaded connections retire (the client's pool stops
 /// using them, the server sends GOAWAY) and later streams open new connections; no stream
 /// is lost on the way. On userspace rustls the budget does not apply and every stream after
@@ -290,6 +308,16 @@ fn ktls_key_budget_retires_connections() {
         }
     } else {
         assert_eq!(new_conns, 1, "userspace connections are reused");
+    }
+    // Each side reports what its log says: retirements, and no connection lost on the way.
+    for ns in [&m.nodes.client, &m.nodes.server] {
+        let retired = counter(ns, "ringtun_ktls_retired_connections");
+        assert_eq!(
+            retired > 0,
+            on,
+            "ringtun_ktls_retired_connections: {retired}"
+        );
+        assert_eq!(counter(ns, "ringtun_ktls_failed_connections"), 0);
     }
     m.client.assert_no_panic();
     m.server.assert_no_panic();

@@ -95,7 +95,7 @@ impl Server {
             .args(["--outbound-listen", "127.0.0.1:0"])
             .args(["--inbound-listen", "127.0.0.1:0"])
             .args(["--inbound-plaintext-listen", "127.0.0.1:0"])
-            .env("RINGTUN_LOG", "info,ringtun::transport=debug")
+            .env("RINGTUN_LOG", "info,ringtun::stream=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -156,7 +156,7 @@ pub struct RunArgs {
     pub ktls: KtlsMode,
     /// Records an offloaded AES-GCM connection may send with one key before it is retired
     /// (no new streams, GOAWAY). Lowering it is for tests; the default is also the maximum.
-    #[arg(long, hide = true, default_value_t = crate::transport::DEFAULT_TX_RECORD_LIMIT)]
+    #[arg(long, hide = true, default_value_t = crate::stream::DEFAULT_TX_RECORD_LIMIT)]
     pub ktls_tx_record_limit: u64,
 }
 
@@ -228,7 +228,7 @@ impl RunArgs {
         if workers == 0 {
             return Err(EngineError::Usage("--workers must be at least 1".into()));
         }
-        let max_records = crate::transport::DEFAULT_TX_RECORD_LIMIT;
+        let max_records = crate::stream::DEFAULT_TX_RECORD_LIMIT;
         if self.ktls_tx_record_limit == 0 || self.ktls_tx_record_limit > max_records {
             return Err(EngineError::Usage(format!(
                 "--ktls-tx-record-limit must be between 1 and {max_records}"

@@ -59,7 +59,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     let opts = Arc::new(opts);
     let snapshot = load_snapshot(&opts.config_path, 1)?;
     // Probed once here; every shard shares the result (logged by `startup`).
-    let ktls = crate::transport::startup(opts.ktls)?;
+    let ktls = crate::stream::startup(opts.ktls)?;
     let tls = Arc::new(
         TlsMaterial::load(&opts.certs, &opts.trust_domain, opts.tls_cipher.into())?
             .with_kernel_offload(ktls),

@@ -146,7 +146,7 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             );
         }
     }
-    let per_shard: [(&str, &str, Figure); 10] = [
+    let per_shard: [(&str, &str, Figure); 12] = [
         (
             "ringtun_open_connections",
             "Connections open now, per shard",
@@ -191,6 +191,16 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             "ringtun_userspace_tls_connections",
             "HBONE connections with userspace TLS, per shard",
             Figure::Counter(|c| c.userspace_tls_connections),
+        ),
+        (
+            "ringtun_ktls_failed_connections",
+            "HBONE connections lost while switching to kernel TLS, per shard",
+            Figure::Counter(|c| c.ktls_failed),
+        ),
+        (
+            "ringtun_ktls_retired_connections",
+            "Kernel TLS connections retired (no new streams) as their TX key neared its usage limit, per shard",
+            Figure::Counter(|c| c.ktls_retired),
         ),
         (
             "ringtun_config_generation",
@@ -384,6 +394,8 @@ mod tests {
                 failed: k + 11,
                 pool_new: k + 12,
                 pool_reused: k + 13,
+                ktls_failed: k + 14,
+                ktls_retired: k + 15,
             },
         };
         let reports = [report(0, a.export(), 0), report(1, b.export(), 100)];

@@ -9,7 +9,7 @@ use ringtun_hbone::Identity;
 
 use super::copy::End;
 use crate::metrics::{Reporter, ShardMetrics, TcpLabels};
-use crate::transport::TlsPath;
+use crate::stream::TlsPath;
 
 /// Which path a connection took through ringtun.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,7 +22,8 @@ use super::lifecycle::{refuse_stream, Record};
 use crate::decide::{self, Arrival, Refusal};
 use crate::net;
 use crate::shard::{live, Shard, Tally};
-use crate::transport::{self, HandshakeIo, TlsPath};
+use crate::stream::handshake::{self, HandshakeError, Handshaken};
+use crate::stream::TlsPath;
 
 /// Handles one connection accepted on the HBONE listener: handshake, then serve its streams.
 pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
@@ -38,71 +39,59 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let timeout = shard.opts.handshake_timeout;
-    // Corked when kTLS may follow, so the handshake never reads past a TLS record.
-    let io = HandshakeIo::for_shard(shard, io);
-    let tls = match monoio::time::timeout(timeout, shard.acceptor.accept(io)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            count_failed(shard);
-            tracing::warn!(%peer, error = %e, "inbound: TLS handshake refused");
-            return;
-        }
-        Err(_) => {
-            count_failed(shard);
-            tracing::warn!(%peer, ?timeout, "inbound: TLS handshake timed out");
-            return;
-        }
-    };
-    // The verifier already required a SPIFFE identity in our trust domain.
-    let client_id = match verify::peer_identity(
-        tls.get_ref().1.peer_certificates(),
-        &shard.opts.trust_domain,
-    ) {
-        Ok(id) => Rc::new(id),
-        Err(e) => {
-            count_failed(shard);
-            tracing::warn!(%peer, error = %e, "inbound: no client identity");
-            return;
-        }
-    };
-    // kTLS where possible, else rustls: the same h2 code runs on either.
-    let established =
-        match monoio::time::timeout(timeout, transport::establish(shard, tls.into())).await {
-            Ok(Ok(e)) => e,
-            Ok(Err(e)) => {
-                count_failed(shard);
-                tracing::warn!(%peer, error = %e, "inbound: connection lost");
-                return;
-            }
-            Err(_) => {
-                count_failed(shard);
-                tracing::warn!(%peer, ?timeout, "inbound: switching to kTLS timed out");
-                return;
-            }
-        };
-    let tls = established.path;
-    let budget = established.budget;
-    let tick = established.tick;
-    let mut conn = match shard
-        .opts
-        .h2
-        .server_builder()
-        .handshake::<_, Bytes>(established.io)
-        .await
+    // Matched and taken apart in place: a result or struct kept in a variable (even one
+    // moved out of) would stay in the task's state for the connection's life.
+    let Handshaken {
+        h2: mut conn,
+        peer: client_id,
+        tick,
+        path: tls,
+        budget,
+    } = match handshake::server(
+        &shard.stream,
+        &shard.acceptor,
+        io,
+        // The verifier already required a SPIFFE identity in our trust domain.
+        |certs| verify::peer_identity(certs, &shard.opts.trust_domain),
+        shard.opts.h2.server_builder(),
+    )
+    .await
     {
-        Ok(c) => c,
+        Ok(s) => s,
         Err(e) => {
-            tracing::warn!(%peer, error = %e, "inbound: HTTP/2 handshake failed");
+            if !matches!(e, HandshakeError::H2(_)) {
+                count_failed(shard);
+            }
+            match e {
+                HandshakeError::Tls(e) => {
+                    tracing::warn!(%peer, error = %e, "inbound: TLS handshake refused")
+                }
+                HandshakeError::TlsTimeout(timeout) => {
+                    tracing::warn!(%peer, ?timeout, "inbound: TLS handshake timed out")
+                }
+                HandshakeError::Identity(e) => {
+                    tracing::warn!(%peer, error = %e, "inbound: no client identity")
+                }
+                HandshakeError::Establish(e) => {
+                    tracing::warn!(%peer, error = %e, "inbound: connection lost")
+                }
+                HandshakeError::EstablishTimeout(timeout) => {
+                    tracing::warn!(%peer, ?timeout, "inbound: switching to kTLS timed out")
+                }
+                HandshakeError::H2(e) => {
+                    tracing::warn!(%peer, error = %e, "inbound: HTTP/2 handshake failed")
+                }
+            }
             return;
         }
     };
+    let client_id = Rc::new(client_id);
     let mut retired = false;
     let drain = shard.drain().waiter();
     let watch = keepalive::Watch::spawn(conn.ping_pong(), shard.opts.keepalive);
     loop {
         // An offloaded connection whose TX key nears its usage limit gets a GOAWAY: the client
-        // opens new streams elsewhere, the ones here finish (see transport::KeyBudget). A drain
+        // opens new streams elsewhere, the ones here finish (see stream::KeyBudget). A drain
         // does the same for every connection.
         let next = poll_fn(|cx| {
             if let Poll::Ready(why) = watch.poll_dead(cx) {

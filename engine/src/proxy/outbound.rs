@@ -28,7 +28,8 @@ use crate::net;
 use crate::shard::live;
 use crate::shard::pool::{Lent, PooledH2, Slot};
 use crate::shard::{Shard, Tally};
-use crate::transport::{self, HandshakeIo, TlsPath};
+use crate::stream::handshake::{self, HandshakeError, Handshaken};
+use crate::stream::TlsPath;
 
 /// Handles one connection accepted on the outbound capture listener.
 ///
@@ -348,64 +349,33 @@ async fn connect(
     let io = tcp
         .into_poll_io()
         .map_err(|source| OpenError::Connect { addr, source })?;
-    // Corked when kTLS may follow, so the handshake never reads past a TLS record.
-    let io = HandshakeIo::for_shard(shard, io);
-    let name = ServerName::IpAddress(addr.ip().into());
-    let tls = match monoio::time::timeout(opts.handshake_timeout, shard.connector.connect(name, io))
-        .await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            return Err(OpenError::Handshake {
-                addr,
-                why: e.to_string(),
-            })
-        }
-        Err(_) => {
-            return Err(OpenError::Handshake {
-                addr,
-                why: format!("timed out after {:?}", opts.handshake_timeout),
-            })
-        }
-    };
-    let peer = Rc::new(verify::expect_identity(
-        tls.get_ref().1.peer_certificates(),
-        identities,
-    )?);
-    // kTLS where possible, else rustls: the same h2 code runs on either.
-    let established = match monoio::time::timeout(
-        opts.handshake_timeout,
-        transport::establish(shard, tls.into()),
+    let Handshaken {
+        h2: (send, conn),
+        peer,
+        tick,
+        path,
+        budget,
+    } = handshake::client(
+        &shard.stream,
+        &shard.connector,
+        ServerName::IpAddress(addr.ip().into()),
+        io,
+        |certs| verify::expect_identity(certs, identities),
+        opts.h2.client_builder(),
     )
     .await
-    {
-        Ok(Ok(e)) => e,
-        Ok(Err(e)) => {
-            return Err(OpenError::Handshake {
-                addr,
-                why: e.to_string(),
-            })
-        }
-        Err(_) => {
-            return Err(OpenError::Handshake {
-                addr,
-                why: format!(
-                    "switching to kTLS timed out after {:?}",
-                    opts.handshake_timeout
-                ),
-            })
-        }
-    };
-    let (send, conn) = opts
-        .h2
-        .client_builder()
-        .handshake::<_, Bytes>(established.io)
-        .await
-        .map_err(HboneError::from)?;
+    .map_err(|e| match e {
+        HandshakeError::Identity(e) => OpenError::Hbone(e),
+        HandshakeError::H2(e) => OpenError::Hbone(e.into()),
+        e => OpenError::Handshake {
+            addr,
+            why: e.to_string(),
+        },
+    })?;
+    let peer = Rc::new(peer);
     let alive = Rc::new(Cell::new(true));
     let flag = alive.clone();
     let shard_id = shard.id;
-    let tick = established.tick;
     let ka = opts.keepalive;
     monoio::spawn(async move {
         let mut conn = conn;
@@ -429,14 +399,5 @@ async fn connect(
         }
         flag.set(false);
     });
-    Ok((
-        PooledH2::new(
-            send,
-            alive,
-            peer.clone(),
-            established.path,
-            established.budget,
-        ),
-        peer,
-    ))
+    Ok((PooledH2::new(send, alive, peer.clone(), path, budget), peer))
 }

@@ -31,6 +31,7 @@ use crate::config::Snapshot;
 use crate::decide::{self, Grant, RoundRobin, Route, Scope};
 use crate::metrics::{ShardCounters, ShardGauges, ShardMetrics, ShardReport, TcpLabels};
 use crate::options::{ListenerKind, RunOptions};
+use crate::stream::StreamCtx;
 use crate::tls::TlsMaterial;
 use drain::DrainSignal;
 use pool::HbonePool;
@@ -97,16 +98,6 @@ pub struct Counters {
     pub failed: Cell<u64>,
     /// Connections refused because the shard was at `--max-connections-per-shard`.
     pub overloaded: Cell<u64>,
-    /// HBONE connections (both directions) whose sending side the kernel encrypts (kTLS TX).
-    pub ktls_tx: Cell<u64>,
-    /// HBONE connections whose receiving side the kernel decrypts (kTLS RX).
-    pub ktls_rx: Cell<u64>,
-    /// HBONE connections carried by userspace rustls (no kTLS, or offload not possible).
-    pub tls_userspace: Cell<u64>,
-    /// HBONE connections lost while switching to kTLS (after rustls gave up its secrets).
-    pub ktls_failed: Cell<u64>,
-    /// Offloaded connections retired because their TX key neared its usage limit.
-    pub ktls_key_retired: Cell<u64>,
 }
 
 /// What a shard counts: Istio's TCP series and its own counters. Every connection's access
@@ -142,6 +133,8 @@ pub struct ShardContext {
     pub connector: tokio_rustls::TlsConnector,
     /// Which workloads this ringtun serves, and its own ports.
     pub scope: Scope,
+    /// What HBONE byte streams on this shard need (and count: by record layer).
+    pub stream: Rc<StreamCtx>,
 }
 
 impl ShardContext {
@@ -167,6 +160,12 @@ impl ShardContext {
             acceptor: tokio_rustls::TlsAcceptor::from(tls.server.clone()),
             connector: tokio_rustls::TlsConnector::from(tls.client.clone()),
             scope,
+            stream: Rc::new(StreamCtx::new(
+                id,
+                tls.ktls.clone(),
+                opts.ktls_tx_record_limit,
+                opts.handshake_timeout,
+            )),
             opts,
             tls,
         }
@@ -301,6 +300,7 @@ impl Shard {
         let metrics = &self.tally.metrics;
         live::flush_bytes(|labels, received, sent| metrics.moved(labels, received, sent));
         let c = self.counters();
+        let t = &self.stream.counters;
         ShardReport {
             shard: self.id,
             tcp: metrics.export(),
@@ -313,8 +313,10 @@ impl Shard {
             },
             counters: ShardCounters {
                 accepted: c.accepted.get(),
-                ktls_connections: c.ktls_tx.get().min(c.ktls_rx.get()),
-                userspace_tls_connections: c.tls_userspace.get(),
+                ktls_connections: t.ktls_tx.get().min(t.ktls_rx.get()),
+                userspace_tls_connections: t.userspace.get(),
+                ktls_failed: t.ktls_failed.get(),
+                ktls_retired: t.ktls_retired.get(),
                 refused_overloaded: c.overloaded.get(),
                 failed: c.failed.get(),
                 pool_new: c.pool_new.get(),

@@ -11,7 +11,7 @@ use h2::client::SendRequest;
 use ringtun_hbone::pool::{AttemptId, ConnId, Pool, PoolKey, PoolLimits, Pooled};
 use ringtun_hbone::Identity;
 
-use crate::transport::{KeyBudget, TlsPath};
+use crate::stream::{KeyBudget, TlsPath};
 
 /// A pooled HBONE connection: a handle to send requests on, and whether its driver task still
 /// runs (it stops when the peer sends GOAWAY or the connection fails).

@@ -1,0 +1,63 @@
+//! What a byte stream is given by the shard it runs on ([`StreamCtx`]) and what it counts.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use tls_kernel_offload::Capability;
+
+/// What the byte-stream layers need from the shard they run on, and nothing more: built once
+/// per shard, shared (`Rc`) by its connections.
+#[derive(Debug)]
+pub struct StreamCtx {
+    /// The shard's number, for log lines.
+    pub shard: usize,
+    /// What the kernel can offload (`--ktls` and the probe); `None` keeps every connection
+    /// on userspace rustls.
+    pub ktls: Option<Capability>,
+    /// Records an offloaded AES-GCM connection sends before it retires
+    /// (`--ktls-tx-record-limit`, see [`KeyBudget`]).
+    pub tx_record_limit: u64,
+    /// How long the TLS handshake may take, and then the switch to kTLS
+    /// (`--handshake-timeout-ms`).
+    pub handshake_timeout: Duration,
+    /// What happened to this shard's connections.
+    pub counters: TlsCounters,
+}
+
+impl StreamCtx {
+    /// A context with zeroed counters.
+    pub fn new(
+        shard: usize,
+        ktls: Option<Capability>,
+        tx_record_limit: u64,
+        handshake_timeout: Duration,
+    ) -> Self {
+        StreamCtx {
+            shard,
+            ktls,
+            tx_record_limit,
+            handshake_timeout,
+            counters: TlsCounters::default(),
+        }
+    }
+}
+
+/// Per-shard counts of HBONE connections by record layer, since start (plain cells: one
+/// thread).
+#[derive(Debug, Default)]
+pub struct TlsCounters {
+    /// Connections whose sending side the kernel encrypts (kTLS TX).
+    pub ktls_tx: Cell<u64>,
+    /// Connections whose receiving side the kernel decrypts (kTLS RX).
+    pub ktls_rx: Cell<u64>,
+    /// Connections carried by userspace rustls (no kTLS, or offload not possible).
+    pub userspace: Cell<u64>,
+    /// Connections lost while switching to kTLS (after rustls gave up its secrets).
+    pub ktls_failed: Cell<u64>,
+    /// Offloaded connections retired because their TX key neared its usage limit.
+    pub ktls_retired: Cell<u64>,
+}
+
+pub(super) fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
+}

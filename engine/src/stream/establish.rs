@@ -1,0 +1,279 @@
+//! After the TLS handshake: hand the record layer to the kernel, or keep it in userspace.
+
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Poll};
+
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use tls_kernel_offload::{self as ktls, Cipher, Handoff, KtlsError};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::ctx::bump;
+use super::{FlushTick, HandshakeIo, HboneIo, KeyBudget, KtlsIo, RustlsIo, StreamCtx, TlsPath};
+
+/// An HBONE connection after its TLS handshake.
+#[derive(Debug)]
+pub struct Established {
+    /// What h2 runs on.
+    pub io: HboneIo,
+    /// Poll the h2 connection through this (see [`FlushTick`]).
+    pub tick: Rc<FlushTick>,
+    /// How its records are carried.
+    pub path: TlsPath,
+    /// The TX key budget of an offloaded connection (`None` on rustls, which counts and
+    /// rekeys by itself).
+    pub budget: Option<Rc<KeyBudget>>,
+}
+
+/// A connection lost between the TLS handshake and its first HTTP/2 byte: mostly while
+/// switching to kTLS, when rustls had given up (or was about to give up) its secrets, so it
+/// cannot continue in userspace either.
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    /// The offload crate refused or the kernel rejected the keys.
+    #[error("switching to kTLS: {0}")]
+    Ktls(#[from] KtlsError),
+    /// Socket I/O while finishing the last record or flushing rustls failed.
+    #[error("switching to kTLS: {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// rustls failed on the record that completed the handshake's last read.
+    #[error("switching to kTLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A connection staying on userspace rustls could not leave monoio's poll mode (the
+    /// runtime refused to deregister the socket); nothing was sent on it yet.
+    #[error("after the TLS handshake: leaving poll mode: {0}")]
+    PollMode(io::Error),
+}
+
+/// Finishes a handshaken connection: offloads it to the kernel when this shard, the kernel
+/// and the negotiated cipher suite allow, else keeps it on userspace rustls ([`RustlsIo`]).
+/// Counts the outcome in the context's counters.
+pub async fn establish(
+    ctx: &Rc<StreamCtx>,
+    tls: tokio_rustls::TlsStream<HandshakeIo>,
+) -> Result<Established, OffloadError> {
+    let Some(cap) = ctx.ktls.as_ref() else {
+        return userspace(ctx, tls);
+    };
+    let (io, common) = tls.get_ref();
+    let suite = common.negotiated_cipher_suite().map(|s| s.suite());
+    let cipher = suite
+        .filter(|s| cap.can_offload_suite(*s))
+        .and_then(Cipher::from_suite);
+    let Some(cipher) = cipher.filter(|_| io.cork.is_some()) else {
+        tracing::debug!(shard = ctx.shard, ?suite, "kTLS: this kernel cannot offload the negotiated cipher suite; the connection stays on userspace rustls");
+        return userspace(ctx, tls);
+    };
+    // Attaching the ULP is the one step that can fail without losing the connection: the
+    // socket stays plain TCP until keys are installed. So it comes before the secrets leave
+    // rustls.
+    if let Err(e) = ktls::enable_ulp(io.io.as_raw_fd()) {
+        tracing::warn!(shard = ctx.shard, error = %e, "kTLS: the connection stays on userspace rustls");
+        return userspace(ctx, tls);
+    }
+    // Committed: an error from here on loses the connection.
+    let result = offload(ctx, into_parts(tls), cipher).await;
+    if result.is_err() {
+        bump(&ctx.counters.ktls_failed);
+    }
+    result
+}
+
+/// The socket and the rustls connection of either end of a handshake.
+fn into_parts(tls: tokio_rustls::TlsStream<HandshakeIo>) -> (HandshakeIo, rustls::Connection) {
+    match tls {
+        tokio_rustls::TlsStream::Client(s) => {
+            let (io, conn) = s.into_inner();
+            (io, conn.into())
+        }
+        tokio_rustls::TlsStream::Server(s) => {
+            let (io, conn) = s.into_inner();
+            (io, conn.into())
+        }
+    }
+}
+
+fn userspace(
+    ctx: &StreamCtx,
+    tls: tokio_rustls::TlsStream<HandshakeIo>,
+) -> Result<Established, OffloadError> {
+    // Past the handshake nothing reads through the cork any more: the record layer reads the
+    // socket itself.
+    let (hio, conn) = into_parts(tls);
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| Cipher::from_suite(s.suite()));
+    // Off monoio's poll I/O: RustlsIo drives the socket itself.
+    let sock = hio
+        .io
+        .try_into_comp_io()
+        .map_err(|(e, _)| OffloadError::PollMode(e))?;
+    bump(&ctx.counters.userspace);
+    let tick = Rc::new(FlushTick::default());
+    Ok(Established {
+        io: HboneIo::Rustls(RustlsIo::new(sock, conn, tick.clone())),
+        tick,
+        path: TlsPath::userspace(cipher),
+        budget: None,
+    })
+}
+
+async fn offload(
+    ctx: &Rc<StreamCtx>,
+    (mut hio, mut conn): (HandshakeIo, rustls::Connection),
+    cipher: Cipher,
+) -> Result<Established, OffloadError> {
+    let mut early = Vec::new();
+    // 1. The handshake may have stopped reading inside a record (tokio-rustls keeps reading
+    //    after the handshake until the socket has nothing more). Read exactly the rest of it
+    //    and let rustls decrypt it, so the kernel starts at a record boundary.
+    let mut cork = hio.cork.take().unwrap_or_default();
+    let mut chunk = Vec::new();
+    if !cork.at_boundary() {
+        tracing::debug!(
+            shard = ctx.shard,
+            missing = cork.max_read(),
+            "kTLS: finishing a record the handshake left half-read"
+        );
+    }
+    while !cork.at_boundary() {
+        drain_plaintext(&mut conn, &mut early)?;
+        chunk.resize(cork.max_read(), 0);
+        let n = read_some(&mut hio.io, &mut chunk)
+            .await
+            .map_err(|source| OffloadError::Io {
+                context: "reading the rest of a record",
+                source,
+            })?;
+        if n == 0 {
+            return Err(OffloadError::Io {
+                context: "reading the rest of a record",
+                source: io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        cork.advance(&chunk[..n]);
+        feed(&mut conn, &chunk[..n])?;
+    }
+    // 2. Flush what rustls still has for the peer, then take its secrets and the plaintext it
+    //    decrypted but nobody read yet.
+    let extracted = loop {
+        match ktls::try_extract(conn)? {
+            Handoff::Ready(x) => break x,
+            Handoff::NeedsFlush(mut c) => {
+                let mut out = Vec::new();
+                while c.wants_write() {
+                    c.write_tls(&mut out).map_err(|source| OffloadError::Io {
+                        context: "collecting rustls output",
+                        source,
+                    })?;
+                }
+                write_all(&mut hio.io, &out)
+                    .await
+                    .map_err(|source| OffloadError::Io {
+                        context: "flushing rustls output",
+                        source,
+                    })?;
+                conn = *c;
+            }
+        }
+    };
+    early.extend_from_slice(&extracted.plaintext);
+    // 3. Keys into the kernel.
+    let off = ktls::enable(hio.io.as_raw_fd(), extracted.secrets)?;
+    let c = &ctx.counters;
+    if off.tx {
+        bump(&c.ktls_tx);
+    }
+    if off.rx {
+        bump(&c.ktls_rx);
+    }
+    tracing::debug!(
+        shard = ctx.shard,
+        peer = ?hio.io.peer_addr().ok(),
+        %cipher,
+        early = early.len(),
+        "kTLS: HBONE connection offloaded"
+    );
+    let budget = Rc::new(KeyBudget::new(cipher, ctx.tx_record_limit));
+    Ok(Established {
+        io: HboneIo::Kernel(KtlsIo::new(ctx.clone(), hio.io, early, budget.clone())),
+        // The kernel's socket takes every write at once; nothing to defer.
+        tick: Rc::new(FlushTick::default()),
+        path: TlsPath {
+            ktls_tx: off.tx,
+            ktls_rx: off.rx,
+            cipher: Some(cipher),
+        },
+        budget: Some(budget),
+    })
+}
+
+/// Moves the plaintext rustls has decrypted into `out` (so its buffer never fills while we
+/// feed it more).
+fn drain_plaintext(conn: &mut rustls::Connection, out: &mut Vec<u8>) -> Result<(), OffloadError> {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.reader().read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            // TCP EOF without close_notify: what was decrypted is still good.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(source) => {
+                return Err(OffloadError::Io {
+                    context: "draining rustls plaintext",
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Gives rustls bytes read from the socket and processes them.
+fn feed(conn: &mut rustls::Connection, mut bytes: &[u8]) -> Result<(), OffloadError> {
+    while !bytes.is_empty() {
+        let n = conn
+            .read_tls(&mut bytes)
+            .map_err(|source| OffloadError::Io {
+                context: "handing the record to rustls",
+                source,
+            })?;
+        if n == 0 {
+            return Err(OffloadError::Io {
+                context: "handing the record to rustls",
+                source: io::ErrorKind::WriteZero.into(),
+            });
+        }
+        conn.process_new_packets()?;
+    }
+    Ok(())
+}
+
+async fn read_some(io: &mut TcpStreamPoll, buf: &mut [u8]) -> io::Result<usize> {
+    poll_fn(|cx| {
+        let mut rb = ReadBuf::new(buf);
+        ready!(Pin::new(&mut *io).poll_read(cx, &mut rb))?;
+        Poll::Ready(Ok(rb.filled().len()))
+    })
+    .await
+}
+
+async fn write_all(io: &mut TcpStreamPoll, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, buf)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}

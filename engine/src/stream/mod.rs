@@ -1,0 +1,72 @@
+//! The byte stream HTTP/2 runs on in an HBONE connection: userspace rustls, or the kernel's
+//! TLS record layer (kTLS) once rustls has finished the handshake. One file per layer; none
+//! of them knows the shard, which hands each connection a [`StreamCtx`].
+//!
+//! | file            | layer                                                               |
+//! |-----------------|---------------------------------------------------------------------|
+//! | `probe.rs`      | [`startup`]: can this kernel offload at all (once per process)       |
+//! | `handshake.rs`  | [`handshake::client`] / [`handshake::server`]: the whole start-up     |
+//! | `handshake_io.rs` | [`HandshakeIo`]: the socket under the TLS handshake, corked        |
+//! | `establish.rs`  | [`establish`]: kTLS or userspace, [`Established`]                    |
+//! | `ktls.rs`       | [`KtlsIo`]: the kernel's record layer                                |
+//! | `key_budget.rs` | [`KeyBudget`]: records sent with one kTLS key                        |
+//! | `pump/`         | [`pump::RecordPump`]: the userspace record layer, no I/O             |
+//! | `userspace.rs`  | [`RustlsIo`]: the socket and waits around the pump                   |
+//! | `flush.rs`      | [`FlushTick`]: one `writev` per shard tick                           |
+//! | `hbone_io.rs`   | [`HboneIo`]: the one type h2 sees                                    |
+//! | `path.rs`       | [`TlsPath`]: which layer carried a connection, for the access log    |
+//!
+//! A byte through the layers. Both ends of HBONE (outbound [`crate::proxy::outbound`], inbound
+//! [`crate::proxy::inbound`]) start a connection with the same [`handshake`] sequence:
+//!
+//! 1. The socket is wrapped in a [`HandshakeIo`]. When kTLS will be attempted it is *corked*:
+//!    every read stops at a TLS record boundary ([`tls_kernel_offload::RecordBoundary`]), so
+//!    rustls never holds a fragment of a record the kernel would then miss.
+//! 2. The tokio-rustls handshake runs over it, and the peer's identity is checked.
+//! 3. [`establish`]: if the kernel can take this connection (probe result, negotiated cipher
+//!    suite, the `tls` ULP attaches), finish any record the handshake left half-read, flush
+//!    what rustls still has to send, drain the plaintext it already decrypted, hand the
+//!    secrets to the kernel and continue on a [`KtlsIo`]; otherwise stay on rustls
+//!    ([`RustlsIo`]). Either way the caller gets one [`HboneIo`], and everything above it
+//!    (h2, the copy loops) is the same code.
+//! 4. The HTTP/2 handshake runs on the [`HboneIo`].
+//!
+//! On the userspace path, a byte h2 writes goes into the [`pump::RecordPump`], which encrypts
+//! it into rustls' send buffer; it leaves in a `sendmsg` when h2 flushes, deferred to the end of
+//! the shard tick by [`FlushTick`] so that every stream's frames share one `writev`. A byte
+//! arriving is read by [`RustlsIo`] in 64 KiB `recv`s into the pump's buffer, decrypted by
+//! rustls when h2 reads, and copied once, into h2's buffer.
+//!
+//! On the kTLS path the socket is read and written through monoio's poll I/O like any other,
+//! as plaintext. The kernel reports a record that is not application data by failing the
+//! plain read with `EIO`; [`KtlsIo`] then reads it with its record type (`recvmsg` and the
+//! `TLS_GET_RECORD_TYPE` control message, via `tls_kernel_offload::recv_data`): session
+//! tickets are skipped, close_notify is end of stream, any other alert is a connection error,
+//! and a KeyUpdate closes the connection with a log line (Linux before 6.13 cannot install
+//! new keys, and rekeying is not implemented here), because every record after it would be
+//! undecryptable. Nobody counts records once the kernel encrypts, so [`KeyBudget`] does: see
+//! there for the AES-GCM key-usage limit and what happens when a connection approaches it.
+
+mod ctx;
+mod establish;
+mod flush;
+pub mod handshake;
+mod handshake_io;
+mod hbone_io;
+mod key_budget;
+mod ktls;
+mod path;
+mod probe;
+pub mod pump;
+mod userspace;
+
+pub use ctx::{StreamCtx, TlsCounters};
+pub use establish::{establish, Established, OffloadError};
+pub use flush::FlushTick;
+pub use handshake_io::HandshakeIo;
+pub use hbone_io::HboneIo;
+pub use key_budget::{KeyBudget, DEFAULT_TX_RECORD_LIMIT, TX_RECORD_MARGIN};
+pub use ktls::KtlsIo;
+pub use path::TlsPath;
+pub use probe::startup;
+pub use userspace::RustlsIo;
