@@ -15,7 +15,7 @@
 //! | `H` hold | – | counts the connection as held until EOF (idle connections) |
 //!
 //! Clients create their sockets on the calling thread, so running them inside
-//! [`ringtun_topology::Netns::enter`] puts them in the client namespace. A [`Target`] says where
+//! [`ringtun_testbed::Netns::enter`] puts them in the client namespace. A [`Target`] says where
 //! to dial and whether to mark the socket (SO_MARK makes the capture rules skip it: that is the
 //! "direct" baseline).
 
@@ -84,7 +84,7 @@ fn header(cmd: u8, arg: u64) -> Vec<u8> {
 }
 
 fn pattern(n: usize) -> Box<[u8]> {
-    crate::pattern(n).into_boxed_slice()
+    ringtun_testbed::pattern(n).into_boxed_slice()
 }
 
 /// Connects a non-blocking TCP socket to `dst`, optionally marked and bound to `src`, and

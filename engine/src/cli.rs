@@ -1,4 +1,4 @@
-//! Command-line interface: `ringtun run`, `check-config`, `gen-certs`, `demo`.
+//! Command-line interface: `ringtun run`, `check-config`, `gen-certs`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 use crate::admin::Role;
 use crate::options::{IoDriver, KtlsMode, RunOptions, TlsCipher, UringTaskrun};
 use crate::tls::CertPaths;
-use crate::{config, control, demo, pki, EngineError};
+use crate::{config, control, pki, EngineError};
 
 /// ringtun: HBONE tunnel engine, a drop-in for Istio ambient's ztunnel.
 #[derive(Parser, Debug)]
@@ -52,8 +52,6 @@ pub enum Command {
         #[arg(long = "identity", required = true)]
         identities: Vec<String>,
     },
-    /// Show a working tunnel: two network namespaces, two ringtuns, a client and an echo server.
-    Demo(demo::DemoArgs),
 }
 
 /// Options of `ringtun run`.
@@ -507,7 +505,6 @@ pub fn main() -> ExitCode {
             trust_domain,
             identities,
         } => gen_certs(&dir, &trust_domain, &identities),
-        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

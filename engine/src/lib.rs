@@ -11,7 +11,6 @@ pub mod alloc;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod demo;
 pub mod metrics;
 pub mod net;
 pub mod options;
@@ -85,9 +84,6 @@ pub enum EngineError {
     /// The metrics, readiness or admin listener could not be bound.
     #[error("cannot serve the metrics/readiness/admin endpoints: {0} (is another ringtun or ztunnel running here?)")]
     Admin(std::io::Error),
-    /// The demo's network set-up failed.
-    #[error("demo: {0}")]
-    Demo(String),
 }
 
 // Boxed so every Result<_, EngineError> stays small; these errors are rare and start-up only.

@@ -214,7 +214,7 @@ impl Pattern {
     fn get() -> &'static Pattern {
         static P: OnceLock<Pattern> = OnceLock::new();
         P.get_or_init(|| {
-            let mut bytes = ringtun_benches::pattern(PERIOD);
+            let mut bytes = ringtun_testbed::pattern(PERIOD);
             bytes.reserve(TAIL);
             bytes.extend_from_within(..TAIL);
             Pattern { bytes }

@@ -1,5 +1,6 @@
 //! What the kernel says about a process: CPU time and resident memory from `/proc`, and which
-//! ports it listens on (from its network namespace's view).
+//! ports it listens on (from its network namespace's view); and the open-files limit that many
+//! connections need.
 
 use std::collections::HashMap;
 
@@ -87,8 +88,9 @@ pub fn listens(pid: u32, port: u16) -> bool {
     })
 }
 
-/// Raises RLIMIT_NOFILE's soft limit to `want` (and the hard limit too, which root may do);
-/// returns the soft limit in force afterwards. Children inherit it.
+/// Raises RLIMIT_NOFILE's soft limit to `want` (and the hard limit too, which root may do up to
+/// `fs.nr_open`; otherwise the soft limit stops at the hard one); returns the soft limit in
+/// force afterwards. Children inherit it. `u64::MAX` asks for as much as is allowed.
 pub fn raise_nofile(want: u64) -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
