@@ -177,26 +177,19 @@ fn idle_connections_cost_little_memory_and_still_work() {
 /// A server that writes pattern bytes as fast as each client takes them, forever; the counter
 /// says how many bytes its writes have handed to the kernel.
 fn source_server(ns: &Netns, addr: &str) -> Arc<AtomicU64> {
-    let listener = bind_in(ns, addr);
     let written = Arc::new(AtomicU64::new(0));
     let count = written.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let count = count.clone();
-            std::thread::spawn(move || {
-                let mut pat = Pattern::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    pat.fill(&mut buf);
-                    match conn.write(&buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => {
-                            count.fetch_add(k as u64, Ordering::SeqCst);
-                        }
-                    }
+    serve(ns, addr, move |mut conn| {
+        let mut pat = Pattern::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            pat.fill(&mut buf);
+            match conn.write(&buf) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => {
+                    count.fetch_add(k as u64, Ordering::SeqCst);
                 }
-            });
+            }
         }
     });
     written

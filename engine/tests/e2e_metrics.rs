@@ -22,27 +22,20 @@ const LOG_WAIT: Duration = Duration::from_secs(10);
 /// A server that reads everything a client sends, then answers with `reply` pattern bytes and
 /// closes: the two directions carry different byte counts, so a swap shows.
 fn reply_server(ns: &Netns, addr: &str, reply: u64) -> Arc<AtomicU64> {
-    let listener = bind_in(ns, addr);
     let received = Arc::new(AtomicU64::new(0));
     let seen = received.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let seen = seen.clone();
-            std::thread::spawn(move || {
-                let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
-                let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
-                let (got, end) = read_to_end_or_error(&mut conn);
-                if end.is_err() {
-                    return;
-                }
-                seen.fetch_add(got.len() as u64, Ordering::SeqCst);
-                let mut data = vec![0u8; reply as usize];
-                Pattern::new().fill(&mut data);
-                let _ = conn.write_all(&data);
-                let _ = conn.shutdown(Shutdown::Write);
-            });
+    serve(ns, addr, move |mut conn| {
+        let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+        let (got, end) = read_to_end_or_error(&mut conn);
+        if end.is_err() {
+            return;
         }
+        seen.fetch_add(got.len() as u64, Ordering::SeqCst);
+        let mut data = vec![0u8; reply as usize];
+        Pattern::new().fill(&mut data);
+        let _ = conn.write_all(&data);
+        let _ = conn.shutdown(Shutdown::Write);
     });
     received
 }

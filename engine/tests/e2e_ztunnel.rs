@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use ringtun_testbed::{Netns, Process, TwoNodes, DEFAULT_MARK};
@@ -71,27 +71,14 @@ impl Ztunnel {
         Ztunnel { proc }
     }
 
-    fn text(&self) -> String {
-        self.proc.log()
-    }
-
     /// Waits for an access line of ztunnel's that contains every one of `want`.
     fn wait_access(&self, want: &[&str]) -> String {
-        let deadline = Instant::now() + LOG_WAIT;
-        loop {
-            let text = self.text();
-            if let Some(l) = text
-                .lines()
-                .find(|l| l.contains("access") && want.iter().all(|w| l.contains(w)))
-            {
-                return l.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no ztunnel access line with {want:?}:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let needles: Vec<&str> = std::iter::once("access")
+            .chain(want.iter().copied())
+            .collect();
+        self.proc
+            .wait_log_line(&needles, LOG_WAIT)
+            .unwrap_or_else(|e| panic!("no ztunnel access line with {want:?}: {e}"))
     }
 }
 

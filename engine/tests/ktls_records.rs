@@ -92,18 +92,7 @@ impl Server {
 
     /// Waits until the log has a line containing all of `needles`; returns it.
     fn wait_line(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let text = self.text();
-            if let Some(l) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return l.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ringtun never logged a line with {needles:?}:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        self.ringtun.wait_line(needles, WAIT)
     }
 }
 

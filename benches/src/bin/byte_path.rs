@@ -116,14 +116,7 @@ impl Proxy {
 
 fn start_proxy(ns: &Netns, dir: &Path, who: &'static str, o: &Opts) -> Proxy {
     let trace = o.strace.then(|| dir.join(format!("{who}.strace")));
-    let workload = format!("default/{who}");
-    let config = dir.join("config.yaml");
-    let files = RunFiles {
-        config: &config,
-        certs: dir,
-        identity: &workload,
-        workload: Some(&workload),
-    };
+    let files = RunFiles::new(&dir.join("config.yaml"), dir, &format!("default/{who}"));
     let mut cmd = match &trace {
         Some(t) => {
             let mut c = ns.exec("strace");

@@ -155,24 +155,36 @@ impl EchoServer {
     }
 
     fn serve(ns: &Netns, addr: &str, hash: bool) -> Result<EchoServer> {
-        let listener = bind_in(ns, addr)?;
-        let addr = listener
-            .local_addr()
-            .map_err(Error::io("echo server address"))?;
         let records = Arc::new(Records::default());
         let recs = records.clone();
-        std::thread::Builder::new()
-            .name(format!("echo {addr}"))
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    let Ok(conn) = conn else { continue };
-                    let recs = recs.clone();
-                    std::thread::spawn(move || echo_one(conn, &recs, hash));
-                }
-            })
-            .map_err(Error::io("spawning the echo server"))?;
+        let addr = serve_in(ns, addr, move |conn| echo_one(conn, &recs, hash))?;
         Ok(EchoServer { addr, records })
     }
+}
+
+/// Serves `addr` inside `ns`: every accepted connection goes to `handle` on a thread of its
+/// own. The threads live until the process exits. Returns the bound address.
+pub fn serve_in(
+    ns: &Netns,
+    addr: &str,
+    handle: impl Fn(TcpStream) + Send + Sync + 'static,
+) -> Result<SocketAddr> {
+    let listener = bind_in(ns, addr)?;
+    let bound = listener
+        .local_addr()
+        .map_err(Error::io(format!("address of the listener on {addr}")))?;
+    let handle = Arc::new(handle);
+    std::thread::Builder::new()
+        .name(format!("serve {bound}"))
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let handle = handle.clone();
+                std::thread::spawn(move || handle(conn));
+            }
+        })
+        .map_err(Error::io(format!("spawning the server on {bound}")))?;
+    Ok(bound)
 }
 
 fn echo_one(mut conn: TcpStream, recs: &Records, hash: bool) {

@@ -381,8 +381,9 @@ impl Drop for Netns {
     }
 }
 
-/// Kills whatever still runs in the namespace, then deletes it.
-fn teardown(name: &str) -> Result<()> {
+/// Kills whatever still runs in the namespace `name`, then deletes it (what dropping a [`Netns`]
+/// does; for clean-up paths that cannot run destructors, such as a signal handler's).
+pub fn teardown(name: &str) -> Result<()> {
     let me = std::process::id();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -208,6 +208,27 @@ impl Process {
         }
     }
 
+    /// Waits until the log has a line containing every one of `needles` and returns it; fails
+    /// after `timeout`, whether or not the process still runs (a line may come as it exits).
+    pub fn wait_log_line(&self, needles: &[&str], timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if let Some(l) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return Ok(l.to_owned());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady {
+                    name: self.name.clone(),
+                    what: format!("logging a line with {needles:?}"),
+                    waited: timeout,
+                    log_tail: tail(&log, TAIL_LINES),
+                });
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// Waits until `GET /healthz/ready` on 127.0.0.1:15021 inside `ns` answers 200 (see
     /// [`Process::wait_until`] for the failures).
     pub fn wait_ready(&mut self, ns: &Netns, timeout: Duration) -> Result<()> {
@@ -315,6 +336,10 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo starting; echo broken config >&2; exit 3"]);
         let mut p = Process::spawn(cmd, "exiter", &log).expect("spawn sh");
+        let line = p
+            .wait_log_line(&["broken", "config"], Duration::from_secs(10))
+            .expect("its stderr is in the log");
+        assert_eq!(line, "broken config");
         let err = p
             .wait_until("never", Duration::from_secs(10), |_| false)
             .expect_err("it exits");

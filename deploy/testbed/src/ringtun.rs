@@ -30,28 +30,44 @@ pub fn cert_paths(dir: &Path, identity: &str) -> (PathBuf, PathBuf) {
 
 /// What a `ringtun run` reads: the config, and a directory with `ca.pem` and the workload's
 /// certificate.
-#[derive(Clone, Copy, Debug)]
-pub struct RunFiles<'a> {
+#[derive(Clone, Debug)]
+pub struct RunFiles {
     /// `--config`.
-    pub config: &'a Path,
+    pub config: PathBuf,
     /// Directory with `ca.pem` and the certificate of `identity`.
-    pub certs: &'a Path,
+    pub certs: PathBuf,
     /// Whose certificate to present, `ns/sa`.
-    pub identity: &'a str,
+    pub identity: String,
     /// `--workload ns/name`, if given (ringtun also takes it from `PROXY_WORKLOAD_INFO`).
-    pub workload: Option<&'a str>,
+    pub workload: Option<String>,
 }
 
-impl RunFiles<'_> {
+impl RunFiles {
+    /// The files of the workload `identity` (`ns/sa`, also its `--workload ns/name`).
+    pub fn new(config: &Path, certs: &Path, identity: &str) -> RunFiles {
+        RunFiles {
+            config: config.to_owned(),
+            certs: certs.to_owned(),
+            identity: identity.to_owned(),
+            workload: Some(identity.to_owned()),
+        }
+    }
+
+    /// The same files with `--workload` given as `workload`, or left out.
+    pub fn with_workload(mut self, workload: Option<&str>) -> RunFiles {
+        self.workload = workload.map(str::to_owned);
+        self
+    }
+
     /// `run --config … --cert-chain … --key … --roots … [--workload …]`, to follow the binary.
     pub fn args(&self) -> Vec<OsString> {
-        let (chain, key) = cert_paths(self.certs, self.identity);
+        let (chain, key) = cert_paths(&self.certs, &self.identity);
         let mut args: Vec<OsString> = vec!["run".into(), "--config".into()];
-        args.push(self.config.into());
+        args.push(self.config.clone().into());
         args.extend(["--cert-chain".into(), chain.into()]);
         args.extend(["--key".into(), key.into()]);
         args.extend(["--roots".into(), self.certs.join("ca.pem").into()]);
-        if let Some(w) = self.workload {
+        if let Some(w) = &self.workload {
             args.extend(["--workload".into(), w.into()]);
         }
         args
@@ -79,12 +95,11 @@ mod tests {
 
     #[test]
     fn run_arguments_follow_the_gen_certs_layout() {
-        let files = RunFiles {
-            config: Path::new("/w/config.yaml"),
-            certs: Path::new("/w/certs"),
-            identity: "default/client",
-            workload: Some("default/client"),
-        };
+        let files = RunFiles::new(
+            Path::new("/w/config.yaml"),
+            Path::new("/w/certs"),
+            "default/client",
+        );
         let args: Vec<String> = files
             .args()
             .iter()
@@ -95,5 +110,7 @@ mod tests {
             "run --config /w/config.yaml --cert-chain /w/certs/default.client.pem \
              --key /w/certs/default.client.key --roots /w/certs/ca.pem --workload default/client"
         );
+        let without = files.with_workload(None).args();
+        assert!(!without.iter().any(|a| a == "--workload"), "{without:?}");
     }
 }

@@ -33,13 +33,8 @@ pub fn one_node_command(
     identity: &str,
     workload: Option<&str>,
 ) -> Command {
-    let config = dir.join("config.yaml");
-    let files = RunFiles {
-        config: &config,
-        certs: dir.path(),
-        identity,
-        workload,
-    };
+    let files =
+        RunFiles::new(&dir.join("config.yaml"), dir.path(), identity).with_workload(workload);
     let mut cmd = files.command(ns, ringtun_bin());
     cmd.env("RINGTUN_LOG", "info").env("NO_COLOR", "1");
     cmd

@@ -13,6 +13,12 @@ pub fn echo_server(ns: &Netns, addr: &str) -> EchoServer {
     EchoServer::start(ns, addr).unwrap_or_else(|e| panic!("echo server on {addr}: {e}"))
 }
 
+/// Serves `addr` inside `ns`, every connection handed to `handle` on a thread of its own (see
+/// [`ringtun_testbed::echo::serve_in`]), or fails the test.
+pub fn serve(ns: &Netns, addr: &str, handle: impl Fn(TcpStream) + Send + Sync + 'static) {
+    ringtun_testbed::echo::serve_in(ns, addr, handle).unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Binds a listener inside `ns` (the socket stays in the namespace afterwards), or fails the
 /// test.
 pub fn bind_in(ns: &Netns, addr: &str) -> TcpListener {

@@ -63,12 +63,8 @@ pub struct RingtunArgs<'a> {
 impl Ringtun {
     /// Starts `ringtun run` in `ns` and waits until it answers ready on 15021.
     pub fn start(ns: &Netns, name: &str, log_dir: &Path, args: RingtunArgs<'_>) -> Ringtun {
-        let files = RunFiles {
-            config: args.config,
-            certs: args.certs,
-            identity: args.identity,
-            workload: Some(args.workload),
-        };
+        let files = RunFiles::new(args.config, args.certs, args.identity)
+            .with_workload(Some(args.workload));
         let mut cmd = files.command(ns, ringtun_bin());
         // RINGTUN_E2E_LOG=debug (for example) gives more detail when chasing a failure.
         let filter = args
@@ -133,22 +129,15 @@ impl Ringtun {
         timeout: Duration,
         pred: impl Fn(&AccessLine) -> bool,
     ) -> AccessLine {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let lines = self.access();
-            if let Some(l) = lines.iter().find(|l| pred(l)) {
-                return l.clone();
-            }
-            if Instant::now() > deadline {
-                let seen: Vec<&str> = lines.iter().map(|l| l.raw.as_str()).collect();
-                panic!(
-                    "ringtun ({}): no access line {what} within {timeout:?}; access lines:\n{}",
-                    self.name,
-                    seen.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let lines = self.poll_access(
+            timeout,
+            |ls| ls.iter().any(&pred),
+            || format!("no access line {what} within {timeout:?}; access lines:"),
+        );
+        lines
+            .into_iter()
+            .find(|l| pred(l))
+            .expect("the line just found")
     }
 
     /// Waits until `pred` holds for the access lines logged so far; fails the test with them
@@ -159,17 +148,31 @@ impl Ringtun {
         timeout: Duration,
         pred: impl Fn(&[AccessLine]) -> bool,
     ) -> Vec<AccessLine> {
+        self.poll_access(timeout, pred, || {
+            format!("access lines never showed {what} within {timeout:?}:")
+        })
+    }
+
+    /// Polls the access lines until `done` holds for them; fails the test with `failure` and the
+    /// lines seen after `timeout`.
+    fn poll_access(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[AccessLine]) -> bool,
+        failure: impl Fn() -> String,
+    ) -> Vec<AccessLine> {
         let deadline = Instant::now() + timeout;
         loop {
             let lines = self.access();
-            if pred(&lines) {
+            if done(&lines) {
                 return lines;
             }
             if Instant::now() > deadline {
                 let seen: Vec<&str> = lines.iter().map(|l| l.raw.as_str()).collect();
                 panic!(
-                    "ringtun ({}): access lines never showed {what} within {timeout:?}:\n{}",
+                    "ringtun ({}): {}\n{}",
                     self.name,
+                    failure(),
                     seen.join("\n")
                 );
             }
@@ -192,6 +195,13 @@ impl Ringtun {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Waits until the log has a line containing every one of `needles`; returns it.
+    pub fn wait_line(&self, needles: &[&str], timeout: Duration) -> String {
+        self.proc
+            .wait_log_line(needles, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Fails the test if the log shows a panic.

@@ -86,13 +86,7 @@ pub struct Env {
 
 /// `ringtun run` for one side, with the benchmark's and the caller's extra arguments.
 fn ringtun_cmd(env: &Env, ns: &Netns, who: &str, workers: usize, extra: &[String]) -> Command {
-    let workload = format!("default/{who}");
-    let files = RunFiles {
-        config: &env.config,
-        certs: &env.certs,
-        identity: &workload,
-        workload: Some(&workload),
-    };
+    let files = RunFiles::new(&env.config, &env.certs, &format!("default/{who}"));
     let mut cmd = files.command(ns, &env.ringtun);
     cmd.args(["--workers", &workers.to_string()]);
     if !env.pin {

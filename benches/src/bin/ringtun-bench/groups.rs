@@ -15,6 +15,9 @@ use crate::options::{wants, Opts, Plan};
 use crate::procs::Tunnel;
 use crate::{CONN_REPLY, CONN_REQ, GIB, MIB, RR_SIZE};
 
+/// One measurement of one contender, with its tunnel (none for direct).
+type Measure<'a> = dyn FnMut(&Contender, Option<&Tunnel>) -> Result<(), String> + 'a;
+
 /// What every run of the test groups needs.
 pub struct Bench<'a> {
     /// The command line.
@@ -58,62 +61,29 @@ impl Bench<'_> {
                 }
             }
         }
+        // Every group measures each contender in turn, with its tunnel (none for direct).
+        let each = |f: &mut Measure| {
+            order
+                .iter()
+                .try_for_each(|&i| f(&contenders[i], tunnels[i].as_ref()))
+        };
         if wants(o, "bulk") {
             for which in bulk_all {
-                for &i in &order {
-                    bulk_tests(
-                        env,
-                        res,
-                        run,
-                        &contenders[i],
-                        tunnels[i].as_ref(),
-                        plan.bytes,
-                        "",
-                        &[which],
-                    )?;
-                }
+                each(&mut |c, t| bulk_tests(env, res, run, c, t, plan.bytes, "", &[which]))?;
             }
         }
         if wants(o, "latency") {
-            for &i in &order {
-                latency_tests(
-                    env,
-                    res,
-                    run,
-                    &contenders[i],
-                    tunnels[i].as_ref(),
-                    plan.pingpongs,
-                )?;
-            }
+            each(&mut |c, t| latency_tests(env, res, run, c, t, plan.pingpongs))?;
         }
         if wants(o, "rr") {
-            for &i in &order {
-                rr_tests(
-                    env,
-                    res,
-                    run,
-                    &contenders[i],
-                    tunnels[i].as_ref(),
-                    plan.secs,
-                    o.rate,
-                )?;
-            }
+            each(&mut |c, t| rr_tests(env, res, run, c, t, plan.secs, o.rate))?;
         }
         if wants(o, "conn") {
-            for &i in &order {
-                conn_test(
-                    env,
-                    res,
-                    run,
-                    &contenders[i],
-                    tunnels[i].as_ref(),
-                    "conn rate pooled",
-                    plan.conns,
-                    o.conn_concurrency,
-                    &[],
-                    true,
-                )?;
-            }
+            each(&mut |c, t| {
+                let name = "conn rate pooled";
+                let n = plan.conns;
+                conn_test(env, res, run, c, t, name, n, o.conn_concurrency, &[], true)
+            })?;
         }
         if with_crosscheck {
             for &i in &order {
@@ -286,23 +256,7 @@ pub fn rr_tests(
     })?;
     let rps = r.completed as f64 / r.elapsed.as_secs_f64();
     res.push(run, &c.name, name, "req/s", rps, true);
-    let s = stats::sorted(&r.rtts);
-    res.push(
-        run,
-        &c.name,
-        name,
-        "RTT p50 µs",
-        stats::quantile(&s, 0.5),
-        false,
-    );
-    res.push(
-        run,
-        &c.name,
-        name,
-        "RTT p99 µs",
-        stats::quantile(&s, 0.99),
-        false,
-    );
+    push_p50_p99(res, run, c, name, "RTT", &r.rtts);
     if let Some((cc, sc)) = cpu {
         let per = (cc + sc) / r.completed.max(1) as f64 * 1e6;
         res.push(run, &c.name, name, "CPU µs/req (pair)", per, false);
@@ -372,23 +326,7 @@ pub fn conn_test(
         r.completed as f64 / r.elapsed.as_secs_f64(),
         true,
     );
-    let s = stats::sorted(&r.times);
-    res.push(
-        run,
-        &c.name,
-        name,
-        "conn time p50 µs",
-        stats::quantile(&s, 0.5),
-        false,
-    );
-    res.push(
-        run,
-        &c.name,
-        name,
-        "conn time p99 µs",
-        stats::quantile(&s, 0.99),
-        false,
-    );
+    push_p50_p99(res, run, c, name, "conn time", &r.times);
     res.push(run, &c.name, name, "failed", r.failed as f64, false);
     if let Some((cc, sc)) = cpu {
         let k = r.completed as f64 / 1000.0;
@@ -431,4 +369,21 @@ pub fn conn_test(
         );
     }
     Ok(())
+}
+
+/// Pushes the median and the 99th percentile of `samples` (µs) as `WHAT p50 µs` and
+/// `WHAT p99 µs`.
+fn push_p50_p99(
+    res: &mut Results,
+    run: usize,
+    c: &Contender,
+    test: &str,
+    what: &str,
+    samples: &[f64],
+) {
+    let s = stats::sorted(samples);
+    for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
+        let metric = format!("{what} {p} µs");
+        res.push(run, &c.name, test, &metric, stats::quantile(&s, q), false);
+    }
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ringtun_testbed::{sys, Process};
+use ringtun_testbed::{netns, sys, Process};
 
 /// Process groups of the running [`Proc`]s.
 static CHILD_GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
@@ -18,21 +18,9 @@ pub static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// recorded process groups and namespaces' processes, deletes the namespaces and exits 130.
 /// Call it before any other thread starts.
 pub fn install_signal_cleanup() {
-    // SAFETY: plain signal-mask calls on a local set, before any other thread exists, so every
-    // later thread inherits the mask and only the waiter below receives SIGINT/SIGTERM.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
+    let set = sys::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
     std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: sigwait on the set built above.
-        unsafe { libc::sigwait(&set, &mut sig) };
+        let sig = sys::wait_signal(&set);
         eprintln!("\nringtun-bench: signal {sig}, cleaning up");
         for g in CHILD_GROUPS
             .lock()
@@ -43,17 +31,7 @@ pub fn install_signal_cleanup() {
             unsafe { libc::kill(-*g, libc::SIGKILL) };
         }
         for ns in NAMESPACES.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    if let Ok(p) = pid.parse::<i32>() {
-                        if p as u32 != std::process::id() {
-                            // SAFETY: kill(2) on a process inside a namespace we created.
-                            unsafe { libc::kill(p, libc::SIGKILL) };
-                        }
-                    }
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = netns::teardown(ns);
         }
         std::process::exit(130);
     });

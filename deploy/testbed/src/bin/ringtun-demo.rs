@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ringtun_testbed::{
-    certs, ringtun, transfer, EchoServer, Error, Netns, Process, Result, RunFiles, TwoNodes,
+    certs, ringtun, sys, transfer, EchoServer, Error, Netns, Process, Result, RunFiles, TwoNodes,
     DEFAULT_MARK, DEMO_CONFIG,
 };
 
@@ -65,46 +65,18 @@ fn default_ringtun() -> Result<PathBuf> {
 
 /// Starts `ringtun run` for the workload `default/<who>` in `ns` and waits until it is ready.
 fn start_ringtun(ns: &Netns, bin: &Path, dir: &Path, who: &str) -> Result<Process> {
-    let workload = format!("default/{who}");
-    let config = dir.join("config.yaml");
-    let files = RunFiles {
-        config: &config,
-        certs: dir,
-        identity: &workload,
-        workload: Some(&workload),
-    };
+    let files = RunFiles::new(&dir.join("config.yaml"), dir, &format!("default/{who}"));
     let mut cmd = files.command(ns, bin);
     cmd.args(["--workers", "1"]);
     let log = dir.join(format!("ringtun-{who}.log"));
     ringtun::start(ns, cmd, &format!("ringtun ({who})"), &log)
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and every thread started after it, so that Ctrl-C
-/// reaches [`wait_for_signal`] (and the namespaces are torn down) instead of killing the
-/// process wherever the kernel delivers it.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: plain signal-mask calls on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Waits for one of the signals [`block_signals`] blocked.
-fn wait_for_signal(set: &libc::sigset_t) {
-    let mut sig = 0;
-    // SAFETY: sigwait on a set built by block_signals.
-    unsafe { libc::sigwait(set, &mut sig) };
-}
-
 fn run(args: DemoArgs) -> Result<()> {
     ringtun_testbed::require_root()?;
-    // Before any thread starts, so that all of them inherit the mask.
-    let signals = (!args.once).then(block_signals);
+    // Before any thread starts, so that all of them inherit the mask and Ctrl-C reaches the
+    // wait below, which tears the namespaces down.
+    let signals = (!args.once).then(|| sys::block_signals(&[libc::SIGINT, libc::SIGTERM]));
     let bin = match args.ringtun {
         Some(p) => p,
         None => default_ringtun()?,
@@ -163,7 +135,7 @@ fn run(args: DemoArgs) -> Result<()> {
         nodes.client.name(),
         dir.display()
     );
-    wait_for_signal(&signals);
+    sys::wait_signal(&signals);
     println!("ringtun demo: stopping");
     drop(client);
     drop(server);
