@@ -1,5 +1,5 @@
 //! What the kernel does with zero-copy sends on a kTLS TX socket: the facts behind
-//! ARCHITECTURE.md "Zero copy with kTLS (measured)" and `benches/src/bin/ktls_zerocopy.rs`.
+//! ARCHITECTURE.md "Zero copy with kTLS (measured)" and `benches/src/bin/ktls_zerocopy/`.
 //!
 //! - `send(MSG_ZEROCOPY)` and io_uring `SEND_ZC` are refused with `EOPNOTSUPP` (software
 //!   kTLS accepts only `MSG_MORE | MSG_DONTWAIT | MSG_NOSIGNAL` and internal flags), and the
