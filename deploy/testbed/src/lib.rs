@@ -15,6 +15,8 @@
 //! dropped, including while a test panics, and processes still running inside are killed first
 //! so that nothing is left behind.
 
+#![warn(missing_docs)]
+
 pub mod certs;
 pub mod echo;
 mod error;
