@@ -12,24 +12,9 @@
 //!   ringtun-benches`).
 //!
 //! `benches/reports/` and `docs/measurements/` record their figures. The modules below are shared
-//! by the binaries.
+//! by the binaries; namespaces, processes, certificates, the byte pattern and `/proc` figures
+//! come from the test bed (`ringtun-testbed`).
 
 pub mod load;
-pub mod procs;
 pub mod report;
 pub mod stats;
-
-/// `n` bytes of xorshift64 output: the payload the benchmarks send and check, incompressible
-/// and cheap to make.
-pub fn pattern(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}

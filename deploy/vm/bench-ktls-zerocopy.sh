@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The kTLS zero-copy benchmark (benches/src/bin/ktls_zerocopy.rs) inside the kTLS VM: plain
+# The kTLS zero-copy benchmark (benches/src/bin/ktls_zerocopy/) inside the kTLS VM: plain
 # io_uring sends against SEND_ZC, MSG_ZEROCOPY, sendfile and splice on a kTLS TX socket, each
 # run checked byte for byte at the receiver. Prints the table that
 # docs/measurements/ktls-zero-copy.md quotes. Not in CI: ~15 minutes under TCG.

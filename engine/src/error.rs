@@ -64,9 +64,6 @@ pub enum EngineError {
     /// The metrics, readiness or admin listener could not be bound.
     #[error("cannot serve the metrics/readiness/admin endpoints: {0} (is another ringtun or ztunnel running here?)")]
     Admin(std::io::Error),
-    /// The demo's network set-up failed.
-    #[error("demo: {0}")]
-    Demo(String),
 }
 
 // Boxed so every Result<_, EngineError> stays small; these errors are rare and start-up only.

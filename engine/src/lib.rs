@@ -13,7 +13,6 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod decide;
-pub mod demo;
 mod error;
 pub mod inpod;
 pub mod metrics;

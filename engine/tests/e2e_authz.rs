@@ -1,4 +1,6 @@
-//! Authorization that a client cannot talk its way around, end to end in network namespaces:
+//! L4 authorization end to end in network namespaces: DENY and ALLOW policies refuse with 401
+//! on 15008 and a reset on 15006 while dry-run policies refuse nothing, the refusals show in the
+//! access log and the metrics; and authorization a client cannot talk its way around:
 //! `sourceIps` is matched against the connection's own peer address whatever a `forwarded`
 //! header claims (an independent Python HBONE client forges one), and a policy update that
 //! denies a live connection cuts it on 15008 and 15006 while the connections it still allows
@@ -8,17 +10,19 @@
 
 mod common;
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringtun_topology::{Netns, DEFAULT_MARK as MARK};
+use ringtun_testbed::{Netns, DEFAULT_MARK as MARK};
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
 /// An address in the mesh's subnet that no node has: what a forging client claims to be.
 const FORGED: &str = "10.77.0.99";
+/// Identity of a third workload certificate (allowed where `default/client` is denied).
+const OTHER_ID: &str = "spiffe://cluster.local/ns/default/sa/other";
 
 /// One policy on the server's namespace, `rules` written as the YAML of one match.
 fn policy(name: &str, action: &str, rule: &str) -> String {
@@ -134,8 +138,8 @@ fn a_policy_update_cuts_live_connections_it_denies() {
     let mut opts = MeshOptions::new("apu");
     opts.capture_inbound = true;
     let m = Mesh::start(opts);
-    let _denied = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
-    let kept = EchoServer::start(&m.nodes.server, "0.0.0.0:5202");
+    let _denied = echo_server(&m.nodes.server, "0.0.0.0:5201");
+    let kept = echo_server(&m.nodes.server, "0.0.0.0:5202");
     let client = &m.nodes.client;
     // Each transfer: 8 MiB in 64 steps of 128 KiB, 100 ms apart (about 6.4 s).
     let (n, chunk, pause) = (8 * MIB, 128 * 1024, Duration::from_millis(100));
@@ -229,5 +233,151 @@ fn a_policy_update_cuts_live_connections_it_denies() {
         "the cut is logged with the policy"
     );
     m.client.assert_no_panic();
+    m.server.assert_no_panic();
+}
+
+/// DENY the client's identity, ALLOW any mTLS identity (so plaintext is not allowed), and a
+/// dry-run DENY of everything, which must not refuse anything.
+const POLICIES: &str = r#"policies:
+- name: deny-client
+  namespace: default
+  scope: Namespace
+  action: Deny
+  dryRun: false
+  rules:
+  - - - principals: [!Exact "cluster.local/ns/default/sa/client"]
+- name: mtls-only
+  namespace: default
+  scope: Namespace
+  action: Allow
+  dryRun: false
+  rules:
+  - - - principals: [!Presence []]
+- name: deny-all-dry
+  namespace: default
+  scope: Namespace
+  action: Deny
+  dryRun: true
+  rules:
+  - []
+"#;
+
+#[test]
+fn policies_refuse_with_401_and_reset_and_dry_run_refuses_nothing() {
+    let mut opts = MeshOptions::new("opp");
+    opts.config = mesh_config(&["/10.96.0.10"], false).replace("policies: []\n", POLICIES);
+    assert!(opts.config.contains("deny-all-dry"), "policies spliced in");
+    opts.capture_inbound = true;
+    let m = Mesh::start(opts);
+    let echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
+    let client = &m.nodes.client;
+
+    // Through the client ringtun (captured, identity default/client): refused.
+    let how = expect_no_answer(client, "10.96.0.10:80");
+    eprintln!("client ringtun, denied identity: {how}");
+    let line = m
+        .server
+        .wait_access("with the denied CONNECT", LOG_WAIT, |l| {
+            l.is("direction", "inbound") && l.is("end", "error")
+        });
+    assert!(line.is("response_flags", "DENY"), "{}", line.raw);
+    assert!(line.is("src.identity", CLIENT_ID), "{}", line.raw);
+    assert!(line.is("src.workload", "default/client"), "{}", line.raw);
+    let reason = line.get("reason").unwrap_or_default();
+    assert!(
+        reason.starts_with("401") && reason.contains("default/deny-client"),
+        "the reason names the status and the policy: {}",
+        line.raw
+    );
+    let out = m
+        .client
+        .wait_access("with the refused connection", LOG_WAIT, |l| {
+            l.is("direction", "outbound") && l.is("end", "error")
+        });
+    assert!(
+        out.get("reason").is_some_and(|r| r.contains("401")),
+        "the client ringtun says it was refused with 401: {}",
+        out.raw
+    );
+
+    // Now the Python client from the client node (capture removed so it reaches 15008).
+    client
+        .nft("delete table inet ringtun")
+        .expect("remove the outbound capture");
+    gen_certs(m.dir.path(), "cluster.local", &["default/other"]);
+    let run = py_client(client, &m.dir, "default.client", "10.77.0.2:5201", MIB);
+    assert_eq!(run.code, Some(4), "denied identity: {run}");
+    assert_eq!(
+        run.event("response").expect("response")["status"],
+        401,
+        "{run}"
+    );
+    let run = py_client(client, &m.dir, "default.other", "10.77.0.2:5201", MIB);
+    assert_echoed(&run, MIB);
+    let line = m.server.wait_access("from default/other", LOG_WAIT, |l| {
+        l.is("direction", "inbound") && l.is("src.identity", OTHER_ID)
+    });
+    assert!(line.is("end", "closed"), "{}", line.raw);
+    assert_eq!(line.num("bytes_received"), MIB, "{}", line.raw);
+    let log = m
+        .server
+        .wait_log_count("authorization dry run", 1, LOG_WAIT);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("authorization dry run") && l.contains("default/deny-all-dry")),
+        "the dry-run DENY is reported"
+    );
+    assert_eq!(
+        echo.records.wait_count(1, LOG_WAIT),
+        1,
+        "only the allowed identity reached the workload: {:?}",
+        echo.records.all()
+    );
+
+    // Plaintext (captured on 15006): no principal, so mtls-only does not allow it: reset.
+    // The refusal is fast enough that the RST may arrive before connect returns (the connect
+    // then fails with ECONNRESET) or before our write (the write gets ECONNRESET, the read end
+    // of file). Whichever call sees it, the connection must have been reset, not closed.
+    let reset = |e: &std::io::Error| e.kind() == ErrorKind::ConnectionReset;
+    match connect_in(client, "10.77.0.2:5201") {
+        Err(e) if reset(&e) => {}
+        Err(e) => panic!("plaintext connect: {e}"),
+        Ok(mut s) => {
+            let wrote = s.write_all(b"plaintext hello");
+            let mut buf = [0u8; 64];
+            let read = s.read(&mut buf);
+            match (&wrote, &read) {
+                (Err(e), _) | (Ok(()), Err(e)) if reset(e) => {}
+                _ => panic!(
+                    "plaintext without a principal: expected a reset, got write {wrote:?}, read {read:?}"
+                ),
+            }
+        }
+    }
+    let line = m.server.wait_access("plaintext denied", LOG_WAIT, |l| {
+        l.is("direction", "inbound-plaintext")
+    });
+    assert!(line.is("response_flags", "DENY"), "{}", line.raw);
+    assert!(line.is("end", "error"), "{}", line.raw);
+    assert_eq!(
+        echo.records.all().len(),
+        1,
+        "the plaintext connection reached nothing"
+    );
+
+    // The refusals are in the metrics, with their security policy.
+    let sc = Scrape::take(&m.nodes.server, false);
+    let denied = |policy| {
+        sc.sum(
+            "istio_tcp_connections_failed_total",
+            &[
+                ("reporter", "destination"),
+                ("response_flags", "DENY"),
+                ("connection_security_policy", policy),
+            ],
+        )
+    };
+    assert_eq!(denied("mutual_tls"), 2.0, "client ringtun + python client");
+    assert_eq!(denied("unknown"), 1.0, "plaintext");
     m.server.assert_no_panic();
 }

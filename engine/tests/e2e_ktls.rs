@@ -20,7 +20,7 @@ use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
 use common::*;
-use ringtun_topology::{Netns, DEFAULT_MARK};
+use ringtun_testbed::{Netns, DEFAULT_MARK};
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(30);
@@ -57,24 +57,13 @@ fn mesh(prefix: &'static str, client_extra: Vec<String>, server_extra: Vec<Strin
         .capture_outbound(15001, DEFAULT_MARK)
         .expect("outbound capture");
     let base = ["--workers", "1"].map(String::from);
-    let side = |ns: &Netns, name: &str, id: &str, extra: Vec<String>| {
+    let side = |ns: &Netns, who: &str, extra: Vec<String>| {
         let mut args: Vec<String> = base.to_vec();
         args.extend(extra);
-        Ringtun::start(
-            ns,
-            name,
-            dir.path(),
-            RingtunArgs {
-                config: &config,
-                certs: dir.path(),
-                identity: id,
-                workload: id,
-                extra: args,
-            },
-        )
+        Ringtun::start_as(ns, who, dir.path(), &config, args)
     };
-    let server = side(&nodes.server, "server", "default/server", server_extra);
-    let client = side(&nodes.client, "client", "default/client", client_extra);
+    let server = side(&nodes.server, "server", server_extra);
+    let client = side(&nodes.client, "client", client_extra);
     Mesh {
         client,
         server,
@@ -184,7 +173,7 @@ fn ktls_both_sides() {
     let client_on = announced_ktls(&m.client, true);
     let server_on = announced_ktls(&m.server, true);
     let before = (tls_stat(&m.nodes.client), tls_stat(&m.nodes.server));
-    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
 
     let n = bulk_mib() * MIB;
     let (out, inb) = echo_via_vip(&m, n);
@@ -234,7 +223,7 @@ fn one_side(prefix: &'static str, client_ktls: bool) {
     let m = mesh(prefix, c, s);
     let client_on = announced_ktls(&m.client, client_ktls);
     let server_on = announced_ktls(&m.server, !client_ktls);
-    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
     let n = (bulk_mib() * MIB / 4).max(MIB);
     let (out, inb) = echo_via_vip(&m, n);
     assert_tls(&out, client_on);
@@ -283,7 +272,7 @@ fn ktls_key_budget_retires_connections() {
     s.extend(budget);
     let m = mesh("kr", c, s);
     let on = announced_ktls(&m.client, true) && announced_ktls(&m.server, true);
-    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
     let mut new_conns = 0;
     for _ in 0..6 {
         let (out, inb) = echo_via_vip(&m, 256 * 1024);

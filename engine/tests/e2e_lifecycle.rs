@@ -12,7 +12,7 @@ use std::net::Shutdown;
 use std::time::Duration;
 
 use common::*;
-use ringtun_topology::Netns;
+use ringtun_testbed::Netns;
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
 /// Request bytes (client → server) and response bytes: different, so a swap shows.

@@ -11,7 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringtun_topology::{Netns, DEFAULT_MARK};
+use ringtun_testbed::{Netns, DEFAULT_MARK};
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -89,7 +89,7 @@ fn a_stopped_client_ringtun_is_dropped_by_the_server() {
     let mut opts = MeshOptions::new("lkc");
     opts.extra.extend(fast_keepalive());
     let m = Mesh::start(opts);
-    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
     echo_ok(&m.nodes.client, "10.96.0.10:80", MIB);
     m.client.signal(libc::SIGSTOP);
     let t0 = Instant::now();
@@ -115,7 +115,7 @@ fn sockets_of(ns: &Netns, pid: u32) -> Vec<String> {
 #[test]
 fn every_socket_ringtun_holds_has_tcp_keepalive() {
     let m = Mesh::start(MeshOptions::new("lkt"));
-    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
     // One tunnelled connection held open: the app side, the HBONE connection and the
     // upstream side.
     let mut s = connect_in(&m.nodes.client, "10.96.0.10:80").expect("connect");

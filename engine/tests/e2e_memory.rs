@@ -1,7 +1,9 @@
 //! Memory per idle tunnelled connection, as a user sees it: RSS of the client-side and the
 //! server-side ringtun together, before and after opening a few thousand connections through
 //! the real capture → HBONE → inbound path, and those connections still carrying bytes both
-//! ways, intact, once they have sat idle.
+//! ways, intact, once they have sat idle. And memory that stays bounded when a reader stops
+//! reading, a plain TCP application or an HTTP/2 client (`tests/peers/h2_abuse.py`), while the
+//! source keeps writing.
 //!
 //! Needs root (network namespaces); fails without it.
 
@@ -9,10 +11,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::*;
+use ringtun_testbed::Netns;
+
+const MIB: u64 = 1 << 20;
 
 /// Idle connections held open.
 const CONNS: usize = 2000;
@@ -24,22 +30,6 @@ const CONNS: usize = 2000;
 const MAX_KIB_PER_CONN: f64 = 8.0;
 /// Bytes each connection carries each way after its idle period.
 const PAYLOAD: usize = 3000;
-
-/// Raises the soft open-files limit to the hard one; returns the soft limit in force.
-fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-    }
-    lim.rlim_cur
-}
 
 /// Bytes connection `i` sends (the server echoes them back): distinct per connection, so a
 /// stream crossed with another one fails the check.
@@ -56,7 +46,8 @@ fn rss(m: &Mesh) -> (u64, u64) {
 #[test]
 fn idle_connections_cost_little_memory_and_still_work() {
     // This process holds both ends of every connection (plus the warm-up ones).
-    let nofile = raise_nofile();
+    // As many open files as the hard limit allows.
+    let nofile = ringtun_testbed::sys::raise_nofile(u64::MAX);
     assert!(
         nofile as usize >= 2 * CONNS + 256,
         "RLIMIT_NOFILE is {nofile}: {CONNS} idle connections need {} (both ends live in this test)",
@@ -65,7 +56,7 @@ fn idle_connections_cost_little_memory_and_still_work() {
     let m = Mesh::start(MeshOptions::new("emem"));
     // Warm-up on its own port: the HBONE connection, first-use allocations, a transfer big
     // enough to grow the read buffers (which idle connections must then not keep).
-    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5202");
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5202");
     echo_ok(&m.nodes.client, "10.77.0.2:5202", 4 << 20);
 
     // The server side holds every connection it accepts: it reads the 4-byte index the client
@@ -181,4 +172,156 @@ fn idle_connections_cost_little_memory_and_still_work() {
     );
     m.client.assert_no_panic();
     m.server.assert_no_panic();
+}
+
+/// A server that writes pattern bytes as fast as each client takes them, forever; the counter
+/// says how many bytes its writes have handed to the kernel.
+fn source_server(ns: &Netns, addr: &str) -> Arc<AtomicU64> {
+    let written = Arc::new(AtomicU64::new(0));
+    let count = written.clone();
+    serve(ns, addr, move |mut conn| {
+        let mut pat = Pattern::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            pat.fill(&mut buf);
+            match conn.write(&buf) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => {
+                    count.fetch_add(k as u64, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    written
+}
+
+/// Samples the RSS (KiB) of `procs` and the source server's byte count every 250 ms for
+/// `period`; returns per process the largest growth over `base` and the counts seen.
+fn watch(
+    procs: &[&Ringtun],
+    base: &[u64],
+    written: &AtomicU64,
+    period: Duration,
+) -> (Vec<u64>, Vec<u64>) {
+    let mut growth = vec![0u64; procs.len()];
+    let mut counts = Vec::new();
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(250));
+        for (i, p) in procs.iter().enumerate() {
+            growth[i] = growth[i].max(p.rss_kib().saturating_sub(base[i]));
+        }
+        counts.push(written.load(Ordering::SeqCst));
+    }
+    (growth, counts)
+}
+
+const RSS_LIMIT_KIB: u64 = 100 * 1024;
+const BUFFERED_LIMIT: u64 = 128 * MIB;
+
+#[test]
+fn a_client_that_stops_reading_keeps_memory_bounded() {
+    let m = Mesh::start(MeshOptions::new("osm"));
+    let written = source_server(&m.nodes.server, "10.77.0.2:5300");
+    let procs = [&m.client, &m.server];
+    let base: Vec<u64> = procs.iter().map(|p| p.rss_kib()).collect();
+    let mut app = connect_in(&m.nodes.client, "10.77.0.2:5300").expect("connect");
+    // Data flows ...
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while got < MIB {
+        got += app.read(&mut buf).expect("download") as u64;
+    }
+    // ... then the application stops reading for 5 s.
+    let (growth, counts) = watch(&procs, &base, &written, Duration::from_secs(5));
+    let total = *counts.last().expect("samples");
+    let mid = counts[counts.len() / 2];
+    eprintln!(
+        "stalled download: source wrote {} MiB (half-time {} MiB), RSS growth client {} KiB, server {} KiB",
+        total / MIB,
+        mid / MIB,
+        growth[0],
+        growth[1]
+    );
+    assert!(
+        total < BUFFERED_LIMIT,
+        "{total} bytes left the source while the client read {got}: something buffers without bound"
+    );
+    assert!(
+        total - mid < 8 * MIB,
+        "the source was still writing freely ({mid} → {total}) although nobody reads"
+    );
+    for (p, g) in procs.iter().zip(&growth) {
+        assert!(g < &RSS_LIMIT_KIB, "ringtun ({}) grew by {g} KiB", p.name);
+    }
+    // Reading again, the download resumes.
+    app.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut more = 0u64;
+    while more < total + 16 * MIB - got {
+        match app.read(&mut buf) {
+            Ok(0) => panic!("EOF after resuming"),
+            Ok(k) => more += k as u64,
+            Err(e) => panic!("resuming the download after {more} bytes: {e}"),
+        }
+    }
+    for p in procs {
+        assert!(p.is_alive());
+        p.assert_no_panic();
+    }
+}
+
+#[test]
+fn an_h2_client_that_stops_reading_keeps_memory_bounded() {
+    let t = ServerOnly::start("osp");
+    let written = source_server(&t.nodes.server, "10.77.0.2:5300");
+    let base = [t.server.rss_kib()];
+    let (run, (growth, counts)) = std::thread::scope(|s| {
+        let staller = s.spawn(|| {
+            h2_abuse(
+                &t.nodes.client,
+                &t.dir,
+                "stall",
+                &[
+                    "--authority",
+                    "10.77.0.2:5300",
+                    "--hold",
+                    "5",
+                    "--resume",
+                    "2",
+                ],
+            )
+        });
+        // Watch while the client does not read (from the 200 to the end of the hold).
+        std::thread::sleep(Duration::from_millis(500));
+        let w = watch(&[&t.server], &base, &written, Duration::from_secs(4));
+        (staller.join().expect("staller"), w)
+    });
+    let r = abuse_result(&run);
+    let total = *counts.last().expect("samples");
+    eprintln!(
+        "stalled h2 reader: {r}\nsource wrote {} MiB, server RSS growth {} KiB",
+        total / MIB,
+        growth[0]
+    );
+    assert_eq!(
+        run.event("response").expect("response")["status"],
+        200,
+        "{run}"
+    );
+    assert!(
+        total < BUFFERED_LIMIT,
+        "{total} bytes left the source while the HBONE client did not read"
+    );
+    assert!(
+        growth[0] < RSS_LIMIT_KIB,
+        "ringtun grew by {} KiB",
+        growth[0]
+    );
+    assert!(
+        r["after_resume"].as_u64().is_some_and(|b| b > MIB),
+        "the download resumed once the client read again: {r}"
+    );
+    assert!(t.server.is_alive());
+    t.server.assert_no_panic();
 }

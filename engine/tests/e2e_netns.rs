@@ -16,7 +16,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringtun_topology::{Netns, DEFAULT_MARK as MARK};
+use ringtun_testbed::{Netns, DEFAULT_MARK as MARK};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
@@ -96,7 +96,7 @@ fn main_scenario(driver: &str, prefix: &'static str) {
             r.name
         );
     }
-    let echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
     let client = &m.nodes.client;
 
     // 64 MiB through the service VIP, then 64 MiB to the pod IP.
@@ -156,7 +156,7 @@ fn main_scenario(driver: &str, prefix: &'static str) {
         .server
         .add_address(m.nodes.ifname(), "10.77.0.9/24")
         .expect("add 10.77.0.9");
-    let outside = EchoServer::start(&m.nodes.server, "10.77.0.9:7000");
+    let outside = echo_server(&m.nodes.server, "10.77.0.9:7000");
     let pt = echo_ok(client, "10.77.0.9:7000", MIB);
     let seen = outside
         .records
@@ -195,7 +195,7 @@ fn main_scenario(driver: &str, prefix: &'static str) {
     // A client outside the mesh (its socket carries the mark, so the client node's capture
     // leaves it alone) reaching the served workload in plaintext goes through 15006 too, and
     // is forwarded.
-    let inside = EchoServer::start(&m.nodes.server, "10.77.0.2:7000");
+    let inside = echo_server(&m.nodes.server, "10.77.0.2:7000");
     let s = connect_marked_in(client, "10.77.0.2:7000".parse().expect("addr"), MARK)
         .expect("plaintext connect to 10.77.0.2:7000");
     let local = s.local_addr().expect("local addr").to_string();
@@ -242,7 +242,7 @@ fn tls_cipher_preference_is_the_servers() {
     aes256.extend(["--tls-cipher".to_string(), "aes256".to_string()]);
     let server = Ringtun::start_as(&nodes.server, "server", dir.path(), &config, aes256);
     let client = Ringtun::start_as(&nodes.client, "client", dir.path(), &config, one_worker());
-    let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&nodes.server, "0.0.0.0:5201");
     echo_ok(&nodes.client, "10.96.0.10:80", MIB);
     for (who, r) in [("client", &client), ("server", &server)] {
         let line = r.wait_access("for the echo", LOG_WAIT, |l| l.get("tls.cipher").is_some());
@@ -262,7 +262,7 @@ fn ipv6_capture_and_hbone() {
     opts.config = mesh_config(&["/10.96.0.10", "/fd96::10"], true);
     let m = Mesh::start(opts);
     // Dual-stack listener: IPv6 and IPv4-mapped clients.
-    let echo = EchoServer::start(&m.nodes.server, "[::]:5201");
+    let echo = echo_server(&m.nodes.server, "[::]:5201");
     let t = echo_ok(&m.nodes.client, "[fd77::2]:5201", 4 * MIB);
     echo.records
         .wait_for(LOG_WAIT, |r| r.sha256 == t.sha_sent)
@@ -473,7 +473,7 @@ fn thousand_sequential_connections() {
     let mut opts = MeshOptions::new("esq");
     opts.extra = vec!["--workers".into(), "2".into()];
     let m = Mesh::start(opts);
-    let echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
     let start = Instant::now();
     for i in 0..1000 {
         if let Err(e) = small_echo(&m.nodes.client, 1024 + i % 512) {
@@ -506,7 +506,7 @@ fn two_hundred_concurrent_connections() {
     let mut opts = MeshOptions::new("ecc");
     opts.extra = vec!["--workers".into(), "2".into()];
     let m = Mesh::start(opts);
-    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
     const N: usize = 200;
     // All connections are open at once (more than the 100 streams one pooled HTTP/2
     // connection carries) before any data flows.
@@ -667,7 +667,7 @@ fn run_refuses_a_bad_config() {
 #[test]
 fn hot_reload_keeps_live_connections_and_survives_bad_configs() {
     let m = Mesh::start(MeshOptions::new("ehr"));
-    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
     let client = &m.nodes.client;
     let long = transfer_with(client, "10.96.0.10:80", 32 * MIB, |_| {
         // Halfway through the long transfer: add a VIP.
@@ -719,7 +719,7 @@ fn idle_limit_cuts_only_quiet_connections() {
     opts.extra
         .extend(["--idle-timeout-ms".to_string(), "800".to_string()]);
     let m = Mesh::start(opts);
-    let _echo = EchoServer::start(&m.nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
     let client = &m.nodes.client;
     let mut quiet = connect_in(client, "10.96.0.10:80").expect("connect");
     let mut busy = connect_in(client, "10.96.0.10:80").expect("connect");

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use ringtun_topology::DEFAULT_MARK;
+use ringtun_testbed::DEFAULT_MARK;
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -20,7 +20,7 @@ const LOG_WAIT: Duration = Duration::from_secs(10);
 type Inbound = ServerOnly;
 
 impl Inbound {
-    fn start(prefix: &'static str) -> Inbound {
+    fn with_other_domain(prefix: &'static str) -> Inbound {
         ServerOnly::start_with(prefix, |dir| {
             // An identity in another trust domain signed by the same CA. gen-certs names files
             // by namespace and service account only, so it is issued first and moved aside.
@@ -61,7 +61,7 @@ impl Inbound {
 
 #[test]
 fn python_client_good_certificate_gets_200_and_exact_echo() {
-    let t = Inbound::start("pyg");
+    let t = Inbound::with_other_domain("pyg");
     let run = t.client(
         t.dir.path(),
         "default.client",
@@ -112,7 +112,7 @@ fn python_client_good_certificate_gets_200_and_exact_echo() {
 
 #[test]
 fn python_client_certificate_from_another_ca_is_refused() {
-    let t = Inbound::start("pyc");
+    let t = Inbound::with_other_domain("pyc");
     let other = TempDir::new("pyc-other-ca");
     gen_certs(other.path(), "cluster.local", &["default/client"]);
     let run = t.client(
@@ -131,7 +131,7 @@ fn python_client_certificate_from_another_ca_is_refused() {
 
 #[test]
 fn python_client_identity_in_another_trust_domain_is_refused() {
-    let t = Inbound::start("pyt");
+    let t = Inbound::with_other_domain("pyt");
     let run = t.client(
         t.dir.path(),
         "otherdomain.client",
@@ -148,7 +148,7 @@ fn python_client_identity_in_another_trust_domain_is_refused() {
 
 #[test]
 fn python_client_get_or_bad_authority_gets_400() {
-    let t = Inbound::start("pyb");
+    let t = Inbound::with_other_domain("pyb");
     let run = t.client(
         t.dir.path(),
         "default.client",
@@ -176,7 +176,7 @@ fn python_client_get_or_bad_authority_gets_400() {
 
 #[test]
 fn python_client_refusals_carry_ztunnels_status_codes() {
-    let t = Inbound::start("pyu");
+    let t = Inbound::with_other_domain("pyu");
     // Another address than the one the connection reached (the client workload's, an unknown
     // one): 400, ztunnel's IPMismatch. One of ringtun's own ports: 503, ztunnel's SelfCall.
     for (authority, status) in [

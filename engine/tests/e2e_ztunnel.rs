@@ -7,11 +7,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use ringtun_topology::{Netns, TwoNodes, DEFAULT_MARK};
+use ringtun_testbed::{Netns, Process, TwoNodes, DEFAULT_MARK};
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -47,16 +46,14 @@ fn use_test_ca(dir: &TempDir) {
 /// A ztunnel in dedicated mode for `default/<who>`; killed on drop, its log printed if the
 /// test fails.
 struct Ztunnel {
-    child: Child,
-    log: PathBuf,
+    proc: Process,
 }
 
 impl Ztunnel {
+    /// Starts it and waits until it answers ready on 15021, as ringtun is waited for.
     fn start(ns: &Netns, who: &str, config: &Path, dir: &Path) -> Ztunnel {
-        let log = dir.join(format!("ztunnel-{who}.log"));
-        let child = ns
-            .exec(shared_ztunnel().join("ztunnel"))
-            .env("PROXY_MODE", "dedicated")
+        let mut cmd = ns.exec(shared_ztunnel().join("ztunnel"));
+        cmd.env("PROXY_MODE", "dedicated")
             .env("PROXY_WORKLOAD_INFO", format!("default/{who}/{who}"))
             .env("LOCAL_XDS_PATH", config)
             .env("FAKE_CA", "true")
@@ -65,59 +62,23 @@ impl Ztunnel {
             .env("PACKET_MARK", "1337")
             .env("ENABLE_ORIG_SRC", "false")
             .env("ZTUNNEL_WORKER_THREADS", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(std::fs::File::create(dir.join(format!("ztunnel-{who}.err"))).expect("log"))
-            .spawn()
-            .expect("spawn ztunnel");
-        let z = Ztunnel { child, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let listening = ns.run("ss", ["-ltnH"]).unwrap_or_default();
-            if listening.contains(":15008 ") && listening.contains(":15001 ") {
-                return z;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ztunnel ({who}) never listened:\n{}",
-                z.text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn text(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+            .env("RUST_LOG", "info");
+        let log = dir.join(format!("ztunnel-{who}.log"));
+        let mut proc =
+            Process::spawn(cmd, &format!("ztunnel ({who})"), &log).expect("spawn ztunnel");
+        proc.wait_ready(ns, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Ztunnel { proc }
     }
 
     /// Waits for an access line of ztunnel's that contains every one of `want`.
     fn wait_access(&self, want: &[&str]) -> String {
-        let deadline = Instant::now() + LOG_WAIT;
-        loop {
-            let text = self.text();
-            if let Some(l) = text
-                .lines()
-                .find(|l| l.contains("access") && want.iter().all(|w| l.contains(w)))
-            {
-                return l.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no ztunnel access line with {want:?}:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Ztunnel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("===== ztunnel log =====\n{}", self.text());
-        }
+        let needles: Vec<&str> = std::iter::once("access")
+            .chain(want.iter().copied())
+            .collect();
+        self.proc
+            .wait_log_line(&needles, LOG_WAIT)
+            .unwrap_or_else(|e| panic!("no ztunnel access line with {want:?}: {e}"))
     }
 }
 
@@ -141,7 +102,7 @@ fn ringtun_client_to_ztunnel_server() {
     let (nodes, dir, path) = topology("zrz", &config());
     let server = Ztunnel::start(&nodes.server, "server", &path, dir.path());
     let client = ringtun(&nodes.client, "client", &dir, &path);
-    let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+    let _echo = echo_server(&nodes.server, "0.0.0.0:5201");
     let t = echo_ok(&nodes.client, "10.96.0.10:80", 4 * MIB);
     assert_eq!(t.sha_sent, t.sha_received);
     let line = client.wait_access("through ztunnel", LOG_WAIT, |l| {
@@ -160,7 +121,7 @@ fn ztunnel_client_to_ringtun_server() {
     let (nodes, dir, path) = topology("zzr", &config());
     let server = ringtun(&nodes.server, "server", &dir, &path);
     let client = Ztunnel::start(&nodes.client, "client", &path, dir.path());
-    let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+    let echo = echo_server(&nodes.server, "0.0.0.0:5201");
     let t = echo_ok(&nodes.client, "10.96.0.10:80", 4 * MIB);
     echo.records
         .wait_for(LOG_WAIT, |r| r.sha256 == t.sha_sent)
@@ -213,7 +174,7 @@ fn each_side_reads_the_others_policy_refusal() {
         let (nodes, dir, path) = topology("zdz", &config_denying_client());
         let _server = Ztunnel::start(&nodes.server, "server", &path, dir.path());
         let client = ringtun(&nodes.client, "client", &dir, &path);
-        let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+        let _echo = echo_server(&nodes.server, "0.0.0.0:5201");
         refused_through_vip(&nodes.client);
         let line = client.wait_access("refused by ztunnel", LOG_WAIT, |l| {
             l.is("direction", "outbound") && l.is("end", "error")
@@ -229,7 +190,7 @@ fn each_side_reads_the_others_policy_refusal() {
         let (nodes, dir, path) = topology("zdr", &config_denying_client());
         let server = ringtun(&nodes.server, "server", &dir, &path);
         let client = Ztunnel::start(&nodes.client, "client", &path, dir.path());
-        let _echo = EchoServer::start(&nodes.server, "0.0.0.0:5201");
+        let _echo = echo_server(&nodes.server, "0.0.0.0:5201");
         refused_through_vip(&nodes.client);
         let line = server.wait_access("the denial", LOG_WAIT, |l| l.is("direction", "inbound"));
         assert!(line.is("response_flags", "DENY"), "{}", line.raw);

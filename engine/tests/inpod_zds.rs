@@ -17,7 +17,7 @@ use inpod_common::*;
 use ringtun::inpod::session::{Action, Reply, Session};
 use ringtun::inpod::uds::{Handled, ZdsClient, ZdsError};
 use ringtun::inpod::{netns_id, NetnsId};
-use ringtun_topology::Netns;
+use ringtun_testbed::Netns;
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 

@@ -13,18 +13,19 @@
 //! Needs kTLS in the kernel the test runs on, for both ringtun and the client: on a host
 //! without it the tests say so and pass without checking anything, unless
 //! `RINGTUN_EXPECT_KTLS=1` (set in the kTLS VM by `deploy/vm/test-ktls.sh`), where a missing
-//! kTLS fails them. No namespaces: ringtun listens on 127.0.0.1 with port 0.
+//! kTLS fails them. Each ringtun runs in a network namespace of its own (its readiness port,
+//! 15021, is what the test waits on), serving HBONE on 127.0.0.1:15008 there.
 
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ringtun_testbed::Netns;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tls_kernel_offload as ktls;
@@ -49,115 +50,49 @@ fn ktls_here(test: &str) -> bool {
     false
 }
 
-/// A ringtun serving HBONE on 127.0.0.1 with kTLS required; killed on drop (its log is
-/// printed when the test fails).
+/// Where the server ringtun listens for HBONE, inside its namespace.
+const HBONE: &str = "127.0.0.1:15008";
+
+/// A ringtun serving HBONE on 127.0.0.1 in a namespace of its own, with kTLS required; killed
+/// on drop (its log is printed when the test fails).
 struct Server {
-    child: Child,
-    log: std::path::PathBuf,
-    port: u16,
+    ringtun: Ringtun,
+    ns: Netns,
     dir: TempDir,
 }
 
 impl Server {
-    fn start(tag: &str) -> Server {
-        let dir = TempDir::new(tag);
-        gen_certs(
+    fn start(tag: &'static str) -> Server {
+        let (ns, dir) = one_node(tag, &["default/client", "default/server"]);
+        let ringtun = Ringtun::start(
+            &ns,
+            "server",
             dir.path(),
-            "cluster.local",
-            &["default/client", "default/server"],
+            RingtunArgs {
+                config: &dir.join("config.yaml"),
+                certs: dir.path(),
+                identity: "default/server",
+                workload: "default/server",
+                extra: ["--workers", "1", "--mark", "0", "--ktls", "on"]
+                    .into_iter()
+                    .chain(["--outbound-listen", "127.0.0.1:0"])
+                    .chain(["--inbound-listen", HBONE])
+                    .chain(["--inbound-plaintext-listen", "127.0.0.1:0"])
+                    .map(String::from)
+                    .collect(),
+                log_filter: Some("info,ringtun::stream=debug"),
+            },
         );
-        write_atomic(
-            &dir.join("config.yaml"),
-            &mesh_config(&["/10.96.0.10"], false),
-        );
-        let (chain, key) = cert_paths(dir.path(), "default/server");
-        let log = dir.join("ringtun.log");
-        let file = std::fs::File::create(&log).expect("create log");
-        let child = std::process::Command::new(ringtun_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(dir.join("config.yaml"))
-            .arg("--cert-chain")
-            .arg(chain)
-            .arg("--key")
-            .arg(key)
-            .arg("--roots")
-            .arg(dir.join("ca.pem"))
-            .args([
-                "--workload",
-                "default/server",
-                "--workers",
-                "1",
-                "--mark",
-                "0",
-            ])
-            .args(["--ktls", "on"])
-            .args(["--outbound-listen", "127.0.0.1:0"])
-            .args(["--inbound-listen", "127.0.0.1:0"])
-            .args(["--inbound-plaintext-listen", "127.0.0.1:0"])
-            .env("RINGTUN_LOG", "info,ringtun::stream=debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn ringtun run");
-        let mut s = Server {
-            child,
-            log,
-            port: 0,
-            dir,
-        };
-        let deadline = Instant::now() + WAIT;
-        let ready = loop {
-            if let Some(l) = s.text().lines().find(|l| l.contains("ringtun ready")) {
-                break l.to_owned();
-            }
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("ringtun exited with {st}:\n{}", s.text());
-            }
-            assert!(Instant::now() < deadline, "ringtun did not start");
-            std::thread::sleep(Duration::from_millis(25));
-        };
-        // listeners=[(Outbound, 127.0.0.1:P), (Inbound, 127.0.0.1:P), ...]
-        s.port = ready
-            .split("(Inbound, ")
-            .nth(1)
-            .and_then(|r| r.split(')').next())
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no inbound port in {ready}"));
-        s
+        Server { ringtun, ns, dir }
     }
 
     fn text(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+        self.ringtun.log()
     }
 
     /// Waits until the log has a line containing all of `needles`; returns it.
     fn wait_line(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let text = self.text();
-            if let Some(l) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return l.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ringtun never logged a line with {needles:?}:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("===== ringtun log =====\n{}\n===== end =====", self.text());
-        }
+        self.ringtun.wait_line(needles, WAIT)
     }
 }
 
@@ -203,7 +138,7 @@ struct Client {
 
 impl Client {
     fn connect(server: &Server, flight: FirstFlight) -> Client {
-        let tcp = TcpStream::connect((Ipv4Addr::LOCALHOST, server.port)).expect("connect");
+        let tcp = connect_in(&server.ns, HBONE).expect("connect");
         tcp.set_read_timeout(Some(WAIT)).expect("timeout");
         tcp.set_write_timeout(Some(WAIT)).expect("timeout");
         tcp.set_nodelay(true).expect("nodelay");

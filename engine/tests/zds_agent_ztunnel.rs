@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use inpod_common::*;
-use ringtun_topology::{Netns, DEFAULT_MARK};
+use ringtun_testbed::{Netns, DEFAULT_MARK};
 
 /// The pod listeners ztunnel opens in each pod: outbound capture, plaintext inbound, HBONE.
 const POD_PORTS: [u16; 3] = [15001, 15006, 15008];
@@ -178,7 +178,7 @@ fn ztunnel_carries_pod_to_pod_traffic_for_pods_the_agent_hands_it() {
     pods.server
         .capture_inbound(15006, &INBOUND_EXCEPT)
         .expect("inbound capture");
-    let echo = EchoServer::start(&pods.server, "10.77.0.2:5201");
+    let echo = EchoServer::start(&pods.server, "10.77.0.2:5201").expect("echo server");
     let config = write_config(&dir);
     let mut agent = NodeAgent::start(&dir.join("zds.sock"), dir.path());
     let zt = SharedZtunnel::start(&node, &agent.socket, &config, dir.path());

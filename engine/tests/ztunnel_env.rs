@@ -11,34 +11,18 @@ use common::*;
 /// Runs `ringtun run` in a fresh namespace with `env` set and the workload flag only when
 /// `workload` is given; returns whether it got ready and what it printed.
 fn run_with_env(tag: &'static str, env: &[(&str, &str)], workload: bool) -> (bool, String) {
-    let ns = netns(tag);
-    let dir = TempDir::new(tag);
-    gen_certs(dir.path(), "cluster.local", &["default/client"]);
-    write_atomic(
-        &dir.join("config.yaml"),
-        &mesh_config(&["/10.96.0.10"], false),
-    );
-    let (chain, key) = cert_paths(dir.path(), "default/client");
+    let (ns, dir) = one_node(tag, &["default/client"]);
     let log = dir.join("ringtun.log");
-    let mut cmd = ns.exec(ringtun_bin());
-    cmd.arg("run")
-        .arg("--config")
-        .arg(dir.join("config.yaml"))
-        .arg("--cert-chain")
-        .arg(chain)
-        .arg("--key")
-        .arg(key)
-        .arg("--roots")
-        .arg(dir.join("ca.pem"))
-        .env("RINGTUN_LOG", "info")
-        .env("NO_COLOR", "1");
-    if workload {
-        cmd.args(["--workload", "default/client"]);
-    }
+    let mut cmd = one_node_command(
+        &ns,
+        &dir,
+        "default/client",
+        workload.then_some("default/client"),
+    );
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let (ready, _, text) = run_until_ready(cmd, &log);
+    let (ready, _, text) = run_until_ready(&ns, cmd, &log);
     (ready, text)
 }
 

@@ -2,7 +2,7 @@
 //! throughput.
 //!
 //! Builds the demo topology (two network namespaces joined by a veth pair, nftables outbound
-//! capture in the client one; see `ringtun demo`), starts two `ringtun run --workers 1`
+//! capture in the client one; see `deploy/demo.sh`), starts two `ringtun run --workers 1`
 //! processes, an echo server in the server namespace, and then sends `--bytes` through the
 //! service VIP 10.96.0.10:80 (outbound capture 15001 → HBONE 15008 → echo :5201 and back),
 //! `--runs` times over fresh connections, checking every echoed byte.
@@ -26,13 +26,14 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use ringtun_hbone::Identity;
-use ringtun_topology::{Netns, TwoNodes};
+use ringtun_testbed::{
+    certs, ringtun, sys, EchoServer, Netns, Process, RunFiles, TwoNodes, DEMO_CONFIG,
+};
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// The pattern the client sends over and over; a length that is not a power of two so that
@@ -98,10 +99,10 @@ fn parse_opts() -> Opts {
     o
 }
 
+/// One side's ringtun (under strace with `--strace`).
 struct Proxy {
     who: &'static str,
-    child: Child,
-    log: PathBuf,
+    proc: Process,
     trace: Option<PathBuf>,
 }
 
@@ -109,107 +110,35 @@ impl Proxy {
     /// Stops the process with SIGTERM (strace then detaches and flushes its output file), or
     /// SIGKILL after 5 s; idempotent.
     fn stop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // SAFETY: kill(2) on our own child, which has not been reaped yet.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop();
+        self.proc.stop(Duration::from_secs(5));
     }
 }
 
 fn start_proxy(ns: &Netns, dir: &Path, who: &'static str, o: &Opts) -> Proxy {
-    let log = dir.join(format!("ringtun-{who}.log"));
-    let file = std::fs::File::create(&log).expect("create log file");
     let trace = o.strace.then(|| dir.join(format!("{who}.strace")));
+    let files = RunFiles::new(&dir.join("config.yaml"), dir, &format!("default/{who}"));
     let mut cmd = match &trace {
         Some(t) => {
             let mut c = ns.exec("strace");
             c.args(["-f", "-yy", "-s0", "-e", TRACED, "-o"])
                 .arg(t)
-                .arg(&o.ringtun);
+                .arg(&o.ringtun)
+                .args(files.args());
             c
         }
-        None => ns.exec(&o.ringtun),
+        None => files.command(ns, &o.ringtun),
     };
-    cmd.arg("run")
-        .arg("--config")
-        .arg(dir.join("config.yaml"))
-        .arg("--cert-chain")
-        .arg(dir.join(format!("default.{who}.pem")))
-        .arg("--key")
-        .arg(dir.join(format!("default.{who}.key")))
-        .arg("--roots")
-        .arg(dir.join("ca.pem"))
-        .args(["--workload", &format!("default/{who}"), "--workers", "1"])
+    cmd.args(["--workers", "1"])
         .args(["--io-driver", &o.driver])
-        .args(&o.extra)
-        .stdout(Stdio::null())
-        .stderr(file);
-    let child = cmd.spawn().expect("start ringtun");
-    let proxy = Proxy {
-        who,
-        child,
-        log,
-        trace,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(&proxy.log).unwrap_or_default();
-        if text.contains("ringtun ready") {
-            return proxy;
-        }
-        assert!(
-            Instant::now() < deadline && !text.contains("ringtun: "),
-            "ringtun ({who}) did not start; its log:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn echo_server(ns: &Netns) {
-    let listener = ns
-        .enter(|| TcpListener::bind("0.0.0.0:5201"))
-        .expect("enter server namespace")
-        .expect("bind echo server");
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut rd = conn;
-                let Ok(mut wr) = rd.try_clone() else { return };
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    match rd.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if wr.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = wr.shutdown(Shutdown::Write);
-            });
-        }
-    });
+        .args(&o.extra);
+    let log = dir.join(format!("ringtun-{who}.log"));
+    let proc = ringtun::start(ns, cmd, &format!("ringtun ({who})"), &log)
+        .unwrap_or_else(|e| panic!("ringtun ({who}) did not start: {e}"));
+    Proxy { who, proc, trace }
 }
 
 fn pattern() -> Vec<u8> {
-    ringtun_benches::pattern(PATTERN_LEN)
+    ringtun_testbed::pattern(PATTERN_LEN)
 }
 
 /// Sends `n` bytes of the pattern to the VIP and checks the echo; returns the elapsed time.
@@ -259,15 +188,7 @@ fn transfer(client_ns: &Netns, pat: &'static [u8], n: usize) -> Duration {
 
 /// utime+stime of a process (all its threads), in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    // Fields after the command name (which may contain spaces) start at field 3 (state).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the state field.
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
+    sys::cpu_seconds(pid).expect("read /proc/PID/stat")
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -554,7 +475,7 @@ fn stop_perf(mut child: Child, out: &Path, who: &str, mib_each_way: f64) {
 
 fn main() {
     let o = parse_opts();
-    ringtun_topology::require_root().expect("byte_path needs root");
+    ringtun_testbed::require_root().expect("byte_path needs root");
     assert!(
         o.ringtun.exists(),
         "{} not found; build it with cargo build --release -p ringtun (or pass --ringtun)",
@@ -564,20 +485,17 @@ fn main() {
         std::env::temp_dir().join(format!("ringtun-byte-path-{}", std::process::id()))
     });
     std::fs::create_dir_all(&dir).expect("create work dir");
-    std::fs::write(dir.join("config.yaml"), ringtun::demo::DEMO_CONFIG).expect("write config");
-    let ca = ringtun::pki::Ca::open_or_create(&dir).expect("demo CA");
-    for sa in ["client", "server"] {
-        ca.issue(&Identity::new("cluster.local", "default", sa))
-            .expect("issue certificate");
-    }
+    std::fs::write(dir.join("config.yaml"), DEMO_CONFIG).expect("write config");
+    certs::write_workload_certs(&dir, "cluster.local", &["default/client", "default/server"])
+        .expect("demo certificates");
     let nodes = TwoNodes::new("rtbp").expect("build two-namespace topology");
     nodes
         .client
-        .capture_outbound(15001, ringtun_topology::DEFAULT_MARK)
+        .capture_outbound(15001, ringtun_testbed::DEFAULT_MARK)
         .expect("nftables capture");
     let server = start_proxy(&nodes.server, &dir, "server", &o);
     let client = start_proxy(&nodes.client, &dir, "client", &o);
-    echo_server(&nodes.server);
+    EchoServer::start_unhashed(&nodes.server, "0.0.0.0:5201").expect("echo server");
     let pat: &'static [u8] = Box::leak(pattern().into_boxed_slice());
 
     println!(
@@ -603,16 +521,16 @@ fn main() {
             .iter()
             .map(|p| {
                 let out = dir.join(format!("{}.perfstat", p.who));
-                (start_perf(p.child.id(), &out), out, p.who)
+                (start_perf(p.proc.pid(), &out), out, p.who)
             })
             .collect()
     } else {
         Vec::new()
     };
     for run in 0..o.runs {
-        let before: Vec<f64> = procs.iter().map(|p| cpu_seconds(p.child.id())).collect();
+        let before: Vec<f64> = procs.iter().map(|p| cpu_seconds(p.proc.pid())).collect();
         let took = transfer(&nodes.client, pat, o.bytes);
-        let after: Vec<f64> = procs.iter().map(|p| cpu_seconds(p.child.id())).collect();
+        let after: Vec<f64> = procs.iter().map(|p| cpu_seconds(p.proc.pid())).collect();
         let rate = o.bytes as f64 / MIB / took.as_secs_f64();
         rates.push(rate);
         let gib_carried = 2.0 * o.bytes as f64 / (1024.0 * MIB);
@@ -661,12 +579,12 @@ fn main() {
         report_strace(&proxies, mib_each_way);
     }
     for p in &proxies {
-        let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+        let text = p.proc.log();
         let access = text.lines().filter(|l| l.contains("access")).count();
         eprintln!(
             "{}: {access} access-log lines in {}{}",
             p.who,
-            p.log.display(),
+            p.proc.log_path().display(),
             p.trace
                 .as_ref()
                 .map(|t| format!(", trace {}", t.display()))

@@ -20,7 +20,7 @@ use std::time::Duration;
 use ringtun::net::connect_marked;
 use ringtun::proxy::copy::tcp_tcp;
 use ringtun::proxy::live::Conn;
-use ringtun_topology::DEFAULT_MARK;
+use ringtun_testbed::DEFAULT_MARK;
 
 /// Where each side listens, where it forwards, and the mark its outgoing connections carry.
 fn plan(side: &str) -> Option<(SocketAddr, SocketAddr, u32)> {

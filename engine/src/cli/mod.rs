@@ -1,4 +1,4 @@
-//! Command-line interface: `ringtun run`, `check-config`, `gen-certs`, `demo`; the flags and
+//! Command-line interface: `ringtun run`, `check-config`, `gen-certs`; the flags and
 //! what each command calls.
 
 mod run;
@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use ringtun_hbone::Identity;
 
 use crate::operate::logging;
-use crate::{config, control, demo, pki, EngineError};
+use crate::{config, control, pki, EngineError};
 
 /// ringtun: HBONE tunnel engine, a drop-in for Istio ambient's ztunnel.
 #[derive(Parser, Debug)]
@@ -51,8 +51,6 @@ pub enum Command {
         #[arg(long = "identity", required = true)]
         identities: Vec<String>,
     },
-    /// Show a working tunnel: two network namespaces, two ringtuns, a client and an echo server.
-    Demo(demo::DemoArgs),
 }
 
 /// Runs `ringtun run` until killed.
@@ -76,7 +74,6 @@ pub fn main() -> ExitCode {
             trust_domain,
             identities,
         } => gen_certs(&dir, &trust_domain, &identities),
-        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

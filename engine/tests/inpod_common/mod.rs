@@ -11,7 +11,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ringtun_topology::Netns;
+use ringtun_testbed::Netns;
 
 /// How long one agent command may take (its own ack timeout is 10 s).
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);

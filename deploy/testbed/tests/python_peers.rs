@@ -3,13 +3,11 @@
 //! fails with them points at the engine.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
-};
-use ringtun_topology::TwoNodes;
+use ringtun_testbed::certs::Ca;
+use ringtun_testbed::{Process, TwoNodes};
 
 fn peers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/peers")
@@ -20,7 +18,7 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn new() -> Self {
         let p = std::env::temp_dir().join(format!(
-            "ringtun-topology-peers-{}-{}",
+            "ringtun-testbed-peers-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -37,35 +35,19 @@ impl Drop for TempDir {
     }
 }
 
-/// Kills the child on drop so that a failing assertion does not leave the server running.
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Writes `ca.pem` and, for each name, `NAME.pem`/`NAME.key` with a SPIFFE URI SAN.
+/// Writes `CA_NAME.pem` and, for each name, `NAME.pem`/`NAME.key` with a SPIFFE URI SAN.
 fn write_certs(dir: &Path, ca_name: &str, trust_domain: &str, names: &[&str]) {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, ca_name);
-    let ca_key = KeyPair::generate().expect("ca key");
-    let ca_cert = ca.self_signed(&ca_key).expect("self-sign ca");
-    std::fs::write(dir.join(format!("{ca_name}.pem")), ca_cert.pem()).expect("write ca");
+    let ca = Ca::new(ca_name).expect("CA");
+    ca.write_pem(&dir.join(format!("{ca_name}.pem")))
+        .expect("write CA");
     for name in names {
-        let mut leaf = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
-        let uri = format!("spiffe://{trust_domain}/ns/default/sa/{name}");
-        leaf.subject_alt_names = vec![SanType::URI(uri.try_into().expect("ia5 uri"))];
-        leaf.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).expect("sign leaf");
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write key");
+        ca.issue(&format!("spiffe://{trust_domain}/ns/default/sa/{name}"))
+            .expect("issue")
+            .write(
+                &dir.join(format!("{name}.pem")),
+                &dir.join(format!("{name}.key")),
+            )
+            .expect("write leaf");
     }
 }
 
@@ -84,25 +66,18 @@ fn python_client_and_server_across_namespaces() {
     let report = d.join("report.json");
     let p = |f: &str| d.join(f).to_string_lossy().into_owned();
 
-    let server = t
-        .server
-        .exec("python3")
-        .arg(peers_dir().join("hbone_server.py"))
+    let mut cmd = t.server.exec("python3");
+    cmd.arg(peers_dir().join("hbone_server.py"))
         .args(["--listen", "*:15008"])
         .args(["--cert", &p("server.pem"), "--key", &p("server.key")])
-        .args(["--ca", &p("ca.pem"), "--report", &p("report.json")])
-        .stdout(Stdio::null())
-        .spawn()
+        .args(["--ca", &p("ca.pem"), "--report", &p("report.json")]);
+    let mut server = Process::spawn(cmd, "hbone_server.py", &d.join("server.log"))
         .expect("start hbone_server.py");
-    let _server = KillOnDrop(server);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !report.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "hbone_server.py never wrote its report"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server
+        .wait_until("writing its report", Duration::from_secs(10), |_| {
+            report.exists()
+        })
+        .expect("hbone_server.py starts");
 
     let client = |cert: &str, extra: &[&str]| {
         let out = t

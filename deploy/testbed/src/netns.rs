@@ -1,25 +1,21 @@
-//! Network-namespace topologies for ringtun's integration tests, demo and benchmarks.
-//!
-//! Everything here drives the real kernel: namespaces are created with `ip netns add`, joined by
-//! veth pairs and given nftables capture rules the way Istio ambient's CNI would. All of it needs
-//! root; every function fails with [`Error::NotRoot`] (never silently skips) without it, and
-//! every failing command is reported with its stderr so that a broken host is easy to diagnose.
-//!
-//! Namespaces are deleted when their [`Netns`] value is dropped, including while a test panics,
-//! and processes still running inside are killed first so that nothing is left behind.
+//! Named network namespaces: created with `ip netns add`, entered by threads with `setns(2)`,
+//! given nftables capture rules the way Istio ambient's CNI would, and deleted on drop (processes
+//! still running inside are killed first), including while a test panics. Namespaces leaked by a
+//! killed process are swept by the next one that creates a namespace.
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write as _;
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
 
 /// The longest name Linux accepts for a network interface (`IFNAMSIZ - 1`); namespace names are
 /// kept within it too so that a name can double as an interface name.
@@ -30,50 +26,12 @@ const NETNS_RUN_DIR: &str = "/run/netns";
 
 /// Directory of owner records (`NAME` → "pid starttime") of the namespaces this crate created,
 /// so that namespaces leaked by a killed process (SIGKILL skips destructors, e.g. a test runner
-/// timing out) are removed by the next process that creates one.
+/// timing out) are removed by the next process that creates one. The name is from before the
+/// crate was called `ringtun-testbed`: records left by older builds are still swept.
 const OWNERS_DIR: &str = "/run/ringtun-topology";
 
 /// The default firewall mark ringtun puts on sockets it originates (ztunnel uses the same).
 pub const DEFAULT_MARK: u32 = 0x539;
-
-/// Everything that can go wrong while building or tearing down a topology.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The process lacks the privileges needed to create namespaces.
-    #[error(
-        "network namespace topologies need root (effective uid is {euid}); \
-         run as root, e.g. `sudo -E cargo nextest run` — these tests never skip silently"
-    )]
-    NotRoot {
-        /// The effective uid found.
-        euid: u32,
-    },
-    /// An external command (ip, nft, sysctl…) could not be started or exited with failure.
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Command {
-        /// The command line, for the reader.
-        command: String,
-        /// Exit status, or the spawn error.
-        status: String,
-        /// What the command wrote on stderr (trimmed).
-        stderr: String,
-    },
-    /// A system call or file operation failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being attempted.
-        context: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A caller-supplied argument cannot be used (bad prefix, name too long…).
-    #[error("invalid argument: {0}")]
-    Invalid(String),
-}
-
-/// Result alias for this crate.
-pub type Result<T> = std::result::Result<T, Error>;
 
 /// Fails with [`Error::NotRoot`] unless the effective uid is 0.
 pub fn require_root() -> Result<()> {
@@ -141,7 +99,7 @@ fn run_checked(cmd: &mut Command, stdin: Option<&str>) -> Result<Output> {
 }
 
 /// Runs a program with arguments, failing with its stderr; returns stdout.
-fn run_args<I, S>(program: &str, args: I) -> Result<String>
+pub(crate) fn run_args<I, S>(program: &str, args: I) -> Result<String>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -179,7 +137,7 @@ fn base36(mut n: u64) -> String {
 
 /// A few random bits without pulling in an RNG crate: std's `RandomState` is seeded from the OS
 /// per instance, and mixing in the time keeps successive calls apart.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -417,14 +375,15 @@ impl Drop for Netns {
         if self.armed {
             if let Err(e) = teardown(&self.name) {
                 // Drop cannot fail; stderr is what a test run shows.
-                eprintln!("ringtun-topology: tearing down netns {}: {e}", self.name);
+                eprintln!("ringtun-testbed: tearing down netns {}: {e}", self.name);
             }
         }
     }
 }
 
-/// Kills whatever still runs in the namespace, then deletes it.
-fn teardown(name: &str) -> Result<()> {
+/// Kills whatever still runs in the namespace `name`, then deletes it (what dropping a [`Netns`]
+/// does; for clean-up paths that cannot run destructors, such as a signal handler's).
+pub fn teardown(name: &str) -> Result<()> {
     let me = std::process::id();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -559,147 +518,6 @@ pub fn inbound_capture_script(port: u16, except_ports: &[u16]) -> String {
     )
 }
 
-/// Addresses and names of a [`TwoNodes`] topology.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TwoNodesConfig {
-    /// Client side IPv4 address (default 10.77.0.1).
-    pub client_ip: Ipv4Addr,
-    /// Server side IPv4 address (default 10.77.0.2).
-    pub server_ip: Ipv4Addr,
-    /// IPv4 prefix length of the link (default 24).
-    pub prefix_len: u8,
-    /// Client side IPv6 address (default fd77::1).
-    pub client_ip6: Ipv6Addr,
-    /// Server side IPv6 address (default fd77::2).
-    pub server_ip6: Ipv6Addr,
-    /// IPv6 prefix length of the link (default 64).
-    pub prefix6_len: u8,
-    /// Name of the veth end in each namespace (default `eth0`; the ends are created directly
-    /// inside their namespaces, so the name never clashes with the host's interfaces).
-    pub ifname: String,
-}
-
-impl Default for TwoNodesConfig {
-    fn default() -> Self {
-        TwoNodesConfig {
-            client_ip: Ipv4Addr::new(10, 77, 0, 1),
-            server_ip: Ipv4Addr::new(10, 77, 0, 2),
-            prefix_len: 24,
-            client_ip6: "fd77::1".parse().unwrap_or(Ipv6Addr::LOCALHOST),
-            server_ip6: "fd77::2".parse().unwrap_or(Ipv6Addr::LOCALHOST),
-            prefix6_len: 64,
-            ifname: "eth0".into(),
-        }
-    }
-}
-
-/// Two namespaces ("client node" and "server node") joined by a veth pair, each with a default
-/// route through the other so that service VIPs (10.96.0.10…) are routable and can be captured.
-#[derive(Debug)]
-pub struct TwoNodes {
-    /// The client side namespace.
-    pub client: Netns,
-    /// The server side namespace.
-    pub server: Netns,
-    /// The addresses in use.
-    pub config: TwoNodesConfig,
-}
-
-impl TwoNodes {
-    /// Builds the default topology (10.77.0.1/24 ↔ 10.77.0.2/24, fd77::1/64 ↔ fd77::2/64).
-    /// `prefix` names both namespaces (`{prefix}c…`, `{prefix}s…`); keep it to ~4 chars.
-    pub fn new(prefix: &str) -> Result<Self> {
-        Self::with_config(prefix, TwoNodesConfig::default())
-    }
-
-    /// Builds the topology with the given addresses.
-    pub fn with_config(prefix: &str, config: TwoNodesConfig) -> Result<Self> {
-        if config.ifname.is_empty() || config.ifname.len() > MAX_NAME_LEN {
-            return Err(Error::Invalid(format!(
-                "interface name {:?} must have 1..={MAX_NAME_LEN} chars",
-                config.ifname
-            )));
-        }
-        let client = Netns::new(&format!("{prefix}c"))?;
-        let server = Netns::new(&format!("{prefix}s"))?;
-        let dev = config.ifname.as_str();
-        // Creating both ends straight inside their namespaces avoids a temporary interface in
-        // the host namespace, whose name could clash with a parallel test's.
-        run_args(
-            "ip",
-            [
-                "link",
-                "add",
-                dev,
-                "netns",
-                client.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                dev,
-                "netns",
-                server.name(),
-            ],
-        )?;
-        let sides = [
-            (
-                &client,
-                config.client_ip,
-                config.server_ip,
-                config.client_ip6,
-                config.server_ip6,
-            ),
-            (
-                &server,
-                config.server_ip,
-                config.client_ip,
-                config.server_ip6,
-                config.client_ip6,
-            ),
-        ];
-        for (ns, ip, peer, ip6, peer6) in sides {
-            // DAD would keep IPv6 addresses "tentative" (unusable) for a second or two.
-            ns.sysctl(&[
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ])?;
-            ns.add_address(dev, &format!("{ip}/{}", config.prefix_len))?;
-            ns.add_address(dev, &format!("{ip6}/{}", config.prefix6_len))?;
-            ns.ip(["link", "set", dev, "up"])?;
-            ns.ip([
-                "route",
-                "add",
-                "default",
-                "via",
-                &peer.to_string(),
-                "dev",
-                dev,
-            ])?;
-            ns.ip([
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &peer6.to_string(),
-                "dev",
-                dev,
-            ])?;
-        }
-        Ok(TwoNodes {
-            client,
-            server,
-            config,
-        })
-    }
-
-    /// The veth interface name used in both namespaces.
-    pub fn ifname(&self) -> &str {
-        &self.config.ifname
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,113 +615,5 @@ mod tests {
         assert!(list_netns()
             .expect("list")
             .contains(&live.name().to_owned()));
-    }
-
-    #[test]
-    fn two_nodes_route_and_capture() {
-        let t = TwoNodes::new("rtt").expect("two nodes");
-        let names = [t.client.name().to_owned(), t.server.name().to_owned()];
-        // Server listens on both families, client reaches it over the veth.
-        let l4 = t
-            .server
-            .enter(|| TcpListener::bind("0.0.0.0:5201"))
-            .expect("enter")
-            .expect("bind v4");
-        let l6 = t
-            .server
-            .enter(|| TcpListener::bind("[::]:5202"))
-            .expect("enter")
-            .expect("bind v6");
-        let c4 = t
-            .client
-            .enter(|| TcpStream::connect("10.77.0.2:5201"))
-            .expect("enter")
-            .expect("connect v4");
-        let (_, peer) = l4.accept().expect("accept v4");
-        assert_eq!(peer.ip().to_string(), "10.77.0.1");
-        drop(c4);
-        let c6 = t
-            .client
-            .enter(|| TcpStream::connect("[fd77::2]:5202"))
-            .expect("enter")
-            .expect("connect v6");
-        let (_, peer) = l6.accept().expect("accept v6");
-        assert_eq!(peer.ip().to_string(), "fd77::1");
-        drop(c6);
-
-        // With outbound capture, a connection to a VIP lands on the local 15001 listener, and a
-        // marked socket bypasses the capture.
-        t.client
-            .capture_outbound(15001, DEFAULT_MARK)
-            .expect("capture outbound");
-        let cap = t
-            .client
-            .enter(|| TcpListener::bind("[::]:15001"))
-            .expect("enter")
-            .expect("bind 15001");
-        for dst in ["10.96.0.10:80", "[fd77::2]:5202"] {
-            let _c = t
-                .client
-                .enter(|| TcpStream::connect(dst))
-                .expect("enter")
-                .unwrap_or_else(|e| panic!("connect {dst} (captured): {e}"));
-            cap.accept().expect("captured connection");
-        }
-        let marked = t
-            .client
-            .enter(|| connect_marked("10.77.0.2:5201", DEFAULT_MARK))
-            .expect("enter")
-            .expect("marked connect");
-        let (_, peer) = l4.accept().expect("marked connection reaches the server");
-        assert_eq!(peer.ip().to_string(), "10.77.0.1");
-        drop(marked);
-
-        // Inbound capture: port 5201 is redirected to 15006, 15008 is exempt.
-        t.server
-            .capture_inbound(15006, &[15008, 15020, 15021])
-            .expect("capture inbound");
-        let inb = t
-            .server
-            .enter(|| TcpListener::bind("[::]:15006"))
-            .expect("enter")
-            .expect("bind 15006");
-        let hb = t
-            .server
-            .enter(|| TcpListener::bind("[::]:15008"))
-            .expect("enter")
-            .expect("bind 15008");
-        let _a = t
-            .client
-            .enter(|| connect_marked("10.77.0.2:5201", DEFAULT_MARK))
-            .expect("enter")
-            .expect("connect redirected");
-        inb.accept().expect("inbound capture");
-        let _b = t
-            .client
-            .enter(|| connect_marked("10.77.0.2:15008", DEFAULT_MARK))
-            .expect("enter")
-            .expect("connect 15008");
-        hb.accept().expect("15008 not redirected");
-        assert!(t.server.nft_ruleset().expect("ruleset").contains("15006"));
-
-        drop(t);
-        let left = list_netns().expect("list");
-        for n in names {
-            assert!(!left.contains(&n), "{n} left behind");
-        }
-    }
-
-    /// Connects a blocking IPv4 TCP socket carrying SO_MARK, like the sockets ringtun
-    /// originates (run inside `enter`).
-    fn connect_marked(dst: &str, mark: u32) -> std::io::Result<TcpStream> {
-        let addr: std::net::SocketAddr = dst.parse().expect("socket address");
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        s.set_mark(mark)?;
-        s.connect(&addr.into())?;
-        Ok(s.into())
     }
 }

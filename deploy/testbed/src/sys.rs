@@ -1,5 +1,7 @@
 //! What the kernel says about a process: CPU time and resident memory from `/proc`, and which
-//! ports it listens on (from its network namespace's view).
+//! ports it listens on (from its network namespace's view); the open-files limit that many
+//! connections need; and signals taken by a thread that waits for them, so that Ctrl-C tears
+//! down namespaces instead of killing the process wherever the kernel delivers it.
 
 use std::collections::HashMap;
 
@@ -87,8 +89,9 @@ pub fn listens(pid: u32, port: u16) -> bool {
     })
 }
 
-/// Raises RLIMIT_NOFILE's soft limit to `want` (and the hard limit too, which root may do);
-/// returns the soft limit in force afterwards. Children inherit it.
+/// Raises RLIMIT_NOFILE's soft limit to `want` (and the hard limit too, which root may do up to
+/// `fs.nr_open`; otherwise the soft limit stops at the hard one); returns the soft limit in
+/// force afterwards. Children inherit it. `u64::MAX` asks for as much as is allowed.
 pub fn raise_nofile(want: u64) -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -113,4 +116,27 @@ pub fn raise_nofile(want: u64) -> u64 {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
     lim.rlim_cur
+}
+
+/// Blocks `signals` in the calling thread and every thread it starts afterwards, so that they
+/// queue for [`wait_signal`]; call it before any other thread starts. Returns the set.
+pub fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: plain signal-mask calls on a local, initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits for one of the signals of `set` (from [`block_signals`]); returns it.
+pub fn wait_signal(set: &libc::sigset_t) -> libc::c_int {
+    let mut sig = 0;
+    // SAFETY: sigwait on an initialised set.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
 }

@@ -1,0 +1,382 @@
+//! The contenders: direct TCP, the ringtun under test (and variants of it), Istio's ztunnel and
+//! any other tunnel given as a command template; how each side of a tunnel starts, and how a
+//! measurement runs through a contender.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringtun_benches::load::{self, Dir, ServerStats, Target};
+use ringtun_benches::report::DIRECT;
+use ringtun_testbed::{sys, Netns, RunFiles, TwoNodes, DEFAULT_MARK};
+
+use crate::options::Opts;
+use crate::procs::{Proc, Tunnel};
+use crate::progress::Progress;
+use crate::setup::setup_topology;
+use crate::{SERVER_IP, SERVER_PORT, VIP, VIP_PORT};
+
+/// How to start a contender's tunnel.
+#[derive(Clone)]
+pub enum Kind {
+    /// No tunnel: the load generators dial the server directly, marked past the capture.
+    Direct,
+    /// The ringtun under test, with these extra `ringtun run` arguments.
+    Ringtun { extra: Vec<String> },
+    /// Any other tunnel: a command template and its environment (placeholders filled in), and
+    /// the extra environment that defeats its client-side pool (no unpooled test without it).
+    Other {
+        template: String,
+        env: String,
+        unpooled_env: Option<String>,
+    },
+}
+
+/// Istio's ztunnel in dedicated mode (one workload per process, local config, its test CA):
+/// what a node runs today, with one worker thread per `--workers`. `PACKET_MARK` lets the
+/// capture skip its upstream sockets as it skips ringtun's, `ENABLE_ORIG_SRC=false` keeps its
+/// inbound side from spoofing the client's address (no TPROXY routes here), and the access log
+/// stays on (`info`) as ringtun's does.
+pub const ZTUNNEL_ENV: &str = "PROXY_MODE=dedicated,PROXY_WORKLOAD_INFO={workload_info},LOCAL_XDS_PATH={config},FAKE_CA=true,XDS_ADDRESS=,CA_ADDRESS=,PACKET_MARK=1337,ENABLE_ORIG_SRC=false,ZTUNNEL_WORKER_THREADS={workers},RUST_LOG=info";
+/// ztunnel's client side releasing pooled connections as soon as they are unused.
+pub const ZTUNNEL_UNPOOLED_ENV: &str = "POOL_UNUSED_RELEASE_TIMEOUT=1ms";
+
+/// Where the shared ztunnel build lives, relative to the workspace.
+pub fn default_ztunnel() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ztunnel/ztunnel")
+}
+
+/// One column of the results: a name, how its tunnel starts, where its load goes.
+pub struct Contender {
+    /// Its name in the report.
+    pub name: String,
+    /// How its tunnel starts.
+    pub kind: Kind,
+    /// Index into the topologies.
+    pub topo: usize,
+    /// Where the load generators connect.
+    pub target: Target,
+}
+
+/// Everything shared by the measurements.
+pub struct Env {
+    /// The ringtun binary under test.
+    pub ringtun: PathBuf,
+    /// Work directory: logs, the config, certificates.
+    pub dir: PathBuf,
+    /// Certificates in `ringtun gen-certs`'s layout.
+    pub certs: PathBuf,
+    /// The config every tunnel reads.
+    pub config: PathBuf,
+    /// Keep ringtun's shard pinning.
+    pub pin: bool,
+    /// Extra `ringtun run` arguments for every ringtun.
+    pub extra: Vec<String>,
+    /// One topology per tunnel (direct shares the first).
+    pub topos: Vec<TwoNodes>,
+    /// The load server of each topology.
+    pub servers: Vec<Arc<ServerStats>>,
+    /// Source addresses of the unpooled connection-rate test.
+    pub sources: Vec<IpAddr>,
+    /// Progress on stderr.
+    pub progress: Progress,
+}
+
+/// `ringtun run` for one side, with the benchmark's and the caller's extra arguments.
+fn ringtun_cmd(env: &Env, ns: &Netns, who: &str, workers: usize, extra: &[String]) -> Command {
+    let files = RunFiles::new(&env.config, &env.certs, &format!("default/{who}"));
+    let mut cmd = files.command(ns, &env.ringtun);
+    cmd.args(["--workers", &workers.to_string()]);
+    if !env.pin {
+        cmd.arg("--no-pin");
+    }
+    cmd.args(&env.extra).args(extra);
+    cmd
+}
+
+/// The values of the other tunnel's template placeholders for one side.
+fn placeholders(env: &Env, ns: &Netns, who: &str, workers: usize) -> Vec<(&'static str, String)> {
+    let ip = if who == "client" {
+        "10.77.0.1"
+    } else {
+        "10.77.0.2"
+    };
+    vec![
+        ("{side}", who.to_owned()),
+        ("{ns}", ns.name().to_owned()),
+        ("{config}", env.config.display().to_string()),
+        ("{dir}", env.dir.display().to_string()),
+        ("{certs}", env.certs.display().to_string()),
+        (
+            "{cert_chain}",
+            env.certs
+                .join(format!("default.{who}.pem"))
+                .display()
+                .to_string(),
+        ),
+        (
+            "{key}",
+            env.certs
+                .join(format!("default.{who}.key"))
+                .display()
+                .to_string(),
+        ),
+        ("{roots}", env.certs.join("ca.pem").display().to_string()),
+        ("{workload}", format!("default/{who}")),
+        ("{workload_info}", format!("default/{who}/{who}")),
+        ("{sa}", who.to_owned()),
+        ("{ip}", ip.to_owned()),
+        ("{workers}", workers.to_string()),
+        ("{trust_domain}", "cluster.local".to_owned()),
+    ]
+}
+
+fn fill(template: &str, ph: &[(&str, String)]) -> String {
+    ph.iter()
+        .fold(template.to_owned(), |s, (k, v)| s.replace(k, v))
+}
+
+fn parse_env(spec: &str, ph: &[(&str, String)]) -> Vec<(String, String)> {
+    spec.split(',')
+        .filter(|kv| !kv.trim().is_empty())
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), fill(v, ph)))
+        .collect()
+}
+
+/// How long a tunnel side gets to get ready.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts one side of a tunnel and waits until it is ready: ringtun answering ready on 15021,
+/// another tunnel listening (15001 client, 15008 server).
+pub fn start_side(
+    env: &Env,
+    c: &Contender,
+    who: &str,
+    workers: usize,
+    extra: &[String],
+    extra_env: Option<&str>,
+    tag: &str,
+) -> Result<Proc, String> {
+    let topo = &env.topos[c.topo];
+    let ns = if who == "client" {
+        &topo.client
+    } else {
+        &topo.server
+    };
+    let log = env.dir.join(format!("{}-{who}{tag}.log", c.name));
+    let cmd = match &c.kind {
+        Kind::Direct => return Err("direct has no tunnel".into()),
+        Kind::Ringtun { extra: own } => {
+            let mut cmd = ringtun_cmd(env, ns, who, workers, extra);
+            cmd.args(own);
+            cmd
+        }
+        Kind::Other {
+            template,
+            env: spec,
+            ..
+        } => {
+            let ph = placeholders(env, ns, who, workers);
+            let mut cmd = ns.exec("sh");
+            cmd.arg("-c").arg(format!("exec {}", fill(template, &ph)));
+            for (k, v) in parse_env(spec, &ph) {
+                cmd.env(k, v);
+            }
+            if let Some(extra_env) = extra_env {
+                for (k, v) in parse_env(extra_env, &ph) {
+                    cmd.env(k, v);
+                }
+            }
+            cmd
+        }
+    };
+    let name = format!("{} ({who})", c.name);
+    let mut p = Proc::spawn(cmd, &name, &log).map_err(|e| format!("starting {name}: {e}"))?;
+    let ready = match c.kind {
+        // ringtun is ready when its 15021 says so, as a kubelet would ask.
+        Kind::Ringtun { .. } => p.process().wait_ready(ns, START_TIMEOUT),
+        _ => {
+            let port = if who == "client" { 15001 } else { 15008 };
+            p.process()
+                .wait_until(&format!("listening on {port}"), START_TIMEOUT, |p| {
+                    sys::tree(p.pid())
+                        .iter()
+                        .any(|&pid| sys::listens(pid, port))
+                })
+        }
+    };
+    ready.map_err(|e| format!("{e}\n(its log: {})", log.display()))?;
+    Ok(p)
+}
+
+/// Starts both sides of a contender's tunnel (none for direct) and warms it up.
+pub fn start_tunnel(
+    env: &Env,
+    c: &Contender,
+    workers: usize,
+    client_extra: &[String],
+    client_env: Option<&str>,
+    tag: &str,
+) -> Result<Option<Tunnel>, String> {
+    if matches!(c.kind, Kind::Direct) {
+        return Ok(None);
+    }
+    let server = start_side(env, c, "server", workers, &[], None, tag)?;
+    let client = start_side(env, c, "client", workers, client_extra, client_env, tag)?;
+    let t = Tunnel { client, server };
+    warm_up(env, c)?;
+    Ok(Some(t))
+}
+
+/// A little traffic through a fresh tunnel so the first handshake (and one-time costs such as
+/// entropy seeding) fall outside the measurements; retried while the tunnel settles.
+pub fn warm_up(env: &Env, c: &Contender) -> Result<(), String> {
+    let ns = &env.topos[c.topo].client;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = c.target.clone();
+        let r = ns
+            .enter(move || -> std::io::Result<()> {
+                load::bulk(&t, Dir::Up, 1, 1 << 20)?;
+                load::ping_pong(&t, 1, 0, 50)?;
+                Ok(())
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("warm-up through {} failed: {e}", c.name))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Runs `f` in the contender's client namespace, measuring the tunnel's CPU (client, server
+/// seconds) around it.
+pub fn measured<T: Send>(
+    env: &Env,
+    c: &Contender,
+    tunnel: Option<&Tunnel>,
+    f: impl FnOnce(&Target) -> std::io::Result<T> + Send,
+) -> Result<(T, Option<(f64, f64)>), String> {
+    let before = tunnel.map(Tunnel::cpu);
+    let t = c.target.clone();
+    let r = env.topos[c.topo]
+        .client
+        .enter(move || f(&t))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{}: {e}", c.name))?;
+    let after = tunnel.map(Tunnel::cpu);
+    let cpu = match (before, after) {
+        (Some(b), Some(a)) => Some((a.0 - b.0, a.1 - b.1)),
+        _ => None,
+    };
+    Ok((r, cpu))
+}
+
+/// The contenders `o` asks for, direct and ringtun first, and the topologies they run on:
+/// direct and ringtun share the first, every other tunnel gets a pair of namespaces of its own
+/// (all of them run at once, on the same ports).
+pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), String> {
+    let mut topos = vec![setup_topology("rtb", true, dir)?];
+    let mut contenders = vec![
+        Contender {
+            name: DIRECT.into(),
+            kind: Kind::Direct,
+            topo: 0,
+            target: Target {
+                addr: SocketAddr::from((SERVER_IP, SERVER_PORT)),
+                mark: DEFAULT_MARK,
+            },
+        },
+        Contender {
+            name: "ringtun".into(),
+            kind: Kind::Ringtun { extra: Vec::new() },
+            topo: 0,
+            target: Target {
+                addr: SocketAddr::from((VIP, VIP_PORT)),
+                mark: 0,
+            },
+        },
+    ];
+    let mut add = |name: String, kind: Kind, prefix: &str| -> Result<(), String> {
+        topos.push(setup_topology(prefix, true, dir)?);
+        contenders.push(Contender {
+            name,
+            kind,
+            topo: topos.len() - 1,
+            target: Target {
+                addr: SocketAddr::from((VIP, VIP_PORT)),
+                mark: 0,
+            },
+        });
+        Ok(())
+    };
+    for name in &o.contenders {
+        match name.as_str() {
+            "none" => {}
+            "legacy" => add(
+                "ringtun-legacy".into(),
+                Kind::Ringtun {
+                    extra: vec!["--io-driver".into(), "legacy".into()],
+                },
+                "rtbl",
+            )?,
+            "ztunnel" => {
+                let path = o.ztunnel.clone().unwrap_or_else(default_ztunnel);
+                if !path.exists() {
+                    return Err(format!(
+                        "the ztunnel contender needs its binary: {} is missing (pass --ztunnel PATH, or --contenders legacy to leave it out)",
+                        path.display()
+                    ));
+                }
+                let path = path
+                    .canonicalize()
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                add(
+                    "ztunnel".into(),
+                    Kind::Other {
+                        template: path.display().to_string(),
+                        env: ZTUNNEL_ENV.into(),
+                        unpooled_env: Some(ZTUNNEL_UNPOOLED_ENV.into()),
+                    },
+                    "rtbz",
+                )?;
+            }
+            other => {
+                return Err(format!(
+                    "--contenders: unknown contender {other:?} (legacy, ztunnel, none)"
+                ))
+            }
+        }
+    }
+    for (i, v) in o.variant.iter().enumerate() {
+        let (name, args) = v
+            .split_once('=')
+            .ok_or_else(|| format!("--variant {v:?}: expected NAME=ARGS"))?;
+        add(
+            name.trim().to_owned(),
+            Kind::Ringtun {
+                extra: args.split_whitespace().map(str::to_owned).collect(),
+            },
+            &format!("rtv{i}"),
+        )?;
+    }
+    if let Some(template) = &o.other_tunnel {
+        add(
+            o.other_name.clone(),
+            Kind::Other {
+                template: template.clone(),
+                env: o.other_env.clone(),
+                unpooled_env: o.other_unpooled_env.clone(),
+            },
+            "rtbo",
+        )?;
+    }
+    Ok((topos, contenders))
+}

@@ -1,0 +1,389 @@
+//! The throughput, latency, request/response and connection-rate test groups: each measures
+//! one contender and pushes its figures into the results.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ringtun_benches::load::{self, Dir};
+use ringtun_benches::report::Results;
+use ringtun_benches::stats;
+
+use crate::contenders::{measured, start_side, start_tunnel, warm_up, Contender, Env, Kind};
+use crate::crosscheck::crosscheck;
+use crate::memory::memory_test;
+use crate::options::{wants, Opts, Plan};
+use crate::procs::Tunnel;
+use crate::{CONN_REPLY, CONN_REQ, GIB, MIB, RR_SIZE};
+
+/// One measurement of one contender, with its tunnel (none for direct).
+type Measure<'a> = dyn FnMut(&Contender, Option<&Tunnel>) -> Result<(), String> + 'a;
+
+/// What every run of the test groups needs.
+pub struct Bench<'a> {
+    /// The command line.
+    pub o: &'a Opts,
+    /// Sizes and repetitions.
+    pub plan: &'a Plan,
+    /// Topologies, servers, files.
+    pub env: &'a Env,
+    /// Who is measured.
+    pub contenders: &'a [Contender],
+    /// Whether the iperf3/sockperf cross-checks run.
+    pub crosscheck: bool,
+}
+
+impl Bench<'_> {
+    /// One run: every wanted test group through every contender, contenders alternating
+    /// measurement by measurement (in an order rotated by `run`), then the scaling groups.
+    pub fn run(&self, res: &mut Results, run: usize) -> Result<(), String> {
+        let Bench {
+            o,
+            plan,
+            env,
+            contenders,
+            crosscheck: with_crosscheck,
+        } = *self;
+        let bulk_all = [(Dir::Up, 1), (Dir::Up, 4), (Dir::Down, 1), (Dir::Down, 4)];
+        // Rotate the order so no contender always goes first.
+        let order: Vec<usize> = (0..contenders.len())
+            .map(|i| (i + run) % contenders.len())
+            .collect();
+        env.progress.stage(format!("run {}/{}", run + 1, plan.runs));
+        env.progress.step("starting tunnels");
+        let mut tunnels: Vec<Option<Tunnel>> = Vec::new();
+        for c in contenders {
+            tunnels.push(start_tunnel(env, c, o.workers, &[], None, "")?);
+        }
+        if wants(o, "memory") {
+            for &i in &order {
+                if let Some(t) = &tunnels[i] {
+                    memory_test(env, res, run, &contenders[i], t, &plan.idle)?;
+                }
+            }
+        }
+        // Every group measures each contender in turn, with its tunnel (none for direct).
+        let each = |f: &mut Measure| {
+            order
+                .iter()
+                .try_for_each(|&i| f(&contenders[i], tunnels[i].as_ref()))
+        };
+        if wants(o, "bulk") {
+            for which in bulk_all {
+                each(&mut |c, t| bulk_tests(env, res, run, c, t, plan.bytes, "", &[which]))?;
+            }
+        }
+        if wants(o, "latency") {
+            each(&mut |c, t| latency_tests(env, res, run, c, t, plan.pingpongs))?;
+        }
+        if wants(o, "rr") {
+            each(&mut |c, t| rr_tests(env, res, run, c, t, plan.secs, o.rate))?;
+        }
+        if wants(o, "conn") {
+            each(&mut |c, t| {
+                let name = "conn rate pooled";
+                let n = plan.conns;
+                conn_test(env, res, run, c, t, name, n, o.conn_concurrency, &[], true)
+            })?;
+        }
+        if with_crosscheck {
+            for &i in &order {
+                crosscheck(env, res, run, &contenders[i], plan.bytes);
+            }
+        }
+        // Unpooled: restart the client sides with pooling defeated.
+        if wants(o, "unpooled") {
+            for &i in &order {
+                let c = &contenders[i];
+                let (extra, extra_env): (Vec<String>, Option<&str>) = match &c.kind {
+                    Kind::Direct => (Vec::new(), None),
+                    Kind::Ringtun { .. } => {
+                        (vec!["--pool-idle-timeout-ms".into(), "1".into()], None)
+                    }
+                    Kind::Other { unpooled_env, .. } => match unpooled_env {
+                        Some(e) => (Vec::new(), Some(e.as_str())),
+                        None => continue,
+                    },
+                };
+                if let Some(t) = tunnels[i].as_mut() {
+                    env.progress
+                        .step(&format!("{}: restarting the client side unpooled", c.name));
+                    t.client.stop();
+                    t.client =
+                        start_side(env, c, "client", o.workers, &extra, extra_env, "-unpooled")?;
+                    warm_up(env, c)?;
+                }
+                conn_test(
+                    env,
+                    res,
+                    run,
+                    c,
+                    tunnels[i].as_ref(),
+                    "conn rate unpooled",
+                    plan.unpooled_conns,
+                    o.conn_concurrency,
+                    &env.sources,
+                    matches!(c.kind, Kind::Ringtun { .. }),
+                )?;
+            }
+        }
+        drop(tunnels);
+        if wants(o, "scaling") && !o.shards.is_empty() {
+            for &k in &o.shards {
+                let prefix = format!("shards={k} ");
+                env.progress.stage(format!(
+                    "run {}/{} scaling {k} shard(s)",
+                    run + 1,
+                    plan.runs
+                ));
+                let mut tunnels: Vec<Option<Tunnel>> = Vec::new();
+                for c in contenders {
+                    let scales = match &c.kind {
+                        Kind::Other { template, env, .. } => {
+                            template.contains("{workers}") || env.contains("{workers}")
+                        }
+                        _ => true,
+                    };
+                    tunnels.push(if scales {
+                        start_tunnel(env, c, k, &[], None, "-scaling")?
+                    } else {
+                        None
+                    });
+                }
+                for &i in &order {
+                    let c = &contenders[i];
+                    if tunnels[i].is_none() && !matches!(c.kind, Kind::Direct) {
+                        continue;
+                    }
+                    bulk_tests(
+                        env,
+                        res,
+                        run,
+                        c,
+                        tunnels[i].as_ref(),
+                        plan.bytes,
+                        &prefix,
+                        &[(Dir::Up, 4), (Dir::Down, 4)],
+                    )?;
+                    conn_test(
+                        env,
+                        res,
+                        run,
+                        c,
+                        tunnels[i].as_ref(),
+                        &format!("{prefix}conn rate pooled"),
+                        plan.conns,
+                        o.conn_concurrency,
+                        &[],
+                        false,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one measurement's whole context, passed once
+pub fn bulk_tests(
+    env: &Env,
+    res: &mut Results,
+    run: usize,
+    c: &Contender,
+    tunnel: Option<&Tunnel>,
+    bytes: u64,
+    prefix: &str,
+    which: &[(Dir, usize)],
+) -> Result<(), String> {
+    for &(dir, streams) in which {
+        let test = format!(
+            "{prefix}bulk {} {streams} stream{}",
+            if dir == Dir::Up { "up" } else { "down" },
+            if streams == 1 { "" } else { "s" }
+        );
+        env.progress.step(&format!("{}: {test}", c.name));
+        let (took, cpu) = measured(env, c, tunnel, move |t| load::bulk(t, dir, streams, bytes))?;
+        let mibs = bytes as f64 / MIB / took.as_secs_f64();
+        res.push(run, &c.name, &test, "MiB/s", mibs, true);
+        if let Some((cc, sc)) = cpu {
+            let gib = bytes as f64 / GIB;
+            res.push(
+                run,
+                &c.name,
+                &test,
+                "CPU s/GiB (pair)",
+                (cc + sc) / gib,
+                false,
+            );
+            res.push(run, &c.name, &test, "CPU s/GiB (client)", cc / gib, false);
+            res.push(run, &c.name, &test, "CPU s/GiB (server)", sc / gib, false);
+        }
+    }
+    Ok(())
+}
+
+pub fn latency_tests(
+    env: &Env,
+    res: &mut Results,
+    run: usize,
+    c: &Contender,
+    tunnel: Option<&Tunnel>,
+    n: usize,
+) -> Result<(), String> {
+    for (size, name) in [(1usize, "ping-pong 1 B"), (1024, "ping-pong 1 KiB")] {
+        env.progress.step(&format!("{}: {name}", c.name));
+        let (rtts, _) = measured(env, c, tunnel, move |t| {
+            load::ping_pong(t, size, (n / 10).max(100), n)
+        })?;
+        res.push_rtts(run, &c.name, name, &rtts);
+    }
+    Ok(())
+}
+
+pub fn rr_tests(
+    env: &Env,
+    res: &mut Results,
+    run: usize,
+    c: &Contender,
+    tunnel: Option<&Tunnel>,
+    secs: f64,
+    rate: f64,
+) -> Result<(), String> {
+    let d = Duration::from_secs_f64(secs);
+    let name = "rr16 closed loop 1 KiB";
+    env.progress.step(&format!("{}: {name}", c.name));
+    let (r, cpu) = measured(env, c, tunnel, move |t| {
+        load::request_response(t, 16, RR_SIZE, d, None)
+    })?;
+    let rps = r.completed as f64 / r.elapsed.as_secs_f64();
+    res.push(run, &c.name, name, "req/s", rps, true);
+    push_p50_p99(res, run, c, name, "RTT", &r.rtts);
+    if let Some((cc, sc)) = cpu {
+        let per = (cc + sc) / r.completed.max(1) as f64 * 1e6;
+        res.push(run, &c.name, name, "CPU µs/req (pair)", per, false);
+    }
+
+    let name = format!("rr16 at {rate:.0} req/s 1 KiB");
+    env.progress.step(&format!("{}: {name}", c.name));
+    let (r, _) = measured(env, c, tunnel, move |t| {
+        load::request_response(t, 16, RR_SIZE, d, Some(rate))
+    })?;
+    res.push_rtts(run, &c.name, &name, &r.rtts);
+    res.push(
+        run,
+        &c.name,
+        &name,
+        "achieved req/s",
+        r.completed as f64 / r.elapsed.as_secs_f64(),
+        true,
+    );
+    res.push(
+        run,
+        &c.name,
+        &name,
+        "late sends %",
+        r.late as f64 * 100.0 / r.completed.max(1) as f64,
+        false,
+    );
+    Ok(())
+}
+
+pub fn pool_new_count(t: Option<&Tunnel>) -> usize {
+    t.map(|t| t.client.log_text().matches("pool=new").count())
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn conn_test(
+    env: &Env,
+    res: &mut Results,
+    run: usize,
+    c: &Contender,
+    tunnel: Option<&Tunnel>,
+    name: &str,
+    n: u64,
+    concurrency: usize,
+    sources: &[IpAddr],
+    count_handshakes: bool,
+) -> Result<(), String> {
+    env.progress.step(&format!("{}: {name}", c.name));
+    let new_before = pool_new_count(tunnel);
+    let sources = sources.to_vec();
+    let (r, cpu) = measured(env, c, tunnel, move |t| {
+        load::connection_rate(t, n, concurrency, CONN_REQ, CONN_REPLY, &sources)
+    })?;
+    if r.completed == 0 {
+        return Err(format!(
+            "{}: {name}: no connection completed ({})",
+            c.name,
+            r.first_error.unwrap_or_default()
+        ));
+    }
+    res.push(
+        run,
+        &c.name,
+        name,
+        "conn/s",
+        r.completed as f64 / r.elapsed.as_secs_f64(),
+        true,
+    );
+    push_p50_p99(res, run, c, name, "conn time", &r.times);
+    res.push(run, &c.name, name, "failed", r.failed as f64, false);
+    if let Some((cc, sc)) = cpu {
+        let k = r.completed as f64 / 1000.0;
+        res.push(
+            run,
+            &c.name,
+            name,
+            "CPU s/1000 conns (pair)",
+            (cc + sc) / k,
+            false,
+        );
+        res.push(
+            run,
+            &c.name,
+            name,
+            "CPU s/1000 conns (client)",
+            cc / k,
+            false,
+        );
+        res.push(
+            run,
+            &c.name,
+            name,
+            "CPU s/1000 conns (server)",
+            sc / k,
+            false,
+        );
+    }
+    if count_handshakes && tunnel.is_some() {
+        // Access-log lines are written when connections end; give the last ones a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        let new = pool_new_count(tunnel).saturating_sub(new_before);
+        res.push(
+            run,
+            &c.name,
+            name,
+            "new HBONE conns per conn",
+            new as f64 / r.completed as f64,
+            false,
+        );
+    }
+    Ok(())
+}
+
+/// Pushes the median and the 99th percentile of `samples` (µs) as `WHAT p50 µs` and
+/// `WHAT p99 µs`.
+fn push_p50_p99(
+    res: &mut Results,
+    run: usize,
+    c: &Contender,
+    test: &str,
+    what: &str,
+    samples: &[f64],
+) {
+    let s = stats::sorted(samples);
+    for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
+        let metric = format!("{what} {p} µs");
+        res.push(run, &c.name, test, &metric, stats::quantile(&s, q), false);
+    }
+}

@@ -1,0 +1,159 @@
+//! The command line, and the plan it makes: sizes with their quick/full defaults, and which
+//! test groups run.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "ringtun-bench",
+    about = "ringtun vs direct TCP (vs another tunnel) on a two-namespace topology: throughput, latency, connection rate, CPU, memory"
+)]
+pub struct Opts {
+    /// Smoke-test sizes (about 2 minutes): 1 run, 64 MiB transfers, 1,000 idle connections.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of every measurement (contenders alternate within each) [default: 3, quick 1].
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Bytes per bulk transfer, e.g. 512M, 1G [default: 512M, quick 64M].
+    #[arg(long, value_parser = parse_size)]
+    pub bytes: Option<u64>,
+    /// Where results.json, report.html, the plots and the work files (certificates, config,
+    /// tunnel logs) go [default: target/ringtun-bench/<date>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// ringtun binary to test [default: build it with `cargo build --release -p ringtun`].
+    #[arg(long)]
+    pub ringtun: Option<PathBuf>,
+    /// `ringtun run --workers` for the main comparison.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Scaling: also measure throughput and connection rate with each of these shard counts
+    /// (e.g. 1,2,4).
+    #[arg(long, value_delimiter = ',')]
+    pub shards: Vec<usize>,
+    /// Keep ringtun's own shard pinning. By default ringtun runs with --no-pin here: both
+    /// "nodes" share this machine, and pinning would put both tunnels' first shard on CPU 0.
+    #[arg(long)]
+    pub pin: bool,
+    /// Another tunnel to compare, as a command template run in each namespace through
+    /// `sh -c 'exec …'`; placeholders: {side} {ns} {config} {dir} {certs} {cert_chain} {key}
+    /// {roots} {workload} {workload_info} {sa} {ip} {workers} {trust_domain}.
+    #[arg(long)]
+    pub other_tunnel: Option<String>,
+    /// Environment of the other tunnel, `K=V,K=V` with the same placeholders, e.g.
+    /// 'PROXY_MODE=dedicated,PROXY_WORKLOAD_INFO={workload_info},LOCAL_XDS_PATH={config}'.
+    #[arg(long, default_value = "")]
+    pub other_env: String,
+    /// Name of the other tunnel in the report.
+    #[arg(long, default_value = "other")]
+    pub other_name: String,
+    /// Extra environment (`K=V,…`) that makes the other tunnel's client side close idle pooled
+    /// connections at once; when given, the unpooled connection-rate test runs for it too.
+    #[arg(long)]
+    pub other_unpooled_env: Option<String>,
+    /// Built-in contenders beside direct and ringtun: `legacy` (the same ringtun binary with
+    /// `--io-driver legacy`, epoll) and `ztunnel` (Istio's, from --ztunnel); `none` for neither.
+    #[arg(long, value_delimiter = ',', default_value = "legacy,ztunnel")]
+    pub contenders: Vec<String>,
+    /// Another contender that is the same ringtun with extra `ringtun run` arguments, as
+    /// `NAME=ARG ARG…` (repeatable), e.g. `coop=--uring-taskrun coop`: A/B of one flag in one run.
+    #[arg(long)]
+    pub variant: Vec<String>,
+    /// The ztunnel binary for the `ztunnel` contender [default: ../shared/ztunnel/ztunnel
+    /// beside the workspace].
+    #[arg(long)]
+    pub ztunnel: Option<PathBuf>,
+    /// Idle tunnelled connections to hold open for the memory test [default: 1000,10000;
+    /// quick 1000].
+    #[arg(long, value_delimiter = ',')]
+    pub idle_conns: Option<Vec<usize>>,
+    /// Request rate (req/s over 16 connections) of the fixed-rate latency test.
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Round trips per ping-pong test [default: 20000, quick 3000].
+    #[arg(long)]
+    pub pingpongs: Option<usize>,
+    /// Seconds per request/response test [default: 3, quick 1].
+    #[arg(long)]
+    pub secs: Option<f64>,
+    /// Connections per pooled connection-rate test [default: 10000, quick 2000].
+    #[arg(long)]
+    pub conns: Option<u64>,
+    /// Connections per unpooled connection-rate test [default: 2000, quick 500].
+    #[arg(long)]
+    pub unpooled_conns: Option<u64>,
+    /// Connections in flight in the connection-rate tests.
+    #[arg(long, default_value_t = 16)]
+    pub conn_concurrency: usize,
+    /// Skip the iperf3/sockperf cross-checks even when they are installed.
+    #[arg(long)]
+    pub no_crosscheck: bool,
+    /// Only these groups: bulk, latency, rr, conn, unpooled, memory, scaling, crosscheck.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Extra `ringtun run` arguments (after `--`).
+    #[arg(last = true)]
+    pub ringtun_args: Vec<String>,
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_lowercase();
+            let m = match unit.trim_end_matches("ib").trim_end_matches('b') {
+                "" => 1,
+                "k" => 1 << 10,
+                "m" => 1 << 20,
+                "g" => 1 << 30,
+                _ => return Err(format!("unknown size unit in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Options with the quick/full defaults filled in.
+pub struct Plan {
+    pub runs: usize,
+    pub bytes: u64,
+    pub pingpongs: usize,
+    pub secs: f64,
+    pub conns: u64,
+    pub unpooled_conns: u64,
+    pub idle: Vec<usize>,
+}
+
+impl Plan {
+    /// The plan for `o`: its sizes, or the quick or full defaults.
+    pub fn new(o: &Opts) -> Plan {
+        let q = o.quick;
+        Plan {
+            runs: o.runs.unwrap_or(if q { 1 } else { 3 }).max(1),
+            bytes: o.bytes.unwrap_or(if q { 64 << 20 } else { 512 << 20 }),
+            pingpongs: o.pingpongs.unwrap_or(if q { 3000 } else { 20000 }),
+            secs: o.secs.unwrap_or(if q { 1.0 } else { 3.0 }),
+            conns: o.conns.unwrap_or(if q { 2000 } else { 10000 }),
+            unpooled_conns: o.unpooled_conns.unwrap_or(if q { 500 } else { 2000 }),
+            idle: o.idle_conns.clone().unwrap_or_else(|| {
+                if q {
+                    vec![1000]
+                } else {
+                    vec![1000, 10000]
+                }
+            }),
+        }
+    }
+}
+
+pub fn wants(o: &Opts, group: &str) -> bool {
+    o.only.is_empty() || o.only.iter().any(|g| g == group)
+}

@@ -1,0 +1,153 @@
+//! The load generators of `ringtun-bench`: one monoio server and monoio clients that speak a
+//! tiny protocol, so the same programs drive every contender (direct TCP, ringtun, another
+//! tunnel).
+//!
+//! Every connection starts with a 16-byte header from the client: a command byte, 7 reserved
+//! bytes and a little-endian `u64` argument. The server (one monoio runtime on one thread in
+//! the server namespace, listening on the service's target port) then does:
+//!
+//! | command | argument | server |
+//! |---|---|---|
+//! | `U` upload | byte count `n` | reads `n` bytes, answers 1 byte, waits for EOF |
+//! | `D` download | byte count `n` | writes `n` bytes, shuts down its write side, waits for EOF |
+//! | `P` ping-pong | message size `m` | reads `m` bytes and writes them back, until EOF |
+//! | `R` request/reply | `req | reply << 32` | reads `req` bytes, writes `reply` bytes, closes |
+//! | `H` hold | – | counts the connection as held until EOF (idle connections) |
+//!
+//! Clients create their sockets on the calling thread, so running them inside
+//! [`ringtun_testbed::Netns::enter`] puts them in the client namespace. A [`Target`] says where
+//! to dial and whether to mark the socket (SO_MARK makes the capture rules skip it: that is the
+//! "direct" baseline).
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::time::Duration;
+
+use monoio::buf::{IoBuf, IoBufMut};
+use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use socket2::{Domain, Protocol, Socket, Type};
+
+mod client;
+mod server;
+
+pub use client::*;
+pub use server::serve;
+
+/// Length of the header every connection starts with.
+pub const HDR: usize = 16;
+/// Size of the buffers bulk transfers read and write with.
+pub(super) const CHUNK: usize = 256 * 1024;
+/// How long a client waits for any single connect before giving up.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Counters the server keeps (shared with the harness thread).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections currently held open by `H` clients.
+    pub held: AtomicUsize,
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections that ended with an error other than a reset or EOF.
+    pub errors: AtomicU64,
+}
+
+/// Where a client dials.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Destination address (the service VIP for tunnels, the server itself for direct).
+    pub addr: SocketAddr,
+    /// SO_MARK for the socket (0: none). The capture rules skip marked sockets.
+    pub mark: u32,
+}
+
+/// Runs `fut` on a fresh single-thread monoio runtime (io_uring when the kernel allows it, else
+/// epoll) with timers enabled.
+pub fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
+    match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .enable_timer()
+        .with_entries(4096)
+        .build()
+    {
+        Ok(mut rt) => Ok(rt.block_on(fut)),
+        Err(_) => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(fut)),
+    }
+}
+
+pub(super) fn header(cmd: u8, arg: u64) -> Vec<u8> {
+    let mut h = vec![0u8; HDR];
+    h[0] = cmd;
+    h[8..16].copy_from_slice(&arg.to_le_bytes());
+    h
+}
+
+pub(super) fn pattern(n: usize) -> Box<[u8]> {
+    ringtun_testbed::pattern(n).into_boxed_slice()
+}
+
+/// Connects a non-blocking TCP socket to `dst`, optionally marked and bound to `src`, and
+/// hands it to the current monoio runtime.
+pub async fn connect(dst: SocketAddr, mark: u32, src: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    if mark != 0 {
+        socket.set_mark(mark)?;
+    }
+    if let Some(ip) = src {
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    socket.set_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let probe = socket.try_clone()?;
+    let stream = TcpStream::from_std(socket.into())?;
+    match monoio::time::timeout(CONNECT_TIMEOUT, stream.writable(false)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {dst} timed out"),
+            ))
+        }
+    }
+    if let Some(e) = probe.take_error()? {
+        return Err(e);
+    }
+    Ok(stream)
+}
+
+pub(super) async fn dial(t: &Target) -> io::Result<TcpStream> {
+    connect(t.addr, t.mark, None).await
+}
+
+pub(super) async fn write_all<B: IoBuf + 'static>(s: &mut TcpStream, buf: B) -> io::Result<B> {
+    let (r, buf) = s.write_all(buf).await;
+    r.map(|_| buf)
+}
+
+pub(super) async fn read_exact<B: IoBufMut + 'static>(s: &mut TcpStream, buf: B) -> io::Result<B> {
+    let (r, buf) = s.read_exact(buf).await;
+    r.map(|_| buf)
+}
+
+/// Reads until EOF (or an error), discarding; returns the byte count.
+pub(super) async fn drain(s: &mut TcpStream, mut buf: Vec<u8>) -> u64 {
+    let mut n = 0u64;
+    loop {
+        buf.clear();
+        let (r, b) = s.read(buf).await;
+        buf = b;
+        match r {
+            Ok(0) | Err(_) => return n,
+            Ok(k) => n += k as u64,
+        }
+    }
+}
