@@ -16,6 +16,7 @@
 //! `INSTANCE_IP`, `POD_NAME`, `POD_NAMESPACE`, `NODE_NAME`, `ISTIO_META_*`); `ringtun run`
 //! reads them (see `cli`).
 
+pub mod ca;
 pub mod channel;
 pub mod client;
 pub mod convert;
