@@ -44,7 +44,7 @@ fn ztunnel_takes_workloads_policies_and_certificates_from_the_fake() {
     let mut resources = mesh_resources();
     resources["authorizations"] = json!([deny_port("deny-9999", 9999)]);
     let istiod = FakeIstiod::start(
-        &nodes.server,
+        Some(&nodes.server),
         dir.path(),
         IstiodArgs::new(&ca_cert, &ca_key),
         &resources,
@@ -153,7 +153,7 @@ fn ztunnel_is_refused_with_a_wrong_token() {
     let mut args = IstiodArgs::new(&ca_cert, &ca_key);
     args.listen = "127.0.0.1:15012";
     args.sans = vec!["127.0.0.1".into()];
-    let istiod = FakeIstiod::start(&ns, dir.path(), args, &mesh_resources());
+    let istiod = FakeIstiod::start(Some(&ns), dir.path(), args, &mesh_resources());
     let zt = XdsZtunnel::start(
         &ns,
         "client",

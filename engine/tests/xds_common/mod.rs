@@ -142,14 +142,22 @@ impl<'a> IstiodArgs<'a> {
 }
 
 impl FakeIstiod {
-    /// Writes `resources` to `dir/resources.json`, starts the fake in `ns` and waits until it
-    /// listens.
-    pub fn start(ns: &Netns, dir: &Path, args: IstiodArgs<'_>, resources: &Value) -> FakeIstiod {
+    /// Writes `resources` to `dir/resources.json`, starts the fake in `ns` (or in the test's
+    /// own namespace) and waits until it listens.
+    pub fn start(
+        ns: Option<&Netns>,
+        dir: &Path,
+        args: IstiodArgs<'_>,
+        resources: &Value,
+    ) -> FakeIstiod {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/fake_istiod.py");
         let res_path = dir.join("resources.json");
         write_json(&res_path, resources);
         let events_path = dir.join("istiod-events.jsonl");
-        let mut cmd = ns.exec("python3");
+        let mut cmd = match ns {
+            Some(ns) => ns.exec("python3"),
+            None => std::process::Command::new("python3"),
+        };
         cmd.arg(&script)
             .args(["--listen", args.listen])
             .arg("--ca-cert")
@@ -180,6 +188,21 @@ impl FakeIstiod {
         };
         istiod.wait_event("listening", |e| e["event"] == "listening");
         istiod
+    }
+
+    /// The address it listens on (the port it got, with port 0).
+    pub fn addr(&self) -> String {
+        let e = self.wait_event("listening", |e| e["event"] == "listening");
+        e["addr"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// The stream a proxy opened, by its node id (`ztunnel~IP~…`).
+    pub fn stream_of(&self, node_ip: &str) -> Value {
+        let prefix = format!("ztunnel~{node_ip}~");
+        let e = self.wait_event("the proxy's subscription", |e| {
+            e["node"].as_str().is_some_and(|n| n.starts_with(&prefix))
+        });
+        e["stream"].clone()
     }
 
     /// Every event so far.
@@ -377,6 +400,128 @@ impl Drop for XdsZtunnel {
                 "===== ztunnel log {} =====\n{}",
                 self.log.display(),
                 self.text()
+            );
+        }
+    }
+}
+
+/// A `ringtun run` in `ns` as the workload `default/<who>` (its mounted certificate from the
+/// directory's CA) whose config comes from istiod only (`XDS_ADDRESS`, no --config); run in
+/// the directory (where the token file is); killed on drop, its log printed if the test failed.
+pub struct XdsRingtun {
+    child: Child,
+    log: PathBuf,
+}
+
+impl XdsRingtun {
+    /// Starts it with `ip` as its pod IP and waits for `ringtun ready` (which, with xDS, means
+    /// istiod's first config is in force).
+    pub fn start(ns: &Netns, who: &str, ip: &str, url: &str, dir: &Path) -> XdsRingtun {
+        let (chain, key) = crate::common::cert_paths(dir, &format!("default/{who}"));
+        let log = dir.join(format!("ringtun-{who}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("dup log file");
+        let child = ns
+            .exec(crate::common::ringtun_bin())
+            .current_dir(dir)
+            .arg("run")
+            .arg("--cert-chain")
+            .arg(&chain)
+            .arg("--key")
+            .arg(&key)
+            .arg("--roots")
+            .arg(dir.join("ca.pem"))
+            .args(["--workload", &format!("default/{who}"), "--workers", "1"])
+            .env("XDS_ADDRESS", url)
+            .env("XDS_ROOT_CA", dir.join("ca.pem"))
+            .env("INSTANCE_IP", ip)
+            .env("POD_NAME", who)
+            .env("POD_NAMESPACE", "default")
+            .env_remove("LOCAL_XDS_PATH")
+            .env(
+                "RINGTUN_LOG",
+                std::env::var("RINGTUN_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn ringtun run");
+        let mut r = XdsRingtun { child, log };
+        let deadline = Instant::now() + EVENT_WAIT;
+        while !r.log().contains("ringtun ready") {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                panic!("ringtun ({who}) exited with {status}:\n{}", r.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringtun ({who}) not ready within {EVENT_WAIT:?}:\n{}",
+                r.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        r
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        crate::common::strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// Waits until `n` lines of the log contain every one of `want`; returns the last.
+    pub fn wait_lines(&self, want: &[&str], n: usize) -> String {
+        let deadline = Instant::now() + EVENT_WAIT;
+        loop {
+            let text = self.log();
+            let found: Vec<&str> = text
+                .lines()
+                .filter(|l| want.iter().all(|w| l.contains(w)))
+                .collect();
+            if found.len() >= n {
+                return found[n - 1].to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {n} ringtun lines with {want:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Waits for an access line satisfying `pred`.
+    pub fn wait_access(
+        &self,
+        what: &str,
+        pred: impl Fn(&crate::common::AccessLine) -> bool,
+    ) -> crate::common::AccessLine {
+        let deadline = Instant::now() + EVENT_WAIT;
+        loop {
+            if let Some(l) = crate::common::parse_access(&self.log())
+                .into_iter()
+                .find(|l| pred(l))
+            {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no access line for {what}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for XdsRingtun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "===== ringtun log {} =====\n{}",
+                self.log.display(),
+                self.log()
             );
         }
     }
