@@ -154,7 +154,7 @@ fn ringtun_takes_its_config_from_istiod_only() {
     let (nodes, dir, _unused) = mesh_files("xrt", "", |_| {});
     write_token(dir.path(), TOKEN);
     let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let istiod = FakeIstiod::start(
+    let mut istiod = FakeIstiod::start(
         Some(&nodes.server),
         dir.path(),
         IstiodArgs::new(&ca_cert, &ca_key),
@@ -213,8 +213,49 @@ fn ringtun_takes_its_config_from_istiod_only() {
     assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
     assert_eq!(line.num("bytes_received"), 4 * MIB, "{}", line.raw);
 
+    // istiod ends the stream: ringtun reconnects, naming what it holds (with the versions it
+    // got), so nothing is sent again and nothing changes.
+    let first = istiod.streams_of("10.77.0.1", 1).remove(0);
+    let held = istiod.subscription(&first, ADDRESS_TYPE);
+    assert_eq!(held["initial"], json!({}), "{held}");
+    istiod.command("close");
+    let client_stream = istiod.streams_of("10.77.0.1", 2).remove(1);
+    let again = istiod.subscription(&client_stream, ADDRESS_TYPE);
+    let pushed = istiod.wait_event("the first push", |e| {
+        e["event"] == "push" && e["stream"] == first && e["type_url"] == ADDRESS_TYPE
+    });
+    let initial = again["initial"].as_object().cloned().unwrap_or_default();
+    assert_eq!(
+        initial.keys().collect::<Vec<_>>(),
+        pushed["resources"]
+            .as_array()
+            .map(|r| r.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>())
+            .unwrap_or_default(),
+        "every resource held is named: {again}"
+    );
+    assert!(
+        initial
+            .values()
+            .all(|v| v.as_str().is_some_and(|v| !v.is_empty())),
+        "with its version: {again}"
+    );
+    for t in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        istiod.wait_event("an ACK on the new stream", |e| {
+            is(e, "ack", t) && e["stream"] == client_stream
+        });
+    }
+    let resent = istiod.wait_event("the answer on the new stream", |e| {
+        e["event"] == "push" && e["stream"] == client_stream && e["type_url"] == ADDRESS_TYPE
+    });
+    assert_eq!(
+        resent["resources"],
+        json!([]),
+        "nothing is sent again: {resent}"
+    );
+    client.wait_lines(&["xDS stream established"], 2);
+    echo_ok(&nodes.client, "10.96.0.10:80", MIB);
+
     // A malformed resource is NACKed by name; the previous state stays.
-    let client_stream = istiod.stream_of("10.77.0.1");
     let mut bad = mesh_resources();
     bad["workloads"][1]["addresses"] = json!(["AQIDBAU="]);
     bad["raw"] = json!([{"type": "address", "name": "bad-address", "value": "//8="}]);
@@ -248,4 +289,45 @@ fn ringtun_takes_its_config_from_istiod_only() {
     });
     assert!(refused.is("direction", "outbound"), "{}", refused.raw);
     server.wait_lines(&["config updated by the control plane", "workloads=1"], 1);
+}
+
+#[test]
+fn a_wrong_token_or_an_untrusted_istiod_is_refused_with_a_clear_line() {
+    let ns = netns("xrw");
+    ns.ip(["link", "set", "lo", "up"]).expect("loopback up");
+    let dir = TempDir::new("xrw");
+    gen_certs(dir.path(), "cluster.local", &["default/client"]);
+    let other = TempDir::new("xrw-other");
+    gen_certs(other.path(), "cluster.local", &["default/client"]);
+    write_token(dir.path(), "not-the-token");
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let mut args = IstiodArgs::new(&ca_cert, &ca_key);
+    args.listen = "127.0.0.1:15012";
+    args.sans = vec!["127.0.0.1".into()];
+    let istiod = FakeIstiod::start(Some(&ns), dir.path(), args, &mesh_resources());
+    let url = "https://127.0.0.1:15012";
+    {
+        let r = XdsRingtun::spawn(&ns, "client", "10.77.0.1", url, dir.path());
+        let line = r.wait_lines(&["xDS stream failed", "authentication failure"], 1);
+        assert!(line.contains("Unauthenticated"), "{line}");
+        r.wait_lines(&["not ready until the control plane"], 1);
+        assert!(!r.log().contains("ringtun ready"), "ready without a config");
+        istiod.wait_event("the refusal", |e| e["event"] == "auth-failed");
+    }
+    // The right token, but istiod's certificate does not chain to XDS_ROOT_CA.
+    write_token(dir.path(), TOKEN);
+    let r = XdsRingtun::spawn_with_root(
+        &ns,
+        "client",
+        "10.77.0.1",
+        url,
+        dir.path(),
+        &other.join("ca.pem"),
+    );
+    let line = r.wait_lines(&["xDS stream failed", "cannot connect"], 1);
+    assert!(
+        line.contains("UnknownIssuer") || line.contains("invalid peer certificate"),
+        "{line}"
+    );
+    assert!(!r.log().contains("ringtun ready"), "ready without a config");
 }

@@ -43,7 +43,7 @@ fn ztunnel_takes_workloads_policies_and_certificates_from_the_fake() {
     let (ca_cert, ca_key) = ztunnel_test_ca();
     let mut resources = mesh_resources();
     resources["authorizations"] = json!([deny_port("deny-9999", 9999)]);
-    let istiod = FakeIstiod::start(
+    let mut istiod = FakeIstiod::start(
         Some(&nodes.server),
         dir.path(),
         IstiodArgs::new(&ca_cert, &ca_key),
@@ -107,6 +107,24 @@ fn ztunnel_takes_workloads_policies_and_certificates_from_the_fake() {
         assert_eq!(csr["impersonated"], false, "dedicated mode: {csr}");
     }
     client.wait_line(&["connection complete", SERVER_ID]);
+
+    // istiod ends the stream: ztunnel reconnects and names what it holds, with the versions.
+    istiod.command("close");
+    let stream = istiod.streams_of("10.77.0.1", 2).remove(1);
+    let again = istiod.subscription(&stream, ADDRESS_TYPE);
+    let held = again["initial"].as_object().cloned().unwrap_or_default();
+    for name in [
+        CLIENT_UID,
+        SERVER_UID,
+        "default/server.default.svc.cluster.local",
+    ] {
+        let version = held.get(name).and_then(|v| v.as_str()).unwrap_or_default();
+        assert!(!version.is_empty(), "{name} in {again}");
+    }
+    istiod.wait_event("an ACK on the new stream", |e| {
+        is(e, "ack", ADDRESS_TYPE) && e["stream"] == stream
+    });
+    echo_ok(&nodes.client, "10.96.0.10:80", MIB);
 
     // A removal is applied: the server workload is gone, the VIP has no endpoint.
     let mut without_server = mesh_resources();

@@ -235,7 +235,7 @@ impl RunArgs {
         }
         let xds = self
             .xds
-            .options(&self.cluster_id, self.node.as_deref(), self.mark);
+            .options(&self.cluster_id, self.node.as_deref(), self.mark)?;
         let config_path = match (self.config, &xds) {
             (Some(path), None) => path,
             (None, Some(_)) => PathBuf::new(),
@@ -349,5 +349,64 @@ mod tests {
             w.run.idle_timeout_ms, 0,
             "ztunnel never cuts an idle tunnel"
         );
+    }
+
+    fn options(extra: &[&str]) -> Result<RunOptions, EngineError> {
+        let mut args = vec![
+            "ringtun",
+            "--cert-chain",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--roots",
+            "r.pem",
+        ];
+        args.extend_from_slice(extra);
+        Wrap::try_parse_from(args)
+            .expect("parse")
+            .run
+            .into_options()
+    }
+
+    #[test]
+    fn the_config_comes_from_the_file_or_from_istiod_never_both() {
+        let file = options(&["--config", "c.yaml"]).expect("the file");
+        assert!(file.xds.is_none());
+        let file = options(&["--config", "c.yaml", "--xds-address", ""]).expect("empty: the file");
+        assert!(
+            file.xds.is_none(),
+            "an empty XDS_ADDRESS means no control plane"
+        );
+        let xds =
+            options(&["--xds-address", "https://istiod.istio-system.svc:15012"]).expect("istiod");
+        let x = xds.xds.expect("xds options");
+        assert_eq!(x.endpoint.url, "https://istiod.istio-system.svc:15012");
+        assert_eq!(x.endpoint.cluster_id, "Kubernetes");
+        assert_eq!(
+            x.endpoint.mark, 0x539,
+            "the control connection is marked like the rest"
+        );
+        for (args, want) in [
+            (
+                &[
+                    "--config",
+                    "c.yaml",
+                    "--xds-address",
+                    "https://istiod:15012",
+                ][..],
+                "both --config",
+            ),
+            (&[][..], "no config"),
+            (&["--xds-address", "istiod:15012"][..], "XDS_ADDRESS"),
+            (
+                &["--xds-address", "http://istiod:15012"][..],
+                "not an https URL",
+            ),
+        ] {
+            match options(args) {
+                Err(EngineError::Usage(m)) => assert!(m.contains(want), "{m}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@ use clap::Args;
 
 use crate::xds::channel::DEFAULT_ROOT_PATH;
 use crate::xds::{Endpoint, NodeInfo, RootCert, Token, XdsOptions};
+use crate::EngineError;
 
 /// Where istiod is and who this proxy is to it.
 #[derive(Args, Debug, Clone, Default)]
@@ -41,10 +42,10 @@ impl XdsArgs {
         cluster_id: &str,
         node_name: Option<&str>,
         mark: u32,
-    ) -> Option<XdsOptions> {
+    ) -> Result<Option<XdsOptions>, EngineError> {
         let url = self.xds_address.as_deref().map(str::trim).unwrap_or("");
         if url.is_empty() {
-            return None;
+            return Ok(None);
         }
         let node = NodeInfo {
             ip: self.instance_ip.clone(),
@@ -54,16 +55,17 @@ impl XdsArgs {
             ..Default::default()
         }
         .with_env_metadata(std::env::vars());
-        Some(XdsOptions {
-            endpoint: Endpoint {
-                url: url.to_owned(),
-                root: RootCert::from_setting(&self.xds_root_ca),
-                alt_hostname: self.alt_xds_hostname.clone(),
-                token: Token::from_setting(self.auth_token.as_deref()),
-                cluster_id: cluster_id.to_owned(),
-                mark,
-            },
-            node,
-        })
+        let endpoint = Endpoint {
+            url: url.to_owned(),
+            root: RootCert::from_setting(&self.xds_root_ca),
+            alt_hostname: self.alt_xds_hostname.clone(),
+            token: Token::from_setting(self.auth_token.as_deref()),
+            cluster_id: cluster_id.to_owned(),
+            mark,
+        };
+        endpoint
+            .check()
+            .map_err(|e| EngineError::Usage(format!("XDS_ADDRESS (--xds-address): {e}")))?;
+        Ok(Some(XdsOptions { endpoint, node }))
     }
 }

@@ -29,12 +29,14 @@ pub enum RootCert {
 }
 
 impl RootCert {
-    /// ztunnel's reading of the variable: an existing path is a file, anything else PEM text.
+    /// ztunnel's reading of the variable: PEM text when it holds a PEM block, else a path
+    /// (one that does not exist is reported as such when connecting, where ztunnel would try
+    /// to read the path itself as PEM).
     pub fn from_setting(s: &str) -> RootCert {
-        if std::path::Path::new(s).exists() {
-            RootCert::File(s.into())
-        } else {
+        if s.contains("-----BEGIN") {
             RootCert::Pem(s.to_owned())
+        } else {
+            RootCert::File(s.into())
         }
     }
 
@@ -137,6 +139,11 @@ impl Endpoint {
             .to_owned();
         let port = uri.port_u16().unwrap_or(443);
         Ok((uri, host, port))
+    }
+
+    /// Whether the URL is one this client can use (`https://host[:port]`).
+    pub fn check(&self) -> Result<(), XdsError> {
+        self.host_port().map(drop)
     }
 
     /// Opens the TLS channel (the connection is made now, so a refusal shows here).

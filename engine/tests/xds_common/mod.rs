@@ -196,13 +196,23 @@ impl FakeIstiod {
         e["addr"].as_str().unwrap_or_default().to_owned()
     }
 
-    /// The stream a proxy opened, by its node id (`ztunnel~IP~…`).
-    pub fn stream_of(&self, node_ip: &str) -> Value {
+    /// The streams a proxy opened, oldest first, by the IP in its node id (`ztunnel~IP~…`);
+    /// waits for at least `n`.
+    pub fn streams_of(&self, node_ip: &str, n: usize) -> Vec<Value> {
         let prefix = format!("ztunnel~{node_ip}~");
-        let e = self.wait_event("the proxy's subscription", |e| {
-            e["node"].as_str().is_some_and(|n| n.starts_with(&prefix))
-        });
-        e["stream"].clone()
+        self.wait_events("the proxy's subscriptions", n, |e| {
+            e["node"].as_str().is_some_and(|id| id.starts_with(&prefix))
+        })
+        .into_iter()
+        .map(|e| e["stream"].clone())
+        .collect()
+    }
+
+    /// The first request a proxy sent on `stream` for `type_url` (its subscription).
+    pub fn subscription(&self, stream: &Value, type_url: &str) -> Value {
+        self.wait_event("a subscription", |e| {
+            e["event"] == "request" && &e["stream"] == stream && e["type_url"] == type_url
+        })
     }
 
     /// Every event so far.
@@ -417,6 +427,36 @@ impl XdsRingtun {
     /// Starts it with `ip` as its pod IP and waits for `ringtun ready` (which, with xDS, means
     /// istiod's first config is in force).
     pub fn start(ns: &Netns, who: &str, ip: &str, url: &str, dir: &Path) -> XdsRingtun {
+        let mut r = XdsRingtun::spawn(ns, who, ip, url, dir);
+        let deadline = Instant::now() + EVENT_WAIT;
+        while !r.log().contains("ringtun ready") {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                panic!("ringtun ({who}) exited with {status}:\n{}", r.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringtun ({who}) not ready within {EVENT_WAIT:?}:\n{}",
+                r.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        r
+    }
+
+    /// Starts it without waiting for anything.
+    pub fn spawn(ns: &Netns, who: &str, ip: &str, url: &str, dir: &Path) -> XdsRingtun {
+        XdsRingtun::spawn_with_root(ns, who, ip, url, dir, &dir.join("ca.pem"))
+    }
+
+    /// [`XdsRingtun::spawn`] with `root` as istiod's root (`XDS_ROOT_CA`).
+    pub fn spawn_with_root(
+        ns: &Netns,
+        who: &str,
+        ip: &str,
+        url: &str,
+        dir: &Path,
+        root: &Path,
+    ) -> XdsRingtun {
         let (chain, key) = crate::common::cert_paths(dir, &format!("default/{who}"));
         let log = dir.join(format!("ringtun-{who}.log"));
         let out = std::fs::File::create(&log).expect("log file");
@@ -433,7 +473,7 @@ impl XdsRingtun {
             .arg(dir.join("ca.pem"))
             .args(["--workload", &format!("default/{who}"), "--workers", "1"])
             .env("XDS_ADDRESS", url)
-            .env("XDS_ROOT_CA", dir.join("ca.pem"))
+            .env("XDS_ROOT_CA", root)
             .env("INSTANCE_IP", ip)
             .env("POD_NAME", who)
             .env("POD_NAMESPACE", "default")
@@ -448,20 +488,7 @@ impl XdsRingtun {
             .stderr(err)
             .spawn()
             .expect("spawn ringtun run");
-        let mut r = XdsRingtun { child, log };
-        let deadline = Instant::now() + EVENT_WAIT;
-        while !r.log().contains("ringtun ready") {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                panic!("ringtun ({who}) exited with {status}:\n{}", r.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ringtun ({who}) not ready within {EVENT_WAIT:?}:\n{}",
-                r.log()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        r
+        XdsRingtun { child, log }
     }
 
     /// The log so far.
