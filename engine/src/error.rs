@@ -64,6 +64,9 @@ pub enum EngineError {
     /// The metrics, readiness or admin listener could not be bound.
     #[error("cannot serve the metrics/readiness/admin endpoints: {0} (is another ringtun or ztunnel running here?)")]
     Admin(std::io::Error),
+    /// The control-plane (xDS) client could not start.
+    #[error("{0}")]
+    Xds(crate::xds::XdsError),
 }
 
 // Boxed so every Result<_, EngineError> stays small; these errors are rare and start-up only.

@@ -4,8 +4,9 @@
 //! HBONE pool and counters ([`shard`]); a control thread loads and watches the config, feeds
 //! the shards and drains them ([`control`]). Each accepted connection takes one of the paths in
 //! [`proxy`]. What operators see (metrics, readiness, the admin API, the log filter) is
-//! [`operate`]; the command line is [`cli`]. Protocol logic that needs no socket lives in the
-//! `ringtun-hbone` crate.
+//! [`operate`]; the command line is [`cli`]. Workloads, policies and certificates from istiod
+//! (instead of a local file and mounted certificates) come through [`xds`]. Protocol logic that
+//! needs no socket lives in the `ringtun-hbone` crate.
 #![warn(missing_docs)]
 
 pub mod alloc;
@@ -25,5 +26,6 @@ pub mod proxy;
 pub mod shard;
 pub mod stream;
 pub mod tls;
+pub mod xds;
 
 pub use error::EngineError;

@@ -151,8 +151,10 @@ impl Default for Keepalive {
 /// Everything `ringtun run` needs.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// ztunnel local config file, watched for changes.
+    /// ztunnel local config file, watched for changes (unused when `xds` is set).
     pub config_path: PathBuf,
+    /// Take the config from istiod over xDS instead of the file.
+    pub xds: Option<crate::xds::XdsOptions>,
     /// How often the config file is checked for changes.
     pub config_poll: Duration,
     /// Certificate files.

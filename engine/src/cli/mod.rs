@@ -3,8 +3,10 @@
 
 mod run;
 mod values;
+mod xds;
 
 pub use run::{ProxyMode, RunArgs};
+pub use xds::XdsArgs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -9,6 +9,7 @@ use ringtun_hbone::pool::PoolLimits;
 use ringtun_hbone::settings::H2Settings;
 
 use super::values::{parse_millis, parse_u32};
+use super::xds::XdsArgs;
 use crate::operate::admin::Role;
 use crate::options::{IoDriver, Keepalive, KtlsMode, RunOptions, TlsCipher, UringTaskrun};
 use crate::tls::CertPaths;
@@ -18,8 +19,12 @@ use crate::EngineError;
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// ztunnel local config (YAML), the file ztunnel reads from LOCAL_XDS_PATH; reloaded on change.
+    /// Required unless XDS_ADDRESS is set.
     #[arg(long, env = "LOCAL_XDS_PATH")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// The control plane (istiod), instead of --config.
+    #[command(flatten)]
+    pub xds: XdsArgs,
     /// Our certificate chain (PEM): leaf first, with a spiffe:// URI SAN.
     #[arg(long)]
     pub cert_chain: PathBuf,
@@ -228,6 +233,23 @@ impl RunArgs {
         if workers == 0 {
             return Err(EngineError::Usage("--workers must be at least 1".into()));
         }
+        let xds = self
+            .xds
+            .options(&self.cluster_id, self.node.as_deref(), self.mark)?;
+        let config_path = match (self.config, &xds) {
+            (Some(path), None) => path,
+            (None, Some(_)) => PathBuf::new(),
+            (Some(_), Some(_)) => {
+                return Err(EngineError::Usage(
+                    "both --config (LOCAL_XDS_PATH) and XDS_ADDRESS are set: ringtun takes its config from one of them (unset XDS_ADDRESS, or set it empty, to use the file)".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(EngineError::Usage(
+                    "no config: give --config (LOCAL_XDS_PATH) with ztunnel's local config file, or XDS_ADDRESS to take it from istiod".into(),
+                ))
+            }
+        };
         let max_records = crate::stream::DEFAULT_TX_RECORD_LIMIT;
         if self.ktls_tx_record_limit == 0 || self.ktls_tx_record_limit > max_records {
             return Err(EngineError::Usage(format!(
@@ -235,7 +257,8 @@ impl RunArgs {
             )));
         }
         Ok(RunOptions {
-            config_path: self.config,
+            config_path,
+            xds,
             config_poll: Duration::from_millis(self.config_poll_ms.max(10)),
             certs: CertPaths {
                 chain: self.cert_chain,
@@ -326,5 +349,64 @@ mod tests {
             w.run.idle_timeout_ms, 0,
             "ztunnel never cuts an idle tunnel"
         );
+    }
+
+    fn options(extra: &[&str]) -> Result<RunOptions, EngineError> {
+        let mut args = vec![
+            "ringtun",
+            "--cert-chain",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--roots",
+            "r.pem",
+        ];
+        args.extend_from_slice(extra);
+        Wrap::try_parse_from(args)
+            .expect("parse")
+            .run
+            .into_options()
+    }
+
+    #[test]
+    fn the_config_comes_from_the_file_or_from_istiod_never_both() {
+        let file = options(&["--config", "c.yaml"]).expect("the file");
+        assert!(file.xds.is_none());
+        let file = options(&["--config", "c.yaml", "--xds-address", ""]).expect("empty: the file");
+        assert!(
+            file.xds.is_none(),
+            "an empty XDS_ADDRESS means no control plane"
+        );
+        let xds =
+            options(&["--xds-address", "https://istiod.istio-system.svc:15012"]).expect("istiod");
+        let x = xds.xds.expect("xds options");
+        assert_eq!(x.endpoint.url, "https://istiod.istio-system.svc:15012");
+        assert_eq!(x.endpoint.cluster_id, "Kubernetes");
+        assert_eq!(
+            x.endpoint.mark, 0x539,
+            "the control connection is marked like the rest"
+        );
+        for (args, want) in [
+            (
+                &[
+                    "--config",
+                    "c.yaml",
+                    "--xds-address",
+                    "https://istiod:15012",
+                ][..],
+                "both --config",
+            ),
+            (&[][..], "no config"),
+            (&["--xds-address", "istiod:15012"][..], "XDS_ADDRESS"),
+            (
+                &["--xds-address", "http://istiod:15012"][..],
+                "not an https URL",
+            ),
+        ] {
+            match options(args) {
+                Err(EngineError::Usage(m)) => assert!(m.contains(want), "{m}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! The control thread: loads the config and certificates, starts the shards, hands them their
-//! listeners and config snapshots, serves the operator endpoints, watches the config file and
-//! the signals, and drains.
+//! listeners and config snapshots, serves the operator endpoints, watches the config source (the
+//! file, or istiod over xDS: `source.rs`) and the signals, and drains.
 //!
 //! [`start`] brings the proxy up and returns once every shard listens; [`Running::serve`] then
 //! watches until a signal or `/quitquitquit` starts the drain. What the operator endpoints see
@@ -8,6 +8,7 @@
 
 mod process;
 mod runtime;
+mod source;
 mod state;
 mod watch;
 
@@ -15,7 +16,6 @@ pub use process::{block_signals, raise_nofile};
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -23,15 +23,15 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::config::{self, Snapshot};
+use crate::config::Snapshot;
 use crate::net;
 use crate::operate::admin::{self, Admin};
-use crate::options::{ListenerKind, RunOptions};
+use crate::options::{IoDriver, ListenerKind, RunOptions};
 use crate::shard::{ShardEvent, ShardMsg};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
+use source::ConfigSource;
 use state::ControlState;
-use watch::ConfigFile;
 
 /// A running ringtun: its shard handles, for callers that want to stop it (tests, demo).
 pub struct Running {
@@ -43,21 +43,23 @@ pub struct Running {
     endpoints_stop: Arc<AtomicBool>,
     /// Addresses actually bound, per listener kind (useful with port 0).
     pub bound: Vec<(ListenerKind, SocketAddr)>,
-}
-
-fn load_snapshot(path: &Path, generation: u64) -> Result<Snapshot, config::ConfigError> {
-    let loaded = config::load(path)?;
-    for w in &loaded.warnings {
-        tracing::warn!(config = %path.display(), "{w}");
-    }
-    Ok(Snapshot::new(loaded.config, generation))
+    /// Where new configs come from.
+    source: ConfigSource,
+    /// The config the shards run is the source's (not the empty one istiod's first push
+    /// replaces): readiness may answer 200.
+    synced: bool,
+    tls: Arc<TlsMaterial>,
+    driver: IoDriver,
 }
 
 /// Starts the shards, the operator endpoints and the listeners; returns once every listener
-/// accepts. Readiness answers 503 ("starting") until then.
+/// accepts. Readiness answers 503 ("starting") until then, and with xDS until istiod's first
+/// config is in force.
 pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     let opts = Arc::new(opts);
-    let snapshot = load_snapshot(&opts.config_path, 1)?;
+    let (source, initial) = ConfigSource::open(&opts)?;
+    let synced = initial.is_some();
+    let snapshot = Snapshot::new(initial.unwrap_or_default(), 1);
     // Probed once here; every shard shares the result (logged by `startup`).
     let ktls = crate::stream::startup(opts.ktls)?;
     let tls = Arc::new(
@@ -109,30 +111,28 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         e
     };
     let bound = listen(&opts, &senders, &ev_rx).map_err(stop_endpoints)?;
-    state.set_ready();
-    tracing::info!(
-        workers,
-        driver = ?driver,
-        identity = %tls.identity,
-        tls = if tls.ktls.is_some() { "ktls" } else { "userspace" },
-        config = %opts.config_path.display(),
-        workloads = snapshot.config().workloads.len(),
-        services = snapshot.config().services.len(),
-        listeners = ?bound,
-        mark = %format_args!("{:#x}", opts.mark),
-        pool_max_streams = opts.pool.max_streams,
-        pool_unused_release = ?opts.pool.idle_timeout,
-        drain_deadline = ?opts.drain_timeout,
-        "ringtun ready"
-    );
-    Ok(Running {
+    let running = Running {
         senders,
         events: ev_rx,
         threads,
         state,
         endpoints_stop,
         bound,
-    })
+        source,
+        synced,
+        tls,
+        driver,
+    };
+    if synced {
+        running.announce_ready(&opts, &snapshot);
+    } else {
+        tracing::info!(
+            config = %running.source.describe(),
+            listeners = ?running.bound,
+            "listening; not ready until the control plane's first config is in force"
+        );
+    }
+    Ok(running)
 }
 
 /// Opens every listener once per shard, hands each shard its sockets and waits until every
@@ -190,20 +190,38 @@ fn listen(
 }
 
 impl Running {
-    /// Watches the config file until the process is stopped; a valid change is sent to every
-    /// shard, an invalid one is logged and the previous config stays in force.
+    /// Readiness answers 200 from now on, and the log says so with what ringtun runs.
+    fn announce_ready(&self, opts: &RunOptions, snapshot: &Snapshot) {
+        self.state.set_ready();
+        let tls = &self.tls;
+        tracing::info!(
+            workers = self.senders.len(),
+            driver = ?self.driver,
+            identity = %tls.identity,
+            tls = if tls.ktls.is_some() { "ktls" } else { "userspace" },
+            config = %self.source.describe(),
+            workloads = snapshot.config().workloads.len(),
+            services = snapshot.config().services.len(),
+            listeners = ?self.bound,
+            mark = %format_args!("{:#x}", opts.mark),
+            pool_max_streams = opts.pool.max_streams,
+            pool_unused_release = ?opts.pool.idle_timeout,
+            drain_deadline = ?opts.drain_timeout,
+            "ringtun ready"
+        );
+    }
+
+    /// Watches the config source until the process is stopped; a valid change is sent to
+    /// every shard, an invalid one is logged and the previous config stays in force.
     ///
     /// SIGTERM, SIGINT or `/quitquitquit` start a drain (see [`Running::drain`]); this returns
     /// when the drain is over. The caller must have blocked those signals with
     /// [`block_signals`] before [`start`], so that they queue for this thread.
-    pub fn serve(self, opts: &RunOptions) -> Result<(), EngineError> {
-        let path = &opts.config_path;
-        let mut file = ConfigFile::new(path);
+    pub fn serve(mut self, opts: &RunOptions) -> Result<(), EngineError> {
         let mut generation = 1u64;
         // /quitquitquit sets a flag from an admin thread; waking every tick (not every config
         // poll) lets the drain reach the shards' listeners within a tick of the request.
         let tick = opts.config_poll.min(Duration::from_millis(50));
-        let mut next_poll = Instant::now() + opts.config_poll;
         loop {
             if let Some(sig) = process::wait_signal(tick) {
                 tracing::info!(signal = sig, "signal received; draining");
@@ -213,16 +231,13 @@ impl Running {
                 tracing::info!("/quitquitquit received; draining");
                 break;
             }
-            if Instant::now() < next_poll {
+            let Some(next) = self.source.poll() else {
                 continue;
-            }
-            next_poll = Instant::now() + opts.config_poll;
-            if !file.changed() {
-                continue;
-            }
-            match load_snapshot(path, generation + 1) {
-                Ok(snap) => {
+            };
+            match next {
+                Ok(config) => {
                     generation += 1;
+                    let snap = Snapshot::new(config, generation);
                     for tx in &self.senders {
                         let _ = tx.send(ShardMsg::Config(Box::new(snap.clone())));
                     }
@@ -230,11 +245,17 @@ impl Running {
                     // log means new connections see the new config.
                     self.await_applied(generation);
                     self.state.set_current(snap.clone());
+                    if !self.synced {
+                        self.synced = true;
+                        self.announce_ready(opts, &snap);
+                        continue;
+                    }
                     tracing::info!(
                         generation,
                         workloads = snap.config().workloads.len(),
                         services = snap.config().services.len(),
-                        "config reloaded"
+                        "{}",
+                        self.source.what()
                     );
                 }
                 Err(e) => {

@@ -1,0 +1,107 @@
+//! Where the config comes from, so the control loop does not care: ztunnel's local file
+//! (loaded at start, then watched), or istiod over xDS (the client runs on its own thread; the
+//! first config arrives after start, and readiness waits for it).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::watch::ConfigFile;
+use crate::config::{self, LocalConfig};
+use crate::options::RunOptions;
+use crate::xds::{self, XdsHandle};
+use crate::EngineError;
+
+/// The config source of a running ringtun.
+pub(super) enum ConfigSource {
+    /// The local file, checked every `poll`.
+    File {
+        /// Its path.
+        path: PathBuf,
+        /// What was last seen of it.
+        file: ConfigFile,
+        /// How often to look.
+        poll: Duration,
+        /// When to look next.
+        next: Instant,
+    },
+    /// istiod.
+    Xds {
+        /// `XDS_ADDRESS`, for messages.
+        address: String,
+        /// The client's updates.
+        handle: XdsHandle,
+    },
+}
+
+fn load(path: &Path) -> Result<LocalConfig, config::ConfigError> {
+    let loaded = config::load(path)?;
+    for w in &loaded.warnings {
+        tracing::warn!(config = %path.display(), "{w}");
+    }
+    Ok(loaded.config)
+}
+
+impl ConfigSource {
+    /// Opens the source; the file's config comes back at once (an invalid file stops the
+    /// start), istiod's later through [`ConfigSource::poll`].
+    pub(super) fn open(
+        opts: &RunOptions,
+    ) -> Result<(ConfigSource, Option<LocalConfig>), EngineError> {
+        if let Some(x) = &opts.xds {
+            let handle = xds::spawn(x.clone()).map_err(EngineError::Xds)?;
+            let source = ConfigSource::Xds {
+                address: x.endpoint.url.clone(),
+                handle,
+            };
+            return Ok((source, None));
+        }
+        let path = opts.config_path.clone();
+        let config = load(&path)?;
+        let source = ConfigSource::File {
+            file: ConfigFile::new(&path),
+            path,
+            poll: opts.config_poll,
+            next: Instant::now() + opts.config_poll,
+        };
+        Ok((source, Some(config)))
+    }
+
+    /// A new config, when one is due: the file changed (an invalid one is an error, logged by
+    /// the caller, and the previous config stays), or istiod sent one (the newest of those
+    /// waiting).
+    pub(super) fn poll(&mut self) -> Option<Result<LocalConfig, config::ConfigError>> {
+        match self {
+            ConfigSource::File {
+                path,
+                file,
+                poll,
+                next,
+            } => {
+                if Instant::now() < *next {
+                    return None;
+                }
+                *next = Instant::now() + *poll;
+                file.changed().then(|| load(path))
+            }
+            ConfigSource::Xds { handle, .. } => {
+                handle.updates.try_iter().last().map(|u| Ok(u.config))
+            }
+        }
+    }
+
+    /// What a reload is called in the log.
+    pub(super) fn what(&self) -> &'static str {
+        match self {
+            ConfigSource::File { .. } => "config reloaded",
+            ConfigSource::Xds { .. } => "config updated by the control plane",
+        }
+    }
+
+    /// The file or the address, for the log.
+    pub(super) fn describe(&self) -> String {
+        match self {
+            ConfigSource::File { path, .. } => path.display().to_string(),
+            ConfigSource::Xds { address, .. } => format!("xds {address}"),
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The Delta ADS session, sans IO: the requests that open a stream, and for each response the
+//! resources applied, the ones refused, and the ACK or NACK to send back.
+//!
+//! As ztunnel: both types are subscribed as wildcards (every resource istiod has for this
+//! proxy); a reconnecting stream tells istiod what is already held
+//! (`initial_resource_versions`), so only changes come; each resource is applied on its own, so
+//! one that cannot be converted is named in the NACK and keeps its previous version (or stays
+//! absent) while the others of the same response apply; a removal always applies. The session
+//! counts as synced once each type has had a response that was fully ACKed, which is when
+//! ztunnel reports ready.
+
+use std::collections::BTreeMap;
+
+use super::convert::{self, ConvertError, Converted};
+use super::proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Resource, Status};
+use crate::config::{LocalConfig, Policy, Service, Workload};
+
+/// xDS type of workloads and services.
+pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+/// xDS type of authorization policies.
+pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+/// Both types, in the order they are subscribed.
+pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+
+/// A resource that could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Its xDS name.
+    pub name: String,
+    /// Why.
+    pub reason: ConvertError,
+}
+
+/// What one response did.
+#[derive(Debug)]
+pub struct Handled {
+    /// The ACK (no error detail) or NACK to send back.
+    pub reply: DeltaDiscoveryRequest,
+    /// The resources refused (empty on an ACK).
+    pub rejected: Vec<Rejected>,
+    /// Whether the held state changed (a new config is due).
+    pub changed: bool,
+    /// Whether this response completed the first sync.
+    pub synced_now: bool,
+}
+
+impl Handled {
+    /// The NACK's message, if this is a NACK.
+    pub fn nack(&self) -> Option<&str> {
+        self.reply.error_detail.as_ref().map(|s| s.message.as_str())
+    }
+}
+
+/// A resource held: its version and converted value.
+#[derive(Debug, Clone)]
+struct Held<T> {
+    version: String,
+    value: T,
+}
+
+/// The session: the node it speaks for and every resource it holds.
+#[derive(Debug)]
+pub struct Session {
+    node: Node,
+    workloads: BTreeMap<String, Held<Workload>>,
+    services: BTreeMap<String, Held<Service>>,
+    policies: BTreeMap<String, Held<Policy>>,
+    /// Per type (in [`TYPES`] order): has had a fully ACKed response.
+    acked: [bool; 2],
+}
+
+impl Session {
+    /// A session holding nothing yet.
+    pub fn new(node: Node) -> Self {
+        Session {
+            node,
+            workloads: BTreeMap::new(),
+            services: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            acked: [false; 2],
+        }
+    }
+
+    /// The first request of each type on a new stream: the node, a wildcard subscription and
+    /// what is already held.
+    pub fn initial_requests(&self) -> Vec<DeltaDiscoveryRequest> {
+        TYPES
+            .iter()
+            .map(|t| DeltaDiscoveryRequest {
+                node: Some(self.node.clone()),
+                type_url: (*t).to_owned(),
+                initial_resource_versions: self.versions(t),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
+        fn of<T>(m: &BTreeMap<String, Held<T>>) -> impl Iterator<Item = (String, String)> + '_ {
+            m.iter().map(|(k, h)| (k.clone(), h.version.clone()))
+        }
+        match type_url {
+            ADDRESS_TYPE => of(&self.workloads).chain(of(&self.services)).collect(),
+            AUTHORIZATION_TYPE => of(&self.policies).collect(),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    /// Whether every type has had a fully ACKed response.
+    pub fn synced(&self) -> bool {
+        self.acked.iter().all(|a| *a)
+    }
+
+    /// Applies one response and says what to answer.
+    pub fn handle(&mut self, resp: DeltaDiscoveryResponse) -> Handled {
+        let was_synced = self.synced();
+        let mut rejected = Vec::new();
+        let mut changed = false;
+        match resp.type_url.as_str() {
+            ADDRESS_TYPE => {
+                for name in &resp.removed_resources {
+                    changed |= self.workloads.remove(name).is_some();
+                    changed |= self.services.remove(name).is_some();
+                }
+                for r in &resp.resources {
+                    match body(r).and_then(convert::address) {
+                        Ok(Converted::Workload(w)) => {
+                            changed |= self.services.remove(&r.name).is_some();
+                            changed |= put(&mut self.workloads, r, *w);
+                        }
+                        Ok(Converted::Service(s)) => {
+                            changed |= self.workloads.remove(&r.name).is_some();
+                            changed |= put(&mut self.services, r, *s);
+                        }
+                        Err(reason) => rejected.push(Rejected {
+                            name: r.name.clone(),
+                            reason,
+                        }),
+                    }
+                }
+            }
+            AUTHORIZATION_TYPE => {
+                for name in &resp.removed_resources {
+                    changed |= self.policies.remove(name).is_some();
+                }
+                for r in &resp.resources {
+                    match body(r).and_then(convert::authorization) {
+                        Ok(p) => changed |= put(&mut self.policies, r, p),
+                        Err(reason) => rejected.push(Rejected {
+                            name: r.name.clone(),
+                            reason,
+                        }),
+                    }
+                }
+            }
+            // ztunnel ACKs a type it has no handler for, after logging it.
+            other => tracing::error!(type_url = other, "xDS response of an unknown type"),
+        }
+        let error_detail = (!rejected.is_empty()).then(|| Status {
+            code: 0,
+            message: rejected
+                .iter()
+                .map(|r| format!("{}: {}", r.name, r.reason))
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+        if error_detail.is_none() {
+            if let Some(i) = TYPES.iter().position(|t| *t == resp.type_url) {
+                self.acked[i] = true;
+            }
+        }
+        Handled {
+            reply: DeltaDiscoveryRequest {
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                error_detail,
+                ..Default::default()
+            },
+            rejected,
+            changed,
+            synced_now: !was_synced && self.synced(),
+        }
+    }
+
+    /// What is held, as the config model (workloads, services and policies by xDS name).
+    pub fn config(&self) -> LocalConfig {
+        LocalConfig {
+            workloads: self.workloads.values().map(|h| h.value.clone()).collect(),
+            services: self.services.values().map(|h| h.value.clone()).collect(),
+            policies: self.policies.values().map(|h| h.value.clone()).collect(),
+        }
+    }
+
+    /// How many workloads, services and policies are held.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.workloads.len(),
+            self.services.len(),
+            self.policies.len(),
+        )
+    }
+}
+
+fn body(r: &Resource) -> Result<&[u8], ConvertError> {
+    r.resource
+        .as_ref()
+        .map(|a| a.value.as_slice())
+        .ok_or(ConvertError::MissingResource)
+}
+
+/// Holds `value` under the resource's name; whether anything changed.
+fn put<T: PartialEq>(map: &mut BTreeMap<String, Held<T>>, r: &Resource, value: T) -> bool {
+    let changed = !map.get(&r.name).is_some_and(|h| h.value == value);
+    map.insert(
+        r.name.clone(),
+        Held {
+            version: r.version.clone(),
+            value,
+        },
+    );
+    changed
+}

@@ -1,0 +1,191 @@
+//! The fake istiod (`tests/peers/fake_istiod.py`) checked against the real ztunnel
+//! (`../shared/ztunnel/ztunnel`, `FAKE_CA` unset, no local config): ztunnel subscribes to both
+//! types with the node id and metadata it always sends, ACKs what the fake pushes, fetches its
+//! certificate from the fake's CA with the pod token, and carries checksummed traffic to a
+//! workload it learned only over xDS; a removal pushed later is applied, a malformed resource is
+//! NACKed (the good ones of the same response applied), and a wrong token is refused. So the
+//! fake follows istiod as ztunnel reads it, not ringtun's reading of it. Without the binary the
+//! tests fail, never skip.
+
+mod common;
+mod xds_common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+use ringtun_testbed::Netns;
+use serde_json::json;
+use xds_common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// What a client in `ns` gets from a connection through the VIP that must not be carried:
+/// nothing echoed.
+fn not_carried(ns: &Netns) {
+    let Ok(mut s) = connect_in(ns, "10.96.0.10:80") else {
+        return;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(b"hello");
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("a connection to a removed workload echoed {n} bytes"),
+    }
+}
+
+#[test]
+fn ztunnel_takes_workloads_policies_and_certificates_from_the_fake() {
+    let nodes = two_nodes("xzt");
+    let dir = TempDir::new("xzt");
+    write_token(dir.path(), TOKEN);
+    let (ca_cert, ca_key) = ztunnel_test_ca();
+    let mut resources = mesh_resources();
+    resources["authorizations"] = json!([deny_port("deny-9999", 9999)]);
+    let mut istiod = FakeIstiod::start(
+        Some(&nodes.server),
+        dir.path(),
+        IstiodArgs::new(&ca_cert, &ca_key),
+        &resources,
+    );
+    capture_outbound_but_istiod(&nodes.client);
+    let server = XdsZtunnel::start(
+        &nodes.server,
+        "server",
+        "10.77.0.2",
+        ISTIOD_URL,
+        &ca_cert,
+        dir.path(),
+    );
+    let client = XdsZtunnel::start(
+        &nodes.client,
+        "client",
+        "10.77.0.1",
+        ISTIOD_URL,
+        &ca_cert,
+        dir.path(),
+    );
+
+    // Both subscribe to both types (wildcard: XDS_ON_DEMAND is off by default) and ACK.
+    istiod.wait_events("Address ACKs", 2, |e| is(e, "ack", ADDRESS_TYPE));
+    istiod.wait_events("Authorization ACKs", 2, |e| {
+        is(e, "ack", AUTHORIZATION_TYPE)
+    });
+    let events = istiod.events();
+    assert!(
+        !events.iter().any(|e| e["event"] == "nack"),
+        "ztunnel NACKed the fake's resources: {events:?}"
+    );
+    for (who, ip) in [("client", "10.77.0.1"), ("server", "10.77.0.2")] {
+        let first = events
+            .iter()
+            .find(|e| e["node"] == format!("ztunnel~{ip}~{who}.default~default.svc.cluster.local"))
+            .unwrap_or_else(|| panic!("no request with {who}'s node id: {events:?}"));
+        assert_eq!(first["type_url"], ADDRESS_TYPE, "{first}");
+        assert_eq!(first["subscribe"], json!([]), "wildcard: {first}");
+        assert_eq!(first["metadata"]["NAMESPACE"], "default", "{first}");
+        assert_eq!(first["metadata"]["NAME"], who, "{first}");
+        assert_eq!(first["metadata"]["INSTANCE_IPS"], ip, "{first}");
+    }
+    let connects: Vec<_> = events.iter().filter(|e| e["event"] == "connect").collect();
+    assert!(
+        connects.iter().all(|e| e["clusterid"] == "Kubernetes"),
+        "the clusterid header: {connects:?}"
+    );
+    server.wait_line(&["handling RBAC update deny-9999"]);
+
+    // Traffic to a service and workload known only from xDS, with certificates from the fake.
+    let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201").expect("echo server");
+    let t = echo_ok(&nodes.client, "10.96.0.10:80", MIB);
+    echo.records
+        .wait_for(EVENT_WAIT, |r| r.sha256 == t.sha_sent)
+        .expect("the workload got every byte");
+    for id in [CLIENT_ID, SERVER_ID] {
+        let csr = istiod.wait_event("a CSR", |e| e["event"] == "csr" && e["identity"] == id);
+        assert_eq!(csr["requested_ttl"], 86400, "SECRET_TTL's default: {csr}");
+        assert_eq!(csr["impersonated"], false, "dedicated mode: {csr}");
+    }
+    client.wait_line(&["connection complete", SERVER_ID]);
+
+    // istiod ends the stream: ztunnel reconnects and names what it holds, with the versions.
+    istiod.command("close");
+    let stream = istiod.streams_of("10.77.0.1", 2).remove(1);
+    let again = istiod.subscription(&stream, ADDRESS_TYPE);
+    let held = again["initial"].as_object().cloned().unwrap_or_default();
+    for name in [
+        CLIENT_UID,
+        SERVER_UID,
+        "default/server.default.svc.cluster.local",
+    ] {
+        let version = held.get(name).and_then(|v| v.as_str()).unwrap_or_default();
+        assert!(!version.is_empty(), "{name} in {again}");
+    }
+    istiod.wait_event("an ACK on the new stream", |e| {
+        is(e, "ack", ADDRESS_TYPE) && e["stream"] == stream
+    });
+    echo_ok(&nodes.client, "10.96.0.10:80", MIB);
+
+    // A removal is applied: the server workload is gone, the VIP has no endpoint.
+    let mut without_server = mesh_resources();
+    without_server["workloads"] =
+        json!([workload(CLIENT_UID, "client", "client", "10.77.0.1", &[])]);
+    istiod.set_resources(&without_server);
+    let push = istiod.wait_event("the removal pushed", |e| {
+        e["event"] == "push" && e["removed"] == json!([SERVER_UID]) && e["type_url"] == ADDRESS_TYPE
+    });
+    let nonce = push["nonce"].clone();
+    istiod.wait_event("the removal ACKed", |e| {
+        e["event"] == "ack" && e["nonce"] == nonce
+    });
+    not_carried(&nodes.client);
+
+    // A malformed resource is NACKed with its name; the good one beside it is applied.
+    let mut with_bad = mesh_resources();
+    with_bad["raw"] = json!([{"type": "address", "name": "bad-address", "value": "//8="}]);
+    istiod.set_resources(&with_bad);
+    let push = istiod.wait_event("the bad resource pushed", |e| {
+        e["event"] == "push"
+            && e["resources"]
+                .as_array()
+                .is_some_and(|r| r.contains(&json!("bad-address")))
+    });
+    let nonce = push["nonce"].clone();
+    let nack = istiod.wait_event("the NACK", |e| e["event"] == "nack" && e["nonce"] == nonce);
+    let error = nack["error"].as_str().unwrap_or_default();
+    assert!(error.contains("bad-address"), "the NACK names it: {nack}");
+    assert!(
+        !error.contains(SERVER_UID),
+        "only the bad one is rejected: {nack}"
+    );
+    echo_ok(&nodes.client, "10.96.0.10:80", MIB);
+}
+
+#[test]
+fn ztunnel_is_refused_with_a_wrong_token() {
+    let ns = netns("xzw");
+    ns.ip(["link", "set", "lo", "up"]).expect("loopback up");
+    let dir = TempDir::new("xzw");
+    write_token(dir.path(), "not-the-token");
+    let (ca_cert, ca_key) = ztunnel_test_ca();
+    let mut args = IstiodArgs::new(&ca_cert, &ca_key);
+    args.listen = "127.0.0.1:15012";
+    args.sans = vec!["127.0.0.1".into()];
+    let istiod = FakeIstiod::start(Some(&ns), dir.path(), args, &mesh_resources());
+    let zt = XdsZtunnel::start(
+        &ns,
+        "client",
+        "10.77.0.1",
+        "https://127.0.0.1:15012",
+        &ca_cert,
+        dir.path(),
+    );
+    let refused = istiod.wait_event("the refusal", |e| e["event"] == "auth-failed");
+    assert_eq!(refused["rpc"], "ads", "{refused}");
+    assert_eq!(refused["reason"], "unknown token", "{refused}");
+    zt.wait_line(&["authentication failure"]);
+    assert!(
+        !istiod.events().iter().any(|e| e["event"] == "push"),
+        "nothing is pushed to an unauthenticated client"
+    );
+}
