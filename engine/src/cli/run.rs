@@ -10,7 +10,9 @@ use ringtun_hbone::settings::H2Settings;
 
 use super::values::{parse_millis, parse_u32};
 use crate::operate::admin::Role;
-use crate::options::{IoDriver, Keepalive, KtlsMode, RunOptions, TlsCipher, UringTaskrun};
+use crate::options::{
+    InpodOptions, IoDriver, Keepalive, KtlsMode, RunOptions, SignerPaths, TlsCipher, UringTaskrun,
+};
 use crate::tls::CertPaths;
 use crate::EngineError;
 
@@ -49,6 +51,21 @@ pub struct RunArgs {
     /// against the other flags; without it the flags alone decide.
     #[arg(long, env = "PROXY_MODE", value_enum)]
     pub proxy_mode: Option<ProxyMode>,
+    /// In shared mode, take pods from istio-cni's node agent and listen inside each pod's
+    /// network namespace (ztunnel's INPOD_ENABLED); `false` keeps shared mode's listeners in
+    /// ringtun's own namespace.
+    #[arg(long, env = "INPOD_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub inpod_enabled: bool,
+    /// The node agent's ZDS socket (in-pod mode).
+    #[arg(long, env = "INPOD_UDS", default_value = crate::inpod::DEFAULT_INPOD_UDS)]
+    pub inpod_uds: PathBuf,
+    /// In-pod mode: a CA certificate (PEM) that signs each pod's own certificate, issued on
+    /// first use (with --ca-key); without it every pod presents --cert-chain.
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key (PEM) of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
     /// Listen on IPv6 (dual stack) by default; `false` listens on IPv4 only, as ztunnel's
     /// IPV6_ENABLED.
     #[arg(long, env = "IPV6_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
@@ -209,6 +226,21 @@ impl RunArgs {
             }
             _ => {}
         }
+        let inpod = (self.proxy_mode == Some(ProxyMode::Shared) && self.inpod_enabled).then(|| {
+            InpodOptions {
+                uds: self.inpod_uds.clone(),
+                signer: self
+                    .ca_cert
+                    .clone()
+                    .zip(self.ca_key.clone())
+                    .map(|(cert, key)| SignerPaths { cert, key }),
+            }
+        });
+        if inpod.is_none() && self.ca_cert.is_some() {
+            return Err(EngineError::Usage(
+                "--ca-cert/--ca-key sign pods' certificates in in-pod mode (PROXY_MODE=shared); drop them or set PROXY_MODE=shared".into(),
+            ));
+        }
         if self.enable_orig_src {
             return Err(EngineError::Usage(
                 "ENABLE_ORIG_SRC=true (connecting to workloads from the client's own address) is not supported yet; set it to false".into(),
@@ -293,6 +325,7 @@ impl RunArgs {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             ktls: self.ktls,
             ktls_tx_record_limit: self.ktls_tx_record_limit,
+            inpod,
         })
     }
 }

@@ -6,6 +6,7 @@
 //! watches until a signal or `/quitquitquit` starts the drain. What the operator endpoints see
 //! of all this is `ControlState` (in `state.rs`), handed to `operate` as its [`Admin`].
 
+mod pods;
 mod process;
 mod runtime;
 mod state;
@@ -41,7 +42,10 @@ pub struct Running {
     state: Arc<ControlState>,
     /// Tells the endpoints' threads to stop taking requests.
     endpoints_stop: Arc<AtomicBool>,
-    /// Addresses actually bound, per listener kind (useful with port 0).
+    /// In-pod mode: the thread that takes pods from the node agent.
+    pods: Option<pods::PodsThread>,
+    /// Addresses actually bound, per listener kind (useful with port 0); in in-pod mode none:
+    /// every listener is a pod's.
     pub bound: Vec<(ListenerKind, SocketAddr)>,
 }
 
@@ -108,8 +112,26 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         endpoints_stop.store(true, Ordering::Relaxed);
         e
     };
-    let bound = listen(&opts, &senders, &ev_rx).map_err(stop_endpoints)?;
-    state.set_ready();
+    // In-pod mode listens only inside pods; readiness waits for the node agent's snapshot.
+    let (bound, pods) = match &opts.inpod {
+        None => {
+            let bound = listen(&opts, &senders, &ev_rx).map_err(stop_endpoints)?;
+            state.set_ready();
+            (bound, None)
+        }
+        Some(inpod) => {
+            let t = pods::spawn(
+                inpod,
+                opts.clone(),
+                tls.clone(),
+                senders.clone(),
+                state.clone(),
+            )
+            .map_err(stop_endpoints)?;
+            tracing::info!(uds = %inpod.uds.display(), signer = inpod.signer.is_some(), "in-pod mode: pods come from the node agent");
+            (Vec::new(), Some(t))
+        }
+    };
     tracing::info!(
         workers,
         driver = ?driver,
@@ -123,7 +145,12 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         pool_max_streams = opts.pool.max_streams,
         pool_unused_release = ?opts.pool.idle_timeout,
         drain_deadline = ?opts.drain_timeout,
-        "ringtun ready"
+        "{}",
+        if pods.is_some() {
+            "ringtun started; ready once the node agent's snapshot is in"
+        } else {
+            "ringtun ready"
+        }
     );
     Ok(Running {
         senders,
@@ -131,6 +158,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         threads,
         state,
         endpoints_stop,
+        pods,
         bound,
     })
 }
@@ -300,6 +328,10 @@ impl Running {
     /// Stops the shards (closing their channels) and waits for them.
     pub fn stop(self) {
         self.endpoints_stop.store(true, Ordering::Relaxed);
+        // It holds senders too: the shards see their channel close only once it is gone.
+        if let Some(p) = self.pods {
+            p.stop();
+        }
         drop(self.senders);
         for t in self.threads {
             let _ = t.join();
