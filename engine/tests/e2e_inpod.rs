@@ -48,6 +48,9 @@ struct Node {
     ringtun: Process,
 }
 
+/// How a node's proxy is started, given the agent's socket.
+type Spawn<'a> = &'a dyn Fn(&std::path::Path) -> Process;
+
 impl Node {
     /// Starts the agent and ringtun in `ns`, hands over `pods` and the snapshot, and waits until
     /// ringtun is ready and every pod has its listeners.
@@ -62,8 +65,22 @@ impl Node {
     ) -> Node {
         let adir = dir.join(name);
         std::fs::create_dir_all(&adir).expect("agent dir");
-        let mut agent = NodeAgent::start(&adir.join("zds.sock"), &adir);
-        let mut ringtun = spawn_shared(ns, name, dir.path(), config, &agent.socket, ca, env);
+        let agent = NodeAgent::start(&adir.join("zds.sock"), &adir);
+        let spawn =
+            |uds: &std::path::Path| spawn_shared(ns, name, dir.path(), config, uds, ca, env);
+        Node::start_with(ns, name, agent, &spawn, pods)
+    }
+
+    /// Starts the proxy `spawn` makes in `ns` with `agent`, hands over `pods` and the snapshot,
+    /// and waits until the proxy is ready and every pod has its listeners.
+    fn start_with(
+        ns: &Netns,
+        name: &str,
+        mut agent: NodeAgent,
+        spawn: Spawn<'_>,
+        pods: &[(&str, &Netns, &str)],
+    ) -> Node {
+        let mut ringtun = spawn(&agent.socket);
         assert_eq!(agent.accept(), 1, "ringtun announces ZDS V1");
         for (uid, pod, who) in pods {
             assert_eq!(agent.ack(&add_pod(uid, pod, who)), "", "add {uid}");
@@ -290,4 +307,57 @@ fn pods_added_and_deleted_while_traffic_runs_leave_the_others_alone() {
     assert!(to_server.records.wait_count(3, IO_TIMEOUT) >= 3);
     assert!(n.ringtun.is_alive(), "ringtun exited");
     assert!(!n.ringtun.log().contains("panicked"), "{}", n.ringtun.log());
+}
+
+#[test]
+fn ringtun_and_ztunnel_nodes_carry_pod_traffic_both_ways() {
+    let dir = TempDir::new("inpod-zt");
+    let pods = two_nodes("ipz");
+    let (node_r, node_z) = (netns("inr"), netns("inz"));
+    capture_pod(&pods.client);
+    capture_pod(&pods.server);
+    let to_server = echo_server(&pods.server, "10.77.0.2:5201");
+    let to_client = echo_server(&pods.client, "10.77.0.1:5201");
+    let config = write_config(&dir);
+    // ztunnel's FAKE_CA signs with the test CA: ringtun signs its pods' certificates with it too.
+    let ca = NodeCa::ztunnel_test_ca(&dir.join("ca"));
+    let r = Node::start(
+        &node_r,
+        "r",
+        &dir,
+        &config,
+        &ca,
+        &[("pod-client", &pods.client, "client")],
+        &[],
+    );
+    let zdir = dir.join("z");
+    std::fs::create_dir_all(&zdir).expect("ztunnel dir");
+    let agent = NodeAgent::start(&zdir.join("zds.sock"), &zdir);
+    let spawn = |uds: &std::path::Path| spawn_ztunnel_shared(&node_z, &zdir, &config, uds);
+    let z = Node::start_with(
+        &node_z,
+        "z",
+        agent,
+        &spawn,
+        &[("pod-server", &pods.server, "server")],
+    );
+
+    // ringtun's pod → service VIP → ztunnel's pod.
+    echo_ok(&pods.client, "10.96.0.10:80", 1 << 20);
+    assert_eq!(to_server.records.wait_count(1, IO_TIMEOUT), 1);
+    let out = r.wait_access("outbound to ztunnel's pod", |l| {
+        l.is("direction", "outbound") && l.is("dst.hbone", "10.77.0.2:15008")
+    });
+    assert_eq!(out.get("src.identity"), Some(CLIENT_ID), "{}", out.raw);
+    assert_eq!(out.get("dst.identity"), Some(SERVER_ID), "{}", out.raw);
+
+    // ztunnel's pod → ringtun's pod.
+    echo_ok(&pods.server, "10.77.0.1:5201", 1 << 20);
+    assert_eq!(to_client.records.wait_count(1, IO_TIMEOUT), 1);
+    let inb = r.wait_access("inbound from ztunnel's pod", |l| {
+        l.is("direction", "inbound") && l.is("dst.addr", "10.77.0.1:5201")
+    });
+    assert_eq!(inb.get("src.identity"), Some(SERVER_ID), "{}", inb.raw);
+    assert_eq!(inb.get("dst.identity"), Some(CLIENT_ID), "{}", inb.raw);
+    assert!(z.ringtun.is_alive(), "ztunnel exited");
 }
