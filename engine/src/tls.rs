@@ -277,3 +277,51 @@ impl Signer {
         Ok((vec![leaf.der().clone()], key_der))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signer_issues_each_identity_once_in_the_trust_domain() {
+        let dir = std::env::temp_dir().join(format!("ringtun-signer-{}", std::process::id()));
+        let ca = crate::pki::Ca::open_or_create(&dir).expect("CA");
+        drop(ca);
+        let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+        let mut signer = Signer::load(
+            &cert,
+            &key,
+            &cert,
+            "cluster.local",
+            verify::CipherPreference::Aes128,
+            None,
+        )
+        .expect("signer");
+        let client = Identity::new("cluster.local", "default", "client");
+        let a = signer.material(&client).expect("issue");
+        assert_eq!(a.identity, client);
+        let again = signer.material(&client).expect("cached");
+        assert!(Arc::ptr_eq(&a, &again), "issued once, then shared");
+        let server = Identity::new("cluster.local", "default", "server");
+        assert_eq!(signer.material(&server).expect("issue").identity, server);
+        assert_eq!(signer.issued(), 2);
+        let foreign = Identity::new("other.domain", "default", "client");
+        assert!(
+            matches!(
+                signer.material(&foreign),
+                Err(TlsSetupError::TrustDomain { .. })
+            ),
+            "an identity outside the trust domain is refused"
+        );
+        let missing = Signer::load(
+            &dir.join("nope.pem"),
+            &key,
+            &cert,
+            "cluster.local",
+            verify::CipherPreference::Aes128,
+            None,
+        );
+        assert!(matches!(missing, Err(TlsSetupError::Pem { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -341,6 +341,79 @@ mod tests {
         run: RunArgs,
     }
 
+    const FILES: [&str; 9] = [
+        "ringtun",
+        "--config",
+        "c.yaml",
+        "--cert-chain",
+        "c.pem",
+        "--key",
+        "k.pem",
+        "--roots",
+        "r.pem",
+    ];
+
+    fn options(extra: &[&str]) -> Result<RunOptions, EngineError> {
+        let args = FILES.iter().chain(extra).copied();
+        Wrap::try_parse_from(args)
+            .expect("parse")
+            .run
+            .into_options()
+    }
+
+    #[test]
+    fn shared_mode_is_in_pod_mode_unless_disabled() {
+        let o = options(&["--proxy-mode", "shared"]).expect("shared");
+        let inpod = o.inpod.expect("in-pod mode");
+        assert_eq!(
+            inpod.uds,
+            std::path::Path::new(crate::inpod::DEFAULT_INPOD_UDS)
+        );
+        assert_eq!(inpod.signer, None);
+        let o = options(&[
+            "--proxy-mode",
+            "shared",
+            "--inpod-uds",
+            "/run/z.sock",
+            "--ca-cert",
+            "ca.pem",
+            "--ca-key",
+            "ca.key",
+        ])
+        .expect("shared with a signer");
+        let inpod = o.inpod.expect("in-pod mode");
+        assert_eq!(inpod.uds, std::path::Path::new("/run/z.sock"));
+        assert_eq!(
+            inpod.signer,
+            Some(SignerPaths {
+                cert: "ca.pem".into(),
+                key: "ca.key".into()
+            })
+        );
+        let o = options(&["--proxy-mode", "shared", "--inpod-enabled", "false"]).expect("node");
+        assert_eq!(
+            o.inpod, None,
+            "INPOD_ENABLED=false: shared mode in ringtun's namespace"
+        );
+        assert_eq!(options(&[]).expect("no mode").inpod, None);
+        assert_eq!(
+            options(&["--workload", "default/client"])
+                .expect("dedicated")
+                .inpod,
+            None
+        );
+    }
+
+    #[test]
+    fn a_signer_outside_in_pod_mode_is_refused() {
+        let e = options(&["--ca-cert", "ca.pem", "--ca-key", "ca.key"]).expect_err("refused");
+        assert!(e.to_string().contains("--ca-cert"), "{e}");
+        assert!(
+            Wrap::try_parse_from(FILES.iter().chain(&["--ca-cert", "ca.pem"])).is_err(),
+            "--ca-cert needs --ca-key"
+        );
+    }
+
     #[test]
     fn tunnels_have_no_idle_limit_unless_asked() {
         let w = Wrap::try_parse_from([

@@ -83,6 +83,7 @@ async fn open(
     pod: Option<Rc<PodShard>>,
 ) -> Option<Opened> {
     let shard = &shard;
+    let pod_rc = pod.as_ref();
     let pod = pod.as_deref();
     let src = net::canonical(peer);
     let mut record = Record::new(shard, Direction::Outbound, src);
@@ -141,7 +142,7 @@ async fn open(
                 hbone,
                 req.source.ip(),
             ));
-            match open_stream(shard, pod, &key, &req, &identities).await {
+            match open_stream(shard, pod_rc, &key, &req, &identities).await {
                 Ok(stream) => {
                     let log = record.log();
                     log.pool_reused = Some(stream.reused);
@@ -185,7 +186,7 @@ struct OpenStream {
 /// connection.
 async fn open_stream(
     shard: &Rc<Shard>,
-    pod: Option<&PodShard>,
+    pod: Option<&Rc<PodShard>>,
     key: &Rc<PoolKey>,
     req: &ConnectRequest,
     identities: &[Identity],
@@ -350,11 +351,12 @@ async fn request(
 
 async fn connect(
     shard: &Rc<Shard>,
-    pod: Option<&PodShard>,
+    pod_rc: Option<&Rc<PodShard>>,
     addr: SocketAddr,
     identities: &[Identity],
 ) -> Result<(PooledH2, Rc<Identity>), OpenError> {
     let opts = &shard.opts;
+    let pod = pod_rc.map(|p| &**p);
     let netns = pod.map(PodShard::netns);
     let tcp = net::connect_marked_in(netns, addr, opts.mark, opts.connect_timeout)
         .await
@@ -413,5 +415,6 @@ async fn connect(
         }
         flag.set(false);
     });
-    Ok((PooledH2::new(send, alive, peer.clone(), path, budget), peer))
+    let pooled = PooledH2::new(send, alive, peer.clone(), path, budget).for_pod(pod_rc.cloned());
+    Ok((pooled, peer))
 }

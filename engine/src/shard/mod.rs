@@ -437,6 +437,8 @@ impl Shard {
             return;
         };
         pod.stop();
+        // Its pooled HBONE connections take no new streams now; the idle ones go at once.
+        self.pool.evict(Instant::now());
         let live = pod.live();
         tracing::debug!(
             shard = self.id,
