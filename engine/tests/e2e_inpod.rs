@@ -361,3 +361,126 @@ fn ringtun_and_ztunnel_nodes_carry_pod_traffic_both_ways() {
     assert_eq!(inb.get("dst.identity"), Some(CLIENT_ID), "{}", inb.raw);
     assert!(z.ringtun.is_alive(), "ztunnel exited");
 }
+
+#[test]
+fn bad_agent_messages_and_agent_restarts_leave_the_pods_serving() {
+    let dir = TempDir::new("inpod-agent");
+    let pods = two_nodes("ipb");
+    let node = netns("inm");
+    capture_pod(&pods.client);
+    capture_pod(&pods.server);
+    let _echo = echo_server(&pods.server, "10.77.0.2:5201");
+    let config = write_config(&dir);
+    let ca = NodeCa::generate(&dir.join("ca"));
+    let both = [
+        ("pod-client", &pods.client, "client"),
+        ("pod-server", &pods.server, "server"),
+    ];
+    let mut n = Node::start(&node, "n", &dir, &config, &ca, &both, &[]);
+    echo_ok(&pods.client, "10.96.0.10:80", 256 << 10);
+
+    // Every bad message gets an error ack; the connection, the pods and ringtun carry on
+    // (ztunnel drops the connection on most of these and exits on the last three).
+    let marker = dir.join("not-a-netns");
+    std::fs::write(&marker, b"").expect("marker file");
+    let (m, p) = (marker.display(), pods.client.path().display().to_string());
+    let w = "default x x";
+    let cases = [
+        "garbage ffffffff".to_owned(),
+        "garbage ''".to_owned(),
+        format!("add-nofd pod-x {w}"),
+        format!("add-fd pod-x {m} {w}"),
+        "del pod-unknown".to_owned(),
+        format!("add-twofds pod-x {p} {w}"),
+        format!("del-fd pod-client {m}"),
+        "oversized 20000".to_owned(),
+        "keep pod-client".to_owned(),
+        "snapshot".to_owned(),
+        format!("add-noinfo pod-y {p}"),
+    ];
+    for line in &cases {
+        let err = n.agent.ack(line);
+        assert!(!err.is_empty(), "{line}: an error ack was expected");
+        assert_eq!(
+            n.agent.cmd("expect-close 0.2")["event"],
+            "open",
+            "{line}: the connection stays up"
+        );
+        assert!(n.ringtun.is_alive(), "ringtun exited after {line}");
+    }
+    wait_ports(&pods.client, "client pod after bad messages", has_pod_ports);
+    wait_ports(&pods.server, "server pod after bad messages", has_pod_ports);
+    echo_ok(&pods.client, "10.96.0.10:80", 256 << 10);
+
+    // The agent restarts while a transfer runs: ringtun reconnects, takes the new snapshot
+    // (both pods again), and the transfer never notices.
+    let adir = dir.join("n");
+    let client = &pods.client;
+    let exact = std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = s.spawn(move || {
+            let pace = Duration::from_millis(20);
+            transfer_paced(
+                client,
+                "10.96.0.10:80",
+                8 << 20,
+                64 << 10,
+                pace,
+                1 << 20,
+                |_| {
+                    let _ = tx.send(());
+                },
+            )
+            .map(|t| t.is_exact())
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("transfer under way");
+        let old = std::mem::replace(
+            &mut n.agent,
+            NodeAgent::start(&adir.join("zds.sock"), &adir),
+        );
+        drop(old);
+        assert_eq!(n.agent.accept(), 1, "ringtun reconnects to the new agent");
+        for (uid, pod, who) in &both {
+            assert_eq!(n.agent.ack(&add_pod(uid, pod, who)), "", "re-add {uid}");
+        }
+        assert_eq!(n.agent.ack("snapshot"), "");
+        runner.join().expect("transfer thread")
+    });
+    assert!(
+        matches!(exact, Ok(true)),
+        "transfer across the agent restart: {exact:?}"
+    );
+    assert_eq!(readiness(&node), 200, "still ready after the agent restart");
+
+    // Restarted again, the agent no longer knows the server pod: its listeners go after the
+    // snapshot, the client pod's stay.
+    let old = std::mem::replace(
+        &mut n.agent,
+        NodeAgent::start(&adir.join("zds.sock"), &adir),
+    );
+    drop(old);
+    n.agent.accept();
+    assert_eq!(n.agent.ack(&add_pod("pod-client", client, "client")), "");
+    wait_ports(
+        &pods.server,
+        "server pod still served before the snapshot",
+        has_pod_ports,
+    );
+    assert_eq!(n.agent.ack("snapshot"), "");
+    wait_ports(
+        &pods.server,
+        "server pod left out of the snapshot",
+        no_pod_ports,
+    );
+    wait_ports(client, "client pod re-announced", has_pod_ports);
+
+    // SIGTERM: the pods' listeners close, ringtun exits.
+    n.ringtun.signal(libc::SIGTERM).expect("SIGTERM");
+    wait_ports(client, "client pod after SIGTERM", no_pod_ports);
+    assert!(
+        n.ringtun.wait_exit(Duration::from_secs(10)).is_some(),
+        "ringtun exits after SIGTERM"
+    );
+    assert!(!n.ringtun.log().contains("panicked"), "{}", n.ringtun.log());
+}
