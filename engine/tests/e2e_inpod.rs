@@ -305,6 +305,28 @@ fn pods_added_and_deleted_while_traffic_runs_leave_the_others_alone() {
         has_pod_ports,
     );
     assert!(to_server.records.wait_count(3, IO_TIMEOUT) >= 3);
+
+    // With the client pod out of the mesh (its capture rules gone, as istio-cni removes them),
+    // its plaintext reaches the server pod's 15006, served inside the server pod.
+    pods.client
+        .nft("delete table inet ringtun")
+        .expect("remove the client pod's capture");
+    echo_ok(&pods.client, "10.77.0.2:5201", 256 << 10);
+    let lines = || parse_access(&n.ringtun.log());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lines().iter().any(|l| {
+        l.is("direction", "inbound-plaintext")
+            && l.is("dst.addr", "10.77.0.2:5201")
+            && l.is("dst.identity", SERVER_ID)
+            && l.is("end", "closed")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no inbound-plaintext line:\n{}",
+            n.ringtun.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
     assert!(n.ringtun.is_alive(), "ringtun exited");
     assert!(!n.ringtun.log().contains("panicked"), "{}", n.ringtun.log());
 }
