@@ -436,7 +436,6 @@ fn bad_agent_messages_and_agent_restarts_leave_the_pods_serving() {
 
     // The agent restarts while a transfer runs: ringtun reconnects, takes the new snapshot
     // (both pods again), and the transfer never notices.
-    let adir = dir.join("n");
     let client = &pods.client;
     let exact = std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -457,11 +456,7 @@ fn bad_agent_messages_and_agent_restarts_leave_the_pods_serving() {
         });
         rx.recv_timeout(Duration::from_secs(20))
             .expect("transfer under way");
-        let old = std::mem::replace(
-            &mut n.agent,
-            NodeAgent::start(&adir.join("zds.sock"), &adir),
-        );
-        drop(old);
+        n.agent.restart();
         assert_eq!(n.agent.accept(), 1, "ringtun reconnects to the new agent");
         for (uid, pod, who) in &both {
             assert_eq!(n.agent.ack(&add_pod(uid, pod, who)), "", "re-add {uid}");
@@ -477,11 +472,7 @@ fn bad_agent_messages_and_agent_restarts_leave_the_pods_serving() {
 
     // Restarted again, the agent no longer knows the server pod: its listeners go after the
     // snapshot, the client pod's stay.
-    let old = std::mem::replace(
-        &mut n.agent,
-        NodeAgent::start(&adir.join("zds.sock"), &adir),
-    );
-    drop(old);
+    n.agent.restart();
     n.agent.accept();
     assert_eq!(n.agent.ack(&add_pod("pod-client", client, "client")), "");
     wait_ports(
@@ -505,4 +496,90 @@ fn bad_agent_messages_and_agent_restarts_leave_the_pods_serving() {
         "ringtun exits after SIGTERM"
     );
     assert!(!n.ringtun.log().contains("panicked"), "{}", n.ringtun.log());
+}
+
+#[test]
+fn a_new_ringtun_takes_the_pods_over_while_the_old_one_drains_a_transfer() {
+    let dir = TempDir::new("inpod-restart");
+    let pods = two_nodes("ipr");
+    let (node_old, node_new) = (netns("ino"), netns("inw"));
+    capture_pod(&pods.client);
+    capture_pod(&pods.server);
+    let to_server = echo_server(&pods.server, "10.77.0.2:5201");
+    let config = write_config(&dir);
+    let ca = NodeCa::generate(&dir.join("ca"));
+    let both = [
+        ("pod-client", &pods.client, "client"),
+        ("pod-server", &pods.server, "server"),
+    ];
+    let mut old = Node::start(&node_old, "old", &dir, &config, &ca, &both, &[]);
+    echo_ok(&pods.client, "10.96.0.10:80", 64 << 10);
+
+    // An upgrade: the new process (its own namespace, as a new DaemonSet pod) connects to the
+    // agent, gets the snapshot and binds the pods' listeners beside the old ones
+    // (SO_REUSEPORT); the old one is told to stop and drains. The transfer it carries finishes.
+    let client = &pods.client;
+    let mut new_proc = None;
+    let exact = std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = s.spawn(move || {
+            let pace = Duration::from_millis(20);
+            transfer_paced(
+                client,
+                "10.96.0.10:80",
+                8 << 20,
+                32 << 10,
+                pace,
+                1 << 20,
+                |_| {
+                    let _ = tx.send(());
+                },
+            )
+            .map(|t| t.is_exact())
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("transfer under way");
+        let socket = old.agent.socket.clone();
+        let mut p = spawn_shared(&node_new, "new", dir.path(), &config, &socket, &ca, &[]);
+        // Queued first, it is the one the agent takes next (the old one, cut off by the
+        // agent's accept, reconnects behind it).
+        p.wait_log_line(&["connected to the node agent"], Duration::from_secs(20))
+            .expect("the new ringtun connects");
+        assert_eq!(old.agent.accept(), 1, "the new ringtun says hello");
+        old.agent.replay();
+        wait_ready(&mut p, &node_new);
+        old.ringtun
+            .signal(libc::SIGTERM)
+            .expect("SIGTERM the old ringtun");
+        new_proc = Some(p);
+        runner.join().expect("transfer thread")
+    });
+    assert!(
+        matches!(exact, Ok(true)),
+        "the old ringtun's transfer across the upgrade: {exact:?}"
+    );
+    assert!(
+        old.ringtun.wait_exit(Duration::from_secs(15)).is_some(),
+        "the old ringtun exits once drained"
+    );
+    let new_proc = new_proc.expect("new ringtun");
+    wait_ports(
+        &pods.client,
+        "client pod served by the new ringtun",
+        has_pod_ports,
+    );
+    echo_ok(&pods.client, "10.96.0.10:80", 256 << 10);
+    assert!(to_server.records.wait_count(3, IO_TIMEOUT) >= 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !parse_access(&new_proc.log())
+        .iter()
+        .any(|l| l.is("direction", "outbound") && l.is("end", "closed"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new ringtun carried nothing:\n{}",
+            new_proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
