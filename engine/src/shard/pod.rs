@@ -6,7 +6,7 @@
 //! its own SO_REUSEPORT copies with the [`Pod`]; a connection accepted on them carries its
 //! shard's [`PodShard`] for its whole life.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -67,6 +67,8 @@ pub struct PodShard {
     listener_fds: RefCell<Vec<RawFd>>,
     /// The pod's connections that carry bytes, to cut what is left at the deadline.
     conns: RefCell<Vec<live::Cutter>>,
+    /// The deadline passed: a connection that was still opening then is cut as it starts.
+    cut: Cell<bool>,
 }
 
 impl PodShard {
@@ -88,6 +90,7 @@ impl PodShard {
             drain: DrainSignal::default(),
             listener_fds: RefCell::new(Vec::new()),
             conns: RefCell::new(Vec::new()),
+            cut: Cell::new(false),
         }
     }
 
@@ -113,7 +116,12 @@ impl PodShard {
         if conns.len() >= 64 && conns.len().is_power_of_two() {
             conns.retain(live::Cutter::is_live);
         }
-        conns.push(conn.cutter());
+        let cutter = conn.cutter();
+        if self.cut.get() {
+            cutter.cut();
+            return;
+        }
+        conns.push(cutter);
     }
 
     /// Stops accepting and tells the pod's connections to finish: its listeners are shut
@@ -130,6 +138,7 @@ impl PodShard {
 
     /// Cuts whatever of the pod's connections still runs; returns how many were.
     pub fn cut(&self) -> usize {
+        self.cut.set(true);
         let conns = std::mem::take(&mut *self.conns.borrow_mut());
         conns.iter().filter(|c| c.cut()).count()
     }
