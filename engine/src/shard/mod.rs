@@ -446,9 +446,7 @@ impl Shard {
             live,
             "pod removed; its connections drain"
         );
-        if live == 0 {
-            return;
-        }
+        // Even with none live now: connections still opening then are cut as they start.
         let shard = self.id;
         monoio::spawn(async move {
             monoio::time::sleep(deadline).await;
