@@ -148,6 +148,26 @@ impl Default for Keepalive {
     }
 }
 
+/// In-pod mode (ztunnel's shared mode with istio-cni): pods' namespaces come from the node
+/// agent, and every pod gets its own listeners inside its namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InpodOptions {
+    /// The node agent's ZDS socket (`INPOD_UDS`).
+    pub uds: PathBuf,
+    /// The CA that signs each pod's certificate (`--ca-cert`, `--ca-key`); without it every
+    /// pod presents the process's own certificate.
+    pub signer: Option<SignerPaths>,
+}
+
+/// A CA certificate and its key (PEM), to issue workload certificates locally.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignerPaths {
+    /// The CA certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
 /// Everything `ringtun run` needs.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -209,6 +229,9 @@ pub struct RunOptions {
     pub idle_timeout: Duration,
     /// Connections a shard carries at most; more are refused at once (RST) and counted.
     pub max_connections_per_shard: u64,
-    /// How long a drain lets live connections finish before exiting.
+    /// How long a drain lets live connections finish before exiting (and, in in-pod mode,
+    /// how long a removed pod's connections may finish).
     pub drain_timeout: Duration,
+    /// In-pod mode: listeners in each pod's namespace, handed over by the node agent.
+    pub inpod: Option<InpodOptions>,
 }

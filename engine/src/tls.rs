@@ -1,5 +1,6 @@
 //! Certificates and keys from PEM files, turned into the TLS settings every shard shares.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -103,25 +104,45 @@ impl TlsMaterial {
                 .add(root)
                 .map_err(|e| pem_err(&paths.roots, format!("not a usable root: {e}")))?;
         }
-        let roots = Arc::new(roots);
-        let identity =
-            cert::leaf_identity(&chain[0]).map_err(|source| TlsSetupError::Identity {
-                path: paths.chain.clone(),
-                source,
-            })?;
+        Self::from_parts(
+            chain,
+            key,
+            Arc::new(roots),
+            trust_domain,
+            cipher,
+            &paths.chain,
+        )
+    }
+
+    /// Builds both TLS configurations from a chain (leaf first), its key and the roots;
+    /// `origin` names where the chain came from, for errors.
+    pub fn from_parts(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: Arc<RootCertStore>,
+        trust_domain: &str,
+        cipher: verify::CipherPreference,
+        origin: &Path,
+    ) -> Result<Self, TlsSetupError> {
+        let Some(leaf) = chain.first() else {
+            return Err(pem_err(origin, "empty certificate chain"));
+        };
+        let identity = cert::leaf_identity(leaf).map_err(|source| TlsSetupError::Identity {
+            path: origin.to_owned(),
+            source,
+        })?;
         if identity.trust_domain != trust_domain {
             return Err(TlsSetupError::TrustDomain {
-                path: paths.chain.clone(),
+                path: origin.to_owned(),
                 actual: identity.trust_domain.clone(),
                 identity: Box::new(identity),
                 trust_domain: trust_domain.to_owned(),
             });
         }
-        let not_after =
-            cert::not_after_unix(&chain[0]).map_err(|source| TlsSetupError::Identity {
-                path: paths.chain.clone(),
-                source,
-            })?;
+        let not_after = cert::not_after_unix(leaf).map_err(|source| TlsSetupError::Identity {
+            path: origin.to_owned(),
+            source,
+        })?;
         let server = verify::server_config(
             chain.clone(),
             key.clone_key(),
@@ -150,5 +171,157 @@ impl TlsMaterial {
         }
         self.ktls = cap;
         self
+    }
+}
+
+/// Issues workload certificates from a CA certificate and key given by the operator (in-pod
+/// mode's `--ca-cert`/`--ca-key`: ztunnel's FAKE_CA, with the operator's key), and builds the
+/// TLS settings of each identity, once: later asks for the same identity share them.
+pub struct Signer {
+    issuer: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    ca_path: PathBuf,
+    roots: Arc<RootCertStore>,
+    trust_domain: String,
+    cipher: verify::CipherPreference,
+    ktls: Option<tls_kernel_offload::Capability>,
+    issued: HashMap<Identity, Arc<TlsMaterial>>,
+}
+
+impl Signer {
+    /// Reads the CA; peers' chains are checked against `roots` (which should hold the CA).
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        roots: &Path,
+        trust_domain: &str,
+        cipher: verify::CipherPreference,
+        ktls: Option<tls_kernel_offload::Capability>,
+    ) -> Result<Signer, TlsSetupError> {
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| pem_err(p, e));
+        let key_pair = rcgen::KeyPair::from_pem(&read(key)?).map_err(|e| pem_err(key, e))?;
+        let params = rcgen::CertificateParams::from_ca_cert_pem(&read(cert)?)
+            .map_err(|e| pem_err(cert, e))?;
+        // Re-signed here only to have rcgen's issuer: the subject and key are the CA's, which is
+        // all a leaf's chain is checked against.
+        let issuer = params
+            .self_signed(&key_pair)
+            .map_err(|e| pem_err(cert, e))?;
+        let mut store = RootCertStore::empty();
+        for root in read_certs(roots)? {
+            store
+                .add(root)
+                .map_err(|e| pem_err(roots, format!("not a usable root: {e}")))?;
+        }
+        Ok(Signer {
+            issuer,
+            key: key_pair,
+            ca_path: cert.to_owned(),
+            roots: Arc::new(store),
+            trust_domain: trust_domain.to_owned(),
+            cipher,
+            ktls,
+            issued: HashMap::new(),
+        })
+    }
+
+    /// The TLS settings of `id`: issued now on first use, the same ones after.
+    pub fn material(&mut self, id: &Identity) -> Result<Arc<TlsMaterial>, TlsSetupError> {
+        if let Some(m) = self.issued.get(id) {
+            return Ok(m.clone());
+        }
+        let (chain, key) = self.issue(id)?;
+        let material = TlsMaterial::from_parts(
+            chain,
+            key,
+            self.roots.clone(),
+            &self.trust_domain,
+            self.cipher,
+            &self.ca_path,
+        )?
+        .with_kernel_offload(self.ktls.clone());
+        let material = Arc::new(material);
+        self.issued.insert(id.clone(), material.clone());
+        Ok(material)
+    }
+
+    /// Identities issued so far.
+    pub fn issued(&self) -> usize {
+        self.issued.len()
+    }
+
+    fn issue(
+        &self,
+        id: &Identity,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
+        use rcgen::{
+            CertificateParams, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType,
+        };
+        let err = |e: rcgen::Error| pem_err(&self.ca_path, format!("issuing {id}: {e}"));
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(err)?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate().map_err(err)?;
+        let leaf = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(err)?;
+        let key_der = PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| pem_err(&self.ca_path, format!("issuing {id}: {e}")))?;
+        Ok((vec![leaf.der().clone()], key_der))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signer_issues_each_identity_once_in_the_trust_domain() {
+        let dir = std::env::temp_dir().join(format!("ringtun-signer-{}", std::process::id()));
+        let ca = crate::pki::Ca::open_or_create(&dir).expect("CA");
+        drop(ca);
+        let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+        let mut signer = Signer::load(
+            &cert,
+            &key,
+            &cert,
+            "cluster.local",
+            verify::CipherPreference::Aes128,
+            None,
+        )
+        .expect("signer");
+        let client = Identity::new("cluster.local", "default", "client");
+        let a = signer.material(&client).expect("issue");
+        assert_eq!(a.identity, client);
+        let again = signer.material(&client).expect("cached");
+        assert!(Arc::ptr_eq(&a, &again), "issued once, then shared");
+        let server = Identity::new("cluster.local", "default", "server");
+        assert_eq!(signer.material(&server).expect("issue").identity, server);
+        assert_eq!(signer.issued(), 2);
+        let foreign = Identity::new("other.domain", "default", "client");
+        assert!(
+            matches!(
+                signer.material(&foreign),
+                Err(TlsSetupError::TrustDomain { .. })
+            ),
+            "an identity outside the trust domain is refused"
+        );
+        let missing = Signer::load(
+            &dir.join("nope.pem"),
+            &key,
+            &cert,
+            "cluster.local",
+            verify::CipherPreference::Aes128,
+            None,
+        );
+        assert!(matches!(missing, Err(TlsSetupError::Pem { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -11,7 +11,9 @@ use ringtun_hbone::settings::H2Settings;
 use super::values::{parse_millis, parse_u32};
 use super::xds::XdsArgs;
 use crate::operate::admin::Role;
-use crate::options::{IoDriver, Keepalive, KtlsMode, RunOptions, TlsCipher, UringTaskrun};
+use crate::options::{
+    InpodOptions, IoDriver, Keepalive, KtlsMode, RunOptions, SignerPaths, TlsCipher, UringTaskrun,
+};
 use crate::tls::CertPaths;
 use crate::EngineError;
 
@@ -54,6 +56,21 @@ pub struct RunArgs {
     /// against the other flags; without it the flags alone decide.
     #[arg(long, env = "PROXY_MODE", value_enum)]
     pub proxy_mode: Option<ProxyMode>,
+    /// In shared mode, take pods from istio-cni's node agent and listen inside each pod's
+    /// network namespace (ztunnel's INPOD_ENABLED); `false` keeps shared mode's listeners in
+    /// ringtun's own namespace.
+    #[arg(long, env = "INPOD_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub inpod_enabled: bool,
+    /// The node agent's ZDS socket (in-pod mode).
+    #[arg(long, env = "INPOD_UDS", default_value = crate::inpod::DEFAULT_INPOD_UDS)]
+    pub inpod_uds: PathBuf,
+    /// In-pod mode: a CA certificate (PEM) that signs each pod's own certificate, issued on
+    /// first use (with --ca-key); without it every pod presents --cert-chain.
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key (PEM) of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
     /// Listen on IPv6 (dual stack) by default; `false` listens on IPv4 only, as ztunnel's
     /// IPV6_ENABLED.
     #[arg(long, env = "IPV6_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
@@ -214,6 +231,21 @@ impl RunArgs {
             }
             _ => {}
         }
+        let inpod = (self.proxy_mode == Some(ProxyMode::Shared) && self.inpod_enabled).then(|| {
+            InpodOptions {
+                uds: self.inpod_uds.clone(),
+                signer: self
+                    .ca_cert
+                    .clone()
+                    .zip(self.ca_key.clone())
+                    .map(|(cert, key)| SignerPaths { cert, key }),
+            }
+        });
+        if inpod.is_none() && self.ca_cert.is_some() {
+            return Err(EngineError::Usage(
+                "--ca-cert/--ca-key sign pods' certificates in in-pod mode (PROXY_MODE=shared); drop them or set PROXY_MODE=shared".into(),
+            ));
+        }
         if self.enable_orig_src {
             return Err(EngineError::Usage(
                 "ENABLE_ORIG_SRC=true (connecting to workloads from the client's own address) is not supported yet; set it to false".into(),
@@ -316,6 +348,7 @@ impl RunArgs {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             ktls: self.ktls,
             ktls_tx_record_limit: self.ktls_tx_record_limit,
+            inpod,
         })
     }
 }
@@ -329,6 +362,79 @@ mod tests {
     struct Wrap {
         #[command(flatten)]
         run: RunArgs,
+    }
+
+    const FILES: [&str; 9] = [
+        "ringtun",
+        "--config",
+        "c.yaml",
+        "--cert-chain",
+        "c.pem",
+        "--key",
+        "k.pem",
+        "--roots",
+        "r.pem",
+    ];
+
+    fn options(extra: &[&str]) -> Result<RunOptions, EngineError> {
+        let args = FILES.iter().chain(extra).copied();
+        Wrap::try_parse_from(args)
+            .expect("parse")
+            .run
+            .into_options()
+    }
+
+    #[test]
+    fn shared_mode_is_in_pod_mode_unless_disabled() {
+        let o = options(&["--proxy-mode", "shared"]).expect("shared");
+        let inpod = o.inpod.expect("in-pod mode");
+        assert_eq!(
+            inpod.uds,
+            std::path::Path::new(crate::inpod::DEFAULT_INPOD_UDS)
+        );
+        assert_eq!(inpod.signer, None);
+        let o = options(&[
+            "--proxy-mode",
+            "shared",
+            "--inpod-uds",
+            "/run/z.sock",
+            "--ca-cert",
+            "ca.pem",
+            "--ca-key",
+            "ca.key",
+        ])
+        .expect("shared with a signer");
+        let inpod = o.inpod.expect("in-pod mode");
+        assert_eq!(inpod.uds, std::path::Path::new("/run/z.sock"));
+        assert_eq!(
+            inpod.signer,
+            Some(SignerPaths {
+                cert: "ca.pem".into(),
+                key: "ca.key".into()
+            })
+        );
+        let o = options(&["--proxy-mode", "shared", "--inpod-enabled", "false"]).expect("node");
+        assert_eq!(
+            o.inpod, None,
+            "INPOD_ENABLED=false: shared mode in ringtun's namespace"
+        );
+        assert_eq!(options(&[]).expect("no mode").inpod, None);
+        assert_eq!(
+            options(&["--workload", "default/client"])
+                .expect("dedicated")
+                .inpod,
+            None
+        );
+    }
+
+    #[test]
+    fn a_signer_outside_in_pod_mode_is_refused() {
+        let e = options(&["--ca-cert", "ca.pem", "--ca-key", "ca.key"]).expect_err("refused");
+        assert!(e.to_string().contains("--ca-cert"), "{e}");
+        assert!(
+            Wrap::try_parse_from(FILES.iter().chain(&["--ca-cert", "ca.pem"])).is_err(),
+            "--ca-cert needs --ca-key"
+        );
     }
 
     #[test]
@@ -351,7 +457,7 @@ mod tests {
         );
     }
 
-    fn options(extra: &[&str]) -> Result<RunOptions, EngineError> {
+    fn options_without_config(extra: &[&str]) -> Result<RunOptions, EngineError> {
         let mut args = vec![
             "ringtun",
             "--cert-chain",
@@ -370,15 +476,17 @@ mod tests {
 
     #[test]
     fn the_config_comes_from_the_file_or_from_istiod_never_both() {
-        let file = options(&["--config", "c.yaml"]).expect("the file");
+        let file = options_without_config(&["--config", "c.yaml"]).expect("the file");
         assert!(file.xds.is_none());
-        let file = options(&["--config", "c.yaml", "--xds-address", ""]).expect("empty: the file");
+        let file = options_without_config(&["--config", "c.yaml", "--xds-address", ""])
+            .expect("empty: the file");
         assert!(
             file.xds.is_none(),
             "an empty XDS_ADDRESS means no control plane"
         );
         let xds =
-            options(&["--xds-address", "https://istiod.istio-system.svc:15012"]).expect("istiod");
+            options_without_config(&["--xds-address", "https://istiod.istio-system.svc:15012"])
+                .expect("istiod");
         let x = xds.xds.expect("xds options");
         assert_eq!(x.endpoint.url, "https://istiod.istio-system.svc:15012");
         assert_eq!(x.endpoint.cluster_id, "Kubernetes");
@@ -403,7 +511,7 @@ mod tests {
                 "not an https URL",
             ),
         ] {
-            match options(args) {
+            match options_without_config(args) {
                 Err(EngineError::Usage(m)) => assert!(m.contains(want), "{m}"),
                 other => panic!("{args:?}: {other:?}"),
             }

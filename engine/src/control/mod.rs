@@ -6,6 +6,7 @@
 //! watches until a signal or `/quitquitquit` starts the drain. What the operator endpoints see
 //! of all this is `ControlState` (in `state.rs`), handed to `operate` as its [`Admin`].
 
+mod pods;
 mod process;
 mod runtime;
 mod source;
@@ -41,7 +42,10 @@ pub struct Running {
     state: Arc<ControlState>,
     /// Tells the endpoints' threads to stop taking requests.
     endpoints_stop: Arc<AtomicBool>,
-    /// Addresses actually bound, per listener kind (useful with port 0).
+    /// In-pod mode: the thread that takes pods from the node agent.
+    pods: Option<pods::PodsThread>,
+    /// Addresses actually bound, per listener kind (useful with port 0); in in-pod mode none:
+    /// every listener is a pod's.
     pub bound: Vec<(ListenerKind, SocketAddr)>,
     /// Where new configs come from.
     source: ConfigSource,
@@ -110,13 +114,32 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         endpoints_stop.store(true, Ordering::Relaxed);
         e
     };
-    let bound = listen(&opts, &senders, &ev_rx).map_err(stop_endpoints)?;
+    // In-pod mode listens only inside pods; readiness waits for the node agent's snapshot.
+    let (bound, pods) = match &opts.inpod {
+        None => (
+            listen(&opts, &senders, &ev_rx).map_err(stop_endpoints)?,
+            None,
+        ),
+        Some(inpod) => {
+            let t = pods::spawn(
+                inpod,
+                opts.clone(),
+                tls.clone(),
+                senders.clone(),
+                state.clone(),
+            )
+            .map_err(stop_endpoints)?;
+            tracing::info!(uds = %inpod.uds.display(), signer = inpod.signer.is_some(), "in-pod mode: pods come from the node agent");
+            (Vec::new(), Some(t))
+        }
+    };
     let running = Running {
         senders,
         events: ev_rx,
         threads,
         state,
         endpoints_stop,
+        pods,
         bound,
         source,
         synced,
@@ -192,7 +215,11 @@ fn listen(
 impl Running {
     /// Readiness answers 200 from now on, and the log says so with what ringtun runs.
     fn announce_ready(&self, opts: &RunOptions, snapshot: &Snapshot) {
-        self.state.set_ready();
+        // In-pod mode is ready once the node agent's snapshot is in (`pods`), not before.
+        let in_pod = self.pods.is_some();
+        if !in_pod {
+            self.state.set_ready();
+        }
         let tls = &self.tls;
         tracing::info!(
             workers = self.senders.len(),
@@ -207,7 +234,12 @@ impl Running {
             pool_max_streams = opts.pool.max_streams,
             pool_unused_release = ?opts.pool.idle_timeout,
             drain_deadline = ?opts.drain_timeout,
-            "ringtun ready"
+            "{}",
+            if in_pod {
+                "ringtun started; ready once the node agent's snapshot is in"
+            } else {
+                "ringtun ready"
+            }
         );
     }
 
@@ -321,6 +353,10 @@ impl Running {
     /// Stops the shards (closing their channels) and waits for them.
     pub fn stop(self) {
         self.endpoints_stop.store(true, Ordering::Relaxed);
+        // It holds senders too: the shards see their channel close only once it is gone.
+        if let Some(p) = self.pods {
+            p.stop();
+        }
         drop(self.senders);
         for t in self.threads {
             let _ = t.join();

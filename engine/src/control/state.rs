@@ -56,6 +56,11 @@ impl ControlState {
         self.ready.store(true, Ordering::Relaxed);
     }
 
+    /// Whether [`ControlState::set_ready`] was called.
+    pub(super) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
     /// A drain began: readiness answers 503 from now on.
     pub(super) fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);

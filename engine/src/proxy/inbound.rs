@@ -21,12 +21,20 @@ use super::keepalive;
 use super::lifecycle::{refuse_stream, Record};
 use crate::decide::{self, Arrival, Refusal};
 use crate::net;
+use crate::shard::pod::PodShard;
 use crate::shard::{live, Shard, Tally};
 use crate::stream::handshake::{self, HandshakeError, Handshaken};
 use crate::stream::TlsPath;
 
 /// Handles one connection accepted on the HBONE listener: handshake, then serve its streams.
-pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
+/// `pod`: the pod whose listener accepted it (in-pod mode): its identity is presented, its
+/// workload admitted.
+pub async fn handle(
+    shard: &Rc<Shard>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pod: Option<Rc<PodShard>>,
+) {
     let peer = net::canonical(peer);
     // The address the client dialled: in dedicated mode the workload's own IP, which a CONNECT
     // must name (ztunnel's `validate_destination`).
@@ -49,7 +57,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
         budget,
     } = match handshake::server(
         &shard.stream,
-        &shard.acceptor,
+        shard.acceptor_for(pod.as_deref()),
         io,
         // The verifier already required a SPIFFE identity in our trust domain.
         |certs| verify::peer_identity(certs, &shard.opts.trust_domain),
@@ -87,7 +95,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
     };
     let client_id = Rc::new(client_id);
     let mut retired = false;
-    let drain = shard.drain().waiter();
+    let drain = shard.drain_for(pod.as_deref()).waiter();
     let watch = keepalive::Watch::spawn(conn.ping_pong(), shard.opts.keepalive);
     loop {
         // An offloaded connection whose TX key nears its usage limit gets a GOAWAY: the client
@@ -117,7 +125,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
             }
             Ok(None) => {
                 retired = true;
-                tracing::debug!(%peer, draining = shard.drain().is_fired(), "inbound: GOAWAY");
+                tracing::debug!(%peer, draining = shard.drain_for(pod.as_deref()).is_fired(), "inbound: GOAWAY");
                 conn.graceful_shutdown();
                 continue;
             }
@@ -128,6 +136,7 @@ pub async fn handle(shard: &Rc<Shard>, tcp: TcpStream, peer: SocketAddr) {
             Ok((req, respond)) => {
                 let opening = accept_stream(
                     shard.clone(),
+                    pod.clone(),
                     req,
                     respond,
                     (peer, local),
@@ -190,6 +199,7 @@ struct Accepted {
 /// refusal sent and recorded).
 async fn accept_stream(
     shard: Rc<Shard>,
+    pod: Option<Rc<PodShard>>,
     req: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
     (peer, local): (SocketAddr, Option<SocketAddr>),
@@ -197,11 +207,12 @@ async fn accept_stream(
     tls: TlsPath,
 ) -> Option<Accepted> {
     let shard = &shard;
+    let pod = pod.as_deref();
     let mut record = Record::new(shard, Direction::Inbound, peer);
     let log = record.log();
     log.tls = Some(tls);
     log.src_identity = Some(client_id.clone());
-    log.dst_identity = Some(shard.identity.clone());
+    log.dst_identity = Some(shard.identity_for(pod).clone());
     let (parts, body) = req.into_parts();
     let dst = match decide::connect_target(&parts.method, &parts.uri, &parts.headers) {
         Ok(dst) => dst,
@@ -218,7 +229,7 @@ async fn accept_stream(
         dst,
         reached: local,
     };
-    let admission = decide::admit_hbone(&shard.scope, &snap, &arrival);
+    let admission = decide::admit_hbone(shard.scope_for(pod), &snap, &arrival);
     record.admitted(&admission, &arrival);
     let baggage = admission.dst_workload.map(decide::response_baggage);
     let grant = match admission.outcome {
@@ -229,7 +240,9 @@ async fn accept_stream(
         }
     };
     drop(snap);
-    let connecting = net::connect_marked(dst, shard.opts.mark, shard.opts.connect_timeout);
+    let opts = &shard.opts;
+    let netns = pod.map(PodShard::netns);
+    let connecting = net::connect_marked_in(netns, dst, opts.mark, opts.connect_timeout);
     let upstream = match connecting.await {
         Ok(s) => {
             shard.tune_socket(s.as_raw_fd());
@@ -254,7 +267,7 @@ async fn accept_stream(
         }
     };
     // The copy's TCP side is the destination here: its bytes are the response direction.
-    let conn = record.carry(shard, Some(grant), true);
+    let conn = record.carry(shard, pod, Some(grant), true);
     Some(Accepted {
         upstream,
         send,

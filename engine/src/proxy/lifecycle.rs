@@ -22,6 +22,7 @@ use crate::decide::{Admission, Arrival, Carrier, Grant, Refusal};
 use crate::metrics::TcpLabels;
 use crate::net;
 use crate::shard::live::{self, Meter};
+use crate::shard::pod::PodShard;
 use crate::shard::{Shard, Tally};
 
 /// The `reason` of a connection whose task ended before its path did.
@@ -96,13 +97,15 @@ impl<X> Record<X> {
     /// The connection is established: counted as opened now (as closed when the record is
     /// written), and registered with the shard's live connections, whose handle the copy loop
     /// takes. `reversed`: the copy's TCP side is the destination.
+    /// `pod`: the pod it serves in in-pod mode.
     pub(crate) fn carry(
         &mut self,
         shard: &Shard,
+        pod: Option<&PodShard>,
         grant: Option<Grant>,
         reversed: bool,
     ) -> live::Conn {
-        self.carry_with(reversed, |series| shard.track(grant, series))
+        self.carry_with(reversed, |series| shard.track(pod, grant, series))
     }
 
     /// [`Record::carry`], registering through `track` (given the metric series and

@@ -26,6 +26,7 @@ use super::plaintext;
 use crate::decide::{self, Refusal, Route};
 use crate::net;
 use crate::shard::live;
+use crate::shard::pod::PodShard;
 use crate::shard::pool::{Lent, PooledH2, Slot};
 use crate::shard::{Shard, Tally};
 use crate::stream::handshake::{self, HandshakeError, Handshaken};
@@ -38,12 +39,14 @@ use crate::stream::TlsPath;
 /// returns; the task itself then holds only the copy and the connection's record. A task is as
 /// big as the largest state its future can be in and an idle connection keeps its task for
 /// life, so what it holds while idle is the memory per idle connection.
+/// `pod`: the pod whose listener accepted it (in-pod mode).
 pub fn handle(
     shard: Rc<Shard>,
     client: TcpStream,
     peer: SocketAddr,
+    pod: Option<Rc<PodShard>>,
 ) -> impl Future<Output = ()> + 'static {
-    let opening = Box::pin(open(shard, client, peer));
+    let opening = Box::pin(open(shard, client, peer, pod));
     async move {
         let Some(Opened {
             client,
@@ -73,8 +76,15 @@ struct Opened {
 
 /// Routes the connection and opens its stream; `None` when the connection was handled here
 /// (refused, failed, or passed through).
-async fn open(shard: Rc<Shard>, client: TcpStream, peer: SocketAddr) -> Option<Opened> {
+async fn open(
+    shard: Rc<Shard>,
+    client: TcpStream,
+    peer: SocketAddr,
+    pod: Option<Rc<PodShard>>,
+) -> Option<Opened> {
     let shard = &shard;
+    let pod_rc = pod.as_ref();
+    let pod = pod.as_deref();
     let src = net::canonical(peer);
     let mut record = Record::new(shard, Direction::Outbound, src);
     let _ = client.set_nodelay(true);
@@ -87,9 +97,9 @@ async fn open(shard: Rc<Shard>, client: TcpStream, peer: SocketAddr) -> Option<O
     };
     record.log().dst_addr = Some(dst);
     let snap = shard.snapshot();
-    let src_w = shard.scope.source_workload(&snap, src.ip());
+    let src_w = shard.scope_for(pod).source_workload(&snap, src.ip());
     record.log().src_workload = src_w.map(|w| w.display_name());
-    match shard.route(&snap, dst) {
+    match shard.route_for(pod, &snap, dst) {
         Route::NoEndpoint { service } => {
             record.log().dst_service = Some(service);
             refuse_tcp(record, client, Refusal::NoEndpoint { port: dst.port() });
@@ -100,7 +110,7 @@ async fn open(shard: Rc<Shard>, client: TcpStream, peer: SocketAddr) -> Option<O
             log.direction = Direction::Passthrough;
             log.dst_service = service;
             drop(snap);
-            plaintext::forward(shard, client, target, record, None).await;
+            plaintext::forward(shard, pod, client, target, record, None).await;
             None
         }
         Route::Hbone {
@@ -112,7 +122,7 @@ async fn open(shard: Rc<Shard>, client: TcpStream, peer: SocketAddr) -> Option<O
             let log = record.log();
             log.dst_service = service.clone();
             log.dst_workload = Some(workload);
-            log.src_identity = Some(shard.identity.clone());
+            log.src_identity = Some(shard.identity_for(pod).clone());
             let baggage = decide::request_baggage(src_w, &shard.opts.cluster_id);
             drop(snap);
             let req = ConnectRequest {
@@ -124,20 +134,22 @@ async fn open(shard: Rc<Shard>, client: TcpStream, peer: SocketAddr) -> Option<O
             };
             let hbone = SocketAddr::new(req.target.ip(), HBONE_PORT);
             record.log().dst_hbone = Some(hbone);
+            // The source identity (and address) are in the key: a pod's connections are
+            // never lent to another pod, as ztunnel's pool keys them.
             let key = Rc::new(PoolKey::new(
-                shard.tls.identity.clone(),
+                Identity::clone(shard.identity_for(pod)),
                 identities.clone(),
                 hbone,
                 req.source.ip(),
             ));
-            match open_stream(shard, &key, &req, &identities).await {
+            match open_stream(shard, pod_rc, &key, &req, &identities).await {
                 Ok(stream) => {
                     let log = record.log();
                     log.pool_reused = Some(stream.reused);
                     log.tls = Some(stream.tls);
                     log.dst_identity = Some(stream.peer);
                     *record.held() = Some(stream.slot);
-                    let conn = record.carry(shard, None, false);
+                    let conn = record.carry(shard, pod, None, false);
                     Some(Opened {
                         client,
                         send: stream.send,
@@ -174,6 +186,7 @@ struct OpenStream {
 /// connection.
 async fn open_stream(
     shard: &Rc<Shard>,
+    pod: Option<&Rc<PodShard>>,
     key: &Rc<PoolKey>,
     req: &ConnectRequest,
     identities: &[Identity],
@@ -200,7 +213,7 @@ async fn open_stream(
     let opening = pool.begin(key);
     // Boxed: the TLS and h2 handshake state is large (about 8 KiB) and only a stream that
     // opens a new connection needs it; unboxed, every stream's opening would allocate it.
-    let connected = Box::pin(connect(shard, key.dst, identities)).await;
+    let connected = Box::pin(connect(shard, pod, key.dst, identities)).await;
     let (conn, peer) = match connected {
         Ok(c) => c,
         Err(e) => {
@@ -338,11 +351,14 @@ async fn request(
 
 async fn connect(
     shard: &Rc<Shard>,
+    pod_rc: Option<&Rc<PodShard>>,
     addr: SocketAddr,
     identities: &[Identity],
 ) -> Result<(PooledH2, Rc<Identity>), OpenError> {
     let opts = &shard.opts;
-    let tcp = net::connect_marked(addr, opts.mark, opts.connect_timeout)
+    let pod = pod_rc.map(|p| &**p);
+    let netns = pod.map(PodShard::netns);
+    let tcp = net::connect_marked_in(netns, addr, opts.mark, opts.connect_timeout)
         .await
         .map_err(|source| OpenError::Connect { addr, source })?;
     shard.tune_socket(tcp.as_raw_fd());
@@ -357,7 +373,7 @@ async fn connect(
         budget,
     } = handshake::client(
         &shard.stream,
-        &shard.connector,
+        shard.connector_for(pod),
         ServerName::IpAddress(addr.ip().into()),
         io,
         |certs| verify::expect_identity(certs, identities),
@@ -399,5 +415,6 @@ async fn connect(
         }
         flag.set(false);
     });
-    Ok((PooledH2::new(send, alive, peer.clone(), path, budget), peer))
+    let pooled = PooledH2::new(send, alive, peer.clone(), path, budget).for_pod(pod_rc.cloned());
+    Ok((pooled, peer))
 }

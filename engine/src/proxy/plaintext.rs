@@ -12,22 +12,27 @@ use super::copy;
 use super::lifecycle::{refuse_tcp, Record};
 use crate::decide::{self, Arrival, Grant, Refusal};
 use crate::net;
+use crate::shard::pod::PodShard;
 use crate::shard::Shard;
 
 /// Connects to `target` (marked) and copies both ways; the connection's `record` is written
 /// when it ends. `grant`: what authorization admitted it on, re-checked when policies change.
+/// `pod`: the pod it serves (in-pod mode), whose namespace the upstream socket is made in.
 pub(crate) async fn forward<X>(
     shard: &Shard,
+    pod: Option<&PodShard>,
     client: TcpStream,
     target: SocketAddr,
     mut record: Record<X>,
     grant: Option<Grant>,
 ) {
     record.log().dst_addr.get_or_insert(target);
-    match net::connect_marked(target, shard.opts.mark, shard.opts.connect_timeout).await {
+    let netns = pod.map(PodShard::netns);
+    let opts = &shard.opts;
+    match net::connect_marked_in(netns, target, opts.mark, opts.connect_timeout).await {
         Ok(upstream) => {
             shard.tune_socket(upstream.as_raw_fd());
-            let conn = record.carry(shard, grant, false);
+            let conn = record.carry(shard, pod, grant, false);
             let end = copy::tcp_tcp(client, upstream, conn).await;
             record.finish(end);
         }
@@ -43,7 +48,14 @@ pub(crate) async fn forward<X>(
 }
 
 /// Handles one connection captured on 15006: plaintext traffic for a local workload.
-pub async fn inbound(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
+/// `pod`: the pod whose listener accepted it (in-pod mode).
+pub async fn inbound(
+    shard: &Rc<Shard>,
+    client: TcpStream,
+    peer: SocketAddr,
+    pod: Option<Rc<PodShard>>,
+) {
+    let pod = pod.as_deref();
     let src = net::canonical(peer);
     let mut record: Record = Record::new(shard, Direction::InboundPlaintext, src);
     let _ = client.set_nodelay(true);
@@ -59,15 +71,16 @@ pub async fn inbound(shard: &Rc<Shard>, client: TcpStream, peer: SocketAddr) {
         dst,
         reached: None,
     };
-    let admission = decide::admit_plaintext(&shard.scope, &snap, &arrival);
+    let scope = shard.scope_for(pod);
+    let admission = decide::admit_plaintext(scope, &snap, &arrival);
     record.admitted(&admission, &arrival);
     if let Some(w) = admission.dst_workload {
-        record.log().dst_identity = Some(Rc::new(shard.scope.workload_identity(w)));
+        record.log().dst_identity = Some(Rc::new(scope.workload_identity(w)));
     }
     let grant = match admission.outcome {
         Ok(grant) => grant,
         Err(refusal) => return refuse_tcp(record, client, refusal),
     };
     drop(snap);
-    forward(shard, client, dst, record, Some(grant)).await;
+    forward(shard, pod, client, dst, record, Some(grant)).await;
 }

@@ -20,6 +20,7 @@ use super::{inbound, outbound, plaintext};
 use crate::config::Snapshot;
 use crate::options::ListenerKind;
 use crate::options::RunOptions;
+use crate::shard::pod::{Pod, PodShard};
 use crate::shard::{Shard, ShardEvent, ShardMsg, Tally};
 use crate::tls::TlsMaterial;
 
@@ -61,7 +62,45 @@ fn handle(shard: &Rc<Shard>, msg: ShardMsg, events: &Sender<ShardEvent>) {
         ShardMsg::Listen { kind, socket } => {
             let _ = events.send(listen(shard, kind, socket));
         }
+        ShardMsg::AddPod {
+            pod,
+            listeners,
+            reply,
+        } => {
+            let _ = reply.send(add_pod(shard, pod, listeners));
+        }
+        ShardMsg::DelPod { uid, deadline } => shard.remove_pod(&uid, deadline),
     }
+}
+
+/// Starts serving a pod on its listeners (bound in its namespace by the control thread).
+fn add_pod(
+    shard: &Rc<Shard>,
+    pod: Arc<Pod>,
+    listeners: Vec<(ListenerKind, std::net::TcpListener)>,
+) -> Result<(), String> {
+    let uid = pod.uid.clone();
+    let served = shard
+        .add_pod(pod, shard.opts.drain_timeout)
+        .ok_or_else(|| format!("shard {} is draining", shard.id))?;
+    for (kind, socket) in listeners {
+        // from_std registers the fd with this thread's driver, so it must run in the runtime.
+        let listener = match TcpListener::from_std(socket) {
+            Ok(l) => l,
+            Err(e) => {
+                shard.remove_pod(&uid, std::time::Duration::ZERO);
+                return Err(format!("shard {}: pod {kind} listener: {e}", shard.id));
+            }
+        };
+        served.add_listener(listener.as_raw_fd());
+        monoio::spawn(accept_loop(
+            shard.clone(),
+            kind,
+            listener,
+            Some(served.clone()),
+        ));
+    }
+    Ok(())
 }
 
 /// Takes a listening socket into this shard's runtime and starts accepting on it.
@@ -78,7 +117,7 @@ fn listen(shard: &Rc<Shard>, kind: ListenerKind, socket: std::net::TcpListener) 
     };
     let addr = listener.local_addr();
     shard.add_listener(listener.as_raw_fd());
-    monoio::spawn(accept_loop(shard.clone(), kind, listener));
+    monoio::spawn(accept_loop(shard.clone(), kind, listener, None));
     match addr {
         Ok(addr) => ShardEvent::Listening {
             shard: shard.id,
@@ -92,7 +131,13 @@ fn listen(shard: &Rc<Shard>, kind: ListenerKind, socket: std::net::TcpListener) 
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener) {
+/// Accepts on one listener until it is shut; `pod`: the pod it was bound in (in-pod mode).
+async fn accept_loop(
+    shard: Rc<Shard>,
+    kind: ListenerKind,
+    listener: TcpListener,
+    pod: Option<Rc<PodShard>>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -105,9 +150,9 @@ async fn accept_loop(shard: Rc<Shard>, kind: ListenerKind, listener: TcpListener
                     tracing::warn!(shard = shard.id, %kind, %peer, limit = shard.opts.max_connections_per_shard, "connection refused: shard at its connection limit");
                     continue;
                 }
-                dispatch(&shard, kind, stream, peer);
+                dispatch(&shard, kind, stream, peer, pod.clone());
             }
-            Err(_) if shard.drain().is_fired() => return,
+            Err(_) if shard.drain_for(pod.as_deref()).is_fired() => return,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, keep serving live ones.
                 tracing::warn!(shard = shard.id, %kind, error = %e, "accept failed");
@@ -123,26 +168,25 @@ fn dispatch(
     kind: ListenerKind,
     stream: monoio::net::TcpStream,
     peer: SocketAddr,
+    pod: Option<Rc<PodShard>>,
 ) {
     // One spawn per kind, not one future matching on it: a task is as big as the largest
     // future it may run, and every idle connection keeps its task.
     match kind {
         ListenerKind::Outbound => {
-            spawn_counted(shard, outbound::handle(shard.clone(), stream, peer))
+            spawn_counted(shard, outbound::handle(shard.clone(), stream, peer, pod))
         }
         ListenerKind::Inbound => {
             let s = shard.clone();
-            spawn_counted(
-                shard,
-                async move { inbound::handle(&s, stream, peer).await },
-            )
+            spawn_counted(shard, async move {
+                inbound::handle(&s, stream, peer, pod).await
+            })
         }
         ListenerKind::InboundPlaintext => {
             let s = shard.clone();
-            spawn_counted(
-                shard,
-                async move { plaintext::inbound(&s, stream, peer).await },
-            )
+            spawn_counted(shard, async move {
+                plaintext::inbound(&s, stream, peer, pod).await
+            })
         }
     }
 }

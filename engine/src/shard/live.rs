@@ -16,7 +16,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -245,6 +245,11 @@ impl Conn {
         self.record.revoke(why);
     }
 
+    /// A handle that can cut this connection later without keeping it registered.
+    pub fn cutter(&self) -> Cutter {
+        Cutter(Rc::downgrade(&self.record))
+    }
+
     /// Bytes moved.
     pub(crate) fn touch(&self) {
         self.record.active.set(quanta::Instant::now());
@@ -280,6 +285,28 @@ impl Conn {
             self.record.register(cx);
             Poll::Pending
         })
+    }
+}
+
+/// A handle that cuts one connection from outside its task (a removed pod's connections, at
+/// their deadline); it does not keep the connection's record alive.
+pub struct Cutter(Weak<Record>);
+
+impl Cutter {
+    /// Whether the connection still runs.
+    pub fn is_live(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+
+    /// Ends the connection's copy loop (as [`Cut::Revoked`]: both sides are reset); returns
+    /// whether it was still running.
+    pub fn cut(&self) -> bool {
+        let Some(r) = self.0.upgrade() else {
+            return false;
+        };
+        r.revoked.set(true);
+        r.wake();
+        true
     }
 }
 

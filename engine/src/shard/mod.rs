@@ -14,9 +14,11 @@
 
 pub mod drain;
 pub mod live;
+pub mod pod;
 pub mod pool;
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::os::fd::RawFd;
@@ -34,12 +36,12 @@ use crate::options::{ListenerKind, RunOptions};
 use crate::stream::StreamCtx;
 use crate::tls::TlsMaterial;
 use drain::DrainSignal;
+use pod::{Pod, PodShard};
 use pool::HbonePool;
 
 /// Messages from the control thread to a shard.
 pub enum ShardMsg {
-    /// Start accepting on this socket. In-pod mode will send sockets opened inside pods'
-    /// network namespaces the same way: a listener is a socket plus what it is for.
+    /// Start accepting on this socket.
     Listen {
         /// What the listener is for.
         kind: ListenerKind,
@@ -53,6 +55,23 @@ pub enum ShardMsg {
     Scrape(Sender<ShardReport>),
     /// Stop accepting, ask HBONE peers to go away (GOAWAY), let live connections finish.
     Drain,
+    /// In-pod mode: start serving a pod on these sockets, bound inside its network namespace
+    /// (this shard's SO_REUSEPORT copies). The outcome goes to `reply`.
+    AddPod {
+        /// The pod.
+        pod: Arc<Pod>,
+        /// Its listeners.
+        listeners: Vec<(ListenerKind, std::net::TcpListener)>,
+        /// Where to say whether the shard accepts on them.
+        reply: Sender<Result<(), String>>,
+    },
+    /// In-pod mode: stop serving a pod; its connections have `deadline` to finish, then are cut.
+    DelPod {
+        /// Pod uid.
+        uid: String,
+        /// How long its connections may finish.
+        deadline: Duration,
+    },
 }
 
 /// Messages from shards back to the control thread.
@@ -189,6 +208,8 @@ pub struct Shard {
     tally: Rc<Tally>,
     drain: DrainSignal,
     listener_fds: RefCell<Vec<RawFd>>,
+    /// In-pod mode: the pods this shard serves, by uid.
+    pods: RefCell<HashMap<String, Rc<PodShard>>>,
 }
 
 impl Deref for Shard {
@@ -211,6 +232,7 @@ impl Shard {
             tally: Rc::default(),
             drain: DrainSignal::default(),
             listener_fds: RefCell::new(Vec::new()),
+            pods: RefCell::new(HashMap::new()),
         }
     }
 
@@ -222,7 +244,41 @@ impl Shard {
     /// Where a captured connection to `dst` goes under `snap` (see [`decide::route`]); moves
     /// this shard's round-robin cursors.
     pub fn route(&self, snap: &Snapshot, dst: SocketAddr) -> Route {
-        decide::route(&self.scope, snap, &mut self.rr.borrow_mut(), dst)
+        self.route_for(None, snap, dst)
+    }
+
+    /// [`Shard::route`] for a connection of `pod` (in-pod mode), or of the proxy's own scope.
+    pub fn route_for(&self, pod: Option<&PodShard>, snap: &Snapshot, dst: SocketAddr) -> Route {
+        decide::route(self.scope_for(pod), snap, &mut self.rr.borrow_mut(), dst)
+    }
+
+    /// Which workloads a connection of `pod` speaks for: the pod's, or the proxy's scope.
+    pub fn scope_for<'a>(&'a self, pod: Option<&'a PodShard>) -> &'a Scope {
+        pod.map_or(&self.scope, |p| &p.scope)
+    }
+
+    /// The identity a connection of `pod` presents.
+    pub fn identity_for<'a>(&'a self, pod: Option<&'a PodShard>) -> &'a Rc<Identity> {
+        pod.map_or(&self.identity, |p| &p.identity)
+    }
+
+    /// The TLS acceptor of `pod`'s 15008, or the proxy's.
+    pub fn acceptor_for<'a>(&'a self, pod: Option<&'a PodShard>) -> &'a tokio_rustls::TlsAcceptor {
+        pod.map_or(&self.acceptor, |p| &p.acceptor)
+    }
+
+    /// The TLS connector of `pod`'s outbound HBONE, or the proxy's.
+    pub fn connector_for<'a>(
+        &'a self,
+        pod: Option<&'a PodShard>,
+    ) -> &'a tokio_rustls::TlsConnector {
+        pod.map_or(&self.connector, |p| &p.connector)
+    }
+
+    /// The drain signal a connection of `pod` watches: the pod's (fired on its removal and on
+    /// the shard's drain), or the shard's.
+    pub fn drain_for<'a>(&'a self, pod: Option<&'a PodShard>) -> &'a DrainSignal {
+        pod.map_or(&self.drain, PodShard::drain)
     }
 
     /// The HBONE pool.
@@ -256,8 +312,17 @@ impl Shard {
     /// is checked now.
     /// `series`: the metric labels its bytes count in while it lives, and whether the copy's
     /// TCP side is the destination.
-    pub fn track(&self, grant: Option<Grant>, series: Option<(Rc<TcpLabels>, bool)>) -> live::Conn {
+    /// A connection of `pod` is also kept by the pod, to be cut if the pod is removed.
+    pub fn track(
+        &self,
+        pod: Option<&PodShard>,
+        grant: Option<Grant>,
+        series: Option<(Rc<TcpLabels>, bool)>,
+    ) -> live::Conn {
         let conn = live::Conn::new(self.opts.idle_timeout, grant);
+        if let Some(p) = pod {
+            p.track(&conn);
+        }
         if let Some((labels, reversed)) = series {
             conn.count_in(labels, reversed);
         }
@@ -342,10 +407,59 @@ impl Shard {
             // SAFETY: the fd belongs to a listener this shard owns and has not closed.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
+        for pod in self.pods.borrow().values() {
+            pod.stop();
+        }
         // Idle client connections close; busy ones close when their last stream ends.
         // Inbound connections send GOAWAY when they see the signal.
         self.pool.clear();
         self.drain.fire();
+    }
+
+    /// Starts serving `pod` (replacing a pod of the same uid, which is removed with
+    /// `deadline`); `None` while the shard drains.
+    pub fn add_pod(self: &Rc<Self>, pod: Arc<Pod>, deadline: Duration) -> Option<Rc<PodShard>> {
+        if self.drain.is_fired() {
+            return None;
+        }
+        self.remove_pod(&pod.uid, deadline);
+        let served = Rc::new(PodShard::new(pod, &self.scope));
+        self.pods
+            .borrow_mut()
+            .insert(served.pod.uid.clone(), served.clone());
+        Some(served)
+    }
+
+    /// Stops serving pod `uid`: its listeners shut, inbound HBONE peers get GOAWAY, and what
+    /// still runs after `deadline` is cut (ztunnel's removal). Other pods are untouched.
+    pub fn remove_pod(self: &Rc<Self>, uid: &str, deadline: Duration) {
+        let Some(pod) = self.pods.borrow_mut().remove(uid) else {
+            return;
+        };
+        pod.stop();
+        // Its pooled HBONE connections take no new streams now; the idle ones go at once.
+        self.pool.evict(Instant::now());
+        let live = pod.live();
+        tracing::debug!(
+            shard = self.id,
+            uid,
+            live,
+            "pod removed; its connections drain"
+        );
+        // Even with none live now: connections still opening then are cut as they start.
+        let shard = self.id;
+        monoio::spawn(async move {
+            monoio::time::sleep(deadline).await;
+            let cut = pod.cut();
+            if cut > 0 {
+                tracing::info!(shard, uid = %pod.pod.uid, cut, ?deadline, "removed pod's connections cut at the deadline");
+            }
+        });
+    }
+
+    /// Pods this shard serves.
+    pub fn pod_count(&self) -> usize {
+        self.pods.borrow().len()
     }
 
     /// Closes pooled HBONE connections idle past their limit, for as long as the shard runs.

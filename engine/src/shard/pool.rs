@@ -11,6 +11,7 @@ use h2::client::SendRequest;
 use ringtun_hbone::pool::{AttemptId, ConnId, Pool, PoolKey, PoolLimits, Pooled};
 use ringtun_hbone::Identity;
 
+use super::pod::PodShard;
 use crate::stream::{KeyBudget, TlsPath};
 
 /// A pooled HBONE connection: a handle to send requests on, and whether its driver task still
@@ -23,6 +24,8 @@ pub struct PooledH2 {
     tls: TlsPath,
     /// Offloaded connections retire (take no new streams) before their TX key wears out.
     budget: Option<Rc<KeyBudget>>,
+    /// In-pod mode: the pod it was opened for; it takes no new streams once the pod is gone.
+    pod: Option<Rc<PodShard>>,
 }
 
 impl PooledH2 {
@@ -41,7 +44,15 @@ impl PooledH2 {
             peer,
             tls,
             budget,
+            pod: None,
         }
+    }
+
+    /// The connection belongs to `pod` (its socket lives in the pod's namespace): unusable once
+    /// the pod is removed.
+    pub fn for_pod(mut self, pod: Option<Rc<PodShard>>) -> Self {
+        self.pod = pod;
+        self
     }
 
     /// A handle to send requests on.
@@ -68,7 +79,9 @@ impl PooledH2 {
 
 impl Pooled for PooledH2 {
     fn is_usable(&self) -> bool {
-        self.alive.get() && !self.budget.as_ref().is_some_and(|b| b.is_retired())
+        self.alive.get()
+            && !self.budget.as_ref().is_some_and(|b| b.is_retired())
+            && !self.pod.as_ref().is_some_and(|p| p.drain().is_fired())
     }
 }
 

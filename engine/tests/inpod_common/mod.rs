@@ -4,6 +4,8 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -115,6 +117,22 @@ impl NodeAgent {
                 _ => panic!("replay: {e}"),
             }
         }
+    }
+
+    /// Stops this agent and starts a fresh one on the same socket, remembering no pod (what a
+    /// restarted istio-cni agent knows before it rebuilds its cache). The old one is gone
+    /// first: on its way out it removes the socket file, which would be the new one's.
+    pub fn restart(&mut self) {
+        let socket = self.socket.clone();
+        let dir = self
+            .stderr
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(std::env::temp_dir);
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        let _ = self.child.wait();
+        *self = NodeAgent::start(&socket, &dir);
     }
 
     /// Waits for the proxy to connect and say hello; returns the version it announced.
