@@ -34,7 +34,8 @@ pub struct Bench<'a> {
 
 impl Bench<'_> {
     /// One run: every wanted test group through every contender, contenders alternating
-    /// measurement by measurement (in an order rotated by `run`), then the scaling groups.
+    /// measurement by measurement (in an order rotated by `run`, reversed on odd runs), then the
+    /// scaling groups.
     pub fn run(&self, res: &mut Results, run: usize) -> Result<(), String> {
         let Bench {
             o,
@@ -44,10 +45,15 @@ impl Bench<'_> {
             crosscheck: with_crosscheck,
         } = *self;
         let bulk_all = [(Dir::Up, 1), (Dir::Up, 4), (Dir::Down, 1), (Dir::Down, 4)];
-        // Rotate the order so no contender always goes first.
-        let order: Vec<usize> = (0..contenders.len())
+        // Rotate the order so no contender always goes first, and reverse it on odd runs so
+        // none always follows the same one (the contender after `direct` shares its topology
+        // and load server right after the fastest transfer of the round).
+        let mut order: Vec<usize> = (0..contenders.len())
             .map(|i| (i + run) % contenders.len())
             .collect();
+        if run % 2 == 1 {
+            order.reverse();
+        }
         env.progress.stage(format!("run {}/{}", run + 1, plan.runs));
         env.progress.step("starting tunnels");
         let mut tunnels: Vec<Option<Tunnel>> = Vec::new();
