@@ -9,14 +9,13 @@
 mod common;
 mod xds_common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, SystemTime};
 
 use ::ringtun::xds::ca::CaClient;
 use ::ringtun::xds::{Endpoint, RootCert, Token};
 use common::*;
 use ringtun_hbone::Identity;
-use ringtun_testbed::{Netns, DEFAULT_MARK};
+use ringtun_testbed::{echoed_bytes, Netns, DEFAULT_MARK};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -137,16 +136,8 @@ fn ca_client_fetches_a_certificate_with_the_token() {
 
 /// A connection through the VIP that must not be carried: nothing echoed.
 fn not_carried(ns: &Netns) {
-    let Ok(mut s) = connect_in(ns, "10.96.0.10:80") else {
-        return;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = s.write_all(b"hello");
-    let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
-        Ok(0) | Err(_) => {}
-        Ok(n) => panic!("a connection to a removed workload echoed {n} bytes"),
-    }
+    let n = echoed_bytes(ns, "10.96.0.10:80");
+    assert_eq!(n, 0, "a connection to a removed workload echoed {n} bytes");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use ringtun_testbed::{Netns, Process, TwoNodes, DEFAULT_MARK};
+use ringtun_testbed::{echoed_bytes, Netns, Process, TwoNodes, DEFAULT_MARK};
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -154,17 +154,8 @@ fn config_denying_client() -> String {
 /// What a client in `ns` sees of a refused connection through the VIP: the connect, a write
 /// and a read; it must not get an echo.
 fn refused_through_vip(ns: &Netns) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = connect_in(ns, "10.96.0.10:80") else {
-        return;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = s.write_all(b"hello");
-    let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
-        Ok(0) | Err(_) => {}
-        Ok(n) => panic!("a denied connection echoed {n} bytes"),
-    }
+    let n = echoed_bytes(ns, "10.96.0.10:80");
+    assert_eq!(n, 0, "a denied connection echoed {n} bytes");
 }
 
 #[test]

@@ -37,6 +37,20 @@ pub fn connect_in(ns: &Netns, dst: &str) -> std::io::Result<TcpStream> {
     .map_err(std::io::Error::other)?
 }
 
+/// What an echo through `dst` from `ns` gives back for one small write: 0 when the connection
+/// was refused, reset or closed without an echo (what a test expects of a connection that
+/// must not be carried), else the bytes echoed. Waits at most 10 s for the answer.
+pub fn echoed_bytes(ns: &Netns, dst: &str) -> usize {
+    use std::io::{Read, Write};
+    let Ok(mut s) = connect_in(ns, dst) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let _ = s.write_all(b"hello");
+    let mut buf = [0u8; 16];
+    s.read(&mut buf).unwrap_or(0)
+}
+
 /// Connects to `dst` from inside `ns` with SO_MARK `mark` set before connecting: with the
 /// ringtun mark this bypasses the namespace's outbound capture, like a client outside the mesh.
 pub fn connect_marked_in(ns: &Netns, dst: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {

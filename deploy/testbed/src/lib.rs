@@ -27,7 +27,9 @@ pub mod sys;
 pub mod topology;
 pub mod transfer;
 
-pub use echo::{bind_in, connect_in, connect_marked_in, EchoRecord, EchoServer, Records};
+pub use echo::{
+    bind_in, connect_in, connect_marked_in, echoed_bytes, EchoRecord, EchoServer, Records,
+};
 pub use error::{Error, Result};
 pub use netns::{require_root, Netns, DEFAULT_MARK};
 pub use process::Process;
