@@ -32,6 +32,33 @@ fn no_pod_ports(ports: &[u16]) -> bool {
 
 /// The mesh config (client 10.77.0.1, server 10.77.0.2, service VIP 10.96.0.10:80 → 5201)
 /// with a trust domain, as ztunnel's test CA names it.
+/// Runs `during` once a paced 8 MiB echo from `client` through the VIP is under way (1 MiB
+/// sent), then waits for the transfer: whether every byte came back intact.
+fn exact_across(client: &Netns, chunk: usize, during: impl FnOnce()) -> std::io::Result<bool> {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = s.spawn(move || {
+            let pace = Duration::from_millis(20);
+            transfer_paced(
+                client,
+                "10.96.0.10:80",
+                8 << 20,
+                chunk,
+                pace,
+                1 << 20,
+                |_| {
+                    let _ = tx.send(());
+                },
+            )
+            .map(|t| t.is_exact())
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("transfer under way");
+        during();
+        runner.join().expect("transfer thread")
+    })
+}
+
 fn write_config(dir: &TempDir) -> PathBuf {
     let text = mesh_config(&["/10.96.0.10"], false).replace(
         "  network: \"\"\n",
@@ -231,32 +258,13 @@ fn pods_added_and_deleted_while_traffic_runs_leave_the_others_alone() {
 
     // A pod added and deleted while a transfer runs: the transfer does not notice.
     let client = &pods.client;
-    let exact = std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let runner = s.spawn(move || {
-            let pace = Duration::from_millis(20);
-            transfer_paced(
-                client,
-                "10.96.0.10:80",
-                8 << 20,
-                64 << 10,
-                pace,
-                1 << 20,
-                |_| {
-                    let _ = tx.send(());
-                },
-            )
-            .map(|t| t.is_exact())
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("transfer under way");
+    let exact = exact_across(client, 64 << 10, || {
         assert_eq!(n.agent.ack(&add_pod("pod-spare", &spare, "spare")), "");
         wait_ports(&spare, "spare pod listeners", has_pod_ports);
         assert_eq!(n.agent.ack("del pod-spare"), "");
         wait_ports(&spare, "spare pod listeners after del", no_pod_ports);
         wait_ports(client, "client pod listeners stay", has_pod_ports);
         wait_ports(&pods.server, "server pod listeners stay", has_pod_ports);
-        runner.join().expect("transfer thread")
     });
     assert!(
         matches!(exact, Ok(true)),
@@ -437,32 +445,13 @@ fn bad_agent_messages_and_agent_restarts_leave_the_pods_serving() {
     // The agent restarts while a transfer runs: ringtun reconnects, takes the new snapshot
     // (both pods again), and the transfer never notices.
     let client = &pods.client;
-    let exact = std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let runner = s.spawn(move || {
-            let pace = Duration::from_millis(20);
-            transfer_paced(
-                client,
-                "10.96.0.10:80",
-                8 << 20,
-                64 << 10,
-                pace,
-                1 << 20,
-                |_| {
-                    let _ = tx.send(());
-                },
-            )
-            .map(|t| t.is_exact())
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("transfer under way");
+    let exact = exact_across(client, 64 << 10, || {
         n.agent.restart();
         assert_eq!(n.agent.accept(), 1, "ringtun reconnects to the new agent");
         for (uid, pod, who) in &both {
             assert_eq!(n.agent.ack(&add_pod(uid, pod, who)), "", "re-add {uid}");
         }
         assert_eq!(n.agent.ack("snapshot"), "");
-        runner.join().expect("transfer thread")
     });
     assert!(
         matches!(exact, Ok(true)),
@@ -520,25 +509,7 @@ fn a_new_ringtun_takes_the_pods_over_while_the_old_one_drains_a_transfer() {
     // (SO_REUSEPORT); the old one is told to stop and drains. The transfer it carries finishes.
     let client = &pods.client;
     let mut new_proc = None;
-    let exact = std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let runner = s.spawn(move || {
-            let pace = Duration::from_millis(20);
-            transfer_paced(
-                client,
-                "10.96.0.10:80",
-                8 << 20,
-                32 << 10,
-                pace,
-                1 << 20,
-                |_| {
-                    let _ = tx.send(());
-                },
-            )
-            .map(|t| t.is_exact())
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("transfer under way");
+    let exact = exact_across(client, 32 << 10, || {
         let socket = old.agent.socket.clone();
         let mut p = spawn_shared(&node_new, "new", dir.path(), &config, &socket, &ca, &[]);
         // Queued first, it is the one the agent takes next (the old one, cut off by the
@@ -552,7 +523,6 @@ fn a_new_ringtun_takes_the_pods_over_while_the_old_one_drains_a_transfer() {
             .signal(libc::SIGTERM)
             .expect("SIGTERM the old ringtun");
         new_proc = Some(p);
-        runner.join().expect("transfer thread")
     });
     assert!(
         matches!(exact, Ok(true)),
