@@ -364,10 +364,9 @@ mod tests {
         run: RunArgs,
     }
 
-    const FILES: [&str; 9] = [
+    /// The certificate flags every `ringtun run` needs; `--config` is left to each test.
+    const CERTS: [&str; 7] = [
         "ringtun",
-        "--config",
-        "c.yaml",
         "--cert-chain",
         "c.pem",
         "--key",
@@ -376,12 +375,23 @@ mod tests {
         "r.pem",
     ];
 
+    fn parse(extra: &[&str]) -> Wrap {
+        Wrap::try_parse_from(CERTS.iter().chain(extra).copied()).expect("parse")
+    }
+
+    /// Options of a `ringtun run` with a config file and `extra`.
     fn options(extra: &[&str]) -> Result<RunOptions, EngineError> {
-        let args = FILES.iter().chain(extra).copied();
-        Wrap::try_parse_from(args)
-            .expect("parse")
-            .run
-            .into_options()
+        let args: Vec<&str> = ["--config", "c.yaml"]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect();
+        options_without_config(&args)
+    }
+
+    /// Options of a `ringtun run` with only the certificate flags and `extra`.
+    fn options_without_config(extra: &[&str]) -> Result<RunOptions, EngineError> {
+        parse(extra).run.into_options()
     }
 
     #[test]
@@ -432,46 +442,24 @@ mod tests {
         let e = options(&["--ca-cert", "ca.pem", "--ca-key", "ca.key"]).expect_err("refused");
         assert!(e.to_string().contains("--ca-cert"), "{e}");
         assert!(
-            Wrap::try_parse_from(FILES.iter().chain(&["--ca-cert", "ca.pem"])).is_err(),
+            Wrap::try_parse_from(CERTS.iter().chain(&[
+                "--config",
+                "c.yaml",
+                "--ca-cert",
+                "ca.pem"
+            ]))
+            .is_err(),
             "--ca-cert needs --ca-key"
         );
     }
 
     #[test]
     fn tunnels_have_no_idle_limit_unless_asked() {
-        let w = Wrap::try_parse_from([
-            "ringtun",
-            "--config",
-            "c.yaml",
-            "--cert-chain",
-            "c.pem",
-            "--key",
-            "k.pem",
-            "--roots",
-            "r.pem",
-        ])
-        .expect("parse");
+        let w = parse(&["--config", "c.yaml"]);
         assert_eq!(
             w.run.idle_timeout_ms, 0,
             "ztunnel never cuts an idle tunnel"
         );
-    }
-
-    fn options_without_config(extra: &[&str]) -> Result<RunOptions, EngineError> {
-        let mut args = vec![
-            "ringtun",
-            "--cert-chain",
-            "c.pem",
-            "--key",
-            "k.pem",
-            "--roots",
-            "r.pem",
-        ];
-        args.extend_from_slice(extra);
-        Wrap::try_parse_from(args)
-            .expect("parse")
-            .run
-            .into_options()
     }
 
     #[test]
