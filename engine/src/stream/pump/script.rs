@@ -35,9 +35,11 @@ impl Ops<'_> {
 }
 
 /// A socket that takes at most `room` bytes per write, or none (`WouldBlock`).
-struct Socket<'a> {
-    out: &'a mut Vec<u8>,
-    room: usize,
+pub struct Socket<'a> {
+    /// What the socket has taken.
+    pub out: &'a mut Vec<u8>,
+    /// The most one write takes.
+    pub room: usize,
 }
 
 impl io::Write for Socket<'_> {

@@ -6,6 +6,7 @@ use proptest::prelude::*;
 use tokio::io::ReadBuf;
 
 use super::pair::{self, handshaken, open, seal, take_output, SUITES};
+use super::script::Socket;
 use super::*;
 
 /// A pump on the server end of a fresh connection, and its peer (the client).
@@ -35,7 +36,7 @@ fn transmit_all(pump: &mut RecordPump, room: usize) -> Vec<u8> {
     let mut full = false;
     loop {
         full = !full;
-        let mut socket = Choked {
+        let mut socket = Socket {
             out: &mut wire,
             room: if full { 0 } else { room },
         };
@@ -44,26 +45,6 @@ fn transmit_all(pump: &mut RecordPump, room: usize) -> Vec<u8> {
             Ok(Transmit::Sent(n)) => assert!(n > 0 && n <= room),
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
         }
-    }
-}
-
-struct Choked<'a> {
-    out: &'a mut Vec<u8>,
-    room: usize,
-}
-
-impl io::Write for Choked<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.room == 0 {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = buf.len().min(self.room);
-        self.out.extend_from_slice(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
