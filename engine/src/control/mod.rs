@@ -22,13 +22,13 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
 use crate::config::Snapshot;
 use crate::net;
 use crate::operate::admin::{self, Admin};
 use crate::options::{IoDriver, ListenerKind, RunOptions};
-use crate::shard::{ShardEvent, ShardMsg};
+use crate::shard::{inbox, ShardEvent, ShardMsg, ShardTx};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
 use source::ConfigSource;
@@ -36,7 +36,7 @@ use state::ControlState;
 
 /// A running ringtun: its shard handles, for callers that want to stop it (tests, demo).
 pub struct Running {
-    senders: Vec<Sender<ShardMsg>>,
+    senders: Vec<ShardTx>,
     events: Receiver<ShardEvent>,
     threads: Vec<thread::JoinHandle<()>>,
     state: Arc<ControlState>,
@@ -85,7 +85,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     let mut senders = Vec::with_capacity(workers);
     let mut threads = Vec::with_capacity(workers);
     for id in 0..workers {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = inbox::channel().map_err(EngineError::Thread)?;
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let (opts, tls, ev_tx, snap) = (opts.clone(), tls.clone(), ev_tx.clone(), snapshot.clone());
         let handle = thread::Builder::new()
@@ -162,7 +162,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
 /// shard accepts on them; returns the addresses bound.
 fn listen(
     opts: &RunOptions,
-    senders: &[Sender<ShardMsg>],
+    senders: &[ShardTx],
     events: &Receiver<ShardEvent>,
 ) -> Result<Vec<(ListenerKind, SocketAddr)>, EngineError> {
     let mut expected = 0usize;

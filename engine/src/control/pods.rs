@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use ringtun_hbone::Identity;
 
 use super::state::ControlState;
@@ -25,7 +24,7 @@ use crate::inpod::NetnsFd;
 use crate::net;
 use crate::options::{InpodOptions, ListenerKind, RunOptions};
 use crate::shard::pod::Pod;
-use crate::shard::ShardMsg;
+use crate::shard::{ShardMsg, ShardTx};
 use crate::tls::{Signer, TlsMaterial};
 use crate::EngineError;
 
@@ -55,7 +54,7 @@ pub(super) fn spawn(
     inpod: &InpodOptions,
     opts: Arc<RunOptions>,
     tls: Arc<TlsMaterial>,
-    senders: Vec<Sender<ShardMsg>>,
+    senders: Vec<ShardTx>,
     state: Arc<ControlState>,
 ) -> Result<PodsThread, EngineError> {
     let signer = match &inpod.signer {
@@ -93,7 +92,7 @@ struct Pods {
     /// What every pod presents without a signer.
     default_tls: Arc<TlsMaterial>,
     signer: Option<Signer>,
-    senders: Vec<Sender<ShardMsg>>,
+    senders: Vec<ShardTx>,
     state: Arc<ControlState>,
     /// Pods the shards serve, by uid.
     served: HashMap<String, Arc<Pod>>,

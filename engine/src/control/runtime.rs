@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 
 use crate::config::Snapshot;
 use crate::options::{IoDriver, RunOptions, UringTaskrun};
-use crate::shard::{ShardEvent, ShardMsg};
+use crate::shard::{ShardEvent, ShardRx};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
 
@@ -34,7 +34,7 @@ pub(super) fn shard_thread(
     driver: IoDriver,
     opts: Arc<RunOptions>,
     tls: Arc<TlsMaterial>,
-    rx: Receiver<ShardMsg>,
+    rx: ShardRx,
     events: Sender<ShardEvent>,
     snapshot: Snapshot,
 ) {

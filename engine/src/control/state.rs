@@ -5,8 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
-
 use crate::config::Snapshot;
 use crate::metrics::ShardReport;
 use crate::operate::admin::{Admin, NotReady};
@@ -14,12 +12,12 @@ use crate::operate::config_dump::{self, Facts};
 use crate::operate::logging::{self, LogFilterError};
 use crate::operate::prometheus::ProcessInfo;
 use crate::options::IoDriver;
-use crate::shard::ShardMsg;
+use crate::shard::{ShardMsg, ShardTx};
 use crate::tls::TlsMaterial;
 
 /// The running proxy as the control thread knows it, shared with the endpoints' threads.
 pub(super) struct ControlState {
-    senders: Vec<Sender<ShardMsg>>,
+    senders: Vec<ShardTx>,
     /// Every shard listens on every listener and the first config is loaded.
     ready: AtomicBool,
     draining: AtomicBool,
@@ -33,7 +31,7 @@ pub(super) struct ControlState {
 impl ControlState {
     /// Not ready yet: the shards are still taking their listeners.
     pub(super) fn new(
-        senders: Vec<Sender<ShardMsg>>,
+        senders: Vec<ShardTx>,
         snapshot: Snapshot,
         tls: Arc<TlsMaterial>,
         driver: IoDriver,

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::Sender;
+use monoio::io::AsyncReadRent;
 use monoio::net::TcpListener;
 
 use super::{inbound, outbound, plaintext};
@@ -21,7 +22,7 @@ use crate::config::Snapshot;
 use crate::options::ListenerKind;
 use crate::options::RunOptions;
 use crate::shard::pod::{Pod, PodShard};
-use crate::shard::{Shard, ShardEvent, ShardMsg, Tally};
+use crate::shard::{Shard, ShardEvent, ShardMsg, ShardRx, Tally};
 use crate::tls::TlsMaterial;
 
 /// Runs one shard until the control thread goes away.
@@ -29,23 +30,47 @@ pub async fn run(
     id: usize,
     opts: Arc<RunOptions>,
     tls: Arc<TlsMaterial>,
-    rx: Receiver<ShardMsg>,
+    rx: ShardRx,
     events: Sender<ShardEvent>,
     initial: Snapshot,
 ) {
     let shard = Rc::new(Shard::new(id, opts, tls, initial));
     monoio::spawn(shard.clone().sweep_pool());
-    // Control messages are rare (listeners at start, config on change), so polling the channel
-    // a few times a second costs nothing and needs no cross-thread wake-up on the data path.
+    let ShardRx { queue, wake } = rx;
+    // from_std registers the fd with this thread's driver, so it must run in the runtime.
+    let mut wake = match monoio::net::UnixStream::from_std(wake) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(shard = id, error = %e, "no control wake-up; polling the channel every 50 ms");
+            None
+        }
+    };
+    let mut buf = vec![0u8; 64];
     loop {
-        loop {
-            match rx.try_recv() {
-                Ok(msg) => handle(&shard, msg, &events),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return,
+        if !queue.drain(|msg| handle(&shard, msg, &events)) {
+            return;
+        }
+        // Each send wrote a byte after queueing its message: one read covers every message
+        // queued before it, and the queue is drained after it.
+        let Some(w) = wake.as_mut() else {
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (res, b) = w.read(buf).await;
+        buf = b;
+        match res {
+            // EOF: every sender is gone; what they queued first is still handled.
+            Ok(0) => {
+                queue.drain(|msg| handle(&shard, msg, &events));
+                return;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(shard = id, error = %e, "control wake-up failed; polling the channel every 50 ms");
+                wake = None;
             }
         }
-        monoio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -13,6 +13,7 @@
 //! `proxy::serve`, above both: the proxy paths depend on the shard, not the reverse.
 
 pub mod drain;
+pub mod inbox;
 pub mod live;
 pub mod pod;
 pub mod pool;
@@ -38,6 +39,12 @@ use crate::tls::TlsMaterial;
 use drain::DrainSignal;
 use pod::{Pod, PodShard};
 use pool::HbonePool;
+
+/// The control side's handle on a shard: sending wakes it ([`inbox`]).
+pub type ShardTx = inbox::Tx<ShardMsg>;
+
+/// A shard's end of its control channel.
+pub type ShardRx = inbox::Rx<ShardMsg>;
 
 /// Messages from the control thread to a shard.
 pub enum ShardMsg {
