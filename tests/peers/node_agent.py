@@ -39,7 +39,9 @@ Deliberately bad messages, for negative tests:
   oversized BYTES                 a syntactically valid add of about BYTES bytes (huge uid)
 
 After every sent message the agent waits for one response and prints
-  {"event": "ack", "cmd": CMD, "uid": UID, "error": ""}     (error non-empty on a NACK)
+  {"event": "ack", "cmd": CMD, "uid": UID, "error": "", "ms": MS}
+                              (error non-empty on a NACK; MS: milliseconds from the send to the
+                              response, what an istio-cni agent waits per pod)
   {"event": "closed", "cmd": CMD, ...}                      the proxy closed instead
   {"event": "timeout", "cmd": CMD, ...}                     nothing within --ack-timeout
   {"event": "bad-response", "cmd": CMD, "hex": ...}         a response that is not an Ack
@@ -259,6 +261,7 @@ class Agent:
         if self.conn is None:
             return {"event": "error", "cmd": cmd, "uid": uid, "detail": "not connected"}
         fds = []
+        sent = time.monotonic()
         try:
             for p in paths:
                 fds.append(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
@@ -283,7 +286,8 @@ class Agent:
             error = None
         if error is None:
             return {"event": "bad-response", "cmd": cmd, "uid": uid, "hex": resp.hex()}
-        return {"event": "ack", "cmd": cmd, "uid": uid, "error": error}
+        ms = round((time.monotonic() - sent) * 1000.0, 3)
+        return {"event": "ack", "cmd": cmd, "uid": uid, "error": error, "ms": ms}
 
     def expect_close(self, secs):
         if self.conn is None:

@@ -59,6 +59,21 @@ pub fn spawn_shared(
     ca: &NodeCa,
     env: &[(&str, &str)],
 ) -> Process {
+    spawn_shared_with(node, name, dir, config, uds, ca, env, &[])
+}
+
+/// [`spawn_shared`] with more `ringtun run` arguments.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_shared_with(
+    node: &Netns,
+    name: &str,
+    dir: &Path,
+    config: &Path,
+    uds: &Path,
+    ca: &NodeCa,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Process {
     let mut cmd = node.exec(ringtun_bin());
     cmd.arg("run")
         .arg("--config")
@@ -84,6 +99,7 @@ pub fn spawn_shared(
     for (k, v) in env {
         cmd.env(k, v);
     }
+    cmd.args(args);
     let log = dir.join(format!("ringtun-{name}.log"));
     Process::spawn(cmd, &format!("ringtun ({name})"), &log)
         .unwrap_or_else(|e| panic!("spawn ringtun ({name}): {e}"))
