@@ -198,6 +198,7 @@ impl Pods {
             uid: uid.to_owned(),
             namespace: w.namespace.clone(),
             name: w.name.clone(),
+            service_account: w.service_account.clone(),
             identity: tls.identity.clone(),
             tls,
             netns_name: netns.id.to_string(),

@@ -12,6 +12,10 @@ use crate::config::{Snapshot, Workload};
 pub struct Scope {
     /// `--workload` (`namespace`, `name`): one workload only, as ztunnel's dedicated mode.
     pub workload: Option<(String, String)>,
+    /// The service account that workload must have too, where it is known (in-pod mode: the
+    /// node agent's `WorkloadInfo`), as ztunnel's `WorkloadInfo::matches` requires: a workload
+    /// of the same name with another identity is not the pod's.
+    pub service_account: Option<String>,
     /// `--node`: every workload on this node.
     pub node: Option<String>,
     /// Our certificate's identity: without `--workload` or `--node`, every workload with it.
@@ -44,8 +48,8 @@ impl Scope {
         let Some(w) = snap.workload_by_ip(ip) else {
             return false;
         };
-        if let Some((ns, name)) = &self.workload {
-            return &w.namespace == ns && &w.name == name;
+        if self.workload.is_some() {
+            return self.is_own_workload(w);
         }
         if let Some(node) = &self.node {
             return &w.node == node;
@@ -61,8 +65,25 @@ impl Scope {
     /// The workload this ringtun speaks for when a connection from `src` leaves.
     pub fn source_workload<'a>(&self, snap: &'a Snapshot, src: IpAddr) -> Option<&'a Workload> {
         match &self.workload {
-            Some((ns, name)) => snap.workload_by_name(ns, name),
+            Some((ns, name)) => snap
+                .workload_by_name(ns, name)
+                .filter(|w| self.is_own_workload(w)),
             None => snap.workload_by_ip(src),
         }
+    }
+
+    /// Whether `w` is the one workload this scope names (`workload`, and `service_account`
+    /// where known): ztunnel finds a pod's workload by this triple, not by the agent's uid
+    /// (a Kubernetes pod uid, not the config's workload uid).
+    fn is_own_workload(&self, w: &Workload) -> bool {
+        let Some((ns, name)) = &self.workload else {
+            return false;
+        };
+        &w.namespace == ns
+            && &w.name == name
+            && self
+                .service_account
+                .as_ref()
+                .is_none_or(|sa| &w.service_account == sa)
     }
 }

@@ -63,6 +63,7 @@ fn id(ns: &str, sa: &str) -> Identity {
 fn scope() -> Scope {
     Scope {
         workload: None,
+        service_account: None,
         node: None,
         identity: id("default", "server"),
         trust_domain: "cluster.local".into(),
@@ -277,6 +278,37 @@ fn scope_serves_by_workload_node_or_identity() {
         ..scope()
     }
     .is_own_port(0));
+}
+
+/// In-pod mode: the agent names a pod by namespace, name and service account (its uid is the
+/// Kubernetes pod's, not the config's); like ztunnel's `WorkloadInfo::matches`, the workload of
+/// that name counts as the pod's only with that service account too.
+#[test]
+fn a_pods_workload_is_its_namespace_name_and_service_account() {
+    let s = snap();
+    let pod = |name: &str, sa: &str| Scope {
+        workload: Some(("default".into(), name.into())),
+        service_account: Some(sa.into()),
+        identity: id("default", sa),
+        ..scope()
+    };
+    let server2 = pod("server2", "server");
+    assert_eq!(
+        server2
+            .source_workload(&s, ip("192.0.2.7"))
+            .map(|w| w.uid.as_str()),
+        Some("c//Pod/default/server2")
+    );
+    assert!(server2.serves(&s, ip("10.0.0.3")));
+    assert!(!server2.serves(&s, ip("10.0.0.2")), "same identity, not it");
+
+    // The config's default/server2 runs as `server`: a pod announced as default/server2 with
+    // service account `impostor` is not that workload, neither as a source nor to deliver to.
+    let other = pod("server2", "impostor");
+    assert_eq!(other.source_workload(&s, ip("10.0.0.3")), None);
+    assert!(!other.serves(&s, ip("10.0.0.3")));
+    let admitted = admit_plaintext(&other, &s, &arrival("10.0.0.1", None, "10.0.0.3:8081"));
+    assert_eq!(admitted.outcome.err(), Some(Refusal::NotServed));
 }
 
 // --- admission ----------------------------------------------------------------------------------

@@ -175,6 +175,7 @@ impl ShardContext {
             .collect();
         let scope = Scope {
             workload: opts.workload.clone(),
+            service_account: None,
             node: opts.node.clone(),
             identity: tls.identity.clone(),
             trust_domain: opts.trust_domain.clone(),

@@ -26,6 +26,8 @@ pub struct Pod {
     pub namespace: String,
     /// Pod name (the workload's name in the config).
     pub name: String,
+    /// Its service account: with namespace and name, what finds its workload in the config.
+    pub service_account: String,
     /// Its SPIFFE identity.
     pub identity: Identity,
     /// Its certificate and the TLS settings made of it.
@@ -76,6 +78,7 @@ impl PodShard {
     pub fn new(pod: Arc<Pod>, base: &Scope) -> Self {
         let scope = Scope {
             workload: Some((pod.namespace.clone(), pod.name.clone())),
+            service_account: Some(pod.service_account.clone()),
             node: None,
             identity: pod.identity.clone(),
             trust_domain: base.trust_domain.clone(),
