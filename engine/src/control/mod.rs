@@ -121,6 +121,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
             None,
         ),
         Some(inpod) => {
+            state.expect_pods();
             let t = pods::spawn(
                 inpod,
                 opts.clone(),
@@ -213,13 +214,10 @@ fn listen(
 }
 
 impl Running {
-    /// Readiness answers 200 from now on, and the log says so with what ringtun runs.
+    /// The source's config is in force: readiness answers 200 from now on (in in-pod mode,
+    /// once the node agent's snapshot is in too), and the log says so with what ringtun runs.
     fn announce_ready(&self, opts: &RunOptions, snapshot: &Snapshot) {
-        // In-pod mode is ready once the node agent's snapshot is in (`pods`), not before.
-        let in_pod = self.pods.is_some();
-        if !in_pod {
-            self.state.set_ready();
-        }
+        let ready = self.state.set_config_in();
         let tls = &self.tls;
         tracing::info!(
             workers = self.senders.len(),
@@ -235,10 +233,10 @@ impl Running {
             pool_unused_release = ?opts.pool.idle_timeout,
             drain_deadline = ?opts.drain_timeout,
             "{}",
-            if in_pod {
-                "ringtun started; ready once the node agent's snapshot is in"
-            } else {
+            if ready {
                 "ringtun ready"
+            } else {
+                "ringtun started; ready once the node agent's snapshot is in"
             }
         );
     }

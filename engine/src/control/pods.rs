@@ -76,6 +76,7 @@ pub(super) fn spawn(
         senders,
         state,
         served: HashMap::new(),
+        agent_synced: false,
     };
     let uds = inpod.uds.clone();
     let flag = stop.clone();
@@ -96,6 +97,8 @@ struct Pods {
     state: Arc<ControlState>,
     /// Pods the shards serve, by uid.
     served: HashMap<String, Arc<Pod>>,
+    /// The agent's first snapshot was acknowledged.
+    agent_synced: bool,
 }
 
 impl Pods {
@@ -170,13 +173,19 @@ impl Pods {
                 for uid in &remove {
                     self.remove(uid);
                 }
-                if !self.state.is_ready() {
+                let first = !self.agent_synced;
+                self.agent_synced = true;
+                if self.state.set_pods_in() {
                     tracing::info!(
                         pods = self.served.len(),
                         "node agent snapshot complete: ringtun ready"
                     );
+                } else if first && !self.state.is_ready() {
+                    tracing::info!(
+                        pods = self.served.len(),
+                        "node agent snapshot complete; ready once the control plane's first config is in force"
+                    );
                 }
-                self.state.set_ready();
                 Reply::Ok
             }
         }

@@ -18,8 +18,11 @@ use crate::tls::TlsMaterial;
 /// The running proxy as the control thread knows it, shared with the endpoints' threads.
 pub(super) struct ControlState {
     senders: Vec<ShardTx>,
-    /// Every shard listens on every listener and the first config is loaded.
-    ready: AtomicBool,
+    /// Every shard listens on every listener and runs the config source's config (with xDS:
+    /// istiod's first push, not the empty config before it).
+    config_in: AtomicBool,
+    /// In-pod mode: the node agent's first snapshot is acknowledged (true without it).
+    pods_in: AtomicBool,
     draining: AtomicBool,
     quit: AtomicBool,
     current: Mutex<Snapshot>,
@@ -39,7 +42,8 @@ impl ControlState {
     ) -> Self {
         ControlState {
             senders,
-            ready: AtomicBool::new(false),
+            config_in: AtomicBool::new(false),
+            pods_in: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             quit: AtomicBool::new(false),
             current: Mutex::new(snapshot),
@@ -49,14 +53,28 @@ impl ControlState {
         }
     }
 
-    /// Every shard listens: readiness may answer 200 (unless draining).
-    pub(super) fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+    /// In-pod mode: not ready until the node agent's first snapshot is in, whatever the
+    /// config; called before the ZDS thread starts.
+    pub(super) fn expect_pods(&self) {
+        self.pods_in.store(false, Ordering::SeqCst);
     }
 
-    /// Whether [`ControlState::set_ready`] was called.
+    /// Every shard listens and runs the source's config; returns whether that made ringtun
+    /// ready (readiness answers 200 unless draining).
+    pub(super) fn set_config_in(&self) -> bool {
+        // SeqCst on both flags: of two threads setting one each, at least one sees both.
+        !self.config_in.swap(true, Ordering::SeqCst) && self.pods_in.load(Ordering::SeqCst)
+    }
+
+    /// The node agent's first snapshot is acknowledged; returns whether that made ringtun
+    /// ready (with xDS, istiod's first config may still be missing).
+    pub(super) fn set_pods_in(&self) -> bool {
+        !self.pods_in.swap(true, Ordering::SeqCst) && self.config_in.load(Ordering::SeqCst)
+    }
+
+    /// Whether the config is in force and, in in-pod mode, the agent's snapshot is in.
     pub(super) fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.config_in.load(Ordering::SeqCst) && self.pods_in.load(Ordering::SeqCst)
     }
 
     /// A drain began: readiness answers 503 from now on.
@@ -107,7 +125,7 @@ impl Admin for ControlState {
         if self.draining.load(Ordering::Relaxed) {
             return Err(NotReady::Draining);
         }
-        if !self.ready.load(Ordering::Relaxed) {
+        if !self.is_ready() {
             return Err(NotReady::Starting);
         }
         Ok(())
@@ -153,8 +171,13 @@ mod tests {
     use ringtun_hbone::Identity;
 
     fn tls() -> Arc<TlsMaterial> {
-        let dir =
-            std::env::temp_dir().join(format!("ringtun-control-state-{}", std::process::id()));
+        // A directory per call: the tests run at once in one process, and each removes its own.
+        static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ringtun-control-state-{}-{}",
+            std::process::id(),
+            CALLS.fetch_add(1, Ordering::Relaxed)
+        ));
         let ca = Ca::open_or_create(&dir).expect("CA");
         let issued = ca
             .issue(&Identity::new("cluster.local", "default", "server"))
@@ -178,7 +201,7 @@ mod tests {
             Err(NotReady::Starting),
             "before the shards listen"
         );
-        state.set_ready();
+        state.set_config_in();
         assert_eq!(state.ready(), Ok(()));
         state.quit();
         assert_eq!(
@@ -194,9 +217,39 @@ mod tests {
             IoDriver::Legacy,
             1,
         );
-        state.set_ready();
+        state.set_config_in();
         state.set_draining();
         assert_eq!(state.ready(), Err(NotReady::Draining), "after a signal");
         assert!(!state.quit_requested());
+    }
+
+    /// In-pod mode with xDS: ready only once istiod's first config is in force and the node
+    /// agent's first snapshot is acknowledged, whichever comes last.
+    #[test]
+    fn in_pod_readiness_waits_for_the_config_and_the_agents_snapshot() {
+        let fresh = || {
+            let s = ControlState::new(
+                Vec::new(),
+                Snapshot::new(Default::default(), 1),
+                tls(),
+                IoDriver::Legacy,
+                1,
+            );
+            s.expect_pods();
+            s
+        };
+        let state = fresh();
+        assert!(!state.set_pods_in(), "the agent's snapshot alone");
+        assert_eq!(state.ready(), Err(NotReady::Starting));
+        assert!(!state.set_pods_in(), "a second snapshot changes nothing");
+        assert!(state.set_config_in(), "then istiod's first config");
+        assert_eq!(state.ready(), Ok(()));
+
+        let state = fresh();
+        assert!(!state.set_config_in(), "istiod's config alone");
+        assert_eq!(state.ready(), Err(NotReady::Starting));
+        assert!(state.set_pods_in(), "then the agent's snapshot");
+        assert_eq!(state.ready(), Ok(()));
+        assert!(!state.set_config_in(), "a later config is no new readiness");
     }
 }
