@@ -201,9 +201,42 @@ fn pod_to_service_to_pod_across_two_ringtun_nodes_with_each_pods_identity() {
         "{}",
         out.raw
     );
+    // Which pod and which network namespace, after ztunnel's fields.
+    assert_eq!(out.get("pod.uid"), Some("pod-client"), "{}", out.raw);
+    let client_netns = format!("net:[{}]", netns_ino(&pods.client));
+    assert_eq!(
+        out.get("pod.netns"),
+        Some(client_netns.as_str()),
+        "{}",
+        out.raw
+    );
     let inb = b.wait_access("inbound for the server pod", |l| {
         l.is("direction", "inbound") && l.is("dst.addr", "10.77.0.2:5201")
     });
+    assert_eq!(inb.get("pod.uid"), Some("pod-server"), "{}", inb.raw);
+    // /config_dump's workloadState, as ztunnel's: the agent's uid → state and WorkloadInfo.
+    let (_, body) = http_in(&node_a, ADMIN, "GET", "/config_dump").expect("config_dump");
+    let dump: serde_json::Value = serde_json::from_str(&body).expect("config_dump is JSON");
+    let state = &dump["workloadState"];
+    assert_eq!(state["pod-client"]["state"], "Up", "{state}");
+    assert_eq!(
+        state["pod-client"]["info"],
+        serde_json::json!({"name": "client", "namespace": "default", "serviceAccount": "client"}),
+        "{state}"
+    );
+    assert_eq!(
+        state["pod-client"]["netns"],
+        client_netns.as_str(),
+        "{state}"
+    );
+    assert_eq!(state.as_object().map(|o| o.len()), Some(1), "{state}");
+    let server_netns = format!("net:[{}]", netns_ino(&pods.server));
+    assert_eq!(
+        inb.get("pod.netns"),
+        Some(server_netns.as_str()),
+        "{}",
+        inb.raw
+    );
     assert_eq!(inb.get("src.identity"), Some(CLIENT_ID), "{}", inb.raw);
     assert_eq!(inb.get("dst.identity"), Some(SERVER_ID), "{}", inb.raw);
     assert!(

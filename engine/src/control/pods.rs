@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ringtun_hbone::Identity;
 
-use super::state::ControlState;
+use super::state::{ControlState, PodInfo};
 use crate::inpod::session::{Action, Reply, Session};
 use crate::inpod::uds::{Backoff, Handled, ZdsClient};
 use crate::inpod::zds::WorkloadInfo;
@@ -246,6 +246,15 @@ impl Pods {
             took = ?started.elapsed(),
             "pod served: listeners in its network namespace"
         );
+        self.state.pod_up(
+            uid,
+            PodInfo {
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                service_account: pod.service_account.clone(),
+                netns: pod.netns_name.clone(),
+            },
+        );
         self.served.insert(uid.to_owned(), pod);
         Ok(())
     }
@@ -255,6 +264,7 @@ impl Pods {
         if let Some(pod) = self.served.remove(uid) {
             tracing::info!(uid, netns = %pod.netns_name, "pod removed: listeners closed, connections draining");
         }
+        self.state.pod_down(uid);
         self.del_on_shards(uid, self.opts.drain_timeout);
     }
 

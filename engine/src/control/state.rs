@@ -1,6 +1,7 @@
 //! What the operator endpoints see of the running proxy: the control thread's side of
 //! [`Admin`], so `operate` never imports the control thread or the shards.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +16,18 @@ use crate::options::IoDriver;
 use crate::shard::{ShardMsg, ShardTx};
 use crate::tls::TlsMaterial;
 
+/// A pod as `/config_dump` shows it: the agent's `WorkloadInfo` and its network namespace.
+pub(super) struct PodInfo {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Its service account.
+    pub service_account: String,
+    /// `net:[inode]` of its network namespace.
+    pub netns: String,
+}
+
 /// The running proxy as the control thread knows it, shared with the endpoints' threads.
 pub(super) struct ControlState {
     senders: Vec<ShardTx>,
@@ -23,6 +36,9 @@ pub(super) struct ControlState {
     config_in: AtomicBool,
     /// In-pod mode: the node agent's first snapshot is acknowledged (true without it).
     pods_in: AtomicBool,
+    /// In-pod mode: the pods served, by the agent's uid, for `/config_dump`'s
+    /// `workloadState` (`None` without in-pod mode).
+    pods: Mutex<Option<BTreeMap<String, PodInfo>>>,
     draining: AtomicBool,
     quit: AtomicBool,
     current: Mutex<Snapshot>,
@@ -44,6 +60,7 @@ impl ControlState {
             senders,
             config_in: AtomicBool::new(false),
             pods_in: AtomicBool::new(true),
+            pods: Mutex::new(None),
             draining: AtomicBool::new(false),
             quit: AtomicBool::new(false),
             current: Mutex::new(snapshot),
@@ -57,6 +74,58 @@ impl ControlState {
     /// config; called before the ZDS thread starts.
     pub(super) fn expect_pods(&self) {
         self.pods_in.store(false, Ordering::SeqCst);
+        if let Ok(mut pods) = self.pods.lock() {
+            pods.get_or_insert_with(BTreeMap::new);
+        }
+    }
+
+    /// In-pod mode: pod `uid` is served (its listeners accept on every shard).
+    pub(super) fn pod_up(&self, uid: &str, info: PodInfo) {
+        if let Ok(mut pods) = self.pods.lock() {
+            pods.get_or_insert_with(BTreeMap::new)
+                .insert(uid.to_owned(), info);
+        }
+    }
+
+    /// In-pod mode: pod `uid` is no longer served (its connections may still drain).
+    pub(super) fn pod_down(&self, uid: &str) {
+        if let Ok(mut pods) = self.pods.lock() {
+            if let Some(p) = pods.as_mut() {
+                p.remove(uid);
+            }
+        }
+    }
+
+    /// `/config_dump` with ztunnel's in-pod `workloadState` added: uid → `state` and `info`
+    /// (name, namespace, serviceAccount), as ztunnel's workload manager reports its pods, and
+    /// ringtun's `netns`. Without in-pod mode the dump is left as it is.
+    fn with_workload_state(&self, dump: String) -> String {
+        let Ok(pods) = self.pods.lock() else {
+            return dump;
+        };
+        let Some(pods) = pods.as_ref() else {
+            return dump;
+        };
+        let Ok(serde_json::Value::Object(mut body)) = serde_json::from_str(&dump) else {
+            return dump;
+        };
+        let state: serde_json::Map<String, serde_json::Value> = pods
+            .iter()
+            .map(|(uid, p)| {
+                let v = serde_json::json!({
+                    "state": "Up",
+                    "info": {
+                        "name": p.name,
+                        "namespace": p.namespace,
+                        "serviceAccount": p.service_account,
+                    },
+                    "netns": p.netns,
+                });
+                (uid.clone(), v)
+            })
+            .collect();
+        body.insert("workloadState".into(), serde_json::Value::Object(state));
+        serde_json::Value::Object(body).to_string()
     }
 
     /// Every shard listens and runs the source's config; returns whether that made ringtun
@@ -142,7 +211,10 @@ impl Admin for ControlState {
             shards: self.workers,
             info: self.info(),
         };
-        config_dump::render(&snap, &facts)
+        let dump = config_dump::render(&snap, &facts);
+        drop(snap);
+        // Added here: `operate` knows nothing of pods.
+        self.with_workload_state(dump)
     }
 
     fn set_log_level(&self, level: &str) -> Result<String, LogFilterError> {
@@ -221,6 +293,47 @@ mod tests {
         state.set_draining();
         assert_eq!(state.ready(), Err(NotReady::Draining), "after a signal");
         assert!(!state.quit_requested());
+    }
+
+    #[test]
+    fn config_dump_has_a_workload_state_per_pod_in_in_pod_mode_only() {
+        let fresh = || {
+            ControlState::new(
+                Vec::new(),
+                Snapshot::new(Default::default(), 1),
+                tls(),
+                IoDriver::Legacy,
+                1,
+            )
+        };
+        let dump = |s: &ControlState| -> serde_json::Value {
+            serde_json::from_str(&s.config_dump()).expect("config_dump is JSON")
+        };
+        let dedicated = fresh();
+        assert_eq!(dump(&dedicated).get("workloadState"), None);
+
+        let node = fresh();
+        node.expect_pods();
+        assert_eq!(dump(&node)["workloadState"], serde_json::json!({}));
+        let info = |name: &str| PodInfo {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: format!("sa-{name}"),
+            netns: "net:[4026532001]".into(),
+        };
+        node.pod_up("uid-a", info("a"));
+        node.pod_up("uid-b", info("b"));
+        node.pod_down("uid-b");
+        let d = dump(&node);
+        assert_eq!(
+            d["workloadState"],
+            serde_json::json!({"uid-a": {
+                "state": "Up",
+                "info": {"name": "a", "namespace": "default", "serviceAccount": "sa-a"},
+                "netns": "net:[4026532001]",
+            }})
+        );
+        assert_eq!(d["configGeneration"], 1, "the rest of the dump stays");
     }
 
     /// In-pod mode with xDS: ready only once istiod's first config is in force and the node

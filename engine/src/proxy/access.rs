@@ -9,6 +9,7 @@ use ringtun_hbone::Identity;
 
 use super::copy::End;
 use crate::metrics::{Reporter, ShardMetrics, TcpLabels};
+use crate::shard::pod::PodShard;
 use crate::stream::TlsPath;
 
 /// Which path a connection took through ringtun.
@@ -83,6 +84,9 @@ pub struct AccessLog {
     pub established: bool,
     /// Why it was refused, for `response_flags` (`DENY`, `CONNECT`, ...).
     pub response_flags: Option<&'static str>,
+    /// In-pod mode: the pod whose listener took the connection (`pod.uid`, `pod.netns`, last
+    /// on the line, after ztunnel's fields and ringtun's own).
+    pub pod: Option<Rc<PodShard>>,
 }
 
 impl AccessLog {
@@ -107,6 +111,7 @@ impl AccessLog {
             shard,
             established: false,
             response_flags: None,
+            pod: None,
         }
     }
 
@@ -236,6 +241,10 @@ impl fmt::Display for AccessLog {
         }
         if let Some(r) = self.end.reason() {
             write!(f, " reason=\"{}\"", r.replace('"', "'"))?;
+        }
+        // In-pod mode (the pods' helper's hook): which pod, which network namespace.
+        if let Some(p) = &self.pod {
+            write!(f, " pod.uid={} pod.netns={}", p.pod.uid, p.pod.netns_name)?;
         }
         Ok(())
     }

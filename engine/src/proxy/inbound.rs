@@ -207,8 +207,9 @@ async fn accept_stream(
     tls: TlsPath,
 ) -> Option<Accepted> {
     let shard = &shard;
-    let pod = pod.as_deref();
     let mut record = Record::new(shard, Direction::Inbound, peer);
+    record.log().pod = pod.clone();
+    let pod = pod.as_deref();
     let log = record.log();
     log.tls = Some(tls);
     log.src_identity = Some(client_id.clone());

@@ -87,6 +87,7 @@ async fn open(
     let pod = pod.as_deref();
     let src = net::canonical(peer);
     let mut record = Record::new(shard, Direction::Outbound, src);
+    record.log().pod = pod_rc.cloned();
     let _ = client.set_nodelay(true);
     let dst = match super::original_destination(&client) {
         Ok(dst) => dst,

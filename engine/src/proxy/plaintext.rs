@@ -55,9 +55,10 @@ pub async fn inbound(
     peer: SocketAddr,
     pod: Option<Rc<PodShard>>,
 ) {
-    let pod = pod.as_deref();
     let src = net::canonical(peer);
     let mut record: Record = Record::new(shard, Direction::InboundPlaintext, src);
+    record.log().pod = pod.clone();
+    let pod = pod.as_deref();
     let _ = client.set_nodelay(true);
     let dst = match super::original_destination(&client) {
         Ok(dst) => dst,

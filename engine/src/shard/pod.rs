@@ -73,6 +73,12 @@ pub struct PodShard {
     cut: Cell<bool>,
 }
 
+impl std::fmt::Debug for PodShard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.pod.fmt(f)
+    }
+}
+
 impl PodShard {
     /// The pod as served next to `base` (the shard's scope: trust domain, own ports).
     pub fn new(pod: Arc<Pod>, base: &Scope) -> Self {
