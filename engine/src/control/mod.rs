@@ -1,4 +1,5 @@
-//! The control thread: loads the config and certificates, starts the shards, hands them their
+//! The control thread: loads the config and certificates (`certs.rs`: files, the in-pod
+//! signer, or istiod's CA in `ca.rs`), starts the shards, hands them their
 //! listeners and config snapshots, serves the operator endpoints, watches the config source (the
 //! file, or istiod over xDS: `source.rs`) and the signals, and drains.
 //!
@@ -6,6 +7,8 @@
 //! watches until a signal or `/quitquitquit` starts the drain. What the operator endpoints see
 //! of all this is `ControlState` (in `state.rs`), handed to `operate` as its [`Admin`].
 
+mod ca;
+mod certs;
 mod pods;
 mod process;
 mod runtime;
@@ -31,6 +34,7 @@ use crate::options::{IoDriver, ListenerKind, RunOptions};
 use crate::shard::{ShardEvent, ShardMsg};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
+use certs::Certificates;
 use source::ConfigSource;
 use state::ControlState;
 
@@ -66,10 +70,10 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     let snapshot = Snapshot::new(initial.unwrap_or_default(), 1);
     // Probed once here; every shard shares the result (logged by `startup`).
     let ktls = crate::stream::startup(opts.ktls)?;
-    let tls = Arc::new(
-        TlsMaterial::load(&opts.certs, &opts.trust_domain, opts.tls_cipher.into())?
-            .with_kernel_offload(ktls),
-    );
+    let certs = Arc::new(Certificates::open(&opts, ktls)?);
+    // From istiod's CA this waits for the first certificate: readiness (served once the shards
+    // run) cannot answer 200 before it.
+    let tls = certs.own()?;
     net::check_mark(opts.mark).map_err(|e| EngineError::Mark {
         mark: opts.mark,
         source: e,
@@ -96,11 +100,13 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         threads.push(handle);
     }
     drop(ev_tx);
+    certs.attach(senders.clone());
 
     let state = Arc::new(ControlState::new(
         senders.clone(),
         snapshot.clone(),
         tls.clone(),
+        certs.clone(),
         driver,
         workers,
     ));
@@ -124,12 +130,12 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
             let t = pods::spawn(
                 inpod,
                 opts.clone(),
-                tls.clone(),
+                certs.clone(),
                 senders.clone(),
                 state.clone(),
             )
             .map_err(stop_endpoints)?;
-            tracing::info!(uds = %inpod.uds.display(), signer = inpod.signer.is_some(), "in-pod mode: pods come from the node agent");
+            tracing::info!(uds = %inpod.uds.display(), signer = inpod.signer.is_some(), ca = opts.ca.is_some(), "in-pod mode: pods come from the node agent");
             (Vec::new(), Some(t))
         }
     };

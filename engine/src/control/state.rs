@@ -17,6 +17,8 @@ use crate::options::IoDriver;
 use crate::shard::ShardMsg;
 use crate::tls::TlsMaterial;
 
+use super::certs::Certificates;
+
 /// The running proxy as the control thread knows it, shared with the endpoints' threads.
 pub(super) struct ControlState {
     senders: Vec<Sender<ShardMsg>>,
@@ -26,6 +28,8 @@ pub(super) struct ControlState {
     quit: AtomicBool,
     current: Mutex<Snapshot>,
     tls: Arc<TlsMaterial>,
+    /// Every identity's certificate (the proxy's and, in-pod, the pods').
+    certs: Arc<Certificates>,
     driver: IoDriver,
     workers: usize,
 }
@@ -36,6 +40,7 @@ impl ControlState {
         senders: Vec<Sender<ShardMsg>>,
         snapshot: Snapshot,
         tls: Arc<TlsMaterial>,
+        certs: Arc<Certificates>,
         driver: IoDriver,
         workers: usize,
     ) -> Self {
@@ -46,6 +51,7 @@ impl ControlState {
             quit: AtomicBool::new(false),
             current: Mutex::new(snapshot),
             tls,
+            certs,
             driver,
             workers,
         }
@@ -102,6 +108,7 @@ impl Admin for ControlState {
             },
             ktls_available: self.tls.ktls.is_some(),
             draining: self.draining.load(Ordering::Relaxed),
+            certs: self.certs.report(),
         }
     }
 
@@ -119,12 +126,21 @@ impl Admin for ControlState {
         let Ok(snap) = self.current.lock() else {
             return "{}".into();
         };
+        let info = self.info();
+        // The proxy's own certificate as it is now (renewed ones included).
+        let not_after = info
+            .certs
+            .certificates
+            .iter()
+            .find(|c| c.identity == self.tls.identity)
+            .and_then(|c| c.not_after())
+            .unwrap_or(self.tls.not_after);
         let facts = Facts {
             identity: self.tls.identity.to_string(),
-            not_after: self.tls.not_after,
+            not_after,
             ktls: self.tls.ktls.as_ref().map(|k| format!("{k:?}")),
             shards: self.workers,
-            info: self.info(),
+            info,
         };
         config_dump::render(&snap, &facts)
     }
@@ -171,10 +187,17 @@ mod tests {
         Arc::new(tls)
     }
 
+    fn certs() -> Arc<Certificates> {
+        Arc::new(Certificates::Files {
+            own: tls(),
+            signer: None,
+        })
+    }
+
     #[test]
     fn ready_only_between_listening_and_draining() {
         let snap = Snapshot::new(Default::default(), 1);
-        let state = ControlState::new(Vec::new(), snap, tls(), IoDriver::Legacy, 1);
+        let state = ControlState::new(Vec::new(), snap, tls(), certs(), IoDriver::Legacy, 1);
         assert_eq!(
             state.ready(),
             Err(NotReady::Starting),
@@ -193,6 +216,7 @@ mod tests {
             Vec::new(),
             Snapshot::new(Default::default(), 1),
             tls(),
+            certs(),
             IoDriver::Legacy,
             1,
         );

@@ -1,0 +1,332 @@
+//! Certificates from istiod's CA, per identity, on a thread of their own (its own small tokio
+//! runtime, never a shard): fetched on first use, cached, renewed at half their life (ztunnel's
+//! rule), retried with backoff on failure while the held one stays valid. A renewal, or a new
+//! trust bundle, reaches every shard as `ShardMsg::Certificate`.
+//!
+//! The book (what is held, who waits) is behind a mutex shared by this thread and the callers
+//! of [`CaSource::material`] (the control thread at start, the ZDS thread per pod): control
+//! traffic, never on a connection's path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::Sender;
+use ringtun_hbone::verify::CipherPreference;
+use ringtun_hbone::Identity;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+
+use crate::shard::ShardMsg;
+use crate::tls::{CertReport, CertState, CertStatus, TlsMaterial};
+use crate::xds::ca::{CaBackoff, CaClient, CaOptions, IssuedCertificate};
+use crate::xds::XdsError;
+
+/// What a caller waiting for a certificate gets: the TLS settings, or why there are none.
+pub(super) type Outcome = Result<Arc<TlsMaterial>, String>;
+
+/// The CA client on its thread, and the certificates it holds.
+pub(super) struct CaSource {
+    shared: Arc<Shared>,
+    wants: mpsc::UnboundedSender<Identity>,
+}
+
+struct Shared {
+    client: CaClient,
+    trust_domain: String,
+    cipher: CipherPreference,
+    ktls: Option<tls_kernel_offload::Capability>,
+    book: Mutex<Book>,
+    fetches: AtomicU64,
+    failures: AtomicU64,
+}
+
+#[derive(Default)]
+struct Book {
+    entries: HashMap<Identity, Entry>,
+    /// The trust bundle of the CA's last answer.
+    roots: Vec<CertificateDer<'static>>,
+    /// Where renewals go; empty until the shards run.
+    shards: Vec<Sender<ShardMsg>>,
+}
+
+#[derive(Default)]
+struct Entry {
+    held: Option<Held>,
+    /// Why the last fetch failed, until one succeeds.
+    error: Option<String>,
+    /// Callers waiting for the next outcome.
+    waiters: Vec<Sender<Outcome>>,
+}
+
+struct Held {
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivatePkcs8KeyDer<'static>,
+    not_after: SystemTime,
+    material: Arc<TlsMaterial>,
+}
+
+impl Held {
+    fn valid(&self) -> bool {
+        self.not_after > SystemTime::now()
+    }
+}
+
+impl CaSource {
+    /// Starts the CA thread.
+    pub(super) fn spawn(
+        opts: &CaOptions,
+        trust_domain: &str,
+        cipher: CipherPreference,
+        ktls: Option<tls_kernel_offload::Capability>,
+    ) -> Result<CaSource, XdsError> {
+        let shared = Arc::new(Shared {
+            client: CaClient::from_options(opts),
+            trust_domain: trust_domain.to_owned(),
+            cipher,
+            ktls,
+            book: Mutex::new(Book::default()),
+            fetches: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        });
+        let (wants, mut rx) = mpsc::unbounded_channel::<Identity>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(XdsError::Thread)?;
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("ringtun-ca".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    // One task per identity, for the process's life; they end with this
+                    // runtime when the source is dropped (its sender with it).
+                    while let Some(id) = rx.recv().await {
+                        tokio::spawn(keep(s.clone(), id));
+                    }
+                })
+            })
+            .map_err(XdsError::Thread)?;
+        tracing::info!(address = %shared.client.address(), ttl = ?opts.ttl, identity = %opts.identity, "certificates come from the control plane's CA");
+        Ok(CaSource { shared, wants })
+    }
+
+    /// Renewals go to these shards from now on; what is held now is sent at once, so a renewal
+    /// made before they ran is not missed.
+    pub(super) fn attach(&self, shards: Vec<Sender<ShardMsg>>) {
+        let Ok(mut book) = self.shared.book.lock() else {
+            return;
+        };
+        for (id, e) in &book.entries {
+            if let Some(h) = &e.held {
+                send(&shards, id, &h.material);
+            }
+        }
+        book.shards = shards;
+    }
+
+    /// The TLS settings of `id`: the held certificate when valid, else the outcome of the
+    /// fetch this asks for (or joins), within `wait`.
+    pub(super) fn material(&self, id: &Identity, wait: Duration) -> Outcome {
+        let rx = {
+            let mut book = self.shared.book.lock().map_err(|_| "CA book poisoned")?;
+            let fresh = !book.entries.contains_key(id);
+            let entry = book.entries.entry(id.clone()).or_default();
+            if let Some(h) = entry.held.as_ref().filter(|h| h.valid()) {
+                return Ok(h.material.clone());
+            }
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            entry.waiters.push(tx);
+            if fresh && self.wants.send(id.clone()).is_err() {
+                return Err("the CA thread has stopped".into());
+            }
+            rx
+        };
+        rx.recv_timeout(wait).map_err(|_| {
+            format!("no answer from the control plane's CA for {id} within {wait:?}")
+        })?
+    }
+
+    /// Every identity's certificate and the fetch counters.
+    pub(super) fn report(&self) -> CertReport {
+        let certificates = match self.shared.book.lock() {
+            Ok(book) => {
+                let mut v: Vec<CertStatus> =
+                    book.entries.iter().map(|(id, e)| status(id, e)).collect();
+                v.sort_by_key(|c| c.identity.to_string());
+                v
+            }
+            Err(_) => Vec::new(),
+        };
+        CertReport {
+            certificates,
+            fetches: self.shared.fetches.load(Ordering::Relaxed),
+            failures: self.shared.failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn status(id: &Identity, e: &Entry) -> CertStatus {
+    match e.held.as_ref().filter(|h| h.valid()) {
+        Some(h) => CertStatus {
+            error: e.error.clone(),
+            ..h.material.status()
+        },
+        None => CertStatus {
+            identity: id.clone(),
+            state: if e.error.is_some() {
+                CertState::Failed
+            } else {
+                CertState::Pending
+            },
+            chain: Vec::new(),
+            roots: Vec::new(),
+            error: e.error.clone(),
+        },
+    }
+}
+
+fn send(shards: &[Sender<ShardMsg>], id: &Identity, tls: &Arc<TlsMaterial>) {
+    for tx in shards {
+        let _ = tx.send(ShardMsg::Certificate {
+            identity: id.clone(),
+            tls: tls.clone(),
+        });
+    }
+}
+
+/// Keeps `id`'s certificate for the process's life: fetch, install, sleep until half its life,
+/// again; a failure is retried with ztunnel's backoff, sooner if the held one expires first.
+async fn keep(shared: Arc<Shared>, id: Identity) {
+    let mut backoff = CaBackoff::default();
+    loop {
+        shared.fetches.fetch_add(1, Ordering::Relaxed);
+        let outcome = match shared.client.fetch(&id).await {
+            Ok(issued) => {
+                let refresh = issued.refresh_at();
+                shared.install(&id, issued).map(|()| refresh)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let wait = match outcome {
+            Ok(refresh) => {
+                backoff.reset();
+                // A certificate already past half its life (a skewed clock) is not a reason to
+                // ask again in a tight loop.
+                refresh
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(500))
+            }
+            Err(e) => {
+                shared.failures.fetch_add(1, Ordering::Relaxed);
+                shared.failed(&id, e, backoff.next_delay())
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+impl Shared {
+    /// Makes `issued` what `id` presents, on every shard; a new trust bundle rebuilds every
+    /// identity's settings with it, so peers are checked against the CA's current roots.
+    fn install(&self, id: &Identity, issued: IssuedCertificate) -> Result<(), String> {
+        let IssuedCertificate {
+            chain,
+            roots,
+            key,
+            not_after,
+            ..
+        } = issued;
+        let mut book = self.book.lock().map_err(|_| "CA book poisoned")?;
+        let material = Arc::new(
+            self.build(&chain, &key, &roots)
+                .map_err(|e| format!("certificate for {id}: {e}"))?,
+        );
+        if book.roots != roots {
+            if !book.roots.is_empty() {
+                tracing::info!(
+                    roots = roots.len(),
+                    "the CA's trust bundle changed: peers are checked against the new roots"
+                );
+                let Book {
+                    entries, shards, ..
+                } = &mut *book;
+                for (other, e) in entries.iter_mut().filter(|(o, _)| *o != id) {
+                    let Some(h) = e.held.as_mut() else { continue };
+                    match self.build(&h.chain, &h.key, &roots) {
+                        Ok(m) => {
+                            h.material = Arc::new(m);
+                            send(shards, other, &h.material);
+                        }
+                        Err(e) => {
+                            tracing::warn!(identity = %other, error = %e, "certificate kept with the previous roots")
+                        }
+                    }
+                }
+            }
+            book.roots = roots;
+        }
+        send(&book.shards, id, &material);
+        let entry = book.entries.entry(id.clone()).or_default();
+        let renewed = entry.held.is_some();
+        entry.held = Some(Held {
+            chain,
+            key,
+            not_after,
+            material: material.clone(),
+        });
+        entry.error = None;
+        for w in entry.waiters.drain(..) {
+            let _ = w.send(Ok(material.clone()));
+        }
+        if renewed {
+            tracing::info!(identity = %id, expires = ?not_after, "certificate renewed; new connections present it");
+        }
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        chain: &[CertificateDer<'static>],
+        key: &rustls::pki_types::PrivatePkcs8KeyDer<'static>,
+        roots: &[CertificateDer<'static>],
+    ) -> Result<TlsMaterial, crate::tls::TlsSetupError> {
+        TlsMaterial::from_issued(
+            chain.to_vec(),
+            PrivateKeyDer::Pkcs8(key.clone_key()),
+            roots,
+            &self.trust_domain,
+            self.cipher,
+            self.ktls.clone(),
+        )
+    }
+
+    /// Records a failed fetch of `id`; returns how long to wait before the next attempt:
+    /// `delay`, or less if the held certificate expires before.
+    fn failed(&self, id: &Identity, error: String, delay: Duration) -> Duration {
+        let Ok(mut book) = self.book.lock() else {
+            return delay;
+        };
+        let entry = book.entries.entry(id.clone()).or_default();
+        for w in entry.waiters.drain(..) {
+            let _ = w.send(Err(error.clone()));
+        }
+        entry.error = Some(error.clone());
+        match entry.held.as_ref().filter(|h| h.valid()) {
+            Some(h) => {
+                let left = h
+                    .not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tracing::warn!(identity = %id, %error, retry_in = ?delay.min(left), expires = ?h.not_after, "certificate renewal failed; the valid certificate stays in use");
+                delay.min(left)
+            }
+            None => {
+                tracing::warn!(identity = %id, %error, retry_in = ?delay, "certificate fetch failed");
+                delay
+            }
+        }
+    }
+}
