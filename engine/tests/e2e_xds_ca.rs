@@ -1,0 +1,275 @@
+//! Certificates from istiod's CA, end to end, with the fake istiod (`tests/peers/fake_istiod.py`,
+//! checked against the real ztunnel by `xds_fake_istiod_ztunnel.rs`): ringtun started with only
+//! the control plane's address, its root and a token (no certificate file) carries checksummed
+//! traffic over mutual TLS with CA-issued certificates on both sides; certificates issued for
+//! 20 s are renewed at half their life while a long paced transfer runs (it completes intact,
+//! a connection made after the renewal is served with the new certificate, the fake sees a
+//! second CreateCertificate per identity); failed renewals are retried with backoff while the
+//! valid certificate keeps serving; `/config_dump` and `/metrics` show the certificates and the
+//! fetches. And the mixed mesh: ringtun and the real ztunnel, both with certificates from the
+//! same fake istiod, each direction.
+
+mod common;
+mod xds_common;
+
+use std::time::Duration;
+
+use common::*;
+use ringtun_testbed::transfer::transfer_paced;
+use ringtun_testbed::{Netns, DEFAULT_MARK};
+use serde_json::Value;
+use xds_common::*;
+
+const MIB: u64 = 1 << 20;
+/// Lifetime the fake gives every certificate: renewed 10 s after issue.
+const TTL: u64 = 20;
+
+/// The serial number (lower-case hex) of the certificate `addr` presents to a TLS client in
+/// `ns`, as `openssl s_client` sees it (ringtun asks for a client certificate after sending its
+/// own, so the handshake need not complete).
+fn presented_serial(ns: &Netns, addr: &str) -> String {
+    let out = ns
+        .exec("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {addr} -alpn h2 </dev/null 2>/dev/null | openssl x509 -noout -serial"
+        ))
+        .output()
+        .expect("run openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let serial = text.trim().trim_start_matches("serial=").to_ascii_lowercase();
+    assert!(!serial.is_empty(), "no certificate from {addr}: {text}");
+    serial.trim_start_matches('0').to_owned()
+}
+
+/// The serials the fake issued for `identity`, oldest first.
+fn issued_serials(istiod: &FakeIstiod, identity: &str) -> Vec<String> {
+    istiod
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "csr" && e["identity"] == identity)
+        .map(|e| e["serial"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// `/config_dump`'s certificate entry of `identity`, in `ns`.
+fn dumped_certificate(ns: &Netns, identity: &str) -> Value {
+    let (status, body) = http_in(ns, ADMIN, "GET", "/config_dump").expect("config_dump");
+    assert_eq!(status, 200, "{body}");
+    let dump: Value = serde_json::from_str(&body).expect("config_dump JSON");
+    dump["certificates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["identity"] == identity).cloned())
+        .unwrap_or_else(|| panic!("no certificate for {identity}: {dump:#}"))
+}
+
+#[test]
+fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
+    let (nodes, dir, _unused) = mesh_files("xca", "", |_| {});
+    write_token(dir.path(), TOKEN);
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let mut args = IstiodArgs::new(&ca_cert, &ca_key);
+    args.max_ttl = TTL;
+    let mut istiod =
+        FakeIstiod::start(Some(&nodes.server), dir.path(), args, &mesh_resources());
+    nodes
+        .client
+        .capture_outbound(15001, DEFAULT_MARK)
+        .expect("outbound capture");
+    // The server names its CA; the client's is XDS_ADDRESS's istiod, ztunnel's default. One
+    // stream per client connection, so a connection made after the renewal is a new handshake.
+    let server = XdsRingtun::start_from_ca(
+        &nodes.server,
+        "server",
+        "10.77.0.2",
+        ISTIOD_URL,
+        dir.path(),
+        &[("CA_ADDRESS", ISTIOD_URL)],
+    );
+    let client = XdsRingtun::start_from_ca(
+        &nodes.client,
+        "client",
+        "10.77.0.1",
+        ISTIOD_URL,
+        dir.path(),
+        &[("POOL_MAX_STREAMS_PER_CONNECTION", "1")],
+    );
+
+    // Each asked for its own identity, with its own token, SECRET_TTL's default.
+    for (who, id) in [(&client, CLIENT_ID), (&server, SERVER_ID)] {
+        let csr = istiod.wait_event("a CSR", |e| e["event"] == "csr" && e["identity"] == id);
+        assert_eq!(csr["impersonated"], false, "dedicated mode: {csr}");
+        assert_eq!(csr["requested_ttl"], 86400, "{csr}");
+        assert_eq!(csr["ttl"], TTL, "{csr}");
+        who.wait_lines(&["certificate issued by the control plane's CA", id], 1);
+    }
+    let first_server = issued_serials(&istiod, SERVER_ID)[0].clone();
+    assert_eq!(presented_serial(&nodes.server, "10.77.0.2:15008"), first_server);
+
+    // Mutual TLS with the CA's certificates on both sides.
+    let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201").expect("echo server");
+    let t = echo_ok(&nodes.client, "10.96.0.10:80", MIB);
+    echo.records
+        .wait_for(EVENT_WAIT, |r| r.sha256 == t.sha_sent)
+        .expect("the workload got every byte");
+    let line = client.wait_access("the transfer", |l| l.is("src.addr", &t.local.to_string()));
+    assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
+    let line = server.wait_access("its inbound side", |l| l.is("direction", "inbound"));
+    assert!(line.is("src.identity", CLIENT_ID), "{}", line.raw);
+    let cert = dumped_certificate(&nodes.client, CLIENT_ID);
+    assert_eq!(cert["state"], "Available", "{cert}");
+    assert_eq!(
+        cert["certChain"][0]["serialNumber"],
+        issued_serials(&istiod, CLIENT_ID)[0],
+        "{cert}"
+    );
+    assert_eq!(cert["rootCerts"].as_array().map(Vec::len), Some(1), "{cert}");
+
+    // The first renewals fail twice (whoever asks first): retried with backoff, while a long
+    // paced transfer runs across them and the renewal.
+    istiod.command("ca-fail 2");
+    let exact = std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            transfer_paced(
+                &nodes.client,
+                "10.96.0.10:80",
+                8 * MIB,
+                32 * 1024,
+                Duration::from_millis(70),
+                MIB,
+                |_| {},
+            )
+            .map(|t| t.is_exact())
+        });
+        istiod.wait_events("the injected failures", 2, |e| e["event"] == "csr-error");
+        // Traffic keeps working on the certificates held.
+        echo_ok(&nodes.client, "10.96.0.10:80", MIB);
+        for (who, id) in [(&client, CLIENT_ID), (&server, SERVER_ID)] {
+            istiod.wait_events("a second CSR", 2, |e| {
+                e["event"] == "csr" && e["identity"] == id
+            });
+            who.wait_lines(&["certificate renewed", id], 1);
+        }
+        // A connection made now is a new handshake with the new certificates.
+        let t = echo_ok(&nodes.client, "10.96.0.10:80", MIB);
+        assert_eq!(t.sha_sent, t.sha_received);
+        let presented = presented_serial(&nodes.server, "10.77.0.2:15008");
+        let serials = issued_serials(&istiod, SERVER_ID);
+        assert!(
+            presented != first_server && serials[1..].contains(&presented),
+            "the server presents {presented}; issued {serials:?}"
+        );
+        runner.join().expect("transfer thread")
+    });
+    assert!(
+        exact.expect("the paced transfer"),
+        "the transfer across the renewal came back intact"
+    );
+    let failed = format!("{}{}", client.log(), server.log());
+    assert!(
+        failed.contains("certificate renewal failed; the valid certificate stays in use"),
+        "a failed renewal is said"
+    );
+
+    // What the operator sees: the renewed certificate, the fetches and the failures.
+    let cert = dumped_certificate(&nodes.client, CLIENT_ID);
+    assert_eq!(cert["state"], "Available", "{cert}");
+    assert!(
+        issued_serials(&istiod, CLIENT_ID)[1..].contains(
+            &cert["certChain"][0]["serialNumber"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        ),
+        "{cert}"
+    );
+    let mut failures = 0.0;
+    for ns in [&nodes.client, &nodes.server] {
+        let scrape = Scrape::take(ns, false);
+        scrape.assert_family("ringtun_certificate_fetches", "counter");
+        assert!(scrape.one("ringtun_certificate_fetches_total", &[]) >= 2.0);
+        failures += scrape.one("ringtun_certificate_fetch_failures_total", &[]);
+        assert_eq!(scrape.select("istio_cert_expiry_seconds", &[]).len(), 1);
+    }
+    assert_eq!(failures, 2.0, "the two injected failures are counted");
+}
+
+#[test]
+fn ringtun_and_ztunnel_mesh_with_certificates_from_the_same_istiod() {
+    let nodes = two_nodes("xcz");
+    let dir = TempDir::new("xcz");
+    write_token(dir.path(), TOKEN);
+    let (ca_cert, ca_key) = ztunnel_test_ca();
+    std::fs::copy(&ca_cert, dir.join("ca.pem")).expect("copy the CA");
+    let istiod = FakeIstiod::start(
+        Some(&nodes.server),
+        dir.path(),
+        IstiodArgs::new(&ca_cert, &ca_key),
+        &mesh_resources(),
+    );
+    capture_outbound_but_istiod(&nodes.client);
+    let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201").expect("echo server");
+
+    // ringtun → ztunnel.
+    {
+        let server = XdsZtunnel::start(
+            &nodes.server,
+            "server",
+            "10.77.0.2",
+            ISTIOD_URL,
+            &ca_cert,
+            dir.path(),
+        );
+        let client = XdsRingtun::start_from_ca(
+            &nodes.client,
+            "client",
+            "10.77.0.1",
+            ISTIOD_URL,
+            dir.path(),
+            &[],
+        );
+        let t = echo_ok(&nodes.client, "10.96.0.10:80", 2 * MIB);
+        echo.records
+            .wait_for(EVENT_WAIT, |r| r.sha256 == t.sha_sent)
+            .expect("the workload got every byte");
+        let line = client.wait_access("through ztunnel", |l| {
+            l.is("src.addr", &t.local.to_string())
+        });
+        assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
+        server.wait_line(&["connection complete", CLIENT_ID]);
+    }
+    // ztunnel → ringtun.
+    {
+        let server = XdsRingtun::start_from_ca(
+            &nodes.server,
+            "server",
+            "10.77.0.2",
+            ISTIOD_URL,
+            dir.path(),
+            &[],
+        );
+        let client = XdsZtunnel::start(
+            &nodes.client,
+            "client",
+            "10.77.0.1",
+            ISTIOD_URL,
+            &ca_cert,
+            dir.path(),
+        );
+        let t = echo_ok(&nodes.client, "10.96.0.10:80", 2 * MIB);
+        echo.records
+            .wait_for(EVENT_WAIT, |r| r.sha256 == t.sha_sent)
+            .expect("the workload got every byte");
+        let line = server.wait_access("from ztunnel", |l| l.is("direction", "inbound"));
+        assert!(line.is("src.identity", CLIENT_ID), "{}", line.raw);
+        client.wait_line(&["connection complete", SERVER_ID]);
+    }
+    for id in [CLIENT_ID, SERVER_ID] {
+        let n = istiod
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "csr" && e["identity"] == id)
+            .count();
+        assert!(n >= 2, "ringtun and ztunnel each asked the CA for {id}");
+    }
+}
