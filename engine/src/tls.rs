@@ -560,4 +560,51 @@ mod tests {
         assert!(matches!(missing, Err(TlsSetupError::Pem { .. })));
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn certificates_are_reported_in_ztunnels_names() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_709_251_199), "2024-02-29T23:59:59Z");
+        let status = CertStatus {
+            identity: Identity::new("cluster.local", "default", "client"),
+            state: CertState::Available,
+            chain: vec![CertDetail {
+                serial: "0a1b".into(),
+                not_before: 0,
+                not_after: 86_400,
+            }],
+            roots: Vec::new(),
+            error: None,
+        };
+        let j = status.to_json();
+        assert_eq!(j["state"], "Available");
+        assert_eq!(j["certChain"][0]["expirationTime"], "1970-01-02T00:00:00Z");
+        assert_eq!(j["certChain"][0]["serialNumber"], "0a1b");
+        let report = CertReport {
+            certificates: vec![status],
+            fetches: 3,
+            failures: 1,
+        };
+        let text = report.prometheus(false);
+        assert!(
+            text.contains("ringtun_certificate_fetches_total 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ringtun_certificate_fetch_failures_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("istio_cert_expiry_seconds{identity=\"spiffe://cluster.local/ns/default/sa/client\"} 86400"),
+            "{text}"
+        );
+        assert!(report
+            .prometheus(true)
+            .contains("# TYPE ringtun_certificate_fetches counter"));
+        assert_eq!(
+            CertReport::default().prometheus(false),
+            "",
+            "nothing without certificates"
+        );
+    }
 }

@@ -6,17 +6,21 @@
 //! a connection made after the renewal is served with the new certificate, the fake sees a
 //! second CreateCertificate per identity); failed renewals are retried with backoff while the
 //! valid certificate keeps serving; `/config_dump` and `/metrics` show the certificates and the
-//! fetches. And the mixed mesh: ringtun and the real ztunnel, both with certificates from the
-//! same fake istiod, each direction.
+//! fetches. The mixed mesh: ringtun and the real ztunnel, both with certificates from the
+//! same fake istiod, each direction. And in-pod mode: each pod's certificate asked for on its
+//! behalf (`ImpersonatedIdentity`), the node proxy's own without.
 
 mod common;
+mod inpod_common;
 mod xds_common;
 
 use std::time::Duration;
 
 use common::*;
+use inpod_common::node::{add_pod, capture_pod};
+use inpod_common::{wait_ports, NodeAgent};
 use ringtun_testbed::transfer::transfer_paced;
-use ringtun_testbed::{Netns, DEFAULT_MARK};
+use ringtun_testbed::{Netns, Process, DEFAULT_MARK};
 use serde_json::Value;
 use xds_common::*;
 
@@ -37,7 +41,10 @@ fn presented_serial(ns: &Netns, addr: &str) -> String {
         .output()
         .expect("run openssl");
     let text = String::from_utf8_lossy(&out.stdout);
-    let serial = text.trim().trim_start_matches("serial=").to_ascii_lowercase();
+    let serial = text
+        .trim()
+        .trim_start_matches("serial=")
+        .to_ascii_lowercase();
     assert!(!serial.is_empty(), "no certificate from {addr}: {text}");
     serial.trim_start_matches('0').to_owned()
 }
@@ -70,8 +77,7 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
     let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
     let mut args = IstiodArgs::new(&ca_cert, &ca_key);
     args.max_ttl = TTL;
-    let mut istiod =
-        FakeIstiod::start(Some(&nodes.server), dir.path(), args, &mesh_resources());
+    let mut istiod = FakeIstiod::start(Some(&nodes.server), dir.path(), args, &mesh_resources());
     nodes
         .client
         .capture_outbound(15001, DEFAULT_MARK)
@@ -104,7 +110,10 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
         who.wait_lines(&["certificate issued by the control plane's CA", id], 1);
     }
     let first_server = issued_serials(&istiod, SERVER_ID)[0].clone();
-    assert_eq!(presented_serial(&nodes.server, "10.77.0.2:15008"), first_server);
+    assert_eq!(
+        presented_serial(&nodes.server, "10.77.0.2:15008"),
+        first_server
+    );
 
     // Mutual TLS with the CA's certificates on both sides.
     let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201").expect("echo server");
@@ -123,7 +132,11 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
         issued_serials(&istiod, CLIENT_ID)[0],
         "{cert}"
     );
-    assert_eq!(cert["rootCerts"].as_array().map(Vec::len), Some(1), "{cert}");
+    assert_eq!(
+        cert["rootCerts"].as_array().map(Vec::len),
+        Some(1),
+        "{cert}"
+    );
 
     // The first renewals fail twice (whoever asks first): retried with backoff, while a long
     // paced transfer runs across them and the renewal.
@@ -272,4 +285,83 @@ fn ringtun_and_ztunnel_mesh_with_certificates_from_the_same_istiod() {
             .count();
         assert!(n >= 2, "ringtun and ztunnel each asked the CA for {id}");
     }
+}
+
+#[test]
+fn in_pod_mode_asks_the_ca_on_each_pods_behalf() {
+    let dir = TempDir::new("xcp");
+    gen_certs(dir.path(), "cluster.local", &["default/unused"]);
+    write_token(dir.path(), TOKEN);
+    let pods = two_nodes("xcp");
+    let node = netns("xcn");
+    node.ip(["link", "set", "lo", "up"]).expect("loopback up");
+    capture_pod(&pods.client);
+    capture_pod(&pods.server);
+    let echo = EchoServer::start(&pods.server, "10.77.0.2:5201").expect("echo server");
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let mut args = IstiodArgs::new(&ca_cert, &ca_key);
+    args.listen = "127.0.0.1:15012";
+    args.sans = vec!["127.0.0.1".into()];
+    let istiod = FakeIstiod::start(Some(&node), dir.path(), args, &mesh_resources());
+
+    let mut agent = NodeAgent::start(&dir.join("zds.sock"), dir.path());
+    let mut cmd = node.exec(ringtun_bin());
+    cmd.current_dir(dir.path())
+        .arg("run")
+        .args(["--workers", "1", "--no-pin"])
+        .env("PROXY_MODE", "shared")
+        .env("INPOD_UDS", &agent.socket)
+        .env("XDS_ADDRESS", "https://127.0.0.1:15012")
+        .env("XDS_ROOT_CA", &ca_cert)
+        .env("CA_ROOT_CA", &ca_cert)
+        .env("POD_NAME", "ztunnel-node")
+        .env("POD_NAMESPACE", "istio-system")
+        .env_remove("LOCAL_XDS_PATH")
+        .env_remove("SERVICE_ACCOUNT")
+        .env("RINGTUN_LOG", "info")
+        .env("NO_COLOR", "1");
+    let mut ringtun = Process::spawn(cmd, "ringtun (in-pod, CA)", &dir.join("ringtun.log"))
+        .expect("spawn ringtun");
+    assert_eq!(agent.accept(), 1, "ringtun announces ZDS V1");
+    for (uid, pod, who) in [
+        ("pod-client", &pods.client, "client"),
+        ("pod-server", &pods.server, "server"),
+    ] {
+        assert_eq!(agent.ack(&add_pod(uid, pod, who)), "", "add {uid}");
+    }
+    assert_eq!(agent.ack("snapshot"), "");
+    ringtun
+        .wait_ready(&node, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for pod in [&pods.client, &pods.server] {
+        wait_ports(pod, "the pod's listeners", |p| {
+            p.contains(&15008) && p.contains(&15001)
+        });
+    }
+
+    // The node proxy's own certificate with its own token; each pod's on its behalf.
+    let own = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+    let csr = istiod.wait_event("the node's CSR", |e| {
+        e["event"] == "csr" && e["identity"] == own
+    });
+    assert_eq!(csr["impersonated"], false, "{csr}");
+    for id in [CLIENT_ID, SERVER_ID] {
+        let csr = istiod.wait_event("a pod's CSR", |e| {
+            e["event"] == "csr" && e["identity"] == id
+        });
+        assert_eq!(csr["impersonated"], true, "{csr}");
+    }
+    echo_eventually(&pods.client, "10.96.0.10:80", 1 << 16, EVENT_WAIT);
+    let t = echo_ok(&pods.client, "10.96.0.10:80", MIB);
+    echo.records
+        .wait_for(EVENT_WAIT, |r| r.sha256 == t.sha_sent)
+        .expect("the workload got every byte");
+    let log = ringtun.log();
+    let line = parse_access(&log)
+        .into_iter()
+        .find(|l| l.is("direction", "inbound") && l.is("src.identity", CLIENT_ID))
+        .unwrap_or_else(|| panic!("no inbound line from the client pod:\n{log}"));
+    assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
+    let cert = dumped_certificate(&node, SERVER_ID);
+    assert_eq!(cert["state"], "Available", "{cert}");
 }

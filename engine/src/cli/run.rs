@@ -532,4 +532,87 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn without_certificate_files_istiods_ca_issues_them() {
+        let run = |args: &[&str]| {
+            Wrap::try_parse_from(["ringtun"].iter().chain(args))
+                .expect("parse")
+                .run
+                .into_options()
+        };
+        let with_files = options_without_config(&["--xds-address", "https://istiod:15012"])
+            .expect("files and istiod");
+        assert!(
+            with_files.certs.is_some() && with_files.ca.is_none(),
+            "files win"
+        );
+
+        let o = run(&[
+            "--xds-address",
+            "https://istiod:15012",
+            "--workload",
+            "default/client/client-sa",
+        ])
+        .expect("the CA of XDS_ADDRESS");
+        let ca = o.ca.expect("a CA");
+        assert!(o.certs.is_none());
+        assert_eq!(
+            ca.endpoint.url, "https://istiod:15012",
+            "XDS_ADDRESS's istiod"
+        );
+        assert_eq!(
+            ca.ttl,
+            Duration::from_secs(24 * 3600),
+            "SECRET_TTL's default"
+        );
+        assert_eq!(
+            ca.identity.to_string(),
+            "spiffe://cluster.local/ns/default/sa/client-sa"
+        );
+        assert!(!ca.impersonate, "dedicated mode asks for itself");
+
+        let o = run(&[
+            "--xds-address",
+            "https://istiod:15012",
+            "--ca-address",
+            "ca.istio-system.svc:15012",
+            "--secret-ttl",
+            "1h",
+            "--proxy-mode",
+            "shared",
+        ])
+        .expect("shared mode");
+        let ca = o.ca.expect("a CA");
+        assert_eq!(ca.endpoint.url, "https://ca.istio-system.svc:15012");
+        assert_eq!(ca.ttl, Duration::from_secs(3600));
+        assert_eq!(
+            ca.identity.to_string(),
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel",
+            "the node proxy's own"
+        );
+        assert!(ca.impersonate, "a node proxy asks on its workloads' behalf");
+
+        for (args, want) in [
+            (
+                &["--xds-address", "https://istiod:15012", "--ca-address", ""][..],
+                "no certificates",
+            ),
+            (&["--config", "c.yaml"][..], "no certificates"),
+            (
+                &["--config", "c.yaml", "--ca-address", "http://ca:15012"][..],
+                "CA_ADDRESS",
+            ),
+        ] {
+            match run(args) {
+                Err(EngineError::Usage(m)) => assert!(m.contains(want), "{m}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+        assert!(
+            Wrap::try_parse_from(["ringtun", "--config", "c.yaml", "--cert-chain", "c.pem"])
+                .is_err(),
+            "the certificate files go together"
+        );
+    }
 }

@@ -330,3 +330,113 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::{Endpoint, RootCert, Token};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+
+    fn ca() -> (rcgen::Certificate, KeyPair) {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        (p.self_signed(&key).expect("ca"), key)
+    }
+
+    fn issued(id: &Identity, ca: &(rcgen::Certificate, KeyPair)) -> IssuedCertificate {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().expect("uri"))];
+        let leaf = p.signed_by(&key, &ca.0, &ca.1).expect("leaf");
+        IssuedCertificate {
+            identity: id.clone(),
+            chain: vec![leaf.der().clone()],
+            roots: vec![ca.0.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            not_before: SystemTime::now(),
+            not_after: SystemTime::now() + Duration::from_secs(60),
+        }
+    }
+
+    fn shared() -> Shared {
+        let endpoint = Endpoint {
+            url: "https://istiod:15012".into(),
+            root: RootCert::Pem(String::new()),
+            alt_hostname: None,
+            token: Token::None,
+            cluster_id: "Kubernetes".into(),
+            mark: 0,
+        };
+        Shared {
+            client: CaClient::new(endpoint, Duration::from_secs(60), false),
+            trust_domain: "cluster.local".into(),
+            cipher: CipherPreference::Aes128,
+            ktls: None,
+            book: Mutex::new(Book::default()),
+            fetches: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// The identities of the certificates the shard was sent, in order.
+    fn sent(rx: &crossbeam_channel::Receiver<ShardMsg>) -> Vec<(String, usize)> {
+        rx.try_iter()
+            .filter_map(|m| match m {
+                ShardMsg::Certificate { identity, tls } => {
+                    Some((identity.to_string(), tls.roots_info.len()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn renewals_and_a_new_trust_bundle_reach_the_shards() {
+        let s = shared();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        s.book.lock().expect("book").shards = vec![tx];
+        let a = Identity::new("cluster.local", "default", "a");
+        let b = Identity::new("cluster.local", "default", "b");
+        let (old, new) = (ca(), ca());
+        s.install(&a, issued(&a, &old)).expect("a");
+        s.install(&b, issued(&b, &old)).expect("b");
+        assert_eq!(sent(&rx), vec![(a.to_string(), 1), (b.to_string(), 1)]);
+
+        // A renewal of `a` under a new root: `b` is rebuilt to trust it too.
+        s.install(&a, issued(&a, &new)).expect("a renewed");
+        let msgs = sent(&rx);
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(msgs.contains(&(b.to_string(), 1)) && msgs.contains(&(a.to_string(), 1)));
+        let book = s.book.lock().expect("book");
+        assert_eq!(book.roots, vec![new.0.der().clone()]);
+        let b_roots = &book.entries[&b]
+            .held
+            .as_ref()
+            .expect("b held")
+            .material
+            .roots_info;
+        assert_eq!(
+            b_roots,
+            &vec![crate::tls::CertDetail::of(new.0.der()).expect("root")],
+            "b now trusts the new root"
+        );
+        drop(book);
+
+        // A failed renewal keeps the valid certificate and retries before it expires.
+        let wait = s.failed(&a, "unavailable".into(), Duration::from_secs(600));
+        assert!(wait <= Duration::from_secs(60), "{wait:?}");
+        let report: Vec<CertStatus> = {
+            let book = s.book.lock().expect("book");
+            book.entries.iter().map(|(id, e)| status(id, e)).collect()
+        };
+        let a_status = report.iter().find(|c| c.identity == a).expect("a");
+        assert_eq!(a_status.state, CertState::Available);
+        assert_eq!(a_status.error.as_deref(), Some("unavailable"));
+        let c = Identity::new("cluster.local", "default", "c");
+        s.failed(&c, "refused".into(), Duration::from_secs(1));
+        let book = s.book.lock().expect("book");
+        assert_eq!(status(&c, &book.entries[&c]).state, CertState::Failed);
+    }
+}

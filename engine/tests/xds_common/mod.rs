@@ -519,7 +519,12 @@ impl XdsRingtun {
         }
         cmd.envs(env.iter().copied());
         let child = cmd
-            .args(["--workload", &format!("default/{who}/{who}"), "--workers", "1"])
+            .args([
+                "--workload",
+                &format!("default/{who}/{who}"),
+                "--workers",
+                "1",
+            ])
             .env("XDS_ADDRESS", url)
             .env("XDS_ROOT_CA", root)
             .env("INSTANCE_IP", ip)
