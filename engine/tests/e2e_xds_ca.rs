@@ -302,7 +302,9 @@ fn in_pod_mode_asks_the_ca_on_each_pods_behalf() {
     let mut args = IstiodArgs::new(&ca_cert, &ca_key);
     args.listen = "127.0.0.1:15012";
     args.sans = vec!["127.0.0.1".into()];
-    let istiod = FakeIstiod::start(Some(&node), dir.path(), args, &mesh_resources());
+    let mut istiod = FakeIstiod::start(Some(&node), dir.path(), args, &mesh_resources());
+    // The CA fails the first two requests: ringtun retries with backoff, not ready meanwhile.
+    istiod.command("ca-fail 2");
 
     let mut agent = NodeAgent::start(&dir.join("zds.sock"), dir.path());
     let mut cmd = node.exec(ringtun_bin());
@@ -322,6 +324,30 @@ fn in_pod_mode_asks_the_ca_on_each_pods_behalf() {
         .env("NO_COLOR", "1");
     let mut ringtun = Process::spawn(cmd, "ringtun (in-pod, CA)", &dir.join("ringtun.log"))
         .expect("spawn ringtun");
+    let own = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+    let deadline = std::time::Instant::now() + EVENT_WAIT;
+    loop {
+        let dumped = http_in(&node, ADMIN, "GET", "/config_dump")
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .and_then(|d| d["certificates"].as_array().cloned())
+            .and_then(|c| c.into_iter().find(|c| c["identity"] == own));
+        if let Some(c) = dumped.filter(|c| c["state"] == "Unavailable") {
+            assert!(
+                c["error"].as_str().is_some_and(|e| e.contains("injected")),
+                "{c}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed certificate in /config_dump:\n{}",
+            ringtun.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(readiness(&node), 503, "not ready without a certificate");
+    istiod.wait_events("the injected failures", 2, |e| e["event"] == "csr-error");
     assert_eq!(agent.accept(), 1, "ringtun announces ZDS V1");
     for (uid, pod, who) in [
         ("pod-client", &pods.client, "client"),
@@ -340,7 +366,6 @@ fn in_pod_mode_asks_the_ca_on_each_pods_behalf() {
     }
 
     // The node proxy's own certificate with its own token; each pod's on its behalf.
-    let own = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
     let csr = istiod.wait_event("the node's CSR", |e| {
         e["event"] == "csr" && e["identity"] == own
     });

@@ -102,6 +102,14 @@ impl Certificates {
         }
     }
 
+    /// The proxy's own identity.
+    pub(super) fn own_identity(&self) -> Identity {
+        match self {
+            Certificates::Files { own, .. } => own.identity.clone(),
+            Certificates::Ca { own, .. } => own.clone(),
+        }
+    }
+
     /// The TLS settings of `id` (in-pod mode: a pod's identity): the signer's or the CA's,
     /// else the mounted certificate (every pod presents it, as before signers existed).
     pub(super) fn material(&self, id: &Identity) -> Result<Arc<TlsMaterial>, String> {

@@ -70,52 +70,57 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     let snapshot = Snapshot::new(initial.unwrap_or_default(), 1);
     // Probed once here; every shard shares the result (logged by `startup`).
     let ktls = crate::stream::startup(opts.ktls)?;
-    let certs = Arc::new(Certificates::open(&opts, ktls)?);
-    // From istiod's CA this waits for the first certificate: readiness (served once the shards
-    // run) cannot answer 200 before it.
-    let tls = certs.own()?;
+    let certs = Arc::new(Certificates::open(&opts, ktls.clone())?);
     net::check_mark(opts.mark).map_err(|e| EngineError::Mark {
         mark: opts.mark,
         source: e,
     })?;
     let driver = runtime::announce_driver(opts.io_driver)?;
     let workers = opts.workers.max(1);
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| crossbeam_channel::unbounded()).unzip();
+    let state = Arc::new(ControlState::new(
+        senders.clone(),
+        snapshot.clone(),
+        certs.clone(),
+        ktls,
+        driver,
+        workers,
+    ));
+    // Up before the certificate and the listeners, so readiness says "starting" rather than
+    // refusing connections, and /config_dump shows a certificate still pending.
+    let endpoints_stop = Arc::new(AtomicBool::new(false));
+    let admin: Arc<dyn Admin> = state.clone();
+    let endpoints = admin::serve(admin, &opts.admin_listeners, endpoints_stop.clone())
+        .map_err(EngineError::Admin)?;
+    tracing::info!(endpoints = ?endpoints, "metrics, readiness and admin endpoints up");
+    // From istiod's CA this waits for the first certificate (as ztunnel's readiness does).
+    let tls = certs
+        .own()
+        .inspect_err(|_| endpoints_stop.store(true, Ordering::Relaxed))?;
     let cores = if opts.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
         Vec::new()
     };
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
-    let mut senders = Vec::with_capacity(workers);
     let mut threads = Vec::with_capacity(workers);
-    for id in 0..workers {
-        let (tx, rx) = crossbeam_channel::unbounded();
+    for (id, rx) in receivers.into_iter().enumerate() {
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let (opts, tls, ev_tx, snap) = (opts.clone(), tls.clone(), ev_tx.clone(), snapshot.clone());
         let handle = thread::Builder::new()
             .name(format!("ringtun-shard-{id}"))
             .spawn(move || runtime::shard_thread(id, core, driver, opts, tls, rx, ev_tx, snap))
-            .map_err(EngineError::Thread)?;
-        senders.push(tx);
+            .map_err(|e| {
+                endpoints_stop.store(true, Ordering::Relaxed);
+                EngineError::Thread(e)
+            })?;
         threads.push(handle);
     }
     drop(ev_tx);
+    state.set_shards_running();
     certs.attach(senders.clone());
 
-    let state = Arc::new(ControlState::new(
-        senders.clone(),
-        snapshot.clone(),
-        tls.clone(),
-        certs.clone(),
-        driver,
-        workers,
-    ));
-    // Up before the listeners, so readiness says "starting" rather than refusing connections.
-    let endpoints_stop = Arc::new(AtomicBool::new(false));
-    let admin: Arc<dyn Admin> = state.clone();
-    let endpoints = admin::serve(admin, &opts.admin_listeners, endpoints_stop.clone())
-        .map_err(EngineError::Admin)?;
-    tracing::info!(endpoints = ?endpoints, "metrics, readiness and admin endpoints up");
     let stop_endpoints = |e: EngineError| {
         endpoints_stop.store(true, Ordering::Relaxed);
         e

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
+use super::certs::Certificates;
 use crate::config::Snapshot;
 use crate::metrics::ShardReport;
 use crate::operate::admin::{Admin, NotReady};
@@ -15,9 +16,6 @@ use crate::operate::logging::{self, LogFilterError};
 use crate::operate::prometheus::ProcessInfo;
 use crate::options::IoDriver;
 use crate::shard::ShardMsg;
-use crate::tls::TlsMaterial;
-
-use super::certs::Certificates;
 
 /// The running proxy as the control thread knows it, shared with the endpoints' threads.
 pub(super) struct ControlState {
@@ -27,9 +25,12 @@ pub(super) struct ControlState {
     draining: AtomicBool,
     quit: AtomicBool,
     current: Mutex<Snapshot>,
-    tls: Arc<TlsMaterial>,
+    /// The shards run and answer messages (scrapes wait for them only then).
+    shards_running: AtomicBool,
     /// Every identity's certificate (the proxy's and, in-pod, the pods').
     certs: Arc<Certificates>,
+    /// What the kernel can offload.
+    ktls: Option<tls_kernel_offload::Capability>,
     driver: IoDriver,
     workers: usize,
 }
@@ -39,8 +40,8 @@ impl ControlState {
     pub(super) fn new(
         senders: Vec<Sender<ShardMsg>>,
         snapshot: Snapshot,
-        tls: Arc<TlsMaterial>,
         certs: Arc<Certificates>,
+        ktls: Option<tls_kernel_offload::Capability>,
         driver: IoDriver,
         workers: usize,
     ) -> Self {
@@ -50,11 +51,17 @@ impl ControlState {
             draining: AtomicBool::new(false),
             quit: AtomicBool::new(false),
             current: Mutex::new(snapshot),
-            tls,
+            shards_running: AtomicBool::new(false),
             certs,
+            ktls,
             driver,
             workers,
         }
+    }
+
+    /// The shard threads run: scrapes may ask them.
+    pub(super) fn set_shards_running(&self) {
+        self.shards_running.store(true, Ordering::Relaxed);
     }
 
     /// Every shard listens: readiness may answer 200 (unless draining).
@@ -87,6 +94,9 @@ impl ControlState {
 
 impl Admin for ControlState {
     fn scrape(&self) -> Vec<ShardReport> {
+        if !self.shards_running.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
         let (tx, rx) = crossbeam_channel::bounded(self.senders.len());
         let asked = self
             .senders
@@ -106,7 +116,7 @@ impl Admin for ControlState {
                 IoDriver::Legacy => "legacy".into(),
                 _ => "io_uring".into(),
             },
-            ktls_available: self.tls.ktls.is_some(),
+            ktls_available: self.ktls.is_some(),
             draining: self.draining.load(Ordering::Relaxed),
             certs: self.certs.report(),
         }
@@ -128,17 +138,18 @@ impl Admin for ControlState {
         };
         let info = self.info();
         // The proxy's own certificate as it is now (renewed ones included).
+        let own = self.certs.own_identity();
         let not_after = info
             .certs
             .certificates
             .iter()
-            .find(|c| c.identity == self.tls.identity)
+            .find(|c| c.identity == own)
             .and_then(|c| c.not_after())
-            .unwrap_or(self.tls.not_after);
+            .unwrap_or_default();
         let facts = Facts {
-            identity: self.tls.identity.to_string(),
+            identity: own.to_string(),
             not_after,
-            ktls: self.tls.ktls.as_ref().map(|k| format!("{k:?}")),
+            ktls: self.ktls.as_ref().map(|k| format!("{k:?}")),
             shards: self.workers,
             info,
         };
@@ -167,7 +178,7 @@ impl Admin for ControlState {
 mod tests {
     use super::*;
     use crate::pki::Ca;
-    use crate::tls::CertPaths;
+    use crate::tls::{CertPaths, TlsMaterial};
     use ringtun_hbone::Identity;
 
     fn tls() -> Arc<TlsMaterial> {
@@ -197,7 +208,7 @@ mod tests {
     #[test]
     fn ready_only_between_listening_and_draining() {
         let snap = Snapshot::new(Default::default(), 1);
-        let state = ControlState::new(Vec::new(), snap, tls(), certs(), IoDriver::Legacy, 1);
+        let state = ControlState::new(Vec::new(), snap, certs(), None, IoDriver::Legacy, 1);
         assert_eq!(
             state.ready(),
             Err(NotReady::Starting),
@@ -215,8 +226,8 @@ mod tests {
         let state = ControlState::new(
             Vec::new(),
             Snapshot::new(Default::default(), 1),
-            tls(),
             certs(),
+            None,
             IoDriver::Legacy,
             1,
         );
