@@ -213,6 +213,17 @@ impl Pods {
             self.del_on_shards(uid, Duration::ZERO);
             return Err(e);
         }
+        // A renewal sent to the shards before they had the pod missed it: hand it over now.
+        if let Ok(now) = self.certs.material(&identity) {
+            if !Arc::ptr_eq(&now, &pod.tls) {
+                for tx in &self.senders {
+                    let _ = tx.send(ShardMsg::Certificate {
+                        identity: identity.clone(),
+                        tls: now.clone(),
+                    });
+                }
+            }
+        }
         tracing::info!(
             uid,
             workload = %format_args!("{}/{}", pod.namespace, pod.name),
