@@ -389,4 +389,15 @@ fn in_pod_mode_asks_the_ca_on_each_pods_behalf() {
     assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
     let cert = dumped_certificate(&node, SERVER_ID);
     assert_eq!(cert["state"], "Available", "{cert}");
+
+    // The client pod leaves: its certificate is forgotten, the node's own kept.
+    assert_eq!(agent.ack("del pod-client"), "");
+    let (_, body) = http_in(&node, ADMIN, "GET", "/config_dump").expect("config_dump");
+    let dump: Value = serde_json::from_str(&body).expect("config_dump JSON");
+    let ids: Vec<&str> = dump["certificates"]
+        .as_array()
+        .map(|c| c.iter().filter_map(|c| c["identity"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(!ids.contains(&CLIENT_ID), "{ids:?}");
+    assert!(ids.contains(&own) && ids.contains(&SERVER_ID), "{ids:?}");
 }

@@ -29,7 +29,8 @@ pub(super) type Outcome = Result<Arc<TlsMaterial>, String>;
 /// The CA client on its thread, and the certificates it holds.
 pub(super) struct CaSource {
     shared: Arc<Shared>,
-    wants: mpsc::UnboundedSender<Identity>,
+    /// Identities to keep, each with its entry's epoch.
+    wants: mpsc::UnboundedSender<(Identity, u64)>,
 }
 
 struct Shared {
@@ -49,10 +50,15 @@ struct Book {
     roots: Vec<CertificateDer<'static>>,
     /// Where renewals go; empty until the shards run.
     shards: Vec<Sender<ShardMsg>>,
+    /// The last entry epoch given out.
+    epochs: u64,
 }
 
 #[derive(Default)]
 struct Entry {
+    /// Which keeping task owns the entry: a forgotten identity asked for again gets a new
+    /// entry and a new task, and the old task ends.
+    epoch: u64,
     held: Option<Held>,
     /// Why the last fetch failed, until one succeeds.
     error: Option<String>,
@@ -90,7 +96,7 @@ impl CaSource {
             fetches: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         });
-        let (wants, mut rx) = mpsc::unbounded_channel::<Identity>();
+        let (wants, mut rx) = mpsc::unbounded_channel::<(Identity, u64)>();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -100,10 +106,10 @@ impl CaSource {
             .name("ringtun-ca".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    // One task per identity, for the process's life; they end with this
-                    // runtime when the source is dropped (its sender with it).
-                    while let Some(id) = rx.recv().await {
-                        tokio::spawn(keep(s.clone(), id));
+                    // One task per identity until it is forgotten; they end with this runtime
+                    // when the source is dropped (its sender with it).
+                    while let Some((id, epoch)) = rx.recv().await {
+                        tokio::spawn(keep(s.clone(), id, epoch));
                     }
                 })
             })
@@ -131,21 +137,37 @@ impl CaSource {
     pub(super) fn material(&self, id: &Identity, wait: Duration) -> Outcome {
         let rx = {
             let mut book = self.shared.book.lock().map_err(|_| "CA book poisoned")?;
-            let fresh = !book.entries.contains_key(id);
+            let fresh = (!book.entries.contains_key(id)).then(|| {
+                book.epochs += 1;
+                book.epochs
+            });
             let entry = book.entries.entry(id.clone()).or_default();
             if let Some(h) = entry.held.as_ref().filter(|h| h.valid()) {
                 return Ok(h.material.clone());
             }
             let (tx, rx) = crossbeam_channel::bounded(1);
             entry.waiters.push(tx);
-            if fresh && self.wants.send(id.clone()).is_err() {
-                return Err("the CA thread has stopped".into());
+            if let Some(epoch) = fresh {
+                entry.epoch = epoch;
+                if self.wants.send((id.clone(), epoch)).is_err() {
+                    return Err("the CA thread has stopped".into());
+                }
             }
             rx
         };
         rx.recv_timeout(wait).map_err(|_| {
             format!("no answer from the control plane's CA for {id} within {wait:?}")
         })?
+    }
+
+    /// Stops keeping `id`'s certificate (no workload here has it any more, as ztunnel forgets
+    /// it); asked for again, it is fetched anew.
+    pub(super) fn forget(&self, id: &Identity) {
+        if let Ok(mut book) = self.shared.book.lock() {
+            if book.entries.remove(id).is_some() {
+                tracing::debug!(identity = %id, "certificate forgotten");
+            }
+        }
     }
 
     /// Every identity's certificate and the fetch counters.
@@ -187,6 +209,11 @@ fn status(id: &Identity, e: &Entry) -> CertStatus {
     }
 }
 
+/// Whether `book` keeps `id` for the task of `epoch`.
+fn owned(book: &Book, id: &Identity, epoch: u64) -> bool {
+    book.entries.get(id).is_some_and(|e| e.epoch == epoch)
+}
+
 fn send(shards: &[Sender<ShardMsg>], id: &Identity, tls: &Arc<TlsMaterial>) {
     for tx in shards {
         let _ = tx.send(ShardMsg::Certificate {
@@ -196,16 +223,17 @@ fn send(shards: &[Sender<ShardMsg>], id: &Identity, tls: &Arc<TlsMaterial>) {
     }
 }
 
-/// Keeps `id`'s certificate for the process's life: fetch, install, sleep until half its life,
-/// again; a failure is retried with ztunnel's backoff, sooner if the held one expires first.
-async fn keep(shared: Arc<Shared>, id: Identity) {
+/// Keeps `id`'s certificate until it is forgotten (its entry gone, or another `epoch`'s):
+/// fetch, install, sleep until half its life, again; a failure is retried with ztunnel's
+/// backoff, sooner if the held one expires first.
+async fn keep(shared: Arc<Shared>, id: Identity, epoch: u64) {
     let mut backoff = CaBackoff::default();
-    loop {
+    while shared.owns(&id, epoch) {
         shared.fetches.fetch_add(1, Ordering::Relaxed);
         let outcome = match shared.client.fetch(&id).await {
             Ok(issued) => {
                 let refresh = issued.refresh_at();
-                shared.install(&id, issued).map(|()| refresh)
+                shared.install(&id, epoch, issued).map(|()| refresh)
             }
             Err(e) => Err(e.to_string()),
         };
@@ -221,7 +249,7 @@ async fn keep(shared: Arc<Shared>, id: Identity) {
             }
             Err(e) => {
                 shared.failures.fetch_add(1, Ordering::Relaxed);
-                shared.failed(&id, e, backoff.next_delay())
+                shared.failed(&id, epoch, e, backoff.next_delay())
             }
         };
         tokio::time::sleep(wait).await;
@@ -229,9 +257,14 @@ async fn keep(shared: Arc<Shared>, id: Identity) {
 }
 
 impl Shared {
+    /// Whether `id` is still kept by the task of `epoch`.
+    fn owns(&self, id: &Identity, epoch: u64) -> bool {
+        self.book.lock().is_ok_and(|b| owned(&b, id, epoch))
+    }
+
     /// Makes `issued` what `id` presents, on every shard; a new trust bundle rebuilds every
     /// identity's settings with it, so peers are checked against the CA's current roots.
-    fn install(&self, id: &Identity, issued: IssuedCertificate) -> Result<(), String> {
+    fn install(&self, id: &Identity, epoch: u64, issued: IssuedCertificate) -> Result<(), String> {
         let IssuedCertificate {
             chain,
             roots,
@@ -240,6 +273,10 @@ impl Shared {
             ..
         } = issued;
         let mut book = self.book.lock().map_err(|_| "CA book poisoned")?;
+        if !owned(&book, id, epoch) {
+            // Forgotten while the CA answered.
+            return Ok(());
+        }
         let material = Arc::new(
             self.build(&chain, &key, &roots)
                 .map_err(|e| format!("certificate for {id}: {e}"))?,
@@ -269,7 +306,9 @@ impl Shared {
             book.roots = roots;
         }
         send(&book.shards, id, &material);
-        let entry = book.entries.entry(id.clone()).or_default();
+        let Some(entry) = book.entries.get_mut(id) else {
+            return Ok(());
+        };
         let renewed = entry.held.is_some();
         entry.held = Some(Held {
             chain,
@@ -305,11 +344,13 @@ impl Shared {
 
     /// Records a failed fetch of `id`; returns how long to wait before the next attempt:
     /// `delay`, or less if the held certificate expires before.
-    fn failed(&self, id: &Identity, error: String, delay: Duration) -> Duration {
+    fn failed(&self, id: &Identity, epoch: u64, error: String, delay: Duration) -> Duration {
         let Ok(mut book) = self.book.lock() else {
             return delay;
         };
-        let entry = book.entries.entry(id.clone()).or_default();
+        let Some(entry) = book.entries.get_mut(id).filter(|e| e.epoch == epoch) else {
+            return delay;
+        };
         for w in entry.waiters.drain(..) {
             let _ = w.send(Err(error.clone()));
         }
@@ -400,12 +441,19 @@ mod tests {
         let a = Identity::new("cluster.local", "default", "a");
         let b = Identity::new("cluster.local", "default", "b");
         let (old, new) = (ca(), ca());
-        s.install(&a, issued(&a, &old)).expect("a");
-        s.install(&b, issued(&b, &old)).expect("b");
+        for id in [&a, &b] {
+            s.book
+                .lock()
+                .expect("book")
+                .entries
+                .insert(id.clone(), Entry::default());
+        }
+        s.install(&a, 0, issued(&a, &old)).expect("a");
+        s.install(&b, 0, issued(&b, &old)).expect("b");
         assert_eq!(sent(&rx), vec![(a.to_string(), 1), (b.to_string(), 1)]);
 
         // A renewal of `a` under a new root: `b` is rebuilt to trust it too.
-        s.install(&a, issued(&a, &new)).expect("a renewed");
+        s.install(&a, 0, issued(&a, &new)).expect("a renewed");
         let msgs = sent(&rx);
         assert_eq!(msgs.len(), 2, "{msgs:?}");
         assert!(msgs.contains(&(b.to_string(), 1)) && msgs.contains(&(a.to_string(), 1)));
@@ -425,7 +473,7 @@ mod tests {
         drop(book);
 
         // A failed renewal keeps the valid certificate and retries before it expires.
-        let wait = s.failed(&a, "unavailable".into(), Duration::from_secs(600));
+        let wait = s.failed(&a, 0, "unavailable".into(), Duration::from_secs(600));
         assert!(wait <= Duration::from_secs(60), "{wait:?}");
         let report: Vec<CertStatus> = {
             let book = s.book.lock().expect("book");
@@ -435,8 +483,22 @@ mod tests {
         assert_eq!(a_status.state, CertState::Available);
         assert_eq!(a_status.error.as_deref(), Some("unavailable"));
         let c = Identity::new("cluster.local", "default", "c");
-        s.failed(&c, "refused".into(), Duration::from_secs(1));
-        let book = s.book.lock().expect("book");
-        assert_eq!(status(&c, &book.entries[&c]).state, CertState::Failed);
+        s.book
+            .lock()
+            .expect("book")
+            .entries
+            .insert(c.clone(), Entry::default());
+        s.failed(&c, 0, "refused".into(), Duration::from_secs(1));
+        {
+            let book = s.book.lock().expect("book");
+            assert_eq!(status(&c, &book.entries[&c]).state, CertState::Failed);
+        }
+
+        // Forgotten (its pod gone): its task stops, a late answer is dropped.
+        s.book.lock().expect("book").entries.remove(&c);
+        assert!(!s.owns(&c, 0));
+        s.install(&c, 0, issued(&c, &new)).expect("dropped");
+        assert!(!s.book.lock().expect("book").entries.contains_key(&c));
+        assert!(s.owns(&a, 0) && !s.owns(&a, 1), "another epoch's task ends");
     }
 }

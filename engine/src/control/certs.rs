@@ -126,6 +126,16 @@ impl Certificates {
         }
     }
 
+    /// `id` is no longer needed (its last pod left): the CA stops renewing it. The proxy's own
+    /// is always kept; files and the local signer cost nothing to keep.
+    pub(super) fn forget(&self, id: &Identity) {
+        if let Certificates::Ca { source, own } = self {
+            if id != own {
+                source.forget(id);
+            }
+        }
+    }
+
     /// Renewals (CA only) go to these shards from now on.
     pub(super) fn attach(&self, shards: Vec<Sender<ShardMsg>>) {
         if let Certificates::Ca { source, .. } = self {

@@ -241,6 +241,9 @@ impl Pods {
     fn remove(&mut self, uid: &str) {
         if let Some(pod) = self.served.remove(uid) {
             tracing::info!(uid, netns = %pod.netns_name, "pod removed: listeners closed, connections draining");
+            if !self.served.values().any(|p| p.identity == pod.identity) {
+                self.certs.forget(&pod.identity);
+            }
         }
         self.del_on_shards(uid, self.opts.drain_timeout);
     }
