@@ -5,8 +5,8 @@
 //! 20 s are renewed at half their life while a long paced transfer runs (it completes intact,
 //! a connection made after the renewal is served with the new certificate, the fake sees a
 //! second CreateCertificate per identity); failed renewals are retried with backoff while the
-//! valid certificate keeps serving; `/config_dump` and `/metrics` show the certificates and the
-//! fetches. The mixed mesh: ringtun and the real ztunnel, both with certificates from the
+//! valid certificate keeps serving; a trust bundle grown by a root reaches both proxies;
+//! `/config_dump` and `/metrics` show the certificates and the fetches. The mixed mesh: ringtun and the real ztunnel, both with certificates from the
 //! same fake istiod, each direction. And in-pod mode: each pod's certificate asked for on its
 //! behalf (`ImpersonatedIdentity`), the node proxy's own without.
 
@@ -139,8 +139,18 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
     );
 
     // The first renewals fail twice (whoever asks first): retried with backoff, while a long
-    // paced transfer runs across them and the renewal.
+    // paced transfer runs across them and the renewal. The renewed certificates come with a
+    // second root in the trust bundle (a root rotation under way).
     istiod.command("ca-fail 2");
+    let next_root = TempDir::new("xca-next");
+    gen_certs(next_root.path(), "cluster.local", &["default/unused"]);
+    istiod.command(&format!(
+        "ca-bundle-add {}",
+        next_root.join("ca.pem").display()
+    ));
+    istiod.wait_event("the bundle grown", |e| {
+        e["event"] == "bundle" && e["roots"] == 2
+    });
     let exact = std::thread::scope(|s| {
         let runner = s.spawn(|| {
             transfer_paced(
@@ -178,6 +188,9 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
         exact.expect("the paced transfer"),
         "the transfer across the renewal came back intact"
     );
+    for who in [&client, &server] {
+        who.wait_lines(&["the CA's trust bundle changed", "roots=2"], 1);
+    }
     let failed = format!("{}{}", client.log(), server.log());
     assert!(
         failed.contains("certificate renewal failed; the valid certificate stays in use"),
@@ -187,6 +200,11 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
     // What the operator sees: the renewed certificate, the fetches and the failures.
     let cert = dumped_certificate(&nodes.client, CLIENT_ID);
     assert_eq!(cert["state"], "Available", "{cert}");
+    assert_eq!(
+        cert["rootCerts"].as_array().map(Vec::len),
+        Some(2),
+        "peers are checked against the new bundle: {cert}"
+    );
     assert!(
         issued_serials(&istiod, CLIENT_ID)[1..].contains(
             &cert["certChain"][0]["serialNumber"]
