@@ -67,6 +67,9 @@ pub enum EngineError {
     /// The control-plane (xDS) client could not start.
     #[error("{0}")]
     Xds(crate::xds::XdsError),
+    /// Stopped while waiting for the proxy's certificate from the control plane's CA.
+    #[error("stopped: {0}")]
+    NoCertificate(String),
 }
 
 // Boxed so every Result<_, EngineError> stays small; these errors are rare and start-up only.

@@ -177,8 +177,11 @@ pub struct RunOptions {
     pub xds: Option<crate::xds::XdsOptions>,
     /// How often the config file is checked for changes.
     pub config_poll: Duration,
-    /// Certificate files.
-    pub certs: CertPaths,
+    /// Certificate files (`--cert-chain`, `--key`, `--roots`); without them certificates come
+    /// from istiod's CA (`ca`).
+    pub certs: Option<CertPaths>,
+    /// istiod's CA (`CA_ADDRESS`), used when no certificate files are given.
+    pub ca: Option<crate::xds::ca::CaOptions>,
     /// Trust domain of the mesh.
     pub trust_domain: String,
     /// `k8s.cluster.name` for workloads whose config has no clusterId.

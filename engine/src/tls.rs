@@ -69,6 +69,10 @@ pub struct TlsMaterial {
     /// What the kernel can offload, when HBONE connections should try kTLS (`--ktls auto` on
     /// a capable kernel, or `on`); `None` keeps every connection on userspace rustls.
     pub ktls: Option<tls_kernel_offload::Capability>,
+    /// The chain presented, for `/config_dump`.
+    pub chain_info: Vec<CertDetail>,
+    /// The roots peers are checked against, for `/config_dump` (empty where not known).
+    pub roots_info: Vec<CertDetail>,
 }
 
 fn pem_err(path: &Path, what: impl std::fmt::Display) -> TlsSetupError {
@@ -76,6 +80,19 @@ fn pem_err(path: &Path, what: impl std::fmt::Display) -> TlsSetupError {
         path: path.to_owned(),
         what: what.to_string(),
     }
+}
+
+/// The roots in a PEM file, as rustls takes them and as `/config_dump` shows them.
+fn root_store(path: &Path) -> Result<(Arc<RootCertStore>, Vec<CertDetail>), TlsSetupError> {
+    let mut store = RootCertStore::empty();
+    let mut info = Vec::new();
+    for root in read_certs(path)? {
+        info.extend(CertDetail::of(&root));
+        store
+            .add(root)
+            .map_err(|e| pem_err(path, format!("not a usable root: {e}")))?;
+    }
+    Ok((Arc::new(store), info))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
@@ -98,20 +115,21 @@ impl TlsMaterial {
     ) -> Result<Self, TlsSetupError> {
         let chain = read_certs(&paths.chain)?;
         let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| pem_err(&paths.key, e))?;
-        let mut roots = RootCertStore::empty();
-        for root in read_certs(&paths.roots)? {
-            roots
-                .add(root)
-                .map_err(|e| pem_err(&paths.roots, format!("not a usable root: {e}")))?;
+        let (roots, roots_info) = root_store(&paths.roots)?;
+        let mut m = Self::from_parts(chain, key, roots, trust_domain, cipher, &paths.chain)?;
+        m.roots_info = roots_info;
+        Ok(m)
+    }
+
+    /// The identity's certificate as `/config_dump` shows it.
+    pub fn status(&self) -> CertStatus {
+        CertStatus {
+            identity: self.identity.clone(),
+            state: CertState::Available,
+            chain: self.chain_info.clone(),
+            roots: self.roots_info.clone(),
+            error: None,
         }
-        Self::from_parts(
-            chain,
-            key,
-            Arc::new(roots),
-            trust_domain,
-            cipher,
-            &paths.chain,
-        )
     }
 
     /// Builds both TLS configurations from a chain (leaf first), its key and the roots;
@@ -150,6 +168,7 @@ impl TlsMaterial {
             trust_domain,
             cipher,
         )?;
+        let chain_info = chain.iter().filter_map(|c| CertDetail::of(c)).collect();
         let client = verify::client_config(chain, key, roots, cipher)?;
         Ok(TlsMaterial {
             identity,
@@ -157,6 +176,8 @@ impl TlsMaterial {
             client: Arc::new(client),
             not_after,
             ktls: None,
+            chain_info,
+            roots_info: Vec::new(),
         })
     }
 
@@ -174,6 +195,218 @@ impl TlsMaterial {
     }
 }
 
+/// Where the certificates for `/config_dump` and the errors of material from the control plane's
+/// CA say it came from.
+pub const CA_ORIGIN: &str = "the control plane's CA";
+
+impl TlsMaterial {
+    /// The TLS settings of a certificate the control plane's CA issued: `chain` (leaf first)
+    /// and its key, peers checked against `roots` (the CA's trust bundle), kTLS as `ktls`.
+    pub fn from_issued(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: &[CertificateDer<'static>],
+        trust_domain: &str,
+        cipher: verify::CipherPreference,
+        ktls: Option<tls_kernel_offload::Capability>,
+    ) -> Result<Self, TlsSetupError> {
+        let origin = Path::new(CA_ORIGIN);
+        let mut store = RootCertStore::empty();
+        for root in roots {
+            store
+                .add(root.clone())
+                .map_err(|e| pem_err(origin, format!("not a usable root: {e}")))?;
+        }
+        let mut m = Self::from_parts(chain, key, Arc::new(store), trust_domain, cipher, origin)?
+            .with_kernel_offload(ktls);
+        m.roots_info = roots.iter().filter_map(|c| CertDetail::of(c)).collect();
+        Ok(m)
+    }
+}
+
+/// Where an identity's certificate stands (ztunnel's `/config_dump` states).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertState {
+    /// Issued and in use.
+    Available,
+    /// Asked for, no answer yet.
+    Pending,
+    /// The last fetch failed and no valid certificate is held.
+    Failed,
+}
+
+impl CertState {
+    /// ztunnel's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertState::Available => "Available",
+            CertState::Pending => "Initializing",
+            CertState::Failed => "Unavailable",
+        }
+    }
+}
+
+/// One certificate of a chain or bundle, as `/config_dump` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertDetail {
+    /// Serial number, hex.
+    pub serial: String,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+}
+
+impl CertDetail {
+    /// Reads a DER certificate; `None` if it does not parse.
+    pub fn of(der: &[u8]) -> Option<CertDetail> {
+        let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+        Some(CertDetail {
+            serial: c.raw_serial_as_string().replace(':', ""),
+            not_before: c.validity().not_before.timestamp(),
+            not_after: c.validity().not_after.timestamp(),
+        })
+    }
+}
+
+/// One identity's certificate as the control side holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertStatus {
+    /// The identity.
+    pub identity: Identity,
+    /// Where it stands.
+    pub state: CertState,
+    /// The leaf, then intermediates (empty while none was issued).
+    pub chain: Vec<CertDetail>,
+    /// The roots peers are checked against.
+    pub roots: Vec<CertDetail>,
+    /// Why the last fetch failed, if it did.
+    pub error: Option<String>,
+}
+
+impl CertStatus {
+    /// An identity's held certificate, `Available`.
+    pub fn available(
+        identity: Identity,
+        chain: &[CertificateDer<'_>],
+        roots: &[CertificateDer<'_>],
+    ) -> Self {
+        CertStatus {
+            identity,
+            state: CertState::Available,
+            chain: chain.iter().filter_map(|c| CertDetail::of(c)).collect(),
+            roots: roots.iter().filter_map(|c| CertDetail::of(c)).collect(),
+            error: None,
+        }
+    }
+
+    /// End of the leaf's validity, Unix seconds.
+    pub fn not_after(&self) -> Option<i64> {
+        self.chain.first().map(|c| c.not_after)
+    }
+
+    /// `/config_dump`'s entry, in ztunnel's field names.
+    pub fn to_json(&self) -> serde_json::Value {
+        let detail = |d: &CertDetail| {
+            serde_json::json!({
+                "serialNumber": d.serial,
+                "validFrom": rfc3339(d.not_before),
+                "expirationTime": rfc3339(d.not_after),
+            })
+        };
+        serde_json::json!({
+            "identity": self.identity.to_string(),
+            "state": self.state.as_str(),
+            "certChain": self.chain.iter().map(detail).collect::<Vec<_>>(),
+            "rootCerts": self.roots.iter().map(detail).collect::<Vec<_>>(),
+            "notAfterUnix": self.not_after(),
+            "error": self.error,
+        })
+    }
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (ztunnel's time format in `/config_dump`).
+fn rfc3339(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// The certificates the proxy holds and what fetching them cost, for `/config_dump` and
+/// `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct CertReport {
+    /// Every identity's certificate.
+    pub certificates: Vec<CertStatus>,
+    /// CreateCertificate calls made (0 without the control plane's CA).
+    pub fetches: u64,
+    /// Of those, the ones that failed.
+    pub failures: u64,
+}
+
+impl CertReport {
+    /// Prometheus text (or OpenMetrics) of the fetch counters, and ztunnel's
+    /// `istio_cert_expiry_seconds` per identity.
+    pub fn prometheus(&self, openmetrics: bool) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        if self.certificates.is_empty() && self.fetches == 0 {
+            return out;
+        }
+        for (name, help, v) in [
+            (
+                "ringtun_certificate_fetches",
+                "Certificates asked of the control plane's CA",
+                self.fetches,
+            ),
+            (
+                "ringtun_certificate_fetch_failures",
+                "Certificate requests the control plane's CA failed or refused",
+                self.failures,
+            ),
+        ] {
+            let family = if openmetrics {
+                name.to_owned()
+            } else {
+                format!("{name}_total")
+            };
+            let _ = writeln!(
+                out,
+                "# HELP {family} {help}\n# TYPE {family} counter\n{name}_total {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP istio_cert_expiry_seconds Unix timestamp when the workload certificate expires\n# TYPE istio_cert_expiry_seconds gauge"
+        );
+        for c in &self.certificates {
+            if let Some(t) = c.not_after() {
+                let _ = writeln!(
+                    out,
+                    "istio_cert_expiry_seconds{{identity=\"{}\"}} {t}",
+                    c.identity
+                );
+            }
+        }
+        out
+    }
+}
+
 /// Issues workload certificates from a CA certificate and key given by the operator (in-pod
 /// mode's `--ca-cert`/`--ca-key`: ztunnel's FAKE_CA, with the operator's key), and builds the
 /// TLS settings of each identity, once: later asks for the same identity share them.
@@ -182,6 +415,7 @@ pub struct Signer {
     key: rcgen::KeyPair,
     ca_path: PathBuf,
     roots: Arc<RootCertStore>,
+    roots_info: Vec<CertDetail>,
     trust_domain: String,
     cipher: verify::CipherPreference,
     ktls: Option<tls_kernel_offload::Capability>,
@@ -207,17 +441,13 @@ impl Signer {
         let issuer = params
             .self_signed(&key_pair)
             .map_err(|e| pem_err(cert, e))?;
-        let mut store = RootCertStore::empty();
-        for root in read_certs(roots)? {
-            store
-                .add(root)
-                .map_err(|e| pem_err(roots, format!("not a usable root: {e}")))?;
-        }
+        let (store, roots_info) = root_store(roots)?;
         Ok(Signer {
             issuer,
             key: key_pair,
             ca_path: cert.to_owned(),
-            roots: Arc::new(store),
+            roots: store,
+            roots_info,
             trust_domain: trust_domain.to_owned(),
             cipher,
             ktls,
@@ -231,7 +461,7 @@ impl Signer {
             return Ok(m.clone());
         }
         let (chain, key) = self.issue(id)?;
-        let material = TlsMaterial::from_parts(
+        let mut material = TlsMaterial::from_parts(
             chain,
             key,
             self.roots.clone(),
@@ -240,6 +470,7 @@ impl Signer {
             &self.ca_path,
         )?
         .with_kernel_offload(self.ktls.clone());
+        material.roots_info = self.roots_info.clone();
         let material = Arc::new(material);
         self.issued.insert(id.clone(), material.clone());
         Ok(material)
@@ -248,6 +479,11 @@ impl Signer {
     /// Identities issued so far.
     pub fn issued(&self) -> usize {
         self.issued.len()
+    }
+
+    /// Every identity issued so far, for `/config_dump`.
+    pub fn statuses(&self) -> Vec<CertStatus> {
+        self.issued.values().map(|m| m.status()).collect()
     }
 
     fn issue(
@@ -323,5 +559,52 @@ mod tests {
         );
         assert!(matches!(missing, Err(TlsSetupError::Pem { .. })));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn certificates_are_reported_in_ztunnels_names() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_709_251_199), "2024-02-29T23:59:59Z");
+        let status = CertStatus {
+            identity: Identity::new("cluster.local", "default", "client"),
+            state: CertState::Available,
+            chain: vec![CertDetail {
+                serial: "0a1b".into(),
+                not_before: 0,
+                not_after: 86_400,
+            }],
+            roots: Vec::new(),
+            error: None,
+        };
+        let j = status.to_json();
+        assert_eq!(j["state"], "Available");
+        assert_eq!(j["certChain"][0]["expirationTime"], "1970-01-02T00:00:00Z");
+        assert_eq!(j["certChain"][0]["serialNumber"], "0a1b");
+        let report = CertReport {
+            certificates: vec![status],
+            fetches: 3,
+            failures: 1,
+        };
+        let text = report.prometheus(false);
+        assert!(
+            text.contains("ringtun_certificate_fetches_total 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ringtun_certificate_fetch_failures_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("istio_cert_expiry_seconds{identity=\"spiffe://cluster.local/ns/default/sa/client\"} 86400"),
+            "{text}"
+        );
+        assert!(report
+            .prometheus(true)
+            .contains("# TYPE ringtun_certificate_fetches counter"));
+        assert_eq!(
+            CertReport::default().prometheus(false),
+            "",
+            "nothing without certificates"
+        );
     }
 }

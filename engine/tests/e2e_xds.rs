@@ -4,7 +4,8 @@
 //! it subscribes as ztunnel does, ACKs, and carries checksummed traffic to a service it learned
 //! over xDS; a malformed resource is NACKed by name and the previous state kept; a workload
 //! removed over xDS is refused. The CA client fetches a certificate with the token and checks
-//! it. Certificates for HBONE are still the mounted ones (issued from the same test CA).
+//! it. Certificates for HBONE here are mounted ones (issued from the same test CA); ringtun
+//! with certificates from the CA only is `e2e_xds_ca.rs`.
 
 mod common;
 mod xds_common;

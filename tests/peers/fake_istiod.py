@@ -39,10 +39,12 @@ stdin commands, one per line:
   reload          re-read the resources file and push what changed
   close           end every open ADS stream with UNAVAILABLE (clients reconnect)
   ca-fail N       fail the next N CreateCertificate calls with UNAVAILABLE
+  ca-bundle-add F add the root(s) in PEM file F to the trust bundle sent with every certificate
+                  from now on (as istiod does while its root is being rotated)
   quit            stop
 
 Every event is one JSON line on stdout: listening, resources, resources-error, connect,
-auth-failed, request, ack, nack, push, disconnect, csr, csr-error.
+auth-failed, request, ack, nack, push, disconnect, csr, csr-error, bundle.
 """
 
 import argparse
@@ -476,6 +478,7 @@ class Ca:
         self.cert = x509.load_pem_x509_certificate(self.root_pem)
         self.max_ttl = max_ttl
         self.fail_next = 0
+        self.extra_roots = b""
         self.lock = threading.Lock()
 
     def issue(self, public_key, sans, ttl, server=False, subject=None):
@@ -587,7 +590,10 @@ class CertService:
             }
         )
         leaf = cert.public_bytes(serialization.Encoding.PEM).decode()
-        return PB["ca_pb2"].IstioCertificateResponse(cert_chain=[leaf, self.ca.root_pem.decode()])
+        root = self.ca.root_pem if self.ca.root_pem.endswith(b"\n") else self.ca.root_pem + b"\n"
+        with self.ca.lock:
+            bundle = root + self.ca.extra_roots
+        return PB["ca_pb2"].IstioCertificateResponse(cert_chain=[leaf, bundle.decode()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,6 +656,12 @@ def main():
         elif words[0] == "ca-fail" and len(words) == 2:
             with ca.lock:
                 ca.fail_next = int(words[1])
+        elif words[0] == "ca-bundle-add" and len(words) == 2:
+            with open(words[1], "rb") as f:
+                extra = f.read()
+            with ca.lock:
+                ca.extra_roots += extra if extra.endswith(b"\n") else extra + b"\n"
+            emit({"event": "bundle", "roots": ca.extra_roots.count(b"BEGIN CERTIFICATE") + 1})
         elif words[0] == "quit":
             break
         else:

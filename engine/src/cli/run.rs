@@ -27,15 +27,16 @@ pub struct RunArgs {
     /// The control plane (istiod), instead of --config.
     #[command(flatten)]
     pub xds: XdsArgs,
-    /// Our certificate chain (PEM): leaf first, with a spiffe:// URI SAN.
-    #[arg(long)]
-    pub cert_chain: PathBuf,
+    /// Our certificate chain (PEM): leaf first, with a spiffe:// URI SAN. Without the three
+    /// certificate files, certificates come from istiod's CA (CA_ADDRESS, or XDS_ADDRESS's).
+    #[arg(long, requires_all = ["key", "roots"])]
+    pub cert_chain: Option<PathBuf>,
     /// Private key of the leaf certificate (PEM).
-    #[arg(long)]
-    pub key: PathBuf,
+    #[arg(long, requires_all = ["cert_chain", "roots"])]
+    pub key: Option<PathBuf>,
     /// Mesh root certificates (PEM) that peers' chains must end at.
-    #[arg(long)]
-    pub roots: PathBuf,
+    #[arg(long, requires_all = ["cert_chain", "key"])]
+    pub roots: Option<PathBuf>,
     /// Trust domain of the mesh.
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -202,12 +203,14 @@ fn default_listen(port: u16, ipv6: bool) -> Vec<SocketAddr> {
 impl RunArgs {
     /// Resolves defaults and validates values.
     pub fn into_options(self) -> Result<RunOptions, EngineError> {
+        let mut workload_sa = None;
         let workload = match &self.workload {
             None => None,
             Some(s) => {
                 let parts: Vec<&str> = s.split('/').collect();
                 match parts.as_slice() {
                     [ns, name] | [ns, name, _] if !ns.is_empty() && !name.is_empty() => {
+                        workload_sa = parts.get(2).filter(|sa| !sa.is_empty()).map(|sa| sa.to_string());
                         Some((ns.to_string(), name.to_string()))
                     }
                     _ => {
@@ -268,6 +271,33 @@ impl RunArgs {
         let xds = self
             .xds
             .options(&self.cluster_id, self.node.as_deref(), self.mark)?;
+        let certs = match (self.cert_chain, self.key, self.roots) {
+            (Some(chain), Some(key), Some(roots)) => Some(CertPaths { chain, key, roots }),
+            _ => None,
+        };
+        // Mounted files win: the CA is asked only without them, as before it existed.
+        let ca = match &certs {
+            Some(_) => None,
+            None => self.xds.ca_options(
+                &self.trust_domain,
+                &self.cluster_id,
+                self.mark,
+                xds.as_ref(),
+                workload
+                    .as_ref()
+                    .map(|(ns, _)| (ns.as_str(), workload_sa.as_deref())),
+            )?,
+        };
+        if certs.is_none() && ca.is_none() {
+            return Err(EngineError::Usage(
+                "no certificates: give --cert-chain, --key and --roots, or CA_ADDRESS (or XDS_ADDRESS, whose istiod is the CA by default) to have istiod's CA issue them".into(),
+            ));
+        }
+        if certs.is_none() && inpod.as_ref().is_some_and(|i| i.signer.is_some()) {
+            return Err(EngineError::Usage(
+                "--ca-cert/--ca-key sign pods' certificates against --roots: give --cert-chain, --key and --roots too, or drop them to have istiod's CA issue pods' certificates".into(),
+            ));
+        }
         let config_path = match (self.config, &xds) {
             (Some(path), None) => path,
             (None, Some(_)) => PathBuf::new(),
@@ -292,11 +322,8 @@ impl RunArgs {
             config_path,
             xds,
             config_poll: Duration::from_millis(self.config_poll_ms.max(10)),
-            certs: CertPaths {
-                chain: self.cert_chain,
-                key: self.key,
-                roots: self.roots,
-            },
+            certs,
+            ca,
             trust_domain: self.trust_domain,
             cluster_id: self.cluster_id,
             workload,
@@ -504,5 +531,88 @@ mod tests {
                 other => panic!("{args:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn without_certificate_files_istiods_ca_issues_them() {
+        let run = |args: &[&str]| {
+            Wrap::try_parse_from(["ringtun"].iter().chain(args))
+                .expect("parse")
+                .run
+                .into_options()
+        };
+        let with_files = options_without_config(&["--xds-address", "https://istiod:15012"])
+            .expect("files and istiod");
+        assert!(
+            with_files.certs.is_some() && with_files.ca.is_none(),
+            "files win"
+        );
+
+        let o = run(&[
+            "--xds-address",
+            "https://istiod:15012",
+            "--workload",
+            "default/client/client-sa",
+        ])
+        .expect("the CA of XDS_ADDRESS");
+        let ca = o.ca.expect("a CA");
+        assert!(o.certs.is_none());
+        assert_eq!(
+            ca.endpoint.url, "https://istiod:15012",
+            "XDS_ADDRESS's istiod"
+        );
+        assert_eq!(
+            ca.ttl,
+            Duration::from_secs(24 * 3600),
+            "SECRET_TTL's default"
+        );
+        assert_eq!(
+            ca.identity.to_string(),
+            "spiffe://cluster.local/ns/default/sa/client-sa"
+        );
+        assert!(!ca.impersonate, "dedicated mode asks for itself");
+
+        let o = run(&[
+            "--xds-address",
+            "https://istiod:15012",
+            "--ca-address",
+            "ca.istio-system.svc:15012",
+            "--secret-ttl",
+            "1h",
+            "--proxy-mode",
+            "shared",
+        ])
+        .expect("shared mode");
+        let ca = o.ca.expect("a CA");
+        assert_eq!(ca.endpoint.url, "https://ca.istio-system.svc:15012");
+        assert_eq!(ca.ttl, Duration::from_secs(3600));
+        assert_eq!(
+            ca.identity.to_string(),
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel",
+            "the node proxy's own"
+        );
+        assert!(ca.impersonate, "a node proxy asks on its workloads' behalf");
+
+        for (args, want) in [
+            (
+                &["--xds-address", "https://istiod:15012", "--ca-address", ""][..],
+                "no certificates",
+            ),
+            (&["--config", "c.yaml"][..], "no certificates"),
+            (
+                &["--config", "c.yaml", "--ca-address", "http://ca:15012"][..],
+                "CA_ADDRESS",
+            ),
+        ] {
+            match run(args) {
+                Err(EngineError::Usage(m)) => assert!(m.contains(want), "{m}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+        assert!(
+            Wrap::try_parse_from(["ringtun", "--config", "c.yaml", "--cert-chain", "c.pem"])
+                .is_err(),
+            "the certificate files go together"
+        );
     }
 }

@@ -17,6 +17,18 @@ pub(super) fn parse_millis(s: &str, var: &str) -> Result<u64, String> {
         })
 }
 
+/// Whole seconds (`86400`) or a Go duration (`24h`, `90s`), as ztunnel reads `SECRET_TTL`;
+/// `var` names the environment variable, for the error.
+pub(super) fn parse_secs(s: &str, var: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    go_duration(s).filter(|d| !d.is_zero()).ok_or_else(|| {
+        format!("{s:?} (the flag or {var}): expected seconds or a duration such as 90s, 1h, 24h")
+    })
+}
+
 /// A Go `time.ParseDuration` string (units ns, us, µs, ms, s, m, h; no sign).
 fn go_duration(s: &str) -> Option<Duration> {
     let mut rest = s;
@@ -75,5 +87,11 @@ mod tests {
             let e = ms(bad).expect_err(bad);
             assert!(e.contains("X"), "{bad}: {e}");
         }
+        let secs = |s| parse_secs(s, "SECRET_TTL");
+        assert_eq!(secs("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(secs("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(secs("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(secs("0s").is_err(), "a certificate lives for some time");
+        assert!(secs("a day").expect_err("bad").contains("SECRET_TTL"));
     }
 }

@@ -1,8 +1,13 @@
 //! `ringtun run`'s control-plane flags, under ztunnel's environment variable names, and the
 //! [`XdsOptions`] they make.
 
-use clap::Args;
+use std::time::Duration;
 
+use clap::Args;
+use ringtun_hbone::Identity;
+
+use super::values::parse_secs;
+use crate::xds::ca::CaOptions;
 use crate::xds::channel::DEFAULT_ROOT_PATH;
 use crate::xds::{Endpoint, NodeInfo, RootCert, Token, XdsOptions};
 use crate::EngineError;
@@ -33,6 +38,26 @@ pub struct XdsArgs {
     /// This pod's namespace, in the xDS node id and metadata.
     #[arg(long, env = "POD_NAMESPACE", default_value = "")]
     pub pod_namespace: String,
+    /// istiod's CA (`https://host:port`; a bare `host:port` is taken as https, as ztunnel does).
+    /// Used when no certificate files (--cert-chain, --key, --roots) are given; by default the
+    /// XDS_ADDRESS istiod. Empty: no CA.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// The CA's root certificate: a PEM file, or the PEM text itself.
+    #[arg(long, env = "CA_ROOT_CA", default_value = DEFAULT_ROOT_PATH)]
+    pub ca_root_ca: String,
+    /// A name the CA's certificate may carry instead of the address's host.
+    #[arg(long, env = "ALT_CA_HOSTNAME")]
+    pub alt_ca_hostname: Option<String>,
+    /// Lifetime asked of the CA for each certificate (seconds or a duration: `24h`, ztunnel's
+    /// default); istiod may cap it. Renewed at half its life.
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = |s: &str| parse_secs(s, "SECRET_TTL"))]
+    pub secret_ttl: Duration,
+    /// The proxy's service account, for its own certificate from the CA: in dedicated mode when
+    /// PROXY_WORKLOAD_INFO names none (default `default`), in shared mode the node proxy's
+    /// (default `ztunnel`, in POD_NAMESPACE or `istio-system`).
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
 }
 
 impl XdsArgs {
@@ -67,5 +92,57 @@ impl XdsArgs {
             .check()
             .map_err(|e| EngineError::Usage(format!("XDS_ADDRESS (--xds-address): {e}")))?;
         Ok(Some(XdsOptions { endpoint, node }))
+    }
+
+    /// The CA client's options, or `None` when no CA is set: `CA_ADDRESS` when set (empty: no
+    /// CA), else the XDS_ADDRESS istiod when there is one. `workload`: dedicated mode's
+    /// (namespace, service account named by PROXY_WORKLOAD_INFO); without it the proxy is a node
+    /// proxy, which asks on behalf of the identities it serves.
+    pub(super) fn ca_options(
+        &self,
+        trust_domain: &str,
+        cluster_id: &str,
+        mark: u32,
+        xds: Option<&XdsOptions>,
+        workload: Option<(&str, Option<&str>)>,
+    ) -> Result<Option<CaOptions>, EngineError> {
+        let url = match self.ca_address.as_deref().map(str::trim) {
+            Some("") => return Ok(None),
+            Some(u) if u.contains("://") => u.to_owned(),
+            Some(u) => format!("https://{u}"),
+            None => match xds {
+                Some(x) => x.endpoint.url.clone(),
+                None => return Ok(None),
+            },
+        };
+        let endpoint = Endpoint {
+            url,
+            root: RootCert::from_setting(&self.ca_root_ca),
+            alt_hostname: self.alt_ca_hostname.clone(),
+            token: Token::from_setting(self.auth_token.as_deref()),
+            cluster_id: cluster_id.to_owned(),
+            mark,
+        };
+        endpoint
+            .check()
+            .map_err(|e| EngineError::Usage(format!("CA_ADDRESS (--ca-address): {e}")))?;
+        let sa = self.service_account.as_deref().filter(|s| !s.is_empty());
+        let identity = match workload {
+            Some((ns, named)) => Identity::new(trust_domain, ns, named.or(sa).unwrap_or("default")),
+            None => {
+                let ns = Some(self.pod_namespace.as_str()).filter(|s| !s.is_empty());
+                Identity::new(
+                    trust_domain,
+                    ns.unwrap_or("istio-system"),
+                    sa.unwrap_or("ztunnel"),
+                )
+            }
+        };
+        Ok(Some(CaOptions {
+            endpoint,
+            ttl: self.secret_ttl,
+            identity,
+            impersonate: workload.is_none(),
+        }))
     }
 }

@@ -1,4 +1,5 @@
-//! The control thread: loads the config and certificates, starts the shards, hands them their
+//! The control thread: loads the config and certificates (`certs.rs`: files, the in-pod
+//! signer, or istiod's CA in `ca.rs`), starts the shards, hands them their
 //! listeners and config snapshots, serves the operator endpoints, watches the config source (the
 //! file, or istiod over xDS: `source.rs`) and the signals, and drains.
 //!
@@ -6,6 +7,8 @@
 //! watches until a signal or `/quitquitquit` starts the drain. What the operator endpoints see
 //! of all this is `ControlState` (in `state.rs`), handed to `operate` as its [`Admin`].
 
+mod ca;
+mod certs;
 mod pods;
 mod process;
 mod runtime;
@@ -31,6 +34,7 @@ use crate::options::{IoDriver, ListenerKind, RunOptions};
 use crate::shard::{inbox, ShardEvent, ShardMsg, ShardTx};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
+use certs::Certificates;
 use source::ConfigSource;
 use state::ControlState;
 
@@ -66,50 +70,61 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     let snapshot = Snapshot::new(initial.unwrap_or_default(), 1);
     // Probed once here; every shard shares the result (logged by `startup`).
     let ktls = crate::stream::startup(opts.ktls)?;
-    let tls = Arc::new(
-        TlsMaterial::load(&opts.certs, &opts.trust_domain, opts.tls_cipher.into())?
-            .with_kernel_offload(ktls),
-    );
+    let certs = Arc::new(Certificates::open(&opts, ktls.clone())?);
     net::check_mark(opts.mark).map_err(|e| EngineError::Mark {
         mark: opts.mark,
         source: e,
     })?;
     let driver = runtime::announce_driver(opts.io_driver)?;
     let workers = opts.workers.max(1);
+    let (senders, receivers): (Vec<ShardTx>, Vec<_>) = (0..workers)
+        .map(|_| inbox::channel())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(EngineError::Thread)?
+        .into_iter()
+        .unzip();
+    let state = Arc::new(ControlState::new(
+        senders.clone(),
+        snapshot.clone(),
+        certs.clone(),
+        ktls,
+        driver,
+        workers,
+    ));
+    // Up before the certificate and the listeners, so readiness says "starting" rather than
+    // refusing connections, and /config_dump shows a certificate still pending.
+    let endpoints_stop = Arc::new(AtomicBool::new(false));
+    let admin: Arc<dyn Admin> = state.clone();
+    let endpoints = admin::serve(admin, &opts.admin_listeners, endpoints_stop.clone())
+        .map_err(EngineError::Admin)?;
+    tracing::info!(endpoints = ?endpoints, "metrics, readiness and admin endpoints up");
+    // From istiod's CA this waits for the first certificate (as ztunnel's readiness does).
+    let tls = certs
+        .own()
+        .inspect_err(|_| endpoints_stop.store(true, Ordering::Relaxed))?;
     let cores = if opts.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
         Vec::new()
     };
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
-    let mut senders = Vec::with_capacity(workers);
     let mut threads = Vec::with_capacity(workers);
-    for id in 0..workers {
-        let (tx, rx) = inbox::channel().map_err(EngineError::Thread)?;
+    for (id, rx) in receivers.into_iter().enumerate() {
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let (opts, tls, ev_tx, snap) = (opts.clone(), tls.clone(), ev_tx.clone(), snapshot.clone());
         let handle = thread::Builder::new()
             .name(format!("ringtun-shard-{id}"))
             .spawn(move || runtime::shard_thread(id, core, driver, opts, tls, rx, ev_tx, snap))
-            .map_err(EngineError::Thread)?;
-        senders.push(tx);
+            .map_err(|e| {
+                endpoints_stop.store(true, Ordering::Relaxed);
+                EngineError::Thread(e)
+            })?;
         threads.push(handle);
     }
     drop(ev_tx);
+    state.set_shards_running();
+    certs.attach(senders.clone());
 
-    let state = Arc::new(ControlState::new(
-        senders.clone(),
-        snapshot.clone(),
-        tls.clone(),
-        driver,
-        workers,
-    ));
-    // Up before the listeners, so readiness says "starting" rather than refusing connections.
-    let endpoints_stop = Arc::new(AtomicBool::new(false));
-    let admin: Arc<dyn Admin> = state.clone();
-    let endpoints = admin::serve(admin, &opts.admin_listeners, endpoints_stop.clone())
-        .map_err(EngineError::Admin)?;
-    tracing::info!(endpoints = ?endpoints, "metrics, readiness and admin endpoints up");
     let stop_endpoints = |e: EngineError| {
         endpoints_stop.store(true, Ordering::Relaxed);
         e
@@ -125,12 +140,12 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
             let t = pods::spawn(
                 inpod,
                 opts.clone(),
-                tls.clone(),
+                certs.clone(),
                 senders.clone(),
                 state.clone(),
             )
             .map_err(stop_endpoints)?;
-            tracing::info!(uds = %inpod.uds.display(), signer = inpod.signer.is_some(), "in-pod mode: pods come from the node agent");
+            tracing::info!(uds = %inpod.uds.display(), signer = inpod.signer.is_some(), ca = opts.ca.is_some(), "in-pod mode: pods come from the node agent");
             (Vec::new(), Some(t))
         }
     };

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use ringtun_hbone::Identity;
 
+use super::certs::Certificates;
 use super::state::{ControlState, PodInfo};
 use crate::inpod::session::{Action, Reply, Session};
 use crate::inpod::uds::{Backoff, Handled, ZdsClient};
@@ -25,7 +26,6 @@ use crate::net;
 use crate::options::{InpodOptions, ListenerKind, RunOptions};
 use crate::shard::pod::Pod;
 use crate::shard::{ShardMsg, ShardTx};
-use crate::tls::{Signer, TlsMaterial};
 use crate::EngineError;
 
 /// How long the thread waits for the agent before looking at its stop flag again.
@@ -53,26 +53,14 @@ impl PodsThread {
 pub(super) fn spawn(
     inpod: &InpodOptions,
     opts: Arc<RunOptions>,
-    tls: Arc<TlsMaterial>,
+    certs: Arc<Certificates>,
     senders: Vec<ShardTx>,
     state: Arc<ControlState>,
 ) -> Result<PodsThread, EngineError> {
-    let signer = match &inpod.signer {
-        None => None,
-        Some(s) => Some(Signer::load(
-            &s.cert,
-            &s.key,
-            &opts.certs.roots,
-            &opts.trust_domain,
-            opts.tls_cipher.into(),
-            tls.ktls.clone(),
-        )?),
-    };
     let stop = Arc::new(AtomicBool::new(false));
     let mut pods = Pods {
         opts,
-        default_tls: tls,
-        signer,
+        certs,
         senders,
         state,
         served: HashMap::new(),
@@ -90,9 +78,8 @@ pub(super) fn spawn(
 /// The pods the control side serves, and what it needs to make more.
 struct Pods {
     opts: Arc<RunOptions>,
-    /// What every pod presents without a signer.
-    default_tls: Arc<TlsMaterial>,
-    signer: Option<Signer>,
+    /// Each pod's certificate: the in-pod signer's, istiod's CA's, or the mounted one.
+    certs: Arc<Certificates>,
     senders: Vec<ShardTx>,
     state: Arc<ControlState>,
     /// Pods the shards serve, by uid.
@@ -195,12 +182,10 @@ impl Pods {
     /// shard. On failure no shard keeps any of it.
     fn add(&mut self, uid: &str, w: &WorkloadInfo, netns: NetnsFd) -> Result<(), String> {
         let identity = Identity::new(&self.opts.trust_domain, &w.namespace, &w.service_account);
-        let tls = match &mut self.signer {
-            Some(signer) => signer
-                .material(&identity)
-                .map_err(|e| format!("certificate for {identity}: {e}"))?,
-            None => self.default_tls.clone(),
-        };
+        let tls = self
+            .certs
+            .material(&identity)
+            .map_err(|e| format!("certificate for {identity}: {e}"))?;
         let started = Instant::now();
         let listeners = bind_in_netns(netns.fd.as_fd(), &self.opts, self.senders.len())?;
         let pod = Arc::new(Pod {
@@ -237,6 +222,17 @@ impl Pods {
             self.del_on_shards(uid, Duration::ZERO);
             return Err(e);
         }
+        // A renewal sent to the shards before they had the pod missed it: hand it over now.
+        if let Ok(now) = self.certs.material(&identity) {
+            if !Arc::ptr_eq(&now, &pod.tls) {
+                for tx in &self.senders {
+                    let _ = tx.send(ShardMsg::Certificate {
+                        identity: identity.clone(),
+                        tls: now.clone(),
+                    });
+                }
+            }
+        }
         tracing::info!(
             uid,
             workload = %format_args!("{}/{}", pod.namespace, pod.name),
@@ -263,6 +259,9 @@ impl Pods {
     fn remove(&mut self, uid: &str) {
         if let Some(pod) = self.served.remove(uid) {
             tracing::info!(uid, netns = %pod.netns_name, "pod removed: listeners closed, connections draining");
+            if !self.served.values().any(|p| p.identity == pod.identity) {
+                self.certs.forget(&pod.identity);
+            }
         }
         self.state.pod_down(uid);
         self.del_on_shards(uid, self.opts.drain_timeout);

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::certs::Certificates;
 use crate::config::Snapshot;
 use crate::metrics::ShardReport;
 use crate::operate::admin::{Admin, NotReady};
@@ -14,7 +15,6 @@ use crate::operate::logging::{self, LogFilterError};
 use crate::operate::prometheus::ProcessInfo;
 use crate::options::IoDriver;
 use crate::shard::{ShardMsg, ShardTx};
-use crate::tls::TlsMaterial;
 
 /// A pod as `/config_dump` shows it: the agent's `WorkloadInfo` and its network namespace.
 pub(super) struct PodInfo {
@@ -42,7 +42,12 @@ pub(super) struct ControlState {
     draining: AtomicBool,
     quit: AtomicBool,
     current: Mutex<Snapshot>,
-    tls: Arc<TlsMaterial>,
+    /// The shards run and answer messages (scrapes wait for them only then).
+    shards_running: AtomicBool,
+    /// Every identity's certificate (the proxy's and, in-pod, the pods').
+    certs: Arc<Certificates>,
+    /// What the kernel can offload.
+    ktls: Option<tls_kernel_offload::Capability>,
     driver: IoDriver,
     workers: usize,
 }
@@ -52,7 +57,8 @@ impl ControlState {
     pub(super) fn new(
         senders: Vec<ShardTx>,
         snapshot: Snapshot,
-        tls: Arc<TlsMaterial>,
+        certs: Arc<Certificates>,
+        ktls: Option<tls_kernel_offload::Capability>,
         driver: IoDriver,
         workers: usize,
     ) -> Self {
@@ -64,10 +70,17 @@ impl ControlState {
             draining: AtomicBool::new(false),
             quit: AtomicBool::new(false),
             current: Mutex::new(snapshot),
-            tls,
+            shards_running: AtomicBool::new(false),
+            certs,
+            ktls,
             driver,
             workers,
         }
+    }
+
+    /// The shard threads run: scrapes may ask them.
+    pub(super) fn set_shards_running(&self) {
+        self.shards_running.store(true, Ordering::Relaxed);
     }
 
     /// In-pod mode: not ready until the node agent's first snapshot is in, whatever the
@@ -166,6 +179,9 @@ impl ControlState {
 
 impl Admin for ControlState {
     fn scrape(&self) -> Vec<ShardReport> {
+        if !self.shards_running.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
         let (tx, rx) = crossbeam_channel::bounded(self.senders.len());
         let asked = self
             .senders
@@ -185,8 +201,9 @@ impl Admin for ControlState {
                 IoDriver::Legacy => "legacy".into(),
                 _ => "io_uring".into(),
             },
-            ktls_available: self.tls.ktls.is_some(),
+            ktls_available: self.ktls.is_some(),
             draining: self.draining.load(Ordering::Relaxed),
+            certs: self.certs.report(),
         }
     }
 
@@ -204,12 +221,22 @@ impl Admin for ControlState {
         let Ok(snap) = self.current.lock() else {
             return "{}".into();
         };
+        let info = self.info();
+        // The proxy's own certificate as it is now (renewed ones included).
+        let own = self.certs.own_identity();
+        let not_after = info
+            .certs
+            .certificates
+            .iter()
+            .find(|c| c.identity == own)
+            .and_then(|c| c.not_after())
+            .unwrap_or_default();
         let facts = Facts {
-            identity: self.tls.identity.to_string(),
-            not_after: self.tls.not_after,
-            ktls: self.tls.ktls.as_ref().map(|k| format!("{k:?}")),
+            identity: own.to_string(),
+            not_after,
+            ktls: self.ktls.as_ref().map(|k| format!("{k:?}")),
             shards: self.workers,
-            info: self.info(),
+            info,
         };
         let dump = config_dump::render(&snap, &facts);
         drop(snap);
@@ -239,7 +266,7 @@ impl Admin for ControlState {
 mod tests {
     use super::*;
     use crate::pki::Ca;
-    use crate::tls::CertPaths;
+    use crate::tls::{CertPaths, TlsMaterial};
     use ringtun_hbone::Identity;
 
     fn tls() -> Arc<TlsMaterial> {
@@ -264,10 +291,17 @@ mod tests {
         Arc::new(tls)
     }
 
+    fn certs() -> Arc<Certificates> {
+        Arc::new(Certificates::Files {
+            own: tls(),
+            signer: None,
+        })
+    }
+
     #[test]
     fn ready_only_between_listening_and_draining() {
         let snap = Snapshot::new(Default::default(), 1);
-        let state = ControlState::new(Vec::new(), snap, tls(), IoDriver::Legacy, 1);
+        let state = ControlState::new(Vec::new(), snap, certs(), None, IoDriver::Legacy, 1);
         assert_eq!(
             state.ready(),
             Err(NotReady::Starting),
@@ -285,7 +319,8 @@ mod tests {
         let state = ControlState::new(
             Vec::new(),
             Snapshot::new(Default::default(), 1),
-            tls(),
+            certs(),
+            None,
             IoDriver::Legacy,
             1,
         );
@@ -301,7 +336,8 @@ mod tests {
             ControlState::new(
                 Vec::new(),
                 Snapshot::new(Default::default(), 1),
-                tls(),
+                certs(),
+                None,
                 IoDriver::Legacy,
                 1,
             )
@@ -344,7 +380,8 @@ mod tests {
             let s = ControlState::new(
                 Vec::new(),
                 Snapshot::new(Default::default(), 1),
-                tls(),
+                certs(),
+                None,
                 IoDriver::Legacy,
                 1,
             );

@@ -62,16 +62,23 @@ pub fn render(snap: &Snapshot, facts: &Facts) -> String {
         "workloads": workloads,
         "services": services,
         "policies": policies,
-        "certificates": [{
-            "identity": facts.identity,
-            "notAfterUnix": facts.not_after,
-        }],
+        "certificates": certificates(facts),
         "shards": facts.shards,
         "driver": facts.info.driver,
         "ktls": facts.ktls,
         "draining": facts.info.draining,
     })
     .to_string()
+}
+
+/// Every identity's certificate (state, chain, roots) in ztunnel's shape, or the proxy's own
+/// when no list was given.
+fn certificates(facts: &Facts) -> serde_json::Value {
+    let list = &facts.info.certs.certificates;
+    if list.is_empty() {
+        return serde_json::json!([{"identity": facts.identity, "notAfterUnix": facts.not_after}]);
+    }
+    list.iter().map(crate::tls::CertStatus::to_json).collect()
 }
 
 #[cfg(test)]
@@ -94,6 +101,7 @@ mod tests {
                 driver: "io_uring".into(),
                 ktls_available: false,
                 draining: true,
+                certs: Default::default(),
             },
         };
         let dump: serde_json::Value = serde_json::from_str(&render(&snap, &facts)).expect("JSON");

@@ -17,6 +17,8 @@ pub struct ProcessInfo {
     pub ktls_available: bool,
     /// Whether ringtun is draining.
     pub draining: bool,
+    /// Certificates held and fetched (rendered by `CertReport::prometheus`).
+    pub certs: crate::tls::CertReport,
 }
 
 /// The label pairs of one series, in ztunnel's order and spelling.
@@ -276,6 +278,8 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
         "# HELP ringtun_draining 1 while draining\n# TYPE ringtun_draining gauge\nringtun_draining {}",
         u8::from(info.draining)
     );
+    // Certificates: ringtun's fetch counters and ztunnel's istio_cert_expiry_seconds.
+    out.push_str(&info.certs.prometheus(openmetrics));
     if openmetrics {
         out.push_str("# EOF\n");
     }
@@ -403,6 +407,7 @@ mod tests {
             driver: "io_uring".into(),
             ktls_available: true,
             draining: true,
+            certs: Default::default(),
         };
         let text = format!(
             "{}=====OM\n{}",

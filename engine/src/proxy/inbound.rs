@@ -57,7 +57,7 @@ pub async fn handle(
         budget,
     } = match handshake::server(
         &shard.stream,
-        shard.acceptor_for(pod.as_deref()),
+        &shard.tls_for(pod.as_deref()).acceptor,
         io,
         // The verifier already required a SPIFFE identity in our trust domain.
         |certs| verify::peer_identity(certs, &shard.opts.trust_domain),

@@ -374,7 +374,7 @@ async fn connect(
         budget,
     } = handshake::client(
         &shard.stream,
-        shard.connector_for(pod),
+        &shard.tls_for(pod).connector,
         ServerName::IpAddress(addr.ip().into()),
         io,
         |certs| verify::expect_identity(certs, identities),

@@ -95,6 +95,7 @@ fn handle(shard: &Rc<Shard>, msg: ShardMsg, events: &Sender<ShardEvent>) {
             let _ = reply.send(add_pod(shard, pod, listeners));
         }
         ShardMsg::DelPod { uid, deadline } => shard.remove_pod(&uid, deadline),
+        ShardMsg::Certificate { identity, tls } => shard.renew_certificate(&identity, tls),
     }
 }
 

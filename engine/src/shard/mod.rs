@@ -1,7 +1,8 @@
 //! A shard: one pinned thread, one monoio runtime, and everything its connections share.
 //!
-//! A shard is its [`ShardContext`], what it was given at start and never changes (options, TLS
-//! configurations, identity, the [`Scope`] it serves), and its runtime state: the config
+//! A shard is its [`ShardContext`], what it was given at start and never changes (options,
+//! identity, the [`Scope`] it serves), and its runtime state: the TLS settings new handshakes
+//! use (replaced when the certificate is renewed, [`tls`]), the config
 //! generation new connections use, round-robin cursors, the HBONE [`pool`], its [`Tally`] of
 //! metrics and counters, the [`drain`] signal and the registry of [`live`] connections.
 //! Nothing in it is shared with other shards at run time: the read-only parts are `Arc`s
@@ -17,6 +18,7 @@ pub mod inbox;
 pub mod live;
 pub mod pod;
 pub mod pool;
+pub mod tls;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -39,6 +41,7 @@ use crate::tls::TlsMaterial;
 use drain::DrainSignal;
 use pod::{Pod, PodShard};
 use pool::HbonePool;
+use tls::{ShardTls, TlsSlot};
 
 /// The control side's handle on a shard: sending wakes it ([`inbox`]).
 pub type ShardTx = inbox::Tx<ShardMsg>;
@@ -78,6 +81,14 @@ pub enum ShardMsg {
         uid: String,
         /// How long its connections may finish.
         deadline: Duration,
+    },
+    /// A renewed certificate (or new roots) for `identity`: new handshakes of the shard's own
+    /// identity or of pods with it use `tls`; established and pooled connections keep theirs.
+    Certificate {
+        /// Whose certificate.
+        identity: Identity,
+        /// The TLS settings made of it.
+        tls: Arc<TlsMaterial>,
     },
 }
 
@@ -149,14 +160,8 @@ pub struct ShardContext {
     pub id: usize,
     /// Run options.
     pub opts: Arc<RunOptions>,
-    /// TLS material.
-    pub tls: Arc<TlsMaterial>,
-    /// Our identity (`tls.identity`), shared by every access-log record on this shard.
+    /// Our identity (the certificate's), shared by every access-log record on this shard.
     pub identity: Rc<Identity>,
-    /// TLS acceptor for 15008.
-    pub acceptor: tokio_rustls::TlsAcceptor,
-    /// TLS connector for outbound HBONE.
-    pub connector: tokio_rustls::TlsConnector,
     /// Which workloads this ringtun serves, and its own ports.
     pub scope: Scope,
     /// What HBONE byte streams on this shard need (and count: by record layer).
@@ -164,7 +169,7 @@ pub struct ShardContext {
 }
 
 impl ShardContext {
-    fn new(id: usize, opts: Arc<RunOptions>, tls: Arc<TlsMaterial>) -> Self {
+    fn new(id: usize, opts: Arc<RunOptions>, tls: &TlsMaterial) -> Self {
         let own_ports = opts
             .outbound
             .iter()
@@ -184,8 +189,6 @@ impl ShardContext {
         ShardContext {
             id,
             identity: Rc::new(tls.identity.clone()),
-            acceptor: tokio_rustls::TlsAcceptor::from(tls.server.clone()),
-            connector: tokio_rustls::TlsConnector::from(tls.client.clone()),
             scope,
             stream: Rc::new(StreamCtx::new(
                 id,
@@ -194,7 +197,6 @@ impl ShardContext {
                 opts.handshake_timeout,
             )),
             opts,
-            tls,
         }
     }
 
@@ -210,6 +212,8 @@ impl ShardContext {
 /// One shard's context and runtime state; its connections hold it through an `Rc`.
 pub struct Shard {
     ctx: ShardContext,
+    /// What new handshakes of the shard's own identity use.
+    tls: TlsSlot,
     snapshot: RefCell<Rc<Snapshot>>,
     rr: RefCell<RoundRobin>,
     pool: Rc<HbonePool>,
@@ -234,7 +238,8 @@ impl Shard {
         warm_up_rng(&tls);
         Shard {
             pool: Rc::new(HbonePool::new(opts.pool)),
-            ctx: ShardContext::new(id, opts, tls),
+            ctx: ShardContext::new(id, opts, &tls),
+            tls: TlsSlot::new(tls),
             snapshot: RefCell::new(Rc::new(initial)),
             rr: RefCell::new(RoundRobin::default()),
             tally: Rc::default(),
@@ -270,17 +275,27 @@ impl Shard {
         pod.map_or(&self.identity, |p| &p.identity)
     }
 
-    /// The TLS acceptor of `pod`'s 15008, or the proxy's.
-    pub fn acceptor_for<'a>(&'a self, pod: Option<&'a PodShard>) -> &'a tokio_rustls::TlsAcceptor {
-        pod.map_or(&self.acceptor, |p| &p.acceptor)
+    /// The TLS settings a handshake of `pod` (or of the proxy) starting now uses: its
+    /// acceptor for 15008, its connector for outbound HBONE. Taken once per handshake.
+    pub fn tls_for(&self, pod: Option<&PodShard>) -> Rc<ShardTls> {
+        pod.map_or(&self.tls, |p| &p.tls).current()
     }
 
-    /// The TLS connector of `pod`'s outbound HBONE, or the proxy's.
-    pub fn connector_for<'a>(
-        &'a self,
-        pod: Option<&'a PodShard>,
-    ) -> &'a tokio_rustls::TlsConnector {
-        pod.map_or(&self.connector, |p| &p.connector)
+    /// New handshakes of `identity` (the shard's own, or its pods') use `tls` from now on;
+    /// connections already made keep what they were made with (see [`tls`]).
+    pub fn renew_certificate(&self, identity: &Identity, tls: Arc<TlsMaterial>) {
+        let mut renewed = 0;
+        if *self.identity == *identity {
+            self.tls.replace(tls.clone());
+            renewed += 1;
+        }
+        for pod in self.pods.borrow().values() {
+            if pod.pod.identity == *identity {
+                pod.tls.replace(tls.clone());
+                renewed += 1;
+            }
+        }
+        tracing::debug!(shard = self.id, %identity, renewed, "certificate renewed");
     }
 
     /// The drain signal a connection of `pod` watches: the pod's (fired on its removal and on

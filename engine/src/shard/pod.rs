@@ -15,6 +15,7 @@ use ringtun_hbone::Identity;
 
 use super::drain::DrainSignal;
 use super::live;
+use super::tls::TlsSlot;
 use crate::decide::Scope;
 use crate::tls::TlsMaterial;
 
@@ -60,10 +61,9 @@ pub struct PodShard {
     pub scope: Scope,
     /// The pod's identity, shared by its connections' access records.
     pub identity: Rc<Identity>,
-    /// TLS acceptor for the pod's 15008.
-    pub acceptor: tokio_rustls::TlsAcceptor,
-    /// TLS connector for the pod's outbound HBONE.
-    pub connector: tokio_rustls::TlsConnector,
+    /// The TLS settings of the pod's handshakes (its 15008, its outbound HBONE), replaced
+    /// when its certificate is renewed.
+    pub tls: TlsSlot,
     /// Fired when the pod is removed (or the shard drains).
     drain: DrainSignal,
     listener_fds: RefCell<Vec<RawFd>>,
@@ -92,8 +92,7 @@ impl PodShard {
         };
         PodShard {
             identity: Rc::new(pod.identity.clone()),
-            acceptor: tokio_rustls::TlsAcceptor::from(pod.tls.server.clone()),
-            connector: tokio_rustls::TlsConnector::from(pod.tls.client.clone()),
+            tls: TlsSlot::new(pod.tls.clone()),
             scope,
             pod,
             drain: DrainSignal::default(),

@@ -2,8 +2,8 @@
 //! lives in memory only; the answer is checked (a leaf for the identity asked, a root after it)
 //! before it is handed out.
 //!
-//! Wiring the certificates into the TLS material, per identity, with rotation, is a later step:
-//! this hands out the chain, the roots and the key.
+//! Who asks, caches and renews per identity is `control::ca` (a thread of its own); this hands
+//! out the chain, the roots and the key of one answer.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -63,12 +63,28 @@ impl IssuedCertificate {
     }
 }
 
+/// What `ringtun run` needs to take its certificates from istiod's CA.
+#[derive(Clone, Debug)]
+pub struct CaOptions {
+    /// `CA_ADDRESS` and how to reach it (`CA_ROOT_CA`, the token, `CLUSTER_ID`).
+    pub endpoint: Endpoint,
+    /// `SECRET_TTL`: the lifetime asked for.
+    pub ttl: Duration,
+    /// The proxy's own identity: the workload's in dedicated mode, the node proxy's service
+    /// account in shared mode.
+    pub identity: Identity,
+    /// Shared (node) mode: certificates of other identities are asked for on their behalf
+    /// (`ImpersonatedIdentity`), as ztunnel does.
+    pub impersonate: bool,
+}
+
 /// Asks istiod's CA (`CA_ADDRESS`) for workload certificates.
 #[derive(Clone, Debug)]
 pub struct CaClient {
     endpoint: Endpoint,
     ttl: Duration,
     impersonate: bool,
+    own: Option<Identity>,
 }
 
 impl CaClient {
@@ -79,7 +95,22 @@ impl CaClient {
             endpoint,
             ttl,
             impersonate,
+            own: None,
         }
+    }
+
+    /// The client of `ringtun run`: `own` (the token's identity) is asked for without
+    /// `ImpersonatedIdentity`, every other identity with it in node mode.
+    pub fn from_options(o: &CaOptions) -> Self {
+        CaClient {
+            own: Some(o.identity.clone()),
+            ..CaClient::new(o.endpoint.clone(), o.ttl, o.impersonate)
+        }
+    }
+
+    /// `CA_ADDRESS`, for the log.
+    pub fn address(&self) -> &str {
+        &self.endpoint.url
     }
 
     /// Fetches a certificate for `identity` on the caller's tokio runtime.
@@ -98,7 +129,8 @@ impl CaClient {
             .serialize_request(&key)
             .and_then(|c| c.pem())
             .map_err(|e| XdsError::Csr(e.to_string()))?;
-        let metadata = self.impersonate.then(|| Struct {
+        let impersonate = self.impersonate && self.own.as_ref() != Some(identity);
+        let metadata = impersonate.then(|| Struct {
             fields: [("ImpersonatedIdentity".to_owned(), string_value(uri.clone()))].into(),
         });
         let mut request = tonic::Request::new(IstioCertificateRequest {
@@ -132,6 +164,45 @@ impl CaClient {
             .build()
             .map_err(XdsError::Thread)?
             .block_on(self.fetch(identity))
+    }
+}
+
+/// ztunnel's retry delays for a failed certificate fetch, per identity: about 1 s, doubling,
+/// ±20 %, at most 150 s.
+#[derive(Debug)]
+pub struct CaBackoff {
+    next: Duration,
+}
+
+/// ztunnel's longest wait between two attempts for one identity.
+pub const CA_MAX_BACKOFF: Duration = Duration::from_secs(150);
+
+impl Default for CaBackoff {
+    fn default() -> Self {
+        CaBackoff {
+            next: Duration::from_secs(1),
+        }
+    }
+}
+
+impl CaBackoff {
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(CA_MAX_BACKOFF);
+        // Spread retries of many identities (and many nodes) apart; the clock's nanoseconds are
+        // random enough for that.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let factor = 0.8 + 0.4 * (f64::from(nanos % 1000) / 1000.0);
+        base.mul_f64(factor).min(CA_MAX_BACKOFF)
+    }
+
+    /// After a success: the next failure starts over.
+    pub fn reset(&mut self) {
+        *self = CaBackoff::default();
     }
 }
 
@@ -234,5 +305,22 @@ mod tests {
         let err = check_response(&id, vec![leaf(&id.to_string(), &ca, &ca_key)], key())
             .expect_err("no root");
         assert!(err.to_string().contains("a leaf and a root"), "{err}");
+    }
+
+    #[test]
+    fn retries_back_off_to_ztunnels_cap() {
+        let mut b = CaBackoff::default();
+        let first = b.next_delay();
+        assert!(
+            (Duration::from_millis(800)..=Duration::from_millis(1200)).contains(&first),
+            "{first:?}"
+        );
+        let second = b.next_delay();
+        assert!(second >= Duration::from_millis(1600), "{second:?}");
+        for _ in 0..20 {
+            assert!(b.next_delay() <= CA_MAX_BACKOFF);
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(1200));
     }
 }

@@ -427,7 +427,27 @@ impl XdsRingtun {
     /// Starts it with `ip` as its pod IP and waits until it answers ready on 15021 (which, with
     /// xDS, means istiod's first config is in force).
     pub fn start(ns: &Netns, who: &str, ip: &str, url: &str, dir: &Path) -> XdsRingtun {
-        let mut r = XdsRingtun::spawn(ns, who, ip, url, dir);
+        XdsRingtun::spawn(ns, who, ip, url, dir).ready(ns, who)
+    }
+
+    /// [`XdsRingtun::start`] without certificate files: its certificates come from istiod's
+    /// CA (`CA_ROOT_CA` the directory's CA; `CA_ADDRESS` unless `env` sets it is
+    /// XDS_ADDRESS's istiod); `env` is added to its environment.
+    pub fn start_from_ca(
+        ns: &Netns,
+        who: &str,
+        ip: &str,
+        url: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> XdsRingtun {
+        let root = dir.join("ca.pem");
+        XdsRingtun::spawn_custom(ns, who, ip, url, dir, &root, false, env).ready(ns, who)
+    }
+
+    /// Waits until it answers ready on 15021.
+    fn ready(mut self, ns: &Netns, who: &str) -> XdsRingtun {
+        let r = &mut self;
         let deadline = Instant::now() + EVENT_WAIT;
         let ready = || {
             matches!(
@@ -448,7 +468,7 @@ impl XdsRingtun {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
-        r
+        self
     }
 
     /// Starts it without waiting for anything.
@@ -465,21 +485,46 @@ impl XdsRingtun {
         dir: &Path,
         root: &Path,
     ) -> XdsRingtun {
-        let (chain, key) = crate::common::cert_paths(dir, &format!("default/{who}"));
+        XdsRingtun::spawn_custom(ns, who, ip, url, dir, root, true, &[])
+    }
+
+    /// Starts it with istiod's root `root`, the mounted certificate files or not (then they
+    /// come from the CA, whose root is `root` too), and `env` added.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_custom(
+        ns: &Netns,
+        who: &str,
+        ip: &str,
+        url: &str,
+        dir: &Path,
+        root: &Path,
+        files: bool,
+        env: &[(&str, &str)],
+    ) -> XdsRingtun {
         let log = dir.join(format!("ringtun-{who}.log"));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("dup log file");
-        let child = ns
-            .exec(crate::common::ringtun_bin())
-            .current_dir(dir)
-            .arg("run")
-            .arg("--cert-chain")
-            .arg(&chain)
-            .arg("--key")
-            .arg(&key)
-            .arg("--roots")
-            .arg(dir.join("ca.pem"))
-            .args(["--workload", &format!("default/{who}"), "--workers", "1"])
+        let mut cmd = ns.exec(crate::common::ringtun_bin());
+        cmd.current_dir(dir).arg("run");
+        if files {
+            let (chain, key) = crate::common::cert_paths(dir, &format!("default/{who}"));
+            cmd.arg("--cert-chain")
+                .arg(&chain)
+                .arg("--key")
+                .arg(&key)
+                .arg("--roots")
+                .arg(dir.join("ca.pem"));
+        } else {
+            cmd.env("CA_ROOT_CA", root);
+        }
+        cmd.envs(env.iter().copied());
+        let child = cmd
+            .args([
+                "--workload",
+                &format!("default/{who}/{who}"),
+                "--workers",
+                "1",
+            ])
             .env("XDS_ADDRESS", url)
             .env("XDS_ROOT_CA", root)
             .env("INSTANCE_IP", ip)
