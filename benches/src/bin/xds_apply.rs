@@ -136,12 +136,17 @@ fn response(type_url: &str, nonce: usize, resources: Vec<Resource>) -> DeltaDisc
     }
 }
 
-/// The control thread's side of one response: the session applies it, and the snapshot the
-/// shards get follows.
-fn apply(session: &mut Session, resp: DeltaDiscoveryResponse, generation: u64) -> Snapshot {
+/// The control side of one response: the session applies it, and the snapshot the shards get
+/// follows from the one in force.
+fn apply(
+    session: &mut Session,
+    current: &Snapshot,
+    resp: DeltaDiscoveryResponse,
+    generation: u64,
+) -> Snapshot {
     let handled = session.handle(resp);
     assert!(handled.nack().is_none(), "{:?}", handled.nack());
-    Snapshot::new(session.config(), generation)
+    current.apply(handled.delta, generation)
 }
 
 struct Figures {
@@ -162,8 +167,9 @@ fn measure(n: usize) -> Figures {
     let before = held();
     let mut session = Session::new(Default::default());
     session.handle(response(AUTHORIZATION_TYPE, 0, Vec::new()));
+    let empty = Snapshot::new(Default::default(), 1);
     let t = Instant::now();
-    let mut snap = apply(&mut session, first, 2);
+    let mut snap = apply(&mut session, &empty, first, 2);
     let full = t.elapsed();
     let held_bytes = held() - before;
 
@@ -172,7 +178,7 @@ fn measure(n: usize) -> Figures {
         let i = (d * 7919) % n;
         let resp = response(ADDRESS_TYPE, d + 2, vec![workload(i, services, d + 1)]);
         let t = Instant::now();
-        let next = apply(&mut session, resp, d as u64 + 3);
+        let next = apply(&mut session, &snap, resp, d as u64 + 3);
         times.push(t.elapsed());
         snap = next;
     }

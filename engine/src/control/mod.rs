@@ -31,7 +31,7 @@ use crate::options::{IoDriver, ListenerKind, RunOptions};
 use crate::shard::{ShardEvent, ShardMsg};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
-use source::ConfigSource;
+use source::{ConfigSource, Update};
 use state::ControlState;
 
 /// A running ringtun: its shard handles, for callers that want to stop it (tests, demo).
@@ -52,6 +52,8 @@ pub struct Running {
     /// The config the shards run is the source's (not the empty one istiod's first push
     /// replaces): readiness may answer 200.
     synced: bool,
+    /// The snapshot in force, which istiod's next changes apply to.
+    snapshot: Snapshot,
     tls: Arc<TlsMaterial>,
     driver: IoDriver,
 }
@@ -143,6 +145,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         bound,
         source,
         synced,
+        snapshot: snapshot.clone(),
         tls,
         driver,
     };
@@ -227,8 +230,8 @@ impl Running {
             identity = %tls.identity,
             tls = if tls.ktls.is_some() { "ktls" } else { "userspace" },
             config = %self.source.describe(),
-            workloads = snapshot.config().workloads.len(),
-            services = snapshot.config().services.len(),
+            workloads = snapshot.workload_count(),
+            services = snapshot.service_count(),
             listeners = ?self.bound,
             mark = %format_args!("{:#x}", opts.mark),
             pool_max_streams = opts.pool.max_streams,
@@ -267,9 +270,18 @@ impl Running {
                 continue;
             };
             match next {
-                Ok(config) => {
+                Ok(update) => {
                     generation += 1;
-                    let snap = Snapshot::new(config, generation);
+                    let built = Instant::now();
+                    let (snap, changes) = match update {
+                        Update::Full(config) => (Snapshot::new(config, generation), None),
+                        Update::Delta(delta) => {
+                            let n = delta.len();
+                            (self.snapshot.apply(delta, generation), Some(n))
+                        }
+                    };
+                    tracing::debug!(generation, ?changes, took = ?built.elapsed(), "snapshot built");
+                    self.snapshot = snap.clone();
                     for tx in &self.senders {
                         let _ = tx.send(ShardMsg::Config(Box::new(snap.clone())));
                     }
@@ -284,8 +296,9 @@ impl Running {
                     }
                     tracing::info!(
                         generation,
-                        workloads = snap.config().workloads.len(),
-                        services = snap.config().services.len(),
+                        workloads = snap.workload_count(),
+                        services = snap.service_count(),
+                        ?changes,
                         "{}",
                         self.source.what()
                     );
