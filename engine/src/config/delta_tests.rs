@@ -147,6 +147,7 @@ fn policy() -> impl Strategy<Value = Policy> {
 
 /// One change: which list, which of a few resource names, and the new value or a removal.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // test input, generated and consumed once
 enum Op {
     Workload(u8, Option<Workload>),
     Service(u8, Option<Service>),

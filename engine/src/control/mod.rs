@@ -298,6 +298,7 @@ impl Running {
                         generation,
                         workloads = snap.workload_count(),
                         services = snap.service_count(),
+                        policies = snap.policy_count(),
                         ?changes,
                         "{}",
                         self.source.what()
