@@ -124,9 +124,21 @@ impl<K: Hash + Eq + Clone, V: Clone> ChunkMap<K, V> {
         old
     }
 
+    /// Makes room for `more` entries at once (a first push), instead of doubling step by step.
+    pub(super) fn reserve(&mut self, more: usize) {
+        let want = (self.len + more) / LOAD;
+        if want > self.buckets.len() {
+            self.regrow(want.next_power_of_two());
+        }
+    }
+
     /// Doubles the table: a copy of every entry, once per doubling of the map.
     fn grow(&mut self) {
-        let count = self.buckets.len() * 2;
+        self.regrow(self.buckets.len() * 2);
+    }
+
+    /// Spreads every entry over `count` buckets.
+    fn regrow(&mut self, count: usize) {
         let mut fresh: Vec<HashMap<K, V>> = (0..count)
             .map(|_| HashMap::with_capacity(LOAD / 2))
             .collect();

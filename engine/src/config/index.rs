@@ -68,6 +68,13 @@ pub(super) struct PolicyTables {
     pub(super) by_key: HashMap<String, usize>,
 }
 
+/// Marks `service_key`'s endpoints for recomputing (allocating only the first time).
+fn touch(touched: &mut BTreeSet<Arc<str>>, service_key: &str) {
+    if !touched.contains(service_key) {
+        touched.insert(service_key.into());
+    }
+}
+
 /// ztunnel's preference among workloads sharing an address: Pod uid, then HBONE.
 pub(super) fn ip_rank(w: &Workload) -> u8 {
     u8::from(w.uid.contains("//Pod/")) * 2 + u8::from(w.protocol == Protocol::Hbone)
@@ -94,6 +101,7 @@ impl Index {
 
     /// Applies `delta`: each list in order, then the endpoints of every service key touched.
     pub(super) fn apply(&mut self, delta: Delta) {
+        self.reserve(delta.workloads.len(), delta.services.len());
         let mut touched = BTreeSet::new();
         for (key, w) in delta.workloads {
             self.put_workload(key, w, &mut touched);
@@ -115,6 +123,20 @@ impl Index {
         for service_key in &touched {
             self.refresh_endpoints(service_key);
         }
+    }
+
+    /// Room for `workloads` and `services` more (at most: some may be updates or removals).
+    fn reserve(&mut self, workloads: usize, services: usize) {
+        self.workloads.reserve(workloads);
+        self.by_ip.reserve(workloads);
+        self.by_name.reserve(workloads);
+        self.by_uid.reserve(workloads);
+        self.services.reserve(services);
+        self.by_vip.reserve(services);
+        self.by_host.reserve(services);
+        self.carriers.reserve(services);
+        self.members.reserve(services);
+        self.endpoints.reserve(services);
     }
 
     fn put_workload(
@@ -160,7 +182,7 @@ impl Index {
             if members.is_empty() {
                 self.members.remove(service_key.as_str());
             }
-            touched.insert(service_key.as_str().into());
+            touch(touched, service_key);
         }
     }
 
@@ -193,7 +215,7 @@ impl Index {
                         .insert(service_key.as_str().into(), Arc::new(members));
                 }
             }
-            touched.insert(service_key.as_str().into());
+            touch(touched, service_key);
         }
     }
 

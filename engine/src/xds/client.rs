@@ -145,7 +145,7 @@ async fn stream_once(
         if req_tx.send(handled.reply).is_err() {
             return Ok(Ended::Closed);
         }
-        if session.synced() && (handled.changed || handled.synced_now) {
+        if session.synced() && (!pending.is_empty() || handled.synced_now) {
             let (workloads, services, policies) = session.counts();
             let changes = pending.len();
             tracing::debug!(workloads, services, policies, changes, "xDS config changed");
