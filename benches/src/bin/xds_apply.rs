@@ -12,11 +12,13 @@
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use ringtun::config::Snapshot;
+use ringtun::config::{LocalConfig, Snapshot};
 use ringtun::xds::proto::{
     Address, AddressType, Any, DeltaDiscoveryResponse, Port, PortList, Resource, XdsNetworkAddress,
     XdsService, XdsWorkload,
@@ -161,6 +163,93 @@ struct Figures {
     delta_median: Duration,
     delta_max: Duration,
     held_per_workload: f64,
+    lookup: Duration,
+    flat_lookup: Duration,
+}
+
+/// CPU time of this thread (the machine may be shared: wall time would count waiting).
+fn cpu_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+const ROUNDS: usize = 1_000_000;
+
+fn vip_of(i: usize, services: usize) -> IpAddr {
+    IpAddr::from(((100u32 << 24) + ((i * 7919) % services) as u32 + 1).to_be_bytes())
+}
+
+/// What a new outbound connection to a VIP costs in lookups: the service, an endpoint, and
+/// the workload by the endpoint's IP (as `decide::route` and the inbound side do); CPU time.
+fn lookup_time(snap: &Snapshot, services: usize) -> Duration {
+    let t = cpu_now();
+    let mut found = 0usize;
+    for i in 0..ROUNDS {
+        let Some(svc) = snap.service_by_vip(vip_of(i, services)) else {
+            continue;
+        };
+        let eps = snap.endpoints(svc, 80);
+        if let Some((w, _)) = eps.get(i % eps.len().max(1)) {
+            found += usize::from(snap.workload_by_ip(w.workload_ips[0]).is_some());
+        }
+    }
+    let took = cpu_now() - t;
+    assert_eq!(found, ROUNDS, "every VIP has endpoints");
+    took / ROUNDS as u32
+}
+
+/// The same lookups over flat tables of positions into vectors (the first cut's layout), as
+/// the reference for [`lookup_time`] under the same conditions.
+fn flat_lookup_time(config: &LocalConfig, services: usize) -> Duration {
+    let by_vip: HashMap<IpAddr, usize> = config
+        .services
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| s.vips.iter().map(move |v| (v.address, i)))
+        .collect();
+    let by_ip: HashMap<IpAddr, usize> = config
+        .workloads
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| w.workload_ips.iter().map(move |ip| (*ip, i)))
+        .collect();
+    let index: HashMap<String, usize> = config
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.key(), i))
+        .collect();
+    let mut endpoints: Vec<HashMap<u16, Vec<(usize, u16)>>> =
+        vec![HashMap::new(); config.services.len()];
+    for (wi, w) in config.workloads.iter().enumerate() {
+        for (key, ports) in &w.services {
+            if let Some(&si) = index.get(key) {
+                for (&p, &t) in ports {
+                    endpoints[si].entry(p).or_default().push((wi, t));
+                }
+            }
+        }
+    }
+    let t = cpu_now();
+    let mut found = 0usize;
+    for i in 0..ROUNDS {
+        let Some(&si) = by_vip.get(&vip_of(i, services)) else {
+            continue;
+        };
+        let eps = endpoints[si].get(&80).map_or(&[][..], |v| &v[..]);
+        if let Some(&(wi, _)) = eps.get(i % eps.len().max(1)) {
+            let ip = config.workloads[wi].workload_ips[0];
+            found += usize::from(by_ip.get(&ip).is_some_and(|&j| j < config.workloads.len()));
+        }
+    }
+    let took = cpu_now() - t;
+    assert_eq!(found, ROUNDS, "every VIP has endpoints");
+    took / ROUNDS as u32
 }
 
 fn measure(n: usize) -> Figures {
@@ -185,6 +274,8 @@ fn measure(n: usize) -> Figures {
         snap = next;
     }
     assert!(snap.generation > 2);
+    let lookup = lookup_time(&snap, services);
+    let flat_lookup = flat_lookup_time(&session.config(), services);
     times.sort();
     drop(snap);
     drop(session);
@@ -196,6 +287,8 @@ fn measure(n: usize) -> Figures {
         delta_median: times[times.len() / 2],
         delta_max: times[times.len() - 1],
         held_per_workload: held_bytes as f64 / n as f64,
+        lookup,
+        flat_lookup,
     }
 }
 
@@ -210,20 +303,22 @@ fn main() {
         sizes
     };
     println!(
-        "| workloads | services | first push: decode + convert / index | one-workload delta (median / max of {DELTAS}) | heap per workload |"
+        "| workloads | services | first push: decode + convert / index | one-workload delta (median / max of {DELTAS}) | heap per workload | VIP → endpoint → workload lookup, CPU (flat tables) |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         let f = measure(n);
         println!(
-            "| {} | {} | {:.1} ms / {:.1} ms | {:.3} ms / {:.3} ms | {:.0} B |",
+            "| {} | {} | {:.1} ms / {:.1} ms | {:.3} ms / {:.3} ms | {:.0} B | {} ns ({} ns) |",
             f.workloads,
             f.services,
             f.full_session.as_secs_f64() * 1e3,
             f.full_index.as_secs_f64() * 1e3,
             f.delta_median.as_secs_f64() * 1e3,
             f.delta_max.as_secs_f64() * 1e3,
-            f.held_per_workload
+            f.held_per_workload,
+            f.lookup.as_nanos(),
+            f.flat_lookup.as_nanos()
         );
     }
 }

@@ -15,24 +15,27 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::chunked::{claim, unclaim, ChunkMap, Claims, NsName, Pair};
+use super::chunked::{claim, reclaim, unclaim, ChunkMap, Claims, NsName, Pair};
 use super::delta::{Delta, EntryKey};
 use super::model::{HealthStatus, LoadBalancerHealthPolicy, NetworkMode, Protocol};
 use super::model::{Policy, PolicyScope, Service, Workload};
 
-/// A service as the index holds it: the value and its id (unique within a snapshot and kept
-/// across updates of the same entry; the file's position for a full build).
+/// A service as the index holds it: the value, its id (unique within a snapshot and kept
+/// across updates of the same entry; the file's position for a full build) and its endpoints,
+/// so that a lookup by VIP finds them without another table.
 #[derive(Clone, Debug)]
 pub(super) struct Svc {
     pub(super) service: Arc<Service>,
     pub(super) id: usize,
+    pub(super) endpoints: Arc<PortEndpoints>,
 }
 
 /// One endpoint: the workload and the port to dial on it.
 pub(super) type Endpoint = (Arc<Workload>, u16);
 
-/// A service's endpoints per service port, in config order.
-pub(super) type PortEndpoints = HashMap<u16, Box<[Endpoint]>>;
+/// A service's endpoints per service port (sorted, searched in order: services have few
+/// ports), each list in config order.
+pub(super) type PortEndpoints = [(u16, Box<[Endpoint]>)];
 
 /// Workloads listing one service key, in config order.
 type Members = BTreeMap<EntryKey, Arc<Workload>>;
@@ -51,8 +54,6 @@ pub(super) struct Index {
     carriers: ChunkMap<Arc<str>, Claims<Svc>>,
     /// Service key → the workloads listing it.
     members: ChunkMap<Arc<str>, Arc<Members>>,
-    /// Service id → endpoints (absent: none).
-    pub(super) endpoints: ChunkMap<usize, Arc<PortEndpoints>>,
     pub(super) policies: Arc<PolicyTables>,
     next_service_id: usize,
 }
@@ -93,7 +94,6 @@ impl Index {
             by_uid: ChunkMap::with_capacity(workloads),
             carriers: ChunkMap::with_capacity(services),
             members: ChunkMap::with_capacity(services),
-            endpoints: ChunkMap::with_capacity(services),
             policies: Arc::default(),
             next_service_id: 0,
         }
@@ -136,7 +136,6 @@ impl Index {
         self.by_host.reserve(services);
         self.carriers.reserve(services);
         self.members.reserve(services);
-        self.endpoints.reserve(services);
     }
 
     fn put_workload(
@@ -235,7 +234,6 @@ impl Index {
             unclaim(&mut self.by_host, &host as &dyn Pair, &key);
             let service_key = s.key();
             unclaim(&mut self.carriers, service_key.as_str(), &key);
-            self.endpoints.remove(&old.id);
             touched.insert(service_key.into());
         }
         let Some(service) = new else {
@@ -248,7 +246,11 @@ impl Index {
             },
             |o| o.id,
         );
-        let svc = Svc { service, id };
+        let svc = Svc {
+            service,
+            id,
+            endpoints: Vec::new().into(),
+        };
         let s = &svc.service;
         for vip in &s.vips {
             claim(&mut self.by_vip, vip.address.to_canonical(), &key, &svc);
@@ -273,13 +275,13 @@ impl Index {
             return;
         };
         let members = self.members.get(service_key).cloned().unwrap_or_default();
-        for (_, svc) in carriers.iter() {
+        for (key, svc) in carriers.iter() {
             let allow_unhealthy = svc
                 .service
                 .load_balancer
                 .as_ref()
                 .is_some_and(|lb| lb.health_policy == LoadBalancerHealthPolicy::AllowAll);
-            let mut ports: HashMap<u16, Vec<Endpoint>> = HashMap::new();
+            let mut ports: BTreeMap<u16, Vec<Endpoint>> = BTreeMap::new();
             for w in members.values() {
                 if w.status == HealthStatus::Unhealthy && !allow_unhealthy {
                     continue;
@@ -294,16 +296,31 @@ impl Index {
                         .push((w.clone(), target_port));
                 }
             }
-            if ports.is_empty() {
-                self.endpoints.remove(&svc.id);
-            } else {
-                let ports = ports
-                    .into_iter()
-                    .map(|(p, v)| (p, v.into_boxed_slice()))
-                    .collect();
-                self.endpoints.insert(svc.id, Arc::new(ports));
+            let endpoints: Vec<_> = ports
+                .into_iter()
+                .map(|(p, v)| (p, v.into_boxed_slice()))
+                .collect();
+            if endpoints.is_empty() && svc.endpoints.is_empty() {
+                continue;
             }
+            let svc = Svc {
+                endpoints: endpoints.into(),
+                ..svc.clone()
+            };
+            self.restore_service(key, &svc);
         }
+    }
+
+    /// Puts `svc` (with new endpoints) in place of the entry `key` wherever it is filed.
+    fn restore_service(&mut self, key: &EntryKey, svc: &Svc) {
+        let s = &svc.service;
+        for vip in &s.vips {
+            reclaim(&mut self.by_vip, &vip.address.to_canonical(), key, svc);
+        }
+        let host = (s.namespace.as_str(), s.hostname.as_str());
+        reclaim(&mut self.by_host, &host as &dyn Pair, key, svc);
+        reclaim(&mut self.carriers, s.key().as_str(), key, svc);
+        self.services.insert(key.clone(), svc.clone());
     }
 }
 

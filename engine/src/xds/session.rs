@@ -204,20 +204,6 @@ impl Session {
         }
     }
 
-    /// Everything held, as one delta that builds it from nothing (keys are xDS names).
-    pub fn everything(&self) -> Delta {
-        fn all<T>(m: &BTreeMap<String, Held<T>>) -> Vec<Change<T>> {
-            m.iter()
-                .map(|(k, h)| (EntryKey::from(k.as_str()), Some(h.value.clone())))
-                .collect()
-        }
-        Delta {
-            workloads: all(&self.workloads),
-            services: all(&self.services),
-            policies: all(&self.policies),
-        }
-    }
-
     /// How many workloads, services and policies are held.
     pub fn counts(&self) -> (usize, usize, usize) {
         (
