@@ -7,7 +7,7 @@
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
 use super::delta::EntryKey;
@@ -17,7 +17,53 @@ const LOAD: usize = 64;
 /// The smallest table.
 const MIN_BUCKETS: usize = 16;
 
-type Bucket<K, V> = Arc<HashMap<K, V>>;
+/// rustc's Fx hash: the keys come from the control plane, not from connections, so a keyed
+/// hash would buy nothing and cost on every lookup.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Fx(u64);
+
+impl Fx {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            self.add(u64::from_le_bytes(w.try_into().unwrap_or_default()));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(i.into());
+    }
+    fn write_u16(&mut self, i: u16) {
+        self.add(i.into());
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(i.into());
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxBuild = BuildHasherDefault<Fx>;
+
+type Bucket<K, V> = Arc<HashMap<K, V, FxBuild>>;
 
 /// A hash map in copy-on-write buckets (see the module docs).
 #[derive(Debug)]
@@ -42,18 +88,19 @@ impl<K: Hash + Eq + Clone, V: Clone> Default for ChunkMap<K, V> {
     }
 }
 
-/// The bucket of a key: a fixed hasher, so that a key and its borrowed form agree.
+/// The bucket of a key: the same hash as inside the bucket, mixed again so that the bucket
+/// does not follow the bits the bucket's own map uses.
 fn slot<Q: Hash + ?Sized>(q: &Q, buckets: usize) -> usize {
-    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(q);
-    // The table size is a power of two; the high bits are the better mixed.
-    (h >> 32) as usize & (buckets - 1)
+    let h = FxBuild::default().hash_one(q);
+    let h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (h ^ (h >> 33)) as usize & (buckets - 1)
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> ChunkMap<K, V> {
     /// An empty map sized for about `n` entries.
     pub(super) fn with_capacity(n: usize) -> Self {
         let count = (n / LOAD).next_power_of_two().max(MIN_BUCKETS);
-        let empty = Arc::new(HashMap::new());
+        let empty = Arc::new(HashMap::default());
         ChunkMap {
             buckets: vec![empty; count].into(),
             len: 0,
@@ -80,7 +127,7 @@ impl<K: Hash + Eq + Clone, V: Clone> ChunkMap<K, V> {
     }
 
     /// The bucket at `i`, made this map's own.
-    fn bucket_mut(&mut self, i: usize) -> &mut HashMap<K, V> {
+    fn bucket_mut(&mut self, i: usize) -> &mut HashMap<K, V, FxBuild> {
         Arc::make_mut(&mut Arc::make_mut(&mut self.buckets)[i])
     }
 
@@ -140,8 +187,8 @@ impl<K: Hash + Eq + Clone, V: Clone> ChunkMap<K, V> {
 
     /// Spreads every entry over `count` buckets.
     fn regrow(&mut self, count: usize) {
-        let mut fresh: Vec<HashMap<K, V>> = (0..count)
-            .map(|_| HashMap::with_capacity(LOAD / 2))
+        let mut fresh: Vec<HashMap<K, V, FxBuild>> = (0..count)
+            .map(|_| HashMap::with_capacity_and_hasher(LOAD / 2, FxBuild::default()))
             .collect();
         for (k, v) in self.iter() {
             fresh[slot(k, count)].insert(k.clone(), v.clone());
