@@ -246,3 +246,116 @@ fn remove<T>(map: &mut BTreeMap<String, Held<T>>, name: &str, delta: &mut Vec<Ch
         delta.push((EntryKey::from(name), None));
     }
 }
+
+#[cfg(test)]
+mod delta_tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::config::Snapshot;
+    use crate::xds::proto::{Address, AddressType, Any, Port, PortList, XdsNetworkAddress};
+    use crate::xds::proto::{XdsService, XdsWorkload};
+
+    fn resource(name: &str, version: &str, a: AddressType) -> Resource {
+        Resource {
+            name: name.into(),
+            version: version.into(),
+            resource: Some(Any {
+                type_url: ADDRESS_TYPE.into(),
+                value: Address { r#type: Some(a) }.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn workload(ip: u8) -> AddressType {
+        AddressType::Workload(XdsWorkload {
+            uid: "w".into(),
+            name: "w".into(),
+            namespace: "ns".into(),
+            addresses: vec![vec![10, 0, 0, ip]],
+            services: [(
+                "ns/s.ns.svc".to_owned(),
+                PortList {
+                    ports: vec![Port {
+                        service_port: 80,
+                        target_port: 8080,
+                    }],
+                },
+            )]
+            .into(),
+            ..Default::default()
+        })
+    }
+
+    fn service() -> AddressType {
+        AddressType::Service(XdsService {
+            name: "s".into(),
+            namespace: "ns".into(),
+            hostname: "s.ns.svc".into(),
+            addresses: vec![XdsNetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 1],
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn response(resources: Vec<Resource>, removed: &[&str]) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n".into(),
+            resources,
+            removed_resources: removed.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// What each response hands over, applied in turn, is what the session holds.
+    #[test]
+    fn deltas_name_only_what_changed_and_add_up_to_the_state() {
+        let mut s = Session::new(Node::default());
+        let mut snap = Snapshot::new(LocalConfig::default(), 1);
+        let mut step = |s: &mut Session, resp| {
+            let h = s.handle(resp);
+            let counts = (
+                h.delta.workloads.len(),
+                h.delta.services.len(),
+                h.delta.policies.len(),
+            );
+            snap = snap.apply(h.delta, snap.generation + 1);
+            let full = Snapshot::new(s.config(), 0);
+            let ip = "10.0.0.1".parse().expect("ip");
+            assert_eq!(
+                snap.workload_by_ip(ip).map(|w| w.uid.clone()),
+                full.workload_by_ip(ip).map(|w| w.uid.clone())
+            );
+            assert_eq!(snap.workload_count(), full.workload_count());
+            assert_eq!(snap.service_count(), full.service_count());
+            counts
+        };
+        let r = response(
+            vec![
+                resource("a", "1", workload(1)),
+                resource("s", "1", service()),
+            ],
+            &[],
+        );
+        assert_eq!(step(&mut s, r), (1, 1, 0));
+        // The same value under a new version: nothing to hand over.
+        assert_eq!(
+            step(&mut s, response(vec![resource("a", "2", workload(1))], &[])),
+            (0, 0, 0)
+        );
+        assert_eq!(s.initial_requests()[0].initial_resource_versions["a"], "2");
+        // A name that turns from a workload into a service: removed from one, put in the other.
+        assert_eq!(
+            step(&mut s, response(vec![resource("a", "3", service())], &[])),
+            (1, 1, 0)
+        );
+        assert_eq!(s.counts(), (0, 2, 0));
+        // Removals of what is held, and only those.
+        assert_eq!(step(&mut s, response(vec![], &["a", "nothing"])), (0, 1, 0));
+        assert_eq!(s.counts(), (0, 1, 0));
+    }
+}
