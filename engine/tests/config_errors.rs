@@ -480,7 +480,7 @@ fn parse_and_exercise(text: &str) -> Result<(), TestCaseError> {
         Ok(loaded) => {
             let snap = Snapshot::new(loaded.config, 3);
             let copy = snap.clone();
-            for s in &copy.config().services {
+            for s in copy.services() {
                 for vip in &s.vips {
                     if let Some(svc) = snap.service_by_vip(vip.address) {
                         for &port in s.ports.keys() {
@@ -491,7 +491,7 @@ fn parse_and_exercise(text: &str) -> Result<(), TestCaseError> {
                     }
                 }
             }
-            for w in &copy.config().workloads {
+            for w in copy.workloads() {
                 for &ip in &w.workload_ips {
                     let _ = snap.workload_by_ip(ip);
                 }

@@ -44,15 +44,22 @@
 //! Inconsistencies that ztunnel loads anyway (duplicate IPs or VIPs, a workload naming an
 //! undefined service, ...) are warnings. An empty file is a valid empty config.
 //!
-//! [`Snapshot`] indexes one parsed config for O(1), allocation-free lookups on the
-//! connection path.
+//! [`Snapshot`] indexes one config for O(1), allocation-free lookups on the connection path;
+//! a [`Delta`] (istiod's updates) makes the next one at the cost of what it changes.
 
+mod chunked;
+mod delta;
 mod error;
+mod index;
 mod model;
 mod parse;
 mod snapshot;
 mod validate;
 
+#[cfg(test)]
+mod delta_tests;
+
+pub use delta::{Change, Delta, EntryKey};
 pub use error::ConfigError;
 pub use model::{
     ApplicationTunnel, ApplicationTunnelProtocol, Clause, GatewayAddress, GatewayDestination,
@@ -62,4 +69,4 @@ pub use model::{
     ServiceAccountMatch, ServiceEndpoint, StringMatch, Workload,
 };
 pub use parse::{load, parse, Loaded};
-pub use snapshot::{EndpointIndex, Endpoints, EndpointsIter, ServiceRef, Snapshot};
+pub use snapshot::{Endpoints, EndpointsIter, ServiceRef, Snapshot};

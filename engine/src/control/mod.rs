@@ -35,7 +35,7 @@ use crate::shard::{inbox, ShardEvent, ShardMsg, ShardTx};
 use crate::tls::TlsMaterial;
 use crate::EngineError;
 use certs::Certificates;
-use source::ConfigSource;
+use source::{ConfigSource, Update};
 use state::ControlState;
 
 /// A running ringtun: its shard handles, for callers that want to stop it (tests, demo).
@@ -56,6 +56,8 @@ pub struct Running {
     /// The config the shards run is the source's (not the empty one istiod's first push
     /// replaces): readiness may answer 200.
     synced: bool,
+    /// The snapshot in force, which istiod's next changes apply to.
+    snapshot: Snapshot,
     tls: Arc<TlsMaterial>,
     driver: IoDriver,
 }
@@ -159,6 +161,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         bound,
         source,
         synced,
+        snapshot: snapshot.clone(),
         tls,
         driver,
     };
@@ -240,8 +243,8 @@ impl Running {
             identity = %tls.identity,
             tls = if tls.ktls.is_some() { "ktls" } else { "userspace" },
             config = %self.source.describe(),
-            workloads = snapshot.config().workloads.len(),
-            services = snapshot.config().services.len(),
+            workloads = snapshot.workload_count(),
+            services = snapshot.service_count(),
             listeners = ?self.bound,
             mark = %format_args!("{:#x}", opts.mark),
             pool_max_streams = opts.pool.max_streams,
@@ -280,9 +283,18 @@ impl Running {
                 continue;
             };
             match next {
-                Ok(config) => {
+                Ok(update) => {
                     generation += 1;
-                    let snap = Snapshot::new(config, generation);
+                    let built = Instant::now();
+                    let (snap, changes) = match update {
+                        Update::Full(config) => (Snapshot::new(config, generation), None),
+                        Update::Delta(delta) => {
+                            let n = delta.len();
+                            (self.snapshot.apply(delta, generation), Some(n))
+                        }
+                    };
+                    tracing::debug!(generation, ?changes, took = ?built.elapsed(), "snapshot built");
+                    self.snapshot = snap.clone();
                     for tx in &self.senders {
                         let _ = tx.send(ShardMsg::Config(Box::new(snap.clone())));
                     }
@@ -297,8 +309,10 @@ impl Running {
                     }
                     tracing::info!(
                         generation,
-                        workloads = snap.config().workloads.len(),
-                        services = snap.config().services.len(),
+                        workloads = snap.workload_count(),
+                        services = snap.service_count(),
+                        policies = snap.policy_count(),
+                        ?changes,
                         "{}",
                         self.source.what()
                     );

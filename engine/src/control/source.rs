@@ -6,10 +6,19 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::watch::ConfigFile;
-use crate::config::{self, LocalConfig};
+use crate::config::{self, Delta, LocalConfig};
 use crate::options::RunOptions;
 use crate::xds::{self, XdsHandle};
 use crate::EngineError;
+
+/// A new config from the source.
+pub(super) enum Update {
+    /// A whole config (the file): the next snapshot is built from it.
+    Full(LocalConfig),
+    /// Changes to the config in force (istiod): the next snapshot is the current one with
+    /// them applied.
+    Delta(Delta),
+}
 
 /// The config source of a running ringtun.
 pub(super) enum ConfigSource {
@@ -67,9 +76,9 @@ impl ConfigSource {
     }
 
     /// A new config, when one is due: the file changed (an invalid one is an error, logged by
-    /// the caller, and the previous config stays), or istiod sent one (the newest of those
-    /// waiting).
-    pub(super) fn poll(&mut self) -> Option<Result<LocalConfig, config::ConfigError>> {
+    /// the caller, and the previous config stays), or istiod sent changes (all those waiting,
+    /// as one batch).
+    pub(super) fn poll(&mut self) -> Option<Result<Update, config::ConfigError>> {
         match self {
             ConfigSource::File {
                 path,
@@ -81,10 +90,15 @@ impl ConfigSource {
                     return None;
                 }
                 *next = Instant::now() + *poll;
-                file.changed().then(|| load(path))
+                file.changed().then(|| load(path).map(Update::Full))
             }
             ConfigSource::Xds { handle, .. } => {
-                handle.updates.try_iter().last().map(|u| Ok(u.config))
+                let mut waiting = handle.updates.try_iter();
+                let mut delta = waiting.next()?.delta;
+                for later in waiting {
+                    delta.append(later.delta);
+                }
+                Some(Ok(Update::Delta(delta)))
             }
         }
     }

@@ -20,10 +20,8 @@ pub struct Facts {
 
 /// The JSON body of `/config_dump`.
 pub fn render(snap: &Snapshot, facts: &Facts) -> String {
-    let c = snap.config();
-    let workloads: Vec<_> = c
-        .workloads
-        .iter()
+    let workloads: Vec<_> = snap
+        .workloads()
         .map(|w| {
             serde_json::json!({
                 "uid": w.uid, "name": w.name, "namespace": w.namespace,
@@ -35,9 +33,8 @@ pub fn render(snap: &Snapshot, facts: &Facts) -> String {
             })
         })
         .collect();
-    let services: Vec<_> = c
-        .services
-        .iter()
+    let services: Vec<_> = snap
+        .services()
         .map(|s| {
             serde_json::json!({
                 "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
@@ -46,9 +43,8 @@ pub fn render(snap: &Snapshot, facts: &Facts) -> String {
             })
         })
         .collect();
-    let policies: Vec<_> = c
-        .policies
-        .iter()
+    let policies: Vec<_> = snap
+        .policies()
         .map(|p| {
             serde_json::json!({
                 "name": p.name, "namespace": p.namespace,

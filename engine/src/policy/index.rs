@@ -9,9 +9,9 @@ use crate::config::{Policy, Snapshot, Workload};
 ///
 /// The tables mirror ztunnel's `PolicyStore` (`src/state/policy.rs`): policies keyed by
 /// `namespace/name` (a later duplicate replaces an earlier one), and per-namespace buckets of
-/// `Namespace`-scoped policies, with `Global` policies in the `""` bucket. They are built once
-/// per config generation with the [`Snapshot`], on the control side, and reach every shard
-/// with it; this is a borrowed view of them (no allocation, no atomics).
+/// `Namespace`-scoped policies, with `Global` policies in the `""` bucket. They are built on the
+/// control side when the policies change (generations that change only workloads share them)
+/// and reach every shard with the [`Snapshot`]; this is a borrowed view of them (no allocation, no atomics).
 /// [`PolicyIndex::evaluate`] gives exactly what [`super::evaluate`] gives for the same snapshot.
 #[derive(Clone, Copy, Debug)]
 pub struct PolicyIndex<'a> {

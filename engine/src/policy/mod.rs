@@ -71,11 +71,12 @@
 //!
 //! # Cost
 //!
-//! [`evaluate`] scans `config().policies` (a few passes; duplicate keys make it
-//! quadratic in the number of policies) and needs no setup. [`PolicyIndex`] reads the
-//! tables each [`Snapshot`] carries (built once per config generation, on the control side)
-//! and only visits the applicable policies; use it on the connection path. Neither allocates when the result is an allow without dry-run
-//! reports, neither takes locks or touches atomics.
+//! [`evaluate`] scans the snapshot's policy list (a few passes; duplicate keys make it
+//! quadratic in the number of policies) and needs no setup. [`PolicyIndex`] reads the tables
+//! each [`Snapshot`] carries (built on the control side when the policies change, shared by the
+//! generations in between) and only visits the applicable policies; use it on the connection
+//! path. Neither allocates when the result is an allow without dry-run reports, neither takes
+//! locks or touches atomics.
 
 mod index;
 mod matcher;

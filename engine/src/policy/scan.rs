@@ -13,20 +13,19 @@ use crate::config::{Policy, PolicyAction, PolicyScope, Snapshot, Workload};
 /// [`PolicyIndex::evaluate`], which gives the same result from precomputed tables.
 /// Only `workload.namespace` and `workload.authorization_policies` are read.
 pub fn evaluate(snapshot: &Snapshot, workload: &Workload, conn: &Connection<'_>) -> Evaluation {
-    let policies = &snapshot.config().policies;
-    if policies.is_empty() {
+    let policies = || snapshot.policies();
+    if policies().len() == 0 {
         return Evaluation {
             decision: Decision::Allow,
             dry_run: Vec::new(),
         };
     }
-    let effective = |i: usize, p: &Policy| !policies.iter().skip(i + 1).any(|q| same_key(p, q));
+    let effective = move |i: usize, p: &Policy| !policies().skip(i + 1).any(|q| same_key(p, q));
     let ns = workload.namespace.as_str();
-    let own = policies.iter().enumerate().filter(move |&(i, p)| {
+    let own = policies().enumerate().filter(move |&(i, p)| {
         !ns.is_empty() && p.scope == PolicyScope::Namespace && p.namespace == ns && effective(i, p)
     });
-    let global = policies
-        .iter()
+    let global = policies()
         .enumerate()
         .filter(move |&(i, p)| in_global_bucket(p) && effective(i, p));
     let listed = workload
@@ -34,7 +33,7 @@ pub fn evaluate(snapshot: &Snapshot, workload: &Workload, conn: &Connection<'_>)
         .iter()
         .enumerate()
         .filter_map(move |(i, key)| {
-            let p = policies.iter().rev().find(|p| has_key(p, key))?;
+            let p = policies().rev().find(|p| has_key(p, key))?;
             listed_is_new(workload, i, key, p).then_some(p)
         });
     decide(own.chain(global).map(|(_, p)| p).chain(listed), conn)

@@ -1,7 +1,8 @@
 //! The Delta ADS client: one thread with a current-thread tokio runtime of its own (control
 //! traffic, never on a shard). It keeps one stream to istiod, answers every response at once
-//! (ACK, or NACK naming what was refused), and hands the control thread the whole config after
-//! each change once both types are synced. A broken stream is reopened with backoff (10 ms
+//! (ACK, or NACK naming what was refused), and hands the control thread what changed (a
+//! [`Delta`]) once both types are synced: the changes held back until then come in the first
+//! one, and those of a stream that broke are kept for the next. A broken stream is reopened with backoff (10 ms
 //! doubling to 15 s, as ztunnel), resubscribing with what is already held.
 
 use std::time::Duration;
@@ -13,7 +14,7 @@ use super::error::XdsError;
 use super::node::XdsOptions;
 use super::proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DELTA_ADS_PATH};
 use super::session::Session;
-use crate::config::LocalConfig;
+use crate::config::Delta;
 
 /// ztunnel's first retry delay.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
@@ -22,16 +23,17 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// ztunnel's limit on one response (a large mesh's first push).
 const MAX_MESSAGE: usize = 200 << 20;
 
-/// A new config from istiod: everything held, after a change.
+/// Changes from istiod, to apply in order to the config in force (the first one to an empty
+/// config).
 #[derive(Clone, Debug)]
 pub struct XdsUpdate {
-    /// Workloads, services and policies.
-    pub config: LocalConfig,
+    /// Workloads, services and policies put or removed, keyed by xDS name.
+    pub delta: Delta,
 }
 
 /// The running client, seen from the control thread.
 pub struct XdsHandle {
-    /// New configs, oldest first; the first one comes once both types are synced.
+    /// Changes, oldest first; the first one comes once both types are synced.
     pub updates: Receiver<XdsUpdate>,
 }
 
@@ -59,6 +61,7 @@ enum Ended {
 
 async fn run(opts: XdsOptions, tx: Sender<XdsUpdate>) {
     let mut session = Session::new(opts.node.node());
+    let mut pending = Delta::default();
     let mut backoff = INITIAL_BACKOFF;
     tracing::info!(
         address = %opts.endpoint.url,
@@ -67,7 +70,7 @@ async fn run(opts: XdsOptions, tx: Sender<XdsUpdate>) {
     );
     loop {
         let mut answered = false;
-        match stream_once(&opts, &mut session, &tx, &mut answered).await {
+        match stream_once(&opts, &mut session, &mut pending, &tx, &mut answered).await {
             Ok(Ended::Unwanted) => return,
             Ok(Ended::Closed) => {
                 tracing::info!("xDS stream closed by the control plane; reconnecting");
@@ -93,6 +96,7 @@ fn session_node_id(opts: &XdsOptions) -> String {
 async fn stream_once(
     opts: &XdsOptions,
     session: &mut Session,
+    pending: &mut Delta,
     tx: &Sender<XdsUpdate>,
     answered: &mut bool,
 ) -> Result<Ended, XdsError> {
@@ -125,7 +129,8 @@ async fn stream_once(
         *answered = true;
         let (type_url, nonce) = (resp.type_url.clone(), resp.nonce.clone());
         let (added, removed) = (resp.resources.len(), resp.removed_resources.len());
-        let handled = session.handle(resp);
+        let mut handled = session.handle(resp);
+        pending.append(std::mem::take(&mut handled.delta));
         match handled.nack() {
             Some(error) => tracing::error!(
                 type_url,
@@ -140,15 +145,12 @@ async fn stream_once(
         if req_tx.send(handled.reply).is_err() {
             return Ok(Ended::Closed);
         }
-        if session.synced() && (handled.changed || handled.synced_now) {
+        if session.synced() && (!pending.is_empty() || handled.synced_now) {
             let (workloads, services, policies) = session.counts();
-            tracing::debug!(workloads, services, policies, "xDS config changed");
-            if tx
-                .send(XdsUpdate {
-                    config: session.config(),
-                })
-                .is_err()
-            {
+            let changes = pending.len();
+            tracing::debug!(workloads, services, policies, changes, "xDS config changed");
+            let delta = std::mem::take(pending);
+            if tx.send(XdsUpdate { delta }).is_err() {
                 return Ok(Ended::Unwanted);
             }
         }

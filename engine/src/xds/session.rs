@@ -8,12 +8,18 @@
 //! absent) while the others of the same response apply; a removal always applies. The session
 //! counts as synced once each type has had a response that was fully ACKed, which is when
 //! ztunnel reports ready.
+//!
+//! Each response also says what it changed as a [`Delta`] (the converted resources put or
+//! removed, keyed by xDS name), which the control thread applies to the snapshot in force: a
+//! workload's change costs what it touches, not a rebuild of the mesh. The values are shared
+//! (`Arc`) between what the session holds and the snapshots.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::convert::{self, ConvertError, Converted};
 use super::proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Resource, Status};
-use crate::config::{LocalConfig, Policy, Service, Workload};
+use crate::config::{Change, Delta, EntryKey, LocalConfig, Policy, Service, Workload};
 
 /// xDS type of workloads and services.
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
@@ -40,6 +46,8 @@ pub struct Handled {
     pub rejected: Vec<Rejected>,
     /// Whether the held state changed (a new config is due).
     pub changed: bool,
+    /// What changed, in order.
+    pub delta: Delta,
     /// Whether this response completed the first sync.
     pub synced_now: bool,
 }
@@ -55,7 +63,7 @@ impl Handled {
 #[derive(Debug, Clone)]
 struct Held<T> {
     version: String,
-    value: T,
+    value: Arc<T>,
 }
 
 /// The session: the node it speaks for and every resource it holds.
@@ -115,22 +123,22 @@ impl Session {
     pub fn handle(&mut self, resp: DeltaDiscoveryResponse) -> Handled {
         let was_synced = self.synced();
         let mut rejected = Vec::new();
-        let mut changed = false;
+        let mut delta = Delta::default();
         match resp.type_url.as_str() {
             ADDRESS_TYPE => {
                 for name in &resp.removed_resources {
-                    changed |= self.workloads.remove(name).is_some();
-                    changed |= self.services.remove(name).is_some();
+                    remove(&mut self.workloads, name, &mut delta.workloads);
+                    remove(&mut self.services, name, &mut delta.services);
                 }
                 for r in &resp.resources {
                     match body(r).and_then(convert::address) {
                         Ok(Converted::Workload(w)) => {
-                            changed |= self.services.remove(&r.name).is_some();
-                            changed |= put(&mut self.workloads, r, *w);
+                            remove(&mut self.services, &r.name, &mut delta.services);
+                            put(&mut self.workloads, r, *w, &mut delta.workloads);
                         }
                         Ok(Converted::Service(s)) => {
-                            changed |= self.workloads.remove(&r.name).is_some();
-                            changed |= put(&mut self.services, r, *s);
+                            remove(&mut self.workloads, &r.name, &mut delta.workloads);
+                            put(&mut self.services, r, *s, &mut delta.services);
                         }
                         Err(reason) => rejected.push(Rejected {
                             name: r.name.clone(),
@@ -141,11 +149,11 @@ impl Session {
             }
             AUTHORIZATION_TYPE => {
                 for name in &resp.removed_resources {
-                    changed |= self.policies.remove(name).is_some();
+                    remove(&mut self.policies, name, &mut delta.policies);
                 }
                 for r in &resp.resources {
                     match body(r).and_then(convert::authorization) {
-                        Ok(p) => changed |= put(&mut self.policies, r, p),
+                        Ok(p) => put(&mut self.policies, r, p, &mut delta.policies),
                         Err(reason) => rejected.push(Rejected {
                             name: r.name.clone(),
                             reason,
@@ -177,17 +185,22 @@ impl Session {
                 ..Default::default()
             },
             rejected,
-            changed,
+            changed: !delta.is_empty(),
+            delta,
             synced_now: !was_synced && self.synced(),
         }
     }
 
-    /// What is held, as the config model (workloads, services and policies by xDS name).
+    /// What is held, as the config model (workloads, services and policies by xDS name). A
+    /// copy of everything: the running proxy takes [`Handled::delta`] instead.
     pub fn config(&self) -> LocalConfig {
+        fn all<T: Clone>(m: &BTreeMap<String, Held<T>>) -> Vec<T> {
+            m.values().map(|h| (*h.value).clone()).collect()
+        }
         LocalConfig {
-            workloads: self.workloads.values().map(|h| h.value.clone()).collect(),
-            services: self.services.values().map(|h| h.value.clone()).collect(),
-            policies: self.policies.values().map(|h| h.value.clone()).collect(),
+            workloads: all(&self.workloads),
+            services: all(&self.services),
+            policies: all(&self.policies),
         }
     }
 
@@ -208,15 +221,141 @@ fn body(r: &Resource) -> Result<&[u8], ConvertError> {
         .ok_or(ConvertError::MissingResource)
 }
 
-/// Holds `value` under the resource's name; whether anything changed.
-fn put<T: PartialEq>(map: &mut BTreeMap<String, Held<T>>, r: &Resource, value: T) -> bool {
-    let changed = !map.get(&r.name).is_some_and(|h| h.value == value);
-    map.insert(
-        r.name.clone(),
-        Held {
-            version: r.version.clone(),
-            value,
-        },
-    );
-    changed
+/// Holds `value` under the resource's name; a change of value goes into `delta`.
+fn put<T: PartialEq>(
+    map: &mut BTreeMap<String, Held<T>>,
+    r: &Resource,
+    value: T,
+    delta: &mut Vec<Change<T>>,
+) {
+    let version = r.version.clone();
+    if let Some(h) = map.get_mut(&r.name) {
+        if *h.value == value {
+            h.version = version;
+            return;
+        }
+    }
+    let value = Arc::new(value);
+    delta.push((EntryKey::from(r.name.as_str()), Some(value.clone())));
+    map.insert(r.name.clone(), Held { version, value });
+}
+
+/// Drops `name`; its removal goes into `delta` if it was held.
+fn remove<T>(map: &mut BTreeMap<String, Held<T>>, name: &str, delta: &mut Vec<Change<T>>) {
+    if map.remove(name).is_some() {
+        delta.push((EntryKey::from(name), None));
+    }
+}
+
+#[cfg(test)]
+mod delta_tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::config::Snapshot;
+    use crate::xds::proto::{Address, AddressType, Any, Port, PortList, XdsNetworkAddress};
+    use crate::xds::proto::{XdsService, XdsWorkload};
+
+    fn resource(name: &str, version: &str, a: AddressType) -> Resource {
+        Resource {
+            name: name.into(),
+            version: version.into(),
+            resource: Some(Any {
+                type_url: ADDRESS_TYPE.into(),
+                value: Address { r#type: Some(a) }.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn workload(ip: u8) -> AddressType {
+        AddressType::Workload(XdsWorkload {
+            uid: "w".into(),
+            name: "w".into(),
+            namespace: "ns".into(),
+            addresses: vec![vec![10, 0, 0, ip]],
+            services: [(
+                "ns/s.ns.svc".to_owned(),
+                PortList {
+                    ports: vec![Port {
+                        service_port: 80,
+                        target_port: 8080,
+                    }],
+                },
+            )]
+            .into(),
+            ..Default::default()
+        })
+    }
+
+    fn service() -> AddressType {
+        AddressType::Service(XdsService {
+            name: "s".into(),
+            namespace: "ns".into(),
+            hostname: "s.ns.svc".into(),
+            addresses: vec![XdsNetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 1],
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn response(resources: Vec<Resource>, removed: &[&str]) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n".into(),
+            resources,
+            removed_resources: removed.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// What each response hands over, applied in turn, is what the session holds.
+    #[test]
+    fn deltas_name_only_what_changed_and_add_up_to_the_state() {
+        let mut s = Session::new(Node::default());
+        let mut snap = Snapshot::new(LocalConfig::default(), 1);
+        let mut step = |s: &mut Session, resp| {
+            let h = s.handle(resp);
+            let counts = (
+                h.delta.workloads.len(),
+                h.delta.services.len(),
+                h.delta.policies.len(),
+            );
+            snap = snap.apply(h.delta, snap.generation + 1);
+            let full = Snapshot::new(s.config(), 0);
+            let ip = "10.0.0.1".parse().expect("ip");
+            assert_eq!(
+                snap.workload_by_ip(ip).map(|w| w.uid.clone()),
+                full.workload_by_ip(ip).map(|w| w.uid.clone())
+            );
+            assert_eq!(snap.workload_count(), full.workload_count());
+            assert_eq!(snap.service_count(), full.service_count());
+            counts
+        };
+        let r = response(
+            vec![
+                resource("a", "1", workload(1)),
+                resource("s", "1", service()),
+            ],
+            &[],
+        );
+        assert_eq!(step(&mut s, r), (1, 1, 0));
+        // The same value under a new version: nothing to hand over.
+        assert_eq!(
+            step(&mut s, response(vec![resource("a", "2", workload(1))], &[])),
+            (0, 0, 0)
+        );
+        assert_eq!(s.initial_requests()[0].initial_resource_versions["a"], "2");
+        // A name that turns from a workload into a service: removed from one, put in the other.
+        assert_eq!(
+            step(&mut s, response(vec![resource("a", "3", service())], &[])),
+            (1, 1, 0)
+        );
+        assert_eq!(s.counts(), (0, 2, 0));
+        // Removals of what is held, and only those.
+        assert_eq!(step(&mut s, response(vec![], &["a", "nothing"])), (0, 1, 0));
+        assert_eq!(s.counts(), (0, 1, 0));
+    }
 }
