@@ -112,7 +112,7 @@ fn admin_config_dump_logging_and_loopback_only() {
         .lines()
         .find(|l| l.contains("inbound: destination unreachable"))
         .expect("counted");
-    assert!(line.contains("DEBUG"), "logged at debug: {line}");
+    assert!(line.contains("\tdebug\t"), "logged at debug: {line}");
     let (_, body) = http_in(server, ADMIN, "POST", "/logging").expect("logging");
     assert!(body.contains("current log filter: debug"), "{body}");
     // Back to the start-up filter.

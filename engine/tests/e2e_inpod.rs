@@ -191,18 +191,13 @@ fn pod_to_service_to_pod_across_two_ringtun_nodes_with_each_pods_identity() {
         "node b connects to the app from the server pod (no ENABLE_ORIG_SRC): {seen:?}"
     );
     let out = a.wait_access("outbound for the client pod", |l| {
-        l.is("direction", "outbound") && l.is("dst.hbone", "10.77.0.2:15008")
+        l.is("direction", "outbound") && l.is("dst.addr", "10.77.0.2:15008")
     });
     assert_eq!(out.get("src.identity"), Some(CLIENT_ID), "{}", out.raw);
     assert_eq!(out.get("dst.identity"), Some(SERVER_ID), "{}", out.raw);
-    assert_eq!(
-        out.get("src.workload"),
-        Some("default/client"),
-        "{}",
-        out.raw
-    );
+    assert_eq!(out.get("src.workload"), Some("client"), "{}", out.raw);
     let inb = b.wait_access("inbound for the server pod", |l| {
-        l.is("direction", "inbound") && l.is("dst.addr", "10.77.0.2:5201")
+        l.is("direction", "inbound") && l.is("dst.hbone_addr", "10.77.0.2:5201")
     });
     assert_eq!(inb.get("src.identity"), Some(CLIENT_ID), "{}", inb.raw);
     assert_eq!(inb.get("dst.identity"), Some(SERVER_ID), "{}", inb.raw);
@@ -217,12 +212,12 @@ fn pod_to_service_to_pod_across_two_ringtun_nodes_with_each_pods_identity() {
     echo_ok(&pods.server, "10.77.0.1:5201", 256 << 10);
     assert_eq!(to_client.records.wait_count(1, IO_TIMEOUT), 1);
     let back = b.wait_access("outbound for the server pod", |l| {
-        l.is("direction", "outbound") && l.is("dst.hbone", "10.77.0.1:15008")
+        l.is("direction", "outbound") && l.is("dst.addr", "10.77.0.1:15008")
     });
     assert_eq!(back.get("src.identity"), Some(SERVER_ID), "{}", back.raw);
     a.wait_access("inbound for the client pod", |l| {
         l.is("direction", "inbound")
-            && l.is("dst.addr", "10.77.0.1:5201")
+            && l.is("dst.hbone_addr", "10.77.0.1:5201")
             && l.is("dst.identity", CLIENT_ID)
     });
     drop((a, b));
@@ -323,9 +318,9 @@ fn pods_added_and_deleted_while_traffic_runs_leave_the_others_alone() {
     let lines = || parse_access(&n.ringtun.log());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !lines().iter().any(|l| {
-        l.is("direction", "inbound-plaintext")
+        l.is("path", "plaintext")
             && l.is("dst.addr", "10.77.0.2:5201")
-            && l.is("dst.identity", SERVER_ID)
+            && l.is("dst.workload", "server")
             && l.is("end", "closed")
     }) {
         assert!(
@@ -376,7 +371,7 @@ fn ringtun_and_ztunnel_nodes_carry_pod_traffic_both_ways() {
     echo_ok(&pods.client, "10.96.0.10:80", 1 << 20);
     assert_eq!(to_server.records.wait_count(1, IO_TIMEOUT), 1);
     let out = r.wait_access("outbound to ztunnel's pod", |l| {
-        l.is("direction", "outbound") && l.is("dst.hbone", "10.77.0.2:15008")
+        l.is("direction", "outbound") && l.is("dst.addr", "10.77.0.2:15008")
     });
     assert_eq!(out.get("src.identity"), Some(CLIENT_ID), "{}", out.raw);
     assert_eq!(out.get("dst.identity"), Some(SERVER_ID), "{}", out.raw);
@@ -385,7 +380,7 @@ fn ringtun_and_ztunnel_nodes_carry_pod_traffic_both_ways() {
     echo_ok(&pods.server, "10.77.0.1:5201", 1 << 20);
     assert_eq!(to_client.records.wait_count(1, IO_TIMEOUT), 1);
     let inb = r.wait_access("inbound from ztunnel's pod", |l| {
-        l.is("direction", "inbound") && l.is("dst.addr", "10.77.0.1:5201")
+        l.is("direction", "inbound") && l.is("dst.hbone_addr", "10.77.0.1:5201")
     });
     assert_eq!(inb.get("src.identity"), Some(SERVER_ID), "{}", inb.raw);
     assert_eq!(inb.get("dst.identity"), Some(CLIENT_ID), "{}", inb.raw);

@@ -7,5 +7,6 @@
 
 pub mod admin;
 pub mod config_dump;
+pub mod log_format;
 pub mod logging;
 pub mod prometheus;

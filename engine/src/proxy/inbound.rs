@@ -211,6 +211,7 @@ async fn accept_stream(
     let mut record = Record::new(shard, Direction::Inbound, peer);
     let log = record.log();
     log.tls = Some(tls);
+    log.dst_hbone = local;
     log.src_identity = Some(client_id.clone());
     log.dst_identity = Some(shard.identity_for(pod).clone());
     let (parts, body) = req.into_parts();

@@ -1,0 +1,380 @@
+//! What a log pipeline and a dashboard see of ringtun, against the real ztunnel
+//! (`../shared/ztunnel/ztunnel`) carrying the same connection under the same config: ringtun
+//! as the client node with ztunnel as the server node, and the other way round, so each of
+//! ringtun's sides is compared with ztunnel's same side. The access line (message, level, field
+//! names and order, and what the addresses, workloads, identities, bytes and duration mean) in
+//! ztunnel's text layout and in its JSON layout (`LOG_FORMAT=json`), and the labels and values
+//! of the Istio TCP metrics. Needs root and the binary; fails, never skips, without them.
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringtun_testbed::{Netns, TwoNodes};
+
+const LOG_WAIT: Duration = Duration::from_secs(10);
+/// Request bytes (client → server) and response bytes: different, so a swap shows.
+const UP: u64 = 300_007;
+const DOWN: u64 = 200_003;
+
+/// ringtun's own access fields, which may follow ztunnel's.
+const EXTRAS: [&str; 9] = [
+    "path",
+    "pool",
+    "tls",
+    "ktls.tx",
+    "ktls.rx",
+    "tls.cipher",
+    "shard",
+    "end",
+    "response_flags",
+];
+
+/// The fields whose values must be the same on both proxies for the same connection.
+const SAME_VALUE: [&str; 14] = [
+    "src.workload",
+    "src.namespace",
+    "src.identity",
+    "src.cluster",
+    "dst.addr",
+    "dst.hbone_addr",
+    "dst.service",
+    "dst.workload",
+    "dst.namespace",
+    "dst.identity",
+    "dst.cluster",
+    "direction",
+    "bytes_sent",
+    "bytes_recv",
+];
+
+/// The mesh config for ztunnel's test CA, with the workload facts the labels carry (canonical
+/// name and revision, cluster, locality) set, and different on each side.
+fn config() -> String {
+    let facts = |who: &str, rev: &str, region: &str| {
+        format!(
+            "  workloadName: {who}\n  canonicalName: {who}-app\n  canonicalRevision: {rev}\n  clusterId: Kubernetes\n  locality: {{region: {region}, zone: {region}-z, subzone: {region}-s}}\n"
+        )
+    };
+    ztunnel_config()
+        .replace("  workloadName: client\n", &facts("client", "v1", "east"))
+        .replace("  workloadName: server\n", &facts("server", "v2", "west"))
+}
+
+/// One topology with ringtun on one node and ztunnel on the other. Fields drop in declaration
+/// order: processes, then namespaces, then the directory with their logs.
+struct Pair {
+    ringtun: Ringtun,
+    ztunnel: Ztunnel,
+    nodes: TwoNodes,
+    _dir: TempDir,
+    _config: PathBuf,
+}
+
+/// Starts the pair (`ringtun_client`: ringtun on the client node), each with its own
+/// environment, and carries one connection through the service VIP: `UP` bytes up, then
+/// `DOWN` bytes back.
+fn carry(
+    prefix: &'static str,
+    ringtun_client: bool,
+    ringtun_env: &[(&str, &str)],
+    ztunnel_env: &[(&str, &str)],
+) -> Pair {
+    let (nodes, dir, path) = ztunnel_topology(prefix, &config());
+    let (r_ns, r_who, z_ns, z_who) = if ringtun_client {
+        (&nodes.client, "client", &nodes.server, "server")
+    } else {
+        (&nodes.server, "server", &nodes.client, "client")
+    };
+    let ztunnel = Ztunnel::start_env(z_ns, z_who, &path, dir.path(), ztunnel_env);
+    let workload = format!("default/{r_who}");
+    let ringtun = Ringtun::start_env(
+        r_ns,
+        r_who,
+        dir.path(),
+        RingtunArgs {
+            config: &path,
+            certs: dir.path(),
+            identity: &workload,
+            workload: &workload,
+            extra: one_worker(),
+            log_filter: None,
+        },
+        ringtun_env,
+    );
+    reply_server(&nodes.server, "0.0.0.0:5201");
+    assert_eq!(upload_then_download(&nodes.client, "10.96.0.10:80"), DOWN);
+    Pair {
+        ringtun,
+        ztunnel,
+        nodes,
+        _dir: dir,
+        _config: path,
+    }
+}
+
+/// Reads the request to its end, then answers `DOWN` bytes and closes.
+fn reply_server(ns: &Netns, addr: &str) {
+    serve(ns, addr, |mut conn| {
+        let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
+        let (got, end) = read_to_end_or_error(&mut conn);
+        if end.is_err() || got.len() as u64 != UP {
+            return;
+        }
+        let _ = conn.write_all(&vec![7u8; DOWN as usize]);
+        let _ = conn.shutdown(Shutdown::Write);
+    });
+}
+
+/// Sends `UP` bytes to `dst`, half-closes, and returns how many bytes came back.
+fn upload_then_download(ns: &Netns, dst: &str) -> u64 {
+    let mut s = connect_in(ns, dst).unwrap_or_else(|e| panic!("connect {dst}: {e}"));
+    s.write_all(&vec![1u8; UP as usize])
+        .and_then(|_| s.shutdown(Shutdown::Write))
+        .unwrap_or_else(|e| panic!("upload to {dst}: {e}"));
+    let (back, end) = read_to_end_or_error(&mut s);
+    end.unwrap_or_else(|e| panic!("download from {dst}: {e}"));
+    back.len() as u64
+}
+
+/// An access line's level, message and fields in their order, from either layout.
+#[derive(Debug)]
+struct Line {
+    raw: String,
+    level: String,
+    message: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Line {
+    fn keys(&self) -> Vec<&str> {
+        self.fields.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Parses `time<TAB>level<TAB>access<TAB>message<TAB>k=v …` or a JSON object with
+    /// `scope: access`; `None` for anything else.
+    fn parse(raw: &str) -> Option<Line> {
+        if raw.starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+            if v["scope"] != "access" {
+                return None;
+            }
+            let obj = v.as_object()?;
+            let text = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            // serde_json's map is ordered by key; the order is checked in the text layout.
+            let fields = obj
+                .iter()
+                .filter(|(k, _)| !["level", "time", "scope", "message"].contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), text(v)))
+                .collect();
+            return Some(Line {
+                raw: raw.to_owned(),
+                level: text(&obj["level"]),
+                message: text(&obj["message"]),
+                fields,
+            });
+        }
+        let cols: Vec<&str> = raw.splitn(5, '\t').collect();
+        if cols.len() != 5 || cols[2] != "access" {
+            return None;
+        }
+        Some(Line {
+            raw: raw.to_owned(),
+            level: cols[1].to_owned(),
+            message: cols[3].to_owned(),
+            fields: ordered_fields(cols[4]),
+        })
+    }
+}
+
+/// `a=1 b="x \"y\"" c=z` in order, quotes and escapes removed.
+fn ordered_fields(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.trim().chars().peekable();
+    while chars.peek().is_some() {
+        let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+            chars.next_if_eq(&' ');
+        } else {
+            value = chars.by_ref().take_while(|&c| c != ' ').collect();
+        }
+        out.push((key.trim().to_owned(), value));
+    }
+    out
+}
+
+/// Waits until `log()` holds a `connection complete` access line in `direction`; returns it.
+fn wait_complete(who: &str, log: impl Fn() -> String, direction: &str) -> Line {
+    let deadline = Instant::now() + LOG_WAIT;
+    loop {
+        let text = log();
+        if let Some(l) = text
+            .lines()
+            .filter_map(Line::parse)
+            .find(|l| l.message == "connection complete" && l.get("direction") == Some(direction))
+        {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{who}: no {direction} `connection complete` line:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// ringtun's line against ztunnel's for the same side of the same kind of connection.
+fn compare(what: &str, ours: &Line, theirs: &Line, ordered: bool) {
+    let ctx = format!("{what}\n ringtun: {ours:?}\n ztunnel: {theirs:?}");
+    assert_eq!(ours.level, "info", "{ctx}");
+    assert_eq!(
+        (&ours.level, &ours.message),
+        (&theirs.level, &theirs.message),
+        "{ctx}"
+    );
+    let (mine, zt) = (ours.keys(), theirs.keys());
+    let (head, tail): (Vec<&str>, Vec<&str>) = mine.iter().partition(|k| !EXTRAS.contains(k));
+    if ordered {
+        assert_eq!(mine[..zt.len().min(mine.len())], zt[..], "{ctx}");
+    } else {
+        let mut a = head.clone();
+        let mut b = zt.clone();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b, "{ctx}");
+    }
+    assert_eq!(
+        head.len(),
+        zt.len(),
+        "ztunnel's fields, and no other but ringtun's extras: {ctx}"
+    );
+    assert!(!tail.is_empty(), "{ctx}");
+    for key in SAME_VALUE {
+        assert_eq!(ours.get(key), theirs.get(key), "{key}: {ctx}");
+        if ordered {
+            let quoted = |l: &Line| l.raw.contains(&format!(" {key}=\""));
+            assert_eq!(quoted(ours), quoted(theirs), "{key} quoted alike: {ctx}");
+        }
+    }
+    let ip = |l: &Line| {
+        l.get("src.addr")
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(ip, _)| ip.to_owned())
+    };
+    assert_eq!(ip(ours), ip(theirs), "src.addr: {ctx}");
+    for l in [ours, theirs] {
+        let d = l.get("duration").unwrap_or_default();
+        assert!(
+            d.strip_suffix("ms")
+                .is_some_and(|n| n.parse::<u64>().is_ok()),
+            "duration in whole milliseconds: {ctx}"
+        );
+    }
+}
+
+/// The samples of `family` in a scrape of `ns`, each its labels and value.
+fn samples(ns: &Netns, family: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    let (status, body) = http_in(ns, "127.0.0.1:15020", "GET", "/metrics")
+        .unwrap_or_else(|e| panic!("scrape in {}: {e}", ns.name()));
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let labels = ordered_fields(&labels.replace("\",", "\" "));
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The one series of `family` reported by `reporter` in a scrape of `ns`.
+fn one_series(ns: &Netns, family: &str, reporter: &str) -> (Vec<(String, String)>, f64) {
+    let mut all: Vec<_> = samples(ns, family)
+        .into_iter()
+        .filter(|(l, _)| l.iter().any(|(k, v)| k == "reporter" && v == reporter))
+        .collect();
+    assert_eq!(
+        all.len(),
+        1,
+        "{family} {reporter} in {}: {all:?}",
+        ns.name()
+    );
+    all.remove(0)
+}
+
+/// The series ringtun and ztunnel report for the same side of the same connection: the same
+/// labels with the same values (ztunnel's order), the same counts and bytes.
+fn compare_metrics(reporter: &str, ours: &Netns, theirs: &Netns) {
+    for (family, want) in [
+        ("istio_tcp_connections_opened_total", 1.0),
+        ("istio_tcp_connections_closed_total", 1.0),
+        ("istio_tcp_received_bytes_total", UP as f64),
+        ("istio_tcp_sent_bytes_total", DOWN as f64),
+    ] {
+        let (mine, v) = one_series(ours, family, reporter);
+        let (zt, zv) = one_series(theirs, family, reporter);
+        assert_eq!(mine, zt, "{family} {reporter}: labels and values");
+        assert_eq!((v, zv), (want, want), "{family} {reporter}");
+    }
+    for family in ["istio_build", "istio_tcp_sockets_open"] {
+        assert!(
+            !samples(ours, family).is_empty(),
+            "{family} in ringtun's scrape"
+        );
+        assert!(
+            !samples(theirs, family).is_empty(),
+            "{family} in ztunnel's scrape"
+        );
+    }
+}
+
+#[test]
+fn access_lines_and_metrics_read_as_ztunnels() {
+    let json = [("LOG_FORMAT", "json")];
+    // ringtun → ztunnel: ringtun logs JSON, ztunnel text.
+    let a = carry("zfa", true, &json, &[]);
+    // ztunnel → ringtun: ztunnel logs JSON, ringtun text.
+    let b = carry("zfb", false, &[], &json);
+
+    let r_out = wait_complete("ringtun (client)", || a.ringtun.log(), "outbound");
+    let z_out = wait_complete("ztunnel (client)", || b.ztunnel.log(), "outbound");
+    compare("outbound, JSON", &r_out, &z_out, false);
+    assert_eq!(r_out.get("bytes_sent"), Some(UP.to_string().as_str()));
+    assert_eq!(r_out.get("bytes_recv"), Some(DOWN.to_string().as_str()));
+    assert_eq!(r_out.get("dst.addr"), Some("10.77.0.2:15008"));
+    assert_eq!(r_out.get("dst.hbone_addr"), Some("10.77.0.2:5201"));
+
+    let r_in = wait_complete("ringtun (server)", || b.ringtun.log(), "inbound");
+    let z_in = wait_complete("ztunnel (server)", || a.ztunnel.log(), "inbound");
+    compare("inbound, text", &r_in, &z_in, true);
+    assert_eq!(r_in.get("bytes_sent"), Some(DOWN.to_string().as_str()));
+    assert_eq!(r_in.get("bytes_recv"), Some(UP.to_string().as_str()));
+
+    compare_metrics("source", &a.nodes.client, &b.nodes.client);
+    compare_metrics("destination", &b.nodes.server, &a.nodes.server);
+    a.ringtun.assert_no_panic();
+    b.ringtun.assert_no_panic();
+}
