@@ -4,7 +4,9 @@
 //! ringtun's sides is compared with ztunnel's same side. The access line (message, level, field
 //! names and order, and what the addresses, workloads, identities, bytes and duration mean) in
 //! ztunnel's text layout and in its JSON layout (`LOG_FORMAT=json`), and the labels and values
-//! of the Istio TCP metrics. Needs root and the binary; fails, never skips, without them.
+//! of the Istio TCP metrics; and `/config_dump`'s shape, key by key at every level, against
+//! ztunnel's dump of the same local config. Needs root and the binary; fails, never skips,
+//! without them.
 
 mod common;
 
@@ -377,4 +379,162 @@ fn access_lines_and_metrics_read_as_ztunnels() {
     compare_metrics("destination", &b.nodes.server, &a.nodes.server);
     a.ringtun.assert_no_panic();
     b.ringtun.assert_no_panic();
+}
+
+/// The keys of a JSON object (empty for anything else).
+fn keys(v: &serde_json::Value) -> Vec<String> {
+    let mut k: Vec<String> = v
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    k.sort_unstable();
+    k
+}
+
+/// The element of the array `v` whose `key` is `value`.
+fn find<'a>(
+    v: &'a serde_json::Value,
+    key: &str,
+    value: &serde_json::Value,
+) -> &'a serde_json::Value {
+    v.as_array()
+        .and_then(|a| a.iter().find(|e| &e[key] == value))
+        .unwrap_or_else(|| panic!("no element with {key}={value} in {v:#}"))
+}
+
+/// The objects of the array `theirs` and their match in `ours` (by `key`) have the same keys.
+fn same_keys_each(what: &str, ours: &serde_json::Value, theirs: &serde_json::Value, key: &str) {
+    let all = theirs
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: {theirs:#}"));
+    assert!(!all.is_empty(), "{what}: ztunnel shows none");
+    assert_eq!(
+        ours.as_array().map(Vec::len),
+        Some(all.len()),
+        "{what}: as many as ztunnel's"
+    );
+    for t in all {
+        let o = find(ours, key, &t[key]);
+        assert_eq!(
+            keys(o),
+            keys(t),
+            "{what} {}: ringtun {o:#} ztunnel {t:#}",
+            t[key]
+        );
+    }
+}
+
+#[test]
+fn config_dump_has_ztunnels_shape() {
+    // A policy too, so its shape shows; dry run, so it decides nothing.
+    let config = config().replace(
+        "policies: []\n",
+        r#"policies:
+- name: audit
+  namespace: default
+  scope: Namespace
+  action: Allow
+  dryRun: true
+  rules:
+  - - - principals: [!Exact "cluster.local/ns/default/sa/client"]
+        notDestinationPorts: [9999]
+"#,
+    );
+    let (nodes, dir, path) = ztunnel_topology("zfc", &config);
+    let _ztunnel = Ztunnel::start(&nodes.server, "server", &path, dir.path());
+    let ringtun = Ringtun::start_as(&nodes.client, "client", dir.path(), &path, one_worker());
+    let get = |ns: &Netns| -> serde_json::Value {
+        let (st, body) = http_in(ns, ADMIN, "GET", "/config_dump")
+            .unwrap_or_else(|e| panic!("config_dump in {}: {e}", ns.name()));
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    };
+    // ztunnel asks for its certificate when a connection first needs it: carry one.
+    let _echo = echo_server(&nodes.server, "0.0.0.0:5201");
+    echo_ok(&nodes.client, "10.96.0.10:80", 1024);
+    let deadline = Instant::now() + LOG_WAIT;
+    let theirs = loop {
+        let d = get(&nodes.server);
+        if d["certificates"].as_array().is_some_and(|c| !c.is_empty()) {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ztunnel shows no certificate: {d:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let ours = get(&nodes.client);
+
+    // Every section of ztunnel's, and ringtun's own facts apart under one key.
+    let mut want = keys(&theirs);
+    want.push("ringtun".into());
+    want.sort_unstable();
+    assert_eq!(keys(&ours), want, "sections");
+    for section in ["config", "version", "staticConfig", "stagedServices"] {
+        assert_eq!(keys(&ours[section]), keys(&theirs[section]), "{section}");
+    }
+    let uid = "uid";
+    same_keys_each("workload", &ours["workloads"], &theirs["workloads"], uid);
+    same_keys_each(
+        "static workload",
+        &ours["staticConfig"]["workloads"],
+        &theirs["staticConfig"]["workloads"],
+        uid,
+    );
+    for (what, o, t) in [
+        ("service", &ours["services"], &theirs["services"]),
+        (
+            "static service",
+            &ours["staticConfig"]["services"],
+            &theirs["staticConfig"]["services"],
+        ),
+    ] {
+        same_keys_each(what, o, t, "hostname");
+        for ts in t.as_array().into_iter().flatten() {
+            let os = find(o, "hostname", &ts["hostname"]);
+            assert_eq!(
+                keys(&os["endpoints"]),
+                keys(&ts["endpoints"]),
+                "{what} endpoints"
+            );
+            for uid in keys(&ts["endpoints"]) {
+                assert_eq!(
+                    keys(&os["endpoints"][&uid]),
+                    keys(&ts["endpoints"][&uid]),
+                    "{what} endpoint {uid}"
+                );
+            }
+        }
+    }
+    for (what, o, t) in [
+        ("policy", &ours["policies"], &theirs["policies"]),
+        (
+            "static policy",
+            &ours["staticConfig"]["policies"],
+            &theirs["staticConfig"]["policies"],
+        ),
+    ] {
+        same_keys_each(what, o, t, "name");
+        let (o, t) = (&o[0]["rules"][0][0][0], &t[0]["rules"][0][0][0]);
+        assert_eq!(
+            keys(o),
+            keys(t),
+            "{what} match: ringtun {o:#} ztunnel {t:#}"
+        );
+        assert_eq!(o, t, "{what} match");
+    }
+    // The certificate: ztunnel's keys; of each chain entry ringtun has the expiry only
+    // until certificates come from istiod's CA (issue 13).
+    let (oc, tc) = (&ours["certificates"][0], &theirs["certificates"][0]);
+    assert_eq!(keys(oc), keys(tc), "certificate: {oc:#} {tc:#}");
+    assert_eq!(oc["state"], tc["state"]);
+    let chain = keys(&tc["certChain"][0]);
+    for k in keys(&oc["certChain"][0]) {
+        assert!(
+            chain.contains(&k),
+            "certChain {k} is not ztunnel's: {chain:?}"
+        );
+    }
+    ringtun.assert_no_panic();
 }

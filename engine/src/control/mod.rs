@@ -104,6 +104,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         driver,
         workers,
     ));
+    state.set_options(&opts);
     // Up before the listeners, so readiness says "starting" rather than refusing connections.
     let endpoints_stop = Arc::new(AtomicBool::new(false));
     let admin: Arc<dyn Admin> = state.clone();
