@@ -106,6 +106,26 @@ fn admin_config_dump_logging_and_loopback_only() {
     let cdump: serde_json::Value = serde_json::from_str(&body).expect("client config_dump JSON");
     assert_eq!(cdump["certificates"][0]["identity"], CLIENT_ID, "{cdump:#}");
 
+    // ztunnel's pprof endpoints, in text: mimalloc's heap figures, CPU by thread.
+    let (st, body) = http_in(server, ADMIN, "GET", "/debug/pprof/heap").expect("heap");
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        body.lines()
+            .find_map(|l| l.strip_prefix("current_rss_bytes "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|b| b > 0),
+        "{body}"
+    );
+    let (st, body) =
+        http_in(server, ADMIN, "GET", "/debug/pprof/profile?seconds=1").expect("profile");
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        body.lines().any(|l| l.starts_with("ringtun-shard-0 ")),
+        "every shard by name: {body}"
+    );
+    let (st, _) = http_in(server, ADMIN, "GET", "/debug/pprof/profile?seconds=0").expect("profile");
+    assert_eq!(st, 400, "seconds out of ztunnel's 1 to 300");
+
     // /logging switches the filter live: a CONNECT to a closed port logs a DEBUG line only
     // while the level is debug.
     let (st, body) = http_in(server, ADMIN, "POST", "/logging").expect("logging");
