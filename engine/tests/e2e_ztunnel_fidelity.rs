@@ -304,8 +304,11 @@ fn samples(ns: &Netns, family: &str) -> Vec<(Vec<(String, String)>, f64)> {
     assert_eq!(status, 200, "{body}");
     body.lines()
         .filter_map(|l| {
-            let rest = l.strip_prefix(family)?.strip_prefix('{')?;
-            let (labels, value) = rest.rsplit_once("} ")?;
+            let rest = l.strip_prefix(family)?;
+            if let Some(value) = rest.strip_prefix(' ') {
+                return Some((Vec::new(), value.trim().parse().ok()?));
+            }
+            let (labels, value) = rest.strip_prefix('{')?.rsplit_once("} ")?;
             let labels = ordered_fields(&labels.replace("\",", "\" "));
             Some((labels, value.trim().parse().ok()?))
         })
@@ -341,7 +344,12 @@ fn compare_metrics(reporter: &str, ours: &Netns, theirs: &Netns) {
         assert_eq!(mine, zt, "{family} {reporter}: labels and values");
         assert_eq!((v, zv), (want, want), "{family} {reporter}");
     }
-    for family in ["istio_build", "istio_tcp_sockets_open"] {
+    for family in [
+        "istio_build",
+        "istio_tcp_sockets_open",
+        "process_open_fds",
+        "process_max_fds",
+    ] {
         assert!(
             !samples(ours, family).is_empty(),
             "{family} in ringtun's scrape"

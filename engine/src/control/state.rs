@@ -113,6 +113,7 @@ impl Admin for ControlState {
             },
             ktls_available: self.tls.ktls.is_some(),
             draining: self.draining.load(Ordering::Relaxed),
+            fds: ProcessInfo::read_fds(),
         }
     }
 

@@ -19,6 +19,25 @@ pub struct ProcessInfo {
     pub ktls_available: bool,
     /// Whether ringtun is draining.
     pub draining: bool,
+    /// Open file descriptors and their limit (ztunnel's `process_open_fds`,
+    /// `process_max_fds`), read when `/metrics` is scraped.
+    pub fds: Option<(u64, u64)>,
+}
+
+impl ProcessInfo {
+    /// The process's open file descriptors and their soft limit, now.
+    pub fn read_fds() -> Option<(u64, u64)> {
+        let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a live, writable rlimit.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return None;
+        }
+        Some((open, lim.rlim_cur))
+    }
 }
 
 /// The label pairs of one series, in ztunnel's order and spelling (its `CommonTrafficLabels`:
@@ -298,6 +317,12 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
         let n: u64 = reports.iter().map(|r| r.gauges.sockets_open[i]).sum();
         let _ = writeln!(out, "istio_tcp_sockets_open{{reporter=\"{reporter}\"}} {n}");
     }
+    if let Some((open, max)) = info.fds {
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Number of open file descriptors\n# TYPE process_open_fds gauge\nprocess_open_fds {open}\n# HELP process_max_fds Maximum number of file descriptors\n# TYPE process_max_fds gauge\nprocess_max_fds {max}"
+        );
+    }
     let _ =
         writeln!(
         out,
@@ -465,6 +490,7 @@ mod tests {
             driver: "io_uring".into(),
             ktls_available: true,
             draining: true,
+            fds: Some((28, 20_000)),
         };
         let text = format!(
             "{}=====OM\n{}",

@@ -22,6 +22,7 @@ fn dump() -> serde_json::Value {
             driver: "io_uring".into(),
             ktls_available: false,
             draining: true,
+            fds: None,
         },
         config: ztunnel_config(settings),
     };
