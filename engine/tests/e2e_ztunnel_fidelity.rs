@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringtun_testbed::{Netns, TwoNodes};
+use ringtun_testbed::{echoed_bytes, Netns, TwoNodes};
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
 /// Request bytes (client → server) and response bytes: different, so a swap shows.
@@ -230,28 +230,34 @@ fn ordered_fields(s: &str) -> Vec<(String, String)> {
 
 /// Waits until `log()` holds a `connection complete` access line in `direction`; returns it.
 fn wait_complete(who: &str, log: impl Fn() -> String, direction: &str) -> Line {
+    wait_line(who, log, "connection complete", direction)
+}
+
+/// Waits until `log()` holds an access line with `message` in `direction`; returns it.
+fn wait_line(who: &str, log: impl Fn() -> String, message: &str, direction: &str) -> Line {
     let deadline = Instant::now() + LOG_WAIT;
     loop {
         let text = log();
         if let Some(l) = text
             .lines()
             .filter_map(Line::parse)
-            .find(|l| l.message == "connection complete" && l.get("direction") == Some(direction))
+            .find(|l| l.message == message && l.get("direction") == Some(direction))
         {
             return l;
         }
         assert!(
             Instant::now() < deadline,
-            "{who}: no {direction} `connection complete` line:\n{text}"
+            "{who}: no {direction} `{message}` line:\n{text}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// ringtun's line against ztunnel's for the same side of the same kind of connection.
-fn compare(what: &str, ours: &Line, theirs: &Line, ordered: bool) {
+/// ringtun's line against ztunnel's for the same side of the same kind of connection, which
+/// both logged at `level`.
+fn compare(what: &str, ours: &Line, theirs: &Line, ordered: bool, level: &str) {
     let ctx = format!("{what}\n ringtun: {ours:?}\n ztunnel: {theirs:?}");
-    assert_eq!(ours.level, "info", "{ctx}");
+    assert_eq!(ours.level, level, "{ctx}");
     assert_eq!(
         (&ours.level, &ours.message),
         (&theirs.level, &theirs.message),
@@ -287,7 +293,10 @@ fn compare(what: &str, ours: &Line, theirs: &Line, ordered: bool) {
             .map(|(ip, _)| ip.to_owned())
     };
     assert_eq!(ip(ours), ip(theirs), "src.addr: {ctx}");
-    for l in [ours, theirs] {
+    for l in [ours, theirs]
+        .into_iter()
+        .filter(|_| ours.message == "connection complete")
+    {
         let d = l.get("duration").unwrap_or_default();
         assert!(
             d.strip_suffix("ms")
@@ -371,7 +380,7 @@ fn access_lines_and_metrics_read_as_ztunnels() {
 
     let r_out = wait_complete("ringtun (client)", || a.ringtun.log(), "outbound");
     let z_out = wait_complete("ztunnel (client)", || b.ztunnel.log(), "outbound");
-    compare("outbound, JSON", &r_out, &z_out, false);
+    compare("outbound, JSON", &r_out, &z_out, false, "info");
     assert_eq!(r_out.get("bytes_sent"), Some(UP.to_string().as_str()));
     assert_eq!(r_out.get("bytes_recv"), Some(DOWN.to_string().as_str()));
     assert_eq!(r_out.get("dst.addr"), Some("10.77.0.2:15008"));
@@ -379,7 +388,7 @@ fn access_lines_and_metrics_read_as_ztunnels() {
 
     let r_in = wait_complete("ringtun (server)", || b.ringtun.log(), "inbound");
     let z_in = wait_complete("ztunnel (server)", || a.ztunnel.log(), "inbound");
-    compare("inbound, text", &r_in, &z_in, true);
+    compare("inbound, text", &r_in, &z_in, true, "info");
     assert_eq!(r_in.get("bytes_sent"), Some(DOWN.to_string().as_str()));
     assert_eq!(r_in.get("bytes_recv"), Some(UP.to_string().as_str()));
 
@@ -545,4 +554,93 @@ fn config_dump_has_ztunnels_shape() {
         );
     }
     ringtun.assert_no_panic();
+}
+
+/// The series of `family` ringtun and ztunnel report for the same side are the same, each
+/// counting `want`.
+fn same_series(family: &str, reporter: &str, ours: &Netns, theirs: &Netns, want: f64) {
+    let (mine, v) = one_series(ours, family, reporter);
+    let (zt, zv) = one_series(theirs, family, reporter);
+    assert_eq!(mine, zt, "{family} {reporter}: labels and values");
+    assert_eq!((v, zv), (want, want), "{family} {reporter}");
+}
+
+#[test]
+fn refusals_read_as_ztunnels() {
+    let config = config().replace(
+        "policies: []\n",
+        r#"policies:
+- name: deny-client
+  namespace: default
+  scope: Namespace
+  action: Deny
+  dryRun: false
+  rules:
+  - - - principals: [!Exact "cluster.local/ns/default/sa/client"]
+"#,
+    );
+    // ringtun → ztunnel, then ztunnel → ringtun: the server side denies the client, and the
+    // client dials a service port no endpoint serves.
+    let pair = |prefix, ringtun_client| {
+        let (nodes, dir, path) = ztunnel_topology(prefix, &config);
+        let (r_ns, r_who, z_ns, z_who) = if ringtun_client {
+            (&nodes.client, "client", &nodes.server, "server")
+        } else {
+            (&nodes.server, "server", &nodes.client, "client")
+        };
+        let ztunnel = Ztunnel::start(z_ns, z_who, &path, dir.path());
+        let ringtun = Ringtun::start_as(r_ns, r_who, dir.path(), &path, one_worker());
+        let _echo = echo_server(&nodes.server, "0.0.0.0:5201");
+        for dst in ["10.96.0.10:80", "10.96.0.10:81"] {
+            let n = echoed_bytes(&nodes.client, dst);
+            assert_eq!(n, 0, "{dst} must not be carried");
+        }
+        Pair {
+            ringtun,
+            ztunnel,
+            nodes,
+            _dir: dir,
+            _config: path,
+        }
+    };
+    let a = pair("zra", true);
+    let b = pair("zrb", false);
+
+    // The denial: an error on both sides, with the error named.
+    let r_out = wait_complete("ringtun (client)", || a.ringtun.log(), "outbound");
+    let z_out = wait_complete("ztunnel (client)", || b.ztunnel.log(), "outbound");
+    compare(
+        "outbound, refused by the server",
+        &r_out,
+        &z_out,
+        true,
+        "error",
+    );
+    let r_in = wait_complete("ringtun (server)", || b.ringtun.log(), "inbound");
+    let z_in = wait_complete("ztunnel (server)", || a.ztunnel.log(), "inbound");
+    compare("inbound, denied", &r_in, &z_in, true, "error");
+    assert_eq!(r_in.get("response_flags"), Some("DENY"));
+    // No endpoint: refused before a destination was chosen, a warning with four fields.
+    let failed = "connection failed";
+    let r_early = wait_line("ringtun (client)", || a.ringtun.log(), failed, "outbound");
+    let z_early = wait_line("ztunnel (client)", || b.ztunnel.log(), failed, "outbound");
+    compare("outbound, no endpoint", &r_early, &z_early, true, "warn");
+    assert_eq!(r_early.get("dst.addr"), Some("10.96.0.10:81"));
+
+    // The metrics: the denied connection opened, then closed and failed with its flags (the
+    // client sees the refusal as CONNECT, the server as DENY); the early refusal nowhere.
+    for (reporter, ours, theirs) in [
+        ("source", &a.nodes.client, &b.nodes.client),
+        ("destination", &b.nodes.server, &a.nodes.server),
+    ] {
+        for family in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_connections_failed_total",
+        ] {
+            same_series(family, reporter, ours, theirs, 1.0);
+        }
+    }
+    a.ringtun.assert_no_panic();
+    b.ringtun.assert_no_panic();
 }

@@ -198,7 +198,14 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
     ];
     for (name, help, get) in families {
         counter_header(&mut out, name, help, openmetrics);
-        for (l, c) in &tcp {
+        // As ztunnel's registry: a series is there once it was counted in, and a connection's
+        // byte series from the moment it opened (so a denial's flagged series has no
+        // `opened` sample, and no bytes).
+        let bytes = name.ends_with("_bytes");
+        for (l, c) in tcp
+            .iter()
+            .filter(|(_, c)| if bytes { c.opened > 0 } else { get(c) > 0 })
+        {
             let _ = writeln!(
                 out,
                 "{name}_total{} {}",

@@ -281,11 +281,13 @@ impl AccessLine {
     }
 }
 
-/// Access lines (target `access`, with a `direction=` field) of a log; their fields start at
-/// `src.addr=` (ztunnel's first).
+/// Access lines (target `access`, with a `direction=` field) of a log, the debug-level
+/// `connection opened` left out; their fields start at `src.addr=` (ztunnel's first).
 pub fn parse_access(log: &str) -> Vec<AccessLine> {
     log.lines()
-        .filter(|l| l.contains("access") && l.contains("direction="))
+        .filter(|l| {
+            l.contains("access") && l.contains("direction=") && !l.contains("connection opened")
+        })
         .map(|l| AccessLine {
             raw: l.to_owned(),
             fields: parse_fields(&l[l.find("src.addr=").unwrap_or(0)..]),
