@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringtun_testbed::{echoed_bytes, Netns, TwoNodes};
+use ringtun_testbed::{echoed_bytes, Netns, TwoNodes, DEFAULT_MARK};
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
 /// Request bytes (client → server) and response bytes: different, so a swap shows.
@@ -235,13 +235,24 @@ fn wait_complete(who: &str, log: impl Fn() -> String, direction: &str) -> Line {
 
 /// Waits until `log()` holds an access line with `message` in `direction`; returns it.
 fn wait_line(who: &str, log: impl Fn() -> String, message: &str, direction: &str) -> Line {
+    wait_for(who, log, message, direction, |_| true)
+}
+
+/// [`wait_line`] for a line that also satisfies `pred`.
+fn wait_for(
+    who: &str,
+    log: impl Fn() -> String,
+    message: &str,
+    direction: &str,
+    pred: impl Fn(&Line) -> bool,
+) -> Line {
     let deadline = Instant::now() + LOG_WAIT;
     loop {
         let text = log();
         if let Some(l) = text
             .lines()
             .filter_map(Line::parse)
-            .find(|l| l.message == message && l.get("direction") == Some(direction))
+            .find(|l| l.message == message && l.get("direction") == Some(direction) && pred(l))
         {
             return l;
         }
@@ -639,6 +650,105 @@ fn refusals_read_as_ztunnels() {
             "istio_tcp_connections_failed_total",
         ] {
             same_series(family, reporter, ours, theirs, 1.0);
+        }
+    }
+    a.ringtun.assert_no_panic();
+    b.ringtun.assert_no_panic();
+}
+
+#[test]
+fn plaintext_paths_read_as_ztunnels() {
+    const N: u64 = 65_536;
+    let pair = |prefix, ringtun_client| {
+        let (nodes, dir, path) = ztunnel_topology(prefix, &config());
+        let (r_ns, r_who, z_ns, z_who) = if ringtun_client {
+            (&nodes.client, "client", &nodes.server, "server")
+        } else {
+            (&nodes.server, "server", &nodes.client, "client")
+        };
+        let ztunnel = Ztunnel::start(z_ns, z_who, &path, dir.path());
+        let ringtun = Ringtun::start_as(r_ns, r_who, dir.path(), &path, one_worker());
+        // Outside the mesh: passed through by the client node's proxy.
+        nodes
+            .server
+            .add_address(nodes.ifname(), "10.77.0.9/24")
+            .expect("add 10.77.0.9");
+        let _outside = echo_server(&nodes.server, "10.77.0.9:7000");
+        echo_ok(&nodes.client, "10.77.0.9:7000", N);
+        // A client outside the mesh (its socket carries the mark, so its node's capture lets
+        // it be) to the server workload in plaintext: the server node's 15006.
+        nodes
+            .server
+            .capture_inbound(15006, &INBOUND_EXCEPT)
+            .expect("inbound capture");
+        let _inside = echo_server(&nodes.server, "10.77.0.2:7000");
+        let s = connect_marked_in(
+            &nodes.client,
+            "10.77.0.2:7000".parse().expect("addr"),
+            DEFAULT_MARK,
+        )
+        .expect("plaintext connect to 10.77.0.2:7000");
+        echo_on(s, N as usize).unwrap_or_else(|e| panic!("plaintext inbound echo: {e}"));
+        Pair {
+            ringtun,
+            ztunnel,
+            nodes,
+            _dir: dir,
+            _config: path,
+        }
+    };
+    let a = pair("zpa", true);
+    let b = pair("zpb", false);
+    let complete = "connection complete";
+    let to = |addr: &'static str| move |l: &Line| l.get("dst.addr") == Some(addr);
+
+    let r_pt = wait_for(
+        "ringtun",
+        || a.ringtun.log(),
+        complete,
+        "outbound",
+        to("10.77.0.9:7000"),
+    );
+    let z_pt = wait_for(
+        "ztunnel",
+        || b.ztunnel.log(),
+        complete,
+        "outbound",
+        to("10.77.0.9:7000"),
+    );
+    compare("outbound passthrough", &r_pt, &z_pt, true, "info");
+    assert_eq!(r_pt.get("path"), Some("passthrough"));
+    assert_eq!(r_pt.get("bytes_sent"), Some(N.to_string().as_str()));
+
+    let r_pl = wait_for(
+        "ringtun",
+        || b.ringtun.log(),
+        complete,
+        "inbound",
+        to("10.77.0.2:7000"),
+    );
+    let z_pl = wait_for(
+        "ztunnel",
+        || a.ztunnel.log(),
+        complete,
+        "inbound",
+        to("10.77.0.2:7000"),
+    );
+    compare("inbound plaintext", &r_pl, &z_pl, true, "info");
+    assert_eq!(r_pl.get("path"), Some("plaintext"));
+
+    // And their series: passthrough on the client node, plaintext inbound on the server's.
+    for (reporter, ours, theirs) in [
+        ("source", &a.nodes.client, &b.nodes.client),
+        ("destination", &b.nodes.server, &a.nodes.server),
+    ] {
+        for (family, want) in [
+            ("istio_tcp_connections_opened_total", 1.0),
+            ("istio_tcp_connections_closed_total", 1.0),
+            ("istio_tcp_received_bytes_total", N as f64),
+            ("istio_tcp_sent_bytes_total", N as f64),
+        ] {
+            same_series(family, reporter, ours, theirs, want);
         }
     }
     a.ringtun.assert_no_panic();
