@@ -8,6 +8,9 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::config::{Service, Workload};
 
 /// Who reports a connection: the source side (outbound) or the destination side (inbound).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,28 +31,98 @@ impl Reporter {
     }
 }
 
-/// The labels of one Istio TCP metric series.
+/// A workload as Istio's metric labels and ztunnel's access log name it; one shared copy per
+/// workload and shard ([`ShardMetrics::party`]), so a connection holds a pointer, not strings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Party {
+    /// `name` (the pod): the access log's `src.workload`/`dst.workload`.
+    pub name: String,
+    /// `namespace`: `*_workload_namespace`, the access log's `src.namespace`/`dst.namespace`.
+    pub namespace: String,
+    /// `workloadName` (the deployment): `source_workload`/`destination_workload`.
+    pub workload_name: String,
+    /// `canonicalName`: `*_canonical_service` and `*_app`.
+    pub canonical_name: String,
+    /// `canonicalRevision`: `*_canonical_revision` and `*_version`.
+    pub canonical_revision: String,
+    /// `clusterId`: `*_cluster`, the access log's `src.cluster`/`dst.cluster`.
+    pub cluster: String,
+    /// `locality.region`: `*_region`.
+    pub region: String,
+    /// `locality.zone`: `*_zone`.
+    pub zone: String,
+}
+
+impl Party {
+    /// The labels of `w`.
+    pub fn of(w: &Workload) -> Party {
+        Party {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            workload_name: w.workload_name.clone(),
+            canonical_name: w.canonical_name.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+            cluster: w.cluster_id.clone(),
+            region: w.locality.region.clone(),
+            zone: w.locality.zone.clone(),
+        }
+    }
+
+    /// Whether these are still `w`'s labels (a config update may have changed them).
+    fn describes(&self, w: &Workload) -> bool {
+        self.name == w.name
+            && self.namespace == w.namespace
+            && self.workload_name == w.workload_name
+            && self.canonical_name == w.canonical_name
+            && self.canonical_revision == w.canonical_revision
+            && self.cluster == w.cluster_id
+            && self.region == w.locality.region
+            && self.zone == w.locality.zone
+    }
+}
+
+/// A service as the `destination_service*` labels name it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName {
+    /// `hostname`: `destination_service`, the access log's `dst.service`.
+    pub hostname: String,
+    /// `name`: `destination_service_name`.
+    pub name: String,
+    /// `namespace`: `destination_service_namespace`.
+    pub namespace: String,
+}
+
+impl ServiceName {
+    /// The names of `s`.
+    pub fn of(s: &Service) -> ServiceName {
+        ServiceName {
+            hostname: s.hostname.clone(),
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+        }
+    }
+}
+
+/// The labels of one Istio TCP metric series, as ztunnel's `CommonTrafficLabels` fills them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TcpLabels {
     /// `reporter`.
     pub reporter: Option<Reporter>,
-    /// `source_workload`.
-    pub source_workload: String,
-    /// `source_workload_namespace`.
-    pub source_workload_namespace: String,
-    /// `source_principal` (SPIFFE URI or `unknown`).
+    /// The source workload, when known: `source_workload`, `source_canonical_*`, `source_app`,
+    /// `source_version`, `source_cluster`, `source_region`, `source_zone`.
+    pub source: Option<Arc<Party>>,
+    /// `source_principal`: the identity the client proved over mTLS (empty: `unknown`).
     pub source_principal: String,
-    /// `destination_workload`.
-    pub destination_workload: String,
-    /// `destination_workload_namespace`.
-    pub destination_workload_namespace: String,
-    /// `destination_principal`.
+    /// The destination workload, when known: the `destination_*` workload labels.
+    pub destination: Option<Arc<Party>>,
+    /// `destination_principal` (empty: `unknown`).
     pub destination_principal: String,
-    /// `destination_service` (hostname, or `unknown`).
-    pub destination_service: String,
+    /// The service dialled: `destination_service`, `destination_service_name`,
+    /// `destination_service_namespace`.
+    pub destination_service: Option<Arc<ServiceName>>,
     /// `request_protocol`: always `tcp` here.
     pub request_protocol: &'static str,
-    /// `response_flags`: `-` when fine, else why it failed (e.g. `DENY`, `UF` upstream failure).
+    /// `response_flags`: `-` when fine, else why it failed (`DENY`, `CONNECT`).
     pub response_flags: String,
     /// `connection_security_policy`: `mutual_tls` over HBONE, `unknown` in plaintext.
     pub connection_security_policy: &'static str,
@@ -125,7 +198,15 @@ pub struct ShardMetrics {
     tcp: RefCell<HashMap<TcpLabels, TcpCounts>>,
     /// One shared copy of each label set live connections count their bytes in.
     interned: RefCell<HashMap<TcpLabels, Rc<TcpLabels>>>,
+    /// One shared copy of each workload's labels, by uid.
+    parties: RefCell<HashMap<String, Arc<Party>>>,
+    /// One shared copy of each service's names, by hostname.
+    services: RefCell<HashMap<String, Arc<ServiceName>>>,
 }
+
+/// Past this many workloads (or services) seen, a shard forgets the copies it keeps, so
+/// workloads that come and go do not grow it without end.
+const INTERNED_MAX: usize = 4096;
 
 impl ShardMetrics {
     fn with(&self, labels: &TcpLabels, f: impl FnOnce(&mut TcpCounts)) {
@@ -138,6 +219,37 @@ impl ShardMetrics {
             f(&mut c);
             map.insert(labels.clone(), c);
         }
+    }
+
+    /// The shared copy of `w`'s labels (made anew when a config update changed them).
+    pub fn party(&self, w: &Workload) -> Arc<Party> {
+        let mut map = self.parties.borrow_mut();
+        if let Some(p) = map.get(&w.uid).filter(|p| p.describes(w)) {
+            return p.clone();
+        }
+        if map.len() >= INTERNED_MAX {
+            map.clear();
+        }
+        let p = Arc::new(Party::of(w));
+        map.insert(w.uid.clone(), p.clone());
+        p
+    }
+
+    /// The shared copy of `s`'s names.
+    pub fn service(&self, s: &Service) -> Arc<ServiceName> {
+        let mut map = self.services.borrow_mut();
+        if let Some(n) = map
+            .get(&s.hostname)
+            .filter(|n| n.name == s.name && n.namespace == s.namespace)
+        {
+            return n.clone();
+        }
+        if map.len() >= INTERNED_MAX {
+            map.clear();
+        }
+        let n = Arc::new(ServiceName::of(s));
+        map.insert(s.hostname.clone(), n.clone());
+        n
     }
 
     /// A connection was established; returns the shared copy of its labels that its live

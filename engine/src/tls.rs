@@ -249,7 +249,7 @@ impl CertState {
 /// One certificate of a chain or bundle, as `/config_dump` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertDetail {
-    /// Serial number, hex.
+    /// Serial number, hex, without leading zeros.
     pub serial: String,
     /// Start of validity, Unix seconds.
     pub not_before: i64,
@@ -261,8 +261,14 @@ impl CertDetail {
     /// Reads a DER certificate; `None` if it does not parse.
     pub fn of(der: &[u8]) -> Option<CertDetail> {
         let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+        // An integer: no leading zeros, so it reads as `openssl x509 -serial` and issuers print it.
+        let hex = c.raw_serial_as_string().replace(':', "");
+        let serial = match hex.trim_start_matches('0') {
+            "" => "0".to_owned(),
+            s => s.to_owned(),
+        };
         Some(CertDetail {
-            serial: c.raw_serial_as_string().replace(':', ""),
+            serial,
             not_before: c.validity().not_before.timestamp(),
             not_after: c.validity().not_after.timestamp(),
         })
@@ -319,8 +325,8 @@ impl CertStatus {
             "state": self.state.as_str(),
             "certChain": self.chain.iter().map(detail).collect::<Vec<_>>(),
             "rootCerts": self.roots.iter().map(detail).collect::<Vec<_>>(),
-            "notAfterUnix": self.not_after(),
-            "error": self.error,
+            // ztunnel's keys above; ringtun's own apart, so tools reading ztunnel's see theirs.
+            "ringtun": {"notAfterUnix": self.not_after(), "error": self.error},
         })
     }
 }

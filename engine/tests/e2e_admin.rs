@@ -44,11 +44,17 @@ fn admin_config_dump_logging_and_loopback_only() {
     assert_eq!(w["namespace"], "default", "{w:#}");
     assert_eq!(w["serviceAccount"], "server", "{w:#}");
     assert_eq!(w["workloadIps"], serde_json::json!(["10.77.0.2"]), "{w:#}");
+    // As ztunnel: the file's view names the workload's services, the live view has the
+    // workload as the service's endpoint.
+    let static_server = dump["staticConfig"]["workloads"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["name"] == "server"))
+        .unwrap_or_else(|| panic!("no static workload server in {dump:#}"));
     assert!(
-        w["services"]
+        static_server["services"]
             .get(format!("default/{SERVICE_HOST}"))
             .is_some(),
-        "{w:#}"
+        "{static_server:#}"
     );
     assert_eq!(
         by_name("client")["workloadIps"],
@@ -65,25 +71,60 @@ fn admin_config_dump_logging_and_loopback_only() {
         "{svc:#}"
     );
     assert_eq!(svc["ports"]["80"], 5201, "{svc:#}");
+    assert_eq!(
+        svc["endpoints"][w["uid"].as_str().unwrap_or_default()]["port"]["80"],
+        5201,
+        "{svc:#}"
+    );
     assert_eq!(dump["policies"], serde_json::json!([]), "{dump:#}");
     let cert = &dump["certificates"][0];
     assert_eq!(cert["identity"], SERVER_ID, "{dump:#}");
+    assert_eq!(cert["state"], "Available", "{dump:#}");
+    // RFC 3339 in UTC; a year at least this one's means an expiry not yet past.
+    let expiry = cert["certChain"][0]["expirationTime"]
+        .as_str()
+        .unwrap_or_default();
+    let this_year = 1970 + now_unix() / 31_556_952;
     assert!(
-        cert["notAfterUnix"]
-            .as_u64()
-            .is_some_and(|t| t > now_unix()),
+        expiry.ends_with('Z')
+            && expiry
+                .get(..4)
+                .and_then(|y| y.parse::<u64>().ok())
+                .is_some_and(|y| y >= this_year),
         "certificate expiry in the future: {cert:#}"
     );
-    assert_eq!(dump["shards"], 1, "{dump:#}");
-    assert_eq!(dump["configGeneration"], 1, "{dump:#}");
-    assert_eq!(dump["draining"], false, "{dump:#}");
+    assert_eq!(dump["config"]["numWorkerThreads"], 1, "{dump:#}");
+    let own = &dump["ringtun"];
+    assert_eq!(own["shards"], 1, "{dump:#}");
+    assert_eq!(own["configGeneration"], 1, "{dump:#}");
+    assert_eq!(own["draining"], false, "{dump:#}");
     assert!(
-        ["io_uring", "legacy"].contains(&dump["driver"].as_str().unwrap_or_default()),
+        ["io_uring", "legacy"].contains(&own["driver"].as_str().unwrap_or_default()),
         "{dump:#}"
     );
     let (_, body) = http_in(client, ADMIN, "GET", "/config_dump").expect("client config_dump");
     let cdump: serde_json::Value = serde_json::from_str(&body).expect("client config_dump JSON");
     assert_eq!(cdump["certificates"][0]["identity"], CLIENT_ID, "{cdump:#}");
+
+    // ztunnel's pprof endpoints, in text: mimalloc's heap figures, CPU by thread.
+    let (st, body) = http_in(server, ADMIN, "GET", "/debug/pprof/heap").expect("heap");
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        body.lines()
+            .find_map(|l| l.strip_prefix("current_rss_bytes "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|b| b > 0),
+        "{body}"
+    );
+    let (st, body) =
+        http_in(server, ADMIN, "GET", "/debug/pprof/profile?seconds=1").expect("profile");
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        body.lines().any(|l| l.starts_with("ringtun-shard-0 ")),
+        "every shard by name: {body}"
+    );
+    let (st, _) = http_in(server, ADMIN, "GET", "/debug/pprof/profile?seconds=0").expect("profile");
+    assert_eq!(st, 400, "seconds out of ztunnel's 1 to 300");
 
     // /logging switches the filter live: a CONNECT to a closed port logs a DEBUG line only
     // while the level is debug.
@@ -112,7 +153,7 @@ fn admin_config_dump_logging_and_loopback_only() {
         .lines()
         .find(|l| l.contains("inbound: destination unreachable"))
         .expect("counted");
-    assert!(line.contains("DEBUG"), "logged at debug: {line}");
+    assert!(line.contains("\tdebug\t"), "logged at debug: {line}");
     let (_, body) = http_in(server, ADMIN, "POST", "/logging").expect("logging");
     assert!(body.contains("current log filter: debug"), "{body}");
     // Back to the start-up filter.

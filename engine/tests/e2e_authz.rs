@@ -107,7 +107,7 @@ fn a_forged_forwarded_header_changes_no_source_ip_decision() {
     assert_eq!(status(&run), Some(401), "DENY dodged by a claim: {run}");
     let line = so.server.wait_access("for the dodged DENY", LOG_WAIT, |l| {
         l.is("direction", "inbound")
-            && l.get("reason")
+            && l.get("error")
                 .is_some_and(|r| r.contains("default/deny-real"))
     });
     assert!(line.is("response_flags", "DENY"), "{}", line.raw);
@@ -206,22 +206,23 @@ fn a_policy_update_cuts_live_connections_it_denies() {
             ),
         }
     }
-    for direction in ["inbound", "inbound-plaintext"] {
+    // The destination is the CONNECT authority over HBONE, the address itself in plaintext.
+    for (path, key) in [("hbone", "dst.hbone_addr"), ("plaintext", "dst.addr")] {
         let line = m
             .server
             .wait_access("for the cut connection", LOG_WAIT, |l| {
-                l.is("direction", direction) && l.is("dst.addr", "10.77.0.2:5201")
+                l.is("direction", "inbound") && l.is("path", path) && l.is(key, "10.77.0.2:5201")
             });
         assert!(line.is("end", "error"), "{}", line.raw);
         assert!(line.is("response_flags", "DENY"), "{}", line.raw);
         assert!(
-            line.get("reason")
+            line.get("error")
                 .is_some_and(|r| r.contains("policy update")),
             "{}",
             line.raw
         );
         assert!(
-            line.num("bytes_received") < n,
+            line.num("bytes_recv") < n,
             "cut before the end: {}",
             line.raw
         );
@@ -282,8 +283,9 @@ fn policies_refuse_with_401_and_reset_and_dry_run_refuses_nothing() {
         });
     assert!(line.is("response_flags", "DENY"), "{}", line.raw);
     assert!(line.is("src.identity", CLIENT_ID), "{}", line.raw);
-    assert!(line.is("src.workload", "default/client"), "{}", line.raw);
-    let reason = line.get("reason").unwrap_or_default();
+    assert!(line.is("src.workload", "client"), "{}", line.raw);
+    assert!(line.is("src.namespace", "default"), "{}", line.raw);
+    let reason = line.get("error").unwrap_or_default();
     assert!(
         reason.starts_with("401") && reason.contains("default/deny-client"),
         "the reason names the status and the policy: {}",
@@ -295,7 +297,7 @@ fn policies_refuse_with_401_and_reset_and_dry_run_refuses_nothing() {
             l.is("direction", "outbound") && l.is("end", "error")
         });
     assert!(
-        out.get("reason").is_some_and(|r| r.contains("401")),
+        out.get("error").is_some_and(|r| r.contains("401")),
         "the client ringtun says it was refused with 401: {}",
         out.raw
     );
@@ -318,7 +320,7 @@ fn policies_refuse_with_401_and_reset_and_dry_run_refuses_nothing() {
         l.is("direction", "inbound") && l.is("src.identity", OTHER_ID)
     });
     assert!(line.is("end", "closed"), "{}", line.raw);
-    assert_eq!(line.num("bytes_received"), MIB, "{}", line.raw);
+    assert_eq!(line.num("bytes_recv"), MIB, "{}", line.raw);
     let log = m
         .server
         .wait_log_count("authorization dry run", 1, LOG_WAIT);
@@ -354,9 +356,9 @@ fn policies_refuse_with_401_and_reset_and_dry_run_refuses_nothing() {
             }
         }
     }
-    let line = m.server.wait_access("plaintext denied", LOG_WAIT, |l| {
-        l.is("direction", "inbound-plaintext")
-    });
+    let line = m
+        .server
+        .wait_access("plaintext denied", LOG_WAIT, |l| l.is("path", "plaintext"));
     assert!(line.is("response_flags", "DENY"), "{}", line.raw);
     assert!(line.is("end", "error"), "{}", line.raw);
     assert_eq!(

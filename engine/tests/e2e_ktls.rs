@@ -153,7 +153,7 @@ fn echo_via_vip(m: &Mesh, n: u64) -> (AccessLine, AccessLine) {
     });
     assert!(out.is("end", "closed"), "{}", out.raw);
     assert_eq!(out.num("bytes_sent"), n, "{}", out.raw);
-    assert_eq!(out.num("bytes_received"), n, "{}", out.raw);
+    assert_eq!(out.num("bytes_recv"), n, "{}", out.raw);
     let lines = m
         .server
         .wait_access_all("for the echo", LOG_WAIT, |l| inbound(l) > before);

@@ -95,7 +95,7 @@ fn bytes_mean_the_same_in_both_logs_and_both_metrics_and_pool_figures_count() {
     }
 
     let ours = |l: &AccessLine, direction: &str| {
-        l.is("direction", direction) && l.is("dst.addr", "10.77.0.2:5202")
+        l.is("direction", direction) && l.is("dst.hbone_addr", "10.77.0.2:5202")
     };
     let out = m
         .client
@@ -114,13 +114,13 @@ fn bytes_mean_the_same_in_both_logs_and_both_metrics_and_pool_figures_count() {
         // The source's workload sent the request.
         assert!(l.is("end", "closed"), "{}", l.raw);
         assert_eq!(l.num("bytes_sent"), REQUEST, "{}", l.raw);
-        assert_eq!(l.num("bytes_received"), RESPONSE, "{}", l.raw);
+        assert_eq!(l.num("bytes_recv"), RESPONSE, "{}", l.raw);
     }
     for l in &inb {
         // The destination's workload sent the response.
         assert!(l.is("end", "closed"), "{}", l.raw);
         assert_eq!(l.num("bytes_sent"), RESPONSE, "{}", l.raw);
-        assert_eq!(l.num("bytes_received"), REQUEST, "{}", l.raw);
+        assert_eq!(l.num("bytes_recv"), REQUEST, "{}", l.raw);
     }
     assert!(out[0].is("pool", "new"), "{}", out[0].raw);
     assert!(out[1].is("pool", "reused"), "{}", out[1].raw);

@@ -165,7 +165,9 @@ fn idle_connections_cost_little_memory_and_still_work() {
         |lines| {
             lines
                 .iter()
-                .filter(|l| l.is("direction", "outbound") && l.is("dst.addr", "10.77.0.2:5201"))
+                .filter(|l| {
+                    l.is("direction", "outbound") && l.is("dst.hbone_addr", "10.77.0.2:5201")
+                })
                 .count()
                 >= CONNS
         },

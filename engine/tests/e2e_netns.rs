@@ -26,8 +26,7 @@ const LOG_WAIT: Duration = Duration::from_secs(10);
 fn outbound_line(m: &Mesh, t: &Transfer, what: &str) -> AccessLine {
     let suffix = format!(":{}", t.local.port());
     let line = m.client.wait_access(what, LOG_WAIT, |l| {
-        (l.is("direction", "outbound") || l.is("direction", "passthrough"))
-            && l.get("src.addr").is_some_and(|a| a.ends_with(&suffix))
+        l.is("direction", "outbound") && l.get("src.addr").is_some_and(|a| a.ends_with(&suffix))
     });
     assert_eq!(
         line.get("src.addr"),
@@ -45,7 +44,7 @@ fn assert_outbound(line: &AccessLine, n: u64) {
     assert!(line.is("src.identity", CLIENT_ID), "{}", line.raw);
     assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
     assert_eq!(line.num("bytes_sent"), n, "{}", line.raw);
-    assert_eq!(line.num("bytes_received"), n, "{}", line.raw);
+    assert_eq!(line.num("bytes_recv"), n, "{}", line.raw);
     assert!(line.is("end", "closed"), "{}", line.raw);
     // Two ringtuns with the default preference agree on the cheaper suite.
     assert!(line.is("tls.cipher", "aes-128-gcm"), "{}", line.raw);
@@ -58,7 +57,7 @@ fn wait_inbound(m: &Mesh, n: u64, nth: usize, what: &str) -> AccessLine {
         l.is("direction", "inbound")
             && l.is("src.identity", CLIENT_ID)
             && l.num("bytes_sent") == n
-            && l.num("bytes_received") == n
+            && l.num("bytes_recv") == n
     };
     let lines = m.server.wait_access_all(what, LOG_WAIT, |ls| {
         ls.iter().filter(|l| is_ours(l)).count() >= nth
@@ -123,21 +122,23 @@ fn main_scenario(driver: &str, prefix: &'static str) {
     let vip_line = outbound_line(&m, &via_vip, "for the VIP transfer");
     assert_outbound(&vip_line, 64 * MIB);
     assert!(vip_line.is("dst.service", SERVICE_HOST), "{}", vip_line.raw);
-    // Either the address dialled (ringtun) or the endpoint it resolved to (ztunnel's choice).
+    // As ztunnel: dst.addr is the HBONE peer, dst.hbone_addr the endpoint the VIP resolved to.
     assert!(
-        vip_line.is("dst.addr", "10.96.0.10:80") || vip_line.is("dst.addr", "10.77.0.2:5201"),
+        vip_line.is("dst.addr", "10.77.0.2:15008"),
         "{}",
         vip_line.raw
     );
     assert!(
-        vip_line.is("dst.workload", "default/server"),
+        vip_line.is("dst.hbone_addr", "10.77.0.2:5201"),
         "{}",
         vip_line.raw
     );
+    assert!(vip_line.is("dst.workload", "server"), "{}", vip_line.raw);
+    assert!(vip_line.is("dst.namespace", "default"), "{}", vip_line.raw);
     let pod_line = outbound_line(&m, &via_pod, "for the pod IP transfer");
     assert_outbound(&pod_line, 64 * MIB);
     assert!(
-        pod_line.is("dst.addr", "10.77.0.2:5201"),
+        pod_line.is("dst.hbone_addr", "10.77.0.2:5201"),
         "{}",
         pod_line.raw
     );
@@ -168,7 +169,7 @@ fn main_scenario(driver: &str, prefix: &'static str) {
         "passthrough comes from the client node"
     );
     let pt_line = outbound_line(&m, &pt, "for the passthrough connection");
-    assert!(pt_line.is("direction", "passthrough"), "{}", pt_line.raw);
+    assert!(pt_line.is("path", "passthrough"), "{}", pt_line.raw);
     assert!(pt_line.is("dst.addr", "10.77.0.9:7000"), "{}", pt_line.raw);
     assert_eq!(pt_line.num("bytes_sent"), MIB, "{}", pt_line.raw);
 
@@ -180,11 +181,9 @@ fn main_scenario(driver: &str, prefix: &'static str) {
         .capture_inbound(15006, &INBOUND_EXCEPT)
         .expect("inbound capture");
     let _ = transfer(client, "10.77.0.9:7000", 64 * 1024);
-    let line = m
-        .server
-        .wait_access("direction=inbound-plaintext", LOG_WAIT, |l| {
-            l.is("direction", "inbound-plaintext") && l.is("dst.addr", "10.77.0.9:7000")
-        });
+    let line = m.server.wait_access("path=plaintext", LOG_WAIT, |l| {
+        l.is("path", "plaintext") && l.is("dst.addr", "10.77.0.9:7000")
+    });
     assert!(
         line.get("src.addr")
             .is_some_and(|a| a.starts_with("10.77.0.1:")),
@@ -207,12 +206,12 @@ fn main_scenario(driver: &str, prefix: &'static str) {
     let line = m
         .server
         .wait_access("inbound-plaintext to the workload", LOG_WAIT, |l| {
-            l.is("direction", "inbound-plaintext") && l.is("src.addr", &local)
+            l.is("path", "plaintext") && l.is("src.addr", &local)
         });
     assert!(line.is("dst.addr", "10.77.0.2:7000"), "{}", line.raw);
     assert!(line.is("end", "closed"), "{}", line.raw);
     assert_eq!(line.num("bytes_sent"), MIB, "{}", line.raw);
-    assert_eq!(line.num("bytes_received"), MIB, "{}", line.raw);
+    assert_eq!(line.num("bytes_recv"), MIB, "{}", line.raw);
 
     // HBONE is not disturbed by the capture (15008 is exempt).
     echo_ok(client, "10.96.0.10:80", MIB);
@@ -270,7 +269,7 @@ fn ipv6_capture_and_hbone() {
     assert_eq!(t.local.ip().to_string(), "fd77::1");
     let line = outbound_line(&m, &t, "for the IPv6 pod transfer");
     assert_outbound(&line, 4 * MIB);
-    assert!(line.is("dst.addr", "[fd77::2]:5201"), "{}", line.raw);
+    assert!(line.is("dst.hbone_addr", "[fd77::2]:5201"), "{}", line.raw);
     wait_inbound(&m, 4 * MIB, 1, "for the IPv6 transfer");
 
     // An IPv6 service VIP.
@@ -484,7 +483,7 @@ fn thousand_sequential_connections() {
     let seen = echo.records.wait_count(1000, LOG_WAIT);
     assert_eq!(seen, 1000, "the echo server saw {seen} connections");
     m.client
-        .wait_log_count("direction=outbound", 1000, LOG_WAIT);
+        .wait_log_count("direction=\"outbound\"", 1000, LOG_WAIT);
     let bad: Vec<String> = m
         .client
         .access()
@@ -742,7 +741,7 @@ fn idle_limit_cuts_only_quiet_connections() {
     // Both ringtuns run the same limit; whichever notices first cuts it, the other sees the
     // reset. The first connection cut for idleness is the quiet one (5 bytes each way), not the
     // busy one (17).
-    let idle_cut = |l: &AccessLine| l.get("reason").is_some_and(|r| r.contains("idle for"));
+    let idle_cut = |l: &AccessLine| l.get("error").is_some_and(|r| r.contains("idle for"));
     let deadline = Instant::now() + LOG_WAIT;
     let line = loop {
         let lines: Vec<AccessLine> = m

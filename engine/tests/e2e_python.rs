@@ -104,8 +104,8 @@ fn python_client_good_certificate_gets_200_and_exact_echo() {
     });
     assert!(line.is("src.identity", CLIENT_ID), "{}", line.raw);
     assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
-    assert!(line.is("dst.addr", "10.77.0.2:5201"), "{}", line.raw);
-    assert_eq!(line.num("bytes_received"), 8 * MIB, "{}", line.raw);
+    assert!(line.is("dst.hbone_addr", "10.77.0.2:5201"), "{}", line.raw);
+    assert_eq!(line.num("bytes_recv"), 8 * MIB, "{}", line.raw);
     assert!(line.is("end", "closed"), "{}", line.raw);
     t.server.assert_no_panic();
 }

@@ -203,7 +203,7 @@ fn ringtun_takes_its_config_from_istiod_only() {
         .expect("the workload got every byte");
     let line = client.wait_access("the transfer", |l| l.is("src.addr", &t.local.to_string()));
     assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
-    assert_eq!(line.num("bytes_received"), 4 * MIB, "{}", line.raw);
+    assert_eq!(line.num("bytes_recv"), 4 * MIB, "{}", line.raw);
 
     // istiod ends the stream: ringtun reconnects, naming what it holds (with the versions it
     // got), so nothing is sent again and nothing changes.
@@ -276,7 +276,7 @@ fn ringtun_takes_its_config_from_istiod_only() {
     client.wait_lines(&["config updated by the control plane", "workloads=1"], 1);
     not_carried(&nodes.client);
     let refused = client.wait_access("the refusal", |l| {
-        l.get("reason")
+        l.get("error")
             .is_some_and(|r| r.contains("no endpoint serves port 80"))
     });
     assert!(refused.is("direction", "outbound"), "{}", refused.raw);

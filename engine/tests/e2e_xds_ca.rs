@@ -352,7 +352,9 @@ fn in_pod_mode_asks_the_ca_on_each_pods_behalf() {
             .and_then(|c| c.into_iter().find(|c| c["identity"] == own));
         if let Some(c) = dumped.filter(|c| c["state"] == "Unavailable") {
             assert!(
-                c["error"].as_str().is_some_and(|e| e.contains("injected")),
+                c["ringtun"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("injected")),
                 "{c}"
             );
             break;

@@ -88,7 +88,7 @@ fn wait_refusals(client: &XdsRingtun, n: usize) {
         let seen = parse_access(&client.log())
             .iter()
             .filter(|l| {
-                l.get("reason")
+                l.get("error")
                     .is_some_and(|r| r.contains("no endpoint serves port 80"))
             })
             .count();
@@ -210,9 +210,9 @@ fn updates_from_istiod_reach_running_traffic() {
         Ok(t) => assert!(t.received < n, "the denied transfer ran to the end"),
     }
     let cut = server.wait_access("the cut connection", |l| {
-        l.is("dst.addr", "10.77.0.2:5201") && l.is("response_flags", "DENY")
+        l.is("dst.hbone_addr", "10.77.0.2:5201") && l.is("response_flags", "DENY")
     });
-    assert!(cut.num("bytes_received") < n, "cut early: {}", cut.raw);
+    assert!(cut.num("bytes_recv") < n, "cut early: {}", cut.raw);
     assert!(
         server.log().contains("default/deny-5201"),
         "the policy named"

@@ -10,87 +10,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use ringtun_testbed::{echoed_bytes, Netns, Process, TwoNodes, DEFAULT_MARK};
+use ringtun_testbed::{echoed_bytes, Netns, TwoNodes};
 
 const MIB: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(10);
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
-const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 
-fn shared_ztunnel() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ztunnel");
-    assert!(
-        dir.join("ztunnel").exists(),
-        "the interop tests need the real ztunnel at {} (see its README)",
-        dir.display()
-    );
-    dir
-}
-
-/// The mesh config with `trustDomain: cluster.local` on each workload: ztunnel's test-CA
-/// certificates name the workload's trust domain (empty when absent).
 fn config() -> String {
-    mesh_config(&["/10.96.0.10"], false).replace(
-        "  network: \"\"\n",
-        "  network: \"\"\n  trustDomain: cluster.local\n",
-    )
+    ztunnel_config()
 }
 
-/// Copies ztunnel's test CA in as the directory's CA, so `gen_certs` issues from it.
-fn use_test_ca(dir: &TempDir) {
-    let z = shared_ztunnel();
-    std::fs::copy(z.join("test-ca-root-cert.pem"), dir.join("ca.pem")).expect("copy CA");
-    std::fs::copy(z.join("test-ca-key.pem"), dir.join("ca.key")).expect("copy CA key");
-}
-
-/// A ztunnel in dedicated mode for `default/<who>`; killed on drop, its log printed if the
-/// test fails.
-struct Ztunnel {
-    proc: Process,
-}
-
-impl Ztunnel {
-    /// Starts it and waits until it answers ready on 15021, as ringtun is waited for.
-    fn start(ns: &Netns, who: &str, config: &Path, dir: &Path) -> Ztunnel {
-        let mut cmd = ns.exec(shared_ztunnel().join("ztunnel"));
-        cmd.env("PROXY_MODE", "dedicated")
-            .env("PROXY_WORKLOAD_INFO", format!("default/{who}/{who}"))
-            .env("LOCAL_XDS_PATH", config)
-            .env("FAKE_CA", "true")
-            .env("XDS_ADDRESS", "")
-            .env("CA_ADDRESS", "")
-            .env("PACKET_MARK", "1337")
-            .env("ENABLE_ORIG_SRC", "false")
-            .env("ZTUNNEL_WORKER_THREADS", "1")
-            .env("RUST_LOG", "info");
-        let log = dir.join(format!("ztunnel-{who}.log"));
-        let mut proc =
-            Process::spawn(cmd, &format!("ztunnel ({who})"), &log).expect("spawn ztunnel");
-        proc.wait_ready(ns, Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}"));
-        Ztunnel { proc }
-    }
-
-    /// Waits for an access line of ztunnel's that contains every one of `want`.
-    fn wait_access(&self, want: &[&str]) -> String {
-        let needles: Vec<&str> = std::iter::once("access")
-            .chain(want.iter().copied())
-            .collect();
-        self.proc
-            .wait_log_line(&needles, LOG_WAIT)
-            .unwrap_or_else(|e| panic!("no ztunnel access line with {want:?}: {e}"))
-    }
-}
-
-/// The namespaces, certificates from ztunnel's test CA, `config`, and the client namespace's
-/// outbound capture (ztunnel's PACKET_MARK 1337 is ringtun's 0x539: one rule skips both).
 fn topology(prefix: &'static str, config: &str) -> (TwoNodes, TempDir, PathBuf) {
-    let (nodes, dir, path) = mesh_files(prefix, config, use_test_ca);
-    nodes
-        .client
-        .capture_outbound(15001, DEFAULT_MARK)
-        .expect("outbound capture");
-    (nodes, dir, path)
+    ztunnel_topology(prefix, config)
 }
 
 fn ringtun(ns: &Netns, who: &str, dir: &TempDir, config: &Path) -> Ringtun {
@@ -110,7 +40,7 @@ fn ringtun_client_to_ztunnel_server() {
     });
     assert!(line.is("end", "closed"), "{}", line.raw);
     assert!(line.is("dst.identity", SERVER_ID), "{}", line.raw);
-    assert_eq!(line.num("bytes_received"), 4 * MIB, "{}", line.raw);
+    assert_eq!(line.num("bytes_recv"), 4 * MIB, "{}", line.raw);
     let zl = server.wait_access(&["connection complete", CLIENT_ID]);
     assert!(zl.contains("direction=\"inbound\""), "{zl}");
     client.assert_no_panic();
@@ -129,7 +59,7 @@ fn ztunnel_client_to_ringtun_server() {
     let line = server.wait_access("from ztunnel", LOG_WAIT, |l| l.is("direction", "inbound"));
     assert!(line.is("end", "closed"), "{}", line.raw);
     assert!(line.is("src.identity", CLIENT_ID), "{}", line.raw);
-    assert_eq!(line.num("bytes_received"), 4 * MIB, "{}", line.raw);
+    assert_eq!(line.num("bytes_recv"), 4 * MIB, "{}", line.raw);
     let zl = client.wait_access(&["connection complete", SERVER_ID]);
     assert!(zl.contains("direction=\"outbound\""), "{zl}");
     server.assert_no_panic();
@@ -171,7 +101,7 @@ fn each_side_reads_the_others_policy_refusal() {
             l.is("direction", "outbound") && l.is("end", "error")
         });
         assert!(
-            line.get("reason").is_some_and(|r| r.contains("401")),
+            line.get("error").is_some_and(|r| r.contains("401")),
             "{}",
             line.raw
         );

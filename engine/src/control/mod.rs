@@ -93,6 +93,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         driver,
         workers,
     ));
+    state.set_options(&opts);
     // Up before the certificate and the listeners, so readiness says "starting" rather than
     // refusing connections, and /config_dump shows a certificate still pending.
     let endpoints_stop = Arc::new(AtomicBool::new(false));

@@ -9,11 +9,12 @@ use std::time::Duration;
 use super::certs::Certificates;
 use crate::config::Snapshot;
 use crate::metrics::ShardReport;
+use crate::operate::admin::Role;
 use crate::operate::admin::{Admin, NotReady};
 use crate::operate::config_dump::{self, Facts};
 use crate::operate::logging::{self, LogFilterError};
 use crate::operate::prometheus::ProcessInfo;
-use crate::options::IoDriver;
+use crate::options::{IoDriver, RunOptions};
 use crate::shard::{ShardMsg, ShardTx};
 
 /// A pod as `/config_dump` shows it: the agent's `WorkloadInfo` and its network namespace.
@@ -50,6 +51,8 @@ pub(super) struct ControlState {
     ktls: Option<tls_kernel_offload::Capability>,
     driver: IoDriver,
     workers: usize,
+    /// ztunnel's `config` section of `/config_dump`.
+    dump_config: Mutex<serde_json::Value>,
 }
 
 impl ControlState {
@@ -75,6 +78,14 @@ impl ControlState {
             ktls,
             driver,
             workers,
+            dump_config: Mutex::new(serde_json::Value::Null),
+        }
+    }
+
+    /// Sets what `/config_dump` shows as ztunnel's `config`: `opts` under ztunnel's keys.
+    pub(super) fn set_options(&self, opts: &RunOptions) {
+        if let Ok(mut c) = self.dump_config.lock() {
+            *c = config_dump::ztunnel_config(ztunnel_settings(opts));
         }
     }
 
@@ -204,6 +215,7 @@ impl Admin for ControlState {
             ktls_available: self.ktls.is_some(),
             draining: self.draining.load(Ordering::Relaxed),
             certs: self.certs.report(),
+            fds: ProcessInfo::read_fds(),
         }
     }
 
@@ -237,6 +249,11 @@ impl Admin for ControlState {
             ktls: self.ktls.as_ref().map(|k| format!("{k:?}")),
             shards: self.workers,
             info,
+            config: self
+                .dump_config
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default(),
         };
         let dump = config_dump::render(&snap, &facts);
         drop(snap);
@@ -260,6 +277,89 @@ impl Admin for ControlState {
         self.draining.store(true, Ordering::Relaxed);
         self.quit.store(true, Ordering::Relaxed);
     }
+}
+
+/// The run options ztunnel's config has a key for, under that key and in its form.
+fn ztunnel_settings(opts: &RunOptions) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let first = |v: &[std::net::SocketAddr]| v.first().map(|a| a.to_string());
+    let role = |r: Role| {
+        opts.admin_listeners
+            .iter()
+            .find(|(role, _)| *role == r)
+            .map(|(_, a)| a.to_string())
+    };
+    let keepalive = opts.tcp_keepalive;
+    let mut m = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        m.insert(k.to_owned(), v);
+    };
+    put("proxy", json!(true));
+    put("dnsProxy", json!(false));
+    put("clusterId", json!(opts.cluster_id));
+    put("numWorkerThreads", json!(opts.workers));
+    put("windowSize", json!(opts.h2.stream_window));
+    put("connectionWindowSize", json!(opts.h2.connection_window));
+    put("frameSize", json!(opts.h2.max_frame_size));
+    put("poolMaxStreamsPerConn", json!(opts.pool.max_streams));
+    put(
+        "poolUnusedReleaseTimeout",
+        config_dump::duration(opts.pool.idle_timeout),
+    );
+    put(
+        "selfTerminationDeadline",
+        config_dump::duration(opts.drain_timeout),
+    );
+    put("packetMark", json!(opts.mark));
+    put("outboundAddr", json!(first(&opts.outbound)));
+    put("inboundAddr", json!(first(&opts.inbound)));
+    put(
+        "inboundPlaintextAddr",
+        json!(first(&opts.inbound_plaintext)),
+    );
+    put("statsAddr", json!(role(Role::Metrics)));
+    put("readinessAddr", json!(role(Role::Readiness)));
+    put("adminAddr", json!(role(Role::Admin)));
+    put(
+        "ipv6Enabled",
+        json!(opts.inbound.iter().any(|a| a.is_ipv6())),
+    );
+    put("requireOriginalSource", json!(false));
+    put("localNode", json!(opts.node));
+    put(
+        "proxyMode",
+        json!(if opts.inpod.is_some() {
+            "Shared"
+        } else {
+            "Dedicated"
+        }),
+    );
+    put(
+        "proxyWorkloadInformation",
+        json!(opts
+            .workload
+            .as_ref()
+            .map(|(ns, name)| json!({"namespace": ns, "name": name}))),
+    );
+    put(
+        "inpodUds",
+        json!(opts.inpod.as_ref().map(|i| i.uds.display().to_string())),
+    );
+    put(
+        "xdsAddress",
+        json!(opts.xds.as_ref().map(|x| x.endpoint.url.clone())),
+    );
+    put(
+        "socketConfig",
+        json!({
+            "keepaliveEnabled": !keepalive.is_zero(),
+            "keepaliveTime": config_dump::duration(keepalive),
+            "keepaliveInterval": config_dump::duration(keepalive),
+            "keepaliveRetries": 9,
+            "userTimeoutEnabled": false,
+        }),
+    );
+    m
 }
 
 #[cfg(test)]
@@ -369,7 +469,10 @@ mod tests {
                 "netns": "net:[4026532001]",
             }})
         );
-        assert_eq!(d["configGeneration"], 1, "the rest of the dump stays");
+        assert_eq!(
+            d["ringtun"]["configGeneration"], 1,
+            "the rest of the dump stays"
+        );
     }
 
     /// In-pod mode with xDS: ready only once istiod's first config is in force and the node

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::metrics::ShardReport;
 use crate::operate::logging::LogFilterError;
+use crate::operate::profile;
 use crate::operate::prometheus::{self, ProcessInfo};
 
 /// Largest request head accepted; admin requests are a line and a few headers.
@@ -224,6 +225,16 @@ fn handle(admin: &dyn Admin, role: Role, stream: TcpStream) -> io::Result<()> {
                 Err(e) => respond(&stream, "400 Bad Request", TEXT, &format!("{e}\n")),
             },
         },
+        // ztunnel's pprof endpoints, answered in text (`operate::profile` says why).
+        (Role::Admin, "GET", "/debug/pprof/heap") => {
+            respond(&stream, "200 OK", TEXT, &profile::heap())
+        }
+        (Role::Admin, "GET", "/debug/pprof/profile") => {
+            match profile::window(query_param(&req.query, "seconds")) {
+                Ok(w) => respond(&stream, "200 OK", TEXT, &profile::cpu(w)),
+                Err(e) => respond(&stream, "400 Bad Request", TEXT, &format!("{e}\n")),
+            }
+        }
         (Role::Admin, "POST", "/quitquitquit") => {
             admin.quit();
             respond(&stream, "200 OK", TEXT, "draining\n")

@@ -1,7 +1,18 @@
-//! `/config_dump` on the admin port: the config generation in force and the process's facts,
-//! as JSON in ztunnel's field spelling.
+//! `/config_dump` on the admin port, in ztunnel's JSON shape so `istioctl ztunnel-config`
+//! and other tools written for ztunnel read it: `workloads`, `services`, `policies`,
+//! `certificates`, `config`, `staticConfig`, `stagedServices`, `version`, with ztunnel's keys
+//! and ztunnel's rule for leaving empty ones out. What ringtun has that ztunnel lacks is under
+//! `ringtun`.
 
-use crate::config::Snapshot;
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+
+use crate::config::{
+    ApplicationTunnelProtocol, GatewayAddress, GatewayDestination, HealthStatus, NetworkMode,
+    Policy, PolicyMatch, Protocol, Service, StringMatch, Workload,
+};
+use crate::config::{ServiceEndpoint, Snapshot};
 use crate::operate::prometheus::ProcessInfo;
 
 /// What `/config_dump` reports beside the config itself.
@@ -16,118 +27,419 @@ pub struct Facts {
     pub shards: usize,
     /// Driver and draining, as `/metrics` reports them.
     pub info: ProcessInfo,
+    /// ztunnel's `config` section: its keys, with ringtun's settings where one means the
+    /// same (see [`ztunnel_config`]).
+    pub config: Value,
 }
 
 /// The JSON body of `/config_dump`.
 pub fn render(snap: &Snapshot, facts: &Facts) -> String {
-    let workloads: Vec<_> = snap
-        .workloads()
-        .map(|w| {
-            serde_json::json!({
-                "uid": w.uid, "name": w.name, "namespace": w.namespace,
-                "serviceAccount": w.service_account,
-                "workloadIps": w.workload_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
-                "protocol": format!("{:?}", w.protocol).to_uppercase(),
-                "node": w.node, "network": w.network, "services": w.services,
-                "authorizationPolicies": w.authorization_policies,
-            })
-        })
-        .collect();
-    let services: Vec<_> = snap
+    // One pass over the workloads for every service's live endpoints (the workloads that name
+    // it), not one per service: a mesh holds tens of thousands.
+    let mut members: HashMap<String, Vec<&Workload>> = HashMap::new();
+    for w in snap.workloads() {
+        for key in w.services.keys() {
+            members.entry(key.clone()).or_default().push(w);
+        }
+    }
+    let workloads: Vec<Value> = snap.workloads().map(|w| workload(w, false)).collect();
+    let services: Vec<Value> = snap
         .services()
-        .map(|s| {
-            serde_json::json!({
-                "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
-                "vips": s.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
-                "ports": s.ports, "subjectAltNames": s.subject_alt_names,
-            })
-        })
+        .map(|s| service(s, Some(members.get(&s.key()).map_or(&[][..], |v| &v[..]))))
         .collect();
-    let policies: Vec<_> = snap
-        .policies()
-        .map(|p| {
-            serde_json::json!({
-                "name": p.name, "namespace": p.namespace,
-                "scope": format!("{:?}", p.scope), "action": format!("{:?}", p.action),
-                "rules": p.rules.len(), "dryRun": p.dry_run,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "configGeneration": snap.generation,
+    let policies: Vec<Value> = snap.policies().map(policy).collect();
+    json!({
         "workloads": workloads,
         "services": services,
         "policies": policies,
         "certificates": certificates(facts),
-        "shards": facts.shards,
-        "driver": facts.info.driver,
-        "ktls": facts.ktls,
-        "draining": facts.info.draining,
+        "config": facts.config,
+        "staticConfig": {
+            "workloads": snap.workloads().map(|w| workload(w, true)).collect::<Vec<_>>(),
+            "services": snap.services().map(|s| service(s, None)).collect::<Vec<_>>(),
+            "policies": policies,
+        },
+        "stagedServices": {},
+        "version": version(),
+        "ringtun": {
+            "configGeneration": snap.generation,
+            "shards": facts.shards,
+            "driver": facts.info.driver,
+            "ktls": facts.ktls,
+            "draining": facts.info.draining,
+        },
     })
     .to_string()
 }
 
-/// Every identity's certificate (state, chain, roots) in ztunnel's shape, or the proxy's own
-/// when no list was given.
-fn certificates(facts: &Facts) -> serde_json::Value {
+/// ztunnel's `config` keys. `settings` holds those ringtun has a value for, under ztunnel's
+/// key; the rest are `null` (a DNS proxy, SOCKS5, a CA client: ringtun has none of them).
+pub fn ztunnel_config(settings: Map<String, Value>) -> Value {
+    const KEYS: [&str; 52] = [
+        "adminAddr",
+        "altCaHostname",
+        "altXdsHostname",
+        "caAddress",
+        "caHeaders",
+        "caRootCert",
+        "clusterDomain",
+        "clusterId",
+        "connectionWindowSize",
+        "crlPath",
+        "dnsProxy",
+        "dnsProxyAddr",
+        "dnsResolverCfg",
+        "dnsResolverOpts",
+        "enableEnhancedBaggage",
+        "fakeCa",
+        "fakeSelfInbound",
+        "frameSize",
+        "illegalPorts",
+        "inboundAddr",
+        "inboundPlaintextAddr",
+        "inpodPortReuse",
+        "inpodUds",
+        "ipv6Enabled",
+        "localNode",
+        "localhostAppTunnel",
+        "network",
+        "numWorkerThreads",
+        "outboundAddr",
+        "packetMark",
+        "poolMaxStreamsPerConn",
+        "poolUnusedReleaseTimeout",
+        "preferedServiceNamespace",
+        "proxy",
+        "proxyArgs",
+        "proxyMetadata",
+        "proxyMode",
+        "proxyWorkloadInformation",
+        "readinessAddr",
+        "requireOriginalSource",
+        "secretTtl",
+        "selfTerminationDeadline",
+        "socketConfig",
+        "socks5Addr",
+        "statsAddr",
+        "windowSize",
+        "xdsAddress",
+        "xdsHeaders",
+        "xdsOnDemand",
+        "xdsRootCert",
+        "ztunnelIdentity",
+        "ztunnelWorkload",
+    ];
+    let mut out = Map::new();
+    for k in KEYS {
+        out.insert(
+            k.to_owned(),
+            settings.get(k).cloned().unwrap_or(Value::Null),
+        );
+    }
+    Value::Object(out)
+}
+
+/// A duration as ztunnel's config shows one.
+pub fn duration(d: std::time::Duration) -> Value {
+    json!({"secs": d.as_secs(), "nanos": d.subsec_nanos()})
+}
+
+/// Inserts `key: value` unless `value` is its type's default, as ztunnel's
+/// `skip_serializing_if = "is_default"` does.
+fn put_nonempty(m: &mut Map<String, Value>, key: &str, value: Value) {
+    let empty = match &value {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_u64() == Some(0),
+    };
+    if !empty {
+        m.insert(key.to_owned(), value);
+    }
+}
+
+fn gateway(g: &GatewayAddress) -> Value {
+    let destination = match &g.destination {
+        GatewayDestination::Address(a) => json!({"address": a.to_string()}),
+        GatewayDestination::Hostname(h) => json!({"hostname": h.to_string()}),
+    };
+    json!({"destination": destination, "hboneMtlsPort": g.hbone_mtls_port})
+}
+
+/// A workload as ztunnel serializes one; `with_services`: with its `services` map (ztunnel
+/// shows it in `staticConfig` only, always: its live workloads hold services as endpoints).
+fn workload(w: &Workload, with_services: bool) -> Value {
+    let mut m = Map::new();
+    m.insert(
+        "workloadIps".into(),
+        json!(w
+            .workload_ips
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()),
+    );
+    put_nonempty(
+        &mut m,
+        "waypoint",
+        w.waypoint.as_ref().map_or(Value::Null, gateway),
+    );
+    put_nonempty(
+        &mut m,
+        "networkGateway",
+        w.network_gateway.as_ref().map_or(Value::Null, gateway),
+    );
+    let protocol = match w.protocol {
+        Protocol::Hbone => "HBONE",
+        Protocol::Tcp => "TCP",
+    };
+    m.insert("protocol".into(), json!(protocol));
+    let mode = match w.network_mode {
+        NetworkMode::Standard => "Standard",
+        NetworkMode::HostNetwork => "HostNetwork",
+    };
+    m.insert("networkMode".into(), json!(mode));
+    put_nonempty(&mut m, "uid", json!(w.uid));
+    m.insert("name".into(), json!(w.name));
+    m.insert("namespace".into(), json!(w.namespace));
+    put_nonempty(&mut m, "trustDomain", json!(w.trust_domain));
+    put_nonempty(&mut m, "serviceAccount", json!(w.service_account));
+    put_nonempty(&mut m, "network", json!(w.network));
+    put_nonempty(&mut m, "workloadName", json!(w.workload_name));
+    put_nonempty(&mut m, "workloadType", json!(w.workload_type));
+    put_nonempty(&mut m, "canonicalName", json!(w.canonical_name));
+    put_nonempty(&mut m, "canonicalRevision", json!(w.canonical_revision));
+    put_nonempty(&mut m, "hostname", json!(w.hostname));
+    put_nonempty(&mut m, "node", json!(w.node));
+    put_nonempty(&mut m, "nativeTunnel", json!(w.native_tunnel));
+    if let Some(t) = &w.application_tunnel {
+        let protocol = match t.protocol {
+            ApplicationTunnelProtocol::None => "NONE",
+            ApplicationTunnelProtocol::Proxy => "PROXY",
+        };
+        m.insert(
+            "applicationTunnel".into(),
+            json!({"protocol": protocol, "port": t.port}),
+        );
+    }
+    put_nonempty(
+        &mut m,
+        "authorizationPolicies",
+        json!(w.authorization_policies),
+    );
+    m.insert("status".into(), json!(health(w.status)));
+    m.insert("clusterId".into(), json!(w.cluster_id));
+    let l = &w.locality;
+    let mut locality = Map::new();
+    put_nonempty(&mut locality, "region", json!(l.region));
+    put_nonempty(&mut locality, "zone", json!(l.zone));
+    put_nonempty(&mut locality, "subzone", json!(l.subzone));
+    if !locality.is_empty() {
+        // ztunnel writes all three once any is set.
+        m.insert(
+            "locality".into(),
+            json!({"region": l.region, "zone": l.zone, "subzone": l.subzone}),
+        );
+    }
+    if with_services {
+        let services: Map<String, Value> = w
+            .services
+            .iter()
+            .map(|(k, ports)| (k.clone(), json!(ports)))
+            .collect();
+        // The file's form always has the key (ztunnel's local config requires it).
+        m.insert("services".into(), Value::Object(services));
+    }
+    m.insert("capacity".into(), json!(w.capacity));
+    Value::Object(m)
+}
+
+fn health(s: HealthStatus) -> &'static str {
+    match s {
+        HealthStatus::Healthy => "Healthy",
+        HealthStatus::Unhealthy => "Unhealthy",
+    }
+}
+
+fn endpoint(uid: &str, e: &ServiceEndpoint) -> Value {
+    json!({"workloadUid": uid, "port": e.port, "status": health(e.status)})
+}
+
+/// A service as ztunnel serializes one; `workloads`: the live view, whose endpoints are the
+/// workloads that name the service (`None`: the config file's, with its own endpoints only).
+fn service(s: &Service, workloads: Option<&[&Workload]>) -> Value {
+    let mut endpoints: Map<String, Value> = s
+        .endpoints
+        .iter()
+        .map(|(uid, e)| (uid.clone(), endpoint(uid, e)))
+        .collect();
+    let key = s.key();
+    for w in workloads.unwrap_or_default() {
+        if let Some(ports) = w.services.get(&key) {
+            endpoints.insert(
+                w.uid.clone(),
+                json!({"workloadUid": w.uid, "port": ports, "status": health(w.status)}),
+            );
+        }
+    }
+    let mut m = Map::new();
+    m.insert("name".into(), json!(s.name));
+    m.insert("namespace".into(), json!(s.namespace));
+    m.insert("hostname".into(), json!(s.hostname));
+    m.insert(
+        "vips".into(),
+        json!(s.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>()),
+    );
+    m.insert("ports".into(), json!(s.ports));
+    m.insert("endpoints".into(), Value::Object(endpoints));
+    m.insert("subjectAltNames".into(), json!(s.subject_alt_names));
+    put_nonempty(
+        &mut m,
+        "waypoint",
+        s.waypoint.as_ref().map_or(Value::Null, gateway),
+    );
+    if let Some(lb) = &s.load_balancer {
+        m.insert(
+            "loadBalancer".into(),
+            json!({
+                "mode": format!("{:?}", lb.mode),
+                "routingPreferences": lb
+                    .routing_preferences
+                    .iter()
+                    .map(|p| format!("{p:?}"))
+                    .collect::<Vec<_>>(),
+                "healthPolicy": format!("{:?}", lb.health_policy),
+            }),
+        );
+    }
+    if let Some(f) = &s.ip_families {
+        m.insert("ipFamilies".into(), json!(format!("{f:?}")));
+    }
+    m.insert("canonical".into(), json!(s.canonical));
+    // ringtun serves every service to every client, as ztunnel's default visibility.
+    m.insert("visibility".into(), json!("Public"));
+    Value::Object(m)
+}
+
+fn string_matches(v: &[StringMatch]) -> Value {
+    v.iter()
+        .map(|m| match m {
+            StringMatch::Exact(s) => json!({"Exact": s}),
+            StringMatch::Prefix(s) => json!({"Prefix": s}),
+            StringMatch::Suffix(s) => json!({"Suffix": s}),
+            StringMatch::Presence => json!({"Presence": []}),
+        })
+        .collect()
+}
+
+fn policy_match(pm: &PolicyMatch) -> Value {
+    let nets =
+        |v: &[crate::config::IpNet]| json!(v.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+    let sas = |v: &[crate::config::ServiceAccountMatch]| {
+        json!(v
+            .iter()
+            .map(|s| json!({"namespace": s.namespace, "serviceAccount": s.service_account}))
+            .collect::<Vec<_>>())
+    };
+    let mut m = Map::new();
+    put_nonempty(&mut m, "namespaces", string_matches(&pm.namespaces));
+    put_nonempty(&mut m, "notNamespaces", string_matches(&pm.not_namespaces));
+    put_nonempty(&mut m, "serviceAccounts", sas(&pm.service_accounts));
+    put_nonempty(&mut m, "notServiceAccounts", sas(&pm.not_service_accounts));
+    put_nonempty(&mut m, "principals", string_matches(&pm.principals));
+    put_nonempty(&mut m, "notPrincipals", string_matches(&pm.not_principals));
+    put_nonempty(&mut m, "sourceIps", nets(&pm.source_ips));
+    put_nonempty(&mut m, "notSourceIps", nets(&pm.not_source_ips));
+    put_nonempty(&mut m, "destinationIps", nets(&pm.destination_ips));
+    put_nonempty(&mut m, "notDestinationIps", nets(&pm.not_destination_ips));
+    put_nonempty(&mut m, "destinationPorts", json!(pm.destination_ports));
+    put_nonempty(
+        &mut m,
+        "notDestinationPorts",
+        json!(pm.not_destination_ports),
+    );
+    Value::Object(m)
+}
+
+/// A policy as ztunnel serializes one: `rules` nested rule → clause → match.
+fn policy(p: &Policy) -> Value {
+    let rules: Vec<Value> = p
+        .rules
+        .iter()
+        .map(|r| {
+            json!(r
+                .clauses
+                .iter()
+                .map(|c| json!(c.matches.iter().map(policy_match).collect::<Vec<_>>()))
+                .collect::<Vec<_>>())
+        })
+        .collect();
+    json!({
+        "name": p.name,
+        "namespace": p.namespace,
+        "scope": format!("{:?}", p.scope),
+        "action": format!("{:?}", p.action),
+        "rules": rules,
+        "dryRun": p.dry_run,
+    })
+}
+
+/// Our certificate in ztunnel's `certificates` shape, from what ringtun keeps of it: the
+/// identity and when it expires.
+/// Every identity's certificate (state, chain with serial and validity, roots) as ztunnel shows
+/// them, or the proxy's own from its facts when no list was given.
+fn certificates(facts: &Facts) -> Value {
     let list = &facts.info.certs.certificates;
     if list.is_empty() {
-        return serde_json::json!([{"identity": facts.identity, "notAfterUnix": facts.not_after}]);
+        return json!([certificate(&facts.identity, facts.not_after)]);
     }
     list.iter().map(crate::tls::CertStatus::to_json).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config;
-    use std::path::Path;
-
-    #[test]
-    fn dump_names_config_certificate_and_process() {
-        let text = "workloads:\n- uid: u1\n  name: server\n  namespace: default\n  serviceAccount: server\n  workloadIps: [10.77.0.2]\n  protocol: HBONE\n  services: {\"default/server.default.svc.cluster.local\": {80: 5201}}\nservices:\n- name: server\n  namespace: default\n  hostname: server.default.svc.cluster.local\n  vips: [/10.96.0.10]\n  ports: {80: 5201}\npolicies:\n- {name: p, namespace: default, scope: Namespace, action: Deny, rules: [[[{notDestinationPorts: [9999]}]]], dryRun: false}\n";
-        let loaded = config::parse(Path::new("c.yaml"), text).expect("config");
-        let snap = Snapshot::new(loaded.config, 7);
-        let facts = Facts {
-            identity: "spiffe://cluster.local/ns/default/sa/server".into(),
-            not_after: 1_900_000_000,
-            ktls: None,
-            shards: 2,
-            info: ProcessInfo {
-                driver: "io_uring".into(),
-                ktls_available: false,
-                draining: true,
-                certs: Default::default(),
-            },
-        };
-        let dump: serde_json::Value = serde_json::from_str(&render(&snap, &facts)).expect("JSON");
-        let want = serde_json::json!({
-            "configGeneration": 7,
-            "workloads": [{
-                "uid": "u1", "name": "server", "namespace": "default",
-                "serviceAccount": "server", "workloadIps": ["10.77.0.2"], "protocol": "HBONE",
-                "node": "", "network": "",
-                "services": {"default/server.default.svc.cluster.local": {"80": 5201}},
-                "authorizationPolicies": [],
-            }],
-            "services": [{
-                "name": "server", "namespace": "default",
-                "hostname": "server.default.svc.cluster.local", "vips": ["/10.96.0.10"],
-                "ports": {"80": 5201}, "subjectAltNames": [],
-            }],
-            "policies": [{
-                "name": "p", "namespace": "default", "scope": "Namespace", "action": "Deny",
-                "rules": 1, "dryRun": false,
-            }],
-            "certificates": [{
-                "identity": "spiffe://cluster.local/ns/default/sa/server",
-                "notAfterUnix": 1_900_000_000,
-            }],
-            "shards": 2,
-            "driver": "io_uring",
-            "ktls": null,
-            "draining": true,
-        });
-        assert_eq!(dump, want, "{dump:#}");
-    }
+fn certificate(identity: &str, not_after: i64) -> Value {
+    json!({
+        "identity": identity,
+        "state": "Available",
+        "certChain": [{"expirationTime": rfc3339(not_after)}],
+        "rootCerts": [],
+    })
 }
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time (UTC), as ztunnel writes certificate times.
+fn rfc3339(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// ztunnel's `version` section, with ringtun's version.
+fn version() -> Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "gitRevision": "unknown",
+        "rustVersion": "unknown",
+        "buildProfile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "buildStatus": "unknown",
+        "istioVersion": "unknown",
+        "cryptoProvider": "aws-lc-rs",
+    })
+}
+
+#[cfg(test)]
+mod tests;

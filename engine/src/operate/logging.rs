@@ -5,6 +5,8 @@ use std::sync::{Mutex, OnceLock};
 
 use tracing_subscriber::EnvFilter;
 
+use super::log_format::{IstioFormat, LogFormat};
+
 /// Why the log filter could not be changed; the admin API answers with the message.
 #[derive(Debug, thiserror::Error)]
 pub enum LogFilterError {
@@ -36,7 +38,7 @@ static LOG_FILTER: OnceLock<FilterHandle> = OnceLock::new();
 /// The start-up log filter and the one in force now, as text.
 static LOG_FILTER_TEXT: Mutex<(String, String)> = Mutex::new((String::new(), String::new()));
 
-/// Installs the log subscriber (stderr, key=value fields).
+/// Installs the log subscriber: stderr, in ztunnel's layout (`LOG_FORMAT=json` for JSON).
 pub fn init(filter: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -50,8 +52,7 @@ pub fn init(filter: &str) {
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(true);
+        .event_format(IstioFormat(LogFormat::from_env()));
     if tracing_subscriber::registry()
         .with(filter)
         .with(fmt)

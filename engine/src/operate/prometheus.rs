@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::metrics::{Reporter, ShardCounters, ShardGauges, ShardReport, TcpCounts, TcpLabels};
+use crate::metrics::{
+    Party, Reporter, ShardCounters, ShardGauges, ShardReport, TcpCounts, TcpLabels,
+};
 
 /// Process-wide facts rendered with the shard figures.
 #[derive(Clone, Debug, Default)]
@@ -19,32 +21,91 @@ pub struct ProcessInfo {
     pub draining: bool,
     /// Certificates held and fetched (rendered by `CertReport::prometheus`).
     pub certs: crate::tls::CertReport,
+    /// Open file descriptors and their limit (ztunnel's `process_open_fds`,
+    /// `process_max_fds`), read when `/metrics` is scraped.
+    pub fds: Option<(u64, u64)>,
 }
 
-/// The label pairs of one series, in ztunnel's order and spelling.
-fn label_pairs(l: &TcpLabels) -> [(&'static str, &str); 11] {
-    [
+impl ProcessInfo {
+    /// The process's open file descriptors and their soft limit, now.
+    pub fn read_fds() -> Option<(u64, u64)> {
+        let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a live, writable rlimit.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return None;
+        }
+        Some((open, lim.rlim_cur))
+    }
+}
+
+/// The label pairs of one series, in ztunnel's order and spelling (its `CommonTrafficLabels`:
+/// unknown values as `unknown`, the four locality labels only where a workload is known).
+fn label_pairs(l: &TcpLabels) -> Vec<(&'static str, &str)> {
+    let src = l.source.as_deref();
+    let dst = l.destination.as_deref();
+    let svc = l.destination_service.as_deref();
+    fn of(p: Option<&Party>, get: fn(&Party) -> &str) -> &str {
+        or_unknown(p.map(get).unwrap_or_default())
+    }
+    let mut pairs = vec![
         ("reporter", l.reporter.map_or("unknown", Reporter::as_str)),
-        ("source_workload", or_unknown(&l.source_workload)),
+        ("source_workload", of(src, |p| &p.workload_name)),
+        ("source_canonical_service", of(src, |p| &p.canonical_name)),
         (
-            "source_workload_namespace",
-            or_unknown(&l.source_workload_namespace),
+            "source_canonical_revision",
+            of(src, |p| &p.canonical_revision),
         ),
+        ("source_workload_namespace", of(src, |p| &p.namespace)),
         ("source_principal", or_unknown(&l.source_principal)),
-        ("destination_workload", or_unknown(&l.destination_workload)),
+        ("source_app", of(src, |p| &p.canonical_name)),
+        ("source_version", of(src, |p| &p.canonical_revision)),
+        ("source_cluster", of(src, |p| &p.cluster)),
         (
-            "destination_workload_namespace",
-            or_unknown(&l.destination_workload_namespace),
+            "destination_service",
+            or_unknown(svc.map(|s| s.hostname.as_str()).unwrap_or_default()),
         ),
+        (
+            "destination_service_namespace",
+            or_unknown(svc.map(|s| s.namespace.as_str()).unwrap_or_default()),
+        ),
+        (
+            "destination_service_name",
+            or_unknown(svc.map(|s| s.name.as_str()).unwrap_or_default()),
+        ),
+        ("destination_workload", of(dst, |p| &p.workload_name)),
+        (
+            "destination_canonical_service",
+            of(dst, |p| &p.canonical_name),
+        ),
+        (
+            "destination_canonical_revision",
+            of(dst, |p| &p.canonical_revision),
+        ),
+        ("destination_workload_namespace", of(dst, |p| &p.namespace)),
         (
             "destination_principal",
             or_unknown(&l.destination_principal),
         ),
-        ("destination_service", or_unknown(&l.destination_service)),
+        ("destination_app", of(dst, |p| &p.canonical_name)),
+        ("destination_version", of(dst, |p| &p.canonical_revision)),
+        ("destination_cluster", of(dst, |p| &p.cluster)),
         ("request_protocol", l.request_protocol),
         ("response_flags", or_dash(&l.response_flags)),
         ("connection_security_policy", l.connection_security_policy),
-    ]
+    ];
+    if src.is_some() || dst.is_some() || !l.source_principal.is_empty() {
+        pairs.extend([
+            ("source_region", of(src, |p| &p.region)),
+            ("source_zone", of(src, |p| &p.zone)),
+            ("destination_region", of(dst, |p| &p.region)),
+            ("destination_zone", of(dst, |p| &p.zone)),
+        ]);
+    }
+    pairs
 }
 
 fn or_unknown(s: &str) -> &str {
@@ -113,33 +174,40 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
     let families: [Family<TcpCounts>; 5] = [
         (
             "istio_tcp_connections_opened",
-            "The total number of TCP connections opened",
+            "The total number of TCP connections opened.",
             |c| c.opened,
         ),
         (
             "istio_tcp_connections_closed",
-            "The total number of TCP connections closed",
+            "The total number of TCP connections closed.",
             |c| c.closed,
         ),
         (
             "istio_tcp_connections_failed",
-            "The total number of TCP connections that failed to be established",
+            "The total number of TCP connections that failed to establish (unstable).",
             |c| c.failed,
         ),
         (
             "istio_tcp_sent_bytes",
-            "Total bytes sent during response in case of a TCP connection",
+            "The size of total bytes sent during response in case of a TCP connection.",
             |c| c.sent,
         ),
         (
             "istio_tcp_received_bytes",
-            "Total bytes received during request in case of a TCP connection",
+            "The size of total bytes received during request in case of a TCP connection.",
             |c| c.received,
         ),
     ];
     for (name, help, get) in families {
         counter_header(&mut out, name, help, openmetrics);
-        for (l, c) in &tcp {
+        // As ztunnel's registry: a series is there once it was counted in, and a connection's
+        // byte series from the moment it opened (so a denial's flagged series has no
+        // `opened` sample, and no bytes).
+        let bytes = name.ends_with("_bytes");
+        for (l, c) in tcp
+            .iter()
+            .filter(|(_, c)| if bytes { c.opened > 0 } else { get(c) > 0 })
+        {
             let _ = writeln!(
                 out,
                 "{name}_total{} {}",
@@ -247,16 +315,22 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
     // `istio_tcp_sockets_open{reporter=…}`).
     let _ = writeln!(
         out,
-        "# HELP istio_build Istio component build info\n# TYPE istio_build gauge\nistio_build{} 1",
+        "# HELP istio_build Istio component build info.\n# TYPE istio_build gauge\nistio_build{} 1",
         labels_text(&[("component", "ztunnel"), ("tag", env!("CARGO_PKG_VERSION"))])
     );
     let _ = writeln!(
         out,
-        "# HELP istio_tcp_sockets_open The number of currently open TCP connections\n# TYPE istio_tcp_sockets_open gauge"
+        "# HELP istio_tcp_sockets_open The current number of open TCP sockets (unstable).\n# TYPE istio_tcp_sockets_open gauge"
     );
     for (i, reporter) in ["source", "destination"].iter().enumerate() {
         let n: u64 = reports.iter().map(|r| r.gauges.sockets_open[i]).sum();
         let _ = writeln!(out, "istio_tcp_sockets_open{{reporter=\"{reporter}\"}} {n}");
+    }
+    if let Some((open, max)) = info.fds {
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Number of open file descriptors\n# TYPE process_open_fds gauge\nprocess_open_fds {open}\n# HELP process_max_fds Maximum number of file descriptors\n# TYPE process_max_fds gauge\nprocess_max_fds {max}"
+        );
     }
     let _ =
         writeln!(
@@ -299,18 +373,38 @@ fn counter_header(out: &mut String, name: &str, help: &str, openmetrics: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::ShardMetrics;
+    use crate::metrics::{ServiceName, ShardMetrics};
+    use std::sync::Arc;
+
+    fn party(name: &str, app: &str) -> Option<Arc<Party>> {
+        Some(Arc::new(Party {
+            name: format!("{name}-7d9f"),
+            namespace: "default".into(),
+            workload_name: name.into(),
+            canonical_name: app.into(),
+            canonical_revision: "v1".into(),
+            cluster: "Kubernetes".into(),
+            region: "eu-west".into(),
+            zone: String::new(),
+        }))
+    }
+
+    fn service(hostname: &str) -> Option<Arc<ServiceName>> {
+        Some(Arc::new(ServiceName {
+            hostname: hostname.into(),
+            name: "server".into(),
+            namespace: "default".into(),
+        }))
+    }
 
     fn labels(r: Reporter) -> TcpLabels {
         TcpLabels {
             reporter: Some(r),
-            source_workload: "client".into(),
-            source_workload_namespace: "default".into(),
+            source: party("client", "client-app"),
             source_principal: "spiffe://cluster.local/ns/default/sa/client".into(),
-            destination_workload: "server".into(),
-            destination_workload_namespace: "default".into(),
+            destination: party("server", "server-app"),
             destination_principal: "spiffe://cluster.local/ns/default/sa/server".into(),
-            destination_service: "server.default.svc.cluster.local".into(),
+            destination_service: service("server.default.svc.cluster.local"),
             request_protocol: "tcp",
             response_flags: String::new(),
             connection_security_policy: "mutual_tls",
@@ -368,7 +462,7 @@ mod tests {
     #[test]
     fn text_is_unchanged() {
         let l = |reporter, flags: &str| TcpLabels {
-            destination_service: "ser\"ver\\x\ny".into(),
+            destination_service: service("ser\"ver\\x\ny"),
             response_flags: flags.into(),
             ..labels(reporter)
         };
@@ -408,12 +502,22 @@ mod tests {
             ktls_available: true,
             draining: true,
             certs: Default::default(),
+            fds: Some((28, 20_000)),
         };
         let text = format!(
             "{}=====OM\n{}",
             render(&reports, &info, false),
             render(&reports, &ProcessInfo::default(), true)
         );
+        // RINGTUN_UPDATE_GOLDEN=1 rewrites the file when the rendering is meant to change.
+        if std::env::var_os("RINGTUN_UPDATE_GOLDEN").is_some() {
+            let path = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/src/operate/testdata/metrics.txt"
+            );
+            std::fs::write(path, text.replace(env!("CARGO_PKG_VERSION"), "{VERSION}"))
+                .expect("write the golden file");
+        }
         let want =
             include_str!("testdata/metrics.txt").replace("{VERSION}", env!("CARGO_PKG_VERSION"));
         assert_eq!(text, want);

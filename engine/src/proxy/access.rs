@@ -1,14 +1,16 @@
-//! One access-log line per connection, written when it closes (by
-//! the connection's record in `lifecycle`).
+//! One access-log line per connection, written when it closes (by the connection's record in
+//! `lifecycle`), with ztunnel's message, level and fields (`src.addr`, `src.workload`, …,
+//! `bytes_sent`, `bytes_recv`, `duration`, `error`) so log pipelines written for ztunnel read
+//! it; ringtun's own fields (`path`, `pool`, `tls`, `shard`, `end`, `response_flags`) follow.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use ringtun_hbone::Identity;
 
 use super::copy::End;
-use crate::metrics::{Reporter, ShardMetrics, TcpLabels};
+use crate::metrics::{Party, Reporter, ServiceName, ShardMetrics, TcpLabels};
 use crate::shard::pod::PodShard;
 use crate::stream::TlsPath;
 
@@ -25,14 +27,27 @@ pub enum Direction {
     InboundPlaintext,
 }
 
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Direction::Outbound => "outbound",
+impl Direction {
+    /// ztunnel's `direction`: `outbound` or `inbound`, whatever the carrier.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound | Direction::Passthrough => "outbound",
+            Direction::Inbound | Direction::InboundPlaintext => "inbound",
+        }
+    }
+
+    /// ringtun's `path`: `hbone`, `passthrough` (outbound plain TCP) or `plaintext` (15006).
+    pub fn path(self) -> &'static str {
+        match self {
+            Direction::Outbound | Direction::Inbound => "hbone",
             Direction::Passthrough => "passthrough",
-            Direction::Inbound => "inbound",
-            Direction::InboundPlaintext => "inbound-plaintext",
-        })
+            Direction::InboundPlaintext => "plaintext",
+        }
+    }
+
+    /// Whether the connection is carried over mutual TLS (HBONE).
+    pub fn mtls(self) -> bool {
+        matches!(self, Direction::Outbound | Direction::Inbound)
     }
 }
 
@@ -50,20 +65,23 @@ pub struct Transferred {
 pub struct AccessLog {
     /// Path taken.
     pub direction: Direction,
-    /// Original client address.
+    /// Original client address (inbound: the HBONE connection's peer).
     pub src_addr: SocketAddr,
     /// Client identity, when known.
     pub src_identity: Option<Rc<Identity>>,
-    /// Source workload `ns/name`, when known.
-    pub src_workload: Option<String>,
-    /// Destination (original destination outbound, authority inbound).
+    /// Source workload, when known.
+    pub src_workload: Option<Arc<Party>>,
+    /// Destination: the original destination outbound, the CONNECT authority inbound.
     pub dst_addr: Option<SocketAddr>,
-    /// HBONE peer address outbound.
+    /// The HBONE connection's address on the destination side: the peer's 15008 outbound, our
+    /// own inbound (ztunnel's `dst.addr` over HBONE).
     pub dst_hbone: Option<SocketAddr>,
-    /// Service hostname when a VIP was dialled.
-    pub dst_service: Option<String>,
-    /// Destination workload `ns/name`.
-    pub dst_workload: Option<String>,
+    /// Outbound: the CONNECT authority sent (ztunnel's `dst.hbone_addr`).
+    pub hbone_target: Option<SocketAddr>,
+    /// The service dialled, when a VIP was.
+    pub dst_service: Option<Arc<ServiceName>>,
+    /// Destination workload, when known.
+    pub dst_workload: Option<Arc<Party>>,
     /// Destination identity, when known.
     pub dst_identity: Option<Rc<Identity>>,
     /// Whether the HBONE connection was new or reused from the pool.
@@ -82,11 +100,37 @@ pub struct AccessLog {
     pub shard: usize,
     /// Whether the connection was established (counted as opened in the metrics).
     pub established: bool,
+    /// Refused before a destination was chosen: ztunnel logs these as `connection failed` and
+    /// counts them in no Istio metric.
+    pub early: bool,
     /// Why it was refused, for `response_flags` (`DENY`, `CONNECT`, ...).
     pub response_flags: Option<&'static str>,
     /// In-pod mode: the pod whose listener took the connection (`pod.uid`, `pod.netns`, last
     /// on the line, after ztunnel's fields and ringtun's own).
     pub pod: Option<Rc<PodShard>>,
+}
+
+/// Writes an `access` event at a level chosen at run time (tracing's macros take a constant).
+macro_rules! access_event {
+    ($level:expr, $($fields:tt)+) => {
+        match $level {
+            tracing::Level::ERROR => {
+                tracing::event!(target: "access", parent: None, tracing::Level::ERROR, $($fields)+)
+            }
+            tracing::Level::WARN => {
+                tracing::event!(target: "access", parent: None, tracing::Level::WARN, $($fields)+)
+            }
+            tracing::Level::INFO => {
+                tracing::event!(target: "access", parent: None, tracing::Level::INFO, $($fields)+)
+            }
+            _ => tracing::event!(target: "access", parent: None, tracing::Level::DEBUG, $($fields)+),
+        }
+    };
+}
+
+/// A label value, `None` where ztunnel's would be `unknown` (and its log leaves the field out).
+fn known(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }
 
 impl AccessLog {
@@ -99,6 +143,7 @@ impl AccessLog {
             src_workload: None,
             dst_addr: None,
             dst_hbone: None,
+            hbone_target: None,
             dst_service: None,
             dst_workload: None,
             dst_identity: None,
@@ -110,6 +155,7 @@ impl AccessLog {
             end: End::Closed,
             shard,
             established: false,
+            early: false,
             response_flags: None,
             pod: None,
         }
@@ -124,7 +170,7 @@ impl AccessLog {
         }
     }
 
-    /// `(bytes_sent, bytes_received)` as ztunnel logs them: from the point of view of the
+    /// `(bytes_sent, bytes_recv)` as ztunnel logs them: from the point of view of the
     /// workload this record reports for, which outbound sent the request and inbound sent the
     /// response (ztunnel's `ConnectionResult`: "Istio flips the metric for source, unflip for
     /// logs"). The metrics count the request as `received` on both ends.
@@ -136,44 +182,56 @@ impl AccessLog {
         }
     }
 
-    /// The Istio metric labels of this connection.
-    pub fn labels(&self) -> TcpLabels {
-        let split = |w: &Option<String>| -> (String, String) {
-            match w.as_deref().and_then(|w| w.split_once('/')) {
-                Some((ns, name)) => (name.to_owned(), ns.to_owned()),
-                None => (String::new(), String::new()),
-            }
+    /// ztunnel's `dst.addr`: over HBONE, the HBONE connection's address on the destination
+    /// side; otherwise the destination itself.
+    pub fn logged_dst(&self) -> Option<SocketAddr> {
+        self.dst_hbone.or(self.dst_addr)
+    }
+
+    /// ztunnel's `dst.hbone_addr`: the CONNECT authority, over HBONE.
+    pub fn logged_hbone_addr(&self) -> Option<SocketAddr> {
+        match self.direction {
+            Direction::Outbound => self.hbone_target,
+            Direction::Inbound => self.dst_addr,
+            Direction::Passthrough | Direction::InboundPlaintext => None,
+        }
+    }
+
+    /// The Istio metric labels of this connection; `flagged`: with its `response_flags`
+    /// (the series it closes in) rather than without (the series it opened in).
+    pub fn labels(&self, flagged: bool) -> TcpLabels {
+        let mtls = self.direction.mtls();
+        let principal = |id: &Option<Rc<Identity>>| -> String {
+            id.as_ref().map(|i| i.to_string()).unwrap_or_default()
         };
-        let (src_name, src_ns) = split(&self.src_workload);
-        let (dst_name, dst_ns) = split(&self.dst_workload);
-        let mtls = matches!(self.direction, Direction::Outbound | Direction::Inbound);
         TcpLabels {
             reporter: Some(self.reporter()),
-            source_workload: src_name,
-            source_workload_namespace: src_ns,
-            source_principal: self
-                .src_identity
-                .as_ref()
-                .map(|i| i.to_string())
-                .unwrap_or_default(),
-            destination_workload: dst_name,
-            destination_workload_namespace: dst_ns,
-            destination_principal: self
-                .dst_identity
-                .as_ref()
-                .map(|i| i.to_string())
-                .unwrap_or_default(),
-            destination_service: self.dst_service.clone().unwrap_or_default(),
+            source: self.src_workload.clone(),
+            // ztunnel names the source principal only from the identity the client proved.
+            source_principal: if mtls {
+                principal(&self.src_identity)
+            } else {
+                String::new()
+            },
+            destination: self.dst_workload.clone(),
+            destination_principal: principal(&self.dst_identity),
+            destination_service: self.dst_service.clone(),
             request_protocol: "tcp",
-            response_flags: self.response_flags.unwrap_or_default().to_owned(),
+            response_flags: if flagged {
+                self.response_flags.unwrap_or_default().to_owned()
+            } else {
+                String::new()
+            },
             connection_security_policy: if mtls { "mutual_tls" } else { "unknown" },
         }
     }
 
-    /// Marks the connection established: counted as opened now, as closed when it finishes.
+    /// Marks the connection established: counted as opened now, as closed when it finishes
+    /// (ztunnel's `connection opened`, at debug).
     pub fn established(&mut self, metrics: &ShardMetrics) {
         self.established = true;
-        self.series = Some(metrics.opened(&self.labels()));
+        self.series = Some(metrics.opened(&self.labels(false)));
+        self.emit(tracing::Level::DEBUG, "connection opened", false);
     }
 
     /// Counts the connection's end in the shard's metrics and writes the access line;
@@ -181,71 +239,75 @@ impl AccessLog {
     /// it lived).
     pub fn finish(&self, metrics: &ShardMetrics, unreported: Transferred) {
         if self.established {
-            metrics.closed(&self.labels(), unreported.request, unreported.response);
+            if let Some(series) = &self.series {
+                metrics.moved(series, unreported.request, unreported.response);
+            }
+            metrics.closed(&self.labels(true), 0, 0);
+        } else if !self.early {
+            // As ztunnel: a connection that failed once its destination was chosen was opened,
+            // and closed and failed with its response flags.
+            metrics.opened(&self.labels(false));
+            metrics.closed(&self.labels(true), 0, 0);
+            metrics.failed(&self.labels(true));
+        }
+        if self.early {
+            self.emit(tracing::Level::WARN, "connection failed", true);
         } else {
-            metrics.failed(&self.labels());
-        }
-        self.emit();
-    }
-
-    /// Writes the line (target `access`).
-    pub fn emit(&self) {
-        match &self.end {
-            End::Closed => tracing::info!(target: "access", "{self}"),
-            _ => tracing::warn!(target: "access", "{self}"),
+            let level = match self.end {
+                End::Closed => tracing::Level::INFO,
+                _ => tracing::Level::ERROR,
+            };
+            self.emit(level, "connection complete", true);
         }
     }
-}
 
-impl fmt::Display for AccessLog {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "direction={} src.addr={}", self.direction, self.src_addr)?;
-        if let Some(v) = &self.src_identity {
-            write!(f, " src.identity={v}")?;
-        }
-        if let Some(v) = &self.src_workload {
-            write!(f, " src.workload={v}")?;
-        }
-        if let Some(v) = &self.dst_addr {
-            write!(f, " dst.addr={v}")?;
-        }
-        if let Some(v) = &self.dst_hbone {
-            write!(f, " dst.hbone={v}")?;
-        }
-        if let Some(v) = &self.dst_service {
-            write!(f, " dst.service={v}")?;
-        }
-        if let Some(v) = &self.dst_workload {
-            write!(f, " dst.workload={v}")?;
-        }
-        if let Some(v) = &self.dst_identity {
-            write!(f, " dst.identity={v}")?;
-        }
-        if let Some(r) = self.pool_reused {
-            write!(f, " pool={}", if r { "reused" } else { "new" })?;
-        }
-        if let Some(t) = self.tls {
-            write!(f, " {t}")?;
-        }
+    /// Writes an `access` event: ztunnel's fields in ztunnel's order (an early refusal only
+    /// `src.addr`, `dst.addr`, `direction` and `error`, as ztunnel's), then ringtun's own;
+    /// `done`: with the outcome (bytes, duration, error).
+    fn emit(&self, level: tracing::Level, message: &str, done: bool) {
+        let full = !self.early;
+        let mtls = self.direction.mtls();
+        let src = self.src_workload.as_deref().filter(|_| full);
+        let dst = self.dst_workload.as_deref().filter(|_| full);
         let ms = quanta::Instant::now()
             .duration_since(self.started)
             .as_millis();
-        let (sent, received) = self.logged_bytes();
-        write!(
-            f,
-            " bytes_sent={sent} bytes_received={received} duration_ms={ms} shard={} end={}",
-            self.shard, self.end
-        )?;
-        if let Some(flags) = self.response_flags {
-            write!(f, " response_flags={flags}")?;
-        }
-        if let Some(r) = self.end.reason() {
-            write!(f, " reason=\"{}\"", r.replace('"', "'"))?;
-        }
-        // In-pod mode (the pods' helper's hook): which pod, which network namespace.
-        if let Some(p) = &self.pod {
-            write!(f, " pod.uid={} pod.netns={}", p.pod.uid, p.pod.netns_name)?;
-        }
-        Ok(())
+        let (sent, recv) = self.logged_bytes();
+        let done_full = done && full;
+        let tls = self.tls;
+        access_event!(
+            level,
+            src.addr = %self.src_addr,
+            src.workload = src.and_then(|p| known(&p.name)),
+            src.namespace = src.and_then(|p| known(&p.namespace)),
+            // Strings, so both layouts quote them as ztunnel's do.
+            src.identity = self.src_identity.as_deref().filter(|_| mtls && full).map(|i| i.to_string()),
+            src.cluster = src.and_then(|p| known(&p.cluster)),
+            dst.addr = self.logged_dst().map(display),
+            dst.hbone_addr = self.logged_hbone_addr().filter(|_| full).map(display),
+            dst.service = self.dst_service.as_deref().filter(|_| full).map(|s| s.hostname.as_str()),
+            dst.workload = dst.and_then(|p| known(&p.name)),
+            dst.namespace = dst.and_then(|p| known(&p.namespace)),
+            dst.identity = self.dst_identity.as_deref().filter(|_| mtls && full).map(|i| i.to_string()),
+            dst.cluster = dst.and_then(|p| known(&p.cluster)),
+            direction = self.direction.as_str(),
+            bytes_sent = done_full.then_some(sent),
+            bytes_recv = done_full.then_some(recv),
+            duration = done_full.then(|| format!("{ms}ms")),
+            error = self.end.reason().filter(|_| done),
+            path = self.direction.path(),
+            pool = self.pool_reused.map(|r| if r { "reused" } else { "new" }),
+            tls = tls.map(TlsPath::name),
+            ktls.tx = tls.map(|t| t.ktls_tx),
+            ktls.rx = tls.map(|t| t.ktls_rx),
+            tls.cipher = tls.map(|t| t.cipher.map_or("-", |c| c.name())),
+            shard = self.shard,
+            end = done.then(|| display(&self.end)),
+            response_flags = self.response_flags.filter(|_| done),
+            // In-pod mode: which pod, which network namespace.
+            pod.uid = self.pod.as_ref().map(|p| p.pod.uid.as_str()),
+            pod.netns = self.pod.as_ref().map(|p| p.pod.netns_name.as_str()),
+            "{message}"
+        );
     }
 }

@@ -18,6 +18,7 @@ use monoio::net::TcpStream;
 
 use super::access::{AccessLog, Direction, Transferred};
 use super::copy::End;
+use crate::config::{Service, Workload};
 use crate::decide::{Admission, Arrival, Carrier, Grant, Refusal};
 use crate::metrics::TcpLabels;
 use crate::net;
@@ -89,9 +90,23 @@ impl<X> Record<X> {
         for (name, would) in &a.dry_run {
             tracing::info!(policy = %name, decision = %would, src = %arrival.src_ip, dst = %arrival.dst.ip(), "authorization dry run");
         }
-        let log = self.log();
-        log.src_workload = a.src_workload.map(|w| w.display_name());
-        log.dst_workload = a.dst_workload.map(|w| w.display_name());
+        self.source(a.src_workload);
+        self.destination(a.dst_workload);
+    }
+
+    /// Notes the source workload (the labels and access fields that name it).
+    pub(crate) fn source(&mut self, w: Option<&Workload>) {
+        self.entry.log.src_workload = w.map(|w| self.tally.metrics.party(w));
+    }
+
+    /// Notes the destination workload.
+    pub(crate) fn destination(&mut self, w: Option<&Workload>) {
+        self.entry.log.dst_workload = w.map(|w| self.tally.metrics.party(w));
+    }
+
+    /// Notes the service dialled.
+    pub(crate) fn service(&mut self, s: Option<&Service>) {
+        self.entry.log.dst_service = s.map(|s| self.tally.metrics.service(s));
     }
 
     /// The connection is established: counted as opened now (as closed when the record is
@@ -137,8 +152,27 @@ impl<X> Record<X> {
         Tally::bump(&self.tally.counters.failed);
         let log = self.log();
         log.response_flags = refusal.response_flags();
+        log.early = early(refusal);
         log.end = End::Error(refusal.reason(carrier));
         self.entry.settled = true;
+    }
+}
+
+/// Whether ztunnel refuses this before it has chosen a destination and started its record
+/// (its `log_early_deny`: a `connection failed` line, no metric), rather than after.
+fn early(refusal: &Refusal) -> bool {
+    match refusal {
+        Refusal::NotRedirected
+        | Refusal::NoEndpoint { .. }
+        | Refusal::Malformed(_)
+        | Refusal::IpMismatch { .. }
+        | Refusal::OwnPort
+        | Refusal::NotServed => true,
+        Refusal::Unreachable { .. }
+        | Refusal::Tunnel(_)
+        | Refusal::Denied { .. }
+        | Refusal::DestinationUnreachable
+        | Refusal::Lost(_) => false,
     }
 }
 

@@ -99,17 +99,16 @@ async fn open(
     record.log().dst_addr = Some(dst);
     let snap = shard.snapshot();
     let src_w = shard.scope_for(pod).source_workload(&snap, src.ip());
-    record.log().src_workload = src_w.map(|w| w.display_name());
+    record.source(src_w);
+    record.service(snap.service_by_vip(dst.ip()).map(|s| s.service));
     match shard.route_for(pod, &snap, dst) {
-        Route::NoEndpoint { service } => {
-            record.log().dst_service = Some(service);
+        Route::NoEndpoint { .. } => {
             refuse_tcp(record, client, Refusal::NoEndpoint { port: dst.port() });
             None
         }
-        Route::Direct { target, service } => {
-            let log = record.log();
-            log.direction = Direction::Passthrough;
-            log.dst_service = service;
+        Route::Direct { target, .. } => {
+            record.destination(snap.workload_by_ip(target.ip()));
+            record.log().direction = Direction::Passthrough;
             drop(snap);
             plaintext::forward(shard, pod, client, target, record, None).await;
             None
@@ -118,11 +117,13 @@ async fn open(
             target,
             identities,
             service,
-            workload,
+            workload: _,
         } => {
+            record.destination(snap.workload_by_ip(target.ip()));
             let log = record.log();
-            log.dst_service = service.clone();
-            log.dst_workload = Some(workload);
+            // The identity the destination must prove, named even if the stream then fails
+            // (ztunnel's `destination_principal` is the workload's).
+            log.dst_identity = identities.first().cloned().map(Rc::new);
             log.src_identity = Some(shard.identity_for(pod).clone());
             let baggage = decide::request_baggage(src_w, &shard.opts.cluster_id);
             drop(snap);
@@ -134,7 +135,9 @@ async fn open(
                 traceparent: TraceParent::random(&mut rand::thread_rng()),
             };
             let hbone = SocketAddr::new(req.target.ip(), HBONE_PORT);
-            record.log().dst_hbone = Some(hbone);
+            let log = record.log();
+            log.dst_hbone = Some(hbone);
+            log.hbone_target = Some(req.target);
             // The source identity (and address) are in the key: a pod's connections are
             // never lent to another pod, as ztunnel's pool keys them.
             let key = Rc::new(PoolKey::new(

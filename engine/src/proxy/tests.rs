@@ -104,13 +104,15 @@ fn a_task_dropped_before_its_path_ended_still_writes_its_record() {
     });
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line = &lines[0];
-    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("connection complete"), "{line}");
     assert_eq!(field(line, "end"), Some("error"), "{line}");
-    assert_eq!(field(line, "reason"), Some(DROPPED), "{line}");
+    assert_eq!(field(line, "error"), Some(DROPPED), "{line}");
     assert_eq!(field(line, "dst.addr"), Some("10.96.0.10:80"), "{line}");
     assert_eq!(field(line, "shard"), Some("3"), "{line}");
+    // As ztunnel's record dropped before its end: opened, closed and failed.
     let (_, counts) = series(&tally);
-    assert_eq!((counts.opened, counts.failed, counts.closed), (0, 1, 0));
+    assert_eq!((counts.opened, counts.failed, counts.closed), (1, 1, 1));
 }
 
 #[test]
@@ -130,9 +132,9 @@ fn a_copy_cancelled_mid_way_records_its_bytes_and_closes_its_series() {
     });
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line = &lines[0];
-    assert_eq!(field(line, "reason"), Some(DROPPED), "{line}");
+    assert_eq!(field(line, "error"), Some(DROPPED), "{line}");
     assert_eq!(field(line, "bytes_sent"), Some("7"), "{line}");
-    assert_eq!(field(line, "bytes_received"), Some("3"), "{line}");
+    assert_eq!(field(line, "bytes_recv"), Some("3"), "{line}");
     let (labels, counts) = series(&tally);
     assert_eq!(labels.reporter, Some(Reporter::Source));
     assert_eq!((counts.opened, counts.closed, counts.failed), (1, 1, 0));
@@ -175,24 +177,24 @@ fn bytes_mean_what_ztunnel_means_in_the_log_and_in_the_metrics() {
         assert_eq!(
             field(line, "bytes_sent"),
             Some(sent.to_string().as_str()),
-            "{direction}: {line}"
+            "{direction:?}: {line}"
         );
         assert_eq!(
-            field(line, "bytes_received"),
+            field(line, "bytes_recv"),
             Some(received.to_string().as_str()),
-            "{direction}: {line}"
+            "{direction:?}: {line}"
         );
         let (_, counts) = series(&tally);
         assert_eq!(
             (counts.received, counts.sent),
             (REQUEST, RESPONSE),
-            "{direction}: Istio's received is the request on both ends"
+            "{direction:?}: Istio's received is the request on both ends"
         );
     }
 }
 
 #[test]
-fn a_refusal_is_counted_once_with_its_flags_and_reason() {
+fn a_refusal_is_logged_and_counted_as_ztunnel_does() {
     let tally = Rc::new(Tally::default());
     let lines = access_lines(|| {
         let record: Record =
@@ -208,19 +210,31 @@ fn a_refusal_is_counted_once_with_its_flags_and_reason() {
         );
     });
     assert_eq!(lines.len(), 2, "{lines:?}");
+    // Refused before a destination was chosen: ztunnel's early `connection failed`, a warning.
+    assert!(lines[0].contains("WARN") && lines[0].contains("connection failed"));
     assert_eq!(field(&lines[0], "response_flags"), Some("CONNECT"));
     assert_eq!(
-        field(&lines[0], "reason"),
+        field(&lines[0], "error"),
         Some("destination is not a workload served here")
     );
+    assert!(lines[1].contains("ERROR") && lines[1].contains("connection complete"));
     assert_eq!(field(&lines[1], "response_flags"), Some("DENY"));
     assert_eq!(
-        field(&lines[1], "reason"),
+        field(&lines[1], "error"),
         Some("401 denied by authorization policy: explicitly denied default/deny")
     );
     assert_eq!(tally.counters.failed.get(), 2);
-    let failed: u64 = tally.metrics.export().iter().map(|(_, c)| c.failed).sum();
-    assert_eq!(failed, 2);
+    // Istio's metrics count only the denial (as ztunnel: opened, then closed and failed with
+    // its flag); the early refusal is in none.
+    let counts: Vec<(String, u64, u64, u64)> = tally
+        .metrics
+        .export()
+        .into_iter()
+        .map(|(l, c)| (l.response_flags, c.opened, c.closed, c.failed))
+        .collect();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(counts.contains(&(String::new(), 1, 0, 0)), "{counts:?}");
+    assert!(counts.contains(&("DENY".into(), 0, 1, 1)), "{counts:?}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Shared helpers of the end-to-end tests, by concern: [`ringtun`] (the process under test and
 //! its access log), [`mesh`] (the usual topologies: two ringtuns, or one and a bare client
 //! node), [`net`] (checked echoes and raw sockets), [`http`] (the 15000/15020/15021 endpoints
-//! and scrapes), [`python`] (the independent Python HBONE peers). Namespaces, processes,
+//! and scrapes), [`python`] (the independent Python HBONE peers), [`ztunnel`] (the real
+//! ztunnel as a peer). Namespaces, processes,
 //! echo servers, patterns and transfers come from the test bed, `ringtun-testbed`.
 //!
 //! Every test builds its own [`ringtun_testbed::TwoNodes`], so tests can run in parallel; all
@@ -15,6 +16,7 @@ pub mod mesh;
 pub mod net;
 pub mod python;
 pub mod ringtun;
+pub mod ztunnel;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +37,7 @@ pub use ringtun_testbed::{
     connect_in, connect_marked_in, sha256_hex, EchoRecord, EchoServer, Pattern, Records, Transfer,
 };
 use ringtun_testbed::{Netns, TwoNodes};
+pub use ztunnel::*;
 
 /// SPIFFE identity of the client workload's certificate.
 pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
@@ -137,6 +140,7 @@ workloads:
   name: client
   namespace: default
   serviceAccount: client
+  workloadName: client
   workloadIps: {client_ips}
   protocol: HBONE
   node: node-a
@@ -146,6 +150,7 @@ workloads:
   name: server
   namespace: default
   serviceAccount: server
+  workloadName: server
   workloadIps: {server_ips}
   protocol: HBONE
   node: node-b

@@ -63,6 +63,17 @@ pub struct RingtunArgs<'a> {
 impl Ringtun {
     /// Starts `ringtun run` in `ns` and waits until it answers ready on 15021.
     pub fn start(ns: &Netns, name: &str, log_dir: &Path, args: RingtunArgs<'_>) -> Ringtun {
+        Ringtun::start_env(ns, name, log_dir, args, &[])
+    }
+
+    /// [`Ringtun::start`] with `env` set for the process (e.g. `LOG_FORMAT`).
+    pub fn start_env(
+        ns: &Netns,
+        name: &str,
+        log_dir: &Path,
+        args: RingtunArgs<'_>,
+        env: &[(&str, &str)],
+    ) -> Ringtun {
         let files = RunFiles::new(args.config, args.certs, args.identity)
             .with_workload(Some(args.workload));
         let mut cmd = files.command(ns, ringtun_bin());
@@ -73,7 +84,8 @@ impl Ringtun {
             .unwrap_or_else(|| std::env::var("RINGTUN_E2E_LOG").unwrap_or_else(|_| "info".into()));
         cmd.args(&args.extra)
             .env("RINGTUN_LOG", filter)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied());
         let log = log_dir.join(format!("ringtun-{name}.log"));
         let mut proc = Process::spawn(cmd, &format!("ringtun ({name})"), &log)
             .unwrap_or_else(|e| panic!("spawn ringtun run ({name}): {e}"));
@@ -269,13 +281,16 @@ impl AccessLine {
     }
 }
 
-/// Access lines (target `access`, with a `direction=` field) of a log.
+/// Access lines (target `access`, with a `direction=` field) of a log, the debug-level
+/// `connection opened` left out; their fields start at `src.addr=` (ztunnel's first).
 pub fn parse_access(log: &str) -> Vec<AccessLine> {
     log.lines()
-        .filter(|l| l.contains("access") && l.contains("direction="))
+        .filter(|l| {
+            l.contains("access") && l.contains("direction=") && !l.contains("connection opened")
+        })
         .map(|l| AccessLine {
             raw: l.to_owned(),
-            fields: parse_fields(&l[l.find("direction=").unwrap_or(0)..]),
+            fields: parse_fields(&l[l.find("src.addr=").unwrap_or(0)..]),
         })
         .collect()
 }

@@ -294,7 +294,7 @@ pub fn rr_tests(
 }
 
 pub fn pool_new_count(t: Option<&Tunnel>) -> usize {
-    t.map(|t| t.client.log_text().matches("pool=new").count())
+    t.map(|t| t.client.log_text().matches("pool=\"new\"").count())
         .unwrap_or(0)
 }
 

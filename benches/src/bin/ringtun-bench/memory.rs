@@ -153,8 +153,8 @@ pub fn memory_test(
     for n in counts {
         env.progress
             .step(&format!("{}: memory with {n} idle connections", c.name));
-        let tunnelled_before = client_log_count(c, tunnel, "direction=outbound");
-        let new_before = client_log_count(c, tunnel, "pool=new");
+        let tunnelled_before = client_log_count(c, tunnel, "dst.hbone_addr=");
+        let new_before = client_log_count(c, tunnel, "pool=\"new\"");
         let idle = IdleChild::open(&topo.client, &c.target, n)
             .map_err(|e| format!("{}: {n} idle connections: {e}", c.name))?;
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -214,11 +214,11 @@ pub fn memory_test(
         // Let the tunnels finish closing (and log) before the next step.
         std::thread::sleep(Duration::from_secs(1));
         if matches!(c.kind, Kind::Ringtun { .. }) {
-            let tunnelled = client_log_count(c, tunnel, "direction=outbound") - tunnelled_before;
-            let new = client_log_count(c, tunnel, "pool=new") - new_before;
+            let tunnelled = client_log_count(c, tunnel, "dst.hbone_addr=") - tunnelled_before;
+            let new = client_log_count(c, tunnel, "pool=\"new\"") - new_before;
             if tunnelled < n {
                 return Err(format!(
-                    "{}: only {tunnelled} of {n} idle connections were logged as tunnelled (direction=outbound)",
+                    "{}: only {tunnelled} of {n} idle connections were logged as tunnelled (with a dst.hbone_addr)",
                     c.name
                 ));
             }
