@@ -25,9 +25,24 @@ struct Slot<T> {
     next: Option<usize>,
 }
 
+/// ringtun patch: a buffer that empties while holding more than this many slots gives them
+/// back. The slab only grows, to the largest burst of frames queued at once on the
+/// connection (a hundred streams opened together queue a hundred HEADERS), and would keep
+/// that capacity (hundreds of bytes per slot) for the connection's life. Bursts this small
+/// keep their slots, so a steady request/response load never reallocates.
+const KEEP_WHEN_EMPTY: usize = 32;
+
 impl<T> Buffer<T> {
     pub fn new() -> Self {
         Buffer { slab: Slab::new() }
+    }
+
+    /// ringtun patch: called when an entry was removed. An empty slab holds no entry that any
+    /// `Deque` points to, so it can be replaced.
+    fn release_if_empty(&mut self) {
+        if self.slab.is_empty() && self.slab.capacity() > KEEP_WHEN_EMPTY {
+            self.slab = Slab::new();
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -82,6 +97,7 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                buf.release_if_empty();
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());
