@@ -48,21 +48,23 @@ pub async fn handle(
         }
     };
     // Matched and taken apart in place: a result or struct kept in a variable (even one
-    // moved out of) would stay in the task's state for the connection's life.
+    // moved out of) would stay in the task's state for the connection's life. The handshake
+    // is boxed for the same reason: its TLS and h2 state (about 11 KiB) would otherwise stay
+    // in the connection's task after it finished.
     let Handshaken {
         h2: mut conn,
         peer: client_id,
         tick,
         path: tls,
         budget,
-    } = match handshake::server(
+    } = match Box::pin(handshake::server(
         &shard.stream,
         &shard.tls_for(pod.as_deref()).acceptor,
         io,
         // The verifier already required a SPIFFE identity in our trust domain.
         |certs| verify::peer_identity(certs, &shard.opts.trust_domain),
         shard.opts.h2.server_builder(),
-    )
+    ))
     .await
     {
         Ok(s) => s,

@@ -198,7 +198,7 @@ async fn open_stream(
     let pool = shard.pool();
     let pooled = pool.checkout(key);
     if let Some(lent) = pooled {
-        if let Some(done) = on_pooled(shard, key, req, lent, "pooled").await {
+        if let Some(done) = on_pooled(shard, req, lent, "pooled").await {
             return done;
         }
     }
@@ -210,14 +210,14 @@ async fn open_stream(
             .joined()
             .await
             .map_err(|why| OpenError::Shared { addr: key.dst, why })?;
-        if let Some(done) = on_pooled(shard, key, req, lent, "just opened").await {
+        if let Some(done) = on_pooled(shard, req, lent, "just opened").await {
             return done;
         }
     }
     let opening = pool.begin(key);
     // Boxed: the TLS and h2 handshake state is large (about 8 KiB) and only a stream that
     // opens a new connection needs it; unboxed, every stream's opening would allocate it.
-    let connected = Box::pin(connect(shard, pod, key.dst, identities)).await;
+    let connected = Box::pin(connect(shard, pod, key, identities)).await;
     let (conn, peer) = match connected {
         Ok(c) => c,
         Err(e) => {
@@ -249,12 +249,12 @@ async fn open_stream(
 /// back, and the caller opens another.
 async fn on_pooled(
     shard: &Rc<Shard>,
-    key: &Rc<PoolKey>,
     req: &ConnectRequest,
     lent: Lent,
     what: &str,
 ) -> Option<Result<OpenStream, OpenError>> {
-    let slot = shard.pool().slot(key.clone(), lent.id);
+    // The connection's key, not this stream's copy of it: the slot lives as long as the stream.
+    let slot = shard.pool().slot(lent.key.clone(), lent.id);
     match request(lent.send, req, shard.opts.connect_timeout).await {
         Ok((send, recv)) => {
             Tally::bump(&shard.counters().pool_reused);
@@ -356,9 +356,10 @@ async fn request(
 async fn connect(
     shard: &Rc<Shard>,
     pod_rc: Option<&Rc<PodShard>>,
-    addr: SocketAddr,
+    key: &Rc<PoolKey>,
     identities: &[Identity],
 ) -> Result<(PooledH2, Rc<Identity>), OpenError> {
+    let addr = key.dst;
     let opts = &shard.opts;
     let pod = pod_rc.map(|p| &**p);
     let netns = pod.map(PodShard::netns);
@@ -419,6 +420,7 @@ async fn connect(
         }
         flag.set(false);
     });
-    let pooled = PooledH2::new(send, alive, peer.clone(), path, budget).for_pod(pod_rc.cloned());
+    let pooled = PooledH2::new(send, key.clone(), alive, peer.clone(), path, budget)
+        .for_pod(pod_rc.cloned());
     Ok((pooled, peer))
 }

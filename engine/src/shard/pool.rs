@@ -18,6 +18,9 @@ use crate::stream::{KeyBudget, TlsPath};
 /// runs (it stops when the peer sends GOAWAY or the connection fails).
 pub struct PooledH2 {
     send: SendRequest<Bytes>,
+    /// The key it is pooled under, shared by the slot of every stream on it: one per
+    /// connection, not a copy per stream (a key holds identities and their strings).
+    key: Rc<PoolKey>,
     alive: Rc<Cell<bool>>,
     peer: Rc<Identity>,
     /// How its records are carried, for the access log of every stream on it.
@@ -29,10 +32,11 @@ pub struct PooledH2 {
 }
 
 impl PooledH2 {
-    /// A connection whose driver clears `alive` when it stops; `peer` is the identity it
-    /// presented, `budget` its TX key's (kTLS only).
+    /// A connection pooled under `key` whose driver clears `alive` when it stops; `peer` is
+    /// the identity it presented, `budget` its TX key's (kTLS only).
     pub fn new(
         send: SendRequest<Bytes>,
+        key: Rc<PoolKey>,
         alive: Rc<Cell<bool>>,
         peer: Rc<Identity>,
         tls: TlsPath,
@@ -40,6 +44,7 @@ impl PooledH2 {
     ) -> Self {
         PooledH2 {
             send,
+            key,
             alive,
             peer,
             tls,
@@ -69,6 +74,7 @@ impl PooledH2 {
     pub fn lend(&self, id: ConnId) -> Lent {
         Lent {
             id,
+            key: self.key.clone(),
             send: self.send.clone(),
             alive: self.alive.clone(),
             peer: self.peer.clone(),
@@ -89,6 +95,8 @@ impl Pooled for PooledH2 {
 pub struct Lent {
     /// The connection's id in the pool.
     pub id: ConnId,
+    /// The key it is pooled under (for the stream's [`Slot`]).
+    pub key: Rc<PoolKey>,
     /// Where to send the CONNECT.
     pub send: SendRequest<Bytes>,
     /// Cleared to mark the connection dead (its driver does the same when it stops).

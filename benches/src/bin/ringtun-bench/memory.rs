@@ -211,10 +211,17 @@ pub fn memory_test(
         while held.held.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        // Let the tunnels finish closing (and log) before the next step.
+        // Let the tunnels finish closing (and log) before the next step. A connection's line
+        // is written once both directions ended, after the server side saw it close, so on a
+        // busy machine thousands of lines may still be on their way: wait for them.
         std::thread::sleep(Duration::from_secs(1));
         if matches!(c.kind, Kind::Ringtun { .. }) {
-            let tunnelled = client_log_count(c, tunnel, "dst.hbone_addr=") - tunnelled_before;
+            let logged = || client_log_count(c, tunnel, "dst.hbone_addr=") - tunnelled_before;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while logged() < n && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let tunnelled = logged();
             let new = client_log_count(c, tunnel, "pool=\"new\"") - new_before;
             if tunnelled < n {
                 return Err(format!(
