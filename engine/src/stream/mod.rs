@@ -9,7 +9,7 @@
 //! | `handshake_io.rs` | [`HandshakeIo`]: the socket under the TLS handshake, corked        |
 //! | `establish.rs`  | [`establish`]: kTLS or userspace, [`Established`]                    |
 //! | `ktls.rs`       | [`KtlsIo`]: the kernel's record layer                                |
-//! | `key_budget.rs` | [`KeyBudget`]: records sent with one kTLS key                        |
+//! | `key_budget.rs` | [`KeyBudget`]: records sent and received with one pair of kTLS keys  |
 //! | `pump/`         | [`pump::RecordPump`]: the userspace record layer, no I/O             |
 //! | `userspace.rs`  | [`RustlsIo`]: the socket and waits around the pump                   |
 //! | `flush.rs`      | [`FlushTick`]: one `writev` per shard tick                           |
@@ -65,7 +65,9 @@ pub use establish::{establish, Established, OffloadError};
 pub use flush::FlushTick;
 pub use handshake_io::HandshakeIo;
 pub use hbone_io::HboneIo;
-pub use key_budget::{KeyBudget, DEFAULT_TX_RECORD_LIMIT, TX_RECORD_MARGIN};
+pub use key_budget::{
+    KeyBudget, RecordLimits, DEFAULT_RX_RECORD_LIMIT, DEFAULT_TX_RECORD_LIMIT, TX_RECORD_MARGIN,
+};
 pub use ktls::KtlsIo;
 pub use path::TlsPath;
 pub use probe::startup;
