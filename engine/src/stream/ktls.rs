@@ -92,10 +92,15 @@ impl KtlsIo {
     fn fail(&self, e: KtlsError) -> io::Error {
         let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
         match &e {
+            // A kernel that could take the next key (6.14+, `Capability::rekey`) still needs
+            // the peer's next traffic secret, which rustls gives only to connections driven
+            // through its unbuffered API; tokio-rustls' are not (tls-kernel-offload README).
             KtlsError::KeyUpdate { .. } => tracing::warn!(
                 shard = self.ctx.shard,
                 %peer,
-                "kTLS: peer sent a TLS KeyUpdate; the kernel cannot switch to the new key (no kTLS rekey on Linux < 6.13, not implemented here), so the HBONE connection is closed rather than fed undecryptable records; the peer will reconnect"
+                rx_records = self.budget.rx_records(),
+                kernel_rekey = self.ctx.ktls.as_ref().is_some_and(|c| c.rekey),
+                "kTLS: peer sent a TLS KeyUpdate; ringtun cannot install the peer's next key (no kTLS rekey before Linux 6.14; on later kernels the next secret is not available from rustls' buffered connections), so the HBONE connection is closed rather than fed undecryptable records; the peer will reconnect"
             ),
             _ => tracing::warn!(
                 shard = self.ctx.shard,
