@@ -853,7 +853,7 @@ fn rx_rec_seq_counts_records_not_reads() {
             reads += 1;
         }
         let end = get_tls_tx_rx(r.as_raw_fd()).unwrap().1.rec_seq;
-        eprintln!("{} records in {reads} reads; RX rec_seq {start} -> {end}", 104);
+        eprintln!("104 records in {reads} reads; RX rec_seq {start} -> {end}");
         assert_eq!(end - start, 104, "{reads} reads");
     });
 }
