@@ -4,7 +4,7 @@
 #
 #   crate   the tls-kernel-offload tests (unit tests and tests/*.rs)
 #   engine  ringtun's kTLS end-to-end tests (engine/tests/e2e_ktls.rs: two ringtuns in two
-#           network namespaces, kTLS on both sides / one side / key budget), the record
+#           network namespaces, kTLS on both sides / one side / TX and RX key budgets), the record
 #           handling at and after the switch against an offloaded hand-made client
 #           (engine/tests/ktls_records.rs) and the --ktls CLI tests
 #           (engine/tests/ktls_cli.rs); carries the ringtun binary, ip and nft

@@ -226,6 +226,9 @@ pub struct RunOptions {
     /// streams (see `stream::KeyBudget`); the default is
     /// [`crate::stream::DEFAULT_TX_RECORD_LIMIT`].
     pub ktls_tx_record_limit: u64,
+    /// Records an offloaded AES-GCM connection may receive under the peer's key before it
+    /// takes no new streams; the default is [`crate::stream::DEFAULT_RX_RECORD_LIMIT`].
+    pub ktls_rx_record_limit: u64,
     /// Metrics (15020), readiness (15021) and admin (127.0.0.1:15000) listeners.
     pub admin_listeners: Vec<(Role, SocketAddr)>,
     /// A tunnelled connection with no bytes either way for this long is closed (zero: never).

@@ -311,3 +311,64 @@ fn ktls_key_budget_retires_connections() {
     m.client.assert_no_panic();
     m.server.assert_no_panic();
 }
+
+/// With a tiny RX record budget (and the TX one at its default), a long transfer over
+/// offloaded connections completes intact while its connection is retired on the receiving
+/// side: the client's pool stops using it and the server sends GOAWAY, so the next stream
+/// opens a new connection. This is what keeps a peer's KeyUpdate (a rustls peer sends one
+/// after 2^24 records, which a kernel before 6.14 cannot follow) from ever reaching a
+/// connection that still takes streams. On userspace rustls the budget does not apply.
+#[test]
+fn ktls_rx_key_budget_retires_connections() {
+    let budget = ["--ktls-rx-record-limit", "16"].map(String::from);
+    let mut c = want_ktls();
+    c.extend(budget.clone());
+    let mut s = want_ktls();
+    s.extend(budget);
+    let m = mesh("kx", c, s);
+    let on = announced_ktls(&m.client, true) && announced_ktls(&m.server, true);
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
+    // 1 MiB each way is at least 64 full records in each direction: both sides pass 16
+    // while the stream runs, and the echo must still come back checksummed and whole.
+    let (out, inb) = echo_via_vip(&m, MIB);
+    assert_tls(&out, on);
+    assert_tls(&inb, on);
+    assert!(out.is("pool", "new"), "{}", out.raw);
+    let (out2, inb2) = echo_via_vip(&m, 64 * 1024);
+    assert_tls(&out2, on);
+    assert_tls(&inb2, on);
+    if on {
+        assert!(
+            out2.is("pool", "new"),
+            "the first connection was retired, so the next stream needs a new one: {}",
+            out2.raw
+        );
+        for r in [&m.client, &m.server] {
+            let log = r.log();
+            assert!(
+                log.contains("records under the peer's key")
+                    && log.contains("retiring the HBONE connection"),
+                "ringtun ({}) never retired a connection on received records:\n{log}",
+                r.name
+            );
+            assert!(
+                !log.contains("TX key used for"),
+                "ringtun ({}) retired on the TX budget, which is at its default:\n{log}",
+                r.name
+            );
+        }
+    } else {
+        assert!(out2.is("pool", "reused"), "{}", out2.raw);
+    }
+    for ns in [&m.nodes.client, &m.nodes.server] {
+        let retired = counter(ns, "ringtun_ktls_retired_connections");
+        assert_eq!(
+            retired > 0,
+            on,
+            "ringtun_ktls_retired_connections: {retired}"
+        );
+        assert_eq!(counter(ns, "ringtun_ktls_failed_connections"), 0);
+    }
+    m.client.assert_no_panic();
+    m.server.assert_no_panic();
+}

@@ -117,4 +117,12 @@ fn ktls_bad_values_are_usage_errors() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--ktls-tx-record-limit"), "{err}");
+
+    // Above the default (half of where a rustls peer rekeys) is refused too.
+    let out = run_cmd(&ns, &dir, &["--ktls-rx-record-limit", "16777216"])
+        .output()
+        .expect("run ringtun");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--ktls-rx-record-limit"), "{err}");
 }

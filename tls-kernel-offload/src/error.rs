@@ -118,8 +118,8 @@ pub enum KtlsError {
     /// The peer rotated its keys; the kernel cannot follow.
     #[error(
         "peer sent a TLS 1.3 KeyUpdate (update_requested={update_requested}): records after \
-         it use keys this offload cannot install (Linux < 6.13 has no kTLS rekey, and this \
-         crate does not implement it) — close the connection so the peer reconnects"
+         it use keys this offload cannot install (Linux < 6.14 has no kTLS rekey; on later \
+         kernels the next secret is needed, which rustls' buffered connections do not give) — close the connection so the peer reconnects"
     )]
     KeyUpdate {
         /// Whether the peer asked us to update our sending keys too.

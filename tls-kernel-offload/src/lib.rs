@@ -30,8 +30,9 @@
 //!   pure helpers here.
 //! - Not TLS 1.2: ringtun (and this crate) offload TLS 1.3 only.
 //! - Not a rekeying implementation: a peer KeyUpdate is reported as
-//!   [`KtlsError::KeyUpdate`]; Linux before 6.13 cannot install new receive keys at all
-//!   (see the crate README for the kernel facts).
+//!   [`KtlsError::KeyUpdate`]; Linux before 6.14 cannot install new receive keys at all, and
+//!   later kernels (where [`Capability::rekey`] is set) need the next traffic secret, which
+//!   rustls hands out only through its unbuffered API (see the crate README).
 //! - Not a fallback by itself: once secrets are extracted the rustls connection is gone,
 //!   so check [`Capability::can_offload_suite`] and call [`enable_ulp`] *before*
 //!   extracting if a connection must be able to stay in userspace.

@@ -45,6 +45,12 @@ pub struct Capability {
     pub aes_256_gcm: Support,
     /// TLS 1.3 ChaCha20-Poly1305.
     pub chacha20_poly1305: Support,
+    /// The kernel takes new keys on a socket that already has some (TLS 1.3 rekey, Linux
+    /// 6.14 and later): a second `setsockopt(TLS_TX)` or `TLS_RX` with the same cipher is
+    /// accepted instead of failing with `EBUSY`. Both directions came with the same kernel
+    /// change, which also pauses decryption after a peer's KeyUpdate until the next RX key
+    /// is set.
+    pub rekey: bool,
 }
 
 impl Capability {
@@ -54,6 +60,7 @@ impl Capability {
             aes_128_gcm: Support::default(),
             aes_256_gcm: Support::default(),
             chacha20_poly1305: Support::default(),
+            rekey: false,
         }
     }
 
@@ -111,7 +118,11 @@ impl fmt::Display for Capability {
             };
             write!(f, "{} {c} {what}", if i == 0 { "" } else { "," })?;
         }
-        Ok(())
+        f.write_str(if self.rekey {
+            "; kernel rekey: yes"
+        } else {
+            "; kernel rekey: no"
+        })
     }
 }
 
@@ -153,6 +164,7 @@ pub fn probe() -> Capability {
         aes_128_gcm: Support::default(),
         aes_256_gcm: Support::default(),
         chacha20_poly1305: Support::default(),
+        rekey: false,
     };
     for cipher in Cipher::ALL {
         // A fresh pair per cipher: keys can be installed only once per direction (on
@@ -186,7 +198,14 @@ pub fn probe() -> Capability {
         let s = cap.support_mut(cipher);
         s.tx = set_crypto_info(fd, Direction::Tx, &info).is_ok();
         s.rx = set_crypto_info(fd, Direction::Rx, &info).is_ok();
-        tracing::debug!(%cipher, tx = s.tx, rx = s.rx, "kTLS probe");
+        let (tx, rx) = (s.tx, s.rx);
+        // Keys again on the same socket: `EBUSY` before Linux 6.14, accepted where the
+        // kernel can rekey. TX first: an RX key may be refused while no KeyUpdate from the
+        // peer is pending, which would say nothing about the kernel.
+        let again = (tx && set_crypto_info(fd, Direction::Tx, &info).is_ok())
+            || (rx && set_crypto_info(fd, Direction::Rx, &info).is_ok());
+        cap.rekey |= again;
+        tracing::debug!(%cipher, tx, rx, rekey = again, "kTLS probe");
     }
     cap
 }
@@ -206,10 +225,11 @@ mod tests {
                 tx: true,
                 rx: false,
             },
+            rekey: false,
         };
         assert_eq!(
             cap.to_string(),
-            "kTLS available: aes-128-gcm tx+rx, aes-256-gcm tx+rx, chacha20-poly1305 tx only"
+            "kTLS available: aes-128-gcm tx+rx, aes-256-gcm tx+rx, chacha20-poly1305 tx only; kernel rekey: no"
         );
         assert!(cap.can_offload(Cipher::Aes256Gcm));
         assert!(!cap.can_offload(Cipher::Chacha20Poly1305));

@@ -250,7 +250,7 @@ fn recv_raw(fd: RawFd, buf: &mut [u8]) -> io::Result<(Option<u8>, usize)> {
 /// Application data lands in `buf` ([`Record::Data`]); other record types are returned
 /// by value. Use a buffer of at least [`MAX_RECORD_PLAINTEXT`] bytes to get control
 /// records whole. Errors are the socket's: `EBADMSG` for a record that fails
-/// authentication (see [`KtlsError::BadRecord`]), `EKEYEXPIRED` on Linux >= 6.13 after a
+/// authentication (see [`KtlsError::BadRecord`]), `EKEYEXPIRED` on Linux >= 6.14 after a
 /// KeyUpdate until new keys are installed, `EAGAIN` on a non-blocking socket.
 pub fn recv_record(fd: RawFd, buf: &mut [u8]) -> io::Result<Record> {
     let (ty, n) = recv_raw(fd, buf)?;

@@ -674,8 +674,9 @@ fn fatal_alert_is_an_error() {
 
 /// TLS 1.3 KeyUpdate from a rustls peer (`refresh_traffic_keys`). Data before it arrives
 /// intact; the KeyUpdate is reported as such; what follows (encrypted under the new key)
-/// is an error, never garbage: EBADMSG on Linux < 6.13 (the kernel keeps decrypting with
-/// the old key), EKEYEXPIRED on >= 6.13 (decryption paused until new keys are set).
+/// is an error, never garbage: EBADMSG on Linux < 6.14 (the kernel keeps decrypting with
+/// the old key), EKEYEXPIRED on >= 6.14 (decryption paused until new keys are set). The
+/// probe's `rekey` says which of the two this kernel is.
 #[test]
 fn peer_key_update_is_reported_not_garbage() {
     let _g = lock();
@@ -730,6 +731,12 @@ fn peer_key_update_is_reported_not_garbage() {
         assert!(
             errno == Some(libc::EBADMSG) || errno == Some(libc::EKEYEXPIRED),
             "unexpected error {e}"
+        );
+        let cap = probe();
+        assert_eq!(
+            cap.rekey,
+            errno == Some(libc::EKEYEXPIRED),
+            "the probe's rekey answer disagrees with what the kernel did: {cap}"
         );
         if errno == Some(libc::EBADMSG) {
             let after = tls_stat();
@@ -809,5 +816,44 @@ fn tcp_eof_without_close_notify() {
             recv_record(ctcp.as_raw_fd(), &mut buf).unwrap(),
             Record::Eof
         );
+    });
+}
+
+/// The kernel's RX record sequence number (`getsockopt(TLS_RX)`) counts every record it
+/// decrypted, however many of them one read returned: what ringtun's RX key budget reads
+/// to know how close the peer is to its rekey point.
+#[test]
+fn rx_rec_seq_counts_records_not_reads() {
+    let _g = lock();
+    if !require_ktls() {
+        return;
+    }
+    with_timeout(TEST_TIMEOUT, || {
+        // No tickets: every record after the switch is one the test writes.
+        let p = handshake(Cipher::Aes256Gcm, 0);
+        let mut ctcp = p.client_tcp;
+        offload(p.client, &mut ctcp).unwrap();
+        let start = get_tls_tx_rx(ctcp.as_raw_fd()).unwrap().1.rec_seq;
+        let mut s = rustls::StreamOwned::new(p.server, p.server_tcp);
+        // 100 small records and 4 full ones, all queued before the reader looks.
+        for i in 0..100u8 {
+            s.write_all(&[i; 10]).unwrap();
+            s.flush().unwrap();
+        }
+        s.write_all(&vec![7u8; 4 * MAX_RECORD_PLAINTEXT]).unwrap();
+        s.flush().unwrap();
+        let total = 100 * 10 + 4 * MAX_RECORD_PLAINTEXT;
+        let mut r = KtlsStream::new(ctcp, Vec::new());
+        let mut buf = vec![0u8; 256 * 1024];
+        let (mut got, mut reads) = (0, 0);
+        while got < total {
+            let n = r.read(&mut buf).unwrap();
+            assert!(n > 0, "EOF after {got} of {total} bytes");
+            got += n;
+            reads += 1;
+        }
+        let end = get_tls_tx_rx(r.as_raw_fd()).unwrap().1.rec_seq;
+        eprintln!("104 records in {reads} reads; RX rec_seq {start} -> {end}");
+        assert_eq!(end - start, 104, "{reads} reads");
     });
 }

@@ -181,6 +181,11 @@ pub struct RunArgs {
     /// (no new streams, GOAWAY). Lowering it is for tests; the default is also the maximum.
     #[arg(long, hide = true, default_value_t = crate::stream::DEFAULT_TX_RECORD_LIMIT)]
     pub ktls_tx_record_limit: u64,
+    /// Records an offloaded AES-GCM connection may receive under the peer's key before it
+    /// is retired, well before a rustls peer must rekey (2^24). Lowering it is for tests;
+    /// the default is also the maximum.
+    #[arg(long, hide = true, default_value_t = crate::stream::DEFAULT_RX_RECORD_LIMIT)]
+    pub ktls_rx_record_limit: u64,
 }
 
 /// ztunnel's two proxy modes.
@@ -318,6 +323,12 @@ impl RunArgs {
                 "--ktls-tx-record-limit must be between 1 and {max_records}"
             )));
         }
+        let max_rx = crate::stream::DEFAULT_RX_RECORD_LIMIT;
+        if self.ktls_rx_record_limit == 0 || self.ktls_rx_record_limit > max_rx {
+            return Err(EngineError::Usage(format!(
+                "--ktls-rx-record-limit must be between 1 and {max_rx}"
+            )));
+        }
         Ok(RunOptions {
             config_path,
             xds,
@@ -375,6 +386,7 @@ impl RunArgs {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             ktls: self.ktls,
             ktls_tx_record_limit: self.ktls_tx_record_limit,
+            ktls_rx_record_limit: self.ktls_rx_record_limit,
             inpod,
         })
     }

@@ -193,7 +193,10 @@ impl ShardContext {
             stream: Rc::new(StreamCtx::new(
                 id,
                 tls.ktls.clone(),
-                opts.ktls_tx_record_limit,
+                crate::stream::RecordLimits {
+                    tx: opts.ktls_tx_record_limit,
+                    rx: opts.ktls_rx_record_limit,
+                },
                 opts.handshake_timeout,
             )),
             opts,

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tls_kernel_offload::Capability;
 
+use super::RecordLimits;
+
 /// What the byte-stream layers need from the shard they run on, and nothing more: built once
 /// per shard, shared (`Rc`) by its connections.
 #[derive(Debug)]
@@ -14,9 +16,9 @@ pub struct StreamCtx {
     /// What the kernel can offload (`--ktls` and the probe); `None` keeps every connection
     /// on userspace rustls.
     pub ktls: Option<Capability>,
-    /// Records an offloaded AES-GCM connection sends before it retires
-    /// (`--ktls-tx-record-limit`, see [`KeyBudget`]).
-    pub tx_record_limit: u64,
+    /// Records an offloaded AES-GCM connection sends and receives before it retires
+    /// (`--ktls-tx-record-limit`, `--ktls-rx-record-limit`; see [`super::KeyBudget`]).
+    pub record_limits: RecordLimits,
     /// How long the TLS handshake may take, and then the switch to kTLS
     /// (`--handshake-timeout-ms`).
     pub handshake_timeout: Duration,
@@ -29,13 +31,13 @@ impl StreamCtx {
     pub fn new(
         shard: usize,
         ktls: Option<Capability>,
-        tx_record_limit: u64,
+        record_limits: RecordLimits,
         handshake_timeout: Duration,
     ) -> Self {
         StreamCtx {
             shard,
             ktls,
-            tx_record_limit,
+            record_limits,
             handshake_timeout,
             counters: TlsCounters::default(),
         }
@@ -54,7 +56,8 @@ pub struct TlsCounters {
     pub userspace: Cell<u64>,
     /// Connections lost while switching to kTLS (after rustls gave up its secrets).
     pub ktls_failed: Cell<u64>,
-    /// Offloaded connections retired because their TX key neared its usage limit.
+    /// Offloaded connections retired because a key (ours or the peer's) neared its usage
+    /// limit.
     pub ktls_retired: Cell<u64>,
 }
 

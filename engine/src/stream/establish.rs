@@ -186,7 +186,8 @@ async fn offload(
         }
     };
     early.extend_from_slice(&extracted.plaintext);
-    // 3. Keys into the kernel.
+    // 3. Keys into the kernel. The peer's record count goes on from where rustls left it.
+    let rx_seq = extracted.secrets.rx.0;
     let off = ktls::enable(hio.io.as_raw_fd(), extracted.secrets)?;
     let c = &ctx.counters;
     if off.tx {
@@ -202,7 +203,7 @@ async fn offload(
         early = early.len(),
         "kTLS: HBONE connection offloaded"
     );
-    let budget = Rc::new(KeyBudget::new(cipher, ctx.tx_record_limit));
+    let budget = Rc::new(KeyBudget::new(cipher, ctx.record_limits, rx_seq));
     Ok(Established {
         io: HboneIo::Kernel(KtlsIo::new(ctx.clone(), hio.io, early, budget.clone())),
         // The kernel's socket takes every write at once; nothing to defer.

@@ -60,7 +60,8 @@ impl fmt::Debug for KtlsIo {
             .field("peer", &self.peer)
             .field("early_left", &(self.early.len() - self.early_pos))
             .field("eof", &self.eof)
-            .field("tx_records", &self.budget.records())
+            .field("tx_records", &self.budget.tx_records())
+            .field("rx_records", &self.budget.rx_records())
             .finish_non_exhaustive()
     }
 }
@@ -91,10 +92,15 @@ impl KtlsIo {
     fn fail(&self, e: KtlsError) -> io::Error {
         let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
         match &e {
+            // A kernel that could take the next key (6.14+, `Capability::rekey`) still needs
+            // the peer's next traffic secret, which rustls gives only to connections driven
+            // through its unbuffered API; tokio-rustls' are not (tls-kernel-offload README).
             KtlsError::KeyUpdate { .. } => tracing::warn!(
                 shard = self.ctx.shard,
                 %peer,
-                "kTLS: peer sent a TLS KeyUpdate; the kernel cannot switch to the new key (no kTLS rekey on Linux < 6.13, not implemented here), so the HBONE connection is closed rather than fed undecryptable records; the peer will reconnect"
+                rx_records = self.budget.rx_records(),
+                kernel_rekey = self.ctx.ktls.as_ref().is_some_and(|c| c.rekey),
+                "kTLS: peer sent a TLS KeyUpdate; ringtun cannot install the peer's next key (no kTLS rekey before Linux 6.14; on later kernels the next secret is not available from rustls' buffered connections), so the HBONE connection is closed rather than fed undecryptable records; the peer will reconnect"
             ),
             _ => tracing::warn!(
                 shard = self.ctx.shard,
@@ -136,7 +142,7 @@ impl KtlsIo {
             tracing::warn!(
                 shard = self.ctx.shard,
                 peer = ?self.peer,
-                records = self.budget.records(),
+                records = self.budget.tx_records(),
                 "kTLS: the connection's TX key reached its usage limit; closing it"
             );
         }
@@ -146,14 +152,45 @@ impl KtlsIo {
     }
 
     fn charge(&self, bytes: usize) {
-        if self.budget.charge(records_for(bytes)) {
+        if self.budget.charge_tx(records_for(bytes)) {
             bump(&self.ctx.counters.ktls_retired);
             tracing::info!(
                 shard = self.ctx.shard,
                 peer = ?self.peer,
-                records = self.budget.records(),
+                records = self.budget.tx_records(),
                 "kTLS: TX key used for {} records; retiring the HBONE connection (no new streams)",
-                self.budget.records()
+                self.budget.tx_records()
+            );
+        }
+    }
+
+    /// Accounts for `bytes` read from the kernel; asks it for its exact count of records
+    /// received when the byte bound says the retire point could have been reached (see
+    /// [`KeyBudget::rx_bytes`]).
+    fn received(&self, bytes: usize) {
+        if self.budget.rx_bytes(bytes) {
+            self.look_rx();
+        }
+    }
+
+    /// Reads the kernel's RX record sequence number (records decrypted under the peer's
+    /// key, counting those rustls decrypted before the switch) into the budget.
+    fn look_rx(&self) {
+        let retired = match ktls::get_crypto_state(self.io.as_raw_fd(), ktls::Direction::Rx) {
+            Ok(state) => self.budget.rx_seen(state.rec_seq),
+            Err(e) => {
+                tracing::debug!(shard = self.ctx.shard, peer = ?self.peer, error = %e, "kTLS: RX record count unavailable; counting every byte as a record");
+                self.budget.rx_unknown()
+            }
+        };
+        if retired {
+            bump(&self.ctx.counters.ktls_retired);
+            tracing::info!(
+                shard = self.ctx.shard,
+                peer = ?self.peer,
+                records = self.budget.rx_records(),
+                "kTLS: received {} records under the peer's key (a rustls peer must send a KeyUpdate at 2^24, which the kernel cannot follow); retiring the HBONE connection (no new streams)",
+                self.budget.rx_records()
             );
         }
     }
@@ -180,8 +217,12 @@ impl AsyncRead for KtlsIo {
             return Poll::Ready(Ok(()));
         }
         loop {
+            let before = buf.filled().len();
             match ready!(Pin::new(&mut this.io).poll_read(cx, buf)) {
-                Ok(()) => return Poll::Ready(Ok(())),
+                Ok(()) => {
+                    this.received(buf.filled().len() - before);
+                    return Poll::Ready(Ok(()));
+                }
                 // A record that is not application data heads the queue.
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
                 Err(e) => return Poll::Ready(Err(this.read_error(e))),
@@ -195,6 +236,10 @@ impl AsyncRead for KtlsIo {
                 }
                 Ok(n) => {
                     buf.advance(n);
+                    // Tickets may have been skipped on the way: records the byte bound
+                    // does not see, so ask the kernel now (rare: start and end of a
+                    // connection).
+                    this.look_rx();
                     return Poll::Ready(Ok(()));
                 }
                 // Only session tickets were there: wait for more through the runtime.

@@ -9,7 +9,7 @@
 //! | `handshake_io.rs` | [`HandshakeIo`]: the socket under the TLS handshake, corked        |
 //! | `establish.rs`  | [`establish`]: kTLS or userspace, [`Established`]                    |
 //! | `ktls.rs`       | [`KtlsIo`]: the kernel's record layer                                |
-//! | `key_budget.rs` | [`KeyBudget`]: records sent with one kTLS key                        |
+//! | `key_budget.rs` | [`KeyBudget`]: records sent and received with one pair of kTLS keys  |
 //! | `pump/`         | [`pump::RecordPump`]: the userspace record layer, no I/O             |
 //! | `userspace.rs`  | [`RustlsIo`]: the socket and waits around the pump                   |
 //! | `flush.rs`      | [`FlushTick`]: one `writev` per shard tick                           |
@@ -42,10 +42,13 @@
 //! plain read with `EIO`; [`KtlsIo`] then reads it with its record type (`recvmsg` and the
 //! `TLS_GET_RECORD_TYPE` control message, via `tls_kernel_offload::recv_data`): session
 //! tickets are skipped, close_notify is end of stream, any other alert is a connection error,
-//! and a KeyUpdate closes the connection with a log line (Linux before 6.13 cannot install
-//! new keys, and rekeying is not implemented here), because every record after it would be
-//! undecryptable. Nobody counts records once the kernel encrypts, so [`KeyBudget`] does: see
-//! there for the AES-GCM key-usage limit and what happens when a connection approaches it.
+//! and a KeyUpdate closes the connection with a log line (Linux before 6.14 cannot install
+//! new keys, and rustls' buffered connections cannot give the next secret for later ones),
+//! because every record after it would be undecryptable. Nobody counts records once the
+//! kernel does the record layer, so [`KeyBudget`] does, both ways: what ringtun sends
+//! (charged per write) and what the peer sends (the kernel's RX record sequence number);
+//! either nearing its limit retires the connection long before a rustls peer's KeyUpdate
+//! at 2^24 records. See there for the limits.
 
 mod ctx;
 mod establish;
@@ -65,7 +68,9 @@ pub use establish::{establish, Established, OffloadError};
 pub use flush::FlushTick;
 pub use handshake_io::HandshakeIo;
 pub use hbone_io::HboneIo;
-pub use key_budget::{KeyBudget, DEFAULT_TX_RECORD_LIMIT, TX_RECORD_MARGIN};
+pub use key_budget::{
+    KeyBudget, RecordLimits, DEFAULT_RX_RECORD_LIMIT, DEFAULT_TX_RECORD_LIMIT, TX_RECORD_MARGIN,
+};
 pub use ktls::KtlsIo;
 pub use path::TlsPath;
 pub use probe::startup;
