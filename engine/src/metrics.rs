@@ -180,7 +180,7 @@ pub struct ShardCounters {
     pub userspace_tls_connections: u64,
     /// HBONE connections lost while switching to kTLS.
     pub ktls_failed: u64,
-    /// kTLS connections retired (no new streams) as their TX key neared its usage limit.
+    /// kTLS connections retired (no new streams) as a key (TX, or the peer's RX) neared its usage limit.
     pub ktls_retired: u64,
     /// Connections refused at accept because the shard was at `--max-connections-per-shard`.
     pub refused_overloaded: u64,

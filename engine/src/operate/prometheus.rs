@@ -269,7 +269,7 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
         ),
         (
             "ringtun_ktls_retired_connections",
-            "Kernel TLS connections retired (no new streams) as their TX key neared its usage limit, per shard",
+            "Kernel TLS connections retired (no new streams) as a key (TX, or the peer's RX) neared its usage limit, per shard",
             Figure::Counter(|c| c.ktls_retired),
         ),
         (
