@@ -195,8 +195,22 @@ def cmd_policy(path, mode, namespace):
     env = {e["name"]: e for e in c.get("env", [])}
     want(env.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName",
          "NODE_NAME from spec.nodeName")
-    want(env.get("LOCAL_XDS_PATH", {}).get("value", "").startswith("/etc/ringtun/config/"),
-         "LOCAL_XDS_PATH in the config mount")
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+    if "XDS_ADDRESS" in env:
+        # istiod mode: config over xDS, certificates from the CA; no local file, no Secret.
+        want(env["XDS_ADDRESS"].get("value", "").startswith("https://"), "XDS_ADDRESS is an https URL")
+        want(env.get("CA_ADDRESS", {}).get("value", "").startswith("https://"), "CA_ADDRESS is an https URL")
+        want("LOCAL_XDS_PATH" not in env, "no LOCAL_XDS_PATH with XDS_ADDRESS (ringtun refuses both)")
+        want(not any(a.startswith("--cert-chain") for a in c.get("args", [])), "no certificate files with the CA")
+        want(mounts.get("istio-token") == "/var/run/secrets/tokens"
+             and env.get("AUTH_TOKEN", {}).get("value") == "/var/run/secrets/tokens/istio-token",
+             "AUTH_TOKEN is the mounted istio-ca token")
+        want(mounts.get("istiod-ca-cert") == "/var/run/secrets/istio"
+             and env.get("XDS_ROOT_CA", {}).get("value", "").startswith("/var/run/secrets/istio/"),
+             "XDS_ROOT_CA is the mounted trust bundle")
+    else:
+        want(env.get("LOCAL_XDS_PATH", {}).get("value", "").startswith("/etc/ringtun/config/"),
+             "LOCAL_XDS_PATH in the config mount")
     # Kubernetes rejects allowPrivilegeEscalation: false with CAP_SYS_ADMIN or privileged.
     if sc.get("allowPrivilegeEscalation") is False:
         want("SYS_ADMIN" not in add and not sc.get("privileged"), "allowPrivilegeEscalation: false with SYS_ADMIN")
@@ -205,6 +219,7 @@ def cmd_policy(path, mode, namespace):
         want(add == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN"}, f"in-pod capabilities must be NET_ADMIN, NET_RAW, SYS_ADMIN, got {sorted(add)}")
         want(hostpaths == {"/var/run/ztunnel"}, f"in-pod hostPath must be /var/run/ztunnel only, got {sorted(hostpaths)}")
         want(env.get("INPOD_ENABLED", {}).get("value") == "true", "INPOD_ENABLED=true")
+        want(env.get("PROXY_MODE", {}).get("value") == "shared", "PROXY_MODE=shared")
     else:
         want(add == {"NET_ADMIN", "NET_RAW"}, f"node-local capabilities must be NET_ADMIN, NET_RAW, got {sorted(add)}")
         want(not hostpaths, f"node-local mode mounts no hostPath, got {sorted(hostpaths)}")

@@ -16,7 +16,7 @@
 {{/* istiod address for CA and XDS: istiod[-<revision>].<namespace>.svc:15012 */}}
 {{- define "ringtun.istiod" -}}
 {{- $rev := ternary "" (printf "-%s" .Values.revision) (eq .Values.revision "") -}}
-{{- printf "istiod%s.%s.svc:15012" $rev .Values.xds.istioNamespace -}}
+{{- printf "https://istiod%s.%s.svc:15012" $rev .Values.xds.istioNamespace -}}
 {{- end -}}
 
 {{/* Labels of every top-level resource. The plain manifest (deploy/kubernetes) carries the same
