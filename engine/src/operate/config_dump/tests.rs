@@ -24,6 +24,7 @@ fn dump() -> serde_json::Value {
             draining: true,
             fds: None,
             certs: Default::default(),
+            xds: None,
         },
         config: ztunnel_config(settings),
     };
