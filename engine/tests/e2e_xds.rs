@@ -262,6 +262,44 @@ fn ringtun_takes_its_config_from_istiod_only() {
     );
     assert!(error.contains("bad-address: decode"), "{nack}");
     client.wait_lines(&["NACK", "bad-address"], 1);
+    // The operator sees it: /config_dump names the NACK, /metrics counts it.
+    let (status, body) = http_in(&nodes.client, ADMIN, "GET", "/config_dump").expect("dump");
+    assert_eq!(status, 200, "{body}");
+    let dump: serde_json::Value = serde_json::from_str(&body).expect("config_dump JSON");
+    let xds = &dump["ringtun"]["xds"];
+    assert_eq!(xds["address"], ISTIOD_URL, "{xds:#}");
+    assert_eq!(xds["connected"], true, "{xds:#}");
+    assert!(xds["reconnects"].as_u64() >= Some(1), "{xds:#}");
+    let address = &xds["types"][ADDRESS_TYPE];
+    let last_nack = &address["lastNack"];
+    assert_eq!(last_nack["nonce"], nack["nonce"], "{xds:#}");
+    assert!(
+        last_nack["resources"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|n| n == "bad-address")),
+        "{xds:#}"
+    );
+    assert!(
+        last_nack["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("bad-address: decode")),
+        "{xds:#}"
+    );
+    assert!(
+        address["ackedVersion"].is_string() && address["acks"].as_u64() >= Some(1),
+        "{xds:#}"
+    );
+    for openmetrics in [false, true] {
+        let scrape = Scrape::take(&nodes.client, openmetrics);
+        assert_eq!(scrape.one("ringtun_xds_connected", &[]), 1.0);
+        assert!(scrape.one("ringtun_xds_nacks_total", &[("url", ADDRESS_TYPE)]) >= 1.0);
+        assert_eq!(
+            scrape.one("ringtun_xds_nacks_total", &[("url", AUTHORIZATION_TYPE)]),
+            0.0
+        );
+        assert!(scrape.one("istio_message_types_total", &[("url", ADDRESS_TYPE)]) >= 3.0);
+        assert!(scrape.one("ringtun_xds_reconnects_total", &[]) >= 1.0);
+    }
     let t = echo_ok(&nodes.client, "10.96.0.10:80", MIB);
     assert_eq!(
         t.sha_sent, t.sha_received,

@@ -94,6 +94,9 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         workers,
     ));
     state.set_options(&opts);
+    if let Some(status) = source.xds_status() {
+        state.set_xds(status);
+    }
     // Up before the certificate and the listeners, so readiness says "starting" rather than
     // refusing connections, and /config_dump shows a certificate still pending.
     let endpoints_stop = Arc::new(AtomicBool::new(false));

@@ -103,6 +103,14 @@ impl ConfigSource {
         }
     }
 
+    /// The xDS client's state, when the source is istiod.
+    pub(super) fn xds_status(&self) -> Option<crate::xds::SharedXdsStatus> {
+        match self {
+            ConfigSource::File { .. } => None,
+            ConfigSource::Xds { handle, .. } => Some(handle.status.clone()),
+        }
+    }
+
     /// What a reload is called in the log.
     pub(super) fn what(&self) -> &'static str {
         match self {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use super::certs::Certificates;
@@ -16,6 +16,7 @@ use crate::operate::logging::{self, LogFilterError};
 use crate::operate::prometheus::ProcessInfo;
 use crate::options::{IoDriver, RunOptions};
 use crate::shard::{ShardMsg, ShardTx};
+use crate::xds::SharedXdsStatus;
 
 /// A pod as `/config_dump` shows it: the agent's `WorkloadInfo` and its network namespace.
 pub(super) struct PodInfo {
@@ -53,6 +54,8 @@ pub(super) struct ControlState {
     workers: usize,
     /// ztunnel's `config` section of `/config_dump`.
     dump_config: Mutex<serde_json::Value>,
+    /// The xDS client's state, when the config comes from istiod.
+    xds: OnceLock<SharedXdsStatus>,
 }
 
 impl ControlState {
@@ -79,7 +82,13 @@ impl ControlState {
             driver,
             workers,
             dump_config: Mutex::new(serde_json::Value::Null),
+            xds: OnceLock::new(),
         }
+    }
+
+    /// The config comes from istiod: `/config_dump` and `/metrics` show the client's state.
+    pub(super) fn set_xds(&self, status: SharedXdsStatus) {
+        let _ = self.xds.set(status);
     }
 
     /// Sets what `/config_dump` shows as ztunnel's `config`: `opts` under ztunnel's keys.
@@ -216,6 +225,10 @@ impl Admin for ControlState {
             draining: self.draining.load(Ordering::Relaxed),
             certs: self.certs.report(),
             fds: ProcessInfo::read_fds(),
+            xds: self
+                .xds
+                .get()
+                .and_then(|s| s.lock().ok().map(|s| s.clone())),
         }
     }
 

@@ -14,6 +14,7 @@ use crate::config::{
 };
 use crate::config::{ServiceEndpoint, Snapshot};
 use crate::operate::prometheus::ProcessInfo;
+use crate::xds::XdsStatus;
 
 /// What `/config_dump` reports beside the config itself.
 pub struct Facts {
@@ -48,6 +49,17 @@ pub fn render(snap: &Snapshot, facts: &Facts) -> String {
         .map(|s| service(s, Some(members.get(&s.key()).map_or(&[][..], |v| &v[..]))))
         .collect();
     let policies: Vec<Value> = snap.policies().map(policy).collect();
+    let mut ringtun = json!({
+        "configGeneration": snap.generation,
+        "shards": facts.shards,
+        "driver": facts.info.driver,
+        "ktls": facts.ktls,
+        "draining": facts.info.draining,
+    });
+    // Only with istiod: ztunnel's dump has no such section, so it lives under ringtun's key.
+    if let (Some(x), Some(map)) = (&facts.info.xds, ringtun.as_object_mut()) {
+        map.insert("xds".into(), xds(x));
+    }
     json!({
         "workloads": workloads,
         "services": services,
@@ -61,13 +73,7 @@ pub fn render(snap: &Snapshot, facts: &Facts) -> String {
         },
         "stagedServices": {},
         "version": version(),
-        "ringtun": {
-            "configGeneration": snap.generation,
-            "shards": facts.shards,
-            "driver": facts.info.driver,
-            "ktls": facts.ktls,
-            "draining": facts.info.draining,
-        },
+        "ringtun": ringtun,
     })
     .to_string()
 }
@@ -426,6 +432,55 @@ fn rfc3339(unix: i64) -> String {
         secs % 3600 / 60,
         secs % 60
     )
+}
+
+/// The xDS client's state: the stream, and per type URL what is held, the last version ACKed
+/// and the last NACK.
+fn xds(x: &XdsStatus) -> Value {
+    let types: Map<String, Value> = x
+        .types
+        .iter()
+        .map(|(url, t)| {
+            let nack = t.last_nack.as_ref().map(|n| {
+                json!({
+                    "nonce": n.nonce,
+                    "resources": n.resources,
+                    "error": n.error,
+                    "time": n.at.map(unix_time),
+                })
+            });
+            let v = json!({
+                "resources": t.resources,
+                "ackedVersion": t.acked_version,
+                "ackedNonce": t.acked_nonce,
+                "messages": t.messages,
+                "acks": t.acks,
+                "nacks": t.nacks,
+                "lastNack": nack,
+            });
+            (url.clone(), v)
+        })
+        .collect();
+    let terminations: Map<String, Value> = x
+        .terminations
+        .iter()
+        .map(|(why, n)| (why.label().to_owned(), json!(n)))
+        .collect();
+    json!({
+        "address": x.address,
+        "connected": x.is_connected(),
+        "connectedSince": x.connected_since.map(unix_time),
+        "reconnects": x.reconnects,
+        "terminations": terminations,
+        "types": types,
+    })
+}
+
+fn unix_time(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    rfc3339(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 /// ztunnel's `version` section, with ringtun's version.

@@ -24,6 +24,8 @@ pub struct ProcessInfo {
     /// Open file descriptors and their limit (ztunnel's `process_open_fds`,
     /// `process_max_fds`), read when `/metrics` is scraped.
     pub fds: Option<(u64, u64)>,
+    /// The xDS client's state, when the config comes from istiod.
+    pub xds: Option<crate::xds::XdsStatus>,
 }
 
 impl ProcessInfo {
@@ -354,6 +356,9 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
     );
     // Certificates: ringtun's fetch counters and ztunnel's istio_cert_expiry_seconds.
     out.push_str(&info.certs.prometheus(openmetrics));
+    if let Some(xds) = &info.xds {
+        out.push_str(&xds.prometheus(openmetrics));
+    }
     if openmetrics {
         out.push_str("# EOF\n");
     }
@@ -503,6 +508,7 @@ mod tests {
             draining: true,
             certs: Default::default(),
             fds: Some((28, 20_000)),
+            xds: None,
         };
         let text = format!(
             "{}=====OM\n{}",

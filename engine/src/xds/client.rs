@@ -5,7 +5,8 @@
 //! one, and those of a stream that broke are kept for the next. A broken stream is reopened with backoff (10 ms
 //! doubling to 15 s, as ztunnel), resubscribing with what is already held.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 use tonic::codec::ProstCodec;
@@ -13,7 +14,8 @@ use tonic::codec::ProstCodec;
 use super::error::XdsError;
 use super::node::XdsOptions;
 use super::proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DELTA_ADS_PATH};
-use super::session::Session;
+use super::session::{Session, ADDRESS_TYPE, TYPES};
+use super::status::{Answered, SharedXdsStatus, Termination, XdsStatus};
 use crate::config::Delta;
 
 /// ztunnel's first retry delay.
@@ -35,20 +37,27 @@ pub struct XdsUpdate {
 pub struct XdsHandle {
     /// Changes, oldest first; the first one comes once both types are synced.
     pub updates: Receiver<XdsUpdate>,
+    /// What the client has seen, kept current by its thread.
+    pub status: SharedXdsStatus,
 }
 
 /// Starts the client on its own thread.
 pub fn spawn(opts: XdsOptions) -> Result<XdsHandle, XdsError> {
     let (tx, rx) = crossbeam_channel::unbounded();
+    let status = Arc::new(Mutex::new(XdsStatus::new(&opts.endpoint.url, &TYPES)));
+    let shared = Arc::clone(&status);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(XdsError::Thread)?;
     std::thread::Builder::new()
         .name("ringtun-xds".into())
-        .spawn(move || runtime.block_on(run(opts, tx)))
+        .spawn(move || runtime.block_on(run(opts, tx, shared)))
         .map_err(XdsError::Thread)?;
-    Ok(XdsHandle { updates: rx })
+    Ok(XdsHandle {
+        updates: rx,
+        status,
+    })
 }
 
 /// How a stream ended without an error.
@@ -59,7 +68,14 @@ enum Ended {
     Unwanted,
 }
 
-async fn run(opts: XdsOptions, tx: Sender<XdsUpdate>) {
+/// Records on the shared status (a poisoned lock only loses figures).
+fn record(status: &SharedXdsStatus, f: impl FnOnce(&mut XdsStatus)) {
+    if let Ok(mut s) = status.lock() {
+        f(&mut s);
+    }
+}
+
+async fn run(opts: XdsOptions, tx: Sender<XdsUpdate>, status: SharedXdsStatus) {
     let mut session = Session::new(opts.node.node());
     let mut pending = Delta::default();
     let mut backoff = INITIAL_BACKOFF;
@@ -70,7 +86,23 @@ async fn run(opts: XdsOptions, tx: Sender<XdsUpdate>) {
     );
     loop {
         let mut answered = false;
-        match stream_once(&opts, &mut session, &mut pending, &tx, &mut answered).await {
+        let ended = stream_once(
+            &opts,
+            &mut session,
+            &mut pending,
+            &tx,
+            &status,
+            &mut answered,
+        )
+        .await;
+        let established = status.lock().map(|s| s.is_connected()).unwrap_or(false);
+        let why = match &ended {
+            Ok(_) => Termination::Complete,
+            Err(_) if established => Termination::Error,
+            Err(_) => Termination::ConnectionError,
+        };
+        record(&status, |s| s.disconnected(why));
+        match ended {
             Ok(Ended::Unwanted) => return,
             Ok(Ended::Closed) => {
                 tracing::info!("xDS stream closed by the control plane; reconnecting");
@@ -98,6 +130,7 @@ async fn stream_once(
     session: &mut Session,
     pending: &mut Delta,
     tx: &Sender<XdsUpdate>,
+    status: &SharedXdsStatus,
     answered: &mut bool,
 ) -> Result<Ended, XdsError> {
     let channel = opts.endpoint.connect().await?;
@@ -125,12 +158,33 @@ async fn stream_once(
     let path = http::uri::PathAndQuery::from_static(DELTA_ADS_PATH);
     let mut responses = grpc.streaming(request, path, codec).await?.into_inner();
     tracing::info!(address = %opts.endpoint.url, "xDS stream established");
+    record(status, |s| s.connected(SystemTime::now()));
     while let Some(resp) = responses.message().await? {
         *answered = true;
         let (type_url, nonce) = (resp.type_url.clone(), resp.nonce.clone());
+        let version = resp.system_version_info.clone();
         let (added, removed) = (resp.resources.len(), resp.removed_resources.len());
         let mut handled = session.handle(resp);
         pending.append(std::mem::take(&mut handled.delta));
+        let (workloads, services, policies) = session.counts();
+        let held = if type_url == ADDRESS_TYPE {
+            workloads + services
+        } else {
+            policies
+        };
+        record(status, |s| {
+            s.answered(
+                Answered {
+                    type_url: &type_url,
+                    version: &version,
+                    nonce: &nonce,
+                    resources: held,
+                    rejected: handled.rejected.iter().map(|r| r.name.clone()).collect(),
+                    nack: handled.nack(),
+                },
+                SystemTime::now(),
+            )
+        });
         match handled.nack() {
             Some(error) => tracing::error!(
                 type_url,

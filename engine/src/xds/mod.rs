@@ -9,6 +9,8 @@
 //! - [`client`]: the ADS client on a thread of its own (its own small tokio runtime, never a
 //!   shard): connects, subscribes, reconnects with backoff, and hands each new config to the
 //!   control thread.
+//! - [`status`]: what the client has seen (stream, versions, NACKs), for `/config_dump` and
+//!   `/metrics`.
 //! - [`ca`]: `CreateCertificate` for a fresh P-256 key.
 //!
 //! Environment variables and defaults are ztunnel's (`XDS_ADDRESS`, `XDS_ROOT_CA`,
@@ -24,6 +26,7 @@ mod error;
 mod node;
 pub mod proto;
 pub mod session;
+pub mod status;
 
 #[cfg(test)]
 mod tests;
@@ -32,3 +35,4 @@ pub use channel::{Endpoint, RootCert, Token};
 pub use client::{spawn, XdsHandle, XdsUpdate};
 pub use error::XdsError;
 pub use node::{NodeInfo, XdsOptions};
+pub use status::{SharedXdsStatus, XdsStatus};

@@ -9,6 +9,10 @@ use crate::config;
 const CONFIG: &str = "workloads:\n- uid: u1\n  name: server\n  namespace: default\n  serviceAccount: server\n  workloadIps: [10.77.0.2]\n  protocol: HBONE\n  canonicalName: server-app\n  locality: {region: west, zone: west-z, subzone: west-s}\n  services: {\"default/server.default.svc.cluster.local\": {80: 5201}}\nservices:\n- name: server\n  namespace: default\n  hostname: server.default.svc.cluster.local\n  vips: [/10.96.0.10]\n  ports: {80: 5201}\npolicies:\n- {name: p, namespace: default, scope: Namespace, action: Deny, rules: [[[{notDestinationPorts: [9999], principals: [!Exact \"cluster.local/ns/default/sa/client\"]}]]], dryRun: false}\n";
 
 fn dump() -> serde_json::Value {
+    dump_with(None)
+}
+
+fn dump_with(xds: Option<XdsStatus>) -> serde_json::Value {
     let loaded = config::parse(Path::new("c.yaml"), CONFIG).expect("config");
     let snap = Snapshot::new(loaded.config, 7);
     let mut settings = Map::new();
@@ -24,6 +28,7 @@ fn dump() -> serde_json::Value {
             draining: true,
             fds: None,
             certs: Default::default(),
+            xds,
         },
         config: ztunnel_config(settings),
     };
@@ -120,4 +125,33 @@ fn the_certificate_says_who_and_until_when() {
     );
     assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
     assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+}
+
+#[test]
+fn with_istiod_ringtun_shows_the_xds_state_and_the_last_nack() {
+    use crate::xds::session::{ADDRESS_TYPE, TYPES};
+    use crate::xds::status::Answered;
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000);
+    let mut x = XdsStatus::new("https://istiod:15012", &TYPES);
+    x.connected(t);
+    x.answered(
+        Answered {
+            type_url: ADDRESS_TYPE,
+            version: "v1",
+            nonce: "n1",
+            resources: 2,
+            rejected: vec!["bad-address".into()],
+            nack: Some("bad-address: decode"),
+        },
+        t,
+    );
+    let d = dump_with(Some(x));
+    let xds = &d["ringtun"]["xds"];
+    assert_eq!(xds["connected"], true, "{xds:#}");
+    assert_eq!(xds["connectedSince"], "2030-03-17T17:46:40Z", "{xds:#}");
+    assert_eq!(
+        xds["types"][ADDRESS_TYPE]["lastNack"],
+        json!({"nonce": "n1", "resources": ["bad-address"], "error": "bad-address: decode", "time": "2030-03-17T17:46:40Z"})
+    );
+    assert_eq!(xds["types"][ADDRESS_TYPE]["nacks"], 1);
 }
