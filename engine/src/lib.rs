@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod decide;
 mod error;
+pub mod exposition;
 pub mod inpod;
 pub mod metrics;
 pub mod net;

@@ -9,6 +9,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
 
+use crate::exposition::rfc3339;
+
 /// What went wrong loading certificates, and where.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -329,28 +331,6 @@ impl CertStatus {
             "ringtun": {"notAfterUnix": self.not_after(), "error": self.error},
         })
     }
-}
-
-/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (ztunnel's time format in `/config_dump`).
-fn rfc3339(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
 }
 
 /// The certificates the proxy holds and what fetching them cost, for `/config_dump` and

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
 
+use crate::exposition::rfc3339;
+
 use crate::config::{
     ApplicationTunnelProtocol, GatewayAddress, GatewayDestination, HealthStatus, NetworkMode,
     Policy, PolicyMatch, Protocol, Service, StringMatch, Workload,
@@ -410,28 +412,6 @@ fn certificate(identity: &str, not_after: i64) -> Value {
         "certChain": [{"expirationTime": rfc3339(not_after)}],
         "rootCerts": [],
     })
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time (UTC), as ztunnel writes certificate times.
-fn rfc3339(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
 }
 
 /// The xDS client's state: the stream, and per type URL what is held, the last version ACKed

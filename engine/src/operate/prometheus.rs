@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::exposition::counter_header;
 use crate::metrics::{
     Party, Reporter, ShardCounters, ShardGauges, ShardReport, TcpCounts, TcpLabels,
 };
@@ -363,16 +364,6 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
         out.push_str("# EOF\n");
     }
     out
-}
-
-fn counter_header(out: &mut String, name: &str, help: &str, openmetrics: bool) {
-    // Prometheus text names the family after the sample (`_total`); OpenMetrics without it.
-    let family = if openmetrics {
-        name.to_owned()
-    } else {
-        format!("{name}_total")
-    };
-    let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::exposition::{counter_header, gauge_header};
+
 /// The status shared between the client's thread and the control thread.
 pub type SharedXdsStatus = Arc<Mutex<XdsStatus>>;
 
@@ -143,7 +145,7 @@ impl XdsStatus {
     /// `istio_message_types`, and ringtun's connection, ACK, NACK and resource figures.
     pub fn prometheus(&self, openmetrics: bool) -> String {
         let mut out = String::new();
-        gauge(
+        gauge_header(
             &mut out,
             "ringtun_xds_connected",
             "1 while the xDS stream to the control plane is up",
@@ -153,14 +155,14 @@ impl XdsStatus {
             "ringtun_xds_connected {}",
             u8::from(self.is_connected())
         );
-        counter(
+        counter_header(
             &mut out,
             "ringtun_xds_reconnects",
             "xDS streams opened again after the first",
             openmetrics,
         );
         let _ = writeln!(out, "ringtun_xds_reconnects_total {}", self.reconnects);
-        counter(
+        counter_header(
             &mut out,
             "istio_xds_connection_terminations",
             "The total number of completed connections to xds server (unstable)",
@@ -186,12 +188,12 @@ impl XdsStatus {
             }),
         ];
         for (name, help, field) in per_type {
-            counter(&mut out, name, help, openmetrics);
+            counter_header(&mut out, name, help, openmetrics);
             for (url, t) in &self.types {
                 let _ = writeln!(out, "{name}_total{{url=\"{url}\"}} {}", field(t));
             }
         }
-        gauge(
+        gauge_header(
             &mut out,
             "ringtun_xds_resources",
             "xDS resources held, by type",
@@ -221,20 +223,6 @@ pub struct Answered<'a> {
     pub rejected: Vec<String>,
     /// The NACK's error, if refused.
     pub nack: Option<&'a str>,
-}
-
-fn gauge(out: &mut String, name: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-}
-
-fn counter(out: &mut String, name: &str, help: &str, openmetrics: bool) {
-    // Prometheus text names the family after the sample (`_total`); OpenMetrics without it.
-    let family = if openmetrics {
-        name.to_owned()
-    } else {
-        format!("{name}_total")
-    };
-    let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
 }
 
 #[cfg(test)]
