@@ -409,8 +409,10 @@ fn byte_counters_grow_while_a_connection_lives() {
     let client = &m.nodes.client;
     let total = 4 * MIB;
     let (tx, rx) = mpsc::channel();
+    let (resume_tx, resume_rx) = mpsc::channel::<()>();
     let t = std::thread::scope(|s| {
-        // 4 MiB in 32 steps of 128 KiB, 100 ms apart: about 3 s.
+        // 4 MiB in 32 steps of 128 KiB, 100 ms apart, held at the halfway mark until both ends
+        // were scraped: a slow scrape on a busy machine must not find the connection closed.
         let live = s.spawn(move || {
             transfer_paced(
                 client,
@@ -421,6 +423,7 @@ fn byte_counters_grow_while_a_connection_lives() {
                 2 * MIB,
                 move |_| {
                     let _ = tx.send(());
+                    let _ = resume_rx.recv_timeout(Duration::from_secs(60));
                 },
             )
         });
@@ -453,6 +456,7 @@ fn byte_counters_grow_while_a_connection_lives() {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        let _ = resume_tx.send(());
         live.join().expect("transfer thread")
     })
     .expect("transfer");
