@@ -129,20 +129,13 @@ impl ControlState {
         }
     }
 
-    /// `/config_dump` with ztunnel's in-pod `workloadState` added: uid → `state` and `info`
-    /// (name, namespace, serviceAccount), as ztunnel's workload manager reports its pods, and
-    /// ringtun's `netns`. Without in-pod mode the dump is left as it is.
-    fn with_workload_state(&self, dump: String) -> String {
-        let Ok(pods) = self.pods.lock() else {
-            return dump;
-        };
-        let Some(pods) = pods.as_ref() else {
-            return dump;
-        };
-        let Ok(serde_json::Value::Object(mut body)) = serde_json::from_str(&dump) else {
-            return dump;
-        };
+    /// ztunnel's in-pod `workloadState` for `/config_dump`: uid → `state` and `info` (name,
+    /// namespace, serviceAccount), as ztunnel's workload manager reports its pods, and
+    /// ringtun's `netns`; `None` without in-pod mode.
+    fn workload_state(&self) -> Option<serde_json::Value> {
+        let pods = self.pods.lock().ok()?;
         let state: serde_json::Map<String, serde_json::Value> = pods
+            .as_ref()?
             .iter()
             .map(|(uid, p)| {
                 let v = serde_json::json!({
@@ -157,8 +150,7 @@ impl ControlState {
                 (uid.clone(), v)
             })
             .collect();
-        body.insert("workloadState".into(), serde_json::Value::Object(state));
-        serde_json::Value::Object(body).to_string()
+        Some(serde_json::Value::Object(state))
     }
 
     /// Every shard listens and runs the source's config; returns whether that made ringtun
@@ -267,11 +259,10 @@ impl Admin for ControlState {
                 .lock()
                 .map(|c| c.clone())
                 .unwrap_or_default(),
+            // Built here: `operate` knows nothing of pods.
+            workload_state: self.workload_state(),
         };
-        let dump = config_dump::render(&snap, &facts);
-        drop(snap);
-        // Added here: `operate` knows nothing of pods.
-        self.with_workload_state(dump)
+        config_dump::render(&snap, &facts)
     }
 
     fn set_log_level(&self, level: &str) -> Result<String, LogFilterError> {

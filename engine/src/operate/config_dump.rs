@@ -33,6 +33,9 @@ pub struct Facts {
     /// ztunnel's `config` section: its keys, with ringtun's settings where one means the
     /// same (see [`ztunnel_config`]).
     pub config: Value,
+    /// In-pod mode: ztunnel's `workloadState` (pod uid → state and info), built by the control
+    /// side, which knows the pods; `None` leaves the key out, as ztunnel's dedicated mode does.
+    pub workload_state: Option<Value>,
 }
 
 /// The JSON body of `/config_dump`.
@@ -62,7 +65,7 @@ pub fn render(snap: &Snapshot, facts: &Facts) -> String {
     if let (Some(x), Some(map)) = (&facts.info.xds, ringtun.as_object_mut()) {
         map.insert("xds".into(), xds(x));
     }
-    json!({
+    let mut dump = json!({
         "workloads": workloads,
         "services": services,
         "policies": policies,
@@ -76,8 +79,11 @@ pub fn render(snap: &Snapshot, facts: &Facts) -> String {
         "stagedServices": {},
         "version": version(),
         "ringtun": ringtun,
-    })
-    .to_string()
+    });
+    if let (Some(state), Some(map)) = (&facts.workload_state, dump.as_object_mut()) {
+        map.insert("workloadState".into(), state.clone());
+    }
+    dump.to_string()
 }
 
 /// ztunnel's `config` keys. `settings` holds those ringtun has a value for, under ztunnel's

@@ -31,6 +31,7 @@ fn dump_with(xds: Option<XdsStatus>) -> serde_json::Value {
             xds,
         },
         config: ztunnel_config(settings),
+        workload_state: None,
     };
     serde_json::from_str(&render(&snap, &facts)).expect("JSON")
 }
