@@ -21,16 +21,6 @@ use ringtun_testbed::{Netns, DEFAULT_MARK};
 /// The pod listeners ztunnel opens in each pod: outbound capture, plaintext inbound, HBONE.
 const POD_PORTS: [u16; 3] = [15001, 15006, 15008];
 
-fn ztunnel_bin() -> PathBuf {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ztunnel/ztunnel");
-    assert!(
-        bin.exists(),
-        "the ZDS interop tests need the real ztunnel at {} (see ../shared/ztunnel/README.md)",
-        bin.display()
-    );
-    bin
-}
-
 /// The two-workload mesh config (client 10.77.0.1, server 10.77.0.2) with
 /// `trustDomain: cluster.local`, which ztunnel's test-CA certificates then name.
 fn write_config(dir: &TempDir) -> PathBuf {
@@ -53,18 +43,9 @@ struct SharedZtunnel {
 impl SharedZtunnel {
     fn start(node: &Netns, uds: &Path, config: &Path, dir: &Path) -> SharedZtunnel {
         let log = dir.join("ztunnel.log");
-        let child = node
-            .exec(ztunnel_bin())
-            .env("PROXY_MODE", "shared")
-            .env("INPOD_UDS", uds)
-            .env("LOCAL_XDS_PATH", config)
-            .env("FAKE_CA", "true")
-            .env("XDS_ADDRESS", "")
-            .env("CA_ADDRESS", "")
-            .env("PACKET_MARK", "1337")
-            .env("ENABLE_ORIG_SRC", "false")
-            .env("ZTUNNEL_WORKER_THREADS", "1")
-            .env("RUST_LOG", "info")
+        let mut cmd = node.exec(common::ztunnel::ztunnel_bin());
+        cmd.env("PROXY_MODE", "shared").env("INPOD_UDS", uds);
+        let child = common::ztunnel::ztunnel_local_env(&mut cmd, config)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("ztunnel log"))
             .stderr(std::fs::File::create(dir.join("ztunnel.err")).expect("ztunnel log"))

@@ -23,6 +23,27 @@ pub fn shared_ztunnel() -> PathBuf {
     dir
 }
 
+/// The real ztunnel binary in [`shared_ztunnel`].
+pub fn ztunnel_bin() -> PathBuf {
+    shared_ztunnel().join("ztunnel")
+}
+
+/// ztunnel's environment for a local config file and its own test CA (`FAKE_CA`), without
+/// istiod, marked and on one worker thread as ringtun runs in these tests.
+pub fn ztunnel_local_env<'c>(
+    cmd: &'c mut std::process::Command,
+    config: &Path,
+) -> &'c mut std::process::Command {
+    cmd.env("LOCAL_XDS_PATH", config)
+        .env("FAKE_CA", "true")
+        .env("XDS_ADDRESS", "")
+        .env("CA_ADDRESS", "")
+        .env("PACKET_MARK", "1337")
+        .env("ENABLE_ORIG_SRC", "false")
+        .env("ZTUNNEL_WORKER_THREADS", "1")
+        .env("RUST_LOG", "info")
+}
+
 /// The mesh config with `trustDomain: cluster.local` on each workload: ztunnel's test-CA
 /// certificates name the workload's trust domain (empty when absent).
 pub fn ztunnel_config() -> String {
@@ -70,18 +91,10 @@ impl Ztunnel {
         dir: &Path,
         env: &[(&str, &str)],
     ) -> Ztunnel {
-        let mut cmd = ns.exec(shared_ztunnel().join("ztunnel"));
+        let mut cmd = ns.exec(ztunnel_bin());
         cmd.env("PROXY_MODE", "dedicated")
-            .env("PROXY_WORKLOAD_INFO", format!("default/{who}/{who}"))
-            .env("LOCAL_XDS_PATH", config)
-            .env("FAKE_CA", "true")
-            .env("XDS_ADDRESS", "")
-            .env("CA_ADDRESS", "")
-            .env("PACKET_MARK", "1337")
-            .env("ENABLE_ORIG_SRC", "false")
-            .env("ZTUNNEL_WORKER_THREADS", "1")
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied());
+            .env("PROXY_WORKLOAD_INFO", format!("default/{who}/{who}"));
+        ztunnel_local_env(&mut cmd, config).envs(env.iter().copied());
         let log = dir.join(format!("ztunnel-{who}.log"));
         let mut proc =
             Process::spawn(cmd, &format!("ztunnel ({who})"), &log).expect("spawn ztunnel");

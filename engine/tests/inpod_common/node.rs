@@ -129,23 +129,10 @@ pub fn add_pod(uid: &str, ns: &Netns, who: &str) -> String {
 /// The real ztunnel (`../shared/ztunnel/ztunnel`) in shared mode inside `node`, taking pods
 /// from the agent at `uds`, with its FAKE_CA (certificates signed by the test CA).
 pub fn spawn_ztunnel_shared(node: &Netns, dir: &Path, config: &Path, uds: &Path) -> Process {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ztunnel/ztunnel");
-    assert!(
-        bin.exists(),
-        "the ztunnel interop tests need the real ztunnel at {} (see ../shared/ztunnel/README.md)",
-        bin.display()
-    );
-    let mut cmd = node.exec(&bin);
-    cmd.env("PROXY_MODE", "shared")
-        .env("INPOD_UDS", uds)
-        .env("LOCAL_XDS_PATH", config)
-        .env("FAKE_CA", "true")
-        .env("XDS_ADDRESS", "")
-        .env("CA_ADDRESS", "")
-        .env("PACKET_MARK", "1337")
-        .env("ENABLE_ORIG_SRC", "false")
-        .env("ZTUNNEL_WORKER_THREADS", "1")
-        .env("RUST_LOG", "info");
+    use crate::common::ztunnel::{ztunnel_bin, ztunnel_local_env};
+    let mut cmd = node.exec(ztunnel_bin());
+    cmd.env("PROXY_MODE", "shared").env("INPOD_UDS", uds);
+    ztunnel_local_env(&mut cmd, config);
     Process::spawn(cmd, "ztunnel (shared)", &dir.join("ztunnel.log"))
         .unwrap_or_else(|e| panic!("spawn ztunnel: {e}"))
 }

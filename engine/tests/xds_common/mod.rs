@@ -287,16 +287,7 @@ pub fn is(e: &Value, event: &str, type_url: &str) -> bool {
     e["event"] == event && e["type_url"] == type_url
 }
 
-/// The real ztunnel (`../shared/ztunnel/ztunnel`), built with ztunnel's own test CA support.
-pub fn ztunnel_bin() -> PathBuf {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ztunnel/ztunnel");
-    assert!(
-        bin.exists(),
-        "the control-plane interop tests need the real ztunnel at {} (see its README)",
-        bin.display()
-    );
-    bin
-}
+pub use crate::common::ztunnel::ztunnel_bin;
 
 /// The real ztunnel's test CA directory (`test-ca-root-cert.pem`, `test-ca-key.pem`).
 pub fn ztunnel_test_ca() -> (PathBuf, PathBuf) {
