@@ -4,13 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
-use ringtun_hbone::connect::{self, Baggage};
 use ringtun_hbone::Identity;
 
 use super::{Refusal, Scope};
 use crate::config::{Snapshot, Workload};
 use crate::net;
-use crate::policy::{self, Decision, DenyReason, PolicyIndex};
+use crate::policy::{self, Decision, PolicyIndex};
 
 /// What authorization admitted a connection on: re-evaluated when policies change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,15 +53,81 @@ pub struct Admission<'s> {
     pub dry_run: Vec<(String, Decision)>,
 }
 
-/// The destination an HBONE CONNECT asks for: its `ip:port` authority, canonical.
-pub fn connect_target(
-    method: &http::Method,
-    uri: &http::Uri,
-    headers: &http::HeaderMap,
+/// What an HBONE CONNECT's authority names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Authority {
+    /// `ip:port`, canonical.
+    Addr(SocketAddr),
+    /// `hostname:port`: a service port, as a network gateway sends it (ztunnel's
+    /// `SvcHostname`); [`resolve_hostname`] turns it into an address.
+    Host(String, u16),
+}
+
+/// The destination an HBONE CONNECT asks for, parsed as ztunnel parses it: a CONNECT whose
+/// authority is `ip:port` or `hostname:port` (400 otherwise). Port 0 passes, as in ztunnel:
+/// the connect to it fails (503).
+pub fn connect_target(method: &http::Method, uri: &http::Uri) -> Result<Authority, Refusal> {
+    if method != http::Method::CONNECT {
+        return Err(Refusal::NotConnect {
+            method: method.to_string(),
+        });
+    }
+    let bad = |authority: &str| Refusal::BadAuthority {
+        authority: authority.to_owned(),
+    };
+    let Some(authority) = uri.authority() else {
+        return Err(bad(""));
+    };
+    if let Ok(addr) = authority.as_str().parse::<SocketAddr>() {
+        return Ok(Authority::Addr(net::canonical(addr)));
+    }
+    match authority.port_u16() {
+        Some(port) if authority.host().parse::<IpAddr>().is_err() => {
+            Ok(Authority::Host(authority.host().to_owned(), port))
+        }
+        _ => Err(bad(authority.as_str())),
+    }
+}
+
+/// Where a `hostname:port` CONNECT that reached `reached` goes, as ztunnel's
+/// `resolve_inbound_target`: the address reached (the workload served there), at the target
+/// port of the named service — the service in the workload's namespace first, else any with
+/// that hostname; the port from the workload's own endpoint map, else the service's `ports`.
+pub fn resolve_hostname(
+    scope: &Scope,
+    snap: &Snapshot,
+    reached: IpAddr,
+    host: &str,
+    port: u16,
 ) -> Result<SocketAddr, Refusal> {
-    connect::parse_connect(method, uri, headers)
-        .map(|t| net::canonical(t.target))
-        .map_err(Refusal::Malformed)
+    let Some(w) = snap
+        .workload_by_ip(reached)
+        .filter(|_| scope.serves(snap, reached))
+    else {
+        return Err(Refusal::NotServed { dst: reached });
+    };
+    let svc = match snap.service_by_host(&w.namespace, host) {
+        Some(s) => s.service,
+        // A hostname CONNECT is rare (gateway traffic): a scan is cheaper than an index.
+        None => snap
+            .services()
+            .find(|s| s.hostname == host)
+            .ok_or_else(|| Refusal::NoHostname {
+                host: host.to_owned(),
+            })?,
+    };
+    let target = w
+        .services
+        .get(&svc.key())
+        .and_then(|ports| ports.get(&port))
+        .or_else(|| svc.ports.get(&port))
+        .copied()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| Refusal::NoServicePort {
+            host: host.to_owned(),
+            port,
+        })?;
+    Ok(SocketAddr::new(reached, target))
 }
 
 /// Admits a CONNECT stream on 15008, with ztunnel's refusals: a dedicated ringtun delivers
@@ -104,7 +169,7 @@ fn admit<'s>(scope: &Scope, snap: &'s Snapshot, a: &Arrival<'_>) -> Admission<'s
         return Admission {
             src_workload,
             dst_workload,
-            outcome: Err(Refusal::NotServed),
+            outcome: Err(Refusal::NotServed { dst: a.dst.ip() }),
             dry_run: Vec::new(),
         };
     };
@@ -139,23 +204,11 @@ pub fn authorize(
     let eval = PolicyIndex::new(snap).evaluate(workload, conn);
     let verdict = match eval.decision {
         Decision::Allow => Ok(()),
-        Decision::Deny { policy, reason } => Err(Refusal::Denied {
-            why: match reason {
-                DenyReason::DeniedBy => "denied by authorization policy",
-                DenyReason::NotAllowed => "no authorization policy allows it",
-            },
-            detail: deny_detail(&policy, reason),
+        deny @ Decision::Deny { .. } => Err(Refusal::Denied {
+            detail: deny.to_string(),
         }),
     };
     (verdict, eval.dry_run)
-}
-
-fn deny_detail(policy: &str, reason: DenyReason) -> String {
-    if policy.is_empty() {
-        reason.to_string()
-    } else {
-        format!("{reason} {policy}")
-    }
 }
 
 /// Why `snap`'s policies would refuse a live connection admitted on `g`; `None` when they allow
@@ -171,26 +224,39 @@ pub fn revoked(snap: &Snapshot, g: &Grant) -> Option<String> {
     };
     match PolicyIndex::new(snap).evaluate(w, &conn).decision {
         Decision::Allow => None,
-        Decision::Deny { policy, reason } => Some(deny_detail(&policy, reason)),
+        deny => Some(deny.to_string()),
     }
 }
 
 /// The `baggage` ztunnel answers a CONNECT with: who the destination is, from the fields its
 /// workload entry actually has (no defaults filled in, unlike a request's baggage), so the
-/// client side can label its metrics. Checked against a real ztunnel for a workload with a
-/// namespace only: `k8s.namespace.name=default`.
+/// client side can label its metrics. As ztunnel writes it, the workload's name goes under
+/// `k8s.<type>.name` even when the entry has no type (`k8s..name=server`, checked against the
+/// real ztunnel by `e2e_ztunnel_wire`).
 pub fn response_baggage(w: &Workload) -> String {
-    Baggage {
-        cluster: w.cluster_id.clone(),
-        namespace: w.namespace.clone(),
-        workload_type: if w.workload_name.is_empty() {
-            String::new()
-        } else {
-            w.workload_type.clone()
-        },
-        workload_name: w.workload_name.clone(),
-        service: w.canonical_name.clone(),
-        version: w.canonical_revision.clone(),
+    let kind = format!("k8s.{}.name", keep_token(&w.workload_type.to_lowercase()));
+    let members = [
+        ("k8s.cluster.name", &w.cluster_id),
+        ("k8s.namespace.name", &w.namespace),
+        (kind.as_str(), &w.workload_name),
+        ("service.name", &w.canonical_name),
+        ("service.version", &w.canonical_revision),
+    ];
+    let mut out = String::new();
+    for (key, value) in members.iter().filter(|(_, v)| !v.is_empty()) {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(key);
+        out.push('=');
+        out.push_str(&keep_token(value));
     }
-    .header_value()
+    out
+}
+
+/// Config values go into a header: only what a baggage member may hold survives.
+fn keep_token(v: &str) -> String {
+    v.chars()
+        .filter(|c| c.is_ascii_graphic() && !matches!(c, ',' | ';' | '=' | '"' | '\\'))
+        .collect()
 }

@@ -15,10 +15,10 @@ mod scope;
 use std::net::SocketAddr;
 
 pub use inbound::{
-    admit_hbone, admit_plaintext, authorize, connect_target, response_baggage, revoked, Admission,
-    Arrival, Grant,
+    admit_hbone, admit_plaintext, authorize, connect_target, resolve_hostname, response_baggage,
+    revoked, Admission, Arrival, Authority, Grant,
 };
-pub use refusal::{Carrier, Refusal};
+pub use refusal::Refusal;
 pub use route::{request_baggage, route, RoundRobin, Route};
 pub use scope::Scope;
 

@@ -4,17 +4,6 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use http::StatusCode;
-use ringtun_hbone::connect;
-
-/// How a refusal reaches the client: an HTTP status on its CONNECT stream (15008), or a TCP
-/// reset of the captured connection (15001, 15006).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Carrier {
-    /// An HBONE CONNECT stream: answered with [`Refusal::status`].
-    Stream,
-    /// A captured TCP connection: reset.
-    Tcp,
-}
 
 /// Why a connection is not carried. Every refusal counts as a failed connection; the proxy
 /// paths answer it (status or reset) and write its access record once.
@@ -37,8 +26,17 @@ pub enum Refusal {
     },
     /// The HBONE stream to the destination could not be opened (the text names the step).
     Tunnel(String),
-    /// The CONNECT itself is not acceptable (not a CONNECT, no `ip:port` authority).
-    Malformed(connect::Refusal),
+    /// The request on 15008 is not a CONNECT (ztunnel's `NonConnectMethod`).
+    NotConnect {
+        /// The method it used.
+        method: String,
+    },
+    /// The CONNECT's authority is neither `ip:port` nor `hostname:port` (ztunnel's
+    /// `ConnectAddress` from its authority parser).
+    BadAuthority {
+        /// The authority as sent (empty when there was none).
+        authority: String,
+    },
     /// Dedicated mode: the CONNECT names another address than the one the connection reached
     /// (ztunnel's `IPMismatch`).
     IpMismatch {
@@ -49,18 +47,34 @@ pub enum Refusal {
     },
     /// The destination is one of ringtun's own listeners (ztunnel's `SelfCall`).
     OwnPort,
-    /// The destination is no workload this ringtun serves.
-    NotServed,
+    /// A hostname CONNECT names no known service (ztunnel's `NoHostname`).
+    NoHostname {
+        /// The hostname.
+        host: String,
+    },
+    /// A hostname CONNECT names a service whose port maps to no target port here (ztunnel's
+    /// `NoPortForServices`).
+    NoServicePort {
+        /// The hostname.
+        host: String,
+        /// The service port asked for.
+        port: u16,
+    },
+    /// The destination is no workload this ringtun serves (ztunnel's `UnknownDestination`).
+    NotServed {
+        /// The destination address.
+        dst: IpAddr,
+    },
     /// Authorization policy refuses it.
     Denied {
-        /// The short reason (`denied by authorization policy`, `no authorization policy
-        /// allows it`).
-        why: &'static str,
         /// The policy's decision in ztunnel's words, naming the policy where one decided.
         detail: String,
     },
-    /// The local workload did not accept the connection.
-    DestinationUnreachable,
+    /// The local workload did not accept the connection (ztunnel's `ConnectionFailed`).
+    DestinationUnreachable {
+        /// The connect error.
+        error: String,
+    },
     /// The CONNECT stream went away before it could be answered.
     Lost(String),
 }
@@ -70,12 +84,15 @@ impl Refusal {
     /// is no stream to answer.
     pub fn status(&self) -> Option<StatusCode> {
         Some(match self {
-            Refusal::Malformed(r) => r.status,
-            Refusal::IpMismatch { .. } => StatusCode::BAD_REQUEST,
+            Refusal::NotConnect { .. }
+            | Refusal::BadAuthority { .. }
+            | Refusal::IpMismatch { .. } => StatusCode::BAD_REQUEST,
             Refusal::Denied { .. } => StatusCode::UNAUTHORIZED,
-            Refusal::OwnPort | Refusal::NotServed | Refusal::DestinationUnreachable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Refusal::OwnPort
+            | Refusal::NoHostname { .. }
+            | Refusal::NoServicePort { .. }
+            | Refusal::NotServed { .. }
+            | Refusal::DestinationUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::NotRedirected
             | Refusal::NoEndpoint { .. }
             | Refusal::Unreachable { .. }
@@ -93,17 +110,10 @@ impl Refusal {
             _ => Some("CONNECT"),
         }
     }
-
-    /// The access log's `reason`: on a stream, the status it was answered with first.
-    pub fn reason(&self, carrier: Carrier) -> String {
-        match (carrier, self.status()) {
-            (Carrier::Stream, Some(status)) => format!("{} {self}", status.as_u16()),
-            _ => self.to_string(),
-        }
-    }
 }
 
-/// The reason without the status.
+/// The access log's `error`: ztunnel's text for the same case (its `proxy::Error` Display),
+/// so a log pipeline matching on it reads both alike; the status is on the stream, not here.
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -113,15 +123,24 @@ impl fmt::Display for Refusal {
             Refusal::NoEndpoint { port } => write!(f, "no endpoint serves port {port}"),
             Refusal::Unreachable { target, error } => write!(f, "connect {target}: {error}"),
             Refusal::Tunnel(why) => f.write_str(why),
-            Refusal::Malformed(r) => f.write_str(r.reason),
-            Refusal::IpMismatch { dst, reached } => write!(
+            Refusal::NotConnect { method } => write!(f, "expected method CONNECT, got {method}"),
+            Refusal::BadAuthority { authority } => {
+                write!(f, "no valid authority pseudo header: {authority}")
+            }
+            Refusal::IpMismatch { dst, reached } => write!(f, "ip mismatch: {reached} != {dst}"),
+            Refusal::OwnPort => f.write_str("attempted recursive call to ourselves"),
+            Refusal::NoHostname { host } => {
+                write!(f, "no service or workload for hostname: {host}")
+            }
+            Refusal::NoServicePort { host, port } => write!(
                 f,
-                "destination IP mismatch: {dst} is not the address this connection reached ({reached})"
+                "requested service {host}:{port} found, but cannot resolve port"
             ),
-            Refusal::OwnPort => f.write_str("the destination is one of ringtun's own ports"),
-            Refusal::NotServed => f.write_str("destination is not a workload served here"),
-            Refusal::Denied { why, detail } => write!(f, "{why}: {detail}"),
-            Refusal::DestinationUnreachable => f.write_str("destination unreachable"),
+            Refusal::NotServed { dst } => write!(f, "unknown destination: {dst}"),
+            Refusal::Denied { detail } => {
+                write!(f, "connection closed due to policy rejection: {detail}")
+            }
+            Refusal::DestinationUnreachable { error } => write!(f, "connection failed: {error}"),
             Refusal::Lost(why) => write!(f, "hbone: {why}"),
         }
     }

@@ -308,7 +308,12 @@ fn a_pods_workload_is_its_namespace_name_and_service_account() {
     assert_eq!(other.source_workload(&s, ip("10.0.0.3")), None);
     assert!(!other.serves(&s, ip("10.0.0.3")));
     let admitted = admit_plaintext(&other, &s, &arrival("10.0.0.1", None, "10.0.0.3:8081"));
-    assert_eq!(admitted.outcome.err(), Some(Refusal::NotServed));
+    assert_eq!(
+        admitted.outcome.err(),
+        Some(Refusal::NotServed {
+            dst: ip("10.0.0.3")
+        })
+    );
 }
 
 // --- admission ----------------------------------------------------------------------------------
@@ -349,8 +354,18 @@ fn hbone_admission_refuses_as_ztunnel_does() {
         "shared: any workload served here"
     );
     assert_eq!(refused(&scope(), "10.0.0.2:15008"), Some(Refusal::OwnPort));
-    assert_eq!(refused(&scope(), "10.0.0.1:80"), Some(Refusal::NotServed));
-    assert_eq!(refused(&scope(), "192.0.2.7:80"), Some(Refusal::NotServed));
+    assert_eq!(
+        refused(&scope(), "10.0.0.1:80"),
+        Some(Refusal::NotServed {
+            dst: ip("10.0.0.1")
+        })
+    );
+    assert_eq!(
+        refused(&scope(), "192.0.2.7:80"),
+        Some(Refusal::NotServed {
+            dst: ip("192.0.2.7")
+        })
+    );
 }
 
 #[test]
@@ -408,8 +423,8 @@ fn policy_refuses_with_401_and_names_the_policy() {
     assert_eq!(refusal.status(), Some(StatusCode::UNAUTHORIZED));
     assert_eq!(refusal.response_flags(), Some("DENY"));
     assert_eq!(
-        refusal.reason(Carrier::Stream),
-        "401 denied by authorization policy: explicitly denied default/deny-client"
+        refusal.to_string(),
+        "connection closed due to policy rejection: explicitly denied by: default/deny-client"
     );
     assert_eq!(a.dst_workload.map(|w| w.name.as_str()), Some("server"));
     assert_eq!(
@@ -437,7 +452,6 @@ fn plaintext_admission_has_no_principal_and_no_self_call_check() {
     assert_eq!(
         a.outcome.unwrap_err(),
         Refusal::Denied {
-            why: "no authorization policy allows it",
             detail: "allow policies exist, but none allowed".into()
         }
     );
@@ -452,7 +466,12 @@ fn plaintext_admission_has_no_principal_and_no_self_call_check() {
         "15006 carries captured traffic: its destination port is the workload's"
     );
     let a = admit_plaintext(&scope(), &open, &arrival("10.0.0.1", None, "10.0.0.1:80"));
-    assert_eq!(a.outcome.unwrap_err(), Refusal::NotServed);
+    assert_eq!(
+        a.outcome.unwrap_err(),
+        Refusal::NotServed {
+            dst: ip("10.0.0.1")
+        }
+    );
 }
 
 #[test]
@@ -470,7 +489,7 @@ fn a_policy_update_revokes_the_grants_it_denies() {
     let after = with_policies(DENY_CLIENT, 2);
     assert_eq!(
         revoked(&after, &grant).as_deref(),
-        Some("explicitly denied default/deny-client")
+        Some("explicitly denied by: default/deny-client")
     );
     let plain = Grant {
         src_identity: None,
@@ -489,26 +508,72 @@ fn a_policy_update_revokes_the_grants_it_denies() {
 }
 
 #[test]
-fn connect_targets_are_ip_and_port_only() {
+fn connect_targets_are_parsed_as_ztunnel_parses_them() {
     let target = |method: &str, uri: &str| {
         let method: http::Method = method.parse().unwrap();
         let uri: http::Uri = uri.parse().unwrap();
-        connect_target(&method, &uri, &http::HeaderMap::new())
+        connect_target(&method, &uri)
     };
-    assert_eq!(target("CONNECT", "10.0.0.2:80"), Ok(addr("10.0.0.2:80")));
+    let at = |s| Ok(Authority::Addr(addr(s)));
+    assert_eq!(target("CONNECT", "10.0.0.2:80"), at("10.0.0.2:80"));
+    assert_eq!(target("CONNECT", "[::ffff:10.0.0.2]:80"), at("10.0.0.2:80"));
+    assert_eq!(target("CONNECT", "10.0.0.2:0"), at("10.0.0.2:0"));
     assert_eq!(
-        target("CONNECT", "[::ffff:10.0.0.2]:80"),
-        Ok(addr("10.0.0.2:80"))
+        target("CONNECT", "server.default.svc.cluster.local:80"),
+        Ok(Authority::Host(
+            "server.default.svc.cluster.local".into(),
+            80
+        ))
     );
-    for (method, uri) in [
-        ("GET", "http://10.0.0.2:80/"),
-        ("CONNECT", "server.default.svc.cluster.local:80"),
-        ("CONNECT", "10.0.0.2:0"),
+    for (method, uri, text) in [
+        (
+            "GET",
+            "http://10.0.0.2:80/",
+            "expected method CONNECT, got GET",
+        ),
+        (
+            "CONNECT",
+            "10.0.0.2",
+            "no valid authority pseudo header: 10.0.0.2",
+        ),
+        (
+            "CONNECT",
+            "server.default.svc.cluster.local",
+            "no valid authority pseudo header: server.default.svc.cluster.local",
+        ),
     ] {
         let r = target(method, uri).unwrap_err();
-        assert!(matches!(r, Refusal::Malformed(_)), "{method} {uri}: {r:?}");
         assert_eq!(r.status(), Some(StatusCode::BAD_REQUEST), "{method} {uri}");
+        assert_eq!(r.to_string(), text, "{method} {uri}");
     }
+}
+
+#[test]
+fn a_hostname_resolves_to_the_reached_workloads_target_port() {
+    let s = snap();
+    let at = |reached: &str, port| resolve_hostname(&scope(), &s, ip(reached), SERVER_HOST, port);
+    // The workload's own endpoint map first, then the service's `ports`.
+    assert_eq!(at("10.0.0.3", 80), Ok(addr("10.0.0.3:8081")));
+    assert_eq!(at("10.0.0.3", 443), Ok(addr("10.0.0.3:8443")));
+    let r = at("10.0.0.3", 1).unwrap_err();
+    assert_eq!(r.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(
+        r.to_string(),
+        format!("requested service {SERVER_HOST}:1 found, but cannot resolve port")
+    );
+    let r = resolve_hostname(&scope(), &s, ip("10.0.0.3"), "nosuch.example", 80).unwrap_err();
+    assert_eq!(r.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(
+        r.to_string(),
+        "no service or workload for hostname: nosuch.example"
+    );
+    assert_eq!(
+        at("10.0.0.1", 80),
+        Err(Refusal::NotServed {
+            dst: ip("10.0.0.1")
+        }),
+        "the client node's workload is not served here"
+    );
 }
 
 #[test]
@@ -516,15 +581,21 @@ fn response_baggage_has_only_what_the_entry_has() {
     let s = snap();
     let w = s.workload_by_name("default", "server").unwrap();
     assert_eq!(response_baggage(w), "k8s.namespace.name=default");
+    // A name without a type keeps ztunnel's empty type in the key.
+    let named = snapshot_of(
+        "workloads:\n- {uid: u, name: p, namespace: ns, workloadName: web, workloadIps: [10.0.0.9], services: {}}\n",
+        1,
+    );
+    let w = named.workload_by_name("ns", "p").unwrap();
+    assert_eq!(response_baggage(w), "k8s.namespace.name=ns,k8s..name=web");
 }
 
 // --- refusals ------------------------------------------------------------------------------------
 
 #[test]
-fn each_refusal_has_its_answer_flags_and_reason() {
+fn each_refusal_has_its_answer_flags_and_ztunnels_words() {
     let denied = Refusal::Denied {
-        why: "denied by authorization policy",
-        detail: "explicitly denied default/deny".into(),
+        detail: "explicitly denied by: default/deny".into(),
     };
     let cases: Vec<(Refusal, Option<u16>, Option<&str>, &str)> = vec![
         (
@@ -555,12 +626,20 @@ fn each_refusal_has_its_answer_flags_and_reason() {
             "HBONE peer 10.0.0.2:15008 answered 401",
         ),
         (
-            Refusal::Malformed(ringtun_hbone::connect::Refusal::malformed(
-                "method is not CONNECT",
-            )),
+            Refusal::NotConnect {
+                method: "GET".into(),
+            },
             Some(400),
             Some("CONNECT"),
-            "400 method is not CONNECT",
+            "expected method CONNECT, got GET",
+        ),
+        (
+            Refusal::BadAuthority {
+                authority: "10.0.0.2".into(),
+            },
+            Some(400),
+            Some("CONNECT"),
+            "no valid authority pseudo header: 10.0.0.2",
         ),
         (
             Refusal::IpMismatch {
@@ -569,31 +648,52 @@ fn each_refusal_has_its_answer_flags_and_reason() {
             },
             Some(400),
             Some("CONNECT"),
-            "400 destination IP mismatch: 10.0.0.3 is not the address this connection reached (10.0.0.2)",
+            "ip mismatch: 10.0.0.2 != 10.0.0.3",
         ),
         (
             Refusal::OwnPort,
             Some(503),
             Some("CONNECT"),
-            "503 the destination is one of ringtun's own ports",
+            "attempted recursive call to ourselves",
         ),
         (
-            Refusal::NotServed,
+            Refusal::NoHostname {
+                host: "nosuch.example".into(),
+            },
             Some(503),
             Some("CONNECT"),
-            "503 destination is not a workload served here",
+            "no service or workload for hostname: nosuch.example",
         ),
         (
-            denied.clone(),
+            Refusal::NoServicePort {
+                host: "s.example".into(),
+                port: 81,
+            },
+            Some(503),
+            Some("CONNECT"),
+            "requested service s.example:81 found, but cannot resolve port",
+        ),
+        (
+            Refusal::NotServed {
+                dst: ip("10.0.0.9"),
+            },
+            Some(503),
+            Some("CONNECT"),
+            "unknown destination: 10.0.0.9",
+        ),
+        (
+            denied,
             Some(401),
             Some("DENY"),
-            "401 denied by authorization policy: explicitly denied default/deny",
+            "connection closed due to policy rejection: explicitly denied by: default/deny",
         ),
         (
-            Refusal::DestinationUnreachable,
+            Refusal::DestinationUnreachable {
+                error: "Connection refused (os error 111)".into(),
+            },
             Some(503),
             Some("CONNECT"),
-            "503 destination unreachable",
+            "connection failed: Connection refused (os error 111)",
         ),
         (
             Refusal::Lost("stream closed".into()),
@@ -602,20 +702,11 @@ fn each_refusal_has_its_answer_flags_and_reason() {
             "hbone: stream closed",
         ),
     ];
-    for (refusal, status, flags, reason) in cases {
+    for (refusal, status, flags, text) in cases {
         assert_eq!(refusal.status().map(|s| s.as_u16()), status, "{refusal:?}");
         assert_eq!(refusal.response_flags(), flags, "{refusal:?}");
-        assert_eq!(refusal.reason(Carrier::Stream), reason, "{refusal:?}");
+        assert_eq!(refusal.to_string(), text, "{refusal:?}");
     }
-    // A reset carries no status: the reason is the bare text.
-    assert_eq!(
-        Refusal::NotServed.reason(Carrier::Tcp),
-        "destination is not a workload served here"
-    );
-    assert_eq!(
-        denied.reason(Carrier::Tcp),
-        "denied by authorization policy: explicitly denied default/deny"
-    );
 }
 
 // --- properties ------------------------------------------------------------------------------------
@@ -738,7 +829,6 @@ proptest! {
                 Err(r) => {
                     prop_assert!(r.status().is_some(), "{:?}", r);
                     prop_assert_eq!(r.response_flags() == Some("DENY"), matches!(r, Refusal::Denied { .. }));
-                    prop_assert!(r.reason(Carrier::Stream).starts_with(r.status().unwrap().as_str()));
                 }
             }
         }

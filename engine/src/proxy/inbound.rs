@@ -218,15 +218,28 @@ async fn accept_stream(
     log.src_identity = Some(client_id.clone());
     log.dst_identity = Some(shard.identity_for(pod).clone());
     let (parts, body) = req.into_parts();
-    let dst = match decide::connect_target(&parts.method, &parts.uri, &parts.headers) {
+    let authority = decide::connect_target(&parts.method, &parts.uri);
+    let snap = shard.snapshot();
+    let dst = match authority {
+        Ok(decide::Authority::Addr(dst)) => Ok(dst),
+        // A hostname names a service port of the workload this connection reached.
+        Ok(decide::Authority::Host(host, port)) => match local {
+            Some(reached) => {
+                decide::resolve_hostname(shard.scope_for(pod), &snap, reached.ip(), &host, port)
+            }
+            None => Err(Refusal::NoHostname { host }),
+        },
+        Err(refusal) => Err(refusal),
+    };
+    let dst = match dst {
         Ok(dst) => dst,
         Err(refusal) => {
+            drop(snap);
             refuse_stream(record, respond, refusal);
             return None;
         }
     };
     record.log().dst_addr = Some(dst);
-    let snap = shard.snapshot();
     let arrival = Arrival {
         src_ip: peer.ip(),
         src_identity: Some(&client_id),
@@ -254,7 +267,8 @@ async fn accept_stream(
         }
         Err(e) => {
             tracing::debug!(%dst, error = %e, "inbound: destination unreachable");
-            refuse_stream(record, respond, Refusal::DestinationUnreachable);
+            let error = e.to_string();
+            refuse_stream(record, respond, Refusal::DestinationUnreachable { error });
             return None;
         }
     };

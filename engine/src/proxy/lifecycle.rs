@@ -19,7 +19,7 @@ use monoio::net::TcpStream;
 use super::access::{AccessLog, Direction, Transferred};
 use super::copy::End;
 use crate::config::{Service, Workload};
-use crate::decide::{Admission, Arrival, Carrier, Grant, Refusal};
+use crate::decide::{Admission, Arrival, Grant, Refusal};
 use crate::metrics::TcpLabels;
 use crate::net;
 use crate::shard::live::{self, Meter};
@@ -148,12 +148,12 @@ impl<X> Record<X> {
     }
 
     /// Records a refusal, counted as a failed connection (the caller answers it).
-    pub(super) fn refuse(mut self, refusal: &Refusal, carrier: Carrier) {
+    pub(super) fn refuse(mut self, refusal: &Refusal) {
         Tally::bump(&self.tally.counters.failed);
         let log = self.log();
         log.response_flags = refusal.response_flags();
         log.early = early(refusal);
-        log.end = End::Error(refusal.reason(carrier));
+        log.end = End::Error(refusal.to_string());
         self.entry.settled = true;
     }
 }
@@ -164,14 +164,17 @@ fn early(refusal: &Refusal) -> bool {
     match refusal {
         Refusal::NotRedirected
         | Refusal::NoEndpoint { .. }
-        | Refusal::Malformed(_)
+        | Refusal::NotConnect { .. }
+        | Refusal::BadAuthority { .. }
         | Refusal::IpMismatch { .. }
         | Refusal::OwnPort
-        | Refusal::NotServed => true,
+        | Refusal::NoHostname { .. }
+        | Refusal::NoServicePort { .. }
+        | Refusal::NotServed { .. } => true,
         Refusal::Unreachable { .. }
         | Refusal::Tunnel(_)
         | Refusal::Denied { .. }
-        | Refusal::DestinationUnreachable
+        | Refusal::DestinationUnreachable { .. }
         | Refusal::Lost(_) => false,
     }
 }
@@ -200,7 +203,7 @@ impl<X> Drop for Record<X> {
 pub(crate) fn refuse_tcp<X>(record: Record<X>, client: TcpStream, refusal: Refusal) {
     net::abort_on_close(client.as_raw_fd());
     drop(client);
-    record.refuse(&refusal, Carrier::Tcp);
+    record.refuse(&refusal);
 }
 
 /// Refuses a CONNECT stream with the refusal's status; its connection and sibling streams are
@@ -215,5 +218,5 @@ pub(crate) fn refuse_stream<X>(
         *resp.status_mut() = status;
         let _ = respond.send_response(resp, true);
     }
-    record.refuse(&refusal, Carrier::Stream);
+    record.refuse(&refusal);
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::access::Direction;
 use super::copy::End;
 use super::lifecycle::{Record, DROPPED};
-use crate::decide::{Carrier, Refusal};
+use crate::decide::Refusal;
 use crate::metrics::{Reporter, TcpCounts, TcpLabels};
 use crate::shard::{live, Tally};
 
@@ -199,15 +199,13 @@ fn a_refusal_is_logged_and_counted_as_ztunnel_does() {
     let lines = access_lines(|| {
         let record: Record =
             Record::with_tally(tally.clone(), 0, Direction::InboundPlaintext, src());
-        record.refuse(&Refusal::NotServed, Carrier::Tcp);
+        record.refuse(&Refusal::NotServed {
+            dst: "10.0.0.9".parse().unwrap(),
+        });
         let record: Record = Record::with_tally(tally.clone(), 0, Direction::Inbound, src());
-        record.refuse(
-            &Refusal::Denied {
-                why: "denied by authorization policy",
-                detail: "explicitly denied default/deny".into(),
-            },
-            Carrier::Stream,
-        );
+        record.refuse(&Refusal::Denied {
+            detail: "explicitly denied by: default/deny".into(),
+        });
     });
     assert_eq!(lines.len(), 2, "{lines:?}");
     // Refused before a destination was chosen: ztunnel's early `connection failed`, a warning.
@@ -215,13 +213,13 @@ fn a_refusal_is_logged_and_counted_as_ztunnel_does() {
     assert_eq!(field(&lines[0], "response_flags"), Some("CONNECT"));
     assert_eq!(
         field(&lines[0], "error"),
-        Some("destination is not a workload served here")
+        Some("unknown destination: 10.0.0.9")
     );
     assert!(lines[1].contains("ERROR") && lines[1].contains("connection complete"));
     assert_eq!(field(&lines[1], "response_flags"), Some("DENY"));
     assert_eq!(
         field(&lines[1], "error"),
-        Some("401 denied by authorization policy: explicitly denied default/deny")
+        Some("connection closed due to policy rejection: explicitly denied by: default/deny")
     );
     assert_eq!(tally.counters.failed.get(), 2);
     // Istio's metrics count only the denial (as ztunnel: opened, then closed and failed with

@@ -1,0 +1,211 @@
+//! What an HBONE peer sees of ringtun's inbound, against the real ztunnel
+//! (`../shared/ztunnel/ztunnel`) serving the same workload under the same config: the same
+//! CONNECTs (to another address, to a service hostname, to the proxy's own ports, denied by
+//! policy, to a port nothing listens on, malformed) get the same status from each, and a
+//! carried one the same `baggage`. The client is the independent Python peer with a mesh
+//! certificate from ztunnel's test CA. Needs root and the binary; fails, never skips, without
+//! them.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringtun_testbed::Netns;
+
+/// The server workload's port 5202 is denied to everyone; 5201 is open.
+fn config() -> String {
+    ztunnel_config().replace(
+        "policies: []\n",
+        "policies:\n- name: deny-5202\n  namespace: default\n  scope: Namespace\n  action: Deny\n  dryRun: false\n  rules:\n  - - - destinationPorts: [5202]\n",
+    )
+}
+
+/// One CONNECT (or another method) a peer may send to the server node's 15008.
+struct Case {
+    what: &'static str,
+    method: &'static str,
+    authority: String,
+}
+
+fn cases() -> Vec<Case> {
+    let connect = |what, authority: &str| Case {
+        what,
+        method: "CONNECT",
+        authority: authority.to_owned(),
+    };
+    let mut v = vec![
+        connect("carried", "10.77.0.2:5201"),
+        connect("another mesh workload", "10.77.0.1:5201"),
+        connect("an address of no workload", "10.77.0.9:5201"),
+        connect("service hostname", &format!("{SERVICE_HOST}:80")),
+        connect(
+            "service hostname, unknown port",
+            &format!("{SERVICE_HOST}:81"),
+        ),
+        connect("unknown hostname", "nosuch.default.svc.cluster.local:80"),
+        connect("denied by policy", "10.77.0.2:5202"),
+        connect("nothing listening", "10.77.0.2:5999"),
+        connect("no port", "10.77.0.2"),
+        connect("port zero", "10.77.0.2:0"),
+        connect("not an address", "not an address"),
+        Case {
+            what: "GET",
+            method: "GET",
+            authority: "10.77.0.2:5201".into(),
+        },
+    ];
+    for port in [15008, 15006, 15001, 15021, 15000, 15020] {
+        v.push(Case {
+            what: "own port",
+            method: "CONNECT",
+            authority: format!("10.77.0.2:{port}"),
+        });
+    }
+    v
+}
+
+/// What the peer saw: the status (0 when none came) and the response's `baggage`.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    status: u64,
+    baggage: Option<String>,
+}
+
+fn probe(ns: &Netns, dir: &TempDir, case: &Case) -> Seen {
+    let mut extra = vec!["--method", case.method, "--no-echo"];
+    if case.method != "CONNECT" {
+        extra.extend(["--path", "/"]);
+    }
+    let run = hbone_client(ns, dir, "default.client", &case.authority, 16, &extra);
+    let Some(resp) = run.event("response") else {
+        eprintln!("{} {}: no response: {run}", case.method, case.authority);
+        return Seen {
+            status: 0,
+            baggage: None,
+        };
+    };
+    let baggage = resp["headers"].as_array().and_then(|h| {
+        h.iter()
+            .find(|kv| kv[0] == "baggage")
+            .and_then(|kv| kv[1].as_str().map(str::to_owned))
+    });
+    Seen {
+        status: resp["status"].as_u64().unwrap_or(0),
+        baggage,
+    }
+}
+
+fn probe_all(ns: &Netns, dir: &TempDir) -> Vec<Seen> {
+    cases().iter().map(|c| probe(ns, dir, c)).collect()
+}
+
+/// How many probes got an answer, and so an access line.
+fn answered(seen: &[Seen]) -> usize {
+    seen.iter().filter(|s| s.status != 0).count()
+}
+
+/// The `error` fields of the first `n` inbound access lines of a log, sorted (a carried
+/// connection's line comes at its end, after the next probe's may).
+fn errors(who: &str, log: impl Fn() -> String, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<_> = parse_access(&log())
+            .into_iter()
+            .filter(|l| l.is("direction", "inbound"))
+            .collect();
+        if lines.len() >= n {
+            let mut v: Vec<String> = lines
+                .iter()
+                .take(n)
+                .map(|l| l.get("error").unwrap_or_default().to_owned())
+                .collect();
+            v.sort();
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{who}: {} of {n} access lines:\n{}",
+            lines.len(),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_echoes(ns: &Netns) -> Vec<ringtun_testbed::EchoServer> {
+    ["0.0.0.0:5201", "0.0.0.0:5202"]
+        .iter()
+        .map(|a| echo_server(ns, a))
+        .collect()
+}
+
+/// The server workload with every fact its baggage can carry.
+fn rich_config() -> String {
+    config().replace(
+        "  workloadName: server\n",
+        "  workloadName: server\n  workloadType: deployment\n  canonicalName: server-app\n  canonicalRevision: v2\n  clusterId: Kubernetes\n",
+    )
+}
+
+fn ringtun(ns: &Netns, dir: &Path, config: &Path) -> Ringtun {
+    Ringtun::start_as(ns, "server", dir, config, one_worker())
+}
+
+#[test]
+fn refusals_and_baggage_are_ztunnels() {
+    // No capture in the client namespace: the peer speaks HBONE itself.
+    let (nodes, dir, path) = mesh_files("zws", &config(), use_test_ca);
+    let _echoes = start_echoes(&nodes.server);
+    let (theirs, their_errors) = {
+        let z = Ztunnel::start(&nodes.server, "server", &path, dir.path());
+        let seen = probe_all(&nodes.client, &dir);
+        let errors = errors("ztunnel", || z.log(), answered(&seen));
+        (seen, errors)
+    };
+    let (ours, our_errors) = {
+        let r = ringtun(&nodes.server, dir.path(), &path);
+        let seen = probe_all(&nodes.client, &dir);
+        let errors = errors("ringtun", || r.log(), answered(&seen));
+        r.assert_no_panic();
+        (seen, errors)
+    };
+    let mut diffs = Vec::new();
+    for ((case, z), r) in cases().iter().zip(&theirs).zip(&ours) {
+        eprintln!(
+            "{:<32} {:<40} ztunnel {:?} ringtun {:?}",
+            case.what, case.authority, z, r
+        );
+        if z != r {
+            diffs.push(format!(
+                "{} ({} {}): ztunnel {z:?}, ringtun {r:?}",
+                case.what, case.method, case.authority
+            ));
+        }
+    }
+    assert!(theirs[0].status == 200, "ztunnel carried the plain case");
+    assert!(diffs.is_empty(), "differences:\n{}", diffs.join("\n"));
+    // What an operator reads: the access lines' `error`, ztunnel's words for each refusal.
+    assert_eq!(our_errors, their_errors, "the access lines' error fields");
+}
+
+/// The 200's `baggage` with every workload fact set: the same keys, values and order. (A
+/// topology of its own: ztunnel binds 15008 without `SO_REUSEADDR`, so it cannot follow a
+/// ringtun whose connections linger in TIME_WAIT.)
+#[test]
+fn full_baggage_is_ztunnels() {
+    let (nodes, dir, path) = mesh_files("zwb", &rich_config(), use_test_ca);
+    let _echoes = start_echoes(&nodes.server);
+    let carried = &cases()[0];
+    let theirs = {
+        let _z = Ztunnel::start(&nodes.server, "server", &path, dir.path());
+        probe(&nodes.client, &dir, carried)
+    };
+    let ours = {
+        let _r = ringtun(&nodes.server, dir.path(), &path);
+        probe(&nodes.client, &dir, carried)
+    };
+    eprintln!("full baggage: ztunnel {theirs:?} ringtun {ours:?}");
+    assert_eq!(ours, theirs, "the 200's baggage with every fact set");
+}
