@@ -632,6 +632,16 @@ fn refusals_read_as_ztunnels() {
     let z_in = wait_complete("ztunnel (server)", || a.ztunnel.log(), "inbound");
     compare("inbound, denied", &r_in, &z_in, true, "error");
     assert_eq!(r_in.get("response_flags"), Some("DENY"));
+    // The error in ztunnel's words, naming the policy, on both sides.
+    for (what, ours, theirs) in [("outbound", &r_out, &z_out), ("inbound", &r_in, &z_in)] {
+        assert_eq!(ours.get("error"), theirs.get("error"), "{what}, denied");
+    }
+    assert_eq!(
+        z_in.get("error"),
+        Some(
+            "connection closed due to policy rejection: explicitly denied by: default/deny-client"
+        )
+    );
     // No endpoint: refused before a destination was chosen, a warning with four fields.
     let failed = "connection failed";
     let r_early = wait_line("ringtun (client)", || a.ringtun.log(), failed, "outbound");
@@ -653,6 +663,52 @@ fn refusals_read_as_ztunnels() {
             same_series(family, reporter, ours, theirs, 1.0);
         }
     }
+    a.ringtun.assert_no_panic();
+    b.ringtun.assert_no_panic();
+}
+
+#[test]
+fn unreachable_upstream_reads_as_ztunnels() {
+    // Each side in turn dials the server workload's pod IP at a port nothing listens on: the
+    // server node's proxy answers 503 and both log the failure.
+    let pair = |prefix, ringtun_client| {
+        let (nodes, dir, path) = ztunnel_topology(prefix, &config());
+        let (r_ns, r_who, z_ns, z_who) = if ringtun_client {
+            (&nodes.client, "client", &nodes.server, "server")
+        } else {
+            (&nodes.server, "server", &nodes.client, "client")
+        };
+        let ztunnel = Ztunnel::start(z_ns, z_who, &path, dir.path());
+        let ringtun = Ringtun::start_as(r_ns, r_who, dir.path(), &path, one_worker());
+        let n = echoed_bytes(&nodes.client, "10.77.0.2:5999");
+        assert_eq!(n, 0, "nothing listens on 5999");
+        Pair {
+            ringtun,
+            ztunnel,
+            nodes,
+            _dir: dir,
+            _config: path,
+        }
+    };
+    let a = pair("zua", true);
+    let b = pair("zub", false);
+    let r_out = wait_complete("ringtun (client)", || a.ringtun.log(), "outbound");
+    let z_out = wait_complete("ztunnel (client)", || b.ztunnel.log(), "outbound");
+    compare("outbound, upstream refused", &r_out, &z_out, true, "error");
+    let r_in = wait_complete("ringtun (server)", || b.ringtun.log(), "inbound");
+    let z_in = wait_complete("ztunnel (server)", || a.ztunnel.log(), "inbound");
+    compare("inbound, upstream refused", &r_in, &z_in, true, "error");
+    for (what, ours, theirs) in [("outbound", &r_out, &z_out), ("inbound", &r_in, &z_in)] {
+        assert_eq!(
+            ours.get("error"),
+            theirs.get("error"),
+            "{what}, unreachable"
+        );
+    }
+    assert_eq!(
+        z_in.get("error"),
+        Some("connection failed: Connection refused (os error 111)")
+    );
     a.ringtun.assert_no_panic();
     b.ringtun.assert_no_panic();
 }

@@ -26,6 +26,8 @@ pub enum Refusal {
     },
     /// The HBONE stream to the destination could not be opened (the text names the step).
     Tunnel(String),
+    /// The destination's proxy answered the CONNECT with this status (ztunnel's `HttpStatus`).
+    PeerStatus(StatusCode),
     /// The request on 15008 is not a CONNECT (ztunnel's `NonConnectMethod`).
     NotConnect {
         /// The method it used.
@@ -97,6 +99,7 @@ impl Refusal {
             | Refusal::NoEndpoint { .. }
             | Refusal::Unreachable { .. }
             | Refusal::Tunnel(_)
+            | Refusal::PeerStatus(_)
             | Refusal::Lost(_) => return None,
         })
     }
@@ -123,6 +126,7 @@ impl fmt::Display for Refusal {
             Refusal::NoEndpoint { port } => write!(f, "no endpoint serves port {port}"),
             Refusal::Unreachable { target, error } => write!(f, "connect {target}: {error}"),
             Refusal::Tunnel(why) => f.write_str(why),
+            Refusal::PeerStatus(status) => write!(f, "http status: {status}"),
             Refusal::NotConnect { method } => write!(f, "expected method CONNECT, got {method}"),
             Refusal::BadAuthority { authority } => {
                 write!(f, "no valid authority pseudo header: {authority}")

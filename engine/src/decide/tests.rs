@@ -626,6 +626,12 @@ fn each_refusal_has_its_answer_flags_and_ztunnels_words() {
             "HBONE peer 10.0.0.2:15008 answered 401",
         ),
         (
+            Refusal::PeerStatus(StatusCode::UNAUTHORIZED),
+            None,
+            Some("CONNECT"),
+            "http status: 401 Unauthorized",
+        ),
+        (
             Refusal::NotConnect {
                 method: "GET".into(),
             },

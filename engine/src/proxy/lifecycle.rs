@@ -173,6 +173,7 @@ fn early(refusal: &Refusal) -> bool {
         | Refusal::NotServed { .. } => true,
         Refusal::Unreachable { .. }
         | Refusal::Tunnel(_)
+        | Refusal::PeerStatus(_)
         | Refusal::Denied { .. }
         | Refusal::DestinationUnreachable { .. }
         | Refusal::Lost(_) => false,

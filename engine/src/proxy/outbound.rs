@@ -163,7 +163,17 @@ async fn open(
                     })
                 }
                 Err(e) => {
-                    refuse_tcp(record, client, Refusal::Tunnel(e.to_string()));
+                    let refusal = match e {
+                        // ztunnel's words for the peer's answer, which log pipelines match.
+                        OpenError::Refused(HboneError::Refused { status, .. }) => {
+                            Refusal::PeerStatus(
+                                http::StatusCode::from_u16(status)
+                                    .unwrap_or(http::StatusCode::BAD_GATEWAY),
+                            )
+                        }
+                        e => Refusal::Tunnel(e.to_string()),
+                    };
+                    refuse_tcp(record, client, refusal);
                     None
                 }
             }
