@@ -41,8 +41,11 @@ pub struct Party {
     pub namespace: String,
     /// `workloadName` (the deployment): `source_workload`/`destination_workload`.
     pub workload_name: String,
-    /// `canonicalName`: `*_canonical_service` and `*_app`.
+    /// `canonicalName`: `*_canonical_service`.
     pub canonical_name: String,
+    /// `*_app`: the canonical name of a known workload; for a source known only from its
+    /// baggage, its workload name (as ztunnel's `with_derived_source` fills it).
+    pub app: String,
     /// `canonicalRevision`: `*_canonical_revision` and `*_version`.
     pub canonical_revision: String,
     /// `clusterId`: `*_cluster`, the access log's `src.cluster`/`dst.cluster`.
@@ -61,11 +64,42 @@ impl Party {
             namespace: w.namespace.clone(),
             workload_name: w.workload_name.clone(),
             canonical_name: w.canonical_name.clone(),
+            app: w.canonical_name.clone(),
             canonical_revision: w.canonical_revision.clone(),
             cluster: w.cluster_id.clone(),
             region: w.locality.region.clone(),
             zone: w.locality.zone.clone(),
         }
+    }
+
+    /// A source the config does not know, as its request's `baggage` headers describe it
+    /// (ztunnel's `parse_baggage_header` and `DerivedWorkload`): the last value of each key
+    /// wins, empty values count as absent, other keys are ignored. The access log names it by
+    /// its `service.name`, as ztunnel falls back to the canonical service.
+    pub fn from_baggage<'a>(values: impl IntoIterator<Item = &'a str>) -> Party {
+        let mut p = Party::default();
+        for member in values.into_iter().flat_map(|v| v.split(',')) {
+            let mut kv = member.split('=');
+            let (Some(key), Some(value)) = (kv.next(), kv.next()) else {
+                continue;
+            };
+            let slot = match key {
+                "k8s.cluster.name" => &mut p.cluster,
+                "k8s.namespace.name" => &mut p.namespace,
+                "k8s.deployment.name" | "k8s.cronjob.name" | "k8s.pod.name" | "k8s.job.name" => {
+                    &mut p.workload_name
+                }
+                "service.name" => &mut p.canonical_name,
+                "service.version" => &mut p.canonical_revision,
+                "cloud.region" => &mut p.region,
+                "cloud.availability_zone" => &mut p.zone,
+                _ => continue,
+            };
+            value.clone_into(slot);
+        }
+        p.name = p.canonical_name.clone();
+        p.app = p.workload_name.clone();
+        p
     }
 
     /// Whether these are still `w`'s labels (a config update may have changed them).
@@ -74,6 +108,7 @@ impl Party {
             && self.namespace == w.namespace
             && self.workload_name == w.workload_name
             && self.canonical_name == w.canonical_name
+            && self.app == w.canonical_name
             && self.canonical_revision == w.canonical_revision
             && self.cluster == w.cluster_id
             && self.region == w.locality.region
@@ -308,4 +343,33 @@ pub struct ShardReport {
     pub gauges: ShardGauges,
     /// ringtun's own counters.
     pub counters: ShardCounters,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Party;
+
+    #[test]
+    fn a_source_is_read_from_its_baggage_as_ztunnel_reads_it() {
+        let p = Party::from_baggage([
+            "k8s.cluster.name=c1,k8s.namespace.name=ns1,k8s.deployment.name=wl1,other=x",
+            "service.name=svc1,service.version=v9,k8s.namespace.name=ns2,cloud.region=r,k8s.cluster.name=",
+        ]);
+        assert_eq!(
+            p,
+            Party {
+                // The access log names it by its service, as ztunnel does.
+                name: "svc1".into(),
+                namespace: "ns2".into(),
+                workload_name: "wl1".into(),
+                canonical_name: "svc1".into(),
+                app: "wl1".into(),
+                canonical_revision: "v9".into(),
+                cluster: String::new(),
+                region: "r".into(),
+                zone: String::new(),
+            }
+        );
+        assert_eq!(Party::from_baggage([]), Party::default());
+    }
 }

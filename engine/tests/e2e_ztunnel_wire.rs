@@ -209,3 +209,163 @@ fn full_baggage_is_ztunnels() {
     eprintln!("full baggage: ztunnel {theirs:?} ringtun {ours:?}");
     assert_eq!(ours, theirs, "the 200's baggage with every fact set");
 }
+
+/// The config without the client's workload: its CONNECTs come from a source ringtun and
+/// ztunnel know nothing of.
+fn config_without_client() -> String {
+    let text = config();
+    let start = text
+        .find("- uid: cluster1//v1/Pod/default/client")
+        .expect("client entry");
+    let end = text
+        .find("- uid: cluster1//v1/Pod/default/server")
+        .expect("server entry");
+    format!("{}{}", &text[..start], &text[end..])
+}
+
+/// What the server side reports of one CONNECT from an unknown source carrying `BAGGAGE`:
+/// the labels of its `istio_tcp_connections_opened_total` series and its access line's
+/// source fields.
+struct Labelled {
+    labels: Vec<(String, String)>,
+    src: Vec<(String, Option<String>)>,
+}
+
+const BAGGAGE: &str = "baggage: k8s.cluster.name=c-far,k8s.namespace.name=far-ns,k8s.deployment.name=far-wl,service.name=far-svc,service.version=v9";
+
+fn labelled(ns: &Netns, client: &Netns, dir: &TempDir, log: impl Fn() -> String) -> Labelled {
+    let run = hbone_client(
+        client,
+        dir,
+        "default.client",
+        "10.77.0.2:5201",
+        16,
+        &["--header", BAGGAGE],
+    );
+    assert_eq!(run.code, Some(0), "{run}");
+    let line = wait_access_line(&log, |l| l.is("direction", "inbound"));
+    let scrape = Scrape::take(ns, false);
+    let series = scrape.select(
+        "istio_tcp_connections_opened_total",
+        &[("reporter", "destination")],
+    );
+    assert_eq!(series.len(), 1, "{series:?}");
+    let mut labels: Vec<_> = series[0].labels.clone().into_iter().collect();
+    labels.sort();
+    let src = ["src.workload", "src.namespace", "src.identity"]
+        .iter()
+        .map(|k| (k.to_string(), line.get(k).map(str::to_owned)))
+        .collect();
+    Labelled { labels, src }
+}
+
+fn wait_access_line(log: &impl Fn() -> String, pred: impl Fn(&AccessLine) -> bool) -> AccessLine {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(l) = parse_access(&log()).into_iter().find(&pred) {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no such access line:\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn unknown_source_is_labelled_from_its_baggage() {
+    let (nodes, dir, path) = mesh_files("zwu", &config_without_client(), use_test_ca);
+    let _echoes = start_echoes(&nodes.server);
+    let theirs = {
+        let z = Ztunnel::start(&nodes.server, "server", &path, dir.path());
+        labelled(&nodes.server, &nodes.client, &dir, || z.log())
+    };
+    let ours = {
+        let r = ringtun(&nodes.server, dir.path(), &path);
+        let seen = labelled(&nodes.server, &nodes.client, &dir, || r.log());
+        r.assert_no_panic();
+        seen
+    };
+    let label = |l: &Labelled, k: &str| {
+        l.labels
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    // What ztunnel makes of the baggage, so the comparison below is not of two blanks.
+    assert_eq!(label(&theirs, "source_workload").as_deref(), Some("far-wl"));
+    assert_eq!(
+        label(&theirs, "source_workload_namespace").as_deref(),
+        Some("far-ns")
+    );
+    assert_eq!(ours.labels, theirs.labels, "the series' labels");
+    assert_eq!(ours.src, theirs.src, "the access line's source fields");
+}
+
+/// `connection opened` is ztunnel's debug line written when its record starts: before
+/// policy and the upstream connect, so a denied CONNECT and one whose upstream refuses were
+/// opened too; a CONNECT refused before (another address) was not.
+#[test]
+fn connection_opened_is_written_where_ztunnels_is() {
+    let (nodes, dir, path) = mesh_files("zwo", &config(), use_test_ca);
+    let _echoes = start_echoes(&nodes.server);
+    let probes = |log: &dyn Fn() -> String| -> Vec<(String, String)> {
+        let mut seen = Vec::new();
+        for authority in [
+            "10.77.0.2:5201",
+            "10.77.0.2:5202",
+            "10.77.0.2:5999",
+            "10.77.0.1:5201",
+        ] {
+            let case = Case {
+                what: "opened",
+                method: "CONNECT",
+                authority: authority.into(),
+            };
+            let status = probe(&nodes.client, &dir, &case).status;
+            let wanted = format!("dst.hbone_addr={authority}");
+            // The complete line comes last: once it is there, so is any opened line.
+            if authority != "10.77.0.1:5201" {
+                wait_access_line(&log, |l| l.raw.contains(&wanted));
+            }
+            let opened: Vec<String> = log()
+                .lines()
+                .filter(|l| l.contains("connection opened") && l.contains(&wanted))
+                .map(|l| l.split('\t').nth(1).unwrap_or_default().to_owned())
+                .collect();
+            seen.push((format!("{authority} answered {status}"), opened.join(",")));
+        }
+        seen
+    };
+    let theirs = {
+        let z = Ztunnel::start_env(
+            &nodes.server,
+            "server",
+            &path,
+            dir.path(),
+            &[("RUST_LOG", "info,access=debug")],
+        );
+        probes(&|| z.log())
+    };
+    let ours = {
+        let r = Ringtun::start_env(
+            &nodes.server,
+            "server",
+            dir.path(),
+            RingtunArgs {
+                config: &path,
+                certs: dir.path(),
+                identity: "default/server",
+                workload: "default/server",
+                extra: one_worker(),
+                log_filter: None,
+            },
+            &[("RINGTUN_LOG", "info,access=debug")],
+        );
+        probes(&|| r.log())
+    };
+    eprintln!("ztunnel {theirs:?}\nringtun {ours:?}");
+    assert_eq!(
+        theirs[1].1, "debug",
+        "ztunnel opens a denied connection's record"
+    );
+    assert_eq!(ours, theirs);
+}

@@ -226,11 +226,14 @@ impl AccessLog {
         }
     }
 
-    /// Marks the connection established: counted as opened now, as closed when it finishes
-    /// (ztunnel's `connection opened`, at debug).
+    /// Marks the connection established: counted as opened now, as closed when it finishes.
     pub fn established(&mut self, metrics: &ShardMetrics) {
         self.established = true;
         self.series = Some(metrics.opened(&self.labels(false)));
+    }
+
+    /// Writes ztunnel's `connection opened` line (debug): the destination is chosen.
+    pub fn opening(&self) {
         self.emit(tracing::Level::DEBUG, "connection opened", false);
     }
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -20,6 +21,7 @@ use super::copy;
 use super::keepalive;
 use super::lifecycle::{refuse_stream, Record};
 use crate::decide::{self, Arrival, Refusal};
+use crate::metrics::Party;
 use crate::net;
 use crate::shard::pod::PodShard;
 use crate::shard::{live, Shard, Tally};
@@ -247,6 +249,12 @@ async fn accept_stream(
         reached: local,
     };
     let admission = decide::admit_hbone(shard.scope_for(pod), &snap, &arrival);
+    if admission.src_workload.is_none() {
+        // A source the config does not know is labelled from what its request says it is.
+        let baggage = parts.headers.get_all(ringtun_hbone::connect::BAGGAGE);
+        let party = Party::from_baggage(baggage.iter().filter_map(|v| v.to_str().ok()));
+        record.log().src_workload = Some(Arc::new(party));
+    }
     record.admitted(&admission, &arrival);
     let baggage = admission.dst_workload.map(decide::response_baggage);
     let grant = match admission.outcome {

@@ -90,8 +90,21 @@ impl<X> Record<X> {
         for (name, would) in &a.dry_run {
             tracing::info!(policy = %name, decision = %would, src = %arrival.src_ip, dst = %arrival.dst.ip(), "authorization dry run");
         }
-        self.source(a.src_workload);
+        // A source known only from its baggage was noted already; the config's entry wins.
+        if a.src_workload.is_some() {
+            self.source(a.src_workload);
+        }
         self.destination(a.dst_workload);
+        if a.outcome.as_ref().err().is_none_or(|r| !early(r)) {
+            self.opening();
+        }
+    }
+
+    /// The destination is chosen: ztunnel's `connection opened` (debug), written where ztunnel
+    /// starts its record, before policy and the upstream connect, so a connection then refused
+    /// by either was opened first.
+    pub(crate) fn opening(&self) {
+        self.entry.log.opening();
     }
 
     /// Notes the source workload (the labels and access fields that name it).

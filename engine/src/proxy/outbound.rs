@@ -109,6 +109,7 @@ async fn open(
         Route::Direct { target, .. } => {
             record.destination(snap.workload_by_ip(target.ip()));
             record.log().direction = Direction::Passthrough;
+            record.opening();
             drop(snap);
             plaintext::forward(shard, pod, client, target, record, None).await;
             None
@@ -138,6 +139,7 @@ async fn open(
             let log = record.log();
             log.dst_hbone = Some(hbone);
             log.hbone_target = Some(req.target);
+            record.opening();
             // The source identity (and address) are in the key: a pod's connections are
             // never lent to another pod, as ztunnel's pool keys them.
             let key = Rc::new(PoolKey::new(
