@@ -251,7 +251,10 @@ impl CertState {
 /// One certificate of a chain or bundle, as `/config_dump` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertDetail {
-    /// Serial number, hex, without leading zeros.
+    /// The certificate, DER: `/config_dump` shows it as ztunnel does (base64 of its PEM),
+    /// encoded when asked for, not kept encoded for every identity.
+    pub der: Box<[u8]>,
+    /// Serial number, decimal (ztunnel's `serialNumber`).
     pub serial: String,
     /// Start of validity, Unix seconds.
     pub not_before: i64,
@@ -263,14 +266,9 @@ impl CertDetail {
     /// Reads a DER certificate; `None` if it does not parse.
     pub fn of(der: &[u8]) -> Option<CertDetail> {
         let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
-        // An integer: no leading zeros, so it reads as `openssl x509 -serial` and issuers print it.
-        let hex = c.raw_serial_as_string().replace(':', "");
-        let serial = match hex.trim_start_matches('0') {
-            "" => "0".to_owned(),
-            s => s.to_owned(),
-        };
         Some(CertDetail {
-            serial,
+            der: der.into(),
+            serial: crate::exposition::decimal(c.raw_serial()),
             not_before: c.validity().not_before.timestamp(),
             not_after: c.validity().not_after.timestamp(),
         })
@@ -317,6 +315,7 @@ impl CertStatus {
     pub fn to_json(&self) -> serde_json::Value {
         let detail = |d: &CertDetail| {
             serde_json::json!({
+                "pem": crate::exposition::pem_base64(&d.der),
                 "serialNumber": d.serial,
                 "validFrom": rfc3339(d.not_before),
                 "expirationTime": rfc3339(d.not_after),
@@ -555,7 +554,8 @@ mod tests {
             identity: Identity::new("cluster.local", "default", "client"),
             state: CertState::Available,
             chain: vec![CertDetail {
-                serial: "0a1b".into(),
+                der: Box::new([1, 2, 3]),
+                serial: "2587".into(),
                 not_before: 0,
                 not_after: 86_400,
             }],
@@ -565,7 +565,11 @@ mod tests {
         let j = status.to_json();
         assert_eq!(j["state"], "Available");
         assert_eq!(j["certChain"][0]["expirationTime"], "1970-01-02T00:00:00Z");
-        assert_eq!(j["certChain"][0]["serialNumber"], "0a1b");
+        assert_eq!(j["certChain"][0]["serialNumber"], "2587");
+        assert_eq!(
+            j["certChain"][0]["pem"],
+            crate::exposition::pem_base64(&[1, 2, 3])
+        );
         let report = CertReport {
             certificates: vec![status],
             fetches: 3,

@@ -552,20 +552,60 @@ fn config_dump_has_ztunnels_shape() {
         );
         assert_eq!(o, t, "{what} match");
     }
-    // The certificate: ztunnel's keys (ringtun's own apart, under `ringtun`); of each chain
-    // entry a subset of ztunnel's (no `pem`).
+    // The certificate: ztunnel's keys (ringtun's own apart, under `ringtun`), and of each
+    // chain and root entry exactly ztunnel's.
     let (oc, tc) = (&ours["certificates"][0], &theirs["certificates"][0]);
     let ours_keys: Vec<String> = keys(oc).into_iter().filter(|k| k != "ringtun").collect();
     assert_eq!(ours_keys, keys(tc), "certificate: {oc:#} {tc:#}");
     assert_eq!(oc["state"], tc["state"]);
-    let chain = keys(&tc["certChain"][0]);
-    for k in keys(&oc["certChain"][0]) {
-        assert!(
-            chain.contains(&k),
-            "certChain {k} is not ztunnel's: {chain:?}"
-        );
+    for list in ["certChain", "rootCerts"] {
+        assert_eq!(keys(&oc[list][0]), keys(&tc[list][0]), "{list} entry keys");
     }
+    // The same test CA root on both: the same serial (ztunnel's decimal) and the same `pem`
+    // (base64 of the PEM text), so a tool decoding ztunnel's decodes ringtun's.
+    assert_eq!(oc["rootCerts"][0], tc["rootCerts"][0], "the shared root");
+    let serial = tc["rootCerts"][0]["serialNumber"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        !serial.is_empty() && serial.bytes().all(|b| b.is_ascii_digit()),
+        "decimal: {serial}"
+    );
+    // ringtun's own leaf, as its file holds it.
+    let leaf = std::fs::read_to_string(dir.join("default.client.pem")).expect("leaf PEM");
+    let first = leaf
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .unwrap_or_default();
+    let unwrapped = |s: &str| s.split_whitespace().collect::<String>();
+    assert_eq!(
+        oc["certChain"][0]["pem"]
+            .as_str()
+            .map(|p| unwrapped(&decode_base64(p))),
+        Some(unwrapped(first)),
+        "the leaf's pem is its PEM text, base64"
+    );
     ringtun.assert_no_panic();
+}
+
+/// Standard base64 (with padding) to text; the test's own decoder, no crate.
+fn decode_base64(s: &str) -> String {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let mut out = Vec::new();
+    for chunk in s.trim_end_matches('=').as_bytes().chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | u32::from(value(c)) << (18 - 6 * i));
+        out.extend(n.to_be_bytes()[1..chunk.len()].iter());
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The series of `family` ringtun and ztunnel report for the same side are the same, each
