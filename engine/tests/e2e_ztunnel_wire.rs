@@ -369,3 +369,209 @@ fn connection_opened_is_written_where_ztunnels_is() {
     );
     assert_eq!(ours, theirs);
 }
+
+// --- resets and keepalive through a mixed pair ---------------------------------------------
+
+/// A proxy of the two-node mesh.
+enum Proxy {
+    Z(Ztunnel),
+    R(Ringtun),
+}
+
+impl Proxy {
+    fn log(&self) -> String {
+        match self {
+            Proxy::Z(z) => z.log(),
+            Proxy::R(r) => r.log(),
+        }
+    }
+}
+
+/// Which proxy runs on each node.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Ztunnel,
+    Ringtun,
+}
+
+/// The two-node mesh with `client` and `server` proxies. Fields drop in declaration order:
+/// processes, then namespaces, then the directory with their logs.
+struct Duo {
+    client: Proxy,
+    server: Proxy,
+    nodes: ringtun_testbed::TwoNodes,
+    _dir: TempDir,
+}
+
+fn duo(prefix: &'static str, client: Kind, server: Kind, ringtun_extra: &[&str]) -> Duo {
+    let (nodes, dir, path) = ztunnel_topology(prefix, &config());
+    let start = |ns: &Netns, who: &str, kind: Kind| match kind {
+        Kind::Ztunnel => Proxy::Z(Ztunnel::start(ns, who, &path, dir.path())),
+        Kind::Ringtun => {
+            let mut extra = one_worker();
+            extra.extend(ringtun_extra.iter().map(|s| s.to_string()));
+            Proxy::R(Ringtun::start_as(ns, who, dir.path(), &path, extra))
+        }
+    };
+    let server = start(&nodes.server, "server", server);
+    let client = start(&nodes.client, "client", client);
+    Duo {
+        client,
+        server,
+        nodes,
+        _dir: dir,
+    }
+}
+
+/// How a read loop ended: `eof` (FIN) or `reset` (RST), or another error.
+fn ending(end: std::io::Result<()>) -> String {
+    use std::io::ErrorKind;
+    match end {
+        Ok(()) => "eof".into(),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            ) =>
+        {
+            "reset".into()
+        }
+        Err(e) => format!("error {:?}", e.kind()),
+    }
+}
+
+/// What the client application sees when the server application resets mid-stream (after
+/// 64 KiB of answer), and what the server application sees when the client resets.
+fn resets(d: &Duo) -> (String, String) {
+    use ringtun_testbed::transfer::read_to_end_or_error;
+    use std::io::{Read, Write};
+    let listener = bind_in(&d.nodes.server, "0.0.0.0:5201");
+    let timeout = Some(Duration::from_secs(15));
+    // The server resets.
+    let server = std::thread::scope(|s| {
+        let server = s.spawn(|| {
+            let (mut c, _) = listener.accept().expect("accept");
+            c.set_read_timeout(timeout).expect("timeout");
+            let mut ping = [0u8; 4];
+            c.read_exact(&mut ping).expect("server: ping");
+            c.write_all(&vec![7u8; 64 * 1024]).expect("server: answer");
+            std::thread::sleep(Duration::from_millis(200));
+            set_linger_zero(&c);
+        });
+        let mut c = ringtun_testbed::connect_in(&d.nodes.client, "10.96.0.10:80").expect("connect");
+        c.set_read_timeout(timeout).expect("timeout");
+        c.write_all(b"ping").expect("client: ping");
+        let (_, end) = read_to_end_or_error(&mut c);
+        server.join().expect("server thread");
+        ending(end)
+    });
+    // The client resets.
+    let client = std::thread::scope(|s| {
+        let (got, wait) = std::sync::mpsc::channel();
+        let server = s.spawn(move || {
+            let (mut c, _) = listener.accept().expect("accept");
+            c.set_read_timeout(timeout).expect("timeout");
+            let mut ping = [0u8; 4];
+            c.read_exact(&mut ping).expect("server: ping");
+            let _ = got.send(());
+            let (_, end) = read_to_end_or_error(&mut c);
+            ending(end)
+        });
+        let c = ringtun_testbed::connect_in(&d.nodes.client, "10.96.0.10:80").expect("connect");
+        (&c).write_all(b"ping").expect("client: ping");
+        wait.recv_timeout(Duration::from_secs(15))
+            .expect("the server got the ping");
+        set_linger_zero(&c);
+        drop(c);
+        server.join().expect("server thread")
+    });
+    (server, client)
+}
+
+/// A reset on either side reaches the other application through ringtun and ztunnel in
+/// either role as it does through two ztunnels.
+#[test]
+fn resets_cross_a_mixed_pair_as_between_two_ztunnels() {
+    let reference = resets(&duo("zrzz", Kind::Ztunnel, Kind::Ztunnel, &[]));
+    for (prefix, client, server) in [
+        ("zrrz", Kind::Ringtun, Kind::Ztunnel),
+        ("zrzr", Kind::Ztunnel, Kind::Ringtun),
+    ] {
+        let d = duo(prefix, client, server, &[]);
+        let seen = resets(&d);
+        eprintln!("{client:?} → {server:?}: {seen:?}; ztunnel → ztunnel: {reference:?}");
+        assert_eq!(
+            seen, reference,
+            "{client:?} → {server:?}: (client sees server's RST, server sees client's RST)"
+        );
+        for p in [&d.client, &d.server] {
+            if let Proxy::R(r) = p {
+                r.assert_no_panic();
+            }
+        }
+    }
+}
+
+/// The source ports of the inbound HBONE connections a server proxy logged (`src.addr` of an
+/// inbound access line is the HBONE connection's peer address).
+fn inbound_peers(log: &str) -> Vec<String> {
+    parse_access(log)
+        .into_iter()
+        .filter(|l| l.is("direction", "inbound"))
+        .filter_map(|l| l.get("src.addr").map(str::to_owned))
+        .collect()
+}
+
+/// Two echoes `idle` apart through the VIP; returns the server proxy's inbound peers.
+fn two_streams_apart(d: &Duo, idle: Duration) -> Vec<String> {
+    let _echo = echo_server(&d.nodes.server, "0.0.0.0:5201");
+    echo_ok(&d.nodes.client, "10.96.0.10:80", 64 * 1024);
+    std::thread::sleep(idle);
+    echo_ok(&d.nodes.client, "10.96.0.10:80", 64 * 1024);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let peers = inbound_peers(&d.server.log());
+        if peers.len() >= 2 {
+            return peers;
+        }
+        assert!(Instant::now() < deadline, "{}", d.server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// ringtun's HTTP/2 PINGs to ztunnel's inbound are answered: with a keepalive far shorter
+/// than the idle time (a dead peer found within 1.5 s), the pooled connection survives and
+/// carries the next stream.
+#[test]
+fn ztunnel_answers_ringtuns_keepalive() {
+    let fast = [
+        "--hbone-keepalive-interval-ms",
+        "300",
+        "--hbone-keepalive-timeout-ms",
+        "1500",
+    ];
+    let d = duo("zprz", Kind::Ringtun, Kind::Ztunnel, &fast);
+    let peers = two_streams_apart(&d, Duration::from_secs(5));
+    assert_eq!(peers[0], peers[1], "one pooled connection: {peers:?}");
+    let log = d.client.log();
+    assert!(!log.contains("unresponsive"), "{log}");
+    if let Proxy::R(r) = &d.client {
+        let reused = r.access().iter().any(|l| l.is("pool", "reused"));
+        assert!(reused, "the second stream reused the connection: {log}");
+    }
+}
+
+/// ztunnel's HTTP/2 PINGs to ringtun's inbound are answered: ztunnel pings a pooled
+/// connection every 10 s and drops it 20 s after an unanswered one, so a connection idle for
+/// 32 s that still carries the next stream was kept alive by ringtun's answers.
+#[test]
+fn ringtun_answers_ztunnels_keepalive() {
+    let d = duo("zpzr", Kind::Ztunnel, Kind::Ringtun, &[]);
+    let peers = two_streams_apart(&d, Duration::from_secs(32));
+    assert_eq!(peers[0], peers[1], "one pooled connection: {peers:?}");
+    let zlog = d.client.log();
+    assert!(
+        !zlog.to_lowercase().contains("ping timeout"),
+        "ztunnel took ringtun for dead: {zlog}"
+    );
+}
