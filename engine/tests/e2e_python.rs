@@ -78,14 +78,15 @@ fn python_client_good_certificate_gets_200_and_exact_echo() {
     );
     let response = run.event("response").expect("response");
     assert_eq!(response["status"], 200);
-    // As a real ztunnel answers for the same config entry: the destination's namespace, the
-    // only field of it the config has.
+    // As a real ztunnel answers for the same config entry (e2e_ztunnel_wire checks it): the
+    // destination's namespace and workload name, under ztunnel's key for an entry without a
+    // workload type.
     assert!(
         response["headers"]
             .as_array()
             .is_some_and(|h| h.contains(&serde_json::json!([
                 "baggage",
-                "k8s.namespace.name=default"
+                "k8s.namespace.name=default,k8s..name=server"
             ]))),
         "{run}"
     );

@@ -352,9 +352,8 @@ fn until_cut<'a, T>(
         Pin::new(&mut cut).poll(cx).map(|cut| {
             Err(match cut {
                 Cut::Idle(idle) => End::Error(format!("idle for {idle:?} (--idle-timeout-ms)")),
-                Cut::Revoked => {
-                    End::Revoked("no longer allowed by authorization policy (policy update)".into())
-                }
+                // ztunnel's words (its `AuthorizationPolicyLateRejection`).
+                Cut::Revoked => End::Revoked("connection closed due to policy change".into()),
             })
         })
     })
