@@ -106,8 +106,9 @@ fn answered(seen: &[Seen]) -> usize {
     seen.iter().filter(|s| s.status != 0).count()
 }
 
-/// The `error` fields of the first `n` inbound access lines of a log, sorted (a carried
-/// connection's line comes at its end, after the next probe's may).
+/// The `error`, `dst.hbone_addr` and `dst.service` fields of the first `n` inbound access
+/// lines of a log, sorted (a carried connection's line comes at its end, after the next
+/// probe's may).
 fn errors(who: &str, log: impl Fn() -> String, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -119,7 +120,11 @@ fn errors(who: &str, log: impl Fn() -> String, n: usize) -> Vec<String> {
             let mut v: Vec<String> = lines
                 .iter()
                 .take(n)
-                .map(|l| l.get("error").unwrap_or_default().to_owned())
+                .map(|l| {
+                    ["error", "dst.hbone_addr", "dst.service"]
+                        .map(|k| format!("{k}={}", l.get(k).unwrap_or_default()))
+                        .join(" ")
+                })
                 .collect();
             v.sort();
             return v;
@@ -186,8 +191,10 @@ fn refusals_and_baggage_are_ztunnels() {
     }
     assert!(theirs[0].status == 200, "ztunnel carried the plain case");
     assert!(diffs.is_empty(), "differences:\n{}", diffs.join("\n"));
-    // What an operator reads: the access lines' `error`, ztunnel's words for each refusal.
-    assert_eq!(our_errors, their_errors, "the access lines' error fields");
+    // What an operator reads: the access lines' `error` (ztunnel's words for each refusal) and
+    // what was asked for (a hostname CONNECT names the host and its service).
+    eprintln!("ztunnel's access lines: {their_errors:#?}");
+    assert_eq!(our_errors, their_errors, "the access lines' fields");
 }
 
 /// The 200's `baggage` with every workload fact set: the same keys, values and order. (A

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use ringtun_hbone::Identity;
 
 use super::{Refusal, Scope};
-use crate::config::{Snapshot, Workload};
+use crate::config::{Service, Snapshot, Workload};
 use crate::net;
 use crate::policy::{self, Decision, PolicyIndex};
 
@@ -89,17 +89,17 @@ pub fn connect_target(method: &http::Method, uri: &http::Uri) -> Result<Authorit
     }
 }
 
-/// Where a `hostname:port` CONNECT that reached `reached` goes, as ztunnel's
-/// `resolve_inbound_target`: the address reached (the workload served there), at the target
-/// port of the named service — the service in the workload's namespace first, else any with
+/// Where a `hostname:port` CONNECT that reached `reached` goes, and the service it named, as
+/// ztunnel's `resolve_inbound_target`: the address reached (the workload served there), at the
+/// target port of the named service — the service in the workload's namespace first, else any with
 /// that hostname; the port from the workload's own endpoint map, else the service's `ports`.
-pub fn resolve_hostname(
+pub fn resolve_hostname<'s>(
     scope: &Scope,
-    snap: &Snapshot,
+    snap: &'s Snapshot,
     reached: IpAddr,
     host: &str,
     port: u16,
-) -> Result<SocketAddr, Refusal> {
+) -> Result<(SocketAddr, &'s Service), Refusal> {
     let Some(w) = snap
         .workload_by_ip(reached)
         .filter(|_| scope.serves(snap, reached))
@@ -127,7 +127,7 @@ pub fn resolve_hostname(
             host: host.to_owned(),
             port,
         })?;
-    Ok(SocketAddr::new(reached, target))
+    Ok((SocketAddr::new(reached, target), svc))
 }
 
 /// Admits a CONNECT stream on 15008, with ztunnel's refusals: a dedicated ringtun delivers

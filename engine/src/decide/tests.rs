@@ -551,7 +551,12 @@ fn connect_targets_are_parsed_as_ztunnel_parses_them() {
 #[test]
 fn a_hostname_resolves_to_the_reached_workloads_target_port() {
     let s = snap();
-    let at = |reached: &str, port| resolve_hostname(&scope(), &s, ip(reached), SERVER_HOST, port);
+    let at = |reached: &str, port| {
+        resolve_hostname(&scope(), &s, ip(reached), SERVER_HOST, port).map(|(a, svc)| {
+            assert_eq!(svc.hostname, SERVER_HOST);
+            a
+        })
+    };
     // The workload's own endpoint map first, then the service's `ports`.
     assert_eq!(at("10.0.0.3", 80), Ok(addr("10.0.0.3:8081")));
     assert_eq!(at("10.0.0.3", 443), Ok(addr("10.0.0.3:8443")));

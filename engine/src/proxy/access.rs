@@ -78,8 +78,11 @@ pub struct AccessLog {
     pub dst_hbone: Option<SocketAddr>,
     /// Outbound: the CONNECT authority sent (ztunnel's `dst.hbone_addr`).
     pub hbone_target: Option<SocketAddr>,
-    /// The service dialled, when a VIP was.
+    /// The service dialled, when a VIP was (inbound: the one a hostname CONNECT named).
     pub dst_service: Option<Arc<ServiceName>>,
+    /// Inbound: the CONNECT named `dst_service`'s hostname at this service port, which
+    /// ztunnel's `dst.hbone_addr` then shows (`hostname:port`).
+    pub hbone_service_port: Option<u16>,
     /// Destination workload, when known.
     pub dst_workload: Option<Arc<Party>>,
     /// Destination identity, when known.
@@ -128,6 +131,24 @@ macro_rules! access_event {
     };
 }
 
+/// A CONNECT authority as logged: an address, or a service hostname and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HboneAddr<'a> {
+    /// `ip:port`.
+    Addr(SocketAddr),
+    /// `hostname:port`.
+    Host(&'a str, u16),
+}
+
+impl std::fmt::Display for HboneAddr<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HboneAddr::Addr(a) => a.fmt(f),
+            HboneAddr::Host(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
 /// A label value, `None` where ztunnel's would be `unknown` (and its log leaves the field out).
 fn known(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
@@ -145,6 +166,7 @@ impl AccessLog {
             dst_hbone: None,
             hbone_target: None,
             dst_service: None,
+            hbone_service_port: None,
             dst_workload: None,
             dst_identity: None,
             pool_reused: None,
@@ -189,10 +211,13 @@ impl AccessLog {
     }
 
     /// ztunnel's `dst.hbone_addr`: the CONNECT authority, over HBONE.
-    pub fn logged_hbone_addr(&self) -> Option<SocketAddr> {
+    pub fn logged_hbone_addr(&self) -> Option<HboneAddr<'_>> {
         match self.direction {
-            Direction::Outbound => self.hbone_target,
-            Direction::Inbound => self.dst_addr,
+            Direction::Outbound => self.hbone_target.map(HboneAddr::Addr),
+            Direction::Inbound => match (&self.dst_service, self.hbone_service_port) {
+                (Some(svc), Some(port)) => Some(HboneAddr::Host(&svc.hostname, port)),
+                _ => self.dst_addr.map(HboneAddr::Addr),
+            },
             Direction::Passthrough | Direction::InboundPlaintext => None,
         }
     }

@@ -228,6 +228,11 @@ async fn accept_stream(
         Ok(decide::Authority::Host(host, port)) => match local {
             Some(reached) => {
                 decide::resolve_hostname(shard.scope_for(pod), &snap, reached.ip(), &host, port)
+                    .map(|(dst, svc)| {
+                        record.service(Some(svc));
+                        record.log().hbone_service_port = Some(port);
+                        dst
+                    })
             }
             None => Err(Refusal::NoHostname { host }),
         },
