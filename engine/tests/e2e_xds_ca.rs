@@ -82,7 +82,8 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
         .client
         .capture_outbound(15001, DEFAULT_MARK)
         .expect("outbound capture");
-    // The server names its CA; the client's is XDS_ADDRESS's istiod, ztunnel's default. One
+    // The server names its CA, as a bare host:port (taken as https, as ztunnel does); the
+    // client's is XDS_ADDRESS's istiod, ztunnel's default. One
     // stream per client connection, so a connection made after the renewal is a new handshake.
     let server = XdsRingtun::start_from_ca(
         &nodes.server,
@@ -90,7 +91,7 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
         "10.77.0.2",
         ISTIOD_URL,
         dir.path(),
-        &[("CA_ADDRESS", ISTIOD_URL)],
+        &[("CA_ADDRESS", ISTIOD_ADDR)],
     );
     let client = XdsRingtun::start_from_ca(
         &nodes.client,
