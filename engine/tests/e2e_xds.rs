@@ -304,7 +304,12 @@ fn ringtun_takes_its_config_from_istiod_only() {
             scrape.one("ringtun_xds_nacks_total", &[("url", AUTHORIZATION_TYPE)]),
             0.0
         );
-        assert!(scrape.one("istio_message_types_total", &[("url", ADDRESS_TYPE)]) >= 3.0);
+        assert!(scrape.one("istio_xds_message_total", &[("url", ADDRESS_TYPE)]) >= 3.0);
+        assert!(
+            scrape.one("istio_xds_message_bytes_total", &[("url", ADDRESS_TYPE)]) > 100.0,
+            "the pushed resources' bytes"
+        );
+        scrape.assert_family("istio_xds_message_bytes", "counter");
         assert!(scrape.one("ringtun_xds_reconnects_total", &[]) >= 1.0);
     }
     let t = echo_ok(&nodes.client, "10.96.0.10:80", MIB);
