@@ -9,10 +9,12 @@
 //! readers that hold a buffer on a connection quiet for `QUIET` to let it go.
 //!
 //! A connection admitted by authorization policy also carries its [`Grant`], what the policy
-//! looked at. When a new config generation arrives the shard calls [`recheck`] with it, and
-//! every connection the new policies deny is cut, as ztunnel's `PolicyWatcher` does
-//! (`src/proxy/connection_manager.rs`): the copy loop ends with [`Cut::Revoked`] and resets
-//! both sides; the others keep running untouched.
+//! looked at. When a new config generation whose policies changed arrives, the shard calls
+//! [`recheck`] with it ([`recheck_after`]: a generation that only moved workloads or services
+//! asks nothing), and every connection the new policies deny is cut, as ztunnel's
+//! `PolicyWatcher` does (`src/proxy/connection_manager.rs`, woken by policy changes only): the
+//! copy loop ends with [`Cut::Revoked`] and resets both sides; the others keep running
+//! untouched.
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
