@@ -157,7 +157,14 @@ fn ringtun_takes_its_config_from_istiod_only() {
         .client
         .capture_outbound(15001, DEFAULT_MARK)
         .expect("outbound capture");
-    let server = XdsRingtun::start(&nodes.server, "server", "10.77.0.2", ISTIOD_URL, dir.path());
+    // The server's XDS_ADDRESS is a bare host:port: https, as ztunnel takes it.
+    let server = XdsRingtun::start(
+        &nodes.server,
+        "server",
+        "10.77.0.2",
+        ISTIOD_ADDR,
+        dir.path(),
+    );
     let client = XdsRingtun::start(&nodes.client, "client", "10.77.0.1", ISTIOD_URL, dir.path());
 
     // Subscribed as ztunnel subscribes, and ACKed.
@@ -297,7 +304,12 @@ fn ringtun_takes_its_config_from_istiod_only() {
             scrape.one("ringtun_xds_nacks_total", &[("url", AUTHORIZATION_TYPE)]),
             0.0
         );
-        assert!(scrape.one("istio_message_types_total", &[("url", ADDRESS_TYPE)]) >= 3.0);
+        assert!(scrape.one("istio_xds_message_total", &[("url", ADDRESS_TYPE)]) >= 3.0);
+        assert!(
+            scrape.one("istio_xds_message_bytes_total", &[("url", ADDRESS_TYPE)]) > 100.0,
+            "the pushed resources' bytes"
+        );
+        scrape.assert_family("istio_xds_message_bytes", "counter");
         assert!(scrape.one("ringtun_xds_reconnects_total", &[]) >= 1.0);
     }
     let t = echo_ok(&nodes.client, "10.96.0.10:80", MIB);
@@ -360,4 +372,34 @@ fn a_wrong_token_or_an_untrusted_istiod_is_refused_with_a_clear_line() {
         "{line}"
     );
     assert!(!r.log().contains("ringtun ready"), "ready without a config");
+}
+
+/// An address ringtun cannot use stops it at start with a line naming the variable and the
+/// form it takes, before anything is bound.
+#[test]
+fn an_unusable_control_plane_address_is_refused_at_start_by_name() {
+    for (var, value) in [
+        ("XDS_ADDRESS", "istiod bad:15012"),
+        ("XDS_ADDRESS", "http://istiod.istio-system.svc:15012"),
+        ("CA_ADDRESS", "istiod.istio-system.svc:port"),
+    ] {
+        let mut cmd = std::process::Command::new(ringtun_bin());
+        cmd.arg("run")
+            .args(["--workload", "default/client/client"])
+            .env_remove("LOCAL_XDS_PATH")
+            .env("XDS_ADDRESS", "https://istiod.istio-system.svc:15012")
+            .env(var, value)
+            .env("NO_COLOR", "1");
+        let out = cmd.output().expect("run ringtun");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success(),
+            "{var}={value} must not start: {text}"
+        );
+        assert!(
+            text.contains(var) && text.contains("expected https://host:port"),
+            "{var}={value}: the message names the variable and the form: {text}"
+        );
+    }
 }

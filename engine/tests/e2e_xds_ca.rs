@@ -21,7 +21,7 @@ use inpod_common::node::{add_pod, capture_pod};
 use inpod_common::{wait_ports, NodeAgent};
 use ringtun_testbed::transfer::transfer_paced;
 use ringtun_testbed::{Netns, Process, DEFAULT_MARK};
-use serde_json::Value;
+use serde_json::{json, Value};
 use xds_common::*;
 
 const MIB: u64 = 1 << 20;
@@ -105,7 +105,8 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
         .client
         .capture_outbound(15001, DEFAULT_MARK)
         .expect("outbound capture");
-    // The server names its CA; the client's is XDS_ADDRESS's istiod, ztunnel's default. One
+    // The server names its CA, as a bare host:port (taken as https, as ztunnel does); the
+    // client's is XDS_ADDRESS's istiod, ztunnel's default. One
     // stream per client connection, so a connection made after the renewal is a new handshake.
     let server = XdsRingtun::start_from_ca(
         &nodes.server,
@@ -113,7 +114,7 @@ fn ringtun_takes_its_certificates_from_istiods_ca_and_renews_them() {
         "10.77.0.2",
         ISTIOD_URL,
         dir.path(),
-        &[("CA_ADDRESS", ISTIOD_URL)],
+        &[("CA_ADDRESS", ISTIOD_ADDR)],
     );
     let client = XdsRingtun::start_from_ca(
         &nodes.client,
@@ -338,7 +339,11 @@ fn in_pod_mode_asks_the_ca_on_each_pods_behalf() {
     let mut args = IstiodArgs::new(&ca_cert, &ca_key);
     args.listen = "127.0.0.1:15012";
     args.sans = vec!["127.0.0.1".into()];
-    let mut istiod = FakeIstiod::start(Some(&node), dir.path(), args, &mesh_resources());
+    // The server's workload is on this node (NODE_NAME): its certificate is fetched as soon as
+    // istiod pushes it, before its pod arrives (ztunnel's prefetch); the client's is not.
+    let mut resources = mesh_resources();
+    resources["workloads"][1]["node"] = json!("node-a");
+    let mut istiod = FakeIstiod::start(Some(&node), dir.path(), args, &resources);
     // The CA fails the first two requests: ringtun retries with backoff, not ready meanwhile.
     istiod.command("ca-fail 2");
 
@@ -354,6 +359,7 @@ fn in_pod_mode_asks_the_ca_on_each_pods_behalf() {
         .env("CA_ROOT_CA", &ca_cert)
         .env("POD_NAME", "ztunnel-node")
         .env("POD_NAMESPACE", "istio-system")
+        .env("NODE_NAME", "node-a")
         .env_remove("LOCAL_XDS_PATH")
         .env_remove("SERVICE_ACCOUNT")
         .env("RINGTUN_LOG", "info")
@@ -386,6 +392,17 @@ fn in_pod_mode_asks_the_ca_on_each_pods_behalf() {
     }
     assert_eq!(readiness(&node), 503, "not ready without a certificate");
     istiod.wait_events("the injected failures", 2, |e| e["event"] == "csr-error");
+    let prefetched = istiod.wait_event("the server's certificate, before its pod", |e| {
+        e["event"] == "csr" && e["identity"] == SERVER_ID
+    });
+    assert_eq!(prefetched["impersonated"], true, "{prefetched}");
+    assert!(
+        !istiod
+            .events()
+            .iter()
+            .any(|e| e["event"] == "csr" && e["identity"] == CLIENT_ID),
+        "the client's workload is not on this node: fetched on first use only"
+    );
     assert_eq!(agent.accept(), 1, "ringtun announces ZDS V1");
     for (uid, pod, who) in [
         ("pod-client", &pods.client, "client"),

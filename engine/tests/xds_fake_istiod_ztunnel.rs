@@ -96,6 +96,11 @@ fn ztunnel_takes_workloads_policies_and_certificates_from_the_fake() {
         assert_eq!(csr["impersonated"], false, "dedicated mode: {csr}");
     }
     client.wait_line(&["connection complete", SERVER_ID]);
+    // The xDS metrics as ztunnel names them (ringtun's `xds::status` follows these).
+    let scrape = Scrape::take(&nodes.client, true);
+    assert!(scrape.one("istio_xds_message_total", &[("url", ADDRESS_TYPE)]) >= 1.0);
+    assert!(scrape.one("istio_xds_message_bytes_total", &[("url", ADDRESS_TYPE)]) > 100.0);
+    scrape.assert_family("istio_xds_message_bytes", "counter");
 
     // istiod ends the stream: ztunnel reconnects and names what it holds, with the versions.
     istiod.command("close");

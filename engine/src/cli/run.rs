@@ -516,6 +516,13 @@ mod tests {
                 .expect("istiod");
         let x = xds.xds.expect("xds options");
         assert_eq!(x.endpoint.url, "https://istiod.istio-system.svc:15012");
+        let bare = options_without_config(&["--xds-address", "istiod.istio-system.svc:15012"])
+            .expect("a bare host:port, as ztunnel");
+        assert_eq!(
+            bare.xds.expect("xds options").endpoint.url,
+            "https://istiod.istio-system.svc:15012",
+            "taken as https, as ztunnel's validate_uri does"
+        );
         assert_eq!(x.endpoint.cluster_id, "Kubernetes");
         assert_eq!(
             x.endpoint.mark, 0x539,
@@ -532,11 +539,15 @@ mod tests {
                 "both --config",
             ),
             (&[][..], "no config"),
-            (&["--xds-address", "istiod:15012"][..], "XDS_ADDRESS"),
             (
                 &["--xds-address", "http://istiod:15012"][..],
                 "not an https URL",
             ),
+            (
+                &["--xds-address", "istiod bad:15012"][..],
+                "XDS_ADDRESS (--xds-address): control plane address: \"istiod bad:15012\" is not a URL",
+            ),
+
         ] {
             match options_without_config(args) {
                 Err(EngineError::Usage(m)) => assert!(m.contains(want), "{m}"),
@@ -614,6 +625,10 @@ mod tests {
             (
                 &["--config", "c.yaml", "--ca-address", "http://ca:15012"][..],
                 "CA_ADDRESS",
+            ),
+            (
+                &["--config", "c.yaml", "--ca-address", "ca:notaport"][..],
+                "CA_ADDRESS (--ca-address): control plane address: \"ca:notaport\" is not a URL",
             ),
         ] {
             match run(args) {

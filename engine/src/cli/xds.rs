@@ -8,14 +8,16 @@ use ringtun_hbone::Identity;
 
 use super::values::parse_secs;
 use crate::xds::ca::CaOptions;
-use crate::xds::channel::DEFAULT_ROOT_PATH;
+use crate::xds::channel::{with_scheme, ADDRESS_FORM, DEFAULT_ROOT_PATH};
+use crate::xds::XdsError;
 use crate::xds::{Endpoint, NodeInfo, RootCert, Token, XdsOptions};
 use crate::EngineError;
 
 /// Where istiod is and who this proxy is to it.
 #[derive(Args, Debug, Clone, Default)]
 pub struct XdsArgs {
-    /// istiod's address (`https://host:port`). When set and not empty, workloads, services and
+    /// istiod's address (`https://host:port`; a bare `host:port` is taken as https, as ztunnel
+    /// does). When set and not empty, workloads, services and
     /// policies come from istiod over Delta xDS instead of --config (LOCAL_XDS_PATH).
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
@@ -72,6 +74,7 @@ impl XdsArgs {
         if url.is_empty() {
             return Ok(None);
         }
+        let url = with_scheme(url).map_err(|e| bad_address("XDS_ADDRESS (--xds-address)", e))?;
         let node = NodeInfo {
             ip: self.instance_ip.clone(),
             pod_name: self.pod_name.clone(),
@@ -81,7 +84,7 @@ impl XdsArgs {
         }
         .with_env_metadata(std::env::vars());
         let endpoint = Endpoint {
-            url: url.to_owned(),
+            url,
             root: RootCert::from_setting(&self.xds_root_ca),
             alt_hostname: self.alt_xds_hostname.clone(),
             token: Token::from_setting(self.auth_token.as_deref()),
@@ -90,7 +93,7 @@ impl XdsArgs {
         };
         endpoint
             .check()
-            .map_err(|e| EngineError::Usage(format!("XDS_ADDRESS (--xds-address): {e}")))?;
+            .map_err(|e| bad_address("XDS_ADDRESS (--xds-address)", e))?;
         Ok(Some(XdsOptions { endpoint, node }))
     }
 
@@ -108,8 +111,7 @@ impl XdsArgs {
     ) -> Result<Option<CaOptions>, EngineError> {
         let url = match self.ca_address.as_deref().map(str::trim) {
             Some("") => return Ok(None),
-            Some(u) if u.contains("://") => u.to_owned(),
-            Some(u) => format!("https://{u}"),
+            Some(u) => with_scheme(u).map_err(|e| bad_address("CA_ADDRESS (--ca-address)", e))?,
             None => match xds {
                 Some(x) => x.endpoint.url.clone(),
                 None => return Ok(None),
@@ -125,7 +127,7 @@ impl XdsArgs {
         };
         endpoint
             .check()
-            .map_err(|e| EngineError::Usage(format!("CA_ADDRESS (--ca-address): {e}")))?;
+            .map_err(|e| bad_address("CA_ADDRESS (--ca-address)", e))?;
         let sa = self.service_account.as_deref().filter(|s| !s.is_empty());
         let identity = match workload {
             Some((ns, named)) => Identity::new(trust_domain, ns, named.or(sa).unwrap_or("default")),
@@ -145,4 +147,9 @@ impl XdsArgs {
             impersonate: workload.is_none(),
         }))
     }
+}
+
+/// A refused address setting, naming the variable and the form it takes.
+fn bad_address(var: &str, e: XdsError) -> EngineError {
+    EngineError::Usage(format!("{var}: {e}; expected {ADDRESS_FORM}"))
 }

@@ -16,6 +16,9 @@ use super::delta::EntryKey;
 const LOAD: usize = 64;
 /// The smallest table.
 const MIN_BUCKETS: usize = 16;
+/// The table halves (at least) once fewer than `1/SHRINK` of `LOAD` entries per bucket are
+/// left: well below the load that grows it, so a map at a threshold does not flap.
+const SHRINK: usize = 8;
 
 /// rustc's Fx hash: the keys come from the control plane, not from connections, so a keyed
 /// hash would buy nothing and cost on every lookup.
@@ -169,6 +172,9 @@ impl<K: Hash + Eq + Clone, V: Clone> ChunkMap<K, V> {
         }
         let old = self.bucket_mut(i).remove(q);
         self.len -= usize::from(old.is_some());
+        if self.buckets.len() > MIN_BUCKETS && self.len * SHRINK < self.buckets.len() * LOAD {
+            self.shrink();
+        }
         old
     }
 
@@ -183,6 +189,18 @@ impl<K: Hash + Eq + Clone, V: Clone> ChunkMap<K, V> {
     /// Doubles the table: a copy of every entry, once per doubling of the map.
     fn grow(&mut self) {
         self.regrow(self.buckets.len() * 2);
+    }
+
+    /// After a mass removal (a cluster scaled down, a stream resynchronised with less): the
+    /// entries spread over a table sized for them, at half load, so that the emptied buckets
+    /// and the spare capacity of each bucket's map (a `HashMap` never gives it back) go.
+    /// Copies every entry left, which are fewer than the removals since the table last
+    /// changed size.
+    fn shrink(&mut self) {
+        let count = (self.len * 2 / LOAD).next_power_of_two().max(MIN_BUCKETS);
+        if count < self.buckets.len() {
+            self.regrow(count);
+        }
     }
 
     /// Spreads every entry over `count` buckets.
@@ -407,6 +425,58 @@ mod tests {
         assert!(m.buckets.len() > MIN_BUCKETS);
         assert!((0..5_000).all(|i| m.get(&i) == Some(&(i * 2))));
         assert_eq!(m.iter().count(), 5_000);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Removing most keys keeps exactly the others, shrinks the table to what they need,
+        /// and leaves a snapshot taken before the removals whole.
+        #[test]
+        fn mass_removal_keeps_the_rest_and_shrinks(
+            n in 1_000u32..12_000,
+            keep_one_in in 2u32..50,
+            seed in proptest::prelude::any::<u32>(),
+        ) {
+            let mut m: ChunkMap<u32, u32> = ChunkMap::default();
+            let key = |i: u32| i.wrapping_mul(2_654_435_761) ^ seed;
+            for i in 0..n {
+                m.insert(key(i), i);
+            }
+            let before = m.clone();
+            let full = m.buckets.len();
+            let mut model = std::collections::HashMap::new();
+            for i in 0..n {
+                if i % keep_one_in == 0 {
+                    model.insert(key(i), i);
+                } else {
+                    proptest::prop_assert_eq!(m.remove(&key(i)), Some(i));
+                }
+            }
+            proptest::prop_assert_eq!(m.len(), model.len());
+            proptest::prop_assert_eq!(m.iter().count(), model.len());
+            for (k, v) in &model {
+                proptest::prop_assert_eq!(m.get(k), Some(v));
+            }
+            for i in (0..n).filter(|i| i % keep_one_in != 0) {
+                proptest::prop_assert_eq!(m.get(&key(i)), None);
+            }
+            let buckets = m.buckets.len();
+            proptest::prop_assert!(
+                buckets == MIN_BUCKETS || m.len() * SHRINK >= buckets * LOAD,
+                "{} entries in {} buckets", m.len(), buckets
+            );
+            if full > MIN_BUCKETS && model.len() * SHRINK < full * LOAD {
+                proptest::prop_assert!(buckets < full, "{full} -> {buckets}");
+            }
+            proptest::prop_assert_eq!(before.len(), n as usize);
+            proptest::prop_assert!((0..n).all(|i| before.get(&key(i)) == Some(&i)));
+            // It grows again as before.
+            for i in n..n + 5_000 {
+                m.insert(key(i), i);
+            }
+            proptest::prop_assert!((n..n + 5_000).all(|i| m.get(&key(i)) == Some(&i)));
+            proptest::prop_assert_eq!(m.len(), model.len() + 5_000);
+        }
     }
 
     #[test]

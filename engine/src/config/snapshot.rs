@@ -18,6 +18,10 @@ use super::model::{LocalConfig, Policy, Service, Workload};
 pub struct Snapshot {
     /// Config generation this index was built from.
     pub generation: u64,
+    /// The generation whose change last touched the authorization policies: a generation
+    /// after it that a shard takes can change no policy answer, so live connections need no
+    /// re-check (ztunnel's `PolicyWatcher` wakes on policy changes only).
+    policies_changed_at: u64,
     index: Arc<Index>,
 }
 
@@ -106,6 +110,8 @@ impl Snapshot {
         index.apply(Delta::from_config(config));
         Snapshot {
             generation,
+            // A whole config may change anything.
+            policies_changed_at: generation,
             index: Arc::new(index),
         }
     }
@@ -113,12 +119,25 @@ impl Snapshot {
     /// The next generation: this one with `delta` applied. Shares every table and bucket the
     /// change does not touch with this snapshot, which stays as it was.
     pub fn apply(&self, delta: Delta, generation: u64) -> Snapshot {
+        let policies_changed_at = if delta.policies.is_empty() {
+            self.policies_changed_at
+        } else {
+            generation
+        };
         let mut index = (*self.index).clone();
         index.apply(delta);
         Snapshot {
             generation,
+            policies_changed_at,
             index: Arc::new(index),
         }
+    }
+
+    /// Whether this generation's policies may differ from those of generation `since` (the
+    /// one a shard had before): whether live connections must be re-checked. Generations in
+    /// between that a shard never saw count too.
+    pub fn policies_changed_since(&self, since: u64) -> bool {
+        self.policies_changed_at > since
     }
 
     /// Number of workloads.

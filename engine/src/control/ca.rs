@@ -64,6 +64,10 @@ struct Entry {
     error: Option<String>,
     /// Callers waiting for the next outcome.
     waiters: Vec<Sender<Outcome>>,
+    /// Asked for by a caller (the proxy itself, a pod) that has not let it go.
+    used: bool,
+    /// Prefetched for a workload of this node (see [`CaSource::prefetch`]), still there.
+    local: bool,
 }
 
 struct Held {
@@ -132,27 +136,34 @@ impl CaSource {
         book.shards = shards;
     }
 
+    /// `id`'s entry, made and its keeping task started if there was none.
+    fn entry<'b>(&self, book: &'b mut Book, id: &Identity) -> Result<&'b mut Entry, String> {
+        let fresh = (!book.entries.contains_key(id)).then(|| {
+            book.epochs += 1;
+            book.epochs
+        });
+        let entry = book.entries.entry(id.clone()).or_default();
+        if let Some(epoch) = fresh {
+            entry.epoch = epoch;
+            if self.wants.send((id.clone(), epoch)).is_err() {
+                return Err("the CA thread has stopped".into());
+            }
+        }
+        Ok(entry)
+    }
+
     /// The TLS settings of `id`: the held certificate when valid, else the outcome of the
     /// fetch this asks for (or joins), within `wait`.
     pub(super) fn material(&self, id: &Identity, wait: Duration) -> Outcome {
         let rx = {
             let mut book = self.shared.book.lock().map_err(|_| "CA book poisoned")?;
-            let fresh = (!book.entries.contains_key(id)).then(|| {
-                book.epochs += 1;
-                book.epochs
-            });
-            let entry = book.entries.entry(id.clone()).or_default();
+            let entry = self.entry(&mut book, id)?;
+            entry.used = true;
             if let Some(h) = entry.held.as_ref().filter(|h| h.valid()) {
                 return Ok(h.material.clone());
             }
             let (tx, rx) = crossbeam_channel::bounded(1);
             entry.waiters.push(tx);
-            if let Some(epoch) = fresh {
-                entry.epoch = epoch;
-                if self.wants.send((id.clone(), epoch)).is_err() {
-                    return Err("the CA thread has stopped".into());
-                }
-            }
             rx
         };
         rx.recv_timeout(wait).map_err(|_| {
@@ -160,12 +171,50 @@ impl CaSource {
         })?
     }
 
-    /// Stops keeping `id`'s certificate (no workload here has it any more, as ztunnel forgets
-    /// it); asked for again, it is fetched anew.
+    /// Fetches `id`'s certificate ahead of its first use, without waiting (ztunnel's
+    /// `prefetch_cert`, for a workload of this node pushed before its pod arrives): the pod's
+    /// add then finds it held, or joins the fetch under way. Kept and renewed like any other
+    /// until [`CaSource::release`] and no caller uses it.
+    pub(super) fn prefetch(&self, id: &Identity) {
+        let Ok(mut book) = self.shared.book.lock() else {
+            return;
+        };
+        match self.entry(&mut book, id) {
+            Ok(entry) => {
+                if !entry.local && entry.held.is_none() {
+                    tracing::debug!(identity = %id, "certificate prefetched for a workload of this node");
+                }
+                entry.local = true;
+            }
+            Err(e) => tracing::warn!(identity = %id, error = %e, "certificate prefetch failed"),
+        }
+    }
+
+    /// No workload of this node has `id` any more: it is forgotten unless a caller still
+    /// uses it.
+    pub(super) fn release(&self, id: &Identity) {
+        if let Ok(mut book) = self.shared.book.lock() {
+            if let Some(e) = book.entries.get_mut(id) {
+                e.local = false;
+                if !e.used {
+                    book.entries.remove(id);
+                    tracing::debug!(identity = %id, "prefetched certificate forgotten");
+                }
+            }
+        }
+    }
+
+    /// Stops keeping `id`'s certificate (no pod here has it any more, as ztunnel forgets
+    /// it), unless a workload of this node still has it (prefetched); asked for again, it is
+    /// fetched anew.
     pub(super) fn forget(&self, id: &Identity) {
         if let Ok(mut book) = self.shared.book.lock() {
-            if book.entries.remove(id).is_some() {
-                tracing::debug!(identity = %id, "certificate forgotten");
+            if let Some(e) = book.entries.get_mut(id) {
+                e.used = false;
+                if !e.local {
+                    book.entries.remove(id);
+                    tracing::debug!(identity = %id, "certificate forgotten");
+                }
             }
         }
     }

@@ -58,6 +58,8 @@ pub struct Running {
     synced: bool,
     /// The snapshot in force, which istiod's next changes apply to.
     snapshot: Snapshot,
+    /// Where certificates come from: told of each config change, to prefetch.
+    certs: Arc<Certificates>,
     tls: Arc<TlsMaterial>,
     driver: IoDriver,
 }
@@ -166,6 +168,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         source,
         synced,
         snapshot: snapshot.clone(),
+        certs,
         tls,
         driver,
     };
@@ -290,6 +293,7 @@ impl Running {
                 Ok(update) => {
                     generation += 1;
                     let built = Instant::now();
+                    self.certs.track(&update);
                     let (snap, changes) = match update {
                         Update::Full(config) => (Snapshot::new(config, generation), None),
                         Update::Delta(delta) => {

@@ -9,10 +9,12 @@
 //! readers that hold a buffer on a connection quiet for `QUIET` to let it go.
 //!
 //! A connection admitted by authorization policy also carries its [`Grant`], what the policy
-//! looked at. When a new config generation arrives the shard calls [`recheck`] with it, and
-//! every connection the new policies deny is cut, as ztunnel's `PolicyWatcher` does
-//! (`src/proxy/connection_manager.rs`): the copy loop ends with [`Cut::Revoked`] and resets
-//! both sides; the others keep running untouched.
+//! looked at. When a new config generation whose policies changed arrives, the shard calls
+//! [`recheck`] with it ([`recheck_after`]: a generation that only moved workloads or services
+//! asks nothing), and every connection the new policies deny is cut, as ztunnel's
+//! `PolicyWatcher` does (`src/proxy/connection_manager.rs`, woken by policy changes only): the
+//! copy loop ends with [`Cut::Revoked`] and resets both sides; the others keep running
+//! untouched.
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
@@ -20,6 +22,7 @@ use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::config::Snapshot;
 use crate::decide::Grant;
 use crate::metrics::TcpLabels;
 
@@ -317,6 +320,23 @@ impl Drop for Conn {
     }
 }
 
+/// [`recheck`] when `snap`, taken in place of generation `before`, may answer a policy
+/// question differently (its policies changed since: see
+/// [`Snapshot::policies_changed_since`]); a change of workloads or services alone re-checks
+/// nothing, as ztunnel's `PolicyWatcher` wakes on policy changes only. Returns how many were
+/// cut.
+pub fn recheck_after(
+    snap: &Snapshot,
+    before: u64,
+    denied: impl FnMut(&Grant) -> Option<String>,
+) -> usize {
+    if snap.policies_changed_since(before) {
+        recheck(denied)
+    } else {
+        0
+    }
+}
+
 /// Re-authorizes every live connection of this shard that policy admitted: `denied` says why
 /// a grant is no longer allowed (`None`: still allowed). Each denied one is cut; returns how
 /// many were.
@@ -421,5 +441,89 @@ async fn sweep() {
         if done {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{parse, Delta, EntryKey};
+
+    const CONFIG: &str = r#"
+workloads:
+- {uid: "c//Pod/default/server", name: server, namespace: default, serviceAccount: server, protocol: HBONE, workloadIps: [10.0.0.2], services: {}}
+- {uid: "c//Pod/default/other", name: other, namespace: default, serviceAccount: other, protocol: HBONE, workloadIps: [10.0.0.3], services: {}}
+policies:
+- {name: deny-80, namespace: default, scope: Namespace, action: Deny, dryRun: false, rules: [[[{destinationPorts: [80]}]]]}
+"#;
+
+    fn grant(generation: u64) -> Grant {
+        Grant {
+            src_identity: None,
+            src_ip: "10.0.0.1".parse().expect("ip"),
+            dst_ip: "10.0.0.2".parse().expect("ip"),
+            dst_port: 80,
+            generation,
+        }
+    }
+
+    /// A generation that changes workloads only re-checks nothing, even where the policies in
+    /// force would now deny (as ztunnel's `PolicyWatcher`, which wakes on policy changes); one
+    /// that changes a policy re-checks and cuts, also when the shard skipped generations.
+    #[test]
+    fn live_connections_are_rechecked_only_when_the_policies_changed() {
+        let full = parse(Path::new("t.yaml"), CONFIG).expect("config").config;
+        let deny = Arc::new(full.policies[0].clone());
+        let mut without = full.clone();
+        without.policies.clear();
+        let g1 = Snapshot::new(without, 1);
+        let workloads_only = |snap: &Snapshot, generation| {
+            let mut d = Delta::default();
+            d.workloads.push((
+                EntryKey::Position(1),
+                Some(Arc::new(full.workloads[1].clone())),
+            ));
+            snap.apply(d, generation)
+        };
+        let with_policy = |snap: &Snapshot, generation| {
+            let mut d = Delta::default();
+            d.policies
+                .push((EntryKey::from("deny-80"), Some(deny.clone())));
+            snap.apply(d, generation)
+        };
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let conn = Conn::new(Duration::ZERO, Some(grant(1)));
+                let asked = Cell::new(0);
+                let decide = |snap: &Snapshot| {
+                    let snap = snap.clone();
+                    let asked = &asked;
+                    move |g: &Grant| {
+                        asked.set(asked.get() + 1);
+                        crate::decide::revoked(&snap, g)
+                    }
+                };
+                let g2 = workloads_only(&g1, 2);
+                assert!(!g2.policies_changed_since(1));
+                assert_eq!(recheck_after(&g2, 1, decide(&g2)), 0);
+                assert_eq!(asked.get(), 0, "a workload change asks nothing");
+                // The policy arrives in generation 3, the shard then gets 4 (workloads only)
+                // having last seen 2: the policy change in between still counts.
+                let g3 = with_policy(&g2, 3);
+                let g4 = workloads_only(&g3, 4);
+                assert!(g4.policies_changed_since(2) && !g4.policies_changed_since(3));
+                assert_eq!(recheck_after(&g4, 2, decide(&g4)), 1, "denied: cut");
+                assert_eq!(asked.get(), 1);
+                assert!(conn.record.revoked.get());
+                // A whole config (a file reload) may change anything.
+                let reloaded = Snapshot::new(full.clone(), 5);
+                assert!(reloaded.policies_changed_since(4));
+            });
     }
 }

@@ -368,9 +368,10 @@ impl Shard {
     pub fn apply_config(&self, snap: Snapshot) -> ShardEvent {
         let generation = snap.generation;
         tracing::debug!(shard = self.id, generation, "config applied");
+        let before = self.snapshot.borrow().generation;
         *self.snapshot.borrow_mut() = Rc::new(snap);
         let current = self.snapshot();
-        let cut = live::recheck(|g| decide::revoked(&current, g));
+        let cut = live::recheck_after(&current, before, |g| decide::revoked(&current, g));
         if cut > 0 {
             tracing::info!(
                 shard = self.id,

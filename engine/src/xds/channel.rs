@@ -122,6 +122,42 @@ pub struct Endpoint {
     pub mark: u32,
 }
 
+/// What `XDS_ADDRESS`/`CA_ADDRESS` must look like, for error messages.
+pub const ADDRESS_FORM: &str = "https://host:port (or host:port, taken as https)";
+
+/// ztunnel's reading of an address setting: one without a scheme (`istiod.istio-system.svc:15012`)
+/// is taken as https, as ztunnel's `validate_uri` does; one that is not a URL at all is refused
+/// here, at start, rather than at the first connection.
+pub fn with_scheme(address: &str) -> Result<String, XdsError> {
+    let address = address.trim();
+    let url = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("https://{address}")
+    };
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| XdsError::Address(format!("{address:?} is not a URL ({e})")))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(XdsError::Address(format!("{address:?} names no host")));
+    }
+    // http's Uri takes `host:notaport` and only loses the port when asked for it.
+    let bad_port = uri.authority().is_some_and(|a| {
+        let a = a.as_str();
+        let port = a
+            .rsplit_once(':')
+            .filter(|_| !a.ends_with(']'))
+            .map(|(_, p)| p);
+        port.is_some_and(|p| p.parse::<u16>().is_err())
+    });
+    if bad_port {
+        return Err(XdsError::Address(format!(
+            "{address:?} is not a URL (invalid port)"
+        )));
+    }
+    Ok(url)
+}
+
 impl Endpoint {
     fn host_port(&self) -> Result<(Uri, String, u16), XdsError> {
         let uri: Uri = self
@@ -129,7 +165,10 @@ impl Endpoint {
             .parse()
             .map_err(|e| XdsError::Address(format!("{}: {e}", self.url)))?;
         if uri.scheme_str() != Some("https") {
-            return Err(XdsError::Address(format!("{}: not an https URL", self.url)));
+            return Err(XdsError::Address(format!(
+                "{}: not an https URL (istiod is reached over TLS)",
+                self.url
+            )));
         }
         let host = uri
             .host()

@@ -164,6 +164,13 @@ async fn stream_once(
         let (type_url, nonce) = (resp.type_url.clone(), resp.nonce.clone());
         let version = resp.system_version_info.clone();
         let (added, removed) = (resp.resources.len(), resp.removed_resources.len());
+        // What ztunnel counts as a message's size: its resources' encoded values.
+        let bytes = resp
+            .resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .map(|a| a.value.len() as u64)
+            .sum();
         let mut handled = session.handle(resp);
         pending.append(std::mem::take(&mut handled.delta));
         let (workloads, services, policies) = session.counts();
@@ -173,6 +180,7 @@ async fn stream_once(
             policies
         };
         record(status, |s| {
+            s.received(&type_url, bytes);
             s.answered(
                 Answered {
                     type_url: &type_url,

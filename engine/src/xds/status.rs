@@ -59,6 +59,8 @@ pub struct TypeStatus {
     pub acked_nonce: String,
     /// Responses received.
     pub messages: u64,
+    /// Bytes of the resources received (ztunnel counts each resource's encoded value).
+    pub bytes: u64,
     /// ACKs sent.
     pub acks: u64,
     /// NACKs sent.
@@ -136,13 +138,19 @@ impl XdsStatus {
         }
     }
 
+    /// A response of `type_url` carried `bytes` of resources (before it is answered).
+    pub fn received(&mut self, type_url: &str, bytes: u64) {
+        self.types.entry(type_url.to_owned()).or_default().bytes += bytes;
+    }
+
     /// Whether the stream is up.
     pub fn is_connected(&self) -> bool {
         self.connected_since.is_some()
     }
 
-    /// The metrics text: ztunnel's `istio_xds_connection_terminations` and
-    /// `istio_message_types`, and ringtun's connection, ACK, NACK and resource figures.
+    /// The metrics text: ztunnel's `istio_xds_connection_terminations`, `istio_xds_message`
+    /// and `istio_xds_message_bytes` (names, labels and types as ztunnel's), and ringtun's
+    /// connection, ACK, NACK and resource figures.
     pub fn prometheus(&self, openmetrics: bool) -> String {
         let mut out = String::new();
         gauge_header(
@@ -178,7 +186,7 @@ impl XdsStatus {
         type Field = fn(&TypeStatus) -> u64;
         let per_type: [(&str, &str, Field); 3] = [
             (
-                "istio_message_types",
+                "istio_xds_message",
                 "Total number of messages received (unstable)",
                 |t| t.messages,
             ),
@@ -192,6 +200,20 @@ impl XdsStatus {
             for (url, t) in &self.types {
                 let _ = writeln!(out, "{name}_total{{url=\"{url}\"}} {}", field(t));
             }
+        }
+        // ztunnel registers this one with a unit, which OpenMetrics states.
+        let bytes = "istio_xds_message_bytes";
+        counter_header(
+            &mut out,
+            bytes,
+            "Total number of bytes received (unstable)",
+            openmetrics,
+        );
+        if openmetrics {
+            let _ = writeln!(out, "# UNIT {bytes} bytes");
+        }
+        for (url, t) in &self.types {
+            let _ = writeln!(out, "{bytes}_total{{url=\"{url}\"}} {}", t.bytes);
         }
         gauge_header(
             &mut out,
@@ -249,7 +271,9 @@ mod tests {
         assert!(!s.is_connected());
         s.connected(t0);
         assert_eq!((s.connected_since, s.reconnects), (Some(t0), 0));
+        s.received(ADDRESS_TYPE, 100);
         s.answered(ack(ADDRESS_TYPE, "v1", "n1", 3), t0);
+        s.received(ADDRESS_TYPE, 7);
         s.answered(ack(AUTHORIZATION_TYPE, "v1", "n2", 1), t0);
         s.answered(
             Answered {
@@ -283,7 +307,9 @@ mod tests {
             "ringtun_xds_reconnects_total 1",
             "istio_xds_connection_terminations_total{reason=\"Error\"} 1",
             "istio_xds_connection_terminations_total{reason=\"ConnectionError\"} 1",
-            "istio_message_types_total{url=\"type.googleapis.com/istio.workload.Address\"} 2",
+            "istio_xds_message_total{url=\"type.googleapis.com/istio.workload.Address\"} 2",
+            "istio_xds_message_bytes_total{url=\"type.googleapis.com/istio.workload.Address\"} 107",
+            "# TYPE istio_xds_message_bytes_total counter",
             "ringtun_xds_acks_total{url=\"type.googleapis.com/istio.workload.Address\"} 1",
             "ringtun_xds_nacks_total{url=\"type.googleapis.com/istio.workload.Address\"} 1",
             "ringtun_xds_nacks_total{url=\"type.googleapis.com/istio.security.Authorization\"} 0",
@@ -292,8 +318,10 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
-        assert!(s
-            .prometheus(true)
-            .contains("# TYPE ringtun_xds_nacks counter"));
+        let open = s.prometheus(true);
+        assert!(open.contains("# TYPE ringtun_xds_nacks counter"));
+        assert!(open.contains(
+            "# TYPE istio_xds_message_bytes counter\n# UNIT istio_xds_message_bytes bytes\n"
+        ));
     }
 }
