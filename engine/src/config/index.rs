@@ -267,9 +267,11 @@ impl Index {
         self.services.insert(key, svc);
     }
 
-    /// Recomputes the endpoints of every service carrying `service_key` from its members:
-    /// each member mapping a port, unless unhealthy and the service's policy is not
-    /// `AllowAll` (ztunnel's rule).
+    /// Recomputes the endpoints of every service carrying `service_key` from its members, as
+    /// ztunnel's `load_balance` filters them: only the service's own `ports` have endpoints;
+    /// a member serves one with the target port its own map gives, else the service's when
+    /// that is not 0 (a member with neither is left out); unhealthy members only under the
+    /// `AllowAll` health policy.
     fn refresh_endpoints(&mut self, service_key: &str) {
         let Some(carriers) = self.carriers.get(service_key).cloned() else {
             return;
@@ -289,7 +291,12 @@ impl Index {
                 let Some(map) = w.services.get(service_key) else {
                     continue;
                 };
-                for (&service_port, &target_port) in map {
+                for (&service_port, &service_target) in &svc.service.ports {
+                    let target_port = match map.get(&service_port) {
+                        Some(&own) => own,
+                        None if service_target != 0 => service_target,
+                        None => continue,
+                    };
                     ports
                         .entry(service_port)
                         .or_default()

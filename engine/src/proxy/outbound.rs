@@ -101,9 +101,9 @@ async fn open(
     let src_w = shard.scope_for(pod).source_workload(&snap, src.ip());
     record.source(src_w);
     record.service(snap.service_by_vip(dst.ip()).map(|s| s.service));
-    match shard.route_for(pod, &snap, dst) {
+    match shard.route_for(pod, &snap, src_w, dst) {
         Route::NoEndpoint { .. } => {
-            refuse_tcp(record, client, Refusal::NoEndpoint { port: dst.port() });
+            refuse_tcp(record, client, Refusal::NoEndpoint { dst });
             None
         }
         Route::Direct { target, .. } => {
