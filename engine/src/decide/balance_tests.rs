@@ -168,7 +168,7 @@ fn strict_matches_node_cluster_and_network_too() {
 
 #[test]
 fn failover_prefers_the_most_leading_scopes_then_falls_back() {
-    let all = vec![
+    let all = [
         ep("subzone", ["r1", "z1", "s1"], 1),
         ep("zone", ["r1", "z1", "s2"], 1),
         ep("region", ["r1", "z2", "s1"], 1),
