@@ -205,7 +205,7 @@ fn passthrough_goes_to_the_dialled_address() {
         r,
         Route::Direct {
             target: VIP.parse().unwrap(),
-            service: Some(HOST.into())
+            service: None
         }
     );
 }

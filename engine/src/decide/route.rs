@@ -23,7 +23,8 @@ pub enum Route {
         /// `ns/name` of the chosen workload.
         workload: String,
     },
-    /// Plain TCP to this address (destination protocol TCP, or not in the mesh).
+    /// Plain TCP to this address (destination protocol TCP, not in the mesh, or a
+    /// `Passthrough` service).
     Direct {
         /// Where to connect.
         target: SocketAddr,
@@ -41,7 +42,8 @@ pub enum Route {
 /// Decides where a captured connection from `src` (the source workload, where known) to `dst`
 /// goes, as ztunnel's `find_upstream`: a service VIP picks one of its endpoints for that port
 /// by the service's load-balancing rules ([`balance::pick`]) and goes to the target port the
-/// index settled; a `Passthrough` service goes to `dst` itself; a workload IP goes to that
+/// index settled; a `Passthrough` service goes to `dst` itself, as traffic outside the mesh
+/// (no service named); a workload IP goes to that
 /// workload; anything else passes through.
 pub fn route(
     scope: &Scope,
@@ -54,10 +56,12 @@ pub fn route(
         if let Some(svc) = snap.service_by_vip(dst.ip()) {
             let host = svc.service.hostname.clone();
             let lb = svc.service.load_balancer.as_ref();
+            // ztunnel's `OriginalDestination`: no endpoint is chosen, and the connection is
+            // not reported as the service's.
             if lb.is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough) {
                 return Route::Direct {
                     target: dst,
-                    service: Some(host),
+                    service: None,
                 };
             }
             match balance::pick(lb, src, snap.endpoints(svc, dst.port()), bal) {

@@ -106,7 +106,11 @@ async fn open(
             refuse_tcp(record, client, Refusal::NoEndpoint { dst });
             None
         }
-        Route::Direct { target, .. } => {
+        Route::Direct { target, service } => {
+            if service.is_none() {
+                // A `Passthrough` service's VIP: ztunnel names no service for it.
+                record.service(None);
+            }
             record.destination(snap.workload_by_ip(target.ip()));
             record.log().direction = Direction::Passthrough;
             drop(snap);
