@@ -34,8 +34,16 @@ pub(super) struct Svc {
 pub(super) type Endpoint = (Arc<Workload>, u16);
 
 /// A service's endpoints per service port (sorted, searched in order: services have few
-/// ports), each list in config order.
-pub(super) type PortEndpoints = [(u16, Box<[Endpoint]>)];
+/// ports), each list in config order, with whether it [is uniform](uniform).
+pub(super) type PortEndpoints = [(u16, Box<[Endpoint]>, bool)];
+
+/// Whether every endpoint has an address and capacity 1, so that a capacity-weighted draw
+/// among them all is a uniform one (the common case, drawn without a pass over the list).
+fn uniform(endpoints: &[Endpoint]) -> bool {
+    endpoints
+        .iter()
+        .all(|(w, _)| w.capacity == 1 && !w.workload_ips.is_empty())
+}
 
 /// Workloads listing one service key, in config order.
 type Members = BTreeMap<EntryKey, Arc<Workload>>;
@@ -305,7 +313,10 @@ impl Index {
             }
             let endpoints: Vec<_> = ports
                 .into_iter()
-                .map(|(p, v)| (p, v.into_boxed_slice()))
+                .map(|(p, v)| {
+                    let uniform = uniform(&v);
+                    (p, v.into_boxed_slice(), uniform)
+                })
                 .collect();
             if endpoints.is_empty() && svc.endpoints.is_empty() {
                 continue;

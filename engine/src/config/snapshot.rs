@@ -46,6 +46,7 @@ impl<'a> ServiceRef<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Endpoints<'a> {
     entries: &'a [Endpoint],
+    uniform: bool,
 }
 
 impl<'a> Endpoints<'a> {
@@ -62,6 +63,12 @@ impl<'a> Endpoints<'a> {
     /// The `i`-th endpoint (config order), e.g. `get(rr % len)`.
     pub fn get(&self, i: usize) -> Option<(&'a Workload, u16)> {
         self.entries.get(i).map(|(w, port)| (&**w, *port))
+    }
+
+    /// Whether every endpoint has an IP address and capacity 1: a capacity-weighted draw over
+    /// them is then a uniform one.
+    pub fn is_uniform(&self) -> bool {
+        self.uniform
     }
 
     /// Iterates `(workload, target_port)` in config order.
@@ -212,12 +219,12 @@ impl Snapshot {
     /// workloads are left out unless the service's health policy is `AllowAll`. Config order. (A `ServiceRef` carries them: one from another snapshot
     /// gives that snapshot's.)
     pub fn endpoints<'a>(&self, service: ServiceRef<'a>, service_port: u16) -> Endpoints<'a> {
-        let entries = service
+        let (entries, uniform) = service
             .endpoints
             .iter()
-            .find(|(port, _)| *port == service_port)
-            .map_or(&[][..], |(_, e)| &e[..]);
-        Endpoints { entries }
+            .find(|(port, _, _)| *port == service_port)
+            .map_or((&[][..], true), |(_, e, uniform)| (&e[..], *uniform));
+        Endpoints { entries, uniform }
     }
 }
 
@@ -269,6 +276,10 @@ services:
             .collect();
         // b lacks port 80: the service's target port; c is unhealthy.
         assert_eq!(eps, [("a", 8080), ("b", 1), ("d", 8081)]);
+        assert!(s.endpoints(svc, 80).is_uniform());
+        let weighted = snap(&TEXT.replace("uid: d,", "uid: d, capacity: 2,"));
+        let svc2 = weighted.service_by_vip(ip("10.96.0.1")).unwrap();
+        assert!(!weighted.endpoints(svc2, 80).is_uniform());
         let eps = s.endpoints(svc, 443);
         assert_eq!(eps.len(), 2);
         assert_eq!(

@@ -84,6 +84,13 @@ pub fn pick<'a>(
     bal: &mut Balancer,
 ) -> Option<(&'a Workload, u16)> {
     let ranked = lb.filter(|lb| lb.mode != LoadBalancerMode::Standard);
+    if ranked.is_none() && eps.is_uniform() {
+        // Every endpoint is eligible with the same weight: the same draw, without the passes.
+        if eps.is_empty() {
+            return None;
+        }
+        return eps.get(bal.rng.gen_range(0..eps.len()));
+    }
     let rank_of = |w: &Workload| -> Option<usize> {
         if !reachable(src, w) {
             return None;

@@ -226,6 +226,15 @@ fn capacity_weights_the_draw() {
     );
     let share = seen["three"] as f64 / n as f64;
     assert!((share - 0.75).abs() < 0.02, "{seen:?}");
+    // Equal capacities (the draw without a pass over the list): an even spread.
+    let even = [
+        ep("a", ["r1", "z1", "s1"], 1),
+        ep("b", ["r1", "z2", "s1"], 1),
+        ep("c", ["r2", "z1", "s1"], 1),
+    ];
+    let seen = picks(&config("", &even), 9_000, 5);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|&c| c.abs_diff(3_000) < 250), "{seen:?}");
     // The same seed draws the same sequence.
     assert_eq!(
         picks(&config("", &eps), 500, 9),
