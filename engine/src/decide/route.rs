@@ -43,8 +43,7 @@ pub enum Route {
 /// goes, as ztunnel's `find_upstream`: a service VIP picks one of its endpoints for that port
 /// by the service's load-balancing rules ([`balance::pick`]) and goes to the target port the
 /// index settled; a `Passthrough` service goes to `dst` itself, as traffic outside the mesh
-/// (no service named); a workload IP goes to that
-/// workload; anything else passes through.
+/// (no service named); a workload IP goes to that workload; anything else passes through.
 pub fn route(
     scope: &Scope,
     snap: &Snapshot,

@@ -2,9 +2,9 @@
 //!
 //! A shard is its [`ShardContext`], what it was given at start and never changes (options,
 //! identity, the [`Scope`] it serves), and its runtime state: the TLS settings new handshakes
-//! use (replaced when the certificate is renewed, [`tls`]), the config
-//! generation new connections use, the random source of endpoint choices, the HBONE [`pool`], its [`Tally`] of
-//! metrics and counters, the [`drain`] signal and the registry of [`live`] connections.
+//! use (replaced when the certificate is renewed, [`tls`]), the config generation new
+//! connections use, the random source of endpoint choices, the HBONE [`pool`], its [`Tally`]
+//! of metrics and counters, the [`drain`] signal and the registry of [`live`] connections.
 //! Nothing in it is shared with other shards at run time: the read-only parts are `Arc`s
 //! cloned once at start, and config snapshots (with their policy tables) arrive from the
 //! control thread. So the per-connection and per-byte paths take no locks and touch no shared
