@@ -327,7 +327,7 @@ fn ringtun_takes_its_config_from_istiod_only() {
     not_carried(&nodes.client);
     let refused = client.wait_access("the refusal", |l| {
         l.get("error")
-            .is_some_and(|r| r.contains("no endpoint serves port 80"))
+            .is_some_and(|r| r.contains("no healthy upstream"))
     });
     assert!(refused.is("direction", "outbound"), "{}", refused.raw);
     server.wait_lines(&["config updated by the control plane", "workloads=1"], 1);

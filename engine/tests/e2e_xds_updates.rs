@@ -89,7 +89,7 @@ fn wait_refusals(client: &XdsRingtun, n: usize) {
             .iter()
             .filter(|l| {
                 l.get("error")
-                    .is_some_and(|r| r.contains("no endpoint serves port 80"))
+                    .is_some_and(|r| r.contains("no healthy upstream"))
             })
             .count();
         if seen >= n {

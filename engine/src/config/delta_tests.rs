@@ -106,13 +106,16 @@ fn service() -> impl Strategy<Value = Service> {
         prop::collection::vec(0u8..6, 0..3),
         any::<bool>(),
         0u8..3,
+        prop::collection::btree_map(0usize..2, 0u16..3, 0..3),
     )
-        .prop_map(move |(key, vips, allow_all, name)| {
+        .prop_map(move |(key, vips, allow_all, name, ports)| {
             let mut s = s.clone();
             let k = usize::from(key);
             s.namespace = NAMESPACES[k % 3].into();
             s.hostname = HOSTS[k / 3 % 3].into();
             s.name = format!("s{name}");
+            // Target 0 makes endpoints depend on the workload maps alone.
+            s.ports = ports.into_iter().map(|(p, t)| (PORTS[p], t)).collect();
             s.vips = vips
                 .into_iter()
                 .map(|v| NetworkAddress {
@@ -276,6 +279,7 @@ fn a_workload_delta_touches_only_its_services() {
     for i in 0..100u8 {
         let mut svc = s.clone();
         svc.hostname = format!("h{i}");
+        svc.ports = [(80, 80)].into();
         svc.vips = vec![NetworkAddress {
             network: String::new(),
             address: IpAddr::from([10, 96, 1, i]),

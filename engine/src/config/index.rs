@@ -34,8 +34,16 @@ pub(super) struct Svc {
 pub(super) type Endpoint = (Arc<Workload>, u16);
 
 /// A service's endpoints per service port (sorted, searched in order: services have few
-/// ports), each list in config order.
-pub(super) type PortEndpoints = [(u16, Box<[Endpoint]>)];
+/// ports), each list in config order, with whether it [is uniform](uniform).
+pub(super) type PortEndpoints = [(u16, Box<[Endpoint]>, bool)];
+
+/// Whether every endpoint has an address and capacity 1, so that a capacity-weighted draw
+/// among them all is a uniform one (the common case, drawn without a pass over the list).
+fn uniform(endpoints: &[Endpoint]) -> bool {
+    endpoints
+        .iter()
+        .all(|(w, _)| w.capacity == 1 && !w.workload_ips.is_empty())
+}
 
 /// Workloads listing one service key, in config order.
 type Members = BTreeMap<EntryKey, Arc<Workload>>;
@@ -267,9 +275,11 @@ impl Index {
         self.services.insert(key, svc);
     }
 
-    /// Recomputes the endpoints of every service carrying `service_key` from its members:
-    /// each member mapping a port, unless unhealthy and the service's policy is not
-    /// `AllowAll` (ztunnel's rule).
+    /// Recomputes the endpoints of every service carrying `service_key` from its members, as
+    /// ztunnel's `load_balance` filters them: only the service's own `ports` have endpoints;
+    /// a member serves one with the target port its own map gives, else the service's when
+    /// that is not 0 (a member with neither is left out); unhealthy members only under the
+    /// `AllowAll` health policy.
     fn refresh_endpoints(&mut self, service_key: &str) {
         let Some(carriers) = self.carriers.get(service_key).cloned() else {
             return;
@@ -289,7 +299,12 @@ impl Index {
                 let Some(map) = w.services.get(service_key) else {
                     continue;
                 };
-                for (&service_port, &target_port) in map {
+                for (&service_port, &service_target) in &svc.service.ports {
+                    let target_port = match map.get(&service_port) {
+                        Some(&own) => own,
+                        None if service_target != 0 => service_target,
+                        None => continue,
+                    };
                     ports
                         .entry(service_port)
                         .or_default()
@@ -298,7 +313,10 @@ impl Index {
             }
             let endpoints: Vec<_> = ports
                 .into_iter()
-                .map(|(p, v)| (p, v.into_boxed_slice()))
+                .map(|(p, v)| {
+                    let uniform = uniform(&v);
+                    (p, v.into_boxed_slice(), uniform)
+                })
                 .collect();
             if endpoints.is_empty() && svc.endpoints.is_empty() {
                 continue;

@@ -30,7 +30,7 @@ pub struct Snapshot {
 pub struct ServiceRef<'a> {
     /// The service.
     pub service: &'a Service,
-    /// Unique within a Snapshot and kept while the service is updated, usable as a round-robin
+    /// Unique within a Snapshot and kept while the service is updated, usable as a per-service
     /// key; for a config built at once, its position in the list of services.
     pub index: usize,
     endpoints: &'a PortEndpoints,
@@ -50,6 +50,7 @@ impl<'a> ServiceRef<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Endpoints<'a> {
     entries: &'a [Endpoint],
+    uniform: bool,
 }
 
 impl<'a> Endpoints<'a> {
@@ -63,9 +64,15 @@ impl<'a> Endpoints<'a> {
         self.entries.is_empty()
     }
 
-    /// The `i`-th endpoint (config order), e.g. `get(rr % len)` for round robin.
+    /// The `i`-th endpoint (config order), e.g. `get(rr % len)`.
     pub fn get(&self, i: usize) -> Option<(&'a Workload, u16)> {
         self.entries.get(i).map(|(w, port)| (&**w, *port))
+    }
+
+    /// Whether every endpoint has an IP address and capacity 1: a capacity-weighted draw over
+    /// them is then a uniform one.
+    pub fn is_uniform(&self) -> bool {
+        self.uniform
     }
 
     /// Iterates `(workload, target_port)` in config order.
@@ -224,19 +231,19 @@ impl Snapshot {
         bucket.iter().filter_map(|&i| Some(&*t.list.get(i)?.1))
     }
 
-    /// Endpoints of `service` for `service_port`: every workload whose `services` map has
-    /// the key `namespace/hostname` and maps that port (the workload's own target port;
-    /// a workload whose map lacks the port is skipped, no fallback to the service's `ports`).
-    /// Unhealthy workloads are left out unless the service's health policy is `AllowAll`,
-    /// as in ztunnel. Config order. (A `ServiceRef` carries them: one from another snapshot
+    /// Endpoints of `service` for `service_port`, as ztunnel's `load_balance` filters them:
+    /// none unless the service's `ports` has that port; then every workload whose `services`
+    /// map has the key `namespace/hostname`, with the target port its own map gives, else the
+    /// service's (a workload with neither, the service's being 0, is left out). Unhealthy
+    /// workloads are left out unless the service's health policy is `AllowAll`. Config order. (A `ServiceRef` carries them: one from another snapshot
     /// gives that snapshot's.)
     pub fn endpoints<'a>(&self, service: ServiceRef<'a>, service_port: u16) -> Endpoints<'a> {
-        let entries = service
+        let (entries, uniform) = service
             .endpoints
             .iter()
-            .find(|(port, _)| *port == service_port)
-            .map_or(&[][..], |(_, e)| &e[..]);
-        Endpoints { entries }
+            .find(|(port, _, _)| *port == service_port)
+            .map_or((&[][..], true), |(_, e, uniform)| (&e[..], *uniform));
+        Endpoints { entries, uniform }
     }
 }
 
@@ -264,7 +271,7 @@ workloads:
 - {uid: c, name: c, namespace: ns, workloadIps: [10.0.0.3], status: Unhealthy, services: {"ns/s": {80: 80}}}
 - {uid: d, name: d, namespace: ns, workloadIps: [10.0.0.4], services: {"ns/s": {80: 8081}}}
 services:
-- {name: s, namespace: ns, hostname: s, vips: [/10.96.0.1, net2/fd00::1], ports: {80: 1, 443: 2}}
+- {name: s, namespace: ns, hostname: s, vips: [/10.96.0.1, net2/fd00::1], ports: {80: 1, 443: 0}}
 - {name: t, namespace: ns, hostname: t, vips: [/10.96.0.2], ports: {80: 1}}
 "#;
 
@@ -286,14 +293,19 @@ services:
             .iter()
             .map(|(w, p)| (w.name.as_str(), p))
             .collect();
-        // b lacks port 80 (skipped, no fallback); c is unhealthy.
-        assert_eq!(eps, [("a", 8080), ("d", 8081)]);
+        // b lacks port 80: the service's target port; c is unhealthy.
+        assert_eq!(eps, [("a", 8080), ("b", 1), ("d", 8081)]);
+        assert!(s.endpoints(svc, 80).is_uniform());
+        let weighted = snap(&TEXT.replace("uid: d,", "uid: d, capacity: 2,"));
+        let svc2 = weighted.service_by_vip(ip("10.96.0.1")).unwrap();
+        assert!(!weighted.endpoints(svc2, 80).is_uniform());
         let eps = s.endpoints(svc, 443);
         assert_eq!(eps.len(), 2);
         assert_eq!(
             eps.get(1).map(|(w, p)| (w.name.as_str(), p)),
             Some(("b", 9443))
         );
+        // d lacks 443 and the service maps it to 0: no fallback.
         assert_eq!(eps.get(2).map(|(w, _)| w.name.clone()), None);
         assert!(s.endpoints(svc, 8080).is_empty());
         let t = s.service_by_host("ns", "t").unwrap();
@@ -303,8 +315,8 @@ services:
     #[test]
     fn allow_all_health_policy_keeps_unhealthy() {
         let text = TEXT.replace(
-            "ports: {80: 1, 443: 2}}",
-            "ports: {80: 1, 443: 2}, loadBalancer: {healthPolicy: AllowAll}}",
+            "ports: {80: 1, 443: 0}}",
+            "ports: {80: 1, 443: 0}, loadBalancer: {healthPolicy: AllowAll}}",
         );
         let s = snap(&text);
         let svc = s.service_by_vip(ip("10.96.0.1")).unwrap();
@@ -313,7 +325,7 @@ services:
             .iter()
             .map(|(w, _)| w.name.clone())
             .collect();
-        assert_eq!(names, ["a", "c", "d"]);
+        assert_eq!(names, ["a", "b", "c", "d"]);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! and the refusal a connection gets when it is not carried ([`Refusal`]).
 //!
 //! Pure functions over a config [`Snapshot`](crate::config::Snapshot) and plain values (the
-//! shard's options as a [`Scope`], its round-robin cursors as a [`RoundRobin`]): no sockets,
-//! no shard, no clock. The proxy paths act on what they return, once.
+//! shard's options as a [`Scope`], its random source for endpoint choices as a
+//! [`Balancer`]): no sockets, no shard, no clock. The proxy paths act on what they return, once.
 
+mod balance;
 mod inbound;
 mod refusal;
 mod route;
@@ -14,12 +15,13 @@ mod scope;
 
 use std::net::SocketAddr;
 
+pub use balance::Balancer;
 pub use inbound::{
     admit_hbone, admit_plaintext, authorize, connect_target, resolve_hostname, response_baggage,
     revoked, Admission, Arrival, Authority, Grant,
 };
 pub use refusal::Refusal;
-pub use route::{request_baggage, route, RoundRobin, Route};
+pub use route::{request_baggage, route, Route};
 pub use scope::Scope;
 
 /// The original destination of a connection that reached a capture listener at `local`:
@@ -32,5 +34,7 @@ pub fn captured(local: SocketAddr, original: SocketAddr) -> Result<SocketAddr, R
     Ok(crate::net::canonical(original))
 }
 
+#[cfg(test)]
+mod balance_tests;
 #[cfg(test)]
 mod tests;

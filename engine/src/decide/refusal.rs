@@ -12,10 +12,11 @@ pub enum Refusal {
     /// It reached a capture listener without being redirected there, so it has no original
     /// destination (connecting to the listener's own address would loop).
     NotRedirected,
-    /// A service VIP none of whose endpoints serves the port.
+    /// A service VIP with no endpoint its load-balancing rules allow for the port (ztunnel's
+    /// `NoHealthyUpstream`).
     NoEndpoint {
-        /// The dialled port.
-        port: u16,
+        /// The dialled VIP and port.
+        dst: SocketAddr,
     },
     /// A plain TCP destination could not be reached.
     Unreachable {
@@ -123,7 +124,7 @@ impl fmt::Display for Refusal {
             Refusal::NotRedirected => f.write_str(
                 "connection was not redirected (no original destination); this listener only serves captured traffic",
             ),
-            Refusal::NoEndpoint { port } => write!(f, "no endpoint serves port {port}"),
+            Refusal::NoEndpoint { dst } => write!(f, "no healthy upstream: {dst}"),
             Refusal::Unreachable { target, error } => write!(f, "connect {target}: {error}"),
             Refusal::Tunnel(why) => f.write_str(why),
             Refusal::PeerStatus(status) => write!(f, "http status: {status}"),

@@ -1,13 +1,13 @@
 //! Outbound routing: where a captured connection to `dst` goes, as ztunnel decides it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use ringtun_hbone::connect::Baggage;
 use ringtun_hbone::Identity;
 
+use super::balance::{self, Balancer};
 use super::Scope;
-use crate::config::{Protocol, Snapshot, Workload};
+use crate::config::{LoadBalancerMode, Protocol, Snapshot, Workload};
 
 /// Where the destination lookup says a connection should go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,55 +23,47 @@ pub enum Route {
         /// `ns/name` of the chosen workload.
         workload: String,
     },
-    /// Plain TCP to this address (destination protocol TCP, or not in the mesh).
+    /// Plain TCP to this address (destination protocol TCP, not in the mesh, or a
+    /// `Passthrough` service).
     Direct {
         /// Where to connect.
         target: SocketAddr,
         /// Service hostname when a VIP was dialled.
         service: Option<String>,
     },
-    /// A service VIP with no endpoint for that port.
+    /// A service VIP with no endpoint for that port that the load-balancing rules allow
+    /// (ztunnel's "no healthy upstream").
     NoEndpoint {
         /// The service hostname.
         service: String,
     },
 }
 
-/// Round-robin cursors per (service index, port), valid for one config generation: a new
-/// generation starts every service at its first endpoint again.
-#[derive(Debug, Default)]
-pub struct RoundRobin {
-    generation: u64,
-    cursors: HashMap<(usize, u16), usize>,
-}
-
-impl RoundRobin {
-    /// Next position for `port` of the service at `service` in `generation`'s config.
-    pub fn next(&mut self, generation: u64, service: usize, port: u16) -> usize {
-        if self.generation != generation {
-            self.generation = generation;
-            self.cursors.clear();
-        }
-        let c = self.cursors.entry((service, port)).or_insert(0);
-        let v = *c;
-        *c = c.wrapping_add(1);
-        v
-    }
-}
-
-/// Decides where a captured connection to `dst` goes, as ztunnel would: a service VIP picks an
-/// endpoint round-robin (skipping workloads without that port); a workload IP goes to that
-/// workload; anything else passes through.
-pub fn route(scope: &Scope, snap: &Snapshot, rr: &mut RoundRobin, dst: SocketAddr) -> Route {
+/// Decides where a captured connection from `src` (the source workload, where known) to `dst`
+/// goes, as ztunnel's `find_upstream`: a service VIP picks one of its endpoints for that port
+/// by the service's load-balancing rules ([`balance::pick`]) and goes to the target port the
+/// index settled; a `Passthrough` service goes to `dst` itself, as traffic outside the mesh
+/// (no service named); a workload IP goes to that workload; anything else passes through.
+pub fn route(
+    scope: &Scope,
+    snap: &Snapshot,
+    bal: &mut Balancer,
+    src: Option<&Workload>,
+    dst: SocketAddr,
+) -> Route {
     let (workload, port, service): (&Workload, u16, Option<String>) =
         if let Some(svc) = snap.service_by_vip(dst.ip()) {
-            let eps = snap.endpoints(svc, dst.port());
             let host = svc.service.hostname.clone();
-            if eps.is_empty() {
-                return Route::NoEndpoint { service: host };
+            let lb = svc.service.load_balancer.as_ref();
+            // ztunnel's `OriginalDestination`: no endpoint is chosen, and the connection is
+            // not reported as the service's.
+            if lb.is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough) {
+                return Route::Direct {
+                    target: dst,
+                    service: None,
+                };
             }
-            let i = rr.next(snap.generation, svc.index, dst.port()) % eps.len();
-            match eps.get(i) {
+            match balance::pick(lb, src, snap.endpoints(svc, dst.port()), bal) {
                 Some((w, target_port)) => (w, target_port, Some(host)),
                 None => return Route::NoEndpoint { service: host },
             }

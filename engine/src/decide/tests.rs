@@ -14,11 +14,12 @@ use crate::config::{parse, Snapshot};
 use crate::policy::Decision;
 
 const SERVER_HOST: &str = "server.default.svc.cluster.local";
+const ONE_HOST: &str = "one.default.svc.cluster.local";
 
 const CONFIG: &str = r#"
 workloads:
 - {uid: "c//Pod/default/client", name: client, namespace: default, serviceAccount: client, node: node-a, protocol: HBONE, workloadIps: [10.0.0.1], services: {}}
-- {uid: "c//Pod/default/server", name: server, namespace: default, serviceAccount: server, node: node-b, protocol: HBONE, workloadIps: [10.0.0.2], services: {"default/server.default.svc.cluster.local": {80: 8080}}}
+- {uid: "c//Pod/default/server", name: server, namespace: default, serviceAccount: server, node: node-b, protocol: HBONE, workloadIps: [10.0.0.2], services: {"default/server.default.svc.cluster.local": {80: 8080}, "default/one.default.svc.cluster.local": {80: 8080, 7000: 7000}}}
 - {uid: "c//Pod/default/server2", name: server2, namespace: default, serviceAccount: server, node: node-b, protocol: HBONE, workloadIps: [10.0.0.3, "fd00::3"], services: {"default/server.default.svc.cluster.local": {80: 8081}}}
 - {uid: "c//Pod/default/plain", name: plain, namespace: default, serviceAccount: plain, node: node-b, protocol: TCP, workloadIps: [10.0.0.4], services: {"default/plain.default.svc.cluster.local": {80: 9090}}}
 - {uid: "c//Pod/other/far", name: far, namespace: other, serviceAccount: sa, trustDomain: other.td, protocol: HBONE, workloadIps: [10.0.0.5], services: {}}
@@ -26,6 +27,7 @@ services:
 - {name: server, namespace: default, hostname: server.default.svc.cluster.local, vips: [/10.96.0.10, "/fd00::10"], ports: {80: 8080, 443: 8443}, subjectAltNames: ["spiffe://cluster.local/ns/default/sa/alt", "not a spiffe id"]}
 - {name: plain, namespace: default, hostname: plain.default.svc.cluster.local, vips: [/10.96.0.11], ports: {80: 9090}}
 - {name: empty, namespace: default, hostname: empty.default.svc.cluster.local, vips: [/10.96.0.12], ports: {80: 80}}
+- {name: one, namespace: default, hostname: one.default.svc.cluster.local, vips: [/10.96.0.13], ports: {80: 1, 443: 0, 8443: 8443}, subjectAltNames: ["spiffe://cluster.local/ns/default/sa/alt", "not a spiffe id"]}
 policies: []
 "#;
 
@@ -90,14 +92,38 @@ fn routes_like_ztunnel() {
     let cases: Vec<(&str, &str, Route)> =
         vec![
         (
-            "a VIP goes to an endpoint's target port, which may present the service's SANs",
-            "10.96.0.10:80",
+            "a VIP goes to its endpoint's own target port, which may present the service's SANs",
+            "10.96.0.13:80",
             hbone(
                 "10.0.0.2:8080",
                 &[server.clone(), alt.clone()],
-                Some(SERVER_HOST),
+                Some(ONE_HOST),
                 "default/server",
             ),
+        ),
+        (
+            "a port the endpoint's map lacks takes the service's target port",
+            "10.96.0.13:8443",
+            hbone(
+                "10.0.0.2:8443",
+                &[server.clone(), alt.clone()],
+                Some(ONE_HOST),
+                "default/server",
+            ),
+        ),
+        (
+            "the service maps the port to 0 and the endpoint not at all: no endpoint",
+            "10.96.0.13:443",
+            Route::NoEndpoint {
+                service: ONE_HOST.into(),
+            },
+        ),
+        (
+            "a port the service lacks has no endpoint, even where the workload maps it",
+            "10.96.0.13:7000",
+            Route::NoEndpoint {
+                service: ONE_HOST.into(),
+            },
         ),
         (
             "a pod IP goes to that workload, port unchanged, its own identity only",
@@ -139,13 +165,6 @@ fn routes_like_ztunnel() {
             },
         ),
         (
-            "a service port no endpoint maps has no endpoint (no fallback to the service ports)",
-            "10.96.0.10:443",
-            Route::NoEndpoint {
-                service: SERVER_HOST.into(),
-            },
-        ),
-        (
             "a service without endpoints has none",
             "10.96.0.12:80",
             Route::NoEndpoint {
@@ -154,65 +173,48 @@ fn routes_like_ztunnel() {
         ),
     ];
     for (what, dst, want) in cases {
-        let mut rr = RoundRobin::default();
-        assert_eq!(route(&scope(), &s, &mut rr, addr(dst)), want, "{what}");
+        let mut bal = Balancer::seeded(1);
+        assert_eq!(
+            route(&scope(), &s, &mut bal, None, addr(dst)),
+            want,
+            "{what}"
+        );
     }
 }
 
 #[test]
-fn a_vip_takes_its_endpoints_in_turn_in_the_dialled_family() {
+fn a_vip_draws_among_its_endpoints_in_the_dialled_family() {
     let s = snap();
-    let mut rr = RoundRobin::default();
-    let targets: Vec<SocketAddr> = (0..4)
-        .map(
-            |_| match route(&scope(), &s, &mut rr, addr("[fd00::10]:80")) {
-                Route::Hbone { target, .. } => target,
+    let mut bal = Balancer::seeded(7);
+    let mut seen = std::collections::BTreeMap::new();
+    for dst in ["[fd00::10]:80", "10.96.0.10:80", "10.96.0.10:443"] {
+        for _ in 0..200 {
+            match route(&scope(), &s, &mut bal, None, addr(dst)) {
+                Route::Hbone {
+                    target, service, ..
+                } => {
+                    assert_eq!(service.as_deref(), Some(SERVER_HOST));
+                    *seen.entry((dst, target)).or_insert(0) += 1;
+                }
                 other => panic!("{other:?}"),
-            },
-        )
-        .collect();
+            }
+        }
+    }
     // server has no IPv6 address: its first one is used; server2 answers on its IPv6 one.
+    // Port 443 is in neither endpoint's map: the service's target port.
+    let targets: Vec<_> = seen.keys().map(|(d, t)| format!("{d} {t}")).collect();
     assert_eq!(
         targets,
         [
-            addr("10.0.0.2:8080"),
-            addr("[fd00::3]:8081"),
-            addr("10.0.0.2:8080"),
-            addr("[fd00::3]:8081")
+            "10.96.0.10:443 10.0.0.2:8443",
+            "10.96.0.10:443 10.0.0.3:8443",
+            "10.96.0.10:80 10.0.0.2:8080",
+            "10.96.0.10:80 10.0.0.3:8081",
+            "[fd00::10]:80 10.0.0.2:8080",
+            "[fd00::10]:80 [fd00::3]:8081",
         ]
     );
-    // The IPv4 VIP is the same service: it continues the same rotation.
-    let next = route(&scope(), &s, &mut rr, addr("10.96.0.10:80"));
-    assert!(
-        matches!(next, Route::Hbone { target, .. } if target == addr("10.0.0.2:8080")),
-        "{next:?}"
-    );
-}
-
-#[test]
-fn round_robin_restarts_with_each_generation_and_keeps_ports_apart() {
-    let mut rr = RoundRobin::default();
-    assert_eq!(rr.next(1, 0, 80), 0);
-    assert_eq!(rr.next(1, 0, 80), 1);
-    assert_eq!(rr.next(1, 0, 443), 0, "another port has its own cursor");
-    assert_eq!(rr.next(1, 1, 80), 0, "another service too");
-    assert_eq!(rr.next(1, 0, 80), 2);
-    assert_eq!(rr.next(2, 0, 80), 0, "a new generation starts over");
-    assert_eq!(rr.next(2, 0, 443), 0);
-}
-
-#[test]
-fn request_baggage_fills_ztunnels_defaults() {
-    let s = snap();
-    let w = s.workload_by_name("default", "client");
-    let b = request_baggage(w, "Kubernetes");
-    assert_eq!(b.cluster, "Kubernetes");
-    assert_eq!(b.namespace, "default");
-    assert_eq!(b.workload_type, "deployment");
-    assert_eq!(b.workload_name, "client");
-    assert_eq!(b.service, "client");
-    assert_eq!(b.version, "latest");
-    assert_eq!(request_baggage(None, "Kubernetes"), Default::default());
+    assert!(seen.values().all(|&n| n > 60), "{seen:?}");
 }
 
 // --- the original destination -----------------------------------------------------------------
@@ -610,10 +612,12 @@ fn each_refusal_has_its_answer_flags_and_ztunnels_words() {
             "connection was not redirected (no original destination); this listener only serves captured traffic",
         ),
         (
-            Refusal::NoEndpoint { port: 443 },
+            Refusal::NoEndpoint {
+                dst: addr("10.96.0.10:443"),
+            },
             None,
             Some("CONNECT"),
-            "no endpoint serves port 443",
+            "no healthy upstream: 10.96.0.10:443",
         ),
         (
             Refusal::Unreachable {
@@ -764,11 +768,16 @@ proptest! {
     /// Never panics; a VIP's route is one of its endpoints for the dialled port, expected to
     /// present the workload's identity first; anything not in the mesh passes through as is.
     #[test]
-    fn routes_stay_within_the_config(dsts in prop::collection::vec(any_dst(), 1..12)) {
+    fn routes_stay_within_the_config(
+        dsts in prop::collection::vec(any_dst(), 1..12),
+        seed in any::<u64>(),
+        from_client in any::<bool>(),
+    ) {
         let s = snap();
-        let mut rr = RoundRobin::default();
+        let src = from_client.then(|| s.workload_by_ip(ip("10.0.0.1"))).flatten();
+        let mut bal = Balancer::seeded(seed);
         for dst in dsts {
-            let r = route(&scope(), &s, &mut rr, dst);
+            let r = route(&scope(), &s, &mut bal, src, dst);
             let vip = s.service_by_vip(dst.ip());
             match (&r, vip) {
                 (Route::NoEndpoint { service }, Some(svc)) => {
@@ -796,24 +805,6 @@ proptest! {
                 }
             }
         }
-    }
-
-    /// Round robin: `k` rounds over a port's `n` endpoints pick each one `k` times.
-    #[test]
-    fn round_robin_is_fair(k in 1usize..6, start in 0u64..3) {
-        let s = snap();
-        let mut rr = RoundRobin::default();
-        let _ = rr.next(start, 0, 80);
-        let svc = s.service_by_vip(ip("10.96.0.10")).unwrap();
-        let n = s.endpoints(svc, 80).len();
-        let mut seen = std::collections::HashMap::new();
-        for _ in 0..k * n {
-            if let Route::Hbone { workload, .. } = route(&scope(), &s, &mut rr, addr("10.96.0.10:80")) {
-                *seen.entry(workload).or_insert(0usize) += 1;
-            }
-        }
-        prop_assert_eq!(seen.len(), n);
-        prop_assert!(seen.values().all(|&c| c == k), "{:?}", seen);
     }
 
     /// An admitted connection is always for a served workload, and its grant says what was

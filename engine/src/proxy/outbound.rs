@@ -101,12 +101,16 @@ async fn open(
     let src_w = shard.scope_for(pod).source_workload(&snap, src.ip());
     record.source(src_w);
     record.service(snap.service_by_vip(dst.ip()).map(|s| s.service));
-    match shard.route_for(pod, &snap, dst) {
+    match shard.route_for(pod, &snap, src_w, dst) {
         Route::NoEndpoint { .. } => {
-            refuse_tcp(record, client, Refusal::NoEndpoint { port: dst.port() });
+            refuse_tcp(record, client, Refusal::NoEndpoint { dst });
             None
         }
-        Route::Direct { target, .. } => {
+        Route::Direct { target, service } => {
+            if service.is_none() {
+                // A `Passthrough` service's VIP: ztunnel names no service for it.
+                record.service(None);
+            }
             record.destination(snap.workload_by_ip(target.ip()));
             record.log().direction = Direction::Passthrough;
             record.opening();

@@ -2,9 +2,9 @@
 //!
 //! A shard is its [`ShardContext`], what it was given at start and never changes (options,
 //! identity, the [`Scope`] it serves), and its runtime state: the TLS settings new handshakes
-//! use (replaced when the certificate is renewed, [`tls`]), the config
-//! generation new connections use, round-robin cursors, the HBONE [`pool`], its [`Tally`] of
-//! metrics and counters, the [`drain`] signal and the registry of [`live`] connections.
+//! use (replaced when the certificate is renewed, [`tls`]), the config generation new
+//! connections use, the random source of endpoint choices, the HBONE [`pool`], its [`Tally`]
+//! of metrics and counters, the [`drain`] signal and the registry of [`live`] connections.
 //! Nothing in it is shared with other shards at run time: the read-only parts are `Arc`s
 //! cloned once at start, and config snapshots (with their policy tables) arrive from the
 //! control thread. So the per-connection and per-byte paths take no locks and touch no shared
@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use ringtun_hbone::Identity;
 
-use crate::config::Snapshot;
-use crate::decide::{self, Grant, RoundRobin, Route, Scope};
+use crate::config::{Snapshot, Workload};
+use crate::decide::{self, Balancer, Grant, Route, Scope};
 use crate::metrics::{ShardCounters, ShardGauges, ShardMetrics, ShardReport, TcpLabels};
 use crate::options::{ListenerKind, RunOptions};
 use crate::stream::StreamCtx;
@@ -218,7 +218,7 @@ pub struct Shard {
     /// What new handshakes of the shard's own identity use.
     tls: TlsSlot,
     snapshot: RefCell<Rc<Snapshot>>,
-    rr: RefCell<RoundRobin>,
+    balancer: RefCell<Balancer>,
     pool: Rc<HbonePool>,
     tally: Rc<Tally>,
     drain: DrainSignal,
@@ -244,7 +244,7 @@ impl Shard {
             ctx: ShardContext::new(id, opts, &tls),
             tls: TlsSlot::new(tls),
             snapshot: RefCell::new(Rc::new(initial)),
-            rr: RefCell::new(RoundRobin::default()),
+            balancer: RefCell::new(Balancer::default()),
             tally: Rc::default(),
             drain: DrainSignal::default(),
             listener_fds: RefCell::new(Vec::new()),
@@ -257,15 +257,22 @@ impl Shard {
         self.snapshot.borrow().clone()
     }
 
-    /// Where a captured connection to `dst` goes under `snap` (see [`decide::route`]); moves
-    /// this shard's round-robin cursors.
-    pub fn route(&self, snap: &Snapshot, dst: SocketAddr) -> Route {
-        self.route_for(None, snap, dst)
+    /// Where a captured connection from `src` (its workload, where known) to `dst` goes under
+    /// `snap` (see [`decide::route`]); draws from this shard's balancer.
+    pub fn route(&self, snap: &Snapshot, src: Option<&Workload>, dst: SocketAddr) -> Route {
+        self.route_for(None, snap, src, dst)
     }
 
     /// [`Shard::route`] for a connection of `pod` (in-pod mode), or of the proxy's own scope.
-    pub fn route_for(&self, pod: Option<&PodShard>, snap: &Snapshot, dst: SocketAddr) -> Route {
-        decide::route(self.scope_for(pod), snap, &mut self.rr.borrow_mut(), dst)
+    pub fn route_for(
+        &self,
+        pod: Option<&PodShard>,
+        snap: &Snapshot,
+        src: Option<&Workload>,
+        dst: SocketAddr,
+    ) -> Route {
+        let scope = self.scope_for(pod);
+        decide::route(scope, snap, &mut self.balancer.borrow_mut(), src, dst)
     }
 
     /// Which workloads a connection of `pod` speaks for: the pod's, or the proxy's scope.
