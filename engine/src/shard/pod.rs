@@ -85,7 +85,7 @@ impl PodShard {
         let scope = Scope {
             workload: Some((pod.namespace.clone(), pod.name.clone())),
             service_account: Some(pod.service_account.clone()),
-            node: None,
+            node: base.node.clone().filter(|n| !n.is_empty()),
             identity: pod.identity.clone(),
             trust_domain: base.trust_domain.clone(),
             own_ports: base.own_ports.clone(),
