@@ -138,10 +138,59 @@ fn ztunnel_opens_pod_listeners_in_the_pod_netns_on_add_and_closes_them_on_del() 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // What ringtun's in-pod mode copies (tests/inpod_state.rs): the workload manager's
+    // metrics and /config_dump's workloadState, as ztunnel writes them.
+    assert_eq!(workload_manager(&node), [1.0, 0.0, 1.0, 0.0]);
+    let (status, body) = http_in(&node, ADMIN, "GET", "/config_dump").expect("config_dump");
+    assert_eq!(status, 200, "{body}");
+    let dump: serde_json::Value = serde_json::from_str(&body).expect("config_dump is JSON");
+    // ztunnel also lists each pod's connections (`connections.inbound`/`outbound`), which
+    // ringtun does not (yet).
+    let ws = &dump["workloadState"];
+    assert_eq!(ws.as_object().map(|o| o.len()), Some(1), "{ws}");
+    assert_eq!(ws["pod-client"]["state"], "Up", "{ws}");
+    assert_eq!(
+        ws["pod-client"]["info"],
+        serde_json::json!({"name": "client", "namespace": "default", "serviceAccount": "client"}),
+        "{ws}"
+    );
 
     assert_eq!(agent.ack("del pod-client"), "");
     wait_ports(&pod, "pod listeners after del", no_pod_ports);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workload_manager(&node) != [0.0, 0.0, 1.0, 1.0] {
+        assert!(
+            Instant::now() < deadline,
+            "ztunnel's proxy never counted stopped: {:?}",
+            workload_manager(&node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(zt.is_alive(), "ztunnel exited:\n{}", zt.text());
+}
+
+/// ztunnel's `workload_manager_*`: active, pending, started, stopped (families and types
+/// checked as ringtun's are).
+fn workload_manager(node: &Netns) -> [f64; 4] {
+    let s = Scrape::take(node, false);
+    for (family, kind) in [
+        ("workload_manager_active_proxy_count", "gauge"),
+        ("workload_manager_pending_proxy_count", "gauge"),
+        ("workload_manager_proxies_started", "counter"),
+        ("workload_manager_proxies_stopped", "counter"),
+    ] {
+        assert_eq!(
+            s.types.get(family).map(String::as_str),
+            Some(kind),
+            "{family}"
+        );
+    }
+    [
+        s.one("workload_manager_active_proxy_count", &[]),
+        s.one("workload_manager_pending_proxy_count", &[]),
+        s.one("workload_manager_proxies_started_total", &[]),
+        s.one("workload_manager_proxies_stopped_total", &[]),
+    ]
 }
 
 #[test]
