@@ -3,8 +3,9 @@
 //! (`INPOD_UDS`), acks the agent's `add` and `snapshot_sent`, opens 15001/15006/15008 inside the
 //! pod's network namespace (not its own), closes them on `del`, and carries pod-to-pod traffic
 //! over HBONE for two pods the agent handed it. Its answers to each bad message are pinned too:
-//! they are the baseline ringtun's in-pod mode is to beat. Without the binary these tests fail,
-//! never skip.
+//! they are the baseline ringtun's in-pod mode is to beat. So are its `workload_manager_*`
+//! metrics and `/config_dump`'s `workloadState`, and what it does to a deleted pod's live
+//! connection (cut at once). Without the binary these tests fail, never skip.
 
 mod common;
 mod inpod_common;
@@ -250,6 +251,48 @@ fn ztunnel_carries_pod_to_pod_traffic_for_pods_the_agent_hands_it() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // A connection held open through the client pod, then the pod deleted: ztunnel drains a
+    // deleted pod at once (`DrainMode::Immediate`, "workload is gone"), so the connection is
+    // cut and the pod leaves workloadState with it, counted as a proxy stopped. (ringtun gives
+    // such connections CONNECTION_TERMINATION_DEADLINE and keeps the pod listed until they
+    // end: tests/inpod_state.rs.) ztunnel also lists each pod's connections there.
+    let mut conn = connect_in(&pods.client, "10.77.0.2:5201").expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    conn.write_all(&[1u8; 64]).expect("write");
+    conn.read_exact(&mut buf).expect("echo through ztunnel");
+    let workload_state = || {
+        let (_, body) = http_in(&node, ADMIN, "GET", "/config_dump").expect("config_dump");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("config_dump is JSON");
+        v["workloadState"].clone()
+    };
+    let ws = workload_state();
+    assert_eq!(
+        ws["pod-client"]["connections"]["outbound"][0]["originalDst"], "10.77.0.2:5201",
+        "{ws}"
+    );
+    assert_eq!(workload_manager(&node), [2.0, 0.0, 2.0, 0.0]);
+    assert_eq!(agent.ack("del pod-client"), "");
+    let cut = conn
+        .write_all(&[2u8; 64])
+        .and_then(|()| conn.read_exact(&mut buf));
+    assert!(
+        cut.is_err(),
+        "ztunnel cuts a deleted pod's connection at once"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workload_state().get("pod-client").is_some() || workload_manager(&node)[3] < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted pod never left: {} {:?}",
+            workload_state(),
+            workload_manager(&node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(workload_manager(&node), [1.0, 0.0, 2.0, 1.0]);
 }
 
 /// How ztunnel answered one bad message.
