@@ -63,17 +63,19 @@ bash scripts/fuzz.sh
 
 step "benchmark harness smoke (tiny sizes, debug builds, no thresholds)"
 # Checks that ringtun-bench still builds its topology, drives every test group through every
-# contender (direct, ringtun, ringtun on its legacy epoll driver, and the real ztunnel from
-# ../shared/ztunnel) and writes its report; the figures from a debug build mean nothing.
+# contender (direct, ringtun, ringtun on its legacy epoll driver, the real ztunnel from
+# ../shared/ztunnel, and both in in-pod/shared mode with the fake node agent: about 30 s of the
+# run) and writes its report; the figures from a debug build mean nothing.
 test -x ../shared/ztunnel/ztunnel || { echo "../shared/ztunnel/ztunnel is missing: the benchmark smoke needs the real ztunnel" >&2; exit 1; }
 cargo build --locked -p ringtun -p ringtun-benches
 smoke_out=target/ringtun-bench/ci-smoke
 rm -rf "$smoke_out"
 target/debug/ringtun-bench --ringtun target/debug/ringtun --runs 1 --bytes 4M --pingpongs 200 \
   --secs 1 --rate 200 --conns 200 --unpooled-conns 20 --idle-conns 100 --no-crosscheck \
-  --only bulk,latency,rr,conn,unpooled,memory --contenders legacy,ztunnel --out "$smoke_out"
+  --only bulk,latency,rr,conn,unpooled,memory --contenders legacy,ztunnel,inpod,ztunnel-shared \
+  --out "$smoke_out"
 test -s "$smoke_out/results.json" && test -s "$smoke_out/report.html"
-for c in ringtun ringtun-legacy ztunnel; do
+for c in ringtun ringtun-legacy ztunnel ringtun-inpod ztunnel-shared; do
   grep -q "\"$c\"" "$smoke_out/results.json" || { echo "benchmark smoke: no figures for $c" >&2; exit 1; }
 done
 

@@ -23,12 +23,20 @@ const SHARDS: usize = 2;
 /// 15001, 15006, 15008.
 const LISTENERS: usize = 3;
 
-/// What ringtun holds open, by kind of fd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What ringtun holds open, by kind of fd; the other fds' link targets are kept so that a
+/// failure says which one differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Fds {
     sockets: usize,
     netns: usize,
     other: usize,
+    others: Vec<String>,
+}
+
+impl Fds {
+    fn counts(&self) -> (usize, usize, usize) {
+        (self.sockets, self.netns, self.other)
+    }
 }
 
 fn fds_of(pid: u32) -> Fds {
@@ -37,6 +45,7 @@ fn fds_of(pid: u32) -> Fds {
         sockets: 0,
         netns: 0,
         other: 0,
+        others: Vec::new(),
     };
     let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}"));
     for entry in entries.flatten() {
@@ -52,9 +61,31 @@ fn fds_of(pid: u32) -> Fds {
             fds.netns += 1;
         } else {
             fds.other += 1;
+            fds.others.push(t.into_owned());
         }
     }
+    fds.others.sort();
     fds
+}
+
+/// ringtun's fds once they stop moving: the same counts on three reads 100 ms apart. A shard
+/// thread makes its runtime's fd (epoll or io_uring) as it starts, and may do so after ringtun
+/// already speaks to the agent; a snapshot taken in between counts one fd too few.
+fn settled_fds(pid: u32) -> Fds {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = fds_of(pid);
+    let mut same = 1;
+    while same < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = fds_of(pid);
+        same = if now.counts() == last.counts() {
+            same + 1
+        } else {
+            1
+        };
+        last = now;
+    }
+    last
 }
 
 /// Resident memory of `pid` in KiB (VmRSS).
@@ -68,11 +99,11 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Waits until ringtun's fds are `want`; fails with what it holds.
-fn wait_fds(pid: u32, want: Fds, what: &str) {
+fn wait_fds(pid: u32, want: &Fds, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let now = fds_of(pid);
-        if now == want {
+        if now.counts() == want.counts() {
             return;
         }
         assert!(
@@ -125,8 +156,10 @@ fn hundred_pods(driver: &str) {
     );
     assert_eq!(agent.accept(), 1, "ringtun announces ZDS V1");
     let pid = ringtun.pid();
-    // Once connected to the agent, ringtun holds everything it needs but the pods'.
-    let before = fds_of(pid);
+    // Once connected to the agent, ringtun holds everything it needs but the pods': a scrape
+    // goes through every shard, so their runtimes are up, and the fds have settled.
+    Scrape::take(&node, false);
+    let before = settled_fds(pid);
     // Round 1 issues each pod's certificate (a service account per pod); round 2 adds the
     // same pods again, their identities' certificates already cached.
     for round in 1..=2 {
@@ -145,7 +178,7 @@ fn hundred_pods(driver: &str) {
             wait_ready(&mut ringtun, &node);
         }
 
-        let loaded = fds_of(pid);
+        let loaded = settled_fds(pid);
         assert_eq!(
             loaded.sockets - before.sockets,
             PODS * LISTENERS * SHARDS,
@@ -159,7 +192,8 @@ fn hundred_pods(driver: &str) {
         );
         assert_eq!(
             loaded.other, before.other,
-            "round {round}: nothing else per pod"
+            "round {round}: nothing else per pod (before: {:?}, loaded: {:?})",
+            before.others, loaded.others
         );
         for pod in [&pods[0], &pods[PODS / 2], &pods[PODS - 1]] {
             assert_eq!(
@@ -174,7 +208,7 @@ fn hundred_pods(driver: &str) {
         for i in 0..PODS {
             assert_eq!(agent.ack(&format!("del uid-{i}")), "", "del {i}");
         }
-        wait_fds(pid, before, &format!("round {round}: every pod removed"));
+        wait_fds(pid, &before, &format!("round {round}: every pod removed"));
         for pod in [&pods[0], &pods[PODS - 1]] {
             assert_eq!(listening_ports(pod), Vec::<u16>::new(), "{}", pod.name());
         }

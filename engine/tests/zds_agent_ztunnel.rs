@@ -3,8 +3,9 @@
 //! (`INPOD_UDS`), acks the agent's `add` and `snapshot_sent`, opens 15001/15006/15008 inside the
 //! pod's network namespace (not its own), closes them on `del`, and carries pod-to-pod traffic
 //! over HBONE for two pods the agent handed it. Its answers to each bad message are pinned too:
-//! they are the baseline ringtun's in-pod mode is to beat. Without the binary these tests fail,
-//! never skip.
+//! they are the baseline ringtun's in-pod mode is to beat. So are its `workload_manager_*`
+//! metrics and `/config_dump`'s `workloadState`, and what it does to a deleted pod's live
+//! connection (cut at once). Without the binary these tests fail, never skip.
 
 mod common;
 mod inpod_common;
@@ -138,10 +139,59 @@ fn ztunnel_opens_pod_listeners_in_the_pod_netns_on_add_and_closes_them_on_del() 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // What ringtun's in-pod mode copies (tests/inpod_state.rs): the workload manager's
+    // metrics and /config_dump's workloadState, as ztunnel writes them.
+    assert_eq!(workload_manager(&node), [1.0, 0.0, 1.0, 0.0]);
+    let (status, body) = http_in(&node, ADMIN, "GET", "/config_dump").expect("config_dump");
+    assert_eq!(status, 200, "{body}");
+    let dump: serde_json::Value = serde_json::from_str(&body).expect("config_dump is JSON");
+    // ztunnel also lists each pod's connections (`connections.inbound`/`outbound`), which
+    // ringtun does not (yet).
+    let ws = &dump["workloadState"];
+    assert_eq!(ws.as_object().map(|o| o.len()), Some(1), "{ws}");
+    assert_eq!(ws["pod-client"]["state"], "Up", "{ws}");
+    assert_eq!(
+        ws["pod-client"]["info"],
+        serde_json::json!({"name": "client", "namespace": "default", "serviceAccount": "client"}),
+        "{ws}"
+    );
 
     assert_eq!(agent.ack("del pod-client"), "");
     wait_ports(&pod, "pod listeners after del", no_pod_ports);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workload_manager(&node) != [0.0, 0.0, 1.0, 1.0] {
+        assert!(
+            Instant::now() < deadline,
+            "ztunnel's proxy never counted stopped: {:?}",
+            workload_manager(&node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(zt.is_alive(), "ztunnel exited:\n{}", zt.text());
+}
+
+/// ztunnel's `workload_manager_*`: active, pending, started, stopped (families and types
+/// checked as ringtun's are).
+fn workload_manager(node: &Netns) -> [f64; 4] {
+    let s = Scrape::take(node, false);
+    for (family, kind) in [
+        ("workload_manager_active_proxy_count", "gauge"),
+        ("workload_manager_pending_proxy_count", "gauge"),
+        ("workload_manager_proxies_started", "counter"),
+        ("workload_manager_proxies_stopped", "counter"),
+    ] {
+        assert_eq!(
+            s.types.get(family).map(String::as_str),
+            Some(kind),
+            "{family}"
+        );
+    }
+    [
+        s.one("workload_manager_active_proxy_count", &[]),
+        s.one("workload_manager_pending_proxy_count", &[]),
+        s.one("workload_manager_proxies_started_total", &[]),
+        s.one("workload_manager_proxies_stopped_total", &[]),
+    ]
 }
 
 #[test]
@@ -201,6 +251,48 @@ fn ztunnel_carries_pod_to_pod_traffic_for_pods_the_agent_hands_it() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // A connection held open through the client pod, then the pod deleted: ztunnel drains a
+    // deleted pod at once (`DrainMode::Immediate`, "workload is gone"), so the connection is
+    // cut and the pod leaves workloadState with it, counted as a proxy stopped. (ringtun gives
+    // such connections CONNECTION_TERMINATION_DEADLINE and keeps the pod listed until they
+    // end: tests/inpod_state.rs.) ztunnel also lists each pod's connections there.
+    let mut conn = connect_in(&pods.client, "10.77.0.2:5201").expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    conn.write_all(&[1u8; 64]).expect("write");
+    conn.read_exact(&mut buf).expect("echo through ztunnel");
+    let workload_state = || {
+        let (_, body) = http_in(&node, ADMIN, "GET", "/config_dump").expect("config_dump");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("config_dump is JSON");
+        v["workloadState"].clone()
+    };
+    let ws = workload_state();
+    assert_eq!(
+        ws["pod-client"]["connections"]["outbound"][0]["originalDst"], "10.77.0.2:5201",
+        "{ws}"
+    );
+    assert_eq!(workload_manager(&node), [2.0, 0.0, 2.0, 0.0]);
+    assert_eq!(agent.ack("del pod-client"), "");
+    let cut = conn
+        .write_all(&[2u8; 64])
+        .and_then(|()| conn.read_exact(&mut buf));
+    assert!(
+        cut.is_err(),
+        "ztunnel cuts a deleted pod's connection at once"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workload_state().get("pod-client").is_some() || workload_manager(&node)[3] < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted pod never left: {} {:?}",
+            workload_state(),
+            workload_manager(&node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(workload_manager(&node), [1.0, 0.0, 2.0, 1.0]);
 }
 
 /// How ztunnel answered one bad message.

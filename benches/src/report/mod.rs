@@ -237,6 +237,17 @@ pub fn table(r: &Results, samples: &[Sample]) -> Table {
     for o in &others {
         header.push(format!("ringtun/{o}"));
     }
+    // In-pod mode against dedicated ringtun and against ztunnel in the same (shared) mode.
+    let inpod: Vec<(&str, &str)> = [
+        ("ringtun-inpod", "ringtun"),
+        ("ringtun-inpod", "ztunnel-shared"),
+    ]
+    .into_iter()
+    .filter(|(a, b)| r.contenders.iter().any(|c| c == a) && r.contenders.iter().any(|c| c == b))
+    .collect();
+    for (a, b) in &inpod {
+        header.push(format!("{a}/{b}"));
+    }
     let view = Results {
         samples: samples.to_vec(),
         contenders: r.contenders.clone(),
@@ -264,6 +275,9 @@ pub fn table(r: &Results, samples: &[Sample]) -> Table {
         }
         for o in &others {
             row.push(ratio(med.get("ringtun"), med.get(*o)));
+        }
+        for (a, b) in &inpod {
+            row.push(ratio(med.get(*a), med.get(*b)));
         }
         rows.push(row);
     }

@@ -212,6 +212,21 @@ impl Snapshot {
         Some(self.index.by_name.get(&at as &dyn Pair)?.first()?)
     }
 
+    /// Every workload with this namespace and name, in config order (the same pod name may be
+    /// claimed on several nodes).
+    pub fn workloads_by_name<'a>(
+        &'a self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        let at = (namespace, name);
+        self.index
+            .by_name
+            .get(&at as &dyn Pair)
+            .into_iter()
+            .flat_map(|claims| claims.iter().map(|(_, w)| &**w))
+    }
+
     /// The workload with this uid (the last one if repeated, as in ztunnel).
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Workload> {
         Some(self.index.by_uid.get(uid)?.last()?)

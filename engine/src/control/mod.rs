@@ -144,7 +144,6 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
             None,
         ),
         Some(inpod) => {
-            state.expect_pods();
             let t = pods::spawn(
                 inpod,
                 opts.clone(),

@@ -2,9 +2,11 @@
 //! (`inpod::uds` and `inpod::session`), makes each pod's listeners inside the pod's network
 //! namespace and hands every shard its SO_REUSEPORT copies, and removes pods.
 //!
-//! Readiness stays false until the agent's first snapshot is acknowledged. When the agent
-//! goes away the thread reconnects with backoff; the pods keep being served meanwhile, and the
-//! next snapshot removes those the agent no longer announces.
+//! Readiness stays false until the agent's first snapshot is acknowledged, and while a pod's
+//! listeners could not be made: such a pod is pending (an error ack) and retried every
+//! [`RETRY`], as ztunnel does. When the agent goes away the thread reconnects with backoff;
+//! the pods keep being served meanwhile, and the next snapshot removes those the agent no
+//! longer announces.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,7 +19,8 @@ use std::time::{Duration, Instant};
 use ringtun_hbone::Identity;
 
 use super::certs::Certificates;
-use super::state::{ControlState, PodInfo};
+use super::state::ControlState;
+use crate::inpod::manager::{PodInfo, WorkloadManager};
 use crate::inpod::session::{Action, Reply, Session};
 use crate::inpod::uds::{Backoff, Handled, ZdsClient};
 use crate::inpod::zds::WorkloadInfo;
@@ -33,6 +36,10 @@ const POLL: Duration = Duration::from_millis(200);
 
 /// How long the shards may take to accept a pod's listeners.
 const SHARD_REPLY: Duration = Duration::from_secs(5);
+
+/// How often pods whose listeners could not be made are tried again (ztunnel's
+/// `RETRY_DURATION`).
+const RETRY: Duration = Duration::from_secs(5);
 
 /// The running ZDS thread.
 pub(super) struct PodsThread {
@@ -58,12 +65,16 @@ pub(super) fn spawn(
     state: Arc<ControlState>,
 ) -> Result<PodsThread, EngineError> {
     let stop = Arc::new(AtomicBool::new(false));
+    let manager = state.expect_pods();
     let mut pods = Pods {
         opts,
         certs,
         senders,
         state,
+        manager,
         served: HashMap::new(),
+        pending: HashMap::new(),
+        next_retry: None,
         agent_synced: false,
     };
     let uds = inpod.uds.clone();
@@ -82,8 +93,14 @@ struct Pods {
     certs: Arc<Certificates>,
     senders: Vec<ShardTx>,
     state: Arc<ControlState>,
+    /// The pods' states and metrics as ztunnel's workload manager shows them.
+    manager: Arc<WorkloadManager>,
     /// Pods the shards serve, by uid.
     served: HashMap<String, Arc<Pod>>,
+    /// Pods whose listeners could not be made, kept to be tried again.
+    pending: HashMap<String, (WorkloadInfo, NetnsFd)>,
+    /// When the pending pods are tried next.
+    next_retry: Option<Instant>,
     /// The agent's first snapshot was acknowledged.
     agent_synced: bool,
 }
@@ -111,6 +128,7 @@ impl Pods {
             session.reconnected();
             tracing::info!(uds = %uds.display(), pods = self.served.len(), "connected to the node agent");
             while !stop.load(Ordering::Relaxed) {
+                self.retry_due();
                 match client.handle_next(&mut session, Some(POLL), |a| self.perform(a)) {
                     Ok(Handled::Idle) => {}
                     Ok(Handled::Answered(Reply::Refused(r))) => {
@@ -139,13 +157,16 @@ impl Pods {
                 netns,
                 replaces,
             } => {
-                if replaces.is_some() || self.served.contains_key(&uid) {
+                if replaces.is_some()
+                    || self.served.contains_key(&uid)
+                    || self.pending.contains_key(&uid)
+                {
                     self.remove(&uid);
                 }
-                match self.add(&uid, &workload, netns) {
+                match self.add(&uid, workload, netns) {
                     Ok(()) => Reply::Ok,
                     Err(e) => {
-                        tracing::warn!(uid, error = %e, "pod not served");
+                        tracing::warn!(uid, error = %e, retry = ?RETRY, "pod not served yet: pending");
                         Reply::Failed(e)
                     }
                 }
@@ -162,7 +183,14 @@ impl Pods {
                 }
                 let first = !self.agent_synced;
                 self.agent_synced = true;
-                if self.state.set_pods_in() {
+                let now_in = self.state.set_pods_in();
+                if !self.pending.is_empty() {
+                    tracing::info!(
+                        pods = self.served.len(),
+                        pending = self.pending.len(),
+                        "node agent snapshot complete; not ready while pods are pending"
+                    );
+                } else if now_in {
                     tracing::info!(
                         pods = self.served.len(),
                         "node agent snapshot complete: ringtun ready"
@@ -179,15 +207,62 @@ impl Pods {
     }
 
     /// Serves a pod: its identity's certificate, its listeners in its namespace, one copy per
-    /// shard. On failure no shard keeps any of it.
-    fn add(&mut self, uid: &str, w: &WorkloadInfo, netns: NetnsFd) -> Result<(), String> {
+    /// shard. On failure no shard keeps any of it and the pod is pending, tried again later.
+    fn add(&mut self, uid: &str, w: WorkloadInfo, netns: NetnsFd) -> Result<(), String> {
+        let info = PodInfo {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            netns: netns.id.to_string(),
+        };
+        self.manager.pending(uid, &info);
+        let result = self.try_add(uid, &w, &info, netns);
+        let failed = match result {
+            Ok(()) => {
+                self.pending.remove(uid);
+                Ok(())
+            }
+            Err((e, Some(netns))) => {
+                self.pending.insert(uid.to_owned(), (w, netns));
+                self.next_retry
+                    .get_or_insert_with(|| Instant::now() + RETRY);
+                Err(e)
+            }
+            // Nothing to try again with (no fd left to keep its namespace): not pending.
+            Err((e, None)) => {
+                self.pending.remove(uid);
+                self.manager.forget_pending(uid);
+                Err(e)
+            }
+        };
+        self.counts();
+        failed
+    }
+
+    /// [`Pods::add`]'s work; on failure the pod's namespace comes back, to try again with.
+    fn try_add(
+        &mut self,
+        uid: &str,
+        w: &WorkloadInfo,
+        info: &PodInfo,
+        netns: NetnsFd,
+    ) -> Result<(), (String, Option<NetnsFd>)> {
         let identity = Identity::new(&self.opts.trust_domain, &w.namespace, &w.service_account);
-        let tls = self
-            .certs
-            .material(&identity)
-            .map_err(|e| format!("certificate for {identity}: {e}"))?;
+        let tls = match self.certs.material(&identity) {
+            Ok(tls) => tls,
+            Err(e) => return Err((format!("certificate for {identity}: {e}"), Some(netns))),
+        };
         let started = Instant::now();
-        let listeners = bind_in_netns(netns.fd.as_fd(), &self.opts, self.senders.len())?;
+        let listeners = match bind_in_netns(netns.fd.as_fd(), &self.opts, self.senders.len()) {
+            Ok(l) => l,
+            Err(e) => return Err((e, Some(netns))),
+        };
+        // Kept to try again with if a shard refuses: the pod below owns the namespace.
+        let again = netns
+            .fd
+            .try_clone()
+            .ok()
+            .map(|fd| NetnsFd { fd, id: netns.id });
         let pod = Arc::new(Pod {
             uid: uid.to_owned(),
             namespace: w.namespace.clone(),
@@ -197,6 +272,7 @@ impl Pods {
             tls,
             netns_name: netns.id.to_string(),
             netns: netns.fd,
+            on_gone: Default::default(),
         });
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(self.senders.len());
         let mut asked = 0;
@@ -220,7 +296,13 @@ impl Pods {
         }
         if let Some(e) = failure {
             self.del_on_shards(uid, Duration::ZERO);
-            return Err(e);
+            return Err((e, again));
+        }
+        // The pod's proxy ends when the last shard lets go of it: its connections are over.
+        let manager = self.manager.clone();
+        let gone_uid = uid.to_owned();
+        if let Ok(mut slot) = pod.on_gone.lock() {
+            *slot = Some(Box::new(move || manager.down(&gone_uid)));
         }
         // A renewal sent to the shards before they had the pod missed it: hand it over now.
         if let Ok(now) = self.certs.material(&identity) {
@@ -242,28 +324,53 @@ impl Pods {
             took = ?started.elapsed(),
             "pod served: listeners in its network namespace"
         );
-        self.state.pod_up(
-            uid,
-            PodInfo {
-                name: pod.name.clone(),
-                namespace: pod.namespace.clone(),
-                service_account: pod.service_account.clone(),
-                netns: pod.netns_name.clone(),
-            },
-        );
+        self.manager.up(uid, info);
         self.served.insert(uid.to_owned(), pod);
         Ok(())
     }
 
+    /// Tries the pending pods again once [`RETRY`] has passed (ztunnel's `retry_pending`).
+    fn retry_due(&mut self) {
+        if self.next_retry.is_none_or(|at| Instant::now() < at) {
+            return;
+        }
+        self.next_retry = None;
+        let uids: Vec<String> = self.pending.keys().cloned().collect();
+        for uid in uids {
+            let Some((w, netns)) = self.pending.remove(&uid) else {
+                continue;
+            };
+            tracing::info!(uid, "retrying a pending pod");
+            match self.add(&uid, w, netns) {
+                Ok(()) => {
+                    if self.agent_synced && self.state.is_ready() && self.pending.is_empty() {
+                        tracing::info!(uid, "pending pod served: ringtun ready");
+                    }
+                }
+                Err(e) => tracing::info!(uid, error = %e, "retrying a pending pod failed"),
+            }
+        }
+    }
+
+    /// The manager's gauges: pods served, pods pending.
+    fn counts(&self) {
+        self.manager
+            .set_counts(self.served.len(), self.pending.len());
+    }
+
     /// Stops serving a pod: its listeners close on every shard, its connections drain.
     fn remove(&mut self, uid: &str) {
+        if self.pending.remove(uid).is_some() {
+            tracing::info!(uid, "pending pod removed");
+            self.manager.forget_pending(uid);
+        }
         if let Some(pod) = self.served.remove(uid) {
             tracing::info!(uid, netns = %pod.netns_name, "pod removed: listeners closed, connections draining");
             if !self.served.values().any(|p| p.identity == pod.identity) {
                 self.certs.forget(&pod.identity);
             }
         }
-        self.state.pod_down(uid);
+        self.counts();
         self.del_on_shards(uid, self.opts.drain_timeout);
     }
 

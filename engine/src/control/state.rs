@@ -1,13 +1,13 @@
 //! What the operator endpoints see of the running proxy: the control thread's side of
 //! [`Admin`], so `operate` never imports the control thread or the shards.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use super::certs::Certificates;
 use crate::config::Snapshot;
+use crate::inpod::manager::WorkloadManager;
 use crate::metrics::ShardReport;
 use crate::operate::admin::Role;
 use crate::operate::admin::{Admin, NotReady};
@@ -18,18 +18,6 @@ use crate::options::{IoDriver, RunOptions};
 use crate::shard::{ShardMsg, ShardTx};
 use crate::xds::SharedXdsStatus;
 
-/// A pod as `/config_dump` shows it: the agent's `WorkloadInfo` and its network namespace.
-pub(super) struct PodInfo {
-    /// Pod name.
-    pub name: String,
-    /// Pod namespace.
-    pub namespace: String,
-    /// Its service account.
-    pub service_account: String,
-    /// `net:[inode]` of its network namespace.
-    pub netns: String,
-}
-
 /// The running proxy as the control thread knows it, shared with the endpoints' threads.
 pub(super) struct ControlState {
     senders: Vec<ShardTx>,
@@ -38,9 +26,9 @@ pub(super) struct ControlState {
     config_in: AtomicBool,
     /// In-pod mode: the node agent's first snapshot is acknowledged (true without it).
     pods_in: AtomicBool,
-    /// In-pod mode: the pods served, by the agent's uid, for `/config_dump`'s
-    /// `workloadState` (`None` without in-pod mode).
-    pods: Mutex<Option<BTreeMap<String, PodInfo>>>,
+    /// In-pod mode: the workload manager's pod states and metrics, for `/config_dump`'s
+    /// `workloadState` and `/metrics` (unset without in-pod mode).
+    pods: OnceLock<Arc<WorkloadManager>>,
     draining: AtomicBool,
     quit: AtomicBool,
     current: Mutex<Snapshot>,
@@ -72,7 +60,7 @@ impl ControlState {
             senders,
             config_in: AtomicBool::new(false),
             pods_in: AtomicBool::new(true),
-            pods: Mutex::new(None),
+            pods: OnceLock::new(),
             draining: AtomicBool::new(false),
             quit: AtomicBool::new(false),
             current: Mutex::new(snapshot),
@@ -104,53 +92,15 @@ impl ControlState {
     }
 
     /// In-pod mode: not ready until the node agent's first snapshot is in, whatever the
-    /// config; called before the ZDS thread starts.
-    pub(super) fn expect_pods(&self) {
+    /// config; called before the ZDS thread starts. Returns the pods' workload manager.
+    pub(super) fn expect_pods(&self) -> Arc<WorkloadManager> {
         self.pods_in.store(false, Ordering::SeqCst);
-        if let Ok(mut pods) = self.pods.lock() {
-            pods.get_or_insert_with(BTreeMap::new);
-        }
+        self.pods.get_or_init(Default::default).clone()
     }
 
-    /// In-pod mode: pod `uid` is served (its listeners accept on every shard).
-    pub(super) fn pod_up(&self, uid: &str, info: PodInfo) {
-        if let Ok(mut pods) = self.pods.lock() {
-            pods.get_or_insert_with(BTreeMap::new)
-                .insert(uid.to_owned(), info);
-        }
-    }
-
-    /// In-pod mode: pod `uid` is no longer served (its connections may still drain).
-    pub(super) fn pod_down(&self, uid: &str) {
-        if let Ok(mut pods) = self.pods.lock() {
-            if let Some(p) = pods.as_mut() {
-                p.remove(uid);
-            }
-        }
-    }
-
-    /// ztunnel's in-pod `workloadState` for `/config_dump`: uid → `state` and `info` (name,
-    /// namespace, serviceAccount), as ztunnel's workload manager reports its pods, and
-    /// ringtun's `netns`; `None` without in-pod mode.
+    /// ztunnel's in-pod `workloadState` for `/config_dump`; `None` without in-pod mode.
     fn workload_state(&self) -> Option<serde_json::Value> {
-        let pods = self.pods.lock().ok()?;
-        let state: serde_json::Map<String, serde_json::Value> = pods
-            .as_ref()?
-            .iter()
-            .map(|(uid, p)| {
-                let v = serde_json::json!({
-                    "state": "Up",
-                    "info": {
-                        "name": p.name,
-                        "namespace": p.namespace,
-                        "serviceAccount": p.service_account,
-                    },
-                    "netns": p.netns,
-                });
-                (uid.clone(), v)
-            })
-            .collect();
-        Some(serde_json::Value::Object(state))
+        Some(self.pods.get()?.workload_state())
     }
 
     /// Every shard listens and runs the source's config; returns whether that made ringtun
@@ -166,9 +116,12 @@ impl ControlState {
         !self.pods_in.swap(true, Ordering::SeqCst) && self.config_in.load(Ordering::SeqCst)
     }
 
-    /// Whether the config is in force and, in in-pod mode, the agent's snapshot is in.
+    /// Whether the config is in force and, in in-pod mode, the agent's snapshot is in and
+    /// no pod's listeners wait for a retry (ztunnel's workload manager readiness).
     pub(super) fn is_ready(&self) -> bool {
-        self.config_in.load(Ordering::SeqCst) && self.pods_in.load(Ordering::SeqCst)
+        self.config_in.load(Ordering::SeqCst)
+            && self.pods_in.load(Ordering::SeqCst)
+            && !self.pods.get().is_some_and(|p| p.has_pending())
     }
 
     /// A drain began: readiness answers 503 from now on.
@@ -221,6 +174,7 @@ impl Admin for ControlState {
                 .xds
                 .get()
                 .and_then(|s| s.lock().ok().map(|s| s.clone())),
+            workload_manager: self.pods.get().map(|p| p.metrics()),
         }
     }
 
@@ -453,17 +407,17 @@ mod tests {
         assert_eq!(dump(&dedicated).get("workloadState"), None);
 
         let node = fresh();
-        node.expect_pods();
+        let pods = node.expect_pods();
         assert_eq!(dump(&node)["workloadState"], serde_json::json!({}));
-        let info = |name: &str| PodInfo {
+        let info = |name: &str| crate::inpod::manager::PodInfo {
             name: name.into(),
             namespace: "default".into(),
             service_account: format!("sa-{name}"),
             netns: "net:[4026532001]".into(),
         };
-        node.pod_up("uid-a", info("a"));
-        node.pod_up("uid-b", info("b"));
-        node.pod_down("uid-b");
+        pods.up("uid-a", &info("a"));
+        pods.up("uid-b", &info("b"));
+        pods.down("uid-b");
         let d = dump(&node);
         assert_eq!(
             d["workloadState"],

@@ -66,15 +66,17 @@ impl Scope {
     pub fn source_workload<'a>(&self, snap: &'a Snapshot, src: IpAddr) -> Option<&'a Workload> {
         match &self.workload {
             Some((ns, name)) => snap
-                .workload_by_name(ns, name)
-                .filter(|w| self.is_own_workload(w)),
+                .workloads_by_name(ns, name)
+                .find(|w| self.is_own_workload(w)),
             None => snap.workload_by_ip(src),
         }
     }
 
     /// Whether `w` is the one workload this scope names (`workload`, and `service_account`
     /// where known): ztunnel finds a pod's workload by this triple, not by the agent's uid
-    /// (a Kubernetes pod uid, not the config's workload uid).
+    /// (a Kubernetes pod uid, not the config's workload uid). With `node` too (a pod served in
+    /// shared mode with NODE_NAME), only a workload on that node is the pod's, as ztunnel looks
+    /// a pod's workload up among its own node's only.
     fn is_own_workload(&self, w: &Workload) -> bool {
         let Some((ns, name)) = &self.workload else {
             return false;
@@ -85,5 +87,68 @@ impl Scope {
                 .service_account
                 .as_ref()
                 .is_none_or(|sa| &w.service_account == sa)
+            && self.node.as_ref().is_none_or(|node| &w.node == node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse;
+
+    /// The same pod name, namespace and service account on two nodes (a StatefulSet's pod
+    /// recreated elsewhere, or two clusters' configs merged): node-b's is first in the config.
+    const TWO_NODES: &str = r#"
+workloads:
+- {uid: "c//Pod/default/web-b", name: web, namespace: default, serviceAccount: web, workloadName: web-on-b, node: node-b, protocol: HBONE, workloadIps: [10.0.0.12], services: {}}
+- {uid: "c//Pod/default/web-a", name: web, namespace: default, serviceAccount: web, workloadName: web-on-a, node: node-a, protocol: HBONE, workloadIps: [10.0.0.11], services: {}}
+services: []
+policies: []
+"#;
+
+    fn pod_on(node: Option<&str>) -> Scope {
+        Scope {
+            workload: Some(("default".into(), "web".into())),
+            service_account: Some("web".into()),
+            node: node.map(Into::into),
+            identity: Identity::new("cluster.local", "default", "web"),
+            trust_domain: "cluster.local".into(),
+            own_ports: vec![15001, 15006, 15008],
+        }
+    }
+
+    /// ztunnel (`WorkloadStore::find_by_info`) looks a pod's workload up only among the
+    /// workloads of its own node (NODE_NAME): the pod served on node-a is node-a's workload,
+    /// as a source and as a destination, whatever the config's order.
+    #[test]
+    fn a_pods_workload_is_the_one_on_this_node() {
+        let snap = match parse(Path::new("t.yaml"), TWO_NODES) {
+            Ok(l) => Snapshot::new(l.config, 1),
+            Err(e) => panic!("{e}"),
+        };
+        let src: IpAddr = "192.0.2.1".parse().expect("ip");
+        let on_a = pod_on(Some("node-a"));
+        let w = on_a.source_workload(&snap, src).expect("node-a's workload");
+        assert_eq!(
+            (w.uid.as_str(), w.node.as_str()),
+            ("c//Pod/default/web-a", "node-a")
+        );
+        assert!(on_a.serves(&snap, "10.0.0.11".parse().expect("ip")));
+        assert!(
+            !on_a.serves(&snap, "10.0.0.12".parse().expect("ip")),
+            "the namesake on node-b is not this pod"
+        );
+        let on_b = pod_on(Some("node-b"));
+        let w = on_b.source_workload(&snap, src).expect("node-b's workload");
+        assert_eq!(w.uid, "c//Pod/default/web-b");
+        // A node with neither: no workload, as ztunnel finds none.
+        assert!(pod_on(Some("node-c")).source_workload(&snap, src).is_none());
+        // Without NODE_NAME every node counts (ztunnel's `local_node: None`): the first.
+        let w = pod_on(None)
+            .source_workload(&snap, src)
+            .expect("a workload");
+        assert_eq!(w.uid, "c//Pod/default/web-b");
     }
 }

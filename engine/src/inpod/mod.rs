@@ -9,8 +9,11 @@
 //! - [`uds`]: the blocking `SOCK_SEQPACKET` client that connects to the agent (`INPOD_UDS`),
 //!   says hello and receives each message with its SCM_RIGHTS fd.
 //!
-//! Nothing here makes listeners yet: the control thread takes the [`session::Action`]s.
+//! - [`manager`]: the pods' proxy states and metrics as ztunnel's workload manager shows them.
+//!
+//! Nothing here makes listeners: the control thread takes the [`session::Action`]s.
 
+pub mod manager;
 pub mod session;
 pub mod uds;
 pub mod zds;

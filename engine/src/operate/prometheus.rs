@@ -27,6 +27,8 @@ pub struct ProcessInfo {
     pub fds: Option<(u64, u64)>,
     /// The xDS client's state, when the config comes from istiod.
     pub xds: Option<crate::xds::XdsStatus>,
+    /// In-pod mode: ztunnel's `workload_manager_*` metrics.
+    pub workload_manager: Option<crate::inpod::manager::ManagerMetrics>,
 }
 
 impl ProcessInfo {
@@ -360,6 +362,9 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
     if let Some(xds) = &info.xds {
         out.push_str(&xds.prometheus(openmetrics));
     }
+    if let Some(m) = &info.workload_manager {
+        out.push_str(&m.prometheus(openmetrics));
+    }
     if openmetrics {
         out.push_str("# EOF\n");
     }
@@ -501,6 +506,7 @@ mod tests {
             certs: Default::default(),
             fds: Some((28, 20_000)),
             xds: None,
+            workload_manager: None,
         };
         let text = format!(
             "{}=====OM\n{}",

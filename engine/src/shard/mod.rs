@@ -480,10 +480,22 @@ impl Shard {
             live,
             "pod removed; its connections drain"
         );
-        // Even with none live now: connections still opening then are cut as they start.
+        // Even with none live now: connections still opening then are cut as they start. Once
+        // nothing but this task holds the pod (no connection, no accept loop), it lets go
+        // early, so the pod's end is seen when its last connection ends.
         let shard = self.id;
         monoio::spawn(async move {
-            monoio::time::sleep(deadline).await;
+            let until = Instant::now() + deadline;
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                if Rc::strong_count(&pod) == 1 {
+                    return;
+                }
+                monoio::time::sleep(left.min(POD_GONE_POLL)).await;
+            }
             let cut = pod.cut();
             if cut > 0 {
                 tracing::info!(shard, uid = %pod.pod.uid, cut, ?deadline, "removed pod's connections cut at the deadline");
@@ -509,6 +521,9 @@ impl Shard {
         }
     }
 }
+
+/// How often a removed pod's shard looks whether its last connection ended.
+const POD_GONE_POLL: Duration = Duration::from_millis(100);
 
 /// aws-lc seeds its per-thread random generator on first use, which costs tens of
 /// milliseconds here; do it before the listeners open so the first handshake on each shard

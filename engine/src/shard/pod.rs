@@ -37,6 +37,18 @@ pub struct Pod {
     pub netns: OwnedFd,
     /// `net:[inode]` of that namespace, for the log.
     pub netns_name: String,
+    /// Called once the pod is gone from every shard: removed, its listeners closed and its
+    /// last connection ended (what ends its proxy in ztunnel's workload manager).
+    pub on_gone: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let gone = self.on_gone.get_mut().ok().and_then(Option::take);
+        if let Some(f) = gone {
+            f();
+        }
+    }
 }
 
 impl std::fmt::Debug for Pod {
@@ -85,7 +97,7 @@ impl PodShard {
         let scope = Scope {
             workload: Some((pod.namespace.clone(), pod.name.clone())),
             service_account: Some(pod.service_account.clone()),
-            node: None,
+            node: base.node.clone().filter(|n| !n.is_empty()),
             identity: pod.identity.clone(),
             trust_domain: base.trust_domain.clone(),
             own_ports: base.own_ports.clone(),

@@ -13,7 +13,7 @@ use ringtun_benches::report::DIRECT;
 use ringtun_testbed::{sys, Netns, RunFiles, TwoNodes, DEFAULT_MARK};
 
 use crate::options::Opts;
-use crate::procs::{Proc, Tunnel};
+use crate::procs::{Node, Proc, Tunnel, NAMESPACES};
 use crate::progress::Progress;
 use crate::setup::setup_topology;
 use crate::{SERVER_IP, SERVER_PORT, VIP, VIP_PORT};
@@ -32,6 +32,18 @@ pub enum Kind {
         env: String,
         unpooled_env: Option<String>,
     },
+    /// In-pod (shared) mode: one proxy per node, in a node namespace of its own, handed the
+    /// pod's namespace (the topology's client or server side) by a node agent over ZDS, as
+    /// istio-cni does; ringtun, or with `ztunnel` Istio's ztunnel in shared mode.
+    InPod { ztunnel: Option<PathBuf> },
+}
+
+impl Kind {
+    /// Whether this is a ringtun (dedicated or in-pod), whose access log says how many HBONE
+    /// connections it opened.
+    pub fn is_ringtun(&self) -> bool {
+        matches!(self, Kind::Ringtun { .. } | Kind::InPod { ztunnel: None })
+    }
 }
 
 /// Istio's ztunnel in dedicated mode (one workload per process, local config, its test CA):
@@ -42,6 +54,9 @@ pub enum Kind {
 pub const ZTUNNEL_ENV: &str = "PROXY_MODE=dedicated,PROXY_WORKLOAD_INFO={workload_info},LOCAL_XDS_PATH={config},FAKE_CA=true,XDS_ADDRESS=,CA_ADDRESS=,PACKET_MARK=1337,ENABLE_ORIG_SRC=false,ZTUNNEL_WORKER_THREADS={workers},RUST_LOG=info";
 /// ztunnel's client side releasing pooled connections as soon as they are unused.
 pub const ZTUNNEL_UNPOOLED_ENV: &str = "POOL_UNUSED_RELEASE_TIMEOUT=1ms";
+/// ztunnel in shared mode: [`ZTUNNEL_ENV`] with the pod handed over by the node agent instead
+/// of named by PROXY_WORKLOAD_INFO.
+pub const ZTUNNEL_SHARED_ENV: &str = "PROXY_MODE=shared,LOCAL_XDS_PATH={config},FAKE_CA=true,XDS_ADDRESS=,CA_ADDRESS=,PACKET_MARK=1337,ENABLE_ORIG_SRC=false,ZTUNNEL_WORKER_THREADS={workers},RUST_LOG=info";
 
 /// Where the shared ztunnel build lives, relative to the workspace.
 pub fn default_ztunnel() -> PathBuf {
@@ -167,8 +182,11 @@ pub fn start_side(
         &topo.server
     };
     let log = env.dir.join(format!("{}-{who}{tag}.log", c.name));
+    if let Kind::InPod { ztunnel } = &c.kind {
+        return start_inpod_side(env, c, ns, who, workers, extra, extra_env, tag, ztunnel);
+    }
     let cmd = match &c.kind {
-        Kind::Direct => return Err("direct has no tunnel".into()),
+        Kind::Direct | Kind::InPod { .. } => return Err("no tunnel of its own".into()),
         Kind::Ringtun { extra: own } => {
             let mut cmd = ringtun_cmd(env, ns, who, workers, extra);
             cmd.args(own);
@@ -210,6 +228,110 @@ pub fn start_side(
     };
     ready.map_err(|e| format!("{e}\n(its log: {})", log.display()))?;
     Ok(p)
+}
+
+/// The fake istio-cni node agent, beside the workspace's tests.
+fn node_agent_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/node_agent.py")
+}
+
+/// Starts one in-pod side: a node namespace, a node agent on a socket of its own that hands
+/// over `pod` (the topology's side, with its capture rules) and the snapshot, and the proxy
+/// in the node namespace; ready when its 15021 says so (after the snapshot) and the pod's
+/// 15001/15008 listen.
+#[allow(clippy::too_many_arguments)]
+fn start_inpod_side(
+    env: &Env,
+    c: &Contender,
+    pod: &Netns,
+    who: &str,
+    workers: usize,
+    extra: &[String],
+    extra_env: Option<&str>,
+    tag: &str,
+    ztunnel: &Option<PathBuf>,
+) -> Result<Proc, String> {
+    let node =
+        Netns::new(if who == "client" { "rtbnc" } else { "rtbns" }).map_err(|e| e.to_string())?;
+    NAMESPACES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(node.name().to_owned());
+    let socket = env.dir.join(format!("{}-{who}{tag}-zds.sock", c.name));
+    let _ = std::fs::remove_file(&socket);
+    let mut agent = std::process::Command::new("python3");
+    agent
+        .arg(node_agent_script())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("-c")
+        .arg(format!(
+            "accept 60; add pod-{who} {} default {who} {who}; snapshot; sleep 1000000",
+            pod.path().display()
+        ));
+    let agent_log = env.dir.join(format!("{}-{who}{tag}-agent.log", c.name));
+    let agent = ringtun_testbed::Process::spawn(agent, "node agent", &agent_log)
+        .map_err(|e| format!("starting the node agent: {e}"))?;
+    // The agent listens before the proxy tries its socket (the proxy retries anyway).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "node agent never listened (its log: {})",
+                agent_log.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut cmd = match ztunnel {
+        None => {
+            let files = RunFiles::new(&env.config, &env.certs, &format!("default/{who}"))
+                .with_workload(None);
+            let mut cmd = files.command(&node, &env.ringtun);
+            cmd.args(["--workers", &workers.to_string()]);
+            if !env.pin {
+                cmd.arg("--no-pin");
+            }
+            cmd.args(&env.extra).args(extra);
+            cmd.env("PROXY_MODE", "shared");
+            cmd
+        }
+        Some(path) => {
+            let ph = placeholders(env, pod, who, workers);
+            let mut cmd = node.exec(path);
+            for spec in std::iter::once(ZTUNNEL_SHARED_ENV).chain(extra_env) {
+                for (k, v) in parse_env(spec, &ph) {
+                    cmd.env(k, v);
+                }
+            }
+            cmd
+        }
+    };
+    cmd.env("INPOD_UDS", &socket);
+    let log = env.dir.join(format!("{}-{who}{tag}.log", c.name));
+    let name = format!("{} ({who})", c.name);
+    let p = Proc::spawn(cmd, &name, &log).map_err(|e| format!("starting {name}: {e}"))?;
+    let mut p = p.with_node(Node { agent, ns: node });
+    p.wait_ready_in_node(START_TIMEOUT).map_err(|e| {
+        format!(
+            "{e}\n(its log: {}; the agent's: {})",
+            log.display(),
+            agent_log.display()
+        )
+    })?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let listening = pod.run("ss", ["-ltnH"]).unwrap_or_default();
+        if [":15001 ", ":15008 "].iter().all(|p| listening.contains(p)) {
+            return Ok(p);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{name}: the pod's listeners never came up ({listening:?})"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Starts both sides of a contender's tunnel (none for direct) and warms it up.
@@ -348,9 +470,27 @@ pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), 
                     "rtbz",
                 )?;
             }
+            "inpod" => add(
+                "ringtun-inpod".into(),
+                Kind::InPod { ztunnel: None },
+                "rtbp",
+            )?,
+            "ztunnel-shared" => {
+                let path = o.ztunnel.clone().unwrap_or_else(default_ztunnel);
+                let path = path
+                    .canonicalize()
+                    .map_err(|e| format!("the ztunnel-shared contender needs {}: {e}", path.display()))?;
+                add(
+                    "ztunnel-shared".into(),
+                    Kind::InPod {
+                        ztunnel: Some(path),
+                    },
+                    "rtbzs",
+                )?;
+            }
             other => {
                 return Err(format!(
-                    "--contenders: unknown contender {other:?} (legacy, ztunnel, none)"
+                    "--contenders: unknown contender {other:?} (legacy, ztunnel, inpod, ztunnel-shared, none)"
                 ))
             }
         }

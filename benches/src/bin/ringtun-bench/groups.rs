@@ -109,6 +109,12 @@ impl Bench<'_> {
                         Some(e) => (Vec::new(), Some(e.as_str())),
                         None => continue,
                     },
+                    Kind::InPod { ztunnel: None } => {
+                        (vec!["--pool-idle-timeout-ms".into(), "1".into()], None)
+                    }
+                    Kind::InPod { ztunnel: Some(_) } => {
+                        (Vec::new(), Some(crate::contenders::ZTUNNEL_UNPOOLED_ENV))
+                    }
                 };
                 if let Some(t) = tunnels[i].as_mut() {
                     env.progress
@@ -128,7 +134,7 @@ impl Bench<'_> {
                     plan.unpooled_conns,
                     o.conn_concurrency,
                     &env.sources,
-                    matches!(c.kind, Kind::Ringtun { .. }),
+                    c.kind.is_ringtun(),
                 )?;
             }
         }

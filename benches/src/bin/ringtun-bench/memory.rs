@@ -11,7 +11,7 @@ use ringtun_benches::load::{self, Target};
 use ringtun_benches::report::{MemoryPoint, Results};
 use ringtun_testbed::{sys, Netns};
 
-use crate::contenders::{Contender, Env, Kind};
+use crate::contenders::{Contender, Env};
 use crate::procs::Tunnel;
 
 /// Hidden command line of the idle-connection child: `ringtun-bench __idle-conns ADDR MARK N`.
@@ -104,9 +104,10 @@ pub fn idle_child_main(args: &[String]) -> i32 {
 /// Access-log lines of the client side that match `needle` (ringtun only; others log
 /// differently).
 pub fn client_log_count(c: &Contender, tunnel: &Tunnel, needle: &str) -> usize {
-    match c.kind {
-        Kind::Ringtun { .. } => tunnel.client.log_text().matches(needle).count(),
-        _ => 0,
+    if c.kind.is_ringtun() {
+        tunnel.client.log_text().matches(needle).count()
+    } else {
+        0
     }
 }
 
@@ -215,7 +216,7 @@ pub fn memory_test(
         // is written once both directions ended, after the server side saw it close, so on a
         // busy machine thousands of lines may still be on their way: wait for them.
         std::thread::sleep(Duration::from_secs(1));
-        if matches!(c.kind, Kind::Ringtun { .. }) {
+        if c.kind.is_ringtun() {
             let logged = || client_log_count(c, tunnel, "dst.hbone_addr=") - tunnelled_before;
             let deadline = Instant::now() + Duration::from_secs(30);
             while logged() < n && Instant::now() < deadline {

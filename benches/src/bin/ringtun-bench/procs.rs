@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ringtun_testbed::{netns, sys, Process};
+use ringtun_testbed::{netns, sys, Netns, Process};
 
 /// Process groups of the running [`Proc`]s.
 static CHILD_GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
@@ -41,8 +41,18 @@ pub fn install_signal_cleanup() {
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// A process we started in its own process group (killed as a group on drop), recorded for
-/// the clean-up on signals while it runs.
-pub struct Proc(Process);
+/// the clean-up on signals while it runs; an in-pod tunnel side also owns its node agent and
+/// its node's namespace, which go after it.
+pub struct Proc(Process, Option<Node>);
+
+/// What an in-pod tunnel side runs beside it: the node agent that hands it the pod, and the
+/// node namespace it runs in.
+pub struct Node {
+    /// The fake istio-cni node agent (`tests/peers/node_agent.py`).
+    pub agent: Process,
+    /// The node's namespace.
+    pub ns: Netns,
+}
 
 impl Proc {
     /// Starts `cmd` with its output in `log`; `name` is how errors call it.
@@ -52,12 +62,26 @@ impl Proc {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(p.pid() as i32);
-        Ok(Proc(p))
+        Ok(Proc(p, None))
+    }
+
+    /// Gives the process its node agent and node namespace, stopped and deleted after it.
+    pub fn with_node(mut self, node: Node) -> Proc {
+        self.1 = Some(node);
+        self
     }
 
     /// The process itself, e.g. to wait until it is ready.
     pub fn process(&mut self) -> &mut Process {
         &mut self.0
+    }
+
+    /// Waits until an in-pod side answers ready on 15021 in its node namespace.
+    pub fn wait_ready_in_node(&mut self, timeout: Duration) -> Result<(), String> {
+        let Proc(p, Some(node)) = self else {
+            return Err("an in-pod side without its node".into());
+        };
+        p.wait_ready(&node.ns, timeout).map_err(|e| e.to_string())
     }
 
     /// The process and its descendants.
@@ -78,6 +102,9 @@ impl Proc {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|&x| x != g);
+        if let Some(node) = &mut self.1 {
+            node.agent.stop(Duration::ZERO);
+        }
     }
 }
 
