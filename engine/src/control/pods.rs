@@ -222,6 +222,13 @@ impl Pods {
             self.del_on_shards(uid, Duration::ZERO);
             return Err(e);
         }
+        // DNS hook: the pod's DNS listeners (ztunnel's 15053 in the pod) when DNS capture is on.
+        if let Some(dns) = self.state.dns() {
+            if let Err(e) = dns.add_pod(uid, &w.namespace, &w.name, pod.netns.as_fd()) {
+                self.del_on_shards(uid, Duration::ZERO);
+                return Err(e);
+            }
+        }
         // A renewal sent to the shards before they had the pod missed it: hand it over now.
         if let Ok(now) = self.certs.material(&identity) {
             if !Arc::ptr_eq(&now, &pod.tls) {
@@ -264,6 +271,9 @@ impl Pods {
             }
         }
         self.state.pod_down(uid);
+        if let Some(dns) = self.state.dns() {
+            dns.remove_pod(uid);
+        }
         self.del_on_shards(uid, self.opts.drain_timeout);
     }
 

@@ -56,6 +56,8 @@ pub(super) struct ControlState {
     dump_config: Mutex<serde_json::Value>,
     /// The xDS client's state, when the config comes from istiod.
     xds: OnceLock<SharedXdsStatus>,
+    /// The DNS proxy, when it runs (in in-pod mode the ZDS thread adds each pod's listeners).
+    dns: OnceLock<Arc<crate::dns::DnsServer>>,
 }
 
 impl ControlState {
@@ -83,7 +85,18 @@ impl ControlState {
             workers,
             dump_config: Mutex::new(serde_json::Value::Null),
             xds: OnceLock::new(),
+            dns: OnceLock::new(),
         }
+    }
+
+    /// The DNS proxy runs: `/metrics` shows its counters, pods get its listeners.
+    pub(super) fn set_dns(&self, dns: Arc<crate::dns::DnsServer>) {
+        let _ = self.dns.set(dns);
+    }
+
+    /// The DNS proxy, when it runs.
+    pub(super) fn dns(&self) -> Option<&Arc<crate::dns::DnsServer>> {
+        self.dns.get()
     }
 
     /// The config comes from istiod: `/config_dump` and `/metrics` show the client's state.
@@ -221,6 +234,7 @@ impl Admin for ControlState {
                 .xds
                 .get()
                 .and_then(|s| s.lock().ok().map(|s| s.clone())),
+            dns: self.dns.get().map(|d| d.metrics().report()),
         }
     }
 

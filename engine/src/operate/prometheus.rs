@@ -27,6 +27,8 @@ pub struct ProcessInfo {
     pub fds: Option<(u64, u64)>,
     /// The xDS client's state, when the config comes from istiod.
     pub xds: Option<crate::xds::XdsStatus>,
+    /// The DNS proxy's counters, when it runs.
+    pub dns: Option<crate::dns::DnsReport>,
 }
 
 impl ProcessInfo {
@@ -360,6 +362,9 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
     if let Some(xds) = &info.xds {
         out.push_str(&xds.prometheus(openmetrics));
     }
+    if let Some(dns) = &info.dns {
+        out.push_str(&dns.prometheus(openmetrics));
+    }
     if openmetrics {
         out.push_str("# EOF\n");
     }
@@ -500,6 +505,7 @@ mod tests {
             certs: Default::default(),
             fds: Some((28, 20_000)),
             xds: None,
+            dns: None,
         };
         let text = format!(
             "{}=====OM\n{}",

@@ -29,6 +29,7 @@ fn dump_with(xds: Option<XdsStatus>) -> serde_json::Value {
             fds: None,
             certs: Default::default(),
             xds,
+            dns: None,
         },
         config: ztunnel_config(settings),
         workload_state: None,
