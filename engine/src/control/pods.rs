@@ -224,7 +224,7 @@ impl Pods {
         }
         // DNS hook: the pod's DNS listeners (ztunnel's 15053 in the pod) when DNS capture is on.
         if let Some(dns) = self.state.dns() {
-            if let Err(e) = dns.add_pod(uid, &w.namespace, &w.name, pod.netns.as_fd()) {
+            if let Err(e) = dns.add_pod(uid, &w.namespace, &w.name, pod.clone()) {
                 self.del_on_shards(uid, Duration::ZERO);
                 return Err(e);
             }

@@ -9,14 +9,14 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::wire::{header_id, FLAG_QR, FLAG_TC, MAX_MESSAGE};
+use super::NetnsRef;
 use crate::net;
 
 /// The nameservers of a resolv.conf text (`nameserver ADDR` lines, port 53), in order. A
@@ -66,7 +66,7 @@ impl Forwarder {
     /// again over TCP, and relayed truncated only if the full one would not fit the client.
     pub async fn forward(
         &self,
-        netns: Option<&Arc<OwnedFd>>,
+        netns: Option<&NetnsRef>,
         query: &[u8],
         udp_limit: Option<usize>,
     ) -> Result<Vec<u8>, ForwardError> {
@@ -85,7 +85,7 @@ impl Forwarder {
 
     async fn ask(
         &self,
-        netns: Option<&Arc<OwnedFd>>,
+        netns: Option<&NetnsRef>,
         server: SocketAddr,
         query: &[u8],
         udp_limit: Option<usize>,
@@ -106,12 +106,7 @@ impl Forwarder {
         }
     }
 
-    fn socket(
-        &self,
-        netns: Option<&Arc<OwnedFd>>,
-        server: SocketAddr,
-        ty: Type,
-    ) -> io::Result<Socket> {
+    fn socket(&self, netns: Option<&NetnsRef>, server: SocketAddr, ty: Type) -> io::Result<Socket> {
         let proto = if ty == Type::DGRAM {
             Protocol::UDP
         } else {
@@ -131,7 +126,7 @@ impl Forwarder {
 
     async fn udp(
         &self,
-        netns: Option<&Arc<OwnedFd>>,
+        netns: Option<&NetnsRef>,
         server: SocketAddr,
         query: &[u8],
         id: u16,
@@ -159,7 +154,7 @@ impl Forwarder {
 
     async fn tcp(
         &self,
-        netns: Option<&Arc<OwnedFd>>,
+        netns: Option<&NetnsRef>,
         server: SocketAddr,
         query: &[u8],
         id: u16,

@@ -28,7 +28,7 @@ pub use server::{type_label, udp_limit, Who};
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -38,6 +38,9 @@ use tokio::sync::mpsc;
 
 use crate::config::Snapshot;
 use server::{Command, Shared, Sockets};
+
+/// A network namespace the proxy holds on to (a pod's), to forward that pod's queries from.
+pub type NetnsRef = Arc<dyn AsFd + Send + Sync>;
 
 /// The port ztunnel's DNS proxy listens on.
 pub const DEFAULT_PORT: u16 = 15053;
@@ -183,16 +186,13 @@ impl DnsServer {
         uid: &str,
         namespace: &str,
         name: &str,
-        netns: BorrowedFd<'_>,
+        netns: NetnsRef,
     ) -> Result<(), String> {
-        let ns = netns
-            .try_clone_to_owned()
-            .map_err(|e| format!("DNS: keeping the pod's namespace: {e}"))?;
         let listen = self.listen;
-        let fd = ns.as_raw_fd();
+        let fd = netns.as_fd().as_raw_fd();
         let sockets = thread::scope(|s| {
             s.spawn(|| {
-                // SAFETY: `ns` outlives this scoped thread.
+                // SAFETY: `netns` outlives this scoped thread.
                 let ns = unsafe { BorrowedFd::borrow_raw(fd) };
                 crate::net::setns_net(ns)
                     .map_err(|e| format!("DNS: entering the pod's namespace: {e}"))?;
@@ -205,7 +205,7 @@ impl DnsServer {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
         };
-        self.serve(uid.to_owned(), who, sockets, Some(Arc::new(ns)));
+        self.serve(uid.to_owned(), who, sockets, Some(netns));
         Ok(())
     }
 
@@ -214,7 +214,7 @@ impl DnsServer {
         let _ = self.commands.send(Command::Stop(uid.to_owned()));
     }
 
-    fn serve(&self, key: String, who: Who, sockets: Sockets, netns: Option<Arc<OwnedFd>>) {
+    fn serve(&self, key: String, who: Who, sockets: Sockets, netns: Option<NetnsRef>) {
         let _ = self.commands.send(Command::Serve {
             key,
             who,

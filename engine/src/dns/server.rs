@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use super::wire::{
     header_id, rcode, Edns, Message, RData, Record, WireError, CLASSIC_UDP, FLAG_AA, FLAG_CD,
     FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, MAX_MESSAGE, TYPE_OPT,
 };
+use super::NetnsRef;
 use crate::config::Snapshot;
 
 /// How long a TCP client may take to send its next query (ztunnel's
@@ -71,7 +71,7 @@ pub enum Command {
         /// The sockets.
         sockets: Sockets,
         /// The namespace upstream queries leave from (a pod's), or ringtun's own.
-        netns: Option<Arc<OwnedFd>>,
+        netns: Option<NetnsRef>,
     },
     /// Stop serving the sockets of `key`.
     Stop(String),
@@ -174,7 +174,7 @@ pub fn run(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) 
 struct Ctx {
     state: Rc<Local>,
     who: Who,
-    netns: Option<Arc<OwnedFd>>,
+    netns: Option<NetnsRef>,
 }
 
 fn spawn_udp(ctx: Rc<Ctx>, sock: std::net::UdpSocket, mut stop: watch::Receiver<bool>) {
