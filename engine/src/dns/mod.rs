@@ -291,8 +291,8 @@ fn bind_one(
     }
     let udp = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
-        udp.set_only_v6(false)
-            .or_else(|_| Ok::<(), io::Error>(()))?;
+        // Dual stack where the address is the wildcard; a loopback address ignores it.
+        let _ = udp.set_only_v6(false);
     }
     // SO_REUSEPORT: a new ringtun takes a pod over beside the old one, as the other
     // listeners do.
