@@ -26,6 +26,7 @@ fn dns_config() -> String {
         "  workloadName: client\n",
         "  workloadName: client\n  canonicalName: client-app\n  canonicalRevision: v1\n",
     );
+    let base = base.replace("  node: node-b\n", "  node: node-b\n  hostname: server-0\n");
     let base = base.replace(
         "      80: 5201\nservices:",
         "      80: 5201\n    \"default/db.default.svc.cluster.local\":\n      5432: 5432\nservices:",
@@ -173,11 +174,11 @@ fn check_answers(ns: &Netns, server: &str, port: &str, upstream_log: &Process) {
         records(&v),
         [rec("db.default.svc.cluster.local.", "A", 30, "10.77.0.2")]
     );
-    let v = ask(ns, server, port, "server.db", "A", false);
+    let v = ask(ns, server, port, "server-0.db", "A", false);
     assert_eq!(
         records(&v),
-        [rec("server.db.", "A", 30, "10.77.0.2")],
-        "the headless pod by <pod>.<subdomain>: {v}"
+        [rec("server-0.db.", "A", 30, "10.77.0.2")],
+        "the headless pod by <hostname>.<subdomain>: {v}"
     );
 
     // Forwarded: the upstream's answer as it wrote it (its TTL, its AA), the client's id.
@@ -400,4 +401,162 @@ fn in_pod_mode_serves_dns_inside_each_pod() {
     wait_ports(&pod, "the pod's DNS listener gone", |p| !p.contains(&15053));
     let v = ask(&pod, "127.0.0.1", "15053", "server", "A", false);
     assert!(v["error"].is_string(), "no DNS after del: {v}");
+}
+
+/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` mounts over `/etc/resolv.conf`
+/// for what it runs (ztunnel reads its upstreams there); removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn write(ns: &Netns, text: &str) -> NetnsResolvConf {
+        let dir = Path::new("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
+        std::fs::write(dir.join("resolv.conf"), text).expect("write resolv.conf");
+        NetnsResolvConf(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What two answers must share: the rcode and the records; for a forwarded name the values
+/// only (ztunnel's resolver caches, so its TTLs count down, and writes its own flags).
+fn comparable(v: &Value, forwarded: bool) -> (String, Vec<(String, String, u64, String)>) {
+    let mut recs = records(v);
+    if forwarded {
+        for r in &mut recs {
+            r.2 = 0;
+        }
+    }
+    recs.sort();
+    (v["rcode"].as_str().unwrap_or("none").to_owned(), recs)
+}
+
+/// The same queries from the same client to the real ztunnel (dedicated mode for
+/// default/client, DNS capture on) and to ringtun (node mode, the client found by its
+/// address): the same answers, and the same metric families and labels.
+#[test]
+fn answers_match_ztunnels() {
+    let nodes = two_nodes("dnsz");
+    let dir = TempDir::new("e2e-dns-ztunnel");
+    use_test_ca(&dir);
+    gen_certs(dir.path(), "cluster.local", &["default/server"]);
+    let config = dir.join("config.yaml");
+    let text = dns_config().replace(
+        "  network: \"\"\n",
+        "  network: \"\"\n  trustDomain: cluster.local\n",
+    );
+    write_atomic(&config, &text);
+    let up = upstream(&nodes.server, dir.path(), "10.77.0.2:53");
+    let _resolv = NetnsResolvConf::write(
+        &nodes.client,
+        "nameserver 10.77.0.2\nsearch default.svc.cluster.local svc.cluster.local cluster.local\n",
+    );
+    let z = Ztunnel::start_env(
+        &nodes.client,
+        "client",
+        &config,
+        dir.path(),
+        &[("ISTIO_META_DNS_CAPTURE", "true")],
+    );
+    let mut cmd = RunFiles::new(&config, dir.path(), "default/server")
+        .with_workload(None)
+        .command(&nodes.server, ringtun_bin());
+    cmd.args([
+        "--node",
+        "node-b",
+        "--workers",
+        "1",
+        "--dns-upstream",
+        "10.77.0.2:53",
+    ])
+    .env("ISTIO_META_DNS_PROXY_ADDR", "10.77.0.2:15053")
+    .env("RINGTUN_LOG", "info")
+    .env("NO_COLOR", "1");
+    let mut p = Process::spawn(cmd, "ringtun (node)", &dir.join("ringtun-node.log"))
+        .expect("spawn ringtun");
+    p.wait_ready(&nodes.server, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let queries: &[(&str, &str, bool)] = &[
+        ("server.default.svc.cluster.local", "A", false),
+        ("server", "A", false),
+        ("server.default", "A", false),
+        ("server.default.svc", "A", false),
+        ("server", "AAAA", false),
+        ("server.default.default.svc.cluster.local", "A", false),
+        ("other.prod", "A", false),
+        ("db.default.svc.cluster.local", "A", false),
+        // Not `server-0.db`: this ztunnel (62d8265) predates ztunnel's names for a headless
+        // service's pods, which ringtun answers as later ztunnels do; a name that is no pod's
+        // is forwarded by both.
+        ("server.db", "A", true),
+        ("other", "A", true),
+        ("www.example.test", "A", true),
+        ("missing.test", "A", true),
+    ];
+    let mut differ = Vec::new();
+    for &(name, t, forwarded) in queries {
+        for tcp in [false, true] {
+            let zt = ask(&nodes.client, "127.0.0.1", "15053", name, t, tcp);
+            let rt = ask(&nodes.client, "10.77.0.2", "15053", name, t, tcp);
+            assert!(
+                zt["error"].is_null(),
+                "ztunnel did not answer {name}: {zt}\n{}",
+                z.log()
+            );
+            let (a, b) = (comparable(&zt, forwarded), comparable(&rt, forwarded));
+            if a != b {
+                differ.push(format!(
+                    "{name} {t} tcp={tcp}:\n  ztunnel {zt}\n  ringtun {rt}"
+                ));
+            }
+            if !forwarded {
+                assert_eq!(zt["aa"], rt["aa"], "{name}: {zt} / {rt}");
+            }
+        }
+    }
+    assert!(differ.is_empty(), "answers differ:\n{}", differ.join("\n"));
+    assert!(up.log().contains("www.example.test"), "{}", up.log());
+
+    // The same families, with the same label names (values: ztunnel's client is its own
+    // workload, ringtun's the same one found by address).
+    let zs = Scrape::take(&nodes.client, false);
+    let rs = Scrape::take(&nodes.server, false);
+    for family in [
+        "istio_dns_requests_total",
+        "istio_dns_upstream_requests_total",
+        "istio_dns_upstream_failures_total",
+        "istio_dns_upstream_request_duration_seconds_count",
+    ] {
+        let keys = |s: &Scrape| {
+            let mut k: Vec<Vec<String>> = s
+                .select(family, &[])
+                .iter()
+                .map(|x| {
+                    let mut l: Vec<String> = x.labels.keys().cloned().collect();
+                    l.sort();
+                    l
+                })
+                .collect();
+            k.sort();
+            k.dedup();
+            k
+        };
+        assert!(!keys(&zs).is_empty(), "ztunnel has {family}");
+        assert_eq!(keys(&zs), keys(&rs), "{family}");
+        for proto in ["udp", "tcp"] {
+            let want = [("request_protocol", proto), ("request_query_type", "a")];
+            assert_eq!(
+                zs.sum(family, &want),
+                rs.sum(family, &want),
+                "{family} {proto}"
+            );
+        }
+    }
+    drop(p);
+    drop(z);
 }
