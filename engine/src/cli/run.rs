@@ -479,6 +479,45 @@ mod tests {
     }
 
     #[test]
+    fn dns_proxy_is_on_by_default_as_in_ztunnel() {
+        let o = options(&[]).expect("defaults");
+        let dns = o.dns.expect("DNS capture is on by default");
+        assert_eq!(dns.listen, crate::dns::Listen::Localhost(15053));
+        assert_eq!(dns.cluster_domain, "cluster.local");
+        assert_eq!(dns.resolv_conf, std::path::Path::new("/etc/resolv.conf"));
+        assert_eq!(dns.mark, 0x539);
+        let o = options(&[
+            "--dns-proxy-addr",
+            "0.0.0.0:5353",
+            "--dns-upstream",
+            "10.0.0.10:53",
+            "--cluster-domain",
+            "corp.example",
+        ])
+        .expect("dns flags");
+        let dns = o.dns.expect("on");
+        assert_eq!(
+            dns.listen,
+            crate::dns::Listen::Addr("0.0.0.0:5353".parse().unwrap())
+        );
+        assert_eq!(dns.upstreams, vec!["10.0.0.10:53".parse().unwrap()]);
+        assert_eq!(dns.cluster_domain, "corp.example");
+        for off in ["false", "False", "no"] {
+            assert!(options(&["--dns-capture", off]).expect("off").dns.is_none());
+        }
+        assert!(parse_err(&[
+            "--config",
+            "c.yaml",
+            "--dns-proxy-addr",
+            "localhost"
+        ]));
+    }
+
+    fn parse_err(args: &[&str]) -> bool {
+        Wrap::try_parse_from(CERTS.iter().chain(args).copied()).is_err()
+    }
+
+    #[test]
     fn shared_mode_is_in_pod_mode_unless_disabled() {
         let o = options(&["--proxy-mode", "shared"]).expect("shared");
         let inpod = o.inpod.expect("in-pod mode");

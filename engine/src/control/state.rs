@@ -313,7 +313,11 @@ fn ztunnel_settings(opts: &RunOptions) -> serde_json::Map<String, serde_json::Va
         m.insert(k.to_owned(), v);
     };
     put("proxy", json!(true));
-    put("dnsProxy", json!(false));
+    put("dnsProxy", json!(opts.dns.is_some()));
+    if let Some(dns) = &opts.dns {
+        put("clusterDomain", json!(dns.cluster_domain));
+        put("preferedServiceNamespace", json!(dns.preferred_namespace));
+    }
     put("clusterId", json!(opts.cluster_id));
     put("numWorkerThreads", json!(opts.workers));
     put("windowSize", json!(opts.h2.stream_window));

@@ -16,8 +16,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::wire::{header_id, FLAG_QR, FLAG_TC, MAX_MESSAGE};
-use super::NetnsRef;
 use crate::net;
+
+/// A network namespace the proxy holds on to (a pod's), to forward that pod's queries from.
+pub type NetnsRef = std::sync::Arc<dyn AsFd + Send + Sync>;
 
 /// The nameservers of a resolv.conf text (`nameserver ADDR` lines, port 53), in order. A
 /// link-local IPv6 address with a `%zone` is skipped: ringtun cannot tell which interface.

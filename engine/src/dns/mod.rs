@@ -22,7 +22,7 @@ pub mod resolve;
 mod server;
 pub mod wire;
 
-pub use forward::{parse_resolv_conf, ForwardError, Forwarder};
+pub use forward::{parse_resolv_conf, ForwardError, Forwarder, NetnsRef};
 pub use metrics::{DnsMetrics, DnsReport};
 pub use server::{type_label, udp_limit, Who};
 
@@ -38,9 +38,6 @@ use tokio::sync::mpsc;
 
 use crate::config::Snapshot;
 use server::{Command, Shared, Sockets};
-
-/// A network namespace the proxy holds on to (a pod's), to forward that pod's queries from.
-pub type NetnsRef = Arc<dyn AsFd + Send + Sync>;
 
 /// The port ztunnel's DNS proxy listens on.
 pub const DEFAULT_PORT: u16 = 15053;
@@ -115,6 +112,8 @@ pub struct DnsServer {
     commands: mpsc::UnboundedSender<Command>,
     thread: Option<thread::JoinHandle<()>>,
     listen: Listen,
+    /// `IPV6_ENABLED`: `localhost` includes ::1.
+    ipv6: bool,
     /// Where ringtun's own listeners are bound (empty in in-pod mode).
     pub bound: Vec<SocketAddr>,
 }
@@ -162,13 +161,14 @@ impl DnsServer {
             commands: tx,
             thread: Some(thread),
             listen: opts.listen,
+            ipv6: opts.ipv6,
             bound: Vec::new(),
         })
     }
 
     /// Listens in ringtun's own namespace for `who` (dedicated or node mode).
     pub fn listen_here(&mut self, who: Who) -> Result<(), DnsError> {
-        let sockets = bind(self.listen)?;
+        let sockets = bind(self.listen, self.ipv6)?;
         self.bound = sockets
             .udp
             .iter()
@@ -188,7 +188,7 @@ impl DnsServer {
         name: &str,
         netns: NetnsRef,
     ) -> Result<(), String> {
-        let listen = self.listen;
+        let (listen, ipv6) = (self.listen, self.ipv6);
         let fd = netns.as_fd().as_raw_fd();
         let sockets = thread::scope(|s| {
             s.spawn(|| {
@@ -196,7 +196,7 @@ impl DnsServer {
                 let ns = unsafe { BorrowedFd::borrow_raw(fd) };
                 crate::net::setns_net(ns)
                     .map_err(|e| format!("DNS: entering the pod's namespace: {e}"))?;
-                bind(listen).map_err(|e| e.to_string())
+                bind(listen, ipv6).map_err(|e| e.to_string())
             })
             .join()
             .unwrap_or_else(|_| Err("DNS: the bind thread panicked".into()))
@@ -251,13 +251,16 @@ impl Drop for DnsServer {
 }
 
 /// Binds UDP and TCP on `listen` in this thread's namespace. For `localhost`, ::1 is skipped
-/// where the namespace has no IPv6 loopback (as ztunnel downgrades per pod).
-fn bind(listen: Listen) -> Result<Sockets, DnsError> {
+/// without `ipv6` or where the namespace has no IPv6 loopback (as ztunnel downgrades per pod).
+fn bind(listen: Listen, ipv6: bool) -> Result<Sockets, DnsError> {
     let addrs: Vec<(SocketAddr, bool)> = match listen {
-        Listen::Localhost(port) => vec![
-            ((Ipv4Addr::LOCALHOST, port).into(), true),
-            ((Ipv6Addr::LOCALHOST, port).into(), false),
-        ],
+        Listen::Localhost(port) => {
+            let mut v = vec![((Ipv4Addr::LOCALHOST, port).into(), true)];
+            if ipv6 {
+                v.push(((Ipv6Addr::LOCALHOST, port).into(), false));
+            }
+            v
+        }
         Listen::Addr(a) => vec![(a, true)],
     };
     let mut out = Sockets {
@@ -309,4 +312,35 @@ fn bind_one(
     tcp.bind(&addr.into())?;
     tcp.listen(128)?;
     Ok((udp, tcp.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_read_as_ztunnels() {
+        assert_eq!("localhost:15053".parse(), Ok(Listen::Localhost(15053)));
+        assert_eq!(
+            "[::]:15053".parse(),
+            Ok(Listen::Addr("[::]:15053".parse().unwrap()))
+        );
+        assert!("localhost".parse::<Listen>().is_err());
+        assert!("localhost:x".parse::<Listen>().is_err());
+        assert!("10.0.0.1".parse::<Listen>().is_err());
+    }
+
+    #[test]
+    fn localhost_binds_both_loopbacks_on_one_port() {
+        let s = bind(Listen::Localhost(0), true).unwrap();
+        let ports: Vec<u16> = s
+            .udp
+            .iter()
+            .map(|u| u.local_addr().unwrap().port())
+            .chain(s.tcp.iter().map(|t| t.local_addr().unwrap().port()))
+            .collect();
+        assert!(ports.iter().all(|p| *p == ports[0] && *p != 0), "{ports:?}");
+        let v4 = bind(Listen::Localhost(0), false).unwrap();
+        assert_eq!(v4.udp.len(), 1);
+    }
 }

@@ -18,14 +18,13 @@ use rand::seq::SliceRandom;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::forward::{read_framed, Forwarder};
+use super::forward::{read_framed, Forwarder, NetnsRef};
 use super::metrics::{DnsLabels, DnsMetrics};
 use super::resolve::{resolve, Client, MeshIndex, Policy, Resolution, TTL};
 use super::wire::{
     header_id, rcode, Edns, Message, RData, Record, WireError, CLASSIC_UDP, FLAG_AA, FLAG_CD,
     FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, MAX_MESSAGE, TYPE_OPT,
 };
-use super::NetnsRef;
 use crate::config::Snapshot;
 
 /// How long a TCP client may take to send its next query (ztunnel's
