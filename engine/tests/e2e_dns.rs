@@ -285,6 +285,35 @@ fn dedicated_mode_answers_the_mesh_and_forwards_the_rest() {
         assert_eq!(s.one(name, &me(proto, t)), want, "{name} {proto} {t}");
     }
     s.assert_family("istio_dns_upstream_request_duration_seconds", "histogram");
+
+    // A config reload: a new service resolves without a restart, a removed one no longer does.
+    let reloaded = dns_config().replace(
+        "- name: other\n  namespace: prod",
+        "- name: late\n  namespace: default\n  hostname: late.default.svc.cluster.local\n  vips:\n    - /10.96.0.30\n  ports:\n    80: 80\n- name: other\n  namespace: prod",
+    );
+    let reloaded = reloaded.replace("    - /10.96.0.20\n", "    - /10.96.0.21\n");
+    write_atomic(&config, &reloaded);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = ask(&nodes.client, "127.0.0.1", "15053", "late", "A", false);
+        if records(&v) == [rec("late.", "A", 30, "10.96.0.30")] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new service never resolved: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = ask(
+        &nodes.client,
+        "127.0.0.1",
+        "15053",
+        "other.prod",
+        "A",
+        false,
+    );
+    assert_eq!(records(&v), [rec("other.prod.", "A", 30, "10.96.0.21")]);
     drop(client);
 }
 
