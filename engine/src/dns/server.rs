@@ -5,8 +5,9 @@
 //! (FORMERR, NOTIMP, as ztunnel's handler) → find the client in the snapshot (unknown:
 //! SERVFAIL, as ztunnel) → [`super::resolve`] → an authoritative answer, or the query relayed
 //! upstream ([`super::forward`]; none answered: SERVFAIL). Bounded: UDP queries in flight and
-//! TCP connections per listener are capped, a TCP client has [`TCP_IDLE`] per request, a
-//! message is at most 65 535 bytes, an upstream attempt has its timeout.
+//! TCP connections per listener are capped, a TCP client has [`TCP_IDLE`] per request, a UDP
+//! query is at most [`UDP_QUERY_MAX`] bytes and any message 65 535, an upstream attempt has
+//! its timeout.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +24,7 @@ use super::metrics::{DnsLabels, DnsMetrics};
 use super::resolve::{resolve, Client, MeshIndex, Policy, Resolution, TTL};
 use super::wire::{
     header_id, rcode, Edns, Message, RData, Record, WireError, CLASSIC_UDP, FLAG_AA, FLAG_CD,
-    FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, MAX_MESSAGE, TYPE_OPT,
+    FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, TYPE_OPT,
 };
 use crate::config::Snapshot;
 
@@ -34,6 +35,10 @@ pub const TCP_IDLE: Duration = Duration::from_secs(5);
 pub const UDP_IN_FLIGHT: usize = 256;
 /// TCP connections one listener serves at once; more are closed at accept.
 pub const TCP_CONNECTIONS: usize = 64;
+/// The largest UDP query read (hickory's UDP buffer too): queries are a few dozen bytes, and
+/// each pod's listener keeps this buffer while idle. A longer datagram arrives cut and gets
+/// FORMERR.
+pub const UDP_QUERY_MAX: usize = 4096;
 
 /// Who asks on a listener.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,13 +194,15 @@ fn spawn_udp(ctx: Rc<Ctx>, sock: std::net::UdpSocket, mut stop: watch::Receiver<
             }
         };
         let room = Arc::new(Semaphore::new(UDP_IN_FLIGHT));
-        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut buf = vec![0u8; UDP_QUERY_MAX];
         loop {
             let (n, src) = tokio::select! {
                 r = sock.recv_from(&mut buf) => match r {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::debug!(error = %e, "DNS proxy: UDP receive failed");
+                        // A socket error that repeats must not spin the thread.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
                 },
