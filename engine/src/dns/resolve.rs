@@ -18,6 +18,8 @@ pub const TTL: u32 = 30;
 /// The querying workload, as far as the answer depends on it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Client {
+    /// Its name, for the DNS access log.
+    pub name: String,
     /// Its namespace: short names are expanded in it, and its services win.
     pub namespace: String,
     /// Its network: a VIP of another network is not answered.
@@ -34,6 +36,7 @@ impl Client {
     /// The client a config workload is.
     pub fn of(w: &Workload) -> Client {
         Client {
+            name: w.name.clone(),
             namespace: w.namespace.clone(),
             network: w.network.clone(),
             cluster_id: w.cluster_id.clone(),

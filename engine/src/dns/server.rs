@@ -23,8 +23,8 @@ use super::forward::{read_framed, Forwarder, NetnsRef};
 use super::metrics::{DnsLabels, DnsMetrics};
 use super::resolve::{resolve, Client, MeshIndex, Policy, Resolution, TTL};
 use super::wire::{
-    header_id, rcode, Edns, Message, RData, Record, WireError, CLASSIC_UDP, FLAG_AA, FLAG_CD,
-    FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, TYPE_OPT,
+    header_id, rcode, Edns, Message, Question, RData, Record, WireError, CLASSIC_UDP, FLAG_AA,
+    FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, TYPE_OPT,
 };
 use crate::config::Snapshot;
 
@@ -374,6 +374,12 @@ impl Ctx {
             } => {
                 // ztunnel shuffles the addresses of every answer.
                 addrs.shuffle(&mut rand::thread_rng());
+                let result = if addrs.is_empty() {
+                    "no records"
+                } else {
+                    "success"
+                };
+                access_log(&client, q, result, addrs.len());
                 let mut answers = Vec::with_capacity(addrs.len() + 1);
                 if let Some(target) = cname {
                     answers.push(Record::new(q.name.clone(), TTL, RData::Cname(target)));
@@ -399,10 +405,11 @@ impl Ctx {
                 match res {
                     Ok(reply) => {
                         metrics.upstream(&labels, took, !has_answers(&reply));
+                        access_log(&client, q, "forwarded", answer_count(&reply));
                         Some(reply)
                     }
                     Err(e) => {
-                        tracing::debug!(%src, name = %q.name, error = %e, "DNS proxy: forwarding failed");
+                        access_log(&client, q, &format!("forwarding failed ({e})"), 0);
                         metrics.upstream(&labels, took, true);
                         error(&msg, rcode::SERVFAIL)
                     }
@@ -410,6 +417,24 @@ impl Ctx {
             }
         }
     }
+}
+
+/// ztunnel's DNS access line (target `dns`, at DEBUG): who asked what, and what came of it.
+fn access_log(client: &Client, q: &Question, result: &str, endpoints: usize) {
+    tracing::event!(
+        target: "dns",
+        tracing::Level::DEBUG,
+        src.workload = %client.name,
+        src.namespace = %client.namespace,
+        query = %type_label(q.qtype).to_uppercase(),
+        domain = %q.name,
+        result,
+        endpoints,
+    );
+}
+
+fn answer_count(reply: &[u8]) -> usize {
+    Message::decode(reply).map_or(0, |m| m.answers.len())
 }
 
 fn net_ip(src: SocketAddr) -> IpAddr {
