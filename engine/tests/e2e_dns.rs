@@ -548,6 +548,36 @@ fn answers_match_ztunnels() {
             }
         }
     }
+    // What is not a plain query: garbage after a header (FORMERR), a response (no answer),
+    // another opcode (NOTIMP), two questions (SERVFAIL): the same from both.
+    for raw in [
+        "beef01000001000000000000ff00ff",
+        "111181000001000000000000016104746573740000010001",
+        "111211000001000000000000016104746573740000010001",
+        "1113010000020000000000000161047465737400000100010162047465737400000100 01",
+    ] {
+        let raw = raw.replace(' ', "");
+        let zt = dig(
+            &nodes.client,
+            &["--server", "127.0.0.1", "--port", "15053", "--raw", &raw],
+        );
+        let rt = dig(
+            &nodes.client,
+            &["--server", "10.77.0.2", "--port", "15053", "--raw", &raw],
+        );
+        let pick = |v: &Value| {
+            (
+                v["id"].clone(),
+                v["rcode"].clone(),
+                v["ra"].clone(),
+                v["questions"].clone(),
+                v["error"].is_string(),
+            )
+        };
+        if pick(&zt) != pick(&rt) {
+            differ.push(format!("raw {raw}:\n  ztunnel {zt}\n  ringtun {rt}"));
+        }
+    }
     assert!(differ.is_empty(), "answers differ:\n{}", differ.join("\n"));
     assert!(up.log().contains("www.example.test"), "{}", up.log());
 

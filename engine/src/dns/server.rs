@@ -325,13 +325,17 @@ impl Ctx {
         Some(Client::of(w))
     }
 
-    /// The answer to one message, or nothing for bytes too short to answer.
+    /// The answer to one message, or nothing for bytes too short to answer and for a
+    /// response (as ztunnel, which never answers one: no reflection between two proxies).
     async fn handle(
         &self,
         bytes: &[u8],
         src: SocketAddr,
         protocol: &'static str,
     ) -> Option<Vec<u8>> {
+        if bytes.get(2).is_some_and(|b| b & 0x80 != 0) {
+            return None;
+        }
         let msg = match Message::decode(bytes) {
             Ok(m) => m,
             Err(WireError::Short) => return None,
@@ -340,8 +344,9 @@ impl Ctx {
                 return refusal_bytes(bytes, rcode::FORMERR);
             }
         };
-        if msg.is_response() || msg.questions.len() != 1 {
-            return error(&msg, rcode::FORMERR);
+        if msg.questions.len() != 1 {
+            // ztunnel (hickory) cannot make a request of it and answers SERVFAIL.
+            return error(&msg, rcode::SERVFAIL);
         }
         if msg.opcode() != 0 {
             return error(&msg, rcode::NOTIMP);
@@ -500,9 +505,11 @@ fn answer(query: &Message, answers: Vec<Record>, limit: Option<usize>) -> Option
     }
 }
 
-/// An error answer echoing the question.
+/// An error answer echoing the question (without RA, as ztunnel's error answers).
 fn error(query: &Message, rc: u8) -> Option<Vec<u8>> {
-    base(query, rc).encode().ok()
+    let mut m = base(query, rc);
+    m.flags &= !FLAG_RA;
+    m.encode().ok()
 }
 
 /// An error answer to bytes that do not parse: the header's id, no question.
@@ -511,7 +518,7 @@ fn refusal_bytes(bytes: &[u8], rc: u8) -> Option<Vec<u8>> {
     let flags = u16::from_be_bytes([bytes[2], bytes[3]]);
     let m = Message {
         id,
-        flags: (flags & (0x7800 | FLAG_RD)) | FLAG_QR | FLAG_RA | u16::from(rc),
+        flags: (flags & (0x7800 | FLAG_RD)) | FLAG_QR | u16::from(rc),
         ..Message::default()
     };
     m.encode().ok()
