@@ -70,6 +70,9 @@ pub enum EngineError {
     /// Stopped while waiting for the proxy's certificate from the control plane's CA.
     #[error("stopped: {0}")]
     NoCertificate(String),
+    /// The DNS proxy could not start (ISTIO_META_DNS_CAPTURE=false turns it off).
+    #[error("DNS proxy: {0} (ISTIO_META_DNS_CAPTURE=false turns it off)")]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 // Boxed so every Result<_, EngineError> stays small; these errors are rare and start-up only.

@@ -6,7 +6,7 @@
 //! [`proxy`]. What operators see (metrics, readiness, the admin API, the log filter) is
 //! [`operate`]; the command line is [`cli`]. Workloads, policies and certificates from istiod
 //! (instead of a local file and mounted certificates) come through [`xds`]. Protocol logic that
-//! needs no socket lives in the `ringtun-hbone` crate.
+//! needs no socket lives in the `ringtun-hbone` crate. The DNS proxy is [`dns`].
 #![warn(missing_docs)]
 
 pub mod alloc;
@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod decide;
+pub mod dns;
 mod error;
 pub mod exposition;
 pub mod inpod;

@@ -240,4 +240,6 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// In-pod mode: listeners in each pod's namespace, handed over by the node agent.
     pub inpod: Option<InpodOptions>,
+    /// The DNS proxy (`ISTIO_META_DNS_CAPTURE`), or `None` when it is off.
+    pub dns: Option<crate::dns::DnsOptions>,
 }

@@ -1,7 +1,8 @@
 //! In-pod mode at a node's scale: 100 pods on one ringtun (PROXY_MODE=shared, 2 shards), each a
 //! network namespace made here and handed over by the fake node agent
 //! (`tests/peers/node_agent.py`). What a pod costs is bounded: the sockets ringtun holds for it
-//! are its listeners times the shards (counted from `/proc/PID/fd`), plus the pod's netns fd;
+//! are its listeners times the shards (counted from `/proc/PID/fd`) and its DNS proxy's four
+//! (on the DNS thread, not per shard), plus the pod's netns fd;
 //! removing the pods gives every one of them back.
 //!
 //! It also prints what a measurement needs (docs/measurements/inpod-pods.md): the agent's
@@ -22,6 +23,8 @@ const PODS: usize = 100;
 const SHARDS: usize = 2;
 /// 15001, 15006, 15008.
 const LISTENERS: usize = 3;
+/// The DNS proxy in each pod (ztunnel's 15053): UDP and TCP on 127.0.0.1 and ::1, once.
+const DNS_SOCKETS: usize = 4;
 
 /// What ringtun holds open, by kind of fd; the other fds' link targets are kept so that a
 /// failure says which one differs.
@@ -181,7 +184,7 @@ fn hundred_pods(driver: &str) {
         let loaded = settled_fds(pid);
         assert_eq!(
             loaded.sockets - before.sockets,
-            PODS * LISTENERS * SHARDS,
+            PODS * (LISTENERS * SHARDS + DNS_SOCKETS),
             "round {round}: sockets per pod are its listeners times the shards \
              ({before:?} → {loaded:?})"
         );
@@ -198,7 +201,7 @@ fn hundred_pods(driver: &str) {
         for pod in [&pods[0], &pods[PODS / 2], &pods[PODS - 1]] {
             assert_eq!(
                 listening_ports(pod),
-                vec![15001, 15006, 15008],
+                vec![15001, 15006, 15008, 15053],
                 "{}",
                 pod.name()
             );

@@ -186,6 +186,38 @@ pub struct RunArgs {
     /// the default is also the maximum.
     #[arg(long, hide = true, default_value_t = crate::stream::DEFAULT_RX_RECORD_LIMIT)]
     pub ktls_rx_record_limit: u64,
+    /// The DNS proxy (ztunnel's `DNS_CAPTURE` proxy metadata): on unless `false`; it answers
+    /// the mesh's names and forwards the rest, on --dns-proxy-addr (in each pod in in-pod mode).
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value = "true")]
+    pub dns_capture: String,
+    /// Where the DNS proxy listens, UDP and TCP: `localhost:PORT` (127.0.0.1 and ::1) or
+    /// `IP:PORT` (ztunnel's `DNS_PROXY_ADDR` proxy metadata).
+    #[arg(
+        long,
+        env = "ISTIO_META_DNS_PROXY_ADDR",
+        default_value = "localhost:15053"
+    )]
+    pub dns_proxy_addr: crate::dns::Listen,
+    /// The resolv.conf whose nameservers get the queries the mesh does not answer.
+    #[arg(
+        long,
+        env = "RINGTUN_DNS_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    pub dns_resolv_conf: PathBuf,
+    /// Upstream DNS resolver (repeatable), instead of the resolv.conf's nameservers.
+    #[arg(long)]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// How long one upstream DNS attempt may take (milliseconds) before the next server.
+    #[arg(long, default_value_t = 5_000)]
+    pub dns_upstream_timeout_ms: u64,
+    /// The cluster's DNS domain, for short names (ztunnel's CLUSTER_DOMAIN).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// The namespace whose service answers a name several namespaces define, after the
+    /// client's own (ztunnel's PREFERED_SERVICE_NAMESPACE, spelled as ztunnel spells it).
+    #[arg(long, env = "PREFERED_SERVICE_NAMESPACE")]
+    pub prefered_service_namespace: Option<String>,
 }
 
 /// ztunnel's two proxy modes.
@@ -388,6 +420,19 @@ impl RunArgs {
             ktls_tx_record_limit: self.ktls_tx_record_limit,
             ktls_rx_record_limit: self.ktls_rx_record_limit,
             inpod,
+            dns: self
+                .dns_capture
+                .eq_ignore_ascii_case("true")
+                .then(|| crate::dns::DnsOptions {
+                    listen: self.dns_proxy_addr,
+                    resolv_conf: self.dns_resolv_conf,
+                    upstreams: self.dns_upstream,
+                    upstream_timeout: Duration::from_millis(self.dns_upstream_timeout_ms.max(1)),
+                    cluster_domain: self.cluster_domain,
+                    preferred_namespace: self.prefered_service_namespace,
+                    ipv6,
+                    mark: self.mark,
+                }),
         })
     }
 }
@@ -431,6 +476,45 @@ mod tests {
     /// Options of a `ringtun run` with only the certificate flags and `extra`.
     fn options_without_config(extra: &[&str]) -> Result<RunOptions, EngineError> {
         parse(extra).run.into_options()
+    }
+
+    #[test]
+    fn dns_proxy_is_on_by_default_as_in_ztunnel() {
+        let o = options(&[]).expect("defaults");
+        let dns = o.dns.expect("DNS capture is on by default");
+        assert_eq!(dns.listen, crate::dns::Listen::Localhost(15053));
+        assert_eq!(dns.cluster_domain, "cluster.local");
+        assert_eq!(dns.resolv_conf, std::path::Path::new("/etc/resolv.conf"));
+        assert_eq!(dns.mark, 0x539);
+        let o = options(&[
+            "--dns-proxy-addr",
+            "0.0.0.0:5353",
+            "--dns-upstream",
+            "10.0.0.10:53",
+            "--cluster-domain",
+            "corp.example",
+        ])
+        .expect("dns flags");
+        let dns = o.dns.expect("on");
+        assert_eq!(
+            dns.listen,
+            crate::dns::Listen::Addr("0.0.0.0:5353".parse().unwrap())
+        );
+        assert_eq!(dns.upstreams, vec!["10.0.0.10:53".parse().unwrap()]);
+        assert_eq!(dns.cluster_domain, "corp.example");
+        for off in ["false", "False", "no"] {
+            assert!(options(&["--dns-capture", off]).expect("off").dns.is_none());
+        }
+        assert!(parse_err(&[
+            "--config",
+            "c.yaml",
+            "--dns-proxy-addr",
+            "localhost"
+        ]));
+    }
+
+    fn parse_err(args: &[&str]) -> bool {
+        Wrap::try_parse_from(CERTS.iter().chain(args).copied()).is_err()
     }
 
     #[test]

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use crate::config::Snapshot;
+use crate::dns::{DnsServer, Who};
 use crate::net;
 use crate::operate::admin::{self, Admin};
 use crate::options::{IoDriver, ListenerKind, RunOptions};
@@ -48,6 +49,8 @@ pub struct Running {
     endpoints_stop: Arc<AtomicBool>,
     /// In-pod mode: the thread that takes pods from the node agent.
     pods: Option<pods::PodsThread>,
+    /// The DNS proxy, unless DNS capture is off.
+    dns: Option<Arc<DnsServer>>,
     /// Addresses actually bound, per listener kind (useful with port 0); in in-pod mode none:
     /// every listener is a pod's.
     pub bound: Vec<(ListenerKind, SocketAddr)>,
@@ -137,6 +140,26 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         endpoints_stop.store(true, Ordering::Relaxed);
         e
     };
+    // Before the pods: each pod added gets its DNS listeners too.
+    let dns = match &opts.dns {
+        None => None,
+        Some(d) => {
+            let mut server =
+                DnsServer::start(d, snapshot.clone()).map_err(|e| stop_endpoints(e.into()))?;
+            if opts.inpod.is_none() {
+                let who = match &opts.workload {
+                    Some((ns, name)) => Who::Workload(ns.clone(), name.clone()),
+                    None => Who::BySource,
+                };
+                server
+                    .listen_here(who)
+                    .map_err(|e| stop_endpoints(e.into()))?;
+            }
+            let server = Arc::new(server);
+            state.set_dns(server.clone());
+            Some(server)
+        }
+    };
     // In-pod mode listens only inside pods; readiness waits for the node agent's snapshot.
     let (bound, pods) = match &opts.inpod {
         None => (
@@ -163,6 +186,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         state,
         endpoints_stop,
         pods,
+        dns,
         bound,
         source,
         synced,
@@ -302,6 +326,9 @@ impl Running {
                     };
                     tracing::debug!(generation, ?changes, took = ?built.elapsed(), "snapshot built");
                     self.snapshot = snap.clone();
+                    if let Some(dns) = &self.dns {
+                        dns.set_snapshot(snap.clone());
+                    }
                     for tx in &self.senders {
                         let _ = tx.send(ShardMsg::Config(Box::new(snap.clone())));
                     }
@@ -330,6 +357,9 @@ impl Running {
             }
         }
         self.drain(opts.drain_timeout);
+        if let Some(dns) = &self.dns {
+            dns.close();
+        }
         self.endpoints_stop.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -390,6 +420,9 @@ impl Running {
         // It holds senders too: the shards see their channel close only once it is gone.
         if let Some(p) = self.pods {
             p.stop();
+        }
+        if let Some(dns) = &self.dns {
+            dns.close();
         }
         drop(self.senders);
         for t in self.threads {

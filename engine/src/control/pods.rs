@@ -304,6 +304,13 @@ impl Pods {
         if let Ok(mut slot) = pod.on_gone.lock() {
             *slot = Some(Box::new(move || manager.down(&gone_uid)));
         }
+        // DNS hook: the pod's DNS listeners (ztunnel's 15053 in the pod) when DNS capture is on.
+        if let Some(dns) = self.state.dns() {
+            if let Err(e) = dns.add_pod(uid, &w.namespace, &w.name, pod.clone()) {
+                self.del_on_shards(uid, Duration::ZERO);
+                return Err((e.to_string(), again));
+            }
+        }
         // A renewal sent to the shards before they had the pod missed it: hand it over now.
         if let Ok(now) = self.certs.material(&identity) {
             if !Arc::ptr_eq(&now, &pod.tls) {
@@ -371,6 +378,9 @@ impl Pods {
             }
         }
         self.counts();
+        if let Some(dns) = self.state.dns() {
+            dns.remove_pod(uid);
+        }
         self.del_on_shards(uid, self.opts.drain_timeout);
     }
 

@@ -44,6 +44,8 @@ pub(super) struct ControlState {
     dump_config: Mutex<serde_json::Value>,
     /// The xDS client's state, when the config comes from istiod.
     xds: OnceLock<SharedXdsStatus>,
+    /// The DNS proxy, when it runs (in in-pod mode the ZDS thread adds each pod's listeners).
+    dns: OnceLock<Arc<crate::dns::DnsServer>>,
 }
 
 impl ControlState {
@@ -71,7 +73,18 @@ impl ControlState {
             workers,
             dump_config: Mutex::new(serde_json::Value::Null),
             xds: OnceLock::new(),
+            dns: OnceLock::new(),
         }
+    }
+
+    /// The DNS proxy runs: `/metrics` shows its counters, pods get its listeners.
+    pub(super) fn set_dns(&self, dns: Arc<crate::dns::DnsServer>) {
+        let _ = self.dns.set(dns);
+    }
+
+    /// The DNS proxy, when it runs.
+    pub(super) fn dns(&self) -> Option<&Arc<crate::dns::DnsServer>> {
+        self.dns.get()
     }
 
     /// The config comes from istiod: `/config_dump` and `/metrics` show the client's state.
@@ -175,6 +188,7 @@ impl Admin for ControlState {
                 .get()
                 .and_then(|s| s.lock().ok().map(|s| s.clone())),
             workload_manager: self.pods.get().map(|p| p.metrics()),
+            dns: self.dns.get().map(|d| d.metrics().report()),
         }
     }
 
@@ -253,7 +267,11 @@ fn ztunnel_settings(opts: &RunOptions) -> serde_json::Map<String, serde_json::Va
         m.insert(k.to_owned(), v);
     };
     put("proxy", json!(true));
-    put("dnsProxy", json!(false));
+    put("dnsProxy", json!(opts.dns.is_some()));
+    if let Some(dns) = &opts.dns {
+        put("clusterDomain", json!(dns.cluster_domain));
+        put("preferedServiceNamespace", json!(dns.preferred_namespace));
+    }
     put("clusterId", json!(opts.cluster_id));
     put("numWorkerThreads", json!(opts.workers));
     put("windowSize", json!(opts.h2.stream_window));

@@ -29,6 +29,8 @@ pub struct ProcessInfo {
     pub xds: Option<crate::xds::XdsStatus>,
     /// In-pod mode: ztunnel's `workload_manager_*` metrics.
     pub workload_manager: Option<crate::inpod::manager::ManagerMetrics>,
+    /// The DNS proxy's counters, when it runs.
+    pub dns: Option<crate::dns::DnsReport>,
 }
 
 impl ProcessInfo {
@@ -365,6 +367,9 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
     if let Some(m) = &info.workload_manager {
         out.push_str(&m.prometheus(openmetrics));
     }
+    if let Some(dns) = &info.dns {
+        out.push_str(&dns.prometheus(openmetrics));
+    }
     if openmetrics {
         out.push_str("# EOF\n");
     }
@@ -507,6 +512,7 @@ mod tests {
             fds: Some((28, 20_000)),
             xds: None,
             workload_manager: None,
+            dns: None,
         };
         let text = format!(
             "{}=====OM\n{}",

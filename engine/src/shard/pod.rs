@@ -51,6 +51,13 @@ impl Drop for Pod {
     }
 }
 
+/// The pod's network namespace: the DNS proxy forwards the pod's queries from it.
+impl std::os::fd::AsFd for Pod {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.netns.as_fd()
+    }
+}
+
 impl std::fmt::Debug for Pod {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pod")

@@ -30,6 +30,7 @@ fn dump_with(xds: Option<XdsStatus>) -> serde_json::Value {
             certs: Default::default(),
             xds,
             workload_manager: None,
+            dns: None,
         },
         config: ztunnel_config(settings),
         workload_state: None,
