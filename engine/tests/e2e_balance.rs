@@ -2,7 +2,7 @@
 //! endpoint in the client's zone and one in another zone. `Failover` over the zone sends every
 //! connection to the same-zone endpoint while it exists and to the other once the config no
 //! longer has it (live reload); `Strict` without a same-zone endpoint refuses the connection
-//! (a reset) with ztunnel's `no healthy upstream` error and no Istio metric. The real ztunnel,
+//! (a close) with ztunnel's `no healthy upstream` error and no Istio metric. The real ztunnel,
 //! as the client with the same config, picks the same endpoints and refuses the same
 //! connection.
 //!
@@ -139,9 +139,10 @@ fn failover_stays_in_the_zone_until_the_endpoint_leaves_and_strict_refuses() {
         });
     assert!(line.is("dst.hbone_addr", NEAR), "{}", line.raw);
 
-    // Strict with no endpoint in the client's zone: refused with a reset, logged as ztunnel
-    // logs it (an early `connection failed`), and counted in no Istio metric.
-    assert_eq!(refusal(client, STRICT_VIP), "reset");
+    // Strict with no endpoint in the client's zone: refused by closing the socket (the client,
+    // which sent nothing, reads end of file, as from ztunnel), logged as ztunnel logs it (an
+    // early `connection failed`), and counted in no Istio metric.
+    assert_eq!(refusal(client, STRICT_VIP), "eof");
     let refused = m.client.wait_access("the strict refusal", LOG_WAIT, |l| {
         l.get("error")
             .is_some_and(|e| e.contains(&format!("no healthy upstream: {STRICT_VIP}")))
@@ -211,15 +212,10 @@ fn ztunnel_chooses_the_same_endpoints() {
     let ours = outcomes(&nodes.client, 80_000, &echoes);
     assert_eq!(ours[..2], [NEAR, FAR], "ringtun's choices");
     assert_eq!(ours[..2], theirs[..2], "ringtun and ztunnel choose alike");
-    // Both refuse the strict service without a byte of answer. ringtun resets it, as all its
-    // outbound refusals; ztunnel drops the socket (a FIN when the client has sent nothing yet,
-    // a reset when data is unread), so its ending is not asserted.
-    assert_eq!(ours[2], "reset");
-    assert!(
-        ["reset", "eof"].contains(&theirs[2].as_str()),
-        "{}",
-        theirs[2]
-    );
+    // Both refuse the strict service without a byte of answer, and end it alike: both drop
+    // the socket, so a client that has sent nothing reads end of file.
+    assert_eq!(ours[2], "eof", "ringtun's refusal");
+    assert_eq!(ours[2], theirs[2], "ringtun's refusal ends as ztunnel's");
     let r_line = client.wait_access("the strict refusal", LOG_WAIT, |l| {
         l.get("error")
             .is_some_and(|e| e.contains("no healthy upstream"))
