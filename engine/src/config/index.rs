@@ -324,11 +324,12 @@ impl Index {
     /// by endpoint uid) with the members merged in, each under its workload uid (replacing a
     /// written entry with that key), unhealthy members only under the `AllowAll` health
     /// policy (ztunnel's `should_include_endpoint`, applied to the members alone as its
-    /// service store applies it to the workload-derived endpoints alone). Then its
-    /// `load_balance`: only the service's own `ports` have endpoints; an endpoint serves one
-    /// with the target port its own map gives, else the service's when that is not 0 (one with
-    /// neither is left out); a written endpoint whose `workloadUid` names no workload is left
-    /// out. Members first, in config order, then the written ones in key order.
+    /// service store applies it to the workload-derived endpoints alone: a written endpoint's
+    /// `status` filters nothing). Then its `load_balance`: only the service's own `ports` have
+    /// endpoints; an endpoint serves one with the target port its own map gives, else the
+    /// service's when that is not 0 (one with neither is left out); a written endpoint whose
+    /// `workloadUid` names no workload is left out. Members first, in config order, then the
+    /// written ones in key order.
     fn refresh_endpoints(&mut self, service_key: &str) {
         let Some(carriers) = self.carriers.get(service_key).cloned() else {
             return;
@@ -477,7 +478,7 @@ services:
   vips: [/10.96.0.1]
   ports: {80: 1}
   endpoints:
-    a: {workloadUid: a, port: {80: 9001}, status: Healthy}
+    a: {workloadUid: a, port: {80: 9001}, status: Unhealthy}
     b: {workloadUid: b, port: {80: 9002}, status: Healthy}
     c: {workloadUid: c, port: {80: 9003}, status: Healthy}
     gone: {workloadUid: nobody, port: {80: 9004}, status: Healthy}
@@ -487,7 +488,8 @@ services:
     #[test]
     fn written_endpoints_merge_with_the_members_as_ztunnel_merges_them() {
         // a is only written (its own port map, and under another key the service's target
-        // port); b lists the service, which replaces the written entry under its uid; c lists
+        // port), and a written status filters nothing (the real ztunnel routes to a written
+        // Unhealthy endpoint too: its store health-filters only workload-derived ones); b lists the service, which replaces the written entry under its uid; c lists
         // it but is unhealthy, so the written entry stays; `nobody` is no workload.
         assert_eq!(
             ends(&snap(WRITTEN)),
