@@ -110,6 +110,15 @@ async fn shut(wr: &mut OwnedWriteHalf<TcpStream>) -> Result<(), End> {
     }
 }
 
+/// Ends the stream (END_STREAM) after the TCP side's end; `reset`: how that side ended, if
+/// not cleanly.
+fn end_stream(send: &mut SendStream<Bytes>, reset: Option<End>) -> Result<Option<End>, End> {
+    match send.send_data(Bytes::new(), true) {
+        Err(e) if !peer_ended(&e) => Err(from_h2(e)),
+        _ => Ok(reset),
+    }
+}
+
 /// The peer ended the stream with RST_STREAM `NO_ERROR` or `CANCEL`: h2 peers (ztunnel among
 /// them) send it when they drop a stream they are done with, so it is an end of stream, passed
 /// on as FIN, not a failure passed on as RST. A reset we sent ourselves does not count.
@@ -282,19 +291,16 @@ pub fn tcp_h2(
             loop {
                 // Bound before the send, not matched around it: a match would keep the read's
                 // result alive (and in the task) across the send's wait.
-                let (chunk, reset) = match reader.next(&mut rd, fd, &conn).await {
-                    Ok(chunk) => (chunk, None),
-                    Err(e) if went_away(&e) => (Bytes::new(), Some(gone(&e))),
+                let chunk = match reader.next(&mut rd, fd, &conn).await {
+                    Ok(chunk) => chunk,
+                    Err(e) if went_away(&e) => return end_stream(&mut send, Some(gone(&e))),
                     Err(e) => {
                         send.send_reset(Reason::CONNECT_ERROR);
                         return Err(from_io(e));
                     }
                 };
                 if chunk.is_empty() {
-                    return match send.send_data(Bytes::new(), true) {
-                        Err(e) if !peer_ended(&e) => Err(from_h2(e)),
-                        _ => Ok(reset),
-                    };
+                    return end_stream(&mut send, None);
                 }
                 conn.moved(0, chunk.len() as u64);
                 conn.touch();
@@ -402,14 +408,17 @@ async fn pipe(
 ) -> Result<Option<End>, End> {
     let mut reader = Reader::new();
     loop {
-        let (chunk, reset) = match reader.next(rd, fd, conn).await {
-            Ok(chunk) => (chunk, None),
-            Err(e) if went_away(&e) => (Bytes::new(), Some(gone(&e))),
+        let chunk = match reader.next(rd, fd, conn).await {
+            Ok(chunk) => chunk,
+            Err(e) if went_away(&e) => {
+                shut(wr).await?;
+                return Ok(Some(gone(&e)));
+            }
             Err(e) => return Err(from_io(e)),
         };
         if chunk.is_empty() {
             shut(wr).await?;
-            return Ok(reset);
+            return Ok(None);
         }
         conn.touch();
         let n = chunk.len();
