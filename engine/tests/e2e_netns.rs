@@ -389,13 +389,16 @@ fn reset_from_server_reaches_client_as_end_of_file() {
     }
     // As through ztunnel, the other direction stays open until the client closes it too.
     drop(c);
-    // The proxy that saw the reset says so; the other saw a clean end.
+    // The proxy that saw the reset says so (ringtun's own `end` field); the other saw a clean
+    // end.
     let line = m
         .server
         .wait_access("for the server-reset connection", LOG_WAIT, |l| {
             l.is("direction", "inbound")
         });
     assert!(line.is("end", "reset"), "{}", line.raw);
+    // ztunnel logs such a connection as complete, without an error.
+    assert!(line.get("error").is_none(), "{}", line.raw);
     let line = m
         .client
         .wait_access("for the server-reset connection", LOG_WAIT, |l| {
@@ -441,6 +444,8 @@ fn reset_from_client_reaches_server_as_end_of_file() {
             l.is("direction", "outbound")
         });
     assert!(line.is("end", "reset"), "{}", line.raw);
+    // ztunnel logs such a connection as complete, without an error.
+    assert!(line.get("error").is_none(), "{}", line.raw);
     let line = m
         .server
         .wait_access("for the client-reset connection", LOG_WAIT, |l| {

@@ -47,8 +47,10 @@ pub const MAX_BUF: usize = 16 * RECORD - FRAME_HEAD;
 pub enum End {
     /// Both directions finished with EOF.
     Closed,
-    /// A TCP side reset (or was gone); the other side was told end of file, as ztunnel tells
-    /// it.
+    /// A TCP side reset (or was gone) and the other was told end of file: an end, not a
+    /// failure, as ztunnel counts it (logged without an error, at info).
+    PeerReset,
+    /// An HBONE stream or a TCP connection was aborted; the other side was reset.
     Reset(String),
     /// An I/O or protocol error; the other side was reset.
     Error(String),
@@ -60,7 +62,7 @@ impl fmt::Display for End {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             End::Closed => f.write_str("closed"),
-            End::Reset(_) => f.write_str("reset"),
+            End::Reset(_) | End::PeerReset => f.write_str("reset"),
             End::Error(_) | End::Revoked(_) => f.write_str("error"),
         }
     }
@@ -70,7 +72,7 @@ impl End {
     /// The detail behind a reset or error, if any.
     pub fn reason(&self) -> Option<&str> {
         match self {
-            End::Closed => None,
+            End::Closed | End::PeerReset => None,
             End::Reset(r) | End::Error(r) | End::Revoked(r) => Some(r),
         }
     }
@@ -95,11 +97,6 @@ fn went_away(e: &io::Error) -> bool {
             | io::ErrorKind::NotConnected
             | io::ErrorKind::UnexpectedEof
     )
-}
-
-/// How a connection whose TCP peer went away ended: a reset, passed on as an end of file.
-fn gone(e: &io::Error) -> End {
-    End::Reset(format!("tcp: {e}"))
 }
 
 /// Half-closes the TCP side; a peer already gone has nothing left to tell.
@@ -293,7 +290,7 @@ pub fn tcp_h2(
                 // result alive (and in the task) across the send's wait.
                 let chunk = match reader.next(&mut rd, fd, &conn).await {
                     Ok(chunk) => chunk,
-                    Err(e) if went_away(&e) => return end_stream(&mut send, Some(gone(&e))),
+                    Err(e) if went_away(&e) => return end_stream(&mut send, Some(End::PeerReset)),
                     Err(e) => {
                         send.send_reset(Reason::CONNECT_ERROR);
                         return Err(from_io(e));
@@ -325,7 +322,7 @@ pub fn tcp_h2(
                         match res {
                             Ok(_) => {}
                             // The reader of this side reads its end next.
-                            Err(e) if went_away(&e) => return Ok(Some(gone(&e))),
+                            Err(e) if went_away(&e) => return Ok(Some(End::PeerReset)),
                             Err(e) => return Err(from_io(e)),
                         }
                         conn.moved(1, n as u64);
@@ -412,7 +409,7 @@ async fn pipe(
             Ok(chunk) => chunk,
             Err(e) if went_away(&e) => {
                 shut(wr).await?;
-                return Ok(Some(gone(&e)));
+                return Ok(Some(End::PeerReset));
             }
             Err(e) => return Err(from_io(e)),
         };
@@ -426,7 +423,7 @@ async fn pipe(
         match res {
             Ok(_) => {}
             // The other pipe reads this side's end next.
-            Err(e) if went_away(&e) => return Ok(Some(gone(&e))),
+            Err(e) if went_away(&e) => return Ok(Some(End::PeerReset)),
             Err(e) => return Err(from_io(e)),
         }
         conn.moved(direction, n as u64);
@@ -469,6 +466,9 @@ mod tests {
         assert!(matches!(error, End::Error(_)), "{error:?}");
         assert_eq!(error.to_string(), "error");
         assert_eq!(End::Closed.reason(), None);
+        // A reset passed on as end of file is no failure, as ztunnel logs it: no error.
+        assert_eq!(End::PeerReset.to_string(), "reset");
+        assert_eq!(End::PeerReset.reason(), None);
         assert_eq!(End::Revoked("why".into()).to_string(), "error");
         assert_eq!(End::Revoked("why".into()).reason(), Some("why"));
     }
