@@ -2,9 +2,10 @@
 //! endpoint in the client's zone and one in another zone. `Failover` over the zone sends every
 //! connection to the same-zone endpoint while it exists and to the other once the config no
 //! longer has it (live reload); `Strict` without a same-zone endpoint refuses the connection
-//! (a reset) with ztunnel's `no healthy upstream` error and no Istio metric. The real ztunnel,
+//! (a close) with ztunnel's `no healthy upstream` error and no Istio metric. The real ztunnel,
 //! as the client with the same config, picks the same endpoints and refuses the same
-//! connection.
+//! connection. A fourth service has no workload listing it: its one endpoint is written in its
+//! own `endpoints`, and both proxies carry checksummed bytes to it.
 //!
 //! The two endpoints are two workloads named `default/server` (the server ringtun serves both):
 //! `near` on 10.77.0.2 (zone z1, the client's) with target port 5201, `far` on 10.77.0.3
@@ -24,6 +25,9 @@ const FAILOVER_VIP: &str = "10.96.0.10:80";
 const STRICT_VIP: &str = "10.96.0.11:80";
 /// `Failover` over the zone; endpoint `far` only.
 const FALLBACK_VIP: &str = "10.96.0.12:80";
+/// No load-balancer settings and no workload listing it: its one endpoint, `far`, is written
+/// in its own `endpoints`.
+const WRITTEN_VIP: &str = "10.96.0.13:80";
 const NEAR: &str = "10.77.0.2:5201";
 const FAR: &str = "10.77.0.3:5202";
 
@@ -66,6 +70,16 @@ fn config(with_near: bool) -> String {
             host(name)
         );
     }
+    // The endpoint's key and workloadUid are far's uid, as istiod writes them; its port map
+    // sends 80 to 5202 where the service's own target is 5201.
+    let far_uid = "cluster1//v1/Pod/default/server-far";
+    text += &format!(
+        "- name: written\n  namespace: default\n  hostname: {}\n  vips: [/{}]\n  \
+         ports: {{80: 5201}}\n  endpoints:\n    \"{far_uid}\": {{workloadUid: \"{far_uid}\", \
+         port: {{80: 5202}}, status: Healthy}}\n",
+        host("written"),
+        WRITTEN_VIP.trim_end_matches(":80")
+    );
     text + "policies: []\n"
 }
 
@@ -131,6 +145,9 @@ fn failover_stays_in_the_zone_until_the_endpoint_leaves_and_strict_refuses() {
 
     assert_eq!(spread(client, FAILOVER_VIP, 12, 40_000, &echoes), [NEAR]);
     assert_eq!(spread(client, FALLBACK_VIP, 3, 50_000, &echoes), [FAR]);
+    // A service whose only endpoint is written in its own `endpoints` carries checksummed
+    // bytes to it, on the port that endpoint's map gives.
+    assert_eq!(spread(client, WRITTEN_VIP, 3, 55_000, &echoes), [FAR]);
     let line = m
         .client
         .wait_access("a failover connection", LOG_WAIT, |l| {
@@ -139,9 +156,10 @@ fn failover_stays_in_the_zone_until_the_endpoint_leaves_and_strict_refuses() {
         });
     assert!(line.is("dst.hbone_addr", NEAR), "{}", line.raw);
 
-    // Strict with no endpoint in the client's zone: refused with a reset, logged as ztunnel
-    // logs it (an early `connection failed`), and counted in no Istio metric.
-    assert_eq!(refusal(client, STRICT_VIP), "reset");
+    // Strict with no endpoint in the client's zone: refused by closing the socket (the client,
+    // which sent nothing, reads end of file, as from ztunnel), logged as ztunnel logs it (an
+    // early `connection failed`), and counted in no Istio metric.
+    assert_eq!(refusal(client, STRICT_VIP), "eof");
     let refused = m.client.wait_access("the strict refusal", LOG_WAIT, |l| {
         l.get("error")
             .is_some_and(|e| e.contains(&format!("no healthy upstream: {STRICT_VIP}")))
@@ -186,12 +204,13 @@ fn refusal(ns: &Netns, dst: &str) -> String {
     }
 }
 
-/// What a client proxy did with the three services: where each reachable one went, and how
+/// What a client proxy did with the four services: where each reachable one went, and how
 /// the strict one ended.
 fn outcomes(ns: &Netns, base: u64, echoes: &(EchoServer, EchoServer)) -> Vec<String> {
     vec![
         spread(ns, FAILOVER_VIP, 6, base, echoes).join(" "),
         spread(ns, FALLBACK_VIP, 3, base + 1000, echoes).join(" "),
+        spread(ns, WRITTEN_VIP, 3, base + 2000, echoes).join(" "),
         refusal(ns, STRICT_VIP),
     ]
 }
@@ -209,17 +228,12 @@ fn ztunnel_chooses_the_same_endpoints() {
 
     let client = Ringtun::start_as(&nodes.client, "client", dir.path(), &path, one_worker());
     let ours = outcomes(&nodes.client, 80_000, &echoes);
-    assert_eq!(ours[..2], [NEAR, FAR], "ringtun's choices");
-    assert_eq!(ours[..2], theirs[..2], "ringtun and ztunnel choose alike");
-    // Both refuse the strict service without a byte of answer. ringtun resets it, as all its
-    // outbound refusals; ztunnel drops the socket (a FIN when the client has sent nothing yet,
-    // a reset when data is unread), so its ending is not asserted.
-    assert_eq!(ours[2], "reset");
-    assert!(
-        ["reset", "eof"].contains(&theirs[2].as_str()),
-        "{}",
-        theirs[2]
-    );
+    assert_eq!(ours[..3], [NEAR, FAR, FAR], "ringtun's choices");
+    assert_eq!(ours[..3], theirs[..3], "ringtun and ztunnel choose alike");
+    // Both refuse the strict service without a byte of answer, and end it alike: both drop
+    // the socket, so a client that has sent nothing reads end of file.
+    assert_eq!(ours[3], "eof", "ringtun's refusal");
+    assert_eq!(ours[3], theirs[3], "ringtun's refusal ends as ztunnel's");
     let r_line = client.wait_access("the strict refusal", LOG_WAIT, |l| {
         l.get("error")
             .is_some_and(|e| e.contains("no healthy upstream"))

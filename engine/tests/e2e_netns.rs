@@ -360,8 +360,11 @@ fn is_reset(e: &std::io::Error) -> bool {
     )
 }
 
+/// A server's reset reaches the client as an end of file, not a reset: ztunnel's copy reads a
+/// reset as an end (its `ignore_io_errors`), so that is what a drop-in's users see (the issue
+/// asks for ztunnel's behaviour; two ztunnels, and either mixed pair, do the same).
 #[test]
-fn reset_from_server_reaches_client() {
+fn reset_from_server_reaches_client_as_end_of_file() {
     let m = Mesh::start(MeshOptions::new("ers"));
     let listener = bind_in(&m.nodes.server, "0.0.0.0:5201");
     let server = std::thread::spawn(move || {
@@ -378,32 +381,37 @@ fn reset_from_server_reaches_client() {
     c.write_all(b"ping").expect("client: ping");
     let (_, end) = read_to_end_or_error(&mut c);
     server.join().expect("server thread");
-    match end {
-        Err(e) if is_reset(&e) => {}
-        Err(e) => panic!(
-            "client: expected a reset after the server's RST, got error {e} ({:?})",
+    if let Err(e) = end {
+        panic!(
+            "client: expected end of file after the server's RST, as through ztunnel, got {e} ({:?})",
             e.kind()
-        ),
-        Ok(()) => {
-            panic!("client: got a clean EOF where the server sent RST (reset not propagated)")
-        }
+        );
     }
+    // As through ztunnel, the other direction stays open until the client closes it too.
+    drop(c);
+    // The proxy that saw the reset says so (ringtun's own `end` field); the other saw a clean
+    // end.
+    let line = m
+        .server
+        .wait_access("for the server-reset connection", LOG_WAIT, |l| {
+            l.is("direction", "inbound")
+        });
+    assert!(line.is("end", "reset"), "{}", line.raw);
+    // ztunnel logs such a connection as complete, without an error.
+    assert!(line.get("error").is_none(), "{}", line.raw);
     let line = m
         .client
         .wait_access("for the server-reset connection", LOG_WAIT, |l| {
             l.is("src.addr", &local)
         });
-    assert!(
-        line.is("end", "reset") || line.is("end", "error"),
-        "access line should say how it ended: {}",
-        line.raw
-    );
+    assert!(line.is("end", "closed"), "{}", line.raw);
     m.client.assert_no_panic();
     m.server.assert_no_panic();
 }
 
+/// A client's reset reaches the server as an end of file, as through ztunnel (see above).
 #[test]
-fn reset_from_client_reaches_server() {
+fn reset_from_client_reaches_server_as_end_of_file() {
     let m = Mesh::start(MeshOptions::new("erc"));
     let listener = bind_in(&m.nodes.server, "0.0.0.0:5201");
     let (got_ping, wait_ping) = mpsc::channel::<()>();
@@ -424,26 +432,26 @@ fn reset_from_client_reaches_server() {
     set_linger_zero(&c);
     drop(c);
     let (_, end) = server.join().expect("server thread");
-    match end {
-        Err(e) if is_reset(&e) => {}
-        Err(e) => panic!(
-            "server: expected a reset after the client's RST, got error {e} ({:?})",
+    if let Err(e) = end {
+        panic!(
+            "server: expected end of file after the client's RST, as through ztunnel, got {e} ({:?})",
             e.kind()
-        ),
-        Ok(()) => {
-            panic!("server: got a clean EOF where the client sent RST (reset not propagated)")
-        }
+        );
     }
+    let line = m
+        .client
+        .wait_access("for the client-reset connection", LOG_WAIT, |l| {
+            l.is("direction", "outbound")
+        });
+    assert!(line.is("end", "reset"), "{}", line.raw);
+    // ztunnel logs such a connection as complete, without an error.
+    assert!(line.get("error").is_none(), "{}", line.raw);
     let line = m
         .server
         .wait_access("for the client-reset connection", LOG_WAIT, |l| {
             l.is("direction", "inbound")
         });
-    assert!(
-        line.is("end", "reset") || line.is("end", "error"),
-        "access line should say how it ended: {}",
-        line.raw
-    );
+    assert!(line.is("end", "closed"), "{}", line.raw);
     m.client.assert_no_panic();
     m.server.assert_no_panic();
 }

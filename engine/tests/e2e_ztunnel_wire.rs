@@ -496,13 +496,14 @@ fn resets(d: &Duo) -> (String, String) {
 }
 
 /// A reset on either side reaches the other application through ringtun and ztunnel in
-/// either role as it does through two ztunnels.
+/// either role, and through two ringtuns, as it does through two ztunnels.
 #[test]
 fn resets_cross_a_mixed_pair_as_between_two_ztunnels() {
     let reference = resets(&duo("zrzz", Kind::Ztunnel, Kind::Ztunnel, &[]));
     for (prefix, client, server) in [
         ("zrrz", Kind::Ringtun, Kind::Ztunnel),
         ("zrzr", Kind::Ztunnel, Kind::Ringtun),
+        ("zrrr", Kind::Ringtun, Kind::Ringtun),
     ] {
         let d = duo(prefix, client, server, &[]);
         let seen = resets(&d);

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use super::{parse, Delta, EntryKey, LocalConfig, Snapshot};
 use super::{HealthStatus, LoadBalancer, LoadBalancerHealthPolicy, NetworkAddress};
-use super::{NetworkMode, Policy, PolicyScope, Protocol, Service, Workload};
+use super::{NetworkMode, Policy, PolicyScope, Protocol, Service, ServiceEndpoint, Workload};
 
 const BASE: &str = r#"
 workloads:
@@ -107,8 +107,19 @@ fn service() -> impl Strategy<Value = Service> {
         any::<bool>(),
         0u8..3,
         prop::collection::btree_map(0usize..2, 0u16..3, 0..3),
+        // Written endpoints: key, workload uid (the workloads' pool, and one never used),
+        // port map, unhealthy.
+        prop::collection::vec(
+            (
+                0u8..5,
+                0u8..10,
+                prop::collection::btree_map(0usize..2, 1u16..4, 0..2),
+                any::<bool>(),
+            ),
+            0..3,
+        ),
     )
-        .prop_map(move |(key, vips, allow_all, name, ports)| {
+        .prop_map(move |(key, vips, allow_all, name, ports, written)| {
             let mut s = s.clone();
             let k = usize::from(key);
             s.namespace = NAMESPACES[k % 3].into();
@@ -128,6 +139,32 @@ fn service() -> impl Strategy<Value = Service> {
                 mode: Default::default(),
                 health_policy: LoadBalancerHealthPolicy::AllowAll,
             });
+            s.endpoints = written
+                .into_iter()
+                .map(|(k, u, ports, unhealthy)| {
+                    let uid = |u: u8| match u {
+                        0..4 => format!("c//Pod/{u}"),
+                        4..8 => format!("c/x/WorkloadEntry/{}", u - 4),
+                        _ => "nobody".to_owned(),
+                    };
+                    let ep = ServiceEndpoint {
+                        workload_uid: uid(u),
+                        port: ports.into_iter().map(|(p, t)| (PORTS[p], t)).collect(),
+                        status: if unhealthy {
+                            HealthStatus::Unhealthy
+                        } else {
+                            HealthStatus::Healthy
+                        },
+                    };
+                    // Keyed mostly by its own uid (as istiod writes them), sometimes not.
+                    let key = if k < 4 {
+                        ep.workload_uid.clone()
+                    } else {
+                        uid(k * 2)
+                    };
+                    (key, ep)
+                })
+                .collect();
             s
         })
 }

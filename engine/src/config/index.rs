@@ -48,6 +48,9 @@ fn uniform(endpoints: &[Endpoint]) -> bool {
 /// Workloads listing one service key, in config order.
 type Members = BTreeMap<EntryKey, Arc<Workload>>;
 
+/// Services (entry → service key) whose own `endpoints` name one workload uid.
+type Referrers = BTreeMap<EntryKey, Arc<str>>;
+
 #[derive(Clone, Debug, Default)]
 pub(super) struct Index {
     pub(super) workloads: ChunkMap<EntryKey, Arc<Workload>>,
@@ -62,6 +65,9 @@ pub(super) struct Index {
     carriers: ChunkMap<Arc<str>, Claims<Svc>>,
     /// Service key → the workloads listing it.
     members: ChunkMap<Arc<str>, Arc<Members>>,
+    /// Workload uid → the services whose `endpoints` name it, so that a change to a workload
+    /// with that uid refreshes them.
+    referrers: ChunkMap<Arc<str>, Arc<Referrers>>,
     pub(super) policies: Arc<PolicyTables>,
     next_service_id: usize,
 }
@@ -102,6 +108,7 @@ impl Index {
             by_uid: ChunkMap::with_capacity(workloads),
             carriers: ChunkMap::with_capacity(services),
             members: ChunkMap::with_capacity(services),
+            referrers: ChunkMap::default(),
             policies: Arc::default(),
             next_service_id: 0,
         }
@@ -181,6 +188,7 @@ impl Index {
             key,
         );
         unclaim(&mut self.by_uid, w.uid.as_str(), key);
+        self.touch_referrers(&w.uid, touched);
         for service_key in w.services.keys() {
             let Some(members) = self.members.get_mut(service_key.as_str()) else {
                 continue;
@@ -211,6 +219,7 @@ impl Index {
             w,
         );
         claim(&mut self.by_uid, w.uid.as_str().into(), key, w);
+        self.touch_referrers(&w.uid, touched);
         for service_key in w.services.keys() {
             match self.members.get_mut(service_key.as_str()) {
                 Some(members) => {
@@ -242,6 +251,9 @@ impl Index {
             unclaim(&mut self.by_host, &host as &dyn Pair, &key);
             let service_key = s.key();
             unclaim(&mut self.carriers, service_key.as_str(), &key);
+            for ep in s.endpoints.values() {
+                self.unrefer(&ep.workload_uid, &key);
+            }
             touched.insert(service_key.into());
         }
         let Some(service) = new else {
@@ -271,15 +283,53 @@ impl Index {
         );
         let service_key: Arc<str> = s.key().into();
         claim(&mut self.carriers, service_key.clone(), &key, &svc);
+        for ep in s.endpoints.values() {
+            let uid = ep.workload_uid.as_str();
+            match self.referrers.get_mut(uid) {
+                Some(r) => {
+                    Arc::make_mut(r).insert(key.clone(), service_key.clone());
+                }
+                None => {
+                    let r = BTreeMap::from([(key.clone(), service_key.clone())]);
+                    self.referrers.insert(uid.into(), Arc::new(r));
+                }
+            }
+        }
         touched.insert(service_key);
         self.services.insert(key, svc);
     }
 
-    /// Recomputes the endpoints of every service carrying `service_key` from its members, as
-    /// ztunnel's `load_balance` filters them: only the service's own `ports` have endpoints;
-    /// a member serves one with the target port its own map gives, else the service's when
-    /// that is not 0 (a member with neither is left out); unhealthy members only under the
-    /// `AllowAll` health policy.
+    /// Marks for refreshing the services whose own `endpoints` name `uid`.
+    fn touch_referrers(&self, uid: &str, touched: &mut BTreeSet<Arc<str>>) {
+        if let Some(r) = self.referrers.get(uid) {
+            for service_key in r.values() {
+                touch(touched, service_key);
+            }
+        }
+    }
+
+    /// Forgets that service entry `key` names `uid` in its `endpoints`.
+    fn unrefer(&mut self, uid: &str, key: &EntryKey) {
+        let Some(r) = self.referrers.get_mut(uid) else {
+            return;
+        };
+        Arc::make_mut(r).remove(key);
+        if r.is_empty() {
+            self.referrers.remove(uid);
+        }
+    }
+
+    /// Recomputes the endpoints of every service carrying `service_key`, as ztunnel builds
+    /// and filters them. Its endpoint set is the service's own `endpoints` (as written, keyed
+    /// by endpoint uid) with the members merged in, each under its workload uid (replacing a
+    /// written entry with that key), unhealthy members only under the `AllowAll` health
+    /// policy (ztunnel's `should_include_endpoint`, applied to the members alone as its
+    /// service store applies it to the workload-derived endpoints alone: a written endpoint's
+    /// `status` filters nothing). Then its `load_balance`: only the service's own `ports` have
+    /// endpoints; an endpoint serves one with the target port its own map gives, else the
+    /// service's when that is not 0 (one with neither is left out); a written endpoint whose
+    /// `workloadUid` names no workload is left out. Members first, in config order, then the
+    /// written ones in key order.
     fn refresh_endpoints(&mut self, service_key: &str) {
         let Some(carriers) = self.carriers.get(service_key).cloned() else {
             return;
@@ -292,13 +342,7 @@ impl Index {
                 .as_ref()
                 .is_some_and(|lb| lb.health_policy == LoadBalancerHealthPolicy::AllowAll);
             let mut ports: BTreeMap<u16, Vec<Endpoint>> = BTreeMap::new();
-            for w in members.values() {
-                if w.status == HealthStatus::Unhealthy && !allow_unhealthy {
-                    continue;
-                }
-                let Some(map) = w.services.get(service_key) else {
-                    continue;
-                };
+            let mut add = |w: &Arc<Workload>, map: &super::model::PortMap| {
                 for (&service_port, &service_target) in &svc.service.ports {
                     let target_port = match map.get(&service_port) {
                         Some(&own) => own,
@@ -309,6 +353,26 @@ impl Index {
                         .entry(service_port)
                         .or_default()
                         .push((w.clone(), target_port));
+                }
+            };
+            let mut merged: BTreeSet<&str> = BTreeSet::new();
+            for w in members.values() {
+                if w.status == HealthStatus::Unhealthy && !allow_unhealthy {
+                    continue;
+                }
+                let Some(map) = w.services.get(service_key) else {
+                    continue;
+                };
+                merged.insert(w.uid.as_str());
+                add(w, map);
+            }
+            for (uid, ep) in &svc.service.endpoints {
+                if merged.contains(uid.as_str()) {
+                    continue;
+                }
+                let found = self.by_uid.get(ep.workload_uid.as_str());
+                if let Some(w) = found.and_then(|c| c.last()) {
+                    add(w, &ep.port);
                 }
             }
             let endpoints: Vec<_> = ports
@@ -373,5 +437,125 @@ impl PolicyTables {
             by_namespace,
             by_key,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{parse, Delta, EntryKey, Snapshot};
+    use std::net::IpAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn snap(text: &str) -> Snapshot {
+        match parse(Path::new("t.yaml"), text) {
+            Ok(l) => Snapshot::new(l.config, 1),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// `(workload name, target port)` of the service on 10.96.0.1, port 80.
+    fn ends(s: &Snapshot) -> Vec<(String, u16)> {
+        let ip: IpAddr = [10, 96, 0, 1].into();
+        let Some(svc) = s.service_by_vip(ip) else {
+            return Vec::new();
+        };
+        s.endpoints(svc, 80)
+            .iter()
+            .map(|(w, p)| (w.name.clone(), p))
+            .collect()
+    }
+
+    const WRITTEN: &str = r#"
+workloads:
+- {uid: a, name: a, namespace: ns, workloadIps: [10.0.0.1], services: {}}
+- {uid: b, name: b, namespace: ns, workloadIps: [10.0.0.2], services: {"ns/s": {80: 8082}}}
+- {uid: c, name: c, namespace: ns, workloadIps: [10.0.0.3], status: Unhealthy, services: {"ns/s": {80: 8083}}}
+services:
+- name: s
+  namespace: ns
+  hostname: s
+  vips: [/10.96.0.1]
+  ports: {80: 1}
+  endpoints:
+    a: {workloadUid: a, port: {80: 9001}, status: Unhealthy}
+    b: {workloadUid: b, port: {80: 9002}, status: Healthy}
+    c: {workloadUid: c, port: {80: 9003}, status: Healthy}
+    gone: {workloadUid: nobody, port: {80: 9004}, status: Healthy}
+    z: {workloadUid: a, port: {}, status: Healthy}
+"#;
+
+    #[test]
+    fn written_endpoints_merge_with_the_members_as_ztunnel_merges_them() {
+        // a is only written (its own port map, and under another key the service's target
+        // port), and a written status filters nothing (the real ztunnel routes to a written
+        // Unhealthy endpoint too: its store health-filters only workload-derived ones); b lists the service, which replaces the written entry under its uid; c lists
+        // it but is unhealthy, so the written entry stays; `nobody` is no workload.
+        assert_eq!(
+            ends(&snap(WRITTEN)),
+            [
+                ("b".into(), 8082),
+                ("a".into(), 9001),
+                ("c".into(), 9003),
+                ("a".into(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_service_whose_only_endpoint_is_written_is_served() {
+        let text = r#"
+workloads:
+- {uid: "c//Pod/ns/a", name: a, namespace: ns, workloadIps: [10.0.0.1], services: {}}
+services:
+- name: s
+  namespace: ns
+  hostname: s
+  vips: [/10.96.0.1]
+  ports: {80: 8080}
+  endpoints:
+    "c//Pod/ns/a": {workloadUid: "c//Pod/ns/a", port: {80: 8080}, status: Healthy}
+"#;
+        assert_eq!(ends(&snap(text)), [("a".into(), 8080)]);
+    }
+
+    #[test]
+    fn a_workload_named_by_a_written_endpoint_refreshes_the_service_when_it_changes() {
+        let text = r#"
+workloads: []
+services:
+- name: s
+  namespace: ns
+  hostname: s
+  vips: [/10.96.0.1]
+  ports: {80: 8080}
+  endpoints:
+    later: {workloadUid: later, port: {}, status: Healthy}
+"#;
+        let first = snap(text);
+        assert!(ends(&first).is_empty(), "no workload has the uid yet");
+        let w = match parse(
+            Path::new("w.yaml"),
+            "workloads:\n- {uid: later, name: l, namespace: ns, workloadIps: [10.0.0.9], services: {}}\n",
+        ) {
+            Ok(mut l) => l.config.workloads.remove(0),
+            Err(e) => panic!("{e}"),
+        };
+        let added = first.apply(
+            Delta {
+                workloads: vec![(EntryKey::from("w"), Some(Arc::new(w)))],
+                ..Delta::default()
+            },
+            2,
+        );
+        assert_eq!(ends(&added), [("l".into(), 8080)]);
+        let removed = added.apply(
+            Delta {
+                workloads: vec![(EntryKey::from("w"), None)],
+                ..Delta::default()
+            },
+            3,
+        );
+        assert!(ends(&removed).is_empty());
     }
 }

@@ -250,7 +250,9 @@ impl Snapshot {
     /// none unless the service's `ports` has that port; then every workload whose `services`
     /// map has the key `namespace/hostname`, with the target port its own map gives, else the
     /// service's (a workload with neither, the service's being 0, is left out). Unhealthy
-    /// workloads are left out unless the service's health policy is `AllowAll`. Config order. (A `ServiceRef` carries them: one from another snapshot
+    /// workloads are left out unless the service's health policy is `AllowAll`. Config order;
+    /// then the service's own written `endpoints` that no such workload replaced (see
+    /// `Index::refresh_endpoints`). (A `ServiceRef` carries them: one from another snapshot
     /// gives that snapshot's.)
     pub fn endpoints<'a>(&self, service: ServiceRef<'a>, service_port: u16) -> Endpoints<'a> {
         let (entries, uniform) = service

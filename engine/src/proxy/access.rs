@@ -282,7 +282,7 @@ impl AccessLog {
             self.emit(tracing::Level::WARN, "connection failed", true);
         } else {
             let level = match self.end {
-                End::Closed => tracing::Level::INFO,
+                End::Closed | End::PeerReset => tracing::Level::INFO,
                 _ => tracing::Level::ERROR,
             };
             self.emit(level, "connection complete", true);

@@ -1,11 +1,13 @@
 //! The copy loops: bytes between a client socket and an HBONE stream, or between two sockets.
 //!
 //! Both directions run concurrently on the connection's shard. A clean EOF one way is passed on
-//! (FIN ↔ END_STREAM) while the other way keeps flowing; an error or reset either way stops both
-//! and is passed on as a reset: a TCP error becomes RST_STREAM `CONNECT_ERROR` (RFC 9113 section
-//! 8.5) and an RST_STREAM other than `NO_ERROR`/`CANCEL` a TCP RST. `NO_ERROR` and `CANCEL`
-//! are what h2 peers send when they drop a stream they are done with: an end, as ztunnel reads
-//! them.
+//! (FIN ↔ END_STREAM) while the other way keeps flowing. A TCP side that resets is an end too,
+//! passed on as FIN or END_STREAM, as ztunnel's copy does (its `ignore_io_errors`): through
+//! ztunnel an application never sees its peer's reset, only an end of file, and peers of a
+//! drop-in see what ztunnel's see. Any other error either way stops both and is passed on as a
+//! reset: a TCP error becomes RST_STREAM `CONNECT_ERROR` (RFC 9113 section 8.5) and an
+//! RST_STREAM other than `NO_ERROR`/`CANCEL` a TCP RST. `NO_ERROR` and `CANCEL` are what h2
+//! peers send when they drop a stream they are done with: an end, as ztunnel reads them.
 //!
 //! A read lands in a `BytesMut`, the filled part is split off and frozen and handed on without
 //! copying; while data keeps coming the loop keeps the buffer and `reserve` reclaims it once h2
@@ -45,7 +47,10 @@ pub const MAX_BUF: usize = 16 * RECORD - FRAME_HEAD;
 pub enum End {
     /// Both directions finished with EOF.
     Closed,
-    /// One side reset; the other was reset too.
+    /// A TCP side reset (or was gone) and the other was told end of file: an end, not a
+    /// failure, as ztunnel counts it (logged without an error, at info).
+    PeerReset,
+    /// An HBONE stream or a TCP connection was aborted; the other side was reset.
     Reset(String),
     /// An I/O or protocol error; the other side was reset.
     Error(String),
@@ -57,7 +62,7 @@ impl fmt::Display for End {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             End::Closed => f.write_str("closed"),
-            End::Reset(_) => f.write_str("reset"),
+            End::Reset(_) | End::PeerReset => f.write_str("reset"),
             End::Error(_) | End::Revoked(_) => f.write_str("error"),
         }
     }
@@ -67,7 +72,7 @@ impl End {
     /// The detail behind a reset or error, if any.
     pub fn reason(&self) -> Option<&str> {
         match self {
-            End::Closed => None,
+            End::Closed | End::PeerReset => None,
             End::Reset(r) | End::Error(r) | End::Revoked(r) => Some(r),
         }
     }
@@ -79,6 +84,35 @@ fn from_io(e: io::Error) -> End {
             End::Reset(format!("tcp: {e}"))
         }
         _ => End::Error(format!("tcp: {e}")),
+    }
+}
+
+/// The TCP peer went away without a clean close (reset, or already gone): ztunnel's
+/// `ignore_io_errors` kinds, which end a direction as end of file does.
+fn went_away(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// Half-closes the TCP side; a peer already gone has nothing left to tell.
+async fn shut(wr: &mut OwnedWriteHalf<TcpStream>) -> Result<(), End> {
+    match wr.shutdown().await {
+        Err(e) if !went_away(&e) => Err(from_io(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Ends the stream (END_STREAM) after the TCP side's end; `reset`: how that side ended, if
+/// not cleanly.
+fn end_stream(send: &mut SendStream<Bytes>, reset: Option<End>) -> Result<Option<End>, End> {
+    match send.send_data(Bytes::new(), true) {
+        Err(e) if !peer_ended(&e) => Err(from_h2(e)),
+        _ => Ok(reset),
     }
 }
 
@@ -256,23 +290,21 @@ pub fn tcp_h2(
                 // result alive (and in the task) across the send's wait.
                 let chunk = match reader.next(&mut rd, fd, &conn).await {
                     Ok(chunk) => chunk,
+                    Err(e) if went_away(&e) => return end_stream(&mut send, Some(End::PeerReset)),
                     Err(e) => {
                         send.send_reset(Reason::CONNECT_ERROR);
                         return Err(from_io(e));
                     }
                 };
                 if chunk.is_empty() {
-                    return match send.send_data(Bytes::new(), true) {
-                        Err(e) if !peer_ended(&e) => Err(from_h2(e)),
-                        _ => Ok(()),
-                    };
+                    return end_stream(&mut send, None);
                 }
                 conn.moved(0, chunk.len() as u64);
                 conn.touch();
                 match ringtun_hbone::stream::send_all(&mut send, chunk).await {
                     Ok(()) => {}
                     // The peer wants no more: stop reading the client, nothing failed.
-                    Err(e) if peer_ended(&e) => return Ok(()),
+                    Err(e) if peer_ended(&e) => return Ok(None),
                     Err(e) => return Err(from_h2(e)),
                 }
             }
@@ -287,19 +319,24 @@ pub fn tcp_h2(
                         // Boxed like the read: the write's state exists only while bytes are in
                         // flight.
                         let (res, _) = Box::pin(wr.write_all(data)).await;
-                        res.map_err(from_io)?;
+                        match res {
+                            Ok(_) => {}
+                            // The reader of this side reads its end next.
+                            Err(e) if went_away(&e) => return Ok(Some(End::PeerReset)),
+                            Err(e) => return Err(from_io(e)),
+                        }
                         conn.moved(1, n as u64);
                         // Only now may the peer send more: the window tracks what reached
                         // the socket.
                         recv.flow_control().release_capacity(n).map_err(from_h2)?;
                     }
                     None => {
-                        wr.shutdown().await.map_err(from_io)?;
-                        return Ok::<(), End>(());
+                        shut(&mut wr).await?;
+                        return Ok::<_, End>(None);
                     }
                     Some(Err(e)) if peer_ended(&e) => {
-                        wr.shutdown().await.map_err(from_io)?;
-                        return Ok(());
+                        shut(&mut wr).await?;
+                        return Ok(None);
                     }
                     Some(Err(e)) => return Err(from_h2(e)),
                 }
@@ -311,7 +348,7 @@ pub fn tcp_h2(
             until_cut(both, &conn).await
         };
         match result {
-            Ok(_) => End::Closed,
+            Ok((up, down)) => up.or(down).unwrap_or(End::Closed),
             Err(end) => {
                 // The loop that did not fail was dropped mid-operation; make sure the h2 side
                 // learns of the failure too, then close the socket with RST.
@@ -365,18 +402,30 @@ async fn pipe(
     wr: &mut OwnedWriteHalf<TcpStream>,
     conn: &live::Conn,
     direction: usize,
-) -> Result<(), End> {
+) -> Result<Option<End>, End> {
     let mut reader = Reader::new();
     loop {
-        let chunk = reader.next(rd, fd, conn).await.map_err(from_io)?;
+        let chunk = match reader.next(rd, fd, conn).await {
+            Ok(chunk) => chunk,
+            Err(e) if went_away(&e) => {
+                shut(wr).await?;
+                return Ok(Some(End::PeerReset));
+            }
+            Err(e) => return Err(from_io(e)),
+        };
         if chunk.is_empty() {
-            wr.shutdown().await.map_err(from_io)?;
-            return Ok(());
+            shut(wr).await?;
+            return Ok(None);
         }
         conn.touch();
         let n = chunk.len();
         let (res, _) = wr.write_all(chunk).await;
-        res.map_err(from_io)?;
+        match res {
+            Ok(_) => {}
+            // The other pipe reads this side's end next.
+            Err(e) if went_away(&e) => return Ok(Some(End::PeerReset)),
+            Err(e) => return Err(from_io(e)),
+        }
         conn.moved(direction, n as u64);
     }
 }
@@ -395,7 +444,7 @@ pub async fn tcp_tcp(a: TcpStream, b: TcpStream, conn: live::Conn) -> End {
         until_cut(both, &conn).await
     };
     match result {
-        Ok(_) => End::Closed,
+        Ok((a, b)) => a.or(b).unwrap_or(End::Closed),
         Err(end) => {
             abort(ar, aw, fa);
             abort(br, bw, fb);
@@ -417,6 +466,9 @@ mod tests {
         assert!(matches!(error, End::Error(_)), "{error:?}");
         assert_eq!(error.to_string(), "error");
         assert_eq!(End::Closed.reason(), None);
+        // A reset passed on as end of file is no failure, as ztunnel logs it: no error.
+        assert_eq!(End::PeerReset.to_string(), "reset");
+        assert_eq!(End::PeerReset.reason(), None);
         assert_eq!(End::Revoked("why".into()).to_string(), "error");
         assert_eq!(End::Revoked("why".into()).reason(), Some("why"));
     }

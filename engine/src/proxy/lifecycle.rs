@@ -3,12 +3,11 @@
 //! is dropped: after the path finished or refused the connection, or when its task went away
 //! mid-way (cancelled, or unwinding from a panic), as ztunnel's `ConnectionResult` does.
 //!
-//! Refusing a connection happens here too, one way per carrier: [`refuse_tcp`] resets a
+//! Refusing a connection happens here too, one way per carrier: [`refuse_tcp`] closes a
 //! captured connection, [`refuse_stream`] answers a CONNECT stream; both count the failure
 //! and record the [`Refusal`].
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -21,7 +20,6 @@ use super::copy::End;
 use crate::config::{Service, Workload};
 use crate::decide::{Admission, Arrival, Grant, Refusal};
 use crate::metrics::TcpLabels;
-use crate::net;
 use crate::shard::live::{self, Meter};
 use crate::shard::pod::PodShard;
 use crate::shard::{Shard, Tally};
@@ -212,10 +210,10 @@ impl<X> Drop for Record<X> {
     }
 }
 
-/// Refuses a captured TCP connection: it is reset (RST), not closed, so the client sees a
-/// failure rather than an empty answer.
+/// Refuses a captured TCP connection by closing it, as ztunnel drops the socket of every
+/// outbound and inbound-plaintext refusal: the client reads end of file when it has sent
+/// nothing yet, and the kernel answers with a reset when the client's bytes are left unread.
 pub(crate) fn refuse_tcp<X>(record: Record<X>, client: TcpStream, refusal: Refusal) {
-    net::abort_on_close(client.as_raw_fd());
     drop(client);
     record.refuse(&refusal);
 }
