@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use ringtun_hbone::Identity;
+use ringtun_hbone::{Identity, HBONE_PORT};
 
 use super::copy::End;
 use crate::metrics::{Party, Reporter, ServiceName, ShardMetrics, TcpLabels};
@@ -60,7 +60,24 @@ pub struct Transferred {
     pub response: u64,
 }
 
-/// Everything logged about one connection.
+/// How a connection ended: what its access line and its close in the metrics are written
+/// with. Not kept in [`AccessLog`], which every connection holds for its whole life.
+#[derive(Debug)]
+pub struct Outcome {
+    /// How it ended.
+    pub end: End,
+    /// Bytes each way, in total.
+    pub bytes: Transferred,
+    /// Of those, the bytes the metrics have not counted yet (the rest were counted while it
+    /// lived).
+    pub unreported: Transferred,
+}
+
+/// Everything logged about one connection while it lives; its end and byte counts come with
+/// the [`Outcome`] when it is written.
+///
+/// Every idle connection keeps one (with its record's few extra fields) in a box of 256 bytes
+/// or less, mimalloc's size class, so fields that can be derived are not stored.
 #[derive(Debug)]
 pub struct AccessLog {
     /// Path taken.
@@ -73,11 +90,10 @@ pub struct AccessLog {
     pub src_workload: Option<Arc<Party>>,
     /// Destination: the original destination outbound, the CONNECT authority inbound.
     pub dst_addr: Option<SocketAddr>,
-    /// The HBONE connection's address on the destination side: the peer's 15008 outbound, our
-    /// own inbound (ztunnel's `dst.addr` over HBONE).
-    pub dst_hbone: Option<SocketAddr>,
-    /// Outbound: the CONNECT authority sent (ztunnel's `dst.hbone_addr`).
-    pub hbone_target: Option<SocketAddr>,
+    /// Over HBONE: outbound, the CONNECT authority sent (ztunnel's `dst.hbone_addr`; the
+    /// HBONE connection went to its IP's 15008); inbound, our own address the HBONE connection
+    /// reached. See [`AccessLog::logged_dst`].
+    pub hbone: Option<SocketAddr>,
     /// The service dialled, when a VIP was (inbound: the one a hostname CONNECT named).
     pub dst_service: Option<Arc<ServiceName>>,
     /// Inbound: the CONNECT named `dst_service`'s hostname at this service port, which
@@ -91,16 +107,12 @@ pub struct AccessLog {
     pub pool_reused: Option<bool>,
     /// Record layer of the HBONE connection (kTLS per direction, or userspace rustls).
     pub tls: Option<TlsPath>,
-    /// Bytes each way.
-    pub bytes: Transferred,
     /// The metric series the connection counts in, once established.
     pub series: Option<Rc<TcpLabels>>,
     /// Start of the connection.
     pub started: quanta::Instant,
-    /// How it ended.
-    pub end: End,
     /// Shard that carried it.
-    pub shard: usize,
+    pub shard: u32,
     /// Whether the connection was established (counted as opened in the metrics).
     pub established: bool,
     /// Refused before a destination was chosen: ztunnel logs these as `connection failed` and
@@ -163,19 +175,17 @@ impl AccessLog {
             src_identity: None,
             src_workload: None,
             dst_addr: None,
-            dst_hbone: None,
-            hbone_target: None,
+            hbone: None,
             dst_service: None,
             hbone_service_port: None,
             dst_workload: None,
             dst_identity: None,
             pool_reused: None,
             tls: None,
-            bytes: Transferred::default(),
             series: None,
             started: quanta::Instant::now(),
-            end: End::Closed,
-            shard,
+            // A shard number never comes near u32::MAX.
+            shard: u32::try_from(shard).unwrap_or(u32::MAX),
             established: false,
             early: false,
             response_flags: None,
@@ -196,8 +206,7 @@ impl AccessLog {
     /// workload this record reports for, which outbound sent the request and inbound sent the
     /// response (ztunnel's `ConnectionResult`: "Istio flips the metric for source, unflip for
     /// logs"). The metrics count the request as `received` on both ends.
-    pub fn logged_bytes(&self) -> (u64, u64) {
-        let b = self.bytes;
+    pub fn logged_bytes(&self, b: Transferred) -> (u64, u64) {
         match self.reporter() {
             Reporter::Source => (b.request, b.response),
             Reporter::Destination => (b.response, b.request),
@@ -207,13 +216,18 @@ impl AccessLog {
     /// ztunnel's `dst.addr`: over HBONE, the HBONE connection's address on the destination
     /// side; otherwise the destination itself.
     pub fn logged_dst(&self) -> Option<SocketAddr> {
-        self.dst_hbone.or(self.dst_addr)
+        let hbone = match self.direction {
+            Direction::Outbound => self.hbone.map(|t| SocketAddr::new(t.ip(), HBONE_PORT)),
+            Direction::Inbound => self.hbone,
+            Direction::Passthrough | Direction::InboundPlaintext => None,
+        };
+        hbone.or(self.dst_addr)
     }
 
     /// ztunnel's `dst.hbone_addr`: the CONNECT authority, over HBONE.
     pub fn logged_hbone_addr(&self) -> Option<HboneAddr<'_>> {
         match self.direction {
-            Direction::Outbound => self.hbone_target.map(HboneAddr::Addr),
+            Direction::Outbound => self.hbone.map(HboneAddr::Addr),
             Direction::Inbound => match (&self.dst_service, self.hbone_service_port) {
                 (Some(svc), Some(port)) => Some(HboneAddr::Host(&svc.hostname, port)),
                 _ => self.dst_addr.map(HboneAddr::Addr),
@@ -259,15 +273,14 @@ impl AccessLog {
 
     /// Writes ztunnel's `connection opened` line (debug): the destination is chosen.
     pub fn opening(&self) {
-        self.emit(tracing::Level::DEBUG, "connection opened", false);
+        self.emit(tracing::Level::DEBUG, "connection opened", None);
     }
 
-    /// Counts the connection's end in the shard's metrics and writes the access line;
-    /// `unreported`: its bytes the metrics have not counted yet (the rest were counted while
-    /// it lived).
-    pub fn finish(&self, metrics: &ShardMetrics, unreported: Transferred) {
+    /// Counts the connection's end in the shard's metrics and writes the access line.
+    pub fn finish(&self, metrics: &ShardMetrics, outcome: &Outcome) {
         if self.established {
             if let Some(series) = &self.series {
+                let unreported = outcome.unreported;
                 metrics.moved(series, unreported.request, unreported.response);
             }
             metrics.closed(&self.labels(true), 0, 0);
@@ -279,20 +292,22 @@ impl AccessLog {
             metrics.failed(&self.labels(true));
         }
         if self.early {
-            self.emit(tracing::Level::WARN, "connection failed", true);
+            self.emit(tracing::Level::WARN, "connection failed", Some(outcome));
         } else {
-            let level = match self.end {
+            let level = match outcome.end {
                 End::Closed | End::PeerReset => tracing::Level::INFO,
                 _ => tracing::Level::ERROR,
             };
-            self.emit(level, "connection complete", true);
+            self.emit(level, "connection complete", Some(outcome));
         }
     }
 
     /// Writes an `access` event: ztunnel's fields in ztunnel's order (an early refusal only
     /// `src.addr`, `dst.addr`, `direction` and `error`, as ztunnel's), then ringtun's own;
-    /// `done`: with the outcome (bytes, duration, error).
-    fn emit(&self, level: tracing::Level, message: &str, done: bool) {
+    /// `outcome`: when it is done, how it ended (bytes, duration, error).
+    fn emit(&self, level: tracing::Level, message: &str, outcome: Option<&Outcome>) {
+        let done = outcome.is_some();
+        let end = outcome.map(|o| &o.end);
         let full = !self.early;
         let mtls = self.direction.mtls();
         let src = self.src_workload.as_deref().filter(|_| full);
@@ -300,7 +315,7 @@ impl AccessLog {
         let ms = quanta::Instant::now()
             .duration_since(self.started)
             .as_millis();
-        let (sent, recv) = self.logged_bytes();
+        let (sent, recv) = self.logged_bytes(outcome.map(|o| o.bytes).unwrap_or_default());
         let done_full = done && full;
         let tls = self.tls;
         access_event!(
@@ -322,7 +337,7 @@ impl AccessLog {
             bytes_sent = done_full.then_some(sent),
             bytes_recv = done_full.then_some(recv),
             duration = done_full.then(|| format!("{ms}ms")),
-            error = self.end.reason().filter(|_| done),
+            error = end.and_then(End::reason),
             path = self.direction.path(),
             pool = self.pool_reused.map(|r| if r { "reused" } else { "new" }),
             tls = tls.map(TlsPath::name),
@@ -330,7 +345,7 @@ impl AccessLog {
             ktls.rx = tls.map(|t| t.ktls_rx),
             tls.cipher = tls.map(|t| t.cipher.map_or("-", |c| c.name())),
             shard = self.shard,
-            end = done.then(|| display(&self.end)),
+            end = end.map(display),
             response_flags = self.response_flags.filter(|_| done),
             // In-pod mode: which pod, which network namespace.
             pod.uid = self.pod.as_ref().map(|p| p.pod.uid.as_str()),

@@ -216,7 +216,7 @@ async fn accept_stream(
     let pod = pod.as_deref();
     let log = record.log();
     log.tls = Some(tls);
-    log.dst_hbone = local;
+    log.hbone = local;
     log.src_identity = Some(client_id.clone());
     log.dst_identity = Some(shard.identity_for(pod).clone());
     let (parts, body) = req.into_parts();

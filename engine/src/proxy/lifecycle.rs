@@ -15,7 +15,7 @@ use h2::server::SendResponse;
 use http::Response;
 use monoio::net::TcpStream;
 
-use super::access::{AccessLog, Direction, Transferred};
+use super::access::{AccessLog, Direction, Outcome, Transferred};
 use super::copy::End;
 use crate::config::{Service, Workload};
 use crate::decide::{Admission, Arrival, Grant, Refusal};
@@ -41,7 +41,8 @@ struct Entry<X> {
     log: AccessLog,
     /// The connection's byte counts, once it carries bytes.
     meter: Option<Meter>,
-    /// The path set how it ended; otherwise the task was dropped.
+    /// Written already: the path said how it ended. Otherwise the task was dropped, and the
+    /// drop writes it.
     settled: bool,
     held: X,
 }
@@ -150,12 +151,10 @@ impl<X> Record<X> {
 
     /// Records how the connection ended after carrying bytes.
     pub(crate) fn finish(mut self, end: End) {
-        let log = self.log();
         if matches!(end, End::Revoked(_)) {
-            log.response_flags = Some("DENY");
+            self.log().response_flags = Some("DENY");
         }
-        log.end = end;
-        self.entry.settled = true;
+        self.write(end);
     }
 
     /// Records a refusal, counted as a failed connection (the caller answers it).
@@ -164,8 +163,30 @@ impl<X> Record<X> {
         let log = self.log();
         log.response_flags = refusal.response_flags();
         log.early = early(refusal);
-        log.end = End::Error(refusal.to_string());
-        self.entry.settled = true;
+        self.write(End::Error(refusal.to_string()));
+    }
+
+    /// Writes the access line and counts the end in the metrics, once.
+    fn write(&mut self, end: End) {
+        let e = &mut *self.entry;
+        if std::mem::replace(&mut e.settled, true) {
+            return;
+        }
+        let (bytes, unreported) = match &e.meter {
+            Some(m) => {
+                let (request, response) = m.moved();
+                let bytes = Transferred { request, response };
+                let (request, response) = m.take_unreported();
+                (bytes, Transferred { request, response })
+            }
+            None => Default::default(),
+        };
+        let outcome = Outcome {
+            end,
+            bytes,
+            unreported,
+        };
+        e.log.finish(&self.tally.metrics, &outcome);
     }
 }
 
@@ -193,20 +214,9 @@ fn early(refusal: &Refusal) -> bool {
 
 impl<X> Drop for Record<X> {
     fn drop(&mut self) {
-        let e = &mut *self.entry;
-        if !e.settled {
-            e.log.end = End::Error(DROPPED.into());
+        if !self.entry.settled {
+            self.write(End::Error(DROPPED.into()));
         }
-        let unreported = match &e.meter {
-            Some(m) => {
-                let (request, response) = m.moved();
-                e.log.bytes = Transferred { request, response };
-                let (request, response) = m.take_unreported();
-                Transferred { request, response }
-            }
-            None => Transferred::default(),
-        };
-        e.log.finish(&self.tally.metrics, unreported);
     }
 }
 
@@ -231,4 +241,10 @@ pub(crate) fn refuse_stream<X>(
         let _ = respond.send_response(resp, true);
     }
     record.refuse(&refusal);
+}
+
+/// The size of a record's box, which every live connection keeps.
+#[cfg(test)]
+pub(super) fn entry_size<X>() -> usize {
+    std::mem::size_of::<Entry<X>>()
 }

@@ -139,10 +139,10 @@ async fn open(
                 baggage,
                 traceparent: TraceParent::random(&mut rand::thread_rng()),
             };
+            // The HBONE connection goes to the target's IP at HBONE_PORT (the access line's
+            // `dst.addr`, which it derives from the target).
             let hbone = SocketAddr::new(req.target.ip(), HBONE_PORT);
-            let log = record.log();
-            log.dst_hbone = Some(hbone);
-            log.hbone_target = Some(req.target);
+            record.log().hbone = Some(req.target);
             record.opening();
             // The source identity (and address) are in the key: a pod's connections are
             // never lent to another pod, as ztunnel's pool keys them.

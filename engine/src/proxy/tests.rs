@@ -273,3 +273,13 @@ fn a_record_is_two_pointers() {
         2 * std::mem::size_of::<usize>()
     );
 }
+
+#[test]
+fn a_live_connections_record_fits_in_256_bytes() {
+    // Every idle connection keeps its record's box for life; mimalloc's size classes around
+    // it are 224, 256 and 320 bytes. Inbound has no pool slot to hold.
+    let inbound = super::lifecycle::entry_size::<()>();
+    let outbound = super::lifecycle::entry_size::<Option<crate::shard::pool::Slot>>();
+    assert!(inbound <= 224, "inbound record {inbound} bytes");
+    assert!(outbound <= 256, "outbound record {outbound} bytes");
+}
