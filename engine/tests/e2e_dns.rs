@@ -320,6 +320,30 @@ fn dedicated_mode_answers_the_mesh_and_forwards_the_rest() {
 /// Node mode: one ringtun serves the node's workloads with DNS on every address; the client
 /// is whoever the query comes from, so short names expand in its namespace; an address no
 /// workload has gets SERVFAIL, as ztunnel answers an unknown client.
+/// A node-mode ringtun in `ns` whose DNS proxy listens on 10.77.0.2:15053 and forwards to
+/// `upstream`, ready.
+fn node_ringtun(ns: &Netns, dir: &TempDir, config: &Path, upstream: &str) -> Process {
+    let mut cmd = RunFiles::new(config, dir.path(), "default/server")
+        .with_workload(None)
+        .command(ns, ringtun_bin());
+    cmd.args([
+        "--node",
+        "node-b",
+        "--workers",
+        "1",
+        "--dns-upstream",
+        upstream,
+    ])
+    .env("ISTIO_META_DNS_PROXY_ADDR", "10.77.0.2:15053")
+    .env("RINGTUN_LOG", "info")
+    .env("NO_COLOR", "1");
+    let mut p = Process::spawn(cmd, "ringtun (node)", &dir.join("ringtun-node.log"))
+        .expect("spawn ringtun");
+    p.wait_ready(ns, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    p
+}
+
 #[test]
 fn node_mode_finds_the_client_by_its_address() {
     let nodes = two_nodes("dnsn");
@@ -328,24 +352,7 @@ fn node_mode_finds_the_client_by_its_address() {
     let config = dir.join("config.yaml");
     write_atomic(&config, &dns_config());
     let up = upstream(&nodes.server, dir.path(), "10.77.0.2:5353");
-    let mut cmd = RunFiles::new(&config, dir.path(), "default/server")
-        .with_workload(None)
-        .command(&nodes.server, ringtun_bin());
-    cmd.args([
-        "--node",
-        "node-b",
-        "--workers",
-        "1",
-        "--dns-upstream",
-        "10.77.0.2:5353",
-    ])
-    .env("ISTIO_META_DNS_PROXY_ADDR", "10.77.0.2:15053")
-    .env("RINGTUN_LOG", "info")
-    .env("NO_COLOR", "1");
-    let mut p = Process::spawn(cmd, "ringtun (node)", &dir.join("ringtun-node.log"))
-        .expect("spawn ringtun");
-    p.wait_ready(&nodes.server, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let p = node_ringtun(&nodes.server, &dir, &config, "10.77.0.2:5353");
 
     check_answers(&nodes.client, "10.77.0.2", "15053", &up);
     // From the server's own address: that workload is in namespace default too.
@@ -491,24 +498,7 @@ fn answers_match_ztunnels() {
         dir.path(),
         &[("ISTIO_META_DNS_CAPTURE", "true")],
     );
-    let mut cmd = RunFiles::new(&config, dir.path(), "default/server")
-        .with_workload(None)
-        .command(&nodes.server, ringtun_bin());
-    cmd.args([
-        "--node",
-        "node-b",
-        "--workers",
-        "1",
-        "--dns-upstream",
-        "10.77.0.2:53",
-    ])
-    .env("ISTIO_META_DNS_PROXY_ADDR", "10.77.0.2:15053")
-    .env("RINGTUN_LOG", "info")
-    .env("NO_COLOR", "1");
-    let mut p = Process::spawn(cmd, "ringtun (node)", &dir.join("ringtun-node.log"))
-        .expect("spawn ringtun");
-    p.wait_ready(&nodes.server, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let p = node_ringtun(&nodes.server, &dir, &config, "10.77.0.2:53");
 
     let queries: &[(&str, &str, bool)] = &[
         ("server.default.svc.cluster.local", "A", false),
