@@ -158,6 +158,25 @@ mod tests {
     }
 
     #[test]
+    fn a_written_endpoint_without_port_or_status_is_refused_like_ztunnel() {
+        let svc = "services:\n- name: s\n  namespace: ns\n  hostname: s\n  vips: []\n  ports: {}\n  endpoints:\n    u: ";
+        for (entry, field) in [
+            ("{workloadUid: u, status: Healthy}", "port"),
+            ("{workloadUid: u, port: {80: 8080}}", "status"),
+        ] {
+            let e = err(&format!("{svc}{entry}\n")).to_string();
+            assert!(
+                e.contains(&format!("missing field `{field}`")),
+                "{entry}: {e}"
+            );
+        }
+        let l = ok(&format!(
+            "{svc}{{workloadUid: u, port: {{}}, status: Unhealthy}}\n"
+        ));
+        assert_eq!(l.config.services[0].endpoints.len(), 1);
+    }
+
+    #[test]
     fn defaults_match_ztunnel_serde_model() {
         let l = ok("workloads:\n- namespace: ns\n  workloadIps: []\n  services: {}\n");
         let w = &l.config.workloads[0];

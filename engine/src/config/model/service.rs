@@ -51,11 +51,10 @@ impl Service {
 pub struct ServiceEndpoint {
     /// `workloadUid` (required).
     pub workload_uid: String,
-    /// `port`: service port → target port.
-    #[serde(default)]
+    /// `port`: service port → target port (required, as in ztunnel, which refuses a config
+    /// without it).
     pub port: PortMap,
-    /// `status` (default `Healthy`).
-    #[serde(default)]
+    /// `status` (required, as in ztunnel).
     pub status: HealthStatus,
 }
 
