@@ -561,12 +561,16 @@ fn ztunnel_answers_ringtuns_keepalive() {
     let d = duo("zprz", Kind::Ringtun, Kind::Ztunnel, &fast);
     let peers = two_streams_apart(&d, Duration::from_secs(5));
     assert_eq!(peers[0], peers[1], "one pooled connection: {peers:?}");
+    if let Proxy::R(r) = &d.client {
+        // The second stream's line is written when it closes, a moment after the echo ends.
+        r.wait_access(
+            "the second stream reusing the connection",
+            Duration::from_secs(10),
+            |l| l.is("pool", "reused"),
+        );
+    }
     let log = d.client.log();
     assert!(!log.contains("unresponsive"), "{log}");
-    if let Proxy::R(r) = &d.client {
-        let reused = r.access().iter().any(|l| l.is("pool", "reused"));
-        assert!(reused, "the second stream reused the connection: {log}");
-    }
 }
 
 /// ztunnel's HTTP/2 PINGs to ringtun's inbound are answered: ztunnel pings a pooled
