@@ -26,30 +26,6 @@ fn workload_state(node: &ringtun_testbed::Netns) -> serde_json::Value {
     v["workloadState"].clone()
 }
 
-/// The four `workload_manager_*` values: active, pending, started, stopped.
-fn manager(node: &ringtun_testbed::Netns) -> [f64; 4] {
-    let s = Scrape::take(node, false);
-    for (family, kind) in [
-        ("workload_manager_active_proxy_count", "gauge"),
-        ("workload_manager_pending_proxy_count", "gauge"),
-        ("workload_manager_proxies_started", "counter"),
-        ("workload_manager_proxies_stopped", "counter"),
-    ] {
-        assert_eq!(
-            s.types.get(family).map(String::as_str),
-            Some(kind),
-            "{}: {family}",
-            s.what
-        );
-    }
-    [
-        s.one("workload_manager_active_proxy_count", &[]),
-        s.one("workload_manager_pending_proxy_count", &[]),
-        s.one("workload_manager_proxies_started_total", &[]),
-        s.one("workload_manager_proxies_stopped_total", &[]),
-    ]
-}
-
 /// Waits until `cond` holds on what `read` returns; fails with the last value.
 fn wait_for<T: std::fmt::Debug>(what: &str, read: impl Fn() -> T, cond: impl Fn(&T) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -107,7 +83,7 @@ fn pending_pods_are_retried_and_deleted_pods_show_until_their_connections_end() 
     assert_eq!(ws["uid-client"]["state"], "Pending", "{ws}");
     assert_eq!(ws["uid-client"]["info"]["serviceAccount"], "client", "{ws}");
     assert_eq!(
-        manager(&node),
+        workload_manager(&node),
         [0.0, 1.0, 0.0, 0.0],
         "active, pending, started, stopped"
     );
@@ -123,7 +99,7 @@ fn pending_pods_are_retried_and_deleted_pods_show_until_their_connections_end() 
     );
     wait_ready(&mut ringtun, &node);
     wait_ports(&pods.client, "client listeners", |p| p.contains(&15001));
-    assert_eq!(manager(&node), [1.0, 0.0, 1.0, 0.0]);
+    assert_eq!(workload_manager(&node), [1.0, 0.0, 1.0, 0.0]);
 
     // A connection through the pod's 15001, checked by its echo, held open.
     let mut conn = connect_in(&pods.client, "10.77.0.2:5201").expect("connect through 15001");
@@ -143,7 +119,7 @@ fn pending_pods_are_retried_and_deleted_pods_show_until_their_connections_end() 
         "deleted, its connection still runs: {ws}"
     );
     assert_eq!(
-        manager(&node),
+        workload_manager(&node),
         [0.0, 0.0, 1.0, 0.0],
         "no longer active, not stopped yet"
     );
@@ -158,6 +134,6 @@ fn pending_pods_are_retried_and_deleted_pods_show_until_their_connections_end() 
         || workload_state(&node),
         |ws| ws.as_object().is_some_and(|o| o.is_empty()),
     );
-    assert_eq!(manager(&node), [0.0, 0.0, 1.0, 1.0]);
+    assert_eq!(workload_manager(&node), [0.0, 0.0, 1.0, 1.0]);
     ringtun.stop(Duration::from_secs(5));
 }

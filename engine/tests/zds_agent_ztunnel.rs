@@ -170,30 +170,6 @@ fn ztunnel_opens_pod_listeners_in_the_pod_netns_on_add_and_closes_them_on_del() 
     assert!(zt.is_alive(), "ztunnel exited:\n{}", zt.text());
 }
 
-/// ztunnel's `workload_manager_*`: active, pending, started, stopped (families and types
-/// checked as ringtun's are).
-fn workload_manager(node: &Netns) -> [f64; 4] {
-    let s = Scrape::take(node, false);
-    for (family, kind) in [
-        ("workload_manager_active_proxy_count", "gauge"),
-        ("workload_manager_pending_proxy_count", "gauge"),
-        ("workload_manager_proxies_started", "counter"),
-        ("workload_manager_proxies_stopped", "counter"),
-    ] {
-        assert_eq!(
-            s.types.get(family).map(String::as_str),
-            Some(kind),
-            "{family}"
-        );
-    }
-    [
-        s.one("workload_manager_active_proxy_count", &[]),
-        s.one("workload_manager_pending_proxy_count", &[]),
-        s.one("workload_manager_proxies_started_total", &[]),
-        s.one("workload_manager_proxies_stopped_total", &[]),
-    ]
-}
-
 #[test]
 fn ztunnel_carries_pod_to_pod_traffic_for_pods_the_agent_hands_it() {
     let dir = TempDir::new("zds-zt-traffic");

@@ -195,3 +195,28 @@ pub fn wait_ports(ns: &Netns, what: &str, cond: impl Fn(&[u16]) -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `workload_manager_*` as scraped from `node`'s proxy (ringtun's or ztunnel's): active,
+/// pending, started, stopped; the families' types are checked to be ztunnel's.
+pub fn workload_manager(node: &Netns) -> [f64; 4] {
+    let s = crate::common::Scrape::take(node, false);
+    for (family, kind) in [
+        ("workload_manager_active_proxy_count", "gauge"),
+        ("workload_manager_pending_proxy_count", "gauge"),
+        ("workload_manager_proxies_started", "counter"),
+        ("workload_manager_proxies_stopped", "counter"),
+    ] {
+        assert_eq!(
+            s.types.get(family).map(String::as_str),
+            Some(kind),
+            "{}: {family}",
+            s.what
+        );
+    }
+    [
+        s.one("workload_manager_active_proxy_count", &[]),
+        s.one("workload_manager_pending_proxy_count", &[]),
+        s.one("workload_manager_proxies_started_total", &[]),
+        s.one("workload_manager_proxies_stopped_total", &[]),
+    ]
+}
