@@ -27,6 +27,13 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((ticks(11) + ticks(12)) as f64 / clk_tck())
 }
 
+/// stime of a process (all its threads): the part of its CPU time spent in the kernel, in
+/// seconds; `None` once it is gone.
+pub fn kernel_seconds(pid: u32) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    Some(f.get(12)?.parse::<u64>().ok()? as f64 / clk_tck())
+}
+
 /// `pid` and all its descendants (children of children…), from the parent pids in
 /// `/proc/*/stat`. A tunnel started through a shell or a wrapper is measured whole.
 pub fn tree(pid: u32) -> Vec<u32> {
@@ -55,6 +62,11 @@ pub fn tree(pid: u32) -> Vec<u32> {
 /// CPU seconds of several processes together (gone ones count 0).
 pub fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&p| cpu_seconds(p)).sum()
+}
+
+/// Kernel CPU seconds (stime) of several processes together.
+pub fn kernel_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&p| kernel_seconds(p)).sum()
 }
 
 /// Resident set size (`VmRSS`) of a process in KiB.

@@ -378,14 +378,24 @@ pub fn warm_up(env: &Env, c: &Contender) -> Result<(), String> {
     }
 }
 
-/// Runs `f` in the contender's client namespace, measuring the tunnel's CPU (client, server
-/// seconds) around it.
+/// CPU seconds a tunnel spent during one measurement.
+#[derive(Clone, Copy, Debug)]
+pub struct Spent {
+    /// The client side's processes (user and kernel).
+    pub client: f64,
+    /// The server side's processes (user and kernel).
+    pub server: f64,
+    /// The kernel's part (stime) of both sides together: what no userspace change removes.
+    pub kernel: f64,
+}
+
+/// Runs `f` in the contender's client namespace, measuring the tunnel's CPU around it.
 pub fn measured<T: Send>(
     env: &Env,
     c: &Contender,
     tunnel: Option<&Tunnel>,
     f: impl FnOnce(&Target) -> std::io::Result<T> + Send,
-) -> Result<(T, Option<(f64, f64)>), String> {
+) -> Result<(T, Option<Spent>), String> {
     let before = tunnel.map(Tunnel::cpu);
     let t = c.target.clone();
     let r = env.topos[c.topo]
@@ -395,7 +405,11 @@ pub fn measured<T: Send>(
         .map_err(|e| format!("{}: {e}", c.name))?;
     let after = tunnel.map(Tunnel::cpu);
     let cpu = match (before, after) {
-        (Some(b), Some(a)) => Some((a.0 - b.0, a.1 - b.1)),
+        (Some(b), Some(a)) => Some(Spent {
+            client: a.0 - b.0,
+            server: a.1 - b.1,
+            kernel: a.2 - b.2,
+        }),
         _ => None,
     };
     Ok((r, cpu))

@@ -8,7 +8,7 @@ use ringtun_benches::load::{self, Dir};
 use ringtun_benches::report::Results;
 use ringtun_benches::stats;
 
-use crate::contenders::{measured, start_side, start_tunnel, warm_up, Contender, Env, Kind};
+use crate::contenders::{measured, start_side, start_tunnel, warm_up, Contender, Env, Kind, Spent};
 use crate::crosscheck::crosscheck;
 use crate::memory::memory_test;
 use crate::options::{wants, Opts, Plan};
@@ -216,8 +216,21 @@ pub fn bulk_tests(
         let (took, cpu) = measured(env, c, tunnel, move |t| load::bulk(t, dir, streams, bytes))?;
         let mibs = bytes as f64 / MIB / took.as_secs_f64();
         res.push(run, &c.name, &test, "MiB/s", mibs, true);
-        if let Some((cc, sc)) = cpu {
+        if let Some(Spent {
+            client: cc,
+            server: sc,
+            kernel,
+        }) = cpu
+        {
             let gib = bytes as f64 / GIB;
+            res.push(
+                run,
+                &c.name,
+                &test,
+                "CPU s/GiB (pair, kernel)",
+                kernel / gib,
+                false,
+            );
             res.push(
                 run,
                 &c.name,
@@ -269,9 +282,23 @@ pub fn rr_tests(
     let rps = r.completed as f64 / r.elapsed.as_secs_f64();
     res.push(run, &c.name, name, "req/s", rps, true);
     push_p50_p99(res, run, c, name, "RTT", &r.rtts);
-    if let Some((cc, sc)) = cpu {
+    if let Some(Spent {
+        client: cc,
+        server: sc,
+        kernel,
+    }) = cpu
+    {
         let per = (cc + sc) / r.completed.max(1) as f64 * 1e6;
         res.push(run, &c.name, name, "CPU µs/req (pair)", per, false);
+        let kernel = kernel / r.completed.max(1) as f64 * 1e6;
+        res.push(
+            run,
+            &c.name,
+            name,
+            "CPU µs/req (pair, kernel)",
+            kernel,
+            false,
+        );
     }
 
     let name = format!("rr16 at {rate:.0} req/s 1 KiB");
@@ -340,8 +367,21 @@ pub fn conn_test(
     );
     push_p50_p99(res, run, c, name, "conn time", &r.times);
     res.push(run, &c.name, name, "failed", r.failed as f64, false);
-    if let Some((cc, sc)) = cpu {
+    if let Some(Spent {
+        client: cc,
+        server: sc,
+        kernel,
+    }) = cpu
+    {
         let k = r.completed as f64 / 1000.0;
+        res.push(
+            run,
+            &c.name,
+            name,
+            "CPU s/1000 conns (pair, kernel)",
+            kernel / k,
+            false,
+        );
         res.push(
             run,
             &c.name,

@@ -128,10 +128,11 @@ impl Tunnel {
         (self.client.pids(), self.server.pids())
     }
 
-    /// CPU seconds so far: (client, server).
-    pub fn cpu(&self) -> (f64, f64) {
+    /// CPU seconds so far: (client, server), and the kernel's part of both sides together.
+    pub fn cpu(&self) -> (f64, f64, f64) {
         let (c, s) = self.pids();
-        (sys::cpu_of(&c), sys::cpu_of(&s))
+        let kernel = sys::kernel_of(&c) + sys::kernel_of(&s);
+        (sys::cpu_of(&c), sys::cpu_of(&s), kernel)
     }
 
     /// Resident memory in KiB: (client, server).
