@@ -15,7 +15,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 step "system packages"
-need_pkgs=(iproute2 nftables iptables qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio)
+need_pkgs=(iproute2 nftables iptables qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio
+  curl kmod xz-utils)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -53,6 +54,9 @@ cargo test --workspace --locked --doc
 if [ -x deploy/vm/test-ktls.sh ]; then
   step "kTLS inside a VM (Debian cloud kernel, CONFIG_TLS=m)"
   bash deploy/vm/test-ktls.sh
+  step "kTLS inside a VM on a kernel past 6.14 (Debian trixie-backports 6.16: key updates on live sockets)"
+  kernel=$(bash deploy/vm/fetch-kernel.sh)
+  bash deploy/vm/test-ktls.sh --kernel "$kernel"
 fi
 
 step "Kubernetes manifests and Helm chart (rendered and schema-validated)"

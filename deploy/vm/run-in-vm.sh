@@ -145,7 +145,15 @@ if ldd "$BUSYBOX" >/dev/null 2>&1; then
 	die "$BUSYBOX is dynamically linked; install busybox-static (apt-get install -y busybox-static)"
 fi
 KVER=${KERNEL##*/vmlinuz-}
-MODDIR=/lib/modules/$KVER
+# The guest always finds its modules at /lib/modules/<version>; on the host they are there for
+# an installed kernel, or beside an unpacked one (deploy/vm/fetch-kernel.sh: DIR/boot/vmlinuz-V
+# with DIR/usr/lib/modules/V).
+GUEST_MODDIR=/lib/modules/$KVER
+MODDIR=$GUEST_MODDIR
+KBASE=$(dirname "$(dirname "$(realpath "$KERNEL")")")
+for d in "$KBASE/lib/modules/$KVER" "$KBASE/usr/lib/modules/$KVER"; do
+	if [ "$KBASE" != / ] && [ -f "$d/modules.dep" ]; then MODDIR=$d; break; fi
+done
 [ -f "$MODDIR/modules.dep" ] || die "no $MODDIR/modules.dep for kernel $KVER (reinstall linux-image-$KVER)"
 
 # ---------------------------------------------------------------- initramfs
@@ -239,14 +247,22 @@ MOD_FILES=$(awk -v wanted="$WANTED" -v builtin="$MODDIR/modules.builtin" '
 if grep -q '^MISSING ' <<<"$MOD_FILES"; then
 	die "kernel $KVER has no module(s): $(grep '^MISSING ' <<<"$MOD_FILES" | cut -d' ' -f2 | tr '\n' ' ')"
 fi
-mkdir -p "$ROOT$MODDIR"
+mkdir -p "$ROOT$GUEST_MODDIR"
 # shellcheck disable=SC2086 # word splitting of the file list is intended
-(cd "$MODDIR" && cp --parents $MOD_FILES "$ROOT$MODDIR/")
+(cd "$MODDIR" && cp --parents $MOD_FILES "$ROOT$GUEST_MODDIR/")
 for d in kernel/crypto kernel/arch/x86/crypto kernel/lib/crypto; do
 	[ -d "$MODDIR/$d" ] || continue
-	(cd "$MODDIR" && cp -r --parents "$d" "$ROOT$MODDIR/")
+	(cd "$MODDIR" && cp -r --parents "$d" "$ROOT$GUEST_MODDIR/")
 done
-cp "$MODDIR"/modules.* "$ROOT$MODDIR/"
+cp "$MODDIR"/modules.* "$ROOT$GUEST_MODDIR/"
+# Newer Debian kernels ship xz-compressed modules; busybox's modprobe may not read them, so
+# the guest gets them plain and a modules.dep that names them so.
+if [ -n "$(find "$ROOT$GUEST_MODDIR" -name '*.ko.xz' -print -quit)" ]; then
+	command -v xz >/dev/null || die "kernel $KVER has xz-compressed modules: apt-get install -y xz-utils"
+	find "$ROOT$GUEST_MODDIR" -name '*.ko.xz' -exec xz -d {} +
+	sed -i 's/\.ko\.xz/.ko/g' "$ROOT$GUEST_MODDIR"/modules.dep "$ROOT$GUEST_MODDIR"/modules.order
+	rm -f "$ROOT$GUEST_MODDIR"/modules.*.bin
+fi
 
 cat >"$ROOT/etc/hosts" <<'EOF'
 127.0.0.1 localhost

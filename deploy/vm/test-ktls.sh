@@ -9,7 +9,11 @@
 #           (engine/tests/ktls_records.rs) and the --ktls CLI tests
 #           (engine/tests/ktls_cli.rs); carries the ringtun binary, ip and nft
 #
-#   deploy/vm/test-ktls.sh [--suite crate|engine|all] [--timeout SECS] [-- extra libtest args]
+#   deploy/vm/test-ktls.sh [--suite crate|engine|all] [--timeout SECS] [--kernel PATH]
+#                          [-- extra libtest args]
+#
+# --kernel boots another kernel image (run-in-vm.sh --kernel), e.g. the one
+# deploy/vm/fetch-kernel.sh prints: the same tests on a kernel past 6.14.
 #
 # Default: both suites in one VM. Needs cargo, iproute2 and nftables (engine suite) plus
 # what run-in-vm.sh needs (it says what is missing).
@@ -19,12 +23,14 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 TIMEOUT=600
 SUITE=all
+KERNEL_OPT=()
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--timeout) TIMEOUT=${2:?}; shift 2 ;;
 	--suite) SUITE=${2:?}; shift 2 ;;
+	--kernel) KERNEL_OPT=(--kernel "${2:?}"); shift 2 ;;
 	--) shift; break ;;
-	-h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,19p' "$0"; exit 0 ;;
 	*) echo "test-ktls.sh: unknown option $1" >&2; exit 2 ;;
 	esac
 done
@@ -135,4 +141,4 @@ for v in RINGTUN_KTLS_BULK_MIB RINGTUN_KTLS_E2E_MIB RINGTUN_E2E_LOG RUST_LOG; do
 done
 
 # Not exec: the trap removes the stripped copy afterwards.
-"$HERE/run-in-vm.sh" --timeout "$TIMEOUT" "${ENVS[@]}" "${VM_OPTS[@]}" -- "${ARGS[@]}"
+"$HERE/run-in-vm.sh" --timeout "$TIMEOUT" "${KERNEL_OPT[@]}" "${ENVS[@]}" "${VM_OPTS[@]}" -- "${ARGS[@]}"
