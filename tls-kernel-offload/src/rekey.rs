@@ -229,6 +229,14 @@ impl SecretLog {
         LOG.clone()
     }
 
+    /// Drops the secrets of the handshake whose ClientHello carried `random` (a connection
+    /// that stays on userspace rustls, which rekeys by itself).
+    pub fn forget(&self, random: &[u8; 32]) {
+        if let Ok(mut held) = self.held.lock() {
+            held.0.remove(random);
+        }
+    }
+
     /// Claims the secrets of the handshake whose ClientHello carried `random`, for the end
     /// that is the client (`is_client`) or the server, as a [`Rekey`].
     pub fn take(&self, random: &[u8; 32], cipher: Cipher, is_client: bool) -> Option<Rekey> {

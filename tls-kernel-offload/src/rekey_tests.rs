@@ -211,4 +211,12 @@ fn secret_lengths_are_checked_and_the_log_is_bounded() {
         log.take(&[0; 32], Cipher::Aes128Gcm, true).is_none(),
         "the first was forgotten"
     );
+    let kept = [7u8; 32];
+    rustls::KeyLog::log(&log, CLIENT_TRAFFIC_SECRET_0, &kept, &[1; 32]);
+    rustls::KeyLog::log(&log, SERVER_TRAFFIC_SECRET_0, &kept, &[2; 32]);
+    log.forget(&kept);
+    assert!(
+        log.take(&kept, Cipher::Aes128Gcm, true).is_none(),
+        "forgotten on request"
+    );
 }

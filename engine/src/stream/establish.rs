@@ -108,6 +108,12 @@ fn userspace(
     // Past the handshake nothing reads through the cork any more: the record layer reads the
     // socket itself.
     let (hio, conn) = into_parts(tls);
+    // rustls rekeys by itself here: the secrets logged for kTLS are not needed.
+    if ctx.ktls.as_ref().is_some_and(|c| c.rekey) {
+        if let Some(random) = hio.client_random() {
+            ktls::SecretLog::global().forget(&random);
+        }
+    }
     let cipher = conn
         .negotiated_cipher_suite()
         .and_then(|s| Cipher::from_suite(s.suite()));
