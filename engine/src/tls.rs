@@ -192,6 +192,14 @@ impl TlsMaterial {
             Arc::make_mut(&mut self.server).enable_secret_extraction = true;
             Arc::make_mut(&mut self.client).enable_secret_extraction = true;
         }
+        // A kernel that can take new keys (Linux 6.14+) lets an offloaded connection follow
+        // the peer's KeyUpdate, which needs the traffic secrets themselves (not only the keys
+        // rustls extracts): rustls hands them to a key log. Older kernels never need them.
+        if cap.as_ref().is_some_and(|c| c.rekey) {
+            let log = tls_kernel_offload::SecretLog::global();
+            Arc::make_mut(&mut self.server).key_log = log.clone();
+            Arc::make_mut(&mut self.client).key_log = log;
+        }
         self.ktls = cap;
         self
     }

@@ -119,7 +119,8 @@ pub enum KtlsError {
     #[error(
         "peer sent a TLS 1.3 KeyUpdate (update_requested={update_requested}): records after \
          it use keys this offload cannot install (Linux < 6.14 has no kTLS rekey; on later \
-         kernels the next secret is needed, which rustls' buffered connections do not give) — close the connection so the peer reconnects"
+         kernels follow_key_update needs the handshake's traffic secrets from SecretLog) — \
+         close the connection so the peer reconnects"
     )]
     KeyUpdate {
         /// Whether the peer asked us to update our sending keys too.

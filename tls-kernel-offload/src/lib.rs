@@ -29,10 +29,10 @@
 //!   io_uring runtime (monoio) issues the same syscalls through its own ops and uses the
 //!   pure helpers here.
 //! - Not TLS 1.2: ringtun (and this crate) offload TLS 1.3 only.
-//! - Not a rekeying implementation: a peer KeyUpdate is reported as
-//!   [`KtlsError::KeyUpdate`]; Linux before 6.14 cannot install new receive keys at all, and
-//!   later kernels (where [`Capability::rekey`] is set) need the next traffic secret, which
-//!   rustls hands out only through its unbuffered API (see the crate README).
+//! - Following a peer's KeyUpdate only where the kernel can: Linux 6.14 and later
+//!   ([`Capability::rekey`]) take the next keys, which [`follow_key_update`] derives from the
+//!   traffic secrets [`SecretLog`] collected during the handshake ([`Rekey`]); before 6.14 a
+//!   KeyUpdate is reported as [`KtlsError::KeyUpdate`] and the connection must be closed.
 //! - Not a fallback by itself: once secrets are extracted the rustls connection is gone,
 //!   so check [`Capability::can_offload_suite`] and call [`enable_ulp`] *before*
 //!   extracting if a connection must be able to stay in userspace.
@@ -45,6 +45,7 @@ mod error;
 mod handoff;
 mod probe;
 mod record;
+mod rekey;
 mod stream;
 
 pub use crypto_info::{
@@ -62,5 +63,9 @@ pub use record::{
     ALERT_CLOSE_NOTIFY, ALERT_LEVEL_FATAL, ALERT_LEVEL_WARNING, ALERT_USER_CANCELED, CONTENT_ALERT,
     CONTENT_APPLICATION_DATA, CONTENT_CHANGE_CIPHER_SPEC, CONTENT_HANDSHAKE, HANDSHAKE_KEY_UPDATE,
     HANDSHAKE_NEW_SESSION_TICKET, MAX_RECORD_PLAINTEXT, RECORD_TYPE_CMSG_SPACE,
+};
+pub use rekey::{
+    client_random, follow_key_update, key_update_message, KeyUpdatePlan, Rekey, SecretLog,
+    TrafficSecret,
 };
 pub use stream::KtlsStream;

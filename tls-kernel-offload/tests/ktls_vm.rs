@@ -25,9 +25,10 @@ use rustls::{
 };
 use sha2::{Digest, Sha256};
 use tls_kernel_offload::{
-    get_tls_tx_rx, offload, parse_handshake, probe, recv_data, recv_record, send_alert,
-    send_close_notify, send_record, Cipher, Corked, HandshakeMsg, KtlsError, KtlsStream, Record,
-    ALERT_LEVEL_FATAL, CONTENT_HANDSHAKE, MAX_RECORD_PLAINTEXT,
+    client_random, follow_key_update, get_tls_tx_rx, offload, parse_handshake, probe, recv_data,
+    recv_record, send_alert, send_close_notify, send_record, Cipher, Corked, Direction,
+    HandshakeMsg, KtlsError, KtlsStream, Record, SecretLog, ALERT_LEVEL_FATAL, CONTENT_HANDSHAKE,
+    MAX_RECORD_PLAINTEXT,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -192,6 +193,37 @@ struct Pair {
 }
 
 fn handshake(c: Cipher, tickets: usize) -> Pair {
+    handshake_with(c, tickets, client_config(c), &mut Vec::new())
+}
+
+/// Forwards to the socket and keeps the first bytes written (the ClientHello).
+struct Sniff<'a> {
+    tcp: &'a TcpStream,
+    first: &'a mut Vec<u8>,
+}
+
+impl Read for Sniff<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Sniff<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tcp.write(buf)?;
+        if self.first.len() < 64 {
+            self.first.extend_from_slice(&buf[..n.min(64)]);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// [`handshake`] with the client's config given; the client's first bytes go to `hello`.
+fn handshake_with(c: Cipher, tickets: usize, ccfg: Arc<ClientConfig>, hello: &mut Vec<u8>) -> Pair {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let scfg = server_config(c, tickets);
@@ -209,9 +241,12 @@ fn handshake(c: Cipher, tickets: usize) -> Pair {
     let tcp = TcpStream::connect(addr).unwrap();
     set_timeouts(&tcp);
     let name = ServerName::try_from("server.test").unwrap();
-    let mut conn = ClientConnection::new(client_config(c), name).unwrap();
+    let mut conn = ClientConnection::new(ccfg, name).unwrap();
     {
-        let mut io = Corked::new(&tcp);
+        let mut io = Corked::new(Sniff {
+            tcp: &tcp,
+            first: hello,
+        });
         while conn.is_handshaking() {
             conn.complete_io(&mut io).unwrap();
         }
@@ -669,6 +704,73 @@ fn fatal_alert_is_an_error() {
         let e = recv_data(ctcp.as_raw_fd(), &mut buf).unwrap_err();
         assert!(matches!(e, KtlsError::PeerAlert { level: 2, .. }), "{e}");
         eprintln!("rustls peer alert: {e}");
+    });
+}
+
+/// A rustls peer's KeyUpdate (with update_requested) on an offloaded client that has the
+/// handshake's traffic secrets (`SecretLog`): where the kernel can rekey (Linux 6.14+,
+/// `probe().rekey`), `follow_key_update` installs the peer's next key and data after the
+/// KeyUpdate reads intact, and our own KeyUpdate and next TX key reach the peer, whose
+/// rustls reads what we send next; on older kernels (the VM's 6.1) it fails cleanly: the
+/// kernel refuses a second RX key (`CryptoRejected`, EBUSY), which is the caller's cue to
+/// close the connection. Only one of the two branches runs on a given kernel.
+#[test]
+fn peer_key_update_is_followed_where_the_kernel_can() {
+    let _g = lock();
+    if !require_ktls() {
+        return;
+    }
+    with_timeout(TEST_TIMEOUT, || {
+        let c = Cipher::Aes128Gcm;
+        let log = Arc::new(SecretLog::default());
+        let mut ccfg = (*client_config(c)).clone();
+        ccfg.key_log = log.clone();
+        let mut hello = Vec::new();
+        let p = handshake_with(c, 0, Arc::new(ccfg), &mut hello);
+        let random = client_random(&hello).expect("the client's first bytes are its ClientHello");
+        let mut rekey = log.take(&random, c, true).expect("traffic secrets logged");
+        let mut ctcp = p.client_tcp;
+        offload(p.client, &mut ctcp).unwrap();
+        let mut s = rustls::StreamOwned::new(p.server, p.server_tcp);
+        s.write_all(b"before").unwrap();
+        s.flush().unwrap();
+        s.conn.refresh_traffic_keys().unwrap();
+        s.write_all(b"after the key update").unwrap();
+        s.flush().unwrap();
+        let fd = ctcp.as_raw_fd();
+        let mut buf = [0u8; 64];
+        let n = recv_data(fd, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"before");
+        match recv_data(fd, &mut buf) {
+            Err(KtlsError::KeyUpdate { update_requested }) => assert!(update_requested),
+            other => panic!("expected the KeyUpdate, got {other:?}"),
+        }
+        let cap = probe();
+        match follow_key_update(fd, &mut rekey, true) {
+            Ok(tx) => {
+                assert!(cap.rekey, "{cap}: the kernel took a second RX key");
+                assert!(tx, "update_requested: our TX key moved too");
+                let n = recv_data(fd, &mut buf).unwrap();
+                assert_eq!(&buf[..n], b"after the key update");
+                (&ctcp).write_all(b"under our next key").unwrap();
+                let mut got = [0u8; 18];
+                s.read_exact(&mut got).unwrap();
+                assert_eq!(&got, b"under our next key");
+                eprintln!("kernel rekey: followed the peer's KeyUpdate both ways");
+            }
+            Err(e) => {
+                eprintln!("no kernel rekey: {e}");
+                assert!(!cap.rekey, "{cap}: follow_key_update failed: {e}");
+                match &e {
+                    KtlsError::CryptoRejected {
+                        direction: Direction::Rx,
+                        source,
+                        ..
+                    } => assert_eq!(source.raw_os_error(), Some(libc::EBUSY), "{e}"),
+                    other => panic!("expected the kernel to refuse a second RX key: {other}"),
+                }
+            }
+        }
     });
 }
 

@@ -5,9 +5,8 @@
 //! passed on as FIN or END_STREAM, as ztunnel's copy does (its `ignore_io_errors`): through
 //! ztunnel an application never sees its peer's reset, only an end of file, and peers of a
 //! drop-in see what ztunnel's see. Any other error either way stops both and is passed on as a
-//! reset: a TCP error becomes RST_STREAM `CONNECT_ERROR` (RFC 9113 section 8.5) and an
-//! RST_STREAM other than `NO_ERROR`/`CANCEL` a TCP RST. `NO_ERROR` and `CANCEL` are what h2
-//! peers send when they drop a stream they are done with: an end, as ztunnel reads them.
+//! reset: a TCP error becomes RST_STREAM `CONNECT_ERROR` (RFC 9113 section 8.5). An RST_STREAM
+//! from the peer, whatever its code, is an end passed on as FIN, as ztunnel passes it on.
 //!
 //! A read lands in a `BytesMut`, the filled part is split off and frozen and handed on without
 //! copying; while data keeps coming the loop keeps the buffer and `reserve` reclaims it once h2
@@ -116,12 +115,13 @@ fn end_stream(send: &mut SendStream<Bytes>, reset: Option<End>) -> Result<Option
     }
 }
 
-/// The peer ended the stream with RST_STREAM `NO_ERROR` or `CANCEL`: h2 peers (ztunnel among
-/// them) send it when they drop a stream they are done with, so it is an end of stream, passed
-/// on as FIN, not a failure passed on as RST. A reset we sent ourselves does not count.
+/// The peer ended the stream with RST_STREAM, whatever its code, or went away with `NO_ERROR`
+/// or `CANCEL`: an end of stream, passed on as FIN after every byte that came before it, as
+/// ztunnel does (observed on its binary for `INTERNAL_ERROR` and `CONNECT_ERROR` in both roles:
+/// `tests/e2e_ztunnel_rst.rs`). A reset we sent ourselves does not count.
 fn peer_ended(e: &h2::Error) -> bool {
     let ours = e.is_reset() && !e.is_remote();
-    !ours && matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL))
+    !ours && (e.is_reset() || matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)))
 }
 
 fn from_h2(e: h2::Error) -> End {

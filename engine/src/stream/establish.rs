@@ -108,6 +108,12 @@ fn userspace(
     // Past the handshake nothing reads through the cork any more: the record layer reads the
     // socket itself.
     let (hio, conn) = into_parts(tls);
+    // rustls rekeys by itself here: the secrets logged for kTLS are not needed.
+    if ctx.ktls.as_ref().is_some_and(|c| c.rekey) {
+        if let Some(random) = hio.client_random() {
+            ktls::SecretLog::global().forget(&random);
+        }
+    }
     let cipher = conn
         .negotiated_cipher_suite()
         .and_then(|s| Cipher::from_suite(s.suite()));
@@ -162,6 +168,7 @@ async fn offload(
         cork.advance(&chunk[..n]);
         feed(&mut conn, &chunk[..n])?;
     }
+    let is_client = matches!(conn, rustls::Connection::Client(_));
     // 2. Flush what rustls still has for the peer, then take its secrets and the plaintext it
     //    decrypted but nobody read yet.
     let extracted = loop {
@@ -204,8 +211,21 @@ async fn offload(
         "kTLS: HBONE connection offloaded"
     );
     let budget = Rc::new(KeyBudget::new(cipher, ctx.record_limits, rx_seq));
+    // The traffic secrets to follow the peer's KeyUpdates, where the kernel can (6.14+).
+    let rekey = ctx
+        .ktls
+        .as_ref()
+        .filter(|c| c.rekey)
+        .and_then(|_| hio.client_random())
+        .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client));
     Ok(Established {
-        io: HboneIo::Kernel(KtlsIo::new(ctx.clone(), hio.io, early, budget.clone())),
+        io: HboneIo::Kernel(KtlsIo::new(
+            ctx.clone(),
+            hio.io,
+            early,
+            budget.clone(),
+            rekey,
+        )),
         // The kernel's socket takes every write at once; nothing to defer.
         tick: Rc::new(FlushTick::default()),
         path: TlsPath {

@@ -19,6 +19,25 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct HandshakeIo {
     pub(super) io: TcpStreamPoll,
     pub(super) cork: Option<RecordBoundary>,
+    /// The first bytes read and written while corked: one of them starts with the
+    /// ClientHello, whose random names the connection's secrets in the kTLS key log
+    /// (`tls_kernel_offload::SecretLog`).
+    hello: Option<Box<FirstBytes>>,
+}
+
+/// Up to [`HELLO_PREFIX`] bytes each way.
+#[derive(Debug, Default)]
+struct FirstBytes {
+    read: Vec<u8>,
+    written: Vec<u8>,
+}
+
+/// Record header, handshake header, version and the 32-byte random.
+const HELLO_PREFIX: usize = 43;
+
+fn keep_first(into: &mut Vec<u8>, bytes: &[u8]) {
+    let room = HELLO_PREFIX.saturating_sub(into.len());
+    into.extend_from_slice(&bytes[..room.min(bytes.len())]);
 }
 
 impl HandshakeIo {
@@ -27,7 +46,15 @@ impl HandshakeIo {
         HandshakeIo {
             io,
             cork: corked.then(RecordBoundary::new),
+            hello: corked.then(Box::default),
         }
+    }
+
+    /// The ClientHello's random, from whichever direction carried it.
+    pub(super) fn client_random(&self) -> Option<[u8; 32]> {
+        let h = self.hello.as_ref()?;
+        tls_kernel_offload::client_random(&h.written)
+            .or_else(|| tls_kernel_offload::client_random(&h.read))
     }
 }
 
@@ -49,6 +76,9 @@ impl AsyncRead for HandshakeIo {
         ready!(Pin::new(&mut this.io).poll_read(cx, &mut part))?;
         let n = part.filled().len();
         cork.advance(part.filled());
+        if let Some(h) = this.hello.as_mut() {
+            keep_first(&mut h.read, part.filled());
+        }
         // SAFETY: `part` is a view of `buf`'s unfilled region, and the read just filled (so
         // initialised) its first `n` bytes.
         unsafe { buf.assume_init(n) };
@@ -63,7 +93,12 @@ impl AsyncWrite for HandshakeIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
+        if let Some(h) = this.hello.as_mut() {
+            keep_first(&mut h.written, &buf[..n]);
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -71,7 +106,20 @@ impl AsyncWrite for HandshakeIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
+        if let Some(h) = this.hello.as_mut() {
+            let mut left = n;
+            for b in bufs {
+                if left == 0 || h.written.len() >= HELLO_PREFIX {
+                    break;
+                }
+                let k = left.min(b.len());
+                keep_first(&mut h.written, &b[..k]);
+                left -= k;
+            }
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {

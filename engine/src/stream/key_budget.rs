@@ -37,9 +37,10 @@ pub const DEFAULT_RX_RECORD_LIMIT: u64 = 1 << 23;
 /// How many records an offloaded connection has sent and received with its one pair of
 /// keys, and whether it should stop taking new streams.
 ///
-/// The kernel on Linux before 6.14 cannot rekey (and ringtun does not install new keys on
-/// later kernels either, see [`super::KtlsIo`]), so an offloaded connection keeps its first
-/// keys for life. Past a direction's retire point the connection is *retired*: the
+/// The kernel on Linux before 6.14 cannot rekey, so there an offloaded connection keeps its
+/// first keys for life (on 6.14 and later [`super::KtlsIo`] follows the peer's KeyUpdate and
+/// the counts start again, [`KeyBudget::rx_rekeyed`]). Past a direction's retire point the
+/// connection is *retired*: the
 /// outbound pool stops handing it out and the inbound side sends GOAWAY, so new streams go
 /// to a fresh connection with fresh keys while the streams already on it finish.
 ///
@@ -196,6 +197,18 @@ impl KeyBudget {
         self.rx.get() >= self.rx_retire_at && self.retire()
     }
 
+    /// The peer's next key is installed (it sent a KeyUpdate): its record count starts again.
+    pub(super) fn rx_rekeyed(&self) {
+        self.rx.set(0);
+        self.rx_unchecked.set(0);
+    }
+
+    /// Our next key is installed (we answered a KeyUpdate): writes may go on past the old
+    /// key's limit. A retired connection stays retired.
+    pub(super) fn tx_rekeyed(&self) {
+        self.tx.set(0);
+    }
+
     /// The kernel could not say: take the upper bound (every byte a record) as the count,
     /// which can only retire the connection early.
     pub(super) fn rx_unknown(&self) -> bool {
@@ -305,6 +318,21 @@ mod tests {
         assert!(b.is_retired());
         assert!(!b.charge_tx(10), "already retired by the RX side");
         assert!(!b.exhausted());
+    }
+
+    #[test]
+    fn a_followed_key_update_starts_the_counts_again() {
+        let b = KeyBudget::new(Cipher::Aes128Gcm, limits(10, 100), 60);
+        b.charge_tx(10 + TX_RECORD_MARGIN);
+        assert!(b.exhausted() && b.is_retired());
+        b.rx_rekeyed();
+        assert_eq!(b.rx_records(), 0);
+        // The kernel's count under the new key is small again: no retirement from it.
+        assert!(!b.rx_seen(5));
+        assert_eq!(b.rx_records(), 5);
+        b.tx_rekeyed();
+        assert!(!b.exhausted(), "a new TX key may be used");
+        assert!(b.is_retired(), "retired stays retired");
     }
 
     #[test]

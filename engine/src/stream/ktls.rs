@@ -51,6 +51,10 @@ pub struct KtlsIo {
     closing: Closing,
     ctx: Rc<StreamCtx>,
     peer: Option<SocketAddr>,
+    /// The traffic secrets, where the kernel can install new keys (Linux 6.14+,
+    /// `Capability::rekey`) and the handshake logged them: a peer KeyUpdate is followed
+    /// instead of closing the connection.
+    rekey: Option<Box<ktls::Rekey>>,
 }
 
 impl fmt::Debug for KtlsIo {
@@ -72,6 +76,7 @@ impl KtlsIo {
         io: TcpStreamPoll,
         early: Vec<u8>,
         budget: Rc<KeyBudget>,
+        rekey: Option<ktls::Rekey>,
     ) -> Self {
         let peer = io.peer_addr().ok();
         KtlsIo {
@@ -84,7 +89,31 @@ impl KtlsIo {
             closing: Closing::Open,
             ctx,
             peer,
+            rekey: rekey.map(Box::new),
         }
+    }
+
+    /// Follows a peer's KeyUpdate where the kernel and the secrets allow; `Err` (to close
+    /// the connection with) where they do not or the kernel refused.
+    fn follow_key_update(&mut self, update_requested: bool) -> Result<(), KtlsError> {
+        let kernel_rekey = self.ctx.ktls.as_ref().is_some_and(|c| c.rekey);
+        let Some(rekey) = self.rekey.as_mut().filter(|_| kernel_rekey) else {
+            return Err(KtlsError::KeyUpdate { update_requested });
+        };
+        let tx = ktls::follow_key_update(self.io.as_raw_fd(), rekey, update_requested)?;
+        self.budget.rx_rekeyed();
+        if tx {
+            self.budget.tx_rekeyed();
+        }
+        tracing::info!(
+            shard = self.ctx.shard,
+            peer = ?self.peer,
+            update_requested,
+            updates = rekey.updates(),
+            "kTLS: followed the peer's TLS KeyUpdate (new RX key{})",
+            if tx { ", and ours with a new TX key" } else { "" }
+        );
+        Ok(())
     }
 
     /// Logs why the record layer gave up on this connection, and turns it into the error h2
@@ -92,16 +121,22 @@ impl KtlsIo {
     fn fail(&self, e: KtlsError) -> io::Error {
         let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
         match &e {
-            // A kernel that could take the next key (6.14+, `Capability::rekey`) still needs
-            // the peer's next traffic secret, which rustls gives only to connections driven
-            // through its unbuffered API; tokio-rustls' are not (tls-kernel-offload README).
-            KtlsError::KeyUpdate { .. } => tracing::warn!(
-                shard = self.ctx.shard,
-                %peer,
-                rx_records = self.budget.rx_records(),
-                kernel_rekey = self.ctx.ktls.as_ref().is_some_and(|c| c.rekey),
-                "kTLS: peer sent a TLS KeyUpdate; ringtun cannot install the peer's next key (no kTLS rekey before Linux 6.14; on later kernels the next secret is not available from rustls' buffered connections), so the HBONE connection is closed rather than fed undecryptable records; the peer will reconnect"
-            ),
+            // Reached only where the KeyUpdate cannot be followed (`follow_key_update`).
+            KtlsError::KeyUpdate { .. } => {
+                let kernel_rekey = self.ctx.ktls.as_ref().is_some_and(|c| c.rekey);
+                tracing::warn!(
+                    shard = self.ctx.shard,
+                    %peer,
+                    rx_records = self.budget.rx_records(),
+                    kernel_rekey,
+                    "kTLS: peer sent a TLS KeyUpdate; ringtun cannot install the peer's next key ({}), so the HBONE connection is closed rather than fed undecryptable records; the peer will reconnect",
+                    if kernel_rekey {
+                        "the handshake's traffic secrets were not captured"
+                    } else {
+                        "this kernel has no kTLS rekey; it came with Linux 6.14"
+                    }
+                )
+            }
             _ => tracing::warn!(
                 shard = self.ctx.shard,
                 %peer,
@@ -244,6 +279,14 @@ impl AsyncRead for KtlsIo {
                 }
                 // Only session tickets were there: wait for more through the runtime.
                 Err(e) if e.is_would_block() => continue,
+                // The kernel (6.14+) pauses decryption until the next key is in; then the
+                // runtime's read goes on.
+                Err(KtlsError::KeyUpdate { update_requested }) => {
+                    match this.follow_key_update(update_requested) {
+                        Ok(()) => continue,
+                        Err(e) => return Poll::Ready(Err(this.fail(e))),
+                    }
+                }
                 Err(e) => return Poll::Ready(Err(this.fail(e))),
             }
         }

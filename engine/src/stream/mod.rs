@@ -42,9 +42,11 @@
 //! plain read with `EIO`; [`KtlsIo`] then reads it with its record type (`recvmsg` and the
 //! `TLS_GET_RECORD_TYPE` control message, via `tls_kernel_offload::recv_data`): session
 //! tickets are skipped, close_notify is end of stream, any other alert is a connection error,
-//! and a KeyUpdate closes the connection with a log line (Linux before 6.14 cannot install
-//! new keys, and rustls' buffered connections cannot give the next secret for later ones),
-//! because every record after it would be undecryptable. Nobody counts records once the
+//! and a KeyUpdate is followed where the kernel can install new keys (Linux 6.14+, decided
+//! by the startup probe: the next keys come from the handshake's traffic secrets, which rustls
+//! logs to `tls_kernel_offload::SecretLog` only on such kernels) and otherwise closes the
+//! connection with a log line naming why, because every record after it would be
+//! undecryptable. Nobody counts records once the
 //! kernel does the record layer, so [`KeyBudget`] does, both ways: what ringtun sends
 //! (charged per write) and what the peer sends (the kernel's RX record sequence number);
 //! either nearing its limit retires the connection long before a rustls peer's KeyUpdate
