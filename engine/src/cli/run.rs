@@ -305,9 +305,12 @@ impl RunArgs {
         if workers == 0 {
             return Err(EngineError::Usage("--workers must be at least 1".into()));
         }
-        let xds = self
-            .xds
-            .options(&self.cluster_id, self.node.as_deref(), self.mark)?;
+        let xds = self.xds.options(
+            &self.cluster_id,
+            self.node.as_deref(),
+            self.mark,
+            self.dns_capture.eq_ignore_ascii_case("true"),
+        )?;
         let certs = match (self.cert_chain, self.key, self.roots) {
             (Some(chain), Some(key), Some(roots)) => Some(CertPaths { chain, key, roots }),
             _ => None,

@@ -9,6 +9,7 @@
 //! - [`client`]: the ADS client on a thread of its own (its own small tokio runtime, never a
 //!   shard): connects, subscribes, reconnects with backoff, and hands each new config to the
 //!   control thread.
+//! - [`demand`]: on-demand addresses (`XDS_ON_DEMAND`): the names asked for and their answers.
 //! - [`status`]: what the client has seen (stream, versions, NACKs), for `/config_dump` and
 //!   `/metrics`.
 //! - [`ca`]: `CreateCertificate` for a fresh P-256 key.
@@ -22,6 +23,7 @@ pub mod ca;
 pub mod channel;
 pub mod client;
 pub mod convert;
+pub mod demand;
 mod error;
 mod node;
 pub mod proto;
@@ -32,7 +34,7 @@ pub mod status;
 mod tests;
 
 pub use channel::{Endpoint, RootCert, Token};
-pub use client::{spawn, XdsHandle, XdsUpdate};
+pub use client::{spawn, Demander, XdsHandle, XdsUpdate};
 pub use error::XdsError;
 pub use node::{NodeInfo, XdsOptions};
 pub use status::{SharedXdsStatus, XdsStatus};
