@@ -729,4 +729,33 @@ mod tests {
             "the certificate files go together"
         );
     }
+
+    #[test]
+    fn on_demand_is_off_by_default_and_refused_with_the_dns_proxy_as_in_ztunnel() {
+        let xds = ["--xds-address", "https://istiod:15012"];
+        let off = options_without_config(&xds).expect("istiod");
+        assert_eq!(off.xds.expect("xds").on_demand, None, "XDS_ON_DEMAND=false");
+        let on: Vec<&str> = xds
+            .iter()
+            .copied()
+            .chain(["--xds-on-demand", "true", "--dns-capture", "false"])
+            .collect();
+        let on = options_without_config(&on).expect("on demand");
+        assert_eq!(
+            on.xds.expect("xds").on_demand,
+            Some(std::time::Duration::from_secs(5))
+        );
+        let with_dns: Vec<&str> = xds
+            .iter()
+            .copied()
+            .chain(["--xds-on-demand", "true"])
+            .collect();
+        match options_without_config(&with_dns) {
+            Err(EngineError::Usage(m)) => assert!(
+                m.contains("DNS proxy does not currently support on-demand mode"),
+                "{m}"
+            ),
+            other => panic!("accepted: {:?}", other.map(|o| o.xds)),
+        }
+    }
 }
