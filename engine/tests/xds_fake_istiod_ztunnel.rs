@@ -3,7 +3,8 @@
 //! types with the node id and metadata it always sends, ACKs what the fake pushes, fetches its
 //! certificate from the fake's CA with the pod token, and carries checksummed traffic to a
 //! workload it learned only over xDS; a removal pushed later is applied, a malformed resource is
-//! NACKed (the good ones of the same response applied), and a wrong token is refused. So the
+//! NACKed (the good ones of the same response applied), and a wrong token is refused; with
+//! `XDS_ON_DEMAND=true` it subscribes to no address and asks for each one it meets. So the
 //! fake follows istiod as ztunnel reads it, not ringtun's reading of it. Without the binary the
 //! tests fail, never skip.
 

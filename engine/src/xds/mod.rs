@@ -16,6 +16,7 @@
 //!
 //! Environment variables and defaults are ztunnel's (`XDS_ADDRESS`, `XDS_ROOT_CA`,
 //! `CA_ADDRESS`, `CA_ROOT_CA`, `ALT_XDS_HOSTNAME`, `AUTH_TOKEN`, `CLUSTER_ID`, `SECRET_TTL`,
+//! `XDS_ON_DEMAND`,
 //! `INSTANCE_IP`, `POD_NAME`, `POD_NAMESPACE`, `NODE_NAME`, `ISTIO_META_*`); `ringtun run`
 //! reads them (see `cli`).
 
