@@ -352,7 +352,8 @@ class Stream:
                 # As istiod: what a reconnecting client holds is subscribed to as well.
                 sub.names = (subscribe | set(req.initial_resource_versions)) - {"*"} - unsubscribe
                 sub.sent = dict(req.initial_resource_versions)
-                self.push(req.type_url, sub, sub.names, first=True)
+                # Only names asked for now are answered whatever the client holds.
+                self.push(req.type_url, sub, subscribe - {"*"} - unsubscribe, first=True)
                 return
             for n in req.resource_names_subscribe:
                 if n == "*":

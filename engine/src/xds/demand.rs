@@ -18,8 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use super::session::ADDRESS_TYPE;
+use super::proto::DeltaDiscoveryResponse;
 
 /// ringtun's wait for istiod's answer to a demand, by default (ztunnel waits without limit).
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
@@ -49,17 +48,13 @@ impl Demands {
         }
     }
 
-    /// The request that asks istiod for `ip` (sent each time, as ztunnel does: a demand that
-    /// timed out may be answered the next time).
-    pub fn ask(&mut self, ip: IpAddr) -> DeltaDiscoveryRequest {
+    /// The name to ask istiod for `ip` by, now waiting for its answer (asked each time, as
+    /// ztunnel does: a demand that timed out may be answered the next time).
+    pub fn ask(&mut self, ip: IpAddr) -> String {
         let name = resource_name(&self.network, ip);
         self.asked.insert(name.clone());
         self.pending.insert(name.clone(), ip);
-        DeltaDiscoveryRequest {
-            type_url: ADDRESS_TYPE.to_owned(),
-            resource_names_subscribe: vec![name],
-            ..Default::default()
-        }
+        name
     }
 
     /// The names asked for, to name on a new stream.
@@ -67,9 +62,9 @@ impl Demands {
         self.asked.iter()
     }
 
-    /// The addresses `resp` answers (an `Address` response); forgets names it removes.
+    /// The addresses `resp` (an `Address` response) answers; forgets names it removes.
     pub fn answered(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<IpAddr> {
-        if resp.type_url != ADDRESS_TYPE || (self.pending.is_empty() && self.asked.is_empty()) {
+        if self.pending.is_empty() && self.asked.is_empty() {
             return Vec::new();
         }
         let mut out = Vec::new();
@@ -99,7 +94,6 @@ mod tests {
 
     fn response(resources: Vec<Resource>, removed: &[&str]) -> DeltaDiscoveryResponse {
         DeltaDiscoveryResponse {
-            type_url: ADDRESS_TYPE.into(),
             resources,
             removed_resources: removed.iter().map(|s| (*s).to_owned()).collect(),
             ..Default::default()
@@ -111,10 +105,7 @@ mod tests {
         let mut d = Demands::new("");
         let vip: IpAddr = "10.96.0.10".parse().expect("ip");
         let gone: IpAddr = "10.96.0.99".parse().expect("ip");
-        let req = d.ask(vip);
-        assert_eq!(req.type_url, ADDRESS_TYPE);
-        assert_eq!(req.resource_names_subscribe, ["/10.96.0.10"]);
-        assert!(req.node.is_none() && req.initial_resource_versions.is_empty());
+        assert_eq!(d.ask(vip), "/10.96.0.10");
         d.ask(gone);
         // Named by the service, the IP an alias: as istiod answers.
         let svc = Resource {
@@ -127,11 +118,5 @@ mod tests {
         assert_eq!(d.answered(&response(vec![], &["/10.96.0.99"])), [gone]);
         let asked: Vec<_> = d.asked().cloned().collect();
         assert_eq!(asked, ["/10.96.0.10"], "the unknown one is forgotten");
-        let other = DeltaDiscoveryResponse {
-            type_url: "type.googleapis.com/istio.security.Authorization".into(),
-            removed_resources: vec!["/10.96.0.10".into()],
-            ..Default::default()
-        };
-        assert!(d.answered(&other).is_empty(), "policies answer nothing");
     }
 }

@@ -105,7 +105,11 @@ impl Session {
 
     /// The request that asks istiod for `ip`; `None` when on-demand is off.
     pub fn demand(&mut self, ip: IpAddr) -> Option<DeltaDiscoveryRequest> {
-        self.demands.as_mut().map(|d| d.ask(ip))
+        self.demands.as_mut().map(|d| DeltaDiscoveryRequest {
+            type_url: ADDRESS_TYPE.to_owned(),
+            resource_names_subscribe: vec![d.ask(ip)],
+            ..Default::default()
+        })
     }
 
     /// The first request of each type on a new stream: the node, a wildcard subscription and
@@ -153,8 +157,8 @@ impl Session {
     pub fn handle(&mut self, resp: DeltaDiscoveryResponse) -> Handled {
         let was_synced = self.synced();
         let answered = match &mut self.demands {
-            Some(d) => d.answered(&resp),
-            None => Vec::new(),
+            Some(d) if resp.type_url == ADDRESS_TYPE => d.answered(&resp),
+            _ => Vec::new(),
         };
         let mut rejected = Vec::new();
         let mut delta = Delta::default();

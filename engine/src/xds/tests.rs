@@ -400,6 +400,8 @@ fn on_demand_subscribes_to_nothing_asks_by_ip_and_resubscribes_what_it_asked() {
     let h = s.handle(response(ADDRESS_TYPE, "n4", vec![], &["/10.96.0.99"]));
     assert_eq!(h.answered, [unknown]);
     assert!(h.delta.is_empty());
+    let policy = s.handle(response(AUTHORIZATION_TYPE, "n5", vec![], &["/10.96.0.10"]));
+    assert!(policy.answered.is_empty(), "only addresses answer demands");
 
     let again = s.initial_requests();
     let held = &again[0].initial_resource_versions;
