@@ -3,7 +3,8 @@
 //! types with the node id and metadata it always sends, ACKs what the fake pushes, fetches its
 //! certificate from the fake's CA with the pod token, and carries checksummed traffic to a
 //! workload it learned only over xDS; a removal pushed later is applied, a malformed resource is
-//! NACKed (the good ones of the same response applied), and a wrong token is refused. So the
+//! NACKed (the good ones of the same response applied), and a wrong token is refused; with
+//! `XDS_ON_DEMAND=true` it subscribes to no address and asks for each one it meets. So the
 //! fake follows istiod as ztunnel reads it, not ringtun's reading of it. Without the binary the
 //! tests fail, never skip.
 
@@ -182,4 +183,155 @@ fn ztunnel_is_refused_with_a_wrong_token() {
         !istiod.events().iter().any(|e| e["event"] == "push"),
         "nothing is pushed to an unauthenticated client"
     );
+}
+
+/// ztunnel with `XDS_ON_DEMAND=true` (and DNS capture off: it refuses the two together)
+/// subscribes to no address (`*` subscribed and unsubscribed in one request) and to every
+/// policy; istiod sends the workloads of its node unasked. A destination it does not know is
+/// asked for by `network/IP`; the fake answers with the service and the workloads behind it
+/// (under their own names, the IP as an alias, as istiod), ztunnel ACKs and carries the traffic
+/// (the connection that asked stays parked: ztunnel waits for a resource of the very name it
+/// asked for, with no timeout). An IP nobody knows is answered as removed (istiod's "not
+/// found"). A reconnect keeps the empty subscription and names what is held, the names asked
+/// for included (`initial_resource_versions`).
+#[test]
+fn ztunnel_on_demand_asks_for_what_it_meets_and_carries_it() {
+    let nodes = two_nodes("xzo");
+    let dir = TempDir::new("xzo");
+    write_token(dir.path(), TOKEN);
+    let (ca_cert, ca_key) = ztunnel_test_ca();
+    let mut resources = mesh_resources();
+    resources["workloads"][0]["node"] = json!("node-client");
+    resources["workloads"][1]["node"] = json!("node-server");
+    let mut istiod = FakeIstiod::start(
+        Some(&nodes.server),
+        dir.path(),
+        IstiodArgs::new(&ca_cert, &ca_key),
+        &resources,
+    );
+    capture_outbound_but_istiod(&nodes.client);
+    let on_demand = |node| {
+        [
+            ("XDS_ON_DEMAND", "true"),
+            ("ISTIO_META_DNS_CAPTURE", "false"),
+            ("NODE_NAME", node),
+        ]
+    };
+    let _server = XdsZtunnel::start_with(
+        &nodes.server,
+        "server",
+        "10.77.0.2",
+        ISTIOD_URL,
+        &ca_cert,
+        dir.path(),
+        &on_demand("node-server"),
+    );
+    let client = XdsZtunnel::start_with(
+        &nodes.client,
+        "client",
+        "10.77.0.1",
+        ISTIOD_URL,
+        &ca_cert,
+        dir.path(),
+        &on_demand("node-client"),
+    );
+    let stream = istiod.streams_of("10.77.0.1", 1).remove(0);
+    let addresses = istiod.subscription(&stream, ADDRESS_TYPE);
+    assert_eq!(addresses["subscribe"], json!(["*"]), "{addresses}");
+    assert_eq!(addresses["unsubscribe"], json!(["*"]), "{addresses}");
+    let policies = istiod.subscription(&stream, AUTHORIZATION_TYPE);
+    assert_eq!(
+        policies["subscribe"],
+        json!([]),
+        "policies stay wildcard: {policies}"
+    );
+    let first = istiod.wait_event("the first Address push", |e| {
+        is(e, "push", ADDRESS_TYPE) && e["stream"] == stream
+    });
+    assert_eq!(
+        first["resources"],
+        json!([CLIENT_UID]),
+        "its node's only: {first}"
+    );
+
+    // The first connection to the VIP makes ztunnel ask for it. It waits for a resource of the
+    // name it asked for, which istiod's answer (named by the service, the IP an alias) is not,
+    // so that one stays parked; what the answer brought carries the next ones.
+    let parked = ringtun_testbed::echo::connect_in(&nodes.client, "10.96.0.10:80");
+    let demand = istiod.wait_event("the demand", |e| {
+        e["event"] == "request" && e["stream"] == stream && e["subscribe"] == json!(["/10.96.0.10"])
+    });
+    assert!(demand.get("node").is_none(), "{demand}");
+    let push = istiod.wait_event("the answer", |e| {
+        is(e, "push", ADDRESS_TYPE)
+            && e["stream"] == stream
+            && e["resources"]
+                .as_array()
+                .is_some_and(|r| r.contains(&json!("default/server.default.svc.cluster.local")))
+    });
+    assert_eq!(
+        push["resources"],
+        json!([SERVER_UID, "default/server.default.svc.cluster.local"]),
+        "the service and the workload behind it: {push}"
+    );
+    let nonce = push["nonce"].clone();
+    istiod.wait_event("the answer ACKed", |e| {
+        e["event"] == "ack" && e["nonce"] == nonce
+    });
+    let echo = EchoServer::start(&nodes.server, "0.0.0.0:5201").expect("echo server");
+    // The next one reaches the server's ztunnel, which asks for the client's IP in turn.
+    let parked_there = ringtun_testbed::echo::connect_in(&nodes.client, "10.96.0.10:80");
+    let server_stream = istiod.streams_of("10.77.0.2", 1).remove(0);
+    let push = istiod.wait_event("the source's answer", |e| {
+        is(e, "push", ADDRESS_TYPE)
+            && e["stream"] == server_stream
+            && e["resources"] == json!([CLIENT_UID])
+    });
+    let nonce = push["nonce"].clone();
+    istiod.wait_event("the source's answer ACKed", |e| {
+        e["event"] == "ack" && e["nonce"] == nonce
+    });
+    let t = echo_ok(&nodes.client, "10.96.0.10:80", MIB);
+    echo.records
+        .wait_for(EVENT_WAIT, |r| r.sha256 == t.sha_sent)
+        .expect("the workload got every byte");
+    client.wait_line(&["connection complete", SERVER_ID]);
+    let mut parked = parked.expect("the first connection was accepted");
+    parked
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .expect("timeout");
+    let mut buf = [0u8; 8];
+    let still = std::io::Read::read(&mut parked, &mut buf).map_err(|e| e.kind());
+    assert!(
+        matches!(
+            still,
+            Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        ),
+        "ztunnel's first connection still waits for a resource named /10.96.0.10: {still:?}"
+    );
+    drop((parked, parked_there));
+
+    // An IP nobody knows: answered as removed, and ztunnel passes the connection through.
+    let n = echoed_bytes(&nodes.client, "10.96.0.99:80");
+    assert_eq!(n, 0);
+    let gone = istiod.wait_event("the unknown IP answered", |e| {
+        is(e, "push", ADDRESS_TYPE) && e["removed"] == json!(["/10.96.0.99"])
+    });
+    let nonce = gone["nonce"].clone();
+    istiod.wait_event("the removal ACKed", |e| {
+        e["event"] == "ack" && e["nonce"] == nonce
+    });
+
+    // A new stream keeps the subscription empty and names what is held, the names asked for
+    // among them.
+    istiod.command("close");
+    let again = istiod.streams_of("10.77.0.1", 2).remove(1);
+    let resub = istiod.subscription(&again, ADDRESS_TYPE);
+    assert_eq!(resub["subscribe"], json!(["*"]), "{resub}");
+    assert_eq!(resub["unsubscribe"], json!(["*"]), "{resub}");
+    let held = resub["initial"].as_object().cloned().unwrap_or_default();
+    for name in [CLIENT_UID, SERVER_UID, "/10.96.0.10"] {
+        assert!(held.contains_key(name), "{name} in {resub}");
+    }
+    echo_ok(&nodes.client, "10.96.0.10:80", MIB);
 }

@@ -15,7 +15,10 @@ Served over TLS (a server certificate this process issues from the test CA at st
       changed is sent and what is gone is removed. Every subscription gets a first response,
       even an empty one. Resource names: a workload's uid, a service's `namespace/hostname`, a
       policy's `namespace/name`; workloads and services are also found by their aliases
-      `network/IP` (what an on-demand client asks for).
+      `network/IP` (what an on-demand client asks for). On demand, as istiod, a name that
+      does not exist is answered as removed, a service asked for brings the workloads behind
+      it, and the workloads of the proxy's own node (`node` = its NODE_NAME metadata) come
+      unasked.
   istio.v1.auth.IstioCertificateService/CreateCertificate
       signs the CSR with the test CA for the identity in `ImpersonatedIdentity` metadata (a
       node proxy) or else the CSR's URI SAN, for the requested validity (capped by --max-ttl),
@@ -160,11 +163,15 @@ def pack_ips(node):
 class Entry:
     """One resource as served: its name, aliases, version and encoded body."""
 
-    def __init__(self, type_url, name, body, aliases=()):
+    def __init__(self, type_url, name, body, aliases=(), node="", services=()):
         self.type_url = type_url
         self.name = name
         self.body = body
         self.aliases = list(aliases)
+        # A workload's node and the services (`namespace/hostname`) it backs: what istiod adds
+        # to an on-demand subscription unasked.
+        self.node = node
+        self.services = set(services)
         self.version = hashlib.sha256(body).hexdigest()[:16]
 
 
@@ -187,7 +194,7 @@ def load_resources(path):
                 pass
         aliases = [f"{msg.network}/{ip}" for ip in ips]
         body = wl.Address(workload=msg).SerializeToString()
-        out[ADDRESS_TYPE][msg.uid] = Entry(ADDRESS_TYPE, msg.uid, body, aliases)
+        out[ADDRESS_TYPE][msg.uid] = Entry(ADDRESS_TYPE, msg.uid, body, aliases, msg.node, msg.services.keys())
     for s in doc.get("services", []):
         msg = json_format.ParseDict(pack_ips(s), wl.Service())
         aliases = []
@@ -306,6 +313,8 @@ class Stream:
         self.subs = {}
         self.lock = threading.Lock()
         self.node_logged = False
+        # The proxy's NODE_NAME (node metadata): its node's workloads come unasked on demand.
+        self.node_name = ""
 
     def handle(self, req):
         ev = {
@@ -322,6 +331,8 @@ class Stream:
 
             self.node_logged = True
             ev["node"] = req.node.id
+            v = req.node.metadata.fields.get("NODE_NAME")
+            self.node_name = v.string_value if v is not None else ""
             ev["metadata"] = json_format.MessageToDict(req.node.metadata)
         emit(ev)
         if req.response_nonce:
@@ -338,9 +349,11 @@ class Stream:
                 unsubscribe = set(req.resource_names_unsubscribe)
                 wildcard = (not subscribe and not unsubscribe) or ("*" in subscribe and "*" not in unsubscribe)
                 sub = self.subs[req.type_url] = Sub(wildcard)
-                sub.names = subscribe - {"*"} - unsubscribe
+                # As istiod: what a reconnecting client holds is subscribed to as well.
+                sub.names = (subscribe | set(req.initial_resource_versions)) - {"*"} - unsubscribe
                 sub.sent = dict(req.initial_resource_versions)
-                self.push(req.type_url, sub, sub.names, first=True)
+                # Only names asked for now are answered whatever the client holds.
+                self.push(req.type_url, sub, subscribe - {"*"} - unsubscribe, first=True)
                 return
             for n in req.resource_names_subscribe:
                 if n == "*":
@@ -376,12 +389,26 @@ class Stream:
                 e = entries.get(n) or by_alias.get(n)
                 if e is not None:
                     visible[e.name] = e
+            # As istiod's AdditionalPodSubscriptions: the workloads behind a service asked for,
+            # and every workload on the proxy's own node; the client is subscribed to them (and
+            # to the names the aliases it asked for resolved to) from now on.
+            for e in list(visible.values()):
+                for w in entries.values():
+                    if e.name in w.services:
+                        visible[w.name] = w
+            if self.node_name:
+                for w in entries.values():
+                    if w.node == self.node_name:
+                        visible[w.name] = w
+            sub.names |= set(visible)
         send = [e for e in visible.values() if sub.sent.get(e.name) != e.version or e.name in forced]
         for n in forced:
             e = entries.get(n) or by_alias.get(n)
             if e is not None and e not in send:
                 send.append(e)
-        removed = sorted(n for n in sub.sent if n not in visible)
+        # An alias the client holds (a name it asked for) stays while what it names is visible.
+        aliased = {a for e in visible.values() for a in e.aliases}
+        removed = sorted(n for n in sub.sent if n not in visible and n not in aliased)
         # An explicitly asked-for name that does not exist is answered as removed.
         removed += sorted(n for n in forced if n not in entries and n not in by_alias and n not in removed)
         if not send and not removed and not first:

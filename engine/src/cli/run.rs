@@ -305,9 +305,12 @@ impl RunArgs {
         if workers == 0 {
             return Err(EngineError::Usage("--workers must be at least 1".into()));
         }
-        let xds = self
-            .xds
-            .options(&self.cluster_id, self.node.as_deref(), self.mark)?;
+        let xds = self.xds.options(
+            &self.cluster_id,
+            self.node.as_deref(),
+            self.mark,
+            self.dns_capture.eq_ignore_ascii_case("true"),
+        )?;
         let certs = match (self.cert_chain, self.key, self.roots) {
             (Some(chain), Some(key), Some(roots)) => Some(CertPaths { chain, key, roots }),
             _ => None,
@@ -725,5 +728,34 @@ mod tests {
                 .is_err(),
             "the certificate files go together"
         );
+    }
+
+    #[test]
+    fn on_demand_is_off_by_default_and_refused_with_the_dns_proxy_as_in_ztunnel() {
+        let xds = ["--xds-address", "https://istiod:15012"];
+        let off = options_without_config(&xds).expect("istiod");
+        assert_eq!(off.xds.expect("xds").on_demand, None, "XDS_ON_DEMAND=false");
+        let on: Vec<&str> = xds
+            .iter()
+            .copied()
+            .chain(["--xds-on-demand", "true", "--dns-capture", "false"])
+            .collect();
+        let on = options_without_config(&on).expect("on demand");
+        assert_eq!(
+            on.xds.expect("xds").on_demand,
+            Some(std::time::Duration::from_secs(5))
+        );
+        let with_dns: Vec<&str> = xds
+            .iter()
+            .copied()
+            .chain(["--xds-on-demand", "true"])
+            .collect();
+        match options_without_config(&with_dns) {
+            Err(EngineError::Usage(m)) => assert!(
+                m.contains("DNS proxy does not currently support on-demand mode"),
+                "{m}"
+            ),
+            other => panic!("accepted: {:?}", other.map(|o| o.xds)),
+        }
     }
 }

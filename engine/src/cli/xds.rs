@@ -60,6 +60,16 @@ pub struct XdsArgs {
     /// (default `ztunnel`, in POD_NAMESPACE or `istio-system`).
     #[arg(long, env = "SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
+    /// On-demand addresses (ztunnel's XDS_ON_DEMAND, `true` or `false`): subscribe to no
+    /// address and ask istiod for each destination a connection meets that is not known yet.
+    /// Refused with the DNS proxy on, as ztunnel refuses it.
+    #[arg(long, env = "XDS_ON_DEMAND", default_value = "false", action = clap::ArgAction::Set, value_parser = clap::value_parser!(bool))]
+    pub xds_on_demand: bool,
+    /// How long a connection to an address asked for on demand waits for istiod's answer
+    /// before it is routed as an unknown destination (ringtun's own bound: ztunnel waits
+    /// without one).
+    #[arg(long, env = "XDS_ON_DEMAND_TIMEOUT", default_value = "5s", value_parser = |s: &str| parse_secs(s, "XDS_ON_DEMAND_TIMEOUT"))]
+    pub xds_on_demand_timeout: Duration,
 }
 
 impl XdsArgs {
@@ -69,10 +79,17 @@ impl XdsArgs {
         cluster_id: &str,
         node_name: Option<&str>,
         mark: u32,
+        dns_capture: bool,
     ) -> Result<Option<XdsOptions>, EngineError> {
         let url = self.xds_address.as_deref().map(str::trim).unwrap_or("");
         if url.is_empty() {
             return Ok(None);
+        }
+        if self.xds_on_demand && dns_capture {
+            // ztunnel's words (its config validation).
+            return Err(EngineError::Usage(
+                "DNS proxy does not currently support on-demand mode: set XDS_ON_DEMAND=false or ISTIO_META_DNS_CAPTURE=false".into(),
+            ));
         }
         let url = with_scheme(url).map_err(|e| bad_address("XDS_ADDRESS (--xds-address)", e))?;
         let node = NodeInfo {
@@ -94,7 +111,13 @@ impl XdsArgs {
         endpoint
             .check()
             .map_err(|e| bad_address("XDS_ADDRESS (--xds-address)", e))?;
-        Ok(Some(XdsOptions { endpoint, node }))
+        Ok(Some(XdsOptions {
+            endpoint,
+            node,
+            on_demand: self
+                .xds_on_demand
+                .then_some(self.xds_on_demand_timeout.max(Duration::from_millis(1))),
+        }))
     }
 
     /// The CA client's options, or `None` when no CA is set: `CA_ADDRESS` when set (empty: no

@@ -133,6 +133,12 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
         threads.push(handle);
     }
     drop(ev_tx);
+    // Before any listener: a shard asks for unknown destinations from its first connection.
+    if let Some(demander) = source.demander() {
+        for tx in &senders {
+            let _ = tx.send(ShardMsg::OnDemand(demander.clone()));
+        }
+    }
     state.set_shards_running();
     certs.attach(senders.clone());
 
@@ -310,6 +316,7 @@ impl Running {
                 break;
             }
             let Some(next) = self.source.poll() else {
+                self.send_answers();
                 continue;
             };
             match next {
@@ -332,6 +339,7 @@ impl Running {
                     for tx in &self.senders {
                         let _ = tx.send(ShardMsg::Config(Box::new(snap.clone())));
                     }
+                    self.send_answers();
                     // Announce the reload only once every shard uses it, so "reloaded" in the
                     // log means new connections see the new config.
                     self.await_applied(generation);
@@ -353,6 +361,7 @@ impl Running {
                 }
                 Err(e) => {
                     tracing::error!("config reload failed, keeping generation {generation}: {e}");
+                    self.send_answers();
                 }
             }
         }
@@ -362,6 +371,19 @@ impl Running {
         }
         self.endpoints_stop.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Tells the shards which on-demand addresses istiod answered, after the config that
+    /// answers them (the same channel keeps the order): their parked connections route now.
+    fn send_answers(&mut self) {
+        let answered = self.source.take_answered();
+        if answered.is_empty() {
+            return;
+        }
+        let answered: Arc<[std::net::IpAddr]> = answered.into();
+        for tx in &self.senders {
+            let _ = tx.send(ShardMsg::Answered(answered.clone()));
+        }
     }
 
     /// Graceful drain: readiness fails at once, listeners stop accepting, HBONE peers get

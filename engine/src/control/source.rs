@@ -2,6 +2,7 @@
 //! (loaded at start, then watched), or istiod over xDS (the client runs on its own thread; the
 //! first config arrives after start, and readiness waits for it).
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,8 @@ pub(super) enum ConfigSource {
         address: String,
         /// The client's updates.
         handle: XdsHandle,
+        /// On-demand addresses answered by the updates taken so far, for the shards.
+        answered: Vec<IpAddr>,
     },
 }
 
@@ -61,6 +64,7 @@ impl ConfigSource {
             let source = ConfigSource::Xds {
                 address: x.endpoint.url.clone(),
                 handle,
+                answered: Vec::new(),
             };
             return Ok((source, None));
         }
@@ -92,14 +96,38 @@ impl ConfigSource {
                 *next = Instant::now() + *poll;
                 file.changed().then(|| load(path).map(Update::Full))
             }
-            ConfigSource::Xds { handle, .. } => {
+            ConfigSource::Xds {
+                handle, answered, ..
+            } => {
                 let mut waiting = handle.updates.try_iter();
-                let mut delta = waiting.next()?.delta;
+                let first = waiting.next()?;
+                let (mut delta, mut due) = (first.delta, first.config_due);
+                answered.extend(first.answered);
                 for later in waiting {
                     delta.append(later.delta);
+                    due |= later.config_due;
+                    answered.extend(later.answered);
                 }
-                Some(Ok(Update::Delta(delta)))
+                // Answers alone (an address istiod does not know) make no new config.
+                (due || !delta.is_empty()).then_some(Ok(Update::Delta(delta)))
             }
+        }
+    }
+
+    /// The on-demand addresses answered since the last call: for the shards, once the config
+    /// that answers them is theirs.
+    pub(super) fn take_answered(&mut self) -> Vec<IpAddr> {
+        match self {
+            ConfigSource::File { .. } => Vec::new(),
+            ConfigSource::Xds { answered, .. } => std::mem::take(answered),
+        }
+    }
+
+    /// Where shards ask for unknown destinations, when the source is istiod on demand.
+    pub(super) fn demander(&self) -> Option<crate::xds::Demander> {
+        match self {
+            ConfigSource::File { .. } => None,
+            ConfigSource::Xds { handle, .. } => handle.demander.clone(),
         }
     }
 

@@ -23,8 +23,10 @@ use super::copy;
 use super::keepalive;
 use super::lifecycle::{refuse_tcp, Record};
 use super::plaintext;
+use crate::config::Snapshot;
 use crate::decide::{self, Refusal, Route};
 use crate::net;
+use crate::shard::demand::Outcome;
 use crate::shard::live;
 use crate::shard::pod::PodShard;
 use crate::shard::pool::{Lent, PooledH2, Slot};
@@ -63,6 +65,12 @@ pub fn handle(
     }
 }
 
+/// Whether `snap` knows `dst`'s address (a workload's or a service's): if not, on demand,
+/// istiod is asked for it.
+fn knows(snap: &Snapshot, dst: SocketAddr) -> bool {
+    snap.workload_by_ip(dst.ip()).is_some() || snap.service_by_vip(dst.ip()).is_some()
+}
+
 /// A captured connection with its HBONE stream open, ready to copy.
 struct Opened {
     client: TcpStream,
@@ -97,7 +105,20 @@ async fn open(
         }
     };
     record.log().dst_addr = Some(dst);
-    let snap = shard.snapshot();
+    let mut snap = shard.snapshot();
+    if shard.on_demand().is_on() && !knows(&snap, dst) {
+        // XDS_ON_DEMAND: istiod is asked for the address; the connection waits for the answer.
+        let (outcome, wait) = shard.on_demand().ask(dst.ip()).await;
+        snap = shard.snapshot();
+        match outcome {
+            Outcome::TimedOut => {
+                tracing::warn!(%dst, ?wait, "no answer from istiod for the on-demand destination; routed as unknown")
+            }
+            _ => {
+                tracing::debug!(%dst, ?outcome, known = knows(&snap, dst), "on-demand destination")
+            }
+        }
+    }
     let src_w = shard.scope_for(pod).source_workload(&snap, src.ip());
     record.source(src_w);
     record.service(snap.service_by_vip(dst.ip()).map(|s| s.service));

@@ -96,6 +96,8 @@ fn handle(shard: &Rc<Shard>, msg: ShardMsg, events: &Sender<ShardEvent>) {
         }
         ShardMsg::DelPod { uid, deadline } => shard.remove_pod(&uid, deadline),
         ShardMsg::Certificate { identity, tls } => shard.renew_certificate(&identity, tls),
+        ShardMsg::OnDemand(demander) => shard.on_demand().enable(demander),
+        ShardMsg::Answered(ips) => shard.on_demand().answered(&ips),
     }
 }
 

@@ -13,6 +13,7 @@
 //! The thread's loop that feeds a shard (control messages, accept loops) is
 //! `proxy::serve`, above both: the proxy paths depend on the shard, not the reverse.
 
+pub mod demand;
 pub mod drain;
 pub mod inbox;
 pub mod live;
@@ -90,6 +91,10 @@ pub enum ShardMsg {
         /// The TLS settings made of it.
         tls: Arc<TlsMaterial>,
     },
+    /// On-demand addresses are on (`XDS_ON_DEMAND`): ask for unknown destinations here.
+    OnDemand(crate::xds::Demander),
+    /// istiod answered these on-demand addresses (the config that answers them came before).
+    Answered(Arc<[std::net::IpAddr]>),
 }
 
 /// Messages from shards back to the control thread.
@@ -225,6 +230,8 @@ pub struct Shard {
     listener_fds: RefCell<Vec<RawFd>>,
     /// In-pod mode: the pods this shard serves, by uid.
     pods: RefCell<HashMap<String, Rc<PodShard>>>,
+    /// On-demand destinations (`XDS_ON_DEMAND`): off unless the control thread turns it on.
+    on_demand: demand::OnDemand,
 }
 
 impl Deref for Shard {
@@ -249,12 +256,18 @@ impl Shard {
             drain: DrainSignal::default(),
             listener_fds: RefCell::new(Vec::new()),
             pods: RefCell::new(HashMap::new()),
+            on_demand: demand::OnDemand::default(),
         }
     }
 
     /// The config generation new connections use.
     pub fn snapshot(&self) -> Rc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// On-demand destinations (`XDS_ON_DEMAND`).
+    pub fn on_demand(&self) -> &demand::OnDemand {
+        &self.on_demand
     }
 
     /// Where a captured connection from `src` (its workload, where known) to `dst` goes under

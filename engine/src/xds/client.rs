@@ -4,7 +4,12 @@
 //! [`Delta`]) once both types are synced: the changes held back until then come in the first
 //! one, and those of a stream that broke are kept for the next. A broken stream is reopened with backoff (10 ms
 //! doubling to 15 s, as ztunnel), resubscribing with what is already held.
+//!
+//! With on-demand addresses the shards ask for unknown destinations through a [`Demander`]:
+//! each address is asked for on the open stream at once (or on the next one, whose first
+//! request names it), and the update that answers it names it in [`XdsUpdate::answered`].
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -31,6 +36,32 @@ const MAX_MESSAGE: usize = 200 << 20;
 pub struct XdsUpdate {
     /// Workloads, services and policies put or removed, keyed by xDS name.
     pub delta: Delta,
+    /// On-demand addresses istiod answered (with `delta` applied, found or not).
+    pub answered: Vec<IpAddr>,
+    /// Whether `delta` is due as a new config even if empty (the first sync); otherwise an
+    /// empty one only carries answers.
+    pub config_due: bool,
+}
+
+/// Asks the client for addresses on demand; cheap to clone, usable from any thread.
+#[derive(Clone, Debug)]
+pub struct Demander {
+    tx: tokio::sync::mpsc::UnboundedSender<IpAddr>,
+    /// How long a connection waits for the answer (`XDS_ON_DEMAND_TIMEOUT`).
+    pub wait: Duration,
+}
+
+impl Demander {
+    /// A demander waiting `wait` for answers, and the end the client reads its demands from.
+    pub fn channel(wait: Duration) -> (Demander, tokio::sync::mpsc::UnboundedReceiver<IpAddr>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Demander { tx, wait }, rx)
+    }
+
+    /// Asks istiod for `ip`; `false` when the client has stopped.
+    pub fn ask(&self, ip: IpAddr) -> bool {
+        self.tx.send(ip).is_ok()
+    }
 }
 
 /// The running client, seen from the control thread.
@@ -39,6 +70,8 @@ pub struct XdsHandle {
     pub updates: Receiver<XdsUpdate>,
     /// What the client has seen, kept current by its thread.
     pub status: SharedXdsStatus,
+    /// Where shards ask for unknown destinations, when on-demand is on.
+    pub demander: Option<Demander>,
 }
 
 /// Starts the client on its own thread.
@@ -46,17 +79,20 @@ pub fn spawn(opts: XdsOptions) -> Result<XdsHandle, XdsError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let status = Arc::new(Mutex::new(XdsStatus::new(&opts.endpoint.url, &TYPES)));
     let shared = Arc::clone(&status);
+    let (demander, demand_rx) = Demander::channel(opts.on_demand.unwrap_or_default());
+    let demander = opts.on_demand.map(|_| demander);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(XdsError::Thread)?;
     std::thread::Builder::new()
         .name("ringtun-xds".into())
-        .spawn(move || runtime.block_on(run(opts, tx, shared)))
+        .spawn(move || runtime.block_on(run(opts, tx, shared, demand_rx)))
         .map_err(XdsError::Thread)?;
     Ok(XdsHandle {
         updates: rx,
         status,
+        demander,
     })
 }
 
@@ -75,9 +111,26 @@ fn record(status: &SharedXdsStatus, f: impl FnOnce(&mut XdsStatus)) {
     }
 }
 
-async fn run(opts: XdsOptions, tx: Sender<XdsUpdate>, status: SharedXdsStatus) {
+/// What a stream hands on: changes and answers not yet sent to the control thread.
+#[derive(Default)]
+struct Pending {
+    delta: Delta,
+    answered: Vec<IpAddr>,
+}
+
+async fn run(
+    opts: XdsOptions,
+    tx: Sender<XdsUpdate>,
+    status: SharedXdsStatus,
+    demands: tokio::sync::mpsc::UnboundedReceiver<IpAddr>,
+) {
     let mut session = Session::new(opts.node.node());
-    let mut pending = Delta::default();
+    if opts.on_demand.is_some() {
+        session = session.on_demand("");
+    }
+    // Off: never read, so no demand is taken from a sender nobody has.
+    let mut demands = opts.on_demand.map(|_| demands);
+    let mut pending = Pending::default();
     let mut backoff = INITIAL_BACKOFF;
     tracing::info!(
         address = %opts.endpoint.url,
@@ -93,6 +146,7 @@ async fn run(opts: XdsOptions, tx: Sender<XdsUpdate>, status: SharedXdsStatus) {
             &tx,
             &status,
             &mut answered,
+            &mut demands,
         )
         .await;
         let established = status.lock().map(|s| s.is_connected()).unwrap_or(false);
@@ -125,13 +179,25 @@ fn session_node_id(opts: &XdsOptions) -> String {
     opts.node.node().id
 }
 
+/// The next address a shard asks for; never, when on-demand is off or nobody can ask.
+async fn next_demand(demands: &mut Option<tokio::sync::mpsc::UnboundedReceiver<IpAddr>>) -> IpAddr {
+    if let Some(rx) = demands {
+        if let Some(ip) = rx.recv().await {
+            return ip;
+        }
+        *demands = None;
+    }
+    std::future::pending().await
+}
+
 async fn stream_once(
     opts: &XdsOptions,
     session: &mut Session,
-    pending: &mut Delta,
+    pending: &mut Pending,
     tx: &Sender<XdsUpdate>,
     status: &SharedXdsStatus,
     answered: &mut bool,
+    demands: &mut Option<tokio::sync::mpsc::UnboundedReceiver<IpAddr>>,
 ) -> Result<Ended, XdsError> {
     let channel = opts.endpoint.connect().await?;
     let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
@@ -159,7 +225,23 @@ async fn stream_once(
     let mut responses = grpc.streaming(request, path, codec).await?.into_inner();
     tracing::info!(address = %opts.endpoint.url, "xDS stream established");
     record(status, |s| s.connected(SystemTime::now()));
-    while let Some(resp) = responses.message().await? {
+    loop {
+        // Both branches are cancel-safe: a demand is taken whole, a response read whole.
+        let resp = tokio::select! {
+            ip = next_demand(demands) => {
+                if let Some(req) = session.demand(ip) {
+                    tracing::debug!(name = ?req.resource_names_subscribe, "xDS on-demand request");
+                    if req_tx.send(req).is_err() {
+                        return Ok(Ended::Closed);
+                    }
+                }
+                continue;
+            }
+            msg = responses.message() => match msg? {
+                Some(resp) => resp,
+                None => return Ok(Ended::Closed),
+            },
+        };
         *answered = true;
         let (type_url, nonce) = (resp.type_url.clone(), resp.nonce.clone());
         let version = resp.system_version_info.clone();
@@ -172,7 +254,8 @@ async fn stream_once(
             .map(|a| a.value.len() as u64)
             .sum();
         let mut handled = session.handle(resp);
-        pending.append(std::mem::take(&mut handled.delta));
+        pending.delta.append(std::mem::take(&mut handled.delta));
+        pending.answered.append(&mut handled.answered);
         let (workloads, services, policies) = session.counts();
         let held = if type_url == ADDRESS_TYPE {
             workloads + services
@@ -207,15 +290,28 @@ async fn stream_once(
         if req_tx.send(handled.reply).is_err() {
             return Ok(Ended::Closed);
         }
-        if session.synced() && (!pending.is_empty() || handled.synced_now) {
+        let config_due = !pending.delta.is_empty() || handled.synced_now;
+        if session.synced() && (config_due || !pending.answered.is_empty()) {
             let (workloads, services, policies) = session.counts();
-            let changes = pending.len();
-            tracing::debug!(workloads, services, policies, changes, "xDS config changed");
-            let delta = std::mem::take(pending);
-            if tx.send(XdsUpdate { delta }).is_err() {
+            let changes = pending.delta.len();
+            let answers = pending.answered.len();
+            tracing::debug!(
+                workloads,
+                services,
+                policies,
+                changes,
+                answers,
+                "xDS config changed"
+            );
+            let Pending { delta, answered } = std::mem::take(pending);
+            let update = XdsUpdate {
+                delta,
+                answered,
+                config_due,
+            };
+            if tx.send(update).is_err() {
                 return Ok(Ended::Unwanted);
             }
         }
     }
-    Ok(Ended::Closed)
 }

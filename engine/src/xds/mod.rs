@@ -9,12 +9,14 @@
 //! - [`client`]: the ADS client on a thread of its own (its own small tokio runtime, never a
 //!   shard): connects, subscribes, reconnects with backoff, and hands each new config to the
 //!   control thread.
+//! - [`demand`]: on-demand addresses (`XDS_ON_DEMAND`): the names asked for and their answers.
 //! - [`status`]: what the client has seen (stream, versions, NACKs), for `/config_dump` and
 //!   `/metrics`.
 //! - [`ca`]: `CreateCertificate` for a fresh P-256 key.
 //!
 //! Environment variables and defaults are ztunnel's (`XDS_ADDRESS`, `XDS_ROOT_CA`,
 //! `CA_ADDRESS`, `CA_ROOT_CA`, `ALT_XDS_HOSTNAME`, `AUTH_TOKEN`, `CLUSTER_ID`, `SECRET_TTL`,
+//! `XDS_ON_DEMAND`,
 //! `INSTANCE_IP`, `POD_NAME`, `POD_NAMESPACE`, `NODE_NAME`, `ISTIO_META_*`); `ringtun run`
 //! reads them (see `cli`).
 
@@ -22,6 +24,7 @@ pub mod ca;
 pub mod channel;
 pub mod client;
 pub mod convert;
+pub mod demand;
 mod error;
 mod node;
 pub mod proto;
@@ -32,7 +35,7 @@ pub mod status;
 mod tests;
 
 pub use channel::{Endpoint, RootCert, Token};
-pub use client::{spawn, XdsHandle, XdsUpdate};
+pub use client::{spawn, Demander, XdsHandle, XdsUpdate};
 pub use error::XdsError;
 pub use node::{NodeInfo, XdsOptions};
 pub use status::{SharedXdsStatus, XdsStatus};

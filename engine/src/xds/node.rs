@@ -1,6 +1,7 @@
 //! Who this proxy is to istiod (the xDS node, as ztunnel builds it) and the client's options.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::channel::Endpoint;
 use super::proto::{string_value, Kind, ListValue, Node, Struct, Value};
@@ -92,4 +93,7 @@ pub struct XdsOptions {
     pub endpoint: Endpoint,
     /// Who this proxy is.
     pub node: NodeInfo,
+    /// On-demand addresses (`XDS_ON_DEMAND`): how long a connection waits for istiod's answer;
+    /// `None`: off, every address is subscribed to.
+    pub on_demand: Option<Duration>,
 }

@@ -7,7 +7,8 @@
 //! one that cannot be converted is named in the NACK and keeps its previous version (or stays
 //! absent) while the others of the same response apply; a removal always applies. The session
 //! counts as synced once each type has had a response that was fully ACKed, which is when
-//! ztunnel reports ready.
+//! ztunnel reports ready. With on-demand addresses ([`super::demand`]) the `Address`
+//! subscription starts empty and grows by the names asked for.
 //!
 //! Each response also says what it changed as a [`Delta`] (the converted resources put or
 //! removed, keyed by xDS name), which the control thread applies to the snapshot in force: a
@@ -15,9 +16,11 @@
 //! (`Arc`) between what the session holds and the snapshots.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::convert::{self, ConvertError, Converted};
+use super::demand::Demands;
 use super::proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Resource, Status};
 use crate::config::{Change, Delta, EntryKey, LocalConfig, Policy, Service, Workload};
 
@@ -50,6 +53,8 @@ pub struct Handled {
     pub delta: Delta,
     /// Whether this response completed the first sync.
     pub synced_now: bool,
+    /// The on-demand addresses it answers (found, or removed: not found).
+    pub answered: Vec<IpAddr>,
 }
 
 impl Handled {
@@ -75,6 +80,8 @@ pub struct Session {
     policies: BTreeMap<String, Held<Policy>>,
     /// Per type (in [`TYPES`] order): has had a fully ACKed response.
     acked: [bool; 2],
+    /// On-demand addresses, when on (`XDS_ON_DEMAND`).
+    demands: Option<Demands>,
 }
 
 impl Session {
@@ -86,19 +93,46 @@ impl Session {
             services: BTreeMap::new(),
             policies: BTreeMap::new(),
             acked: [false; 2],
+            demands: None,
         }
     }
 
+    /// The same session with on-demand addresses on `network` (ztunnel's `XDS_ON_DEMAND`).
+    pub fn on_demand(mut self, network: &str) -> Self {
+        self.demands = Some(Demands::new(network));
+        self
+    }
+
+    /// The request that asks istiod for `ip`; `None` when on-demand is off.
+    pub fn demand(&mut self, ip: IpAddr) -> Option<DeltaDiscoveryRequest> {
+        self.demands.as_mut().map(|d| DeltaDiscoveryRequest {
+            type_url: ADDRESS_TYPE.to_owned(),
+            resource_names_subscribe: vec![d.ask(ip)],
+            ..Default::default()
+        })
+    }
+
     /// The first request of each type on a new stream: the node, a wildcard subscription and
-    /// what is already held.
+    /// what is already held. On demand, addresses subscribe to nothing (`*` subscribed and
+    /// unsubscribed at once, as ztunnel) but the names already asked for, held with no version.
     pub fn initial_requests(&self) -> Vec<DeltaDiscoveryRequest> {
         TYPES
             .iter()
-            .map(|t| DeltaDiscoveryRequest {
-                node: Some(self.node.clone()),
-                type_url: (*t).to_owned(),
-                initial_resource_versions: self.versions(t),
-                ..Default::default()
+            .map(|t| {
+                let mut r = DeltaDiscoveryRequest {
+                    node: Some(self.node.clone()),
+                    type_url: (*t).to_owned(),
+                    initial_resource_versions: self.versions(t),
+                    ..Default::default()
+                };
+                if let Some(d) = self.demands.as_ref().filter(|_| *t == ADDRESS_TYPE) {
+                    r.resource_names_subscribe = vec!["*".to_owned()];
+                    r.resource_names_unsubscribe = vec!["*".to_owned()];
+                    for name in d.asked() {
+                        r.initial_resource_versions.entry(name.clone()).or_default();
+                    }
+                }
+                r
             })
             .collect()
     }
@@ -122,6 +156,10 @@ impl Session {
     /// Applies one response and says what to answer.
     pub fn handle(&mut self, resp: DeltaDiscoveryResponse) -> Handled {
         let was_synced = self.synced();
+        let answered = match &mut self.demands {
+            Some(d) if resp.type_url == ADDRESS_TYPE => d.answered(&resp),
+            _ => Vec::new(),
+        };
         let mut rejected = Vec::new();
         let mut delta = Delta::default();
         match resp.type_url.as_str() {
@@ -188,6 +226,7 @@ impl Session {
             changed: !delta.is_empty(),
             delta,
             synced_now: !was_synced && self.synced(),
+            answered,
         }
     }
 

@@ -360,3 +360,56 @@ fn converted_kinds() {
     .encode_to_vec();
     assert!(matches!(convert::address(&body), Ok(Converted::Service(_))));
 }
+
+/// XDS_ON_DEMAND as ztunnel: addresses subscribe to nothing, policies to everything; a demand
+/// asks for `network/IP` alone; istiod's answer (the service named by its hostname, the IP an
+/// alias) answers it and is applied; a new stream names the asked name (no version) among
+/// what is held; an unknown IP is answered as removed and then forgotten.
+#[test]
+fn on_demand_subscribes_to_nothing_asks_by_ip_and_resubscribes_what_it_asked() {
+    let mut s = Session::new(Node::default()).on_demand("");
+    let reqs = s.initial_requests();
+    assert_eq!(reqs[0].type_url, ADDRESS_TYPE);
+    assert_eq!(reqs[0].resource_names_subscribe, ["*"]);
+    assert_eq!(reqs[0].resource_names_unsubscribe, ["*"]);
+    assert_eq!(reqs[1].type_url, AUTHORIZATION_TYPE);
+    assert!(
+        reqs[1].resource_names_subscribe.is_empty(),
+        "policies: wildcard"
+    );
+    assert!(reqs[1].resource_names_unsubscribe.is_empty());
+    for (t, n) in [(ADDRESS_TYPE, "n1"), (AUTHORIZATION_TYPE, "n2")] {
+        assert!(s.handle(response(t, n, vec![], &[])).nack().is_none());
+    }
+    assert!(s.synced(), "an empty first answer syncs, as in ztunnel");
+
+    let vip: std::net::IpAddr = "10.96.0.10".parse().expect("ip");
+    let unknown: std::net::IpAddr = "10.96.0.99".parse().expect("ip");
+    let ask = s.demand(vip).expect("on");
+    assert_eq!(ask.resource_names_subscribe, ["/10.96.0.10"]);
+    assert!(ask.node.is_none() && ask.response_nonce.is_empty());
+    s.demand(unknown);
+    let mut svc = address_resource(
+        "default/server.default.svc.cluster.local",
+        AddressType::Service(xds_service()),
+    );
+    svc.aliases = vec!["/10.96.0.10".into()];
+    let h = s.handle(response(ADDRESS_TYPE, "n3", vec![svc], &[]));
+    assert_eq!(h.answered, [vip]);
+    assert_eq!(h.delta.services.len(), 1);
+    let h = s.handle(response(ADDRESS_TYPE, "n4", vec![], &["/10.96.0.99"]));
+    assert_eq!(h.answered, [unknown]);
+    assert!(h.delta.is_empty());
+    let policy = s.handle(response(AUTHORIZATION_TYPE, "n5", vec![], &["/10.96.0.10"]));
+    assert!(policy.answered.is_empty(), "only addresses answer demands");
+
+    let again = s.initial_requests();
+    let held = &again[0].initial_resource_versions;
+    assert_eq!(held["default/server.default.svc.cluster.local"], "v1");
+    assert_eq!(held["/10.96.0.10"], "", "asked for: resubscribed");
+    assert!(!held.contains_key("/10.96.0.99"), "not found: forgotten");
+    assert_eq!(again[0].resource_names_subscribe, ["*"]);
+
+    let off = Session::new(Node::default()).demand(vip);
+    assert!(off.is_none(), "off: nothing is asked");
+}

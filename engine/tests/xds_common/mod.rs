@@ -310,9 +310,23 @@ impl XdsZtunnel {
     /// Starts it in `ns` with `ip` as its pod IP and `roots` as istiod's root; waits for its
     /// listeners.
     pub fn start(ns: &Netns, who: &str, ip: &str, url: &str, roots: &Path, dir: &Path) -> Self {
+        XdsZtunnel::start_with(ns, who, ip, url, roots, dir, &[])
+    }
+
+    /// [`XdsZtunnel::start`] with `env` added to its environment (e.g. `XDS_ON_DEMAND`).
+    pub fn start_with(
+        ns: &Netns,
+        who: &str,
+        ip: &str,
+        url: &str,
+        roots: &Path,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = dir.join(format!("ztunnel-{who}.log"));
         let child = ns
             .exec(ztunnel_bin())
+            .envs(env.iter().copied())
             .current_dir(dir)
             .env("PROXY_MODE", "dedicated")
             .env("PROXY_WORKLOAD_INFO", format!("default/{who}/{who}"))
