@@ -76,6 +76,8 @@ fn mesh(prefix: &'static str, client_extra: Vec<String>, server_extra: Vec<Strin
 /// What a ringtun's startup log says about kTLS: true when it will offload. With
 /// `RINGTUN_EXPECT_KTLS=1` a side started for kTLS must have it.
 fn announced_ktls(r: &Ringtun, started_for_ktls: bool) -> bool {
+    // The readiness endpoint can answer a moment before the "ringtun ready" line is written.
+    r.wait_line(&["ringtun ready"], Duration::from_secs(10));
     let log = r.log();
     let line = log
         .lines()
