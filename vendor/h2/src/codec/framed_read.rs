@@ -18,6 +18,9 @@ use tokio::io::AsyncRead;
 use tokio_util::codec::FramedRead as InnerFramedRead;
 use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 
+/// ringtun patch: the read buffer's size as tokio-util's `FramedRead` makes it.
+const READ_BUFFER: usize = 8 * 1024;
+
 // 16 MB "sane default" taken from golang http2
 const DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE: usize = 16 << 20;
 
@@ -59,6 +62,14 @@ enum Continuable {
 }
 
 impl<T> FramedRead<T> {
+    /// ringtun patch: see `Codec::trim`. Only an empty buffer goes; a frame read in part
+    /// keeps it.
+    pub(crate) fn trim(&mut self) {
+        if self.inner.read_buffer().is_empty() {
+            *self.inner.read_buffer_mut() = BytesMut::new();
+        }
+    }
+
     pub fn new(inner: InnerFramedRead<T, LengthDelimitedCodec>) -> FramedRead<T> {
         let decoder = FrameDecoder::new(inner.decoder().max_frame_length());
         FramedRead { inner, decoder }
@@ -419,6 +430,11 @@ where
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let span = tracing::trace_span!("FramedRead::poll_next");
         let _e = span.enter();
+        // ringtun patch: a buffer let go by `trim` comes back as tokio-util made it (a fresh
+        // `BytesMut` would grow in exact steps, a read per frame).
+        if self.inner.read_buffer().capacity() == 0 {
+            *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER);
+        }
         loop {
             tracing::trace!("poll");
             let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {

@@ -176,6 +176,14 @@ where
         Poll::Ready(Ok(()))
     }
 
+    /// ringtun patch: see `Codec::trim`. A buffer let go grows again as frames are
+    /// buffered (a `BytesMut` always has room to put more).
+    pub(crate) fn trim(&mut self) {
+        if self.encoder.next.is_none() && self.encoder.buf.get_ref().is_empty() {
+            self.encoder.buf = Cursor::new(BytesMut::new());
+        }
+    }
+
     /// Close the codec
     pub fn shutdown(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         if !self.final_flush_done {
