@@ -109,6 +109,12 @@ where
     /// to be flushed to `T`.
     pub fn poll_ready(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         if !self.encoder.has_capacity() {
+            // ringtun patch: a buffer let go by `trim` comes back at its usual size (the
+            // capacity check counts allocated room, so an empty one would never do).
+            if self.encoder.next.is_none() && self.encoder.buf.get_ref().capacity() == 0 {
+                self.encoder.buf = Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY));
+                return Poll::Ready(Ok(()));
+            }
             // Try flushing
             ready!(self.flush(cx))?;
 
@@ -176,8 +182,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    /// ringtun patch: see `Codec::trim`. A buffer let go grows again as frames are
-    /// buffered (a `BytesMut` always has room to put more).
+    /// ringtun patch: see `Codec::trim`; `poll_ready` allocates the buffer again.
     pub(crate) fn trim(&mut self) {
         if self.encoder.next.is_none() && self.encoder.buf.get_ref().is_empty() {
             self.encoder.buf = Cursor::new(BytesMut::new());
