@@ -176,6 +176,7 @@ impl Reader {
     ///
     /// Not an `async fn`: one keeps a second copy of its arguments beside the ones it was
     /// called with, and this future sits in every idle connection's task.
+    #[allow(clippy::manual_async_fn)]
     fn next<'a>(
         &'a mut self,
         rd: &'a mut OwnedReadHalf<TcpStream>,

@@ -231,7 +231,10 @@ where
                 let reclaimed = me.reclaim_written_frame(&self.send_buffer, dst);
                 // ringtun patch: read under the lock already held, so a connection that
                 // was not asked to trim pays nothing for it.
-                (reclaimed, !reclaimed && std::mem::take(&mut me.actions.trim))
+                (
+                    reclaimed,
+                    !reclaimed && std::mem::take(&mut me.actions.trim),
+                )
             };
 
             if !reclaimed {
