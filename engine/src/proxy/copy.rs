@@ -525,6 +525,16 @@ mod tests {
     }
 
     #[test]
+    fn a_new_reader_reads_at_once_without_allocating_yet() {
+        // Active from the start, so that a connection whose TCP side never speaks still goes
+        // quiet (and tells its HBONE connection); the buffer comes with the first read.
+        let r = Reader::new();
+        let buf = r.buf.as_ref().expect("a new reader is active");
+        assert_eq!(buf.capacity(), 0);
+        assert_eq!(r.size, MIN_BUF);
+    }
+
+    #[test]
     fn a_partial_read_does_not_grow_the_next_one() {
         let mut r = Reader::new();
         let mut buf = BytesMut::with_capacity(MIN_BUF);
