@@ -29,6 +29,9 @@ pub struct FramedRead<T> {
     inner: InnerFramedRead<T, LengthDelimitedCodec>,
 
     decoder: FrameDecoder,
+
+    /// ringtun patch: `trim` let the read buffer go.
+    trimmed: bool,
 }
 
 #[derive(Debug)]
@@ -67,12 +70,17 @@ impl<T> FramedRead<T> {
     pub(crate) fn trim(&mut self) {
         if self.inner.read_buffer().is_empty() {
             *self.inner.read_buffer_mut() = BytesMut::new();
+            self.trimmed = true;
         }
     }
 
     pub fn new(inner: InnerFramedRead<T, LengthDelimitedCodec>) -> FramedRead<T> {
         let decoder = FrameDecoder::new(inner.decoder().max_frame_length());
-        FramedRead { inner, decoder }
+        FramedRead {
+            inner,
+            decoder,
+            trimmed: false,
+        }
     }
 
     pub fn get_ref(&self) -> &T {
@@ -431,8 +439,11 @@ where
         let span = tracing::trace_span!("FramedRead::poll_next");
         let _e = span.enter();
         // ringtun patch: a buffer let go by `trim` comes back as tokio-util made it (a fresh
-        // `BytesMut` would grow in exact steps, a read per frame).
-        if self.inner.read_buffer().capacity() == 0 {
+        // `BytesMut` would grow in exact steps, a read per frame). A flag, not a look at the
+        // capacity: a buffer whose frames were all split off has none left either, and
+        // tokio-util reclaims that allocation itself.
+        if self.trimmed {
+            self.trimmed = false;
             *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER);
         }
         loop {
