@@ -144,6 +144,12 @@ fn from_h2(e: h2::Error) -> End {
 /// - *idle*: no buffer; it waits for readability (an io_uring poll, or epoll readiness on the
 ///   legacy driver), then allocates and reads without blocking, and is active again.
 ///
+/// A reader starts idle, but its first wait for readability is raced with the quiet watch, so
+/// that a connection whose TCP side never speaks still goes quiet: that is when the copy tells
+/// the HBONE connection it may let go of its own buffers (`SendStream::went_quiet`, a patch of
+/// the vendored h2). Starting active instead would hold a read buffer for the first second of
+/// every such connection (160 MiB in a burst of 10,000), and the allocator keeps some of it.
+///
 /// Each read asks for exactly `size` bytes, a size chosen so that the DATA frame it becomes
 /// fills whole TLS records; it grows when reads fill it, so bulk transfers use big reads and
 /// chatty connections keep small ones. A buffer let go here returns to the shard thread's
@@ -155,6 +161,8 @@ struct Reader {
     buf: Option<BytesMut>,
     /// Cancels the pending read when the connection goes quiet.
     canceller: Option<Canceller>,
+    /// Has not waited for bytes yet (see above).
+    fresh: bool,
 }
 
 impl Reader {
@@ -163,33 +171,53 @@ impl Reader {
             size: MIN_BUF,
             buf: None,
             canceller: None,
+            fresh: true,
         }
     }
 
-    /// The next bytes from `rd`; empty at EOF.
-    async fn next(
-        &mut self,
-        rd: &mut OwnedReadHalf<TcpStream>,
+    /// The next bytes from `rd`, empty at EOF; `None` when the connection went quiet during a
+    /// read (the reader is idle now: call again to wait for bytes).
+    ///
+    /// Not an `async fn`: one keeps a second copy of its arguments beside the ones it was
+    /// called with, and this future sits in every idle connection's task.
+    #[allow(clippy::manual_async_fn)]
+    fn next<'a>(
+        &'a mut self,
+        rd: &'a mut OwnedReadHalf<TcpStream>,
         fd: RawFd,
-        conn: &live::Conn,
-    ) -> io::Result<Bytes> {
-        loop {
-            if let Some(buf) = self.buf.take() {
-                // Boxed: the pending read and its quiet watch take about 700 bytes, needed only
-                // while a read is in flight, and an idle connection's task would otherwise keep
-                // room for them for its whole life (one small allocation per read instead).
-                match Box::pin(self.read_into(buf, rd, conn)).await {
-                    Some(res) => return res,
-                    None => continue,
+        conn: &'a live::Conn,
+    ) -> impl Future<Output = io::Result<Option<Bytes>>> + 'a {
+        async move {
+            loop {
+                // Tested, not taken here: an `Option` taken in the condition would stay in the
+                // future across the read.
+                if self.buf.is_some() {
+                    // Boxed: the pending read and its quiet watch take about 700 bytes, needed
+                    // only while a read is in flight, and an idle connection's task would
+                    // otherwise keep room for them for its whole life (one small allocation per
+                    // read instead).
+                    return match Box::pin(self.read_into(rd, conn)).await {
+                        Some(res) => res.map(Some),
+                        None => Ok(None),
+                    };
                 }
-            }
-            readable(rd).await?;
-            let mut buf = BytesMut::with_capacity(self.size);
-            match recv(fd, &mut buf, self.size) {
-                Ok(n) => return Ok(self.filled(buf, n)),
-                // Readiness can be stale (legacy driver) or the bytes already gone: wait again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                if std::mem::take(&mut self.fresh) {
+                    // Boxed, like the read: needed once, until the first bytes or the first
+                    // quiet spell.
+                    if !Box::pin(first_wait(rd, conn)).await? {
+                        return Ok(None);
+                    }
+                } else {
+                    readable(rd).await?;
+                }
+                let mut buf = BytesMut::with_capacity(self.size);
+                match recv(fd, &mut buf, self.size) {
+                    Ok(n) => return Ok(Some(self.filled(buf, n))),
+                    // Readiness can be stale (legacy driver) or the bytes already gone: wait
+                    // again.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
             }
         }
     }
@@ -198,10 +226,10 @@ impl Reader {
     /// the read was cancelled (the buffer is gone, wait for readability instead).
     async fn read_into(
         &mut self,
-        mut buf: BytesMut,
         rd: &mut OwnedReadHalf<TcpStream>,
         conn: &live::Conn,
     ) -> Option<io::Result<Bytes>> {
+        let mut buf = self.buf.take()?;
         // Reuses the allocation when h2 has released every piece of it.
         buf.reserve(self.size);
         // Bound the read to `size` even if the allocation is bigger: frame alignment matters
@@ -250,12 +278,27 @@ impl Reader {
 }
 
 /// Waits until the socket has bytes, EOF or an error to read, without a buffer.
-async fn readable(rd: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
+///
+/// monoio's readiness future itself, not wrapped in an `async fn` of ours: a wrapper would add
+/// its own state and a copy of `rd` to every idle connection's task.
+fn readable(rd: &OwnedReadHalf<TcpStream>) -> impl Future<Output = io::Result<()>> + '_ {
     // SAFETY: monoio's own split halves reach the stream the same way (both halves hand out
     // `&mut` to it through this cell); `readable` only submits a poll on the shared fd and
     // touches no state the write half uses.
     let stream = unsafe { &*rd.0.get() };
-    stream.readable(false).await
+    stream.readable(false)
+}
+
+/// Waits for the socket's first bytes; `false` if the connection went quiet first.
+async fn first_wait(rd: &OwnedReadHalf<TcpStream>, conn: &live::Conn) -> io::Result<bool> {
+    // A hold, though no buffer is held: it is what has the sweeper tell this wait.
+    let _holding = conn.hold();
+    let ready = std::pin::pin!(readable(rd));
+    let quiet = std::pin::pin!(conn.quiet());
+    match futures_util::future::select(ready, quiet).await {
+        futures_util::future::Either::Left((res, _)) => res.map(|()| true),
+        futures_util::future::Either::Right(_) => Ok(false),
+    }
 }
 
 /// One non-blocking `recv` of at most `len` bytes into the spare capacity of `buf`.
@@ -289,7 +332,12 @@ pub fn tcp_h2(
                 // Bound before the send, not matched around it: a match would keep the read's
                 // result alive (and in the task) across the send's wait.
                 let chunk = match reader.next(&mut rd, fd, &conn).await {
-                    Ok(chunk) => chunk,
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => {
+                        // Once per quiet spell, not per read: it wakes the HBONE connection.
+                        send.went_quiet();
+                        continue;
+                    }
                     Err(e) if went_away(&e) => return end_stream(&mut send, Some(End::PeerReset)),
                     Err(e) => {
                         send.send_reset(Reason::CONNECT_ERROR);
@@ -312,35 +360,31 @@ pub fn tcp_h2(
 
         let down = async {
             loop {
-                match recv.data().await {
-                    Some(Ok(data)) => {
-                        let n = data.len();
-                        conn.touch();
-                        // Boxed like the read: the write's state exists only while bytes are in
-                        // flight.
-                        let (res, _) = Box::pin(wr.write_all(data)).await;
-                        match res {
-                            Ok(_) => {}
-                            // The reader of this side reads its end next.
-                            Err(e) if went_away(&e) => return Ok(Some(End::PeerReset)),
-                            Err(e) => return Err(from_io(e)),
-                        }
-                        conn.moved(1, n as u64);
-                        // Only now may the peer send more: the window tracks what reached
-                        // the socket.
-                        recv.flow_control().release_capacity(n).map_err(from_h2)?;
-                    }
-                    None => {
-                        shut(&mut wr).await?;
-                        return Ok::<_, End>(None);
-                    }
-                    Some(Err(e)) if peer_ended(&e) => {
-                        shut(&mut wr).await?;
-                        return Ok(None);
-                    }
-                    Some(Err(e)) => return Err(from_h2(e)),
+                // Only the bytes leave the match: a match around the write would keep the whole
+                // `Option<Result<..>>` (40 bytes) in the task across the write's wait.
+                let data = match recv.data().await {
+                    Some(Ok(data)) => data,
+                    Some(Err(e)) if !peer_ended(&e) => return Err(from_h2(e)),
+                    // END_STREAM, or RST_STREAM `NO_ERROR`/`CANCEL`: the peer's end.
+                    _ => break,
+                };
+                let n = data.len();
+                conn.touch();
+                // Boxed like the read: the write's state exists only while bytes are in
+                // flight.
+                let (res, _) = Box::pin(wr.write_all(data)).await;
+                match res {
+                    Ok(_) => {}
+                    // The reader of this side reads its end next.
+                    Err(e) if went_away(&e) => return Ok(Some(End::PeerReset)),
+                    Err(e) => return Err(from_io(e)),
                 }
+                conn.moved(1, n as u64);
+                // Only now may the peer send more: the window tracks what reached the socket.
+                recv.flow_control().release_capacity(n).map_err(from_h2)?;
             }
+            shut(&mut wr).await?;
+            Ok::<_, End>(None)
         };
 
         let result = {
@@ -406,7 +450,8 @@ async fn pipe(
     let mut reader = Reader::new();
     loop {
         let chunk = match reader.next(rd, fd, conn).await {
-            Ok(chunk) => chunk,
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => continue,
             Err(e) if went_away(&e) => {
                 shut(wr).await?;
                 return Ok(Some(End::PeerReset));
@@ -501,6 +546,16 @@ mod tests {
         let kept = r.buf.take().expect("kept");
         let _ = r.filled(kept, 0);
         assert!(r.buf.is_none(), "at end of file the buffer is let go");
+    }
+
+    #[test]
+    fn a_new_reader_holds_no_buffer_and_races_its_first_wait_with_quiet() {
+        // So that a connection whose TCP side never speaks still goes quiet (and tells its
+        // HBONE connection), without a read buffer for its first second.
+        let r = Reader::new();
+        assert!(r.buf.is_none());
+        assert!(r.fresh);
+        assert_eq!(r.size, MIN_BUF);
     }
 
     #[test]

@@ -356,6 +356,15 @@ impl<B: Buf> SendStream<B> {
         self.inner.send_reset(reason)
     }
 
+    /// Tells the connection that this stream has gone quiet (ringtun patch).
+    ///
+    /// Once the frames already queued are written, the connection lets go of its read and
+    /// write buffers if they hold nothing; they are allocated again when frames move. Cheap
+    /// to call, but it wakes the connection: call it when a stream goes quiet, not per frame.
+    pub fn went_quiet(&mut self) {
+        self.inner.went_quiet()
+    }
+
     /// Polls to be notified when the client resets this stream.
     ///
     /// If stream is still open, this returns `Poll::Pending`, and

@@ -18,6 +18,9 @@ use tokio::io::AsyncRead;
 use tokio_util::codec::FramedRead as InnerFramedRead;
 use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 
+/// ringtun patch: the read buffer's size as tokio-util's `FramedRead` makes it.
+const READ_BUFFER: usize = 8 * 1024;
+
 // 16 MB "sane default" taken from golang http2
 const DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE: usize = 16 << 20;
 
@@ -26,6 +29,9 @@ pub struct FramedRead<T> {
     inner: InnerFramedRead<T, LengthDelimitedCodec>,
 
     decoder: FrameDecoder,
+
+    /// ringtun patch: `trim` let the read buffer go.
+    trimmed: bool,
 }
 
 #[derive(Debug)]
@@ -59,9 +65,22 @@ enum Continuable {
 }
 
 impl<T> FramedRead<T> {
+    /// ringtun patch: see `Codec::trim`. Only an empty buffer goes; a frame read in part
+    /// keeps it.
+    pub(crate) fn trim(&mut self) {
+        if self.inner.read_buffer().is_empty() {
+            *self.inner.read_buffer_mut() = BytesMut::new();
+            self.trimmed = true;
+        }
+    }
+
     pub fn new(inner: InnerFramedRead<T, LengthDelimitedCodec>) -> FramedRead<T> {
         let decoder = FrameDecoder::new(inner.decoder().max_frame_length());
-        FramedRead { inner, decoder }
+        FramedRead {
+            inner,
+            decoder,
+            trimmed: false,
+        }
     }
 
     pub fn get_ref(&self) -> &T {
@@ -419,6 +438,14 @@ where
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let span = tracing::trace_span!("FramedRead::poll_next");
         let _e = span.enter();
+        // ringtun patch: a buffer let go by `trim` comes back as tokio-util made it (a fresh
+        // `BytesMut` would grow in exact steps, a read per frame). A flag, not a look at the
+        // capacity: a buffer whose frames were all split off has none left either, and
+        // tokio-util reclaims that allocation itself.
+        if self.trimmed {
+            self.trimmed = false;
+            *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER);
+        }
         loop {
             tracing::trace!("poll");
             let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {

@@ -109,6 +109,12 @@ where
     /// to be flushed to `T`.
     pub fn poll_ready(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         if !self.encoder.has_capacity() {
+            // ringtun patch: a buffer let go by `trim` comes back at its usual size (the
+            // capacity check counts allocated room, so an empty one would never do).
+            if self.encoder.next.is_none() && self.encoder.buf.get_ref().capacity() == 0 {
+                self.encoder.buf = Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY));
+                return Poll::Ready(Ok(()));
+            }
             // Try flushing
             ready!(self.flush(cx))?;
 
@@ -174,6 +180,13 @@ where
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
 
         Poll::Ready(Ok(()))
+    }
+
+    /// ringtun patch: see `Codec::trim`; `poll_ready` allocates the buffer again.
+    pub(crate) fn trim(&mut self) {
+        if self.encoder.next.is_none() && self.encoder.buf.get_ref().is_empty() {
+            self.encoder.buf = Cursor::new(BytesMut::new());
+        }
     }
 
     /// Close the codec

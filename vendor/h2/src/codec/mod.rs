@@ -131,6 +131,14 @@ where
     T: AsyncWrite + Unpin,
     B: Buf,
 {
+    /// ringtun patch: lets go of the read and write buffers' memory where they hold nothing
+    /// (a quiet connection kept 8 + 16 KiB for its whole life); they are allocated again at
+    /// their usual size when frames move.
+    pub(crate) fn trim(&mut self) {
+        self.inner.trim();
+        self.framed_write().trim();
+    }
+
     /// Returns `Ready` when the codec can buffer a frame
     pub fn poll_ready(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         self.framed_write().poll_ready(cx)

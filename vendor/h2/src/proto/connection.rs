@@ -597,6 +597,9 @@ where
             }
             Some(Ping(frame)) => {
                 tracing::trace!(?frame, "recv PING");
+                // ringtun patch: keepalive PINGs are often all an idle connection sees; the
+                // buffers they wake up are let go again once the reply is out.
+                self.streams.request_trim();
                 let status = self.ping_pong.recv_ping(frame);
                 if status.is_shutdown() {
                     assert!(

@@ -103,6 +103,10 @@ struct Actions {
 
     /// If the connection errors, a copy is kept for any StreamRefs.
     conn_error: Option<proto::Error>,
+
+    /// ringtun patch: let go of the codec's empty buffers once the pending frames are
+    /// written (a stream went quiet, or a PING came in).
+    trim: bool,
 }
 
 /// Contains the buffer of frames to be written to the wire.
@@ -222,12 +226,21 @@ where
             // stream-state or send-buffer mutexes.
             ready!(dst.flush(cx))?;
 
-            let reclaimed = {
+            let (reclaimed, trim) = {
                 let mut me = self.inner.lock().unwrap();
-                me.reclaim_written_frame(&self.send_buffer, dst)
+                let reclaimed = me.reclaim_written_frame(&self.send_buffer, dst);
+                // ringtun patch: read under the lock already held, so a connection that
+                // was not asked to trim pays nothing for it.
+                (
+                    reclaimed,
+                    !reclaimed && std::mem::take(&mut me.actions.trim),
+                )
             };
 
             if !reclaimed {
+                if trim {
+                    dst.trim();
+                }
                 return Poll::Ready(Ok(()));
             }
         }
@@ -417,6 +430,13 @@ impl<B> DynStreams<'_, B> {
         me.recv_go_away(self.send_buffer, frame)
     }
 
+    /// ringtun patch: has the connection let go of its codec's buffers, if empty, the next
+    /// time it has written what is pending (see `Codec::trim`).
+    pub fn request_trim(&self) {
+        let mut me = self.inner.lock().unwrap();
+        me.actions.trim = true;
+    }
+
     pub fn last_processed_id(&self) -> StreamId {
         self.inner.lock().unwrap().actions.recv.last_processed_id()
     }
@@ -461,6 +481,7 @@ impl Inner {
                 send: Send::new(&config),
                 task: None,
                 conn_error: None,
+                trim: false,
             },
             store: Store::new(),
             refs: 1,
@@ -1190,6 +1211,16 @@ where
 // ===== impl StreamRef =====
 
 impl<B> StreamRef<B> {
+    /// ringtun patch: the stream went quiet; wakes the connection to let go of its codec's
+    /// buffers if they are empty (see `Codec::trim`).
+    pub fn went_quiet(&mut self) {
+        let mut me = self.opaque.inner.lock().unwrap();
+        me.actions.trim = true;
+        if let Some(task) = me.actions.task.take() {
+            task.wake();
+        }
+    }
+
     pub fn send_data(&mut self, data: B, end_stream: bool) -> Result<(), UserError>
     where
         B: Buf,
