@@ -385,8 +385,9 @@ fn key_update_is_followed_where_the_kernel_can_else_closes_only_that_connection(
         for round in 1..=2u64 {
             c.key_update();
             // Our PING goes under our next key: ringtun must have installed our next key to
-            // read it. Its ACK comes after ringtun's own KeyUpdate (update_requested), under
-            // its next key, which the client reads only with that key installed.
+            // read it. Its ACK comes after ringtun's own KeyUpdate (the answer
+            // update_requested asks for), under its next key, which the client reads only
+            // with that key installed.
             c.ping(*b"rekeyed!");
             assert_eq!(
                 c.followed, round,
