@@ -319,7 +319,10 @@ fn ktls_key_budget_retires_connections() {
 /// side: the client's pool stops using it and the server sends GOAWAY, so the next stream
 /// opens a new connection. This is what keeps a peer's KeyUpdate (a rustls peer sends one
 /// after 2^24 records, which a kernel before 6.14 cannot follow) from ever reaching a
-/// connection that still takes streams. On userspace rustls the budget does not apply.
+/// connection that still takes streams. On 6.14 and later, where the KeyUpdate would be
+/// followed (`ktls_records.rs` shows it), the connection is retired all the same, and the log
+/// line says which of the two the connection would have faced. On userspace rustls the
+/// budget does not apply.
 #[test]
 fn ktls_rx_key_budget_retires_connections() {
     let budget = ["--ktls-rx-record-limit", "16"].map(String::from);
@@ -356,6 +359,16 @@ fn ktls_rx_key_budget_retires_connections() {
             assert!(
                 !log.contains("TX key used for"),
                 "ringtun ({}) retired on the TX budget, which is at its default:\n{log}",
+                r.name
+            );
+            let why = if tls_kernel_offload::probe().rekey {
+                "which ringtun would follow"
+            } else {
+                "which this connection could not follow"
+            };
+            assert!(
+                log.contains(why),
+                "ringtun ({}) misnames what a KeyUpdate would do here ({why}):\n{log}",
                 r.name
             );
         }

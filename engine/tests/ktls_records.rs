@@ -3,9 +3,10 @@
 //! record through its kernel): the client's Finished and its first application data record
 //! split across TCP segments (the record the handshake left half-read must be finished before
 //! the kernel takes over), the first data arriving with the Finished (decrypted by rustls,
-//! drained and served first), a NewSessionTicket (skipped), a KeyUpdate (connection closed
-//! with a log line), a fatal alert (connection error naming the alert) and close_notify
-//! (clean end both ways).
+//! drained and served first), a NewSessionTicket (skipped), a KeyUpdate (followed where the
+//! kernel can take new keys, Linux 6.14+, the client then rekeying as a TLS 1.3 peer does;
+//! before that, that connection closed with a log line saying why), a fatal alert (connection
+//! error naming the alert) and close_notify (clean end both ways).
 //!
 //! The client speaks just enough HTTP/2 to see ringtun answer: the connection preface,
 //! SETTINGS, and PING → PING ACK.
@@ -96,7 +97,8 @@ impl Server {
     }
 }
 
-fn client_config(dir: &TempDir) -> Arc<rustls::ClientConfig> {
+/// The client's rustls config; its first traffic secrets go to `secrets`.
+fn client_config(dir: &TempDir, secrets: Arc<ktls::SecretLog>) -> Arc<rustls::ClientConfig> {
     let (chain, key) = cert_paths(dir.path(), "default/client");
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&chain)
         .expect("chain")
@@ -115,6 +117,7 @@ fn client_config(dir: &TempDir) -> Arc<rustls::ClientConfig> {
     )
     .expect("client config");
     cfg.enable_secret_extraction = true;
+    cfg.key_log = secrets;
     Arc::new(cfg)
 }
 
@@ -134,6 +137,10 @@ struct Client {
     stream: ktls::KtlsStream<TcpStream>,
     /// Frames read but not consumed yet.
     buf: Vec<u8>,
+    /// The traffic secrets, to rekey as a TLS 1.3 peer does where the kernel can.
+    rekey: ktls::Rekey,
+    /// ringtun's KeyUpdates followed so far.
+    followed: u64,
 }
 
 impl Client {
@@ -143,8 +150,17 @@ impl Client {
         tcp.set_write_timeout(Some(WAIT)).expect("timeout");
         tcp.set_nodelay(true).expect("nodelay");
         let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+        let secrets = Arc::new(ktls::SecretLog::default());
         let mut conn =
-            rustls::ClientConnection::new(client_config(&server.dir), name).expect("client");
+            rustls::ClientConnection::new(client_config(&server.dir, secrets.clone()), name)
+                .expect("client");
+        // The ClientHello goes out on its own: its random names this handshake's secrets.
+        let mut hello = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut hello).expect("ClientHello");
+        }
+        (&tcp).write_all(&hello).expect("send ClientHello");
+        let random = ktls::client_random(&hello).expect("the first flight is a ClientHello");
         // Handshake with reads that stop at record boundaries, and without sending the
         // Finished: it goes out below together with the first data.
         let mut corked = ktls::Corked::new(&tcp);
@@ -177,9 +193,14 @@ impl Client {
         let mut tcp = tcp;
         let (off, early) = ktls::offload(conn, &mut tcp).expect("client offload");
         assert!(off.tx && off.rx);
+        let rekey = secrets
+            .take(&random, off.cipher, true)
+            .expect("the handshake logged its traffic secrets");
         Client {
             stream: ktls::KtlsStream::new(tcp, early),
             buf: Vec::new(),
+            rekey,
+            followed: 0,
         }
     }
 
@@ -204,9 +225,28 @@ impl Client {
                 Ok(0) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => panic!("reading from ringtun: {e}"),
+                Err(e) => match e
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<ktls::KtlsError>())
+                {
+                    // ringtun's KeyUpdate: what follows it comes under its next key.
+                    Some(&ktls::KtlsError::KeyUpdate { update_requested }) => {
+                        let fd = self.fd();
+                        ktls::follow_key_update(fd, &mut self.rekey, update_requested)
+                            .expect("installing ringtun's next key");
+                        self.followed += 1;
+                    }
+                    _ => panic!("reading from ringtun: {e}"),
+                },
             }
         }
+    }
+
+    /// KeyUpdate with update_requested, then our next TX key (RFC 8446 section 4.6.3): what
+    /// a TLS 1.3 peer such as ztunnel's rustls does when its key is worn.
+    fn key_update(&mut self) {
+        let fd = self.fd();
+        ktls::send_key_update(fd, &mut self.rekey, true).expect("our KeyUpdate");
     }
 
     /// Reads frames until one of `ty` with `flags`; fails at end of stream.
@@ -323,35 +363,88 @@ fn session_ticket_is_skipped_and_close_notify_ends_cleanly() {
     assert!(!text.contains("HBONE connection failed"), "{text}");
 }
 
+/// A peer's KeyUpdate, on each kind of kernel: where it can take new keys (Linux 6.14+,
+/// `probe().rekey`) the client rekeys as a TLS 1.3 peer does, twice, and the same connection
+/// goes on carrying traffic under the new keys both ways; before 6.14 that connection (only
+/// that one) is closed with a log line naming the kernel's limit.
 #[test]
-fn key_update_closes_that_connection_with_a_clear_reason_and_no_other() {
-    if !ktls_here("key_update_closes_that_connection_with_a_clear_reason_and_no_other") {
+fn key_update_is_followed_where_the_kernel_can_else_closes_only_that_connection() {
+    if !ktls_here("key_update_is_followed_where_the_kernel_can_else_closes_only_that_connection") {
         return;
     }
     let server = Server::start("krec-ku");
-    // Another offloaded connection on the same shard, open across the first one's end.
+    // Another offloaded connection on the same shard, open across the first one's KeyUpdate.
     let mut other = Client::connect(&server, FirstFlight::Together);
     other.expect_frame(FRAME_SETTINGS, 0);
+    other.ping(*b"other!!!");
     let mut c = Client::connect(&server, FirstFlight::Together);
     c.expect_frame(FRAME_SETTINGS, 0);
     c.ping(*b"before!!");
-    // KeyUpdate (handshake type 24), update_requested. The client's kernel keeps its key:
-    // ringtun must stop at the KeyUpdate itself, not at the records after it.
-    ktls::send_record(c.fd(), ktls::CONTENT_HANDSHAKE, &[24, 0, 0, 1, 1]).expect("send");
-    c.expect_closed();
     let cap = ktls::probe();
-    let line = server.wait_line(&["peer sent a TLS KeyUpdate", "closed"]);
-    if !cap.rekey {
+    if cap.rekey {
+        for round in 1..=2u64 {
+            c.key_update();
+            // Our PING goes under our next key: ringtun must have installed our next key to
+            // read it. Its ACK comes after ringtun's own KeyUpdate (the answer
+            // update_requested asks for), under its next key, which the client reads only
+            // with that key installed.
+            c.ping(*b"rekeyed!");
+            assert_eq!(
+                c.followed, round,
+                "ringtun answered each KeyUpdate with its own"
+            );
+            // Full-size records under the new keys: 16 KiB frames of a type HTTP/2 says to
+            // ignore, then PINGs (each its own record) answered one by one.
+            let big = frame(0xfa, 0, &vec![round as u8; 16_000]);
+            for _ in 0..4 {
+                c.stream.write_all(&big).expect("send a full record");
+            }
+            for i in 0..32u8 {
+                c.ping([round as u8, i, 0, 0, 0, 0, 0, 1]);
+            }
+            // SETTINGS and its ACK, another frame type both ways.
+            c.stream
+                .write_all(&frame(FRAME_SETTINGS, 0, &[]))
+                .expect("send SETTINGS");
+            c.expect_frame(FRAME_SETTINGS, FLAG_ACK);
+            let line = server.wait_line(&[
+                "kTLS: followed the peer's TLS KeyUpdate",
+                &format!("updates={round}"),
+            ]);
+            assert!(
+                line.contains("update_requested=true") && line.contains("new TX key"),
+                "{line}"
+            );
+        }
+        assert_eq!(c.followed, 2);
+        let text = server.text();
+        assert!(
+            !text.contains("peer sent a TLS KeyUpdate")
+                && !text.contains("HBONE connection failed"),
+            "{text}"
+        );
+    } else {
+        // KeyUpdate (handshake type 24), update_requested, as a raw record: the client's
+        // kernel cannot take a new key either. ringtun must stop at the KeyUpdate itself,
+        // not at the records after it.
+        ktls::send_record(
+            c.fd(),
+            ktls::CONTENT_HANDSHAKE,
+            &ktls::key_update_message(true),
+        )
+        .expect("send");
+        c.expect_closed();
         // What a kernel before 6.14 allows: the clear reason, naming the kernel's limit.
+        let line = server.wait_line(&["peer sent a TLS KeyUpdate", "closed"]);
         assert!(line.contains("Linux 6.14"), "{line}");
+        // The shard goes on: a new connection works.
+        let mut c = Client::connect(&server, FirstFlight::Together);
+        c.expect_frame(FRAME_SETTINGS, 0);
+        c.ping(*b"after!!!");
     }
-    // Only that connection ended: the other one still answers.
-    other.ping(*b"other!!!");
-    // The shard goes on: a new connection works.
-    let mut c = Client::connect(&server, FirstFlight::Together);
-    c.expect_frame(FRAME_SETTINGS, 0);
-    c.ping(*b"after!!!");
+    // The other connection never noticed: same keys, still answering.
     other.ping(*b"still!!!");
+    assert_eq!(other.followed, 0);
 }
 
 #[test]

@@ -31,7 +31,8 @@
 //! - Not TLS 1.2: ringtun (and this crate) offload TLS 1.3 only.
 //! - Following a peer's KeyUpdate only where the kernel can: Linux 6.14 and later
 //!   ([`Capability::rekey`]) take the next keys, which [`follow_key_update`] derives from the
-//!   traffic secrets [`SecretLog`] collected during the handshake ([`Rekey`]); before 6.14 a
+//!   traffic secrets [`SecretLog`] collected during the handshake ([`Rekey`]), and
+//!   [`send_key_update`] starts one of our own; before 6.14 a
 //!   KeyUpdate is reported as [`KtlsError::KeyUpdate`] and the connection must be closed.
 //! - Not a fallback by itself: once secrets are extracted the rustls connection is gone,
 //!   so check [`Capability::can_offload_suite`] and call [`enable_ulp`] *before*
@@ -65,7 +66,7 @@ pub use record::{
     HANDSHAKE_NEW_SESSION_TICKET, MAX_RECORD_PLAINTEXT, RECORD_TYPE_CMSG_SPACE,
 };
 pub use rekey::{
-    client_random, follow_key_update, key_update_message, KeyUpdatePlan, Rekey, SecretLog,
-    TrafficSecret,
+    client_random, follow_key_update, key_update_message, send_key_update, KeyUpdatePlan, Rekey,
+    SecretLog, TrafficSecret,
 };
 pub use stream::KtlsStream;

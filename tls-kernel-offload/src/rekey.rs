@@ -18,8 +18,9 @@
 //! derives (sans-IO: [`TrafficSecret::next`], [`TrafficSecret::crypto_keys`]); [`follow_key_update`]
 //! does the socket part.
 //!
-//! Not run against a 6.14+ kernel here (the VM has 6.1): the derivation is checked against
-//! rustls itself (unit tests), and the kernel calls follow `Documentation/networking/tls.rst`
+//! The derivation is checked against rustls itself (unit tests), the socket part in the VM on
+//! both kernels `deploy/vm` boots (6.1, and 6.16 from `fetch-kernel.sh`); the kernel calls
+//! follow `Documentation/networking/tls.rst`
 //! ("TLS 1.3 Key Updates") and the kernel selftests (`tools/testing/selftests/net/tls.c`,
 //! `rekey_*`): the KeyUpdate is sent with the old TX key, then the new TX key is set; the new
 //! keys start at record sequence 0.
@@ -381,6 +382,35 @@ pub fn follow_key_update(
         source,
     })?;
     Ok(true)
+}
+
+/// Starts a KeyUpdate of our own on an offloaded socket whose kernel can rekey (Linux 6.14+):
+/// sends KeyUpdate (RFC 8446 section 4.6.3; `update_requested` asks the peer to move its key
+/// too, its answer then comes to [`follow_key_update`]) under the current TX key, then
+/// installs our next TX key.
+///
+/// Our secret moves only once both steps succeeded; a failure after the record went out
+/// leaves the connection unusable: close it.
+pub fn send_key_update(
+    fd: RawFd,
+    rekey: &mut Rekey,
+    update_requested: bool,
+) -> Result<(), KtlsError> {
+    let next = rekey.tx.next();
+    let info = next.crypto_info()?;
+    send_record(fd, CONTENT_HANDSHAKE, &key_update_message(update_requested)).map_err(
+        |source| KtlsError::Io {
+            context: "sending our KeyUpdate",
+            source,
+        },
+    )?;
+    set_crypto_info(fd, Direction::Tx, &info).map_err(|source| KtlsError::CryptoRejected {
+        direction: Direction::Tx,
+        cipher: next.cipher(),
+        source,
+    })?;
+    rekey.tx = next;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -26,9 +26,9 @@ use rustls::{
 use sha2::{Digest, Sha256};
 use tls_kernel_offload::{
     client_random, follow_key_update, get_tls_tx_rx, offload, parse_handshake, probe, recv_data,
-    recv_record, send_alert, send_close_notify, send_record, Cipher, Corked, Direction,
-    HandshakeMsg, KtlsError, KtlsStream, Record, SecretLog, ALERT_LEVEL_FATAL, CONTENT_HANDSHAKE,
-    MAX_RECORD_PLAINTEXT,
+    recv_record, send_alert, send_close_notify, send_key_update, send_record, Cipher, Corked,
+    Direction, HandshakeMsg, KtlsError, KtlsStream, Record, SecretLog, ALERT_LEVEL_FATAL,
+    CONTENT_HANDSHAKE, MAX_RECORD_PLAINTEXT,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -771,6 +771,72 @@ fn peer_key_update_is_followed_where_the_kernel_can() {
                 }
             }
         }
+    });
+}
+
+/// Our own KeyUpdate on an offloaded socket (`send_key_update`), to a rustls peer: on a
+/// kernel that can rekey the peer reads what we send under our next key, answers the
+/// update_requested with its own KeyUpdate, and what it sends after it reads back under its
+/// next key (`follow_key_update`). Before 6.14 the kernel refuses the second TX key.
+#[test]
+fn own_key_update_is_sent_and_answered_where_the_kernel_can() {
+    let _g = lock();
+    if !require_ktls() {
+        return;
+    }
+    with_timeout(TEST_TIMEOUT, || {
+        let c = Cipher::Aes256Gcm;
+        let log = Arc::new(SecretLog::default());
+        let mut ccfg = (*client_config(c)).clone();
+        ccfg.key_log = log.clone();
+        let mut hello = Vec::new();
+        let p = handshake_with(c, 0, Arc::new(ccfg), &mut hello);
+        let random = client_random(&hello).expect("the client's first bytes are its ClientHello");
+        let mut rekey = log.take(&random, c, true).expect("traffic secrets logged");
+        let mut ctcp = p.client_tcp;
+        offload(p.client, &mut ctcp).unwrap();
+        let fd = ctcp.as_raw_fd();
+        let mut s = rustls::StreamOwned::new(p.server, p.server_tcp);
+        (&ctcp).write_all(b"under our first key").unwrap();
+        let mut got = [0u8; 19];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"under our first key");
+        let cap = probe();
+        match send_key_update(fd, &mut rekey, true) {
+            Ok(()) => assert!(cap.rekey, "{cap}: the kernel took a second TX key"),
+            Err(e) => {
+                eprintln!("no kernel rekey: {e}");
+                assert!(!cap.rekey, "{cap}: send_key_update failed: {e}");
+                match &e {
+                    KtlsError::CryptoRejected {
+                        direction: Direction::Tx,
+                        source,
+                        ..
+                    } => assert_eq!(source.raw_os_error(), Some(libc::EBUSY), "{e}"),
+                    other => panic!("expected the kernel to refuse a second TX key: {other}"),
+                }
+                return;
+            }
+        }
+        (&ctcp).write_all(b"under our next key").unwrap();
+        let mut got = [0u8; 18];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"under our next key");
+        // rustls answered the update_requested with its KeyUpdate before this.
+        s.write_all(b"under the peer's next key").unwrap();
+        s.flush().unwrap();
+        let mut buf = [0u8; 64];
+        match recv_data(fd, &mut buf) {
+            Err(KtlsError::KeyUpdate { update_requested }) => assert!(!update_requested),
+            other => panic!("expected the peer's KeyUpdate, got {other:?}"),
+        }
+        assert!(
+            !follow_key_update(fd, &mut rekey, false).unwrap(),
+            "no reply asked for"
+        );
+        let n = recv_data(fd, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"under the peer's next key");
+        eprintln!("kernel rekey: our KeyUpdate sent and the peer's followed");
     });
 }
 

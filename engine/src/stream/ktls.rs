@@ -224,8 +224,13 @@ impl KtlsIo {
                 shard = self.ctx.shard,
                 peer = ?self.peer,
                 records = self.budget.rx_records(),
-                "kTLS: received {} records under the peer's key (a rustls peer must send a KeyUpdate at 2^24, which the kernel cannot follow); retiring the HBONE connection (no new streams)",
-                self.budget.rx_records()
+                "kTLS: received {} records under the peer's key (a rustls peer must send a KeyUpdate at 2^24, {}); retiring the HBONE connection (no new streams)",
+                self.budget.rx_records(),
+                if self.rekey.is_some() {
+                    "which ringtun would follow"
+                } else {
+                    "which this connection could not follow"
+                }
             );
         }
     }
