@@ -23,13 +23,14 @@ const MIB: u64 = 1 << 20;
 /// Idle connections held open.
 const CONNS: usize = 2000;
 /// Bound on the RSS growth per idle connection, both ringtun processes together. Measured
-/// here: 3.9–4.4 KiB (client 2.4–2.5, server 1.5–1.9) since h2's frame queues give back what
-/// a burst of new streams grew them to and a stream's pool slot shares its connection's key
-/// (round 7; 4.9–5.5 KiB before, 13.1–13.7 before an idle connection's task held only its
-/// copy loop); the bound leaves about 50% for noise. A read buffer kept by an idle connection
-/// (a page or more per direction), opening or handshake state back in the per-connection
-/// task, or h2's queues kept at their burst size again, would break it.
-const MAX_KIB_PER_CONN: f64 = 6.5;
+/// here: 1.6–2.8 KiB since a quiet HBONE connection lets go of h2's read and write buffers
+/// and the connection's task is back in the 512-byte class (round 9; 3.9–4.4 KiB in round 7,
+/// after h2's frame queues learned to give back a burst's slots; 13.1–13.7 before an idle
+/// connection's task held only its copy loop); the bound leaves about 60% for noise. A read
+/// buffer kept by an idle connection (a page or more per direction), opening or handshake
+/// state back in the per-connection task, or h2's buffers or queues kept at their burst size
+/// again, would break it.
+const MAX_KIB_PER_CONN: f64 = 4.5;
 /// Bytes each connection carries each way after its idle period.
 const PAYLOAD: usize = 3000;
 
