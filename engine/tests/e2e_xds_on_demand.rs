@@ -23,9 +23,7 @@ fn an_unknown_destination_is_asked_for_and_carried_once_istiod_answers() {
     let (nodes, dir, _unused) = mesh_files("xod", "", |_| {});
     write_token(dir.path(), TOKEN);
     let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let mut resources = mesh_resources();
-    resources["workloads"][0]["node"] = json!("node-client");
-    resources["workloads"][1]["node"] = json!("node-server");
+    let resources = mesh_resources_on_nodes();
     let mut istiod = FakeIstiod::start(
         Some(&nodes.server),
         dir.path(),

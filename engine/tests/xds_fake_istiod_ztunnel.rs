@@ -200,9 +200,7 @@ fn ztunnel_on_demand_asks_for_what_it_meets_and_carries_it() {
     let dir = TempDir::new("xzo");
     write_token(dir.path(), TOKEN);
     let (ca_cert, ca_key) = ztunnel_test_ca();
-    let mut resources = mesh_resources();
-    resources["workloads"][0]["node"] = json!("node-client");
-    resources["workloads"][1]["node"] = json!("node-server");
+    let resources = mesh_resources_on_nodes();
     let mut istiod = FakeIstiod::start(
         Some(&nodes.server),
         dir.path(),

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tls_kernel_offload::{
     client_random, follow_key_update, get_tls_tx_rx, offload, parse_handshake, probe, recv_data,
     recv_record, send_alert, send_close_notify, send_key_update, send_record, Cipher, Corked,
-    Direction, HandshakeMsg, KtlsError, KtlsStream, Record, SecretLog, ALERT_LEVEL_FATAL,
+    Direction, HandshakeMsg, KtlsError, KtlsStream, Record, Rekey, SecretLog, ALERT_LEVEL_FATAL,
     CONTENT_HANDSHAKE, MAX_RECORD_PLAINTEXT,
 };
 
@@ -194,6 +194,19 @@ struct Pair {
 
 fn handshake(c: Cipher, tickets: usize) -> Pair {
     handshake_with(c, tickets, client_config(c), &mut Vec::new())
+}
+
+/// [`handshake`] with the client's traffic secrets logged (`SecretLog`): the pair, and what
+/// the client needs to follow or start a KeyUpdate.
+fn handshake_logged(c: Cipher) -> (Pair, Rekey) {
+    let log = Arc::new(SecretLog::default());
+    let mut ccfg = (*client_config(c)).clone();
+    ccfg.key_log = log.clone();
+    let mut hello = Vec::new();
+    let p = handshake_with(c, 0, Arc::new(ccfg), &mut hello);
+    let random = client_random(&hello).expect("the client's first bytes are its ClientHello");
+    let rekey = log.take(&random, c, true).expect("traffic secrets logged");
+    (p, rekey)
 }
 
 /// Forwards to the socket and keeps the first bytes written (the ClientHello).
@@ -722,13 +735,7 @@ fn peer_key_update_is_followed_where_the_kernel_can() {
     }
     with_timeout(TEST_TIMEOUT, || {
         let c = Cipher::Aes128Gcm;
-        let log = Arc::new(SecretLog::default());
-        let mut ccfg = (*client_config(c)).clone();
-        ccfg.key_log = log.clone();
-        let mut hello = Vec::new();
-        let p = handshake_with(c, 0, Arc::new(ccfg), &mut hello);
-        let random = client_random(&hello).expect("the client's first bytes are its ClientHello");
-        let mut rekey = log.take(&random, c, true).expect("traffic secrets logged");
+        let (p, mut rekey) = handshake_logged(c);
         let mut ctcp = p.client_tcp;
         offload(p.client, &mut ctcp).unwrap();
         let mut s = rustls::StreamOwned::new(p.server, p.server_tcp);
@@ -786,13 +793,7 @@ fn own_key_update_is_sent_and_answered_where_the_kernel_can() {
     }
     with_timeout(TEST_TIMEOUT, || {
         let c = Cipher::Aes256Gcm;
-        let log = Arc::new(SecretLog::default());
-        let mut ccfg = (*client_config(c)).clone();
-        ccfg.key_log = log.clone();
-        let mut hello = Vec::new();
-        let p = handshake_with(c, 0, Arc::new(ccfg), &mut hello);
-        let random = client_random(&hello).expect("the client's first bytes are its ClientHello");
-        let mut rekey = log.take(&random, c, true).expect("traffic secrets logged");
+        let (p, mut rekey) = handshake_logged(c);
         let mut ctcp = p.client_tcp;
         offload(p.client, &mut ctcp).unwrap();
         let fd = ctcp.as_raw_fd();

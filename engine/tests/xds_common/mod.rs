@@ -63,6 +63,15 @@ pub fn service(name: &str, hostname: &str, vip: &str, port: u16, target: u16) ->
     })
 }
 
+/// [`mesh_resources`] with each workload on its own node (`node-client`, `node-server`): istiod
+/// sends an on-demand client the workloads of its node unasked.
+pub fn mesh_resources_on_nodes() -> Value {
+    let mut resources = mesh_resources();
+    resources["workloads"][0]["node"] = json!("node-client");
+    resources["workloads"][1]["node"] = json!("node-server");
+    resources
+}
+
 /// The two-workload mesh of the other e2e tests, as xDS resources: client 10.77.0.1, server
 /// 10.77.0.2 behind `server.default.svc.cluster.local` on 10.96.0.10 (80 → 5201).
 pub fn mesh_resources() -> Value {
