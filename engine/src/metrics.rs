@@ -1,11 +1,12 @@
 //! Istio's TCP metrics and ringtun's own figures, counted per shard and summed on scrape.
 //!
 //! Each shard keeps its own [`ShardMetrics`] in plain cells and maps: updating them is a hash
-//! lookup on connection open and close, never an atomic and never per byte. A scrape is a
+//! lookup when a connection opens (the series it counts in, which it then holds), never an
+//! atomic and never per byte. A scrape is a
 //! message to every shard asking for a [`ShardReport`]; the operator side
 //! (`operate::prometheus`) sums the reports and renders them.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -227,12 +228,38 @@ pub struct ShardCounters {
     pub pool_reused: u64,
 }
 
+/// One Istio TCP series of a shard: its labels and counts, in one shared copy that the
+/// connections counting in it hold, so that a connection's bytes and its close are counted
+/// without hashing its labels again.
+#[derive(Debug)]
+pub struct Series {
+    labels: TcpLabels,
+    counts: Cell<TcpCounts>,
+}
+
+impl Series {
+    /// The series' labels.
+    pub fn labels(&self) -> &TcpLabels {
+        &self.labels
+    }
+
+    /// The series' counts now.
+    pub fn counts(&self) -> TcpCounts {
+        self.counts.get()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut TcpCounts)) {
+        let mut c = self.counts.get();
+        f(&mut c);
+        self.counts.set(c);
+    }
+}
+
 /// A shard's metrics, owned by the shard thread.
 #[derive(Default)]
 pub struct ShardMetrics {
-    tcp: RefCell<HashMap<TcpLabels, TcpCounts>>,
-    /// One shared copy of each label set live connections count their bytes in.
-    interned: RefCell<HashMap<TcpLabels, Rc<TcpLabels>>>,
+    /// Every series this shard has counted in (a Prometheus counter never goes away).
+    tcp: RefCell<HashMap<TcpLabels, Rc<Series>>>,
     /// One shared copy of each workload's labels, by uid.
     parties: RefCell<HashMap<String, Arc<Party>>>,
     /// One shared copy of each service's names, by hostname.
@@ -244,16 +271,19 @@ pub struct ShardMetrics {
 const INTERNED_MAX: usize = 4096;
 
 impl ShardMetrics {
-    fn with(&self, labels: &TcpLabels, f: impl FnOnce(&mut TcpCounts)) {
+    /// The series of `labels`, made on first use.
+    fn series(&self, labels: &TcpLabels) -> Rc<Series> {
         let mut map = self.tcp.borrow_mut();
-        // get_mut first: the common case finds the series without cloning the labels.
-        if let Some(c) = map.get_mut(labels) {
-            f(c);
-        } else {
-            let mut c = TcpCounts::default();
-            f(&mut c);
-            map.insert(labels.clone(), c);
+        // get first: the common case finds the series without cloning the labels.
+        if let Some(s) = map.get(labels) {
+            return s.clone();
         }
+        let s = Rc::new(Series {
+            labels: labels.clone(),
+            counts: Cell::new(TcpCounts::default()),
+        });
+        map.insert(labels.clone(), s.clone());
+        s
     }
 
     /// The shared copy of `w`'s labels (made anew when a config update changed them).
@@ -287,30 +317,31 @@ impl ShardMetrics {
         n
     }
 
-    /// A connection was established; returns the shared copy of its labels that its live
-    /// byte counts are reported under (one per label set, not one per connection).
-    pub fn opened(&self, labels: &TcpLabels) -> Rc<TcpLabels> {
-        self.with(labels, |c| c.opened += 1);
-        let mut interned = self.interned.borrow_mut();
-        if let Some(l) = interned.get(labels) {
-            return l.clone();
-        }
-        let l = Rc::new(labels.clone());
-        interned.insert(labels.clone(), l.clone());
-        l
+    /// A connection was established; returns the series its live byte counts (and, unless
+    /// it ends flagged, its close) are counted in.
+    pub fn opened(&self, labels: &TcpLabels) -> Rc<Series> {
+        let s = self.series(labels);
+        s.count(|c| c.opened += 1);
+        s
     }
 
     /// Bytes a live connection moved since its last report.
-    pub fn moved(&self, labels: &TcpLabels, received: u64, sent: u64) {
-        self.with(labels, |c| {
+    pub fn moved(&self, series: &Series, received: u64, sent: u64) {
+        series.count(|c| {
             c.received += received;
             c.sent += sent;
         });
     }
 
-    /// A connection closed; `received` and `sent` are its bytes not reported while it lived.
+    /// A connection closed in the series of `labels`; `received` and `sent` are its bytes not
+    /// reported while it lived.
     pub fn closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
-        self.with(labels, |c| {
+        self.closed_in(&self.series(labels), received, sent);
+    }
+
+    /// A connection closed in `series` (the one it opened in).
+    pub fn closed_in(&self, series: &Series, received: u64, sent: u64) {
+        series.count(|c| {
             c.closed += 1;
             c.received += received;
             c.sent += sent;
@@ -319,15 +350,15 @@ impl ShardMetrics {
 
     /// A connection failed or was refused before it could be established.
     pub fn failed(&self, labels: &TcpLabels) {
-        self.with(labels, |c| c.failed += 1);
+        self.series(labels).count(|c| c.failed += 1);
     }
 
     /// A copy of the series, for the scraper.
     pub fn export(&self) -> Vec<(TcpLabels, TcpCounts)> {
         self.tcp
             .borrow()
-            .iter()
-            .map(|(l, c)| (l.clone(), *c))
+            .values()
+            .map(|s| (s.labels.clone(), s.counts.get()))
             .collect()
     }
 }

@@ -24,6 +24,7 @@ pub mod connect;
 pub mod error;
 pub mod identity;
 pub mod pool;
+mod seen;
 pub mod settings;
 pub mod stream;
 pub mod verify;

@@ -4,7 +4,8 @@
 //! identity. Server names play no part: HBONE dials an IP, and what matters is the identity in the
 //! certificate, which the caller checks against what the destination is allowed to be
 //! ([`expect_identity`]) once the handshake is done. That keeps one TLS configuration per shard
-//! instead of one per destination.
+//! instead of one per destination. A chain a shard verified once is not validated again while
+//! it stays valid (`seen`); the peer's handshake signature is checked every time.
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use rustls::{
     RootCertStore, SignatureScheme,
 };
 
+use crate::seen::Seen;
 use crate::{cert, HboneError, Identity};
 
 fn refuse(e: HboneError) -> TlsError {
@@ -56,6 +58,7 @@ pub fn provider(pref: CipherPreference) -> Arc<CryptoProvider> {
 pub struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    seen: Seen,
 }
 
 impl SpiffeClientVerifier {
@@ -71,6 +74,7 @@ impl SpiffeClientVerifier {
         Ok(SpiffeClientVerifier {
             inner,
             trust_domain: trust_domain.to_owned(),
+            seen: Seen::new(),
         })
     }
 }
@@ -86,8 +90,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        if let Err(key) = self.seen.check(end_entity, intermediates, now) {
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now)?;
+            self.seen.remember(key, end_entity, intermediates);
+        }
         let ids = cert::spiffe_identities(end_entity).map_err(refuse)?;
         in_trust_domain(&ids, &self.trust_domain).map_err(refuse)?;
         Ok(ClientCertVerified::assertion())
@@ -122,6 +129,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 pub struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
     algs: WebPkiSupportedAlgorithms,
+    seen: Seen,
 }
 
 impl SpiffeServerVerifier {
@@ -130,6 +138,7 @@ impl SpiffeServerVerifier {
         SpiffeServerVerifier {
             roots,
             algs: provider.signature_verification_algorithms,
+            seen: Seen::new(),
         }
     }
 }
@@ -143,14 +152,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        if let Err(key) = self.seen.check(end_entity, intermediates, now) {
+            let parsed = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &self.roots,
+                intermediates,
+                now,
+                self.algs.all,
+            )?;
+            self.seen.remember(key, end_entity, intermediates);
+        }
         if cert::spiffe_identities(end_entity)
             .map_err(refuse)?
             .is_empty()
@@ -294,6 +306,14 @@ mod tests {
 
     /// A CA (as a root store) and a leaf it signed carrying `uris` as URI SANs.
     fn ca_and_leaf(uris: &[&str]) -> (Arc<RootCertStore>, CertificateDer<'static>) {
+        ca_and_leaf_until(uris, None)
+    }
+
+    /// [`ca_and_leaf`], the leaf valid until the start of the year given.
+    fn ca_and_leaf_until(
+        uris: &[&str],
+        until: Option<i32>,
+    ) -> (Arc<RootCertStore>, CertificateDer<'static>) {
         let ca_key = KeyPair::generate().expect("key");
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -304,6 +324,9 @@ mod tests {
             .iter()
             .map(|u| SanType::URI((*u).try_into().expect("uri")))
             .collect();
+        if let Some(year) = until {
+            leaf.not_after = rcgen::date_time_ymd(year, 1, 1);
+        }
         let leaf = leaf.signed_by(&key, &ca, &ca_key).expect("leaf");
         let mut roots = RootCertStore::empty();
         roots.add(ca.der().clone()).expect("root");
@@ -365,5 +388,84 @@ mod tests {
         let other = Identity::new("cluster.local", "default", "other");
         let err = expect_identity(Some(&certs), &[other]).expect_err("no SAN expected");
         assert!(err.to_string().contains("sa/first"), "{err}");
+    }
+
+    fn at_year(year: u64) -> UnixTime {
+        // Close enough to 1 January of `year` for these tests (whole years of 365.25 days).
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs((year - 1970) * 31_557_600))
+    }
+
+    #[test]
+    fn a_chain_verified_once_is_taken_as_verified_by_that_verifier_only() {
+        let id = ["spiffe://cluster.local/ns/default/sa/client"];
+        let (roots, leaf) = ca_and_leaf(&id);
+        let (other_roots, foreign_leaf) = ca_and_leaf(&id);
+        let p = provider(CipherPreference::default());
+        let ours =
+            SpiffeClientVerifier::new(roots.clone(), "cluster.local", p.clone()).expect("verifier");
+        let theirs =
+            SpiffeClientVerifier::new(other_roots, "cluster.local", p.clone()).expect("verifier");
+        let now = UnixTime::now();
+        let before = crate::seen::remembered();
+        ours.verify_client_cert(&leaf, &[], now)
+            .expect("chains to our roots");
+        assert_eq!(
+            crate::seen::remembered(),
+            before + 1,
+            "remembered once verified"
+        );
+        ours.verify_client_cert(&leaf, &[], now)
+            .expect("again, from memory");
+        // Another verifier (other roots) does not take our memory as its own.
+        theirs
+            .verify_client_cert(&leaf, &[], now)
+            .expect_err("not their roots");
+        // A chain that failed is not remembered: it fails every time.
+        for _ in 0..2 {
+            ours.verify_client_cert(&foreign_leaf, &[], now)
+                .expect_err("not our roots");
+        }
+        assert_eq!(crate::seen::remembered(), before + 1);
+        // One changed byte is another chain: verified, and refused.
+        let mut forged = leaf.to_vec();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        ours.verify_client_cert(&CertificateDer::from(forged), &[], now)
+            .expect_err("bad signature");
+        // The server side remembers the same way, in its own verifier.
+        let server = SpiffeServerVerifier::new(roots, &p);
+        let name = ServerName::try_from("10.0.0.1").expect("name");
+        for _ in 0..2 {
+            server
+                .verify_server_cert(&leaf, &[], &name, &[], now)
+                .expect("chains to our roots");
+            server
+                .verify_server_cert(&foreign_leaf, &[], &name, &[], now)
+                .expect_err("not our roots");
+        }
+    }
+
+    #[test]
+    fn a_remembered_chain_that_expired_is_refused() {
+        let id = ["spiffe://cluster.local/ns/default/sa/client"];
+        let (roots, leaf) = ca_and_leaf_until(&id, Some(2040));
+        let p = provider(CipherPreference::default());
+        let client =
+            SpiffeClientVerifier::new(roots.clone(), "cluster.local", p.clone()).expect("verifier");
+        let server = SpiffeServerVerifier::new(roots, &p);
+        let name = ServerName::try_from("10.0.0.1").expect("name");
+        client
+            .verify_client_cert(&leaf, &[], at_year(2030))
+            .expect("valid in 2030");
+        server
+            .verify_server_cert(&leaf, &[], &name, &[], at_year(2030))
+            .expect("valid in 2030");
+        let err = client
+            .verify_client_cert(&leaf, &[], at_year(2041))
+            .expect_err("expired in 2041, remembered or not");
+        assert!(err.to_string().contains("expired"), "{err}");
+        server
+            .verify_server_cert(&leaf, &[], &name, &[], at_year(2041))
+            .expect_err("expired in 2041, remembered or not");
     }
 }

@@ -2,6 +2,7 @@
 //! text (`time<TAB>level<TAB>target<TAB>message<TAB>key=value …`) or, with `LOG_FORMAT=json`,
 //! one JSON object a line (`level`, `time`, `scope`, `message`, then the fields).
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
@@ -31,60 +32,143 @@ impl LogFormat {
     }
 }
 
-/// One field's value, kept as its kind so JSON can write numbers as numbers.
-enum Value {
-    /// Text (quoted in both layouts).
-    Str(String),
-    /// A number or boolean, written bare.
-    Bare(String),
-    /// Something formatted with `%` or `?`: bare in text, a string in JSON.
-    Shown(String),
+/// Writes an event's fields straight into one line buffer, in the order they were written,
+/// so a line costs no allocation per field (the access log writes about thirty per
+/// connection); the message is kept apart, as it comes first on the line.
+struct Fields<'a> {
+    layout: LogFormat,
+    message: &'a mut String,
+    out: &'a mut String,
+    n: usize,
 }
 
-/// Collects an event's message and fields in the order they were written.
-#[derive(Default)]
-struct Fields {
-    message: String,
-    fields: Vec<(&'static str, Value)>,
+impl Fields<'_> {
+    /// Starts the next field: its separator and key.
+    fn key(&mut self, name: &str) {
+        match self.layout {
+            LogFormat::Plain => {
+                if self.n > 0 {
+                    self.out.push(' ');
+                }
+                self.out.push_str(name);
+                self.out.push('=');
+            }
+            LogFormat::Json => {
+                self.out.push(',');
+                json_str(self.out, name);
+                self.out.push(':');
+            }
+        }
+        self.n += 1;
+    }
+
+    /// A value written bare in both layouts (numbers, booleans).
+    fn bare(&mut self, name: &str, value: fmt::Arguments<'_>) {
+        self.key(name);
+        let _ = self.out.write_fmt(value);
+    }
 }
 
-impl Visit for Fields {
+impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.message = value.to_owned();
-        } else {
-            self.fields
-                .push((field.name(), Value::Str(value.to_owned())));
+            self.message.push_str(value);
+            return;
+        }
+        self.key(field.name());
+        match self.layout {
+            LogFormat::Plain => {
+                let _ = write!(self.out, "{value:?}");
+            }
+            LogFormat::Json => json_str(self.out, value),
         }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.fields
-            .push((field.name(), Value::Bare(value.to_string())));
+        self.bare(field.name(), format_args!("{value}"));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.fields
-            .push((field.name(), Value::Bare(value.to_string())));
+        self.bare(field.name(), format_args!("{value}"));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.fields
-            .push((field.name(), Value::Bare(value.to_string())));
+        self.bare(field.name(), format_args!("{value}"));
     }
 
+    /// Something formatted with `%` or `?`: bare in text, a string in JSON.
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if field.name() == "message" {
-            self.message = format!("{value:?}");
-        } else {
-            self.fields
-                .push((field.name(), Value::Shown(format!("{value:?}"))));
+            let _ = write!(self.message, "{value:?}");
+            return;
+        }
+        self.key(field.name());
+        match self.layout {
+            LogFormat::Plain => {
+                let _ = write!(self.out, "{value:?}");
+            }
+            LogFormat::Json => {
+                self.out.push('"');
+                let _ = write!(JsonEscaped(self.out), "{value:?}");
+                self.out.push('"');
+            }
         }
     }
 }
 
+thread_local! {
+    /// Each thread's message and field buffers, reused from line to line.
+    static SCRATCH: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
+}
+
 /// Formats events in ztunnel's layout.
 pub struct IstioFormat(pub LogFormat);
+
+impl IstioFormat {
+    /// Writes one line of `event` to `w`, using `message` and `fields` as scratch.
+    fn line(
+        &self,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+        message: &mut String,
+        fields: &mut String,
+    ) -> fmt::Result {
+        message.clear();
+        fields.clear();
+        event.record(&mut Fields {
+            layout: self.0,
+            message,
+            out: fields,
+            n: 0,
+        });
+        let meta = event.metadata();
+        let level = match *meta.level() {
+            tracing::Level::ERROR => "error",
+            tracing::Level::WARN => "warn",
+            tracing::Level::INFO => "info",
+            tracing::Level::DEBUG => "debug",
+            tracing::Level::TRACE => "trace",
+        };
+        match self.0 {
+            LogFormat::Plain => {
+                SystemTime.format_time(&mut w)?;
+                writeln!(w, "\t{level}\t{}\t{message}\t{fields}", meta.target())
+            }
+            LogFormat::Json => {
+                // The time and level need no escaping.
+                w.write_str("{\"level\":\"")?;
+                w.write_str(level)?;
+                w.write_str("\",\"time\":\"")?;
+                SystemTime.format_time(&mut w)?;
+                w.write_str("\",\"scope\":")?;
+                json_str(&mut w, meta.target());
+                w.write_str(",\"message\":")?;
+                json_str(&mut w, message);
+                writeln!(w, "{fields}}}")
+            }
+        }
+    }
+}
 
 impl<S, N> FormatEvent<S, N> for IstioFormat
 where
@@ -94,52 +178,56 @@ where
     fn format_event(
         &self,
         _ctx: &FmtContext<'_, S, N>,
-        mut w: Writer<'_>,
+        w: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
-        let mut f = Fields::default();
-        event.record(&mut f);
-        let mut time = String::new();
-        SystemTime.format_time(&mut Writer::new(&mut time))?;
-        let level = meta.level().as_str().to_ascii_lowercase();
-        match self.0 {
-            LogFormat::Plain => {
-                write!(w, "{time}\t{level}\t{}\t{}\t", meta.target(), f.message)?;
-                for (i, (k, v)) in f.fields.iter().enumerate() {
-                    let sep = if i == 0 { "" } else { " " };
-                    match v {
-                        Value::Str(s) => write!(w, "{sep}{k}={s:?}")?,
-                        Value::Bare(s) | Value::Shown(s) => write!(w, "{sep}{k}={s}")?,
-                    }
-                }
-                writeln!(w)
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut s) => {
+                let (message, fields) = &mut *s;
+                self.line(w, event, message, fields)
             }
-            LogFormat::Json => {
-                let mut line = String::with_capacity(256);
-                let _ = write!(
-                    line,
-                    "{{\"level\":{},\"time\":{},\"scope\":{},\"message\":{}",
-                    json(&level),
-                    json(&time),
-                    json(meta.target()),
-                    json(&f.message)
-                );
-                for (k, v) in &f.fields {
-                    let _ = match v {
-                        Value::Str(s) | Value::Shown(s) => write!(line, ",{}:{}", json(k), json(s)),
-                        Value::Bare(s) => write!(line, ",{}:{s}", json(k)),
-                    };
-                }
-                writeln!(w, "{line}}}")
-            }
-        }
+            // An event logged while formatting another (a Display impl that logs): its own
+            // buffers.
+            Err(_) => self.line(w, event, &mut String::new(), &mut String::new()),
+        })
     }
 }
 
-/// A JSON string literal.
-fn json(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+/// Appends `s` as a JSON string literal (as serde_json escapes it).
+fn json_str(out: &mut impl fmt::Write, s: &str) {
+    let _ = out.write_char('"');
+    let _ = JsonEscaped(out).write_str(s);
+    let _ = out.write_char('"');
+}
+
+/// Escapes what it is given as the inside of a JSON string, as serde_json does.
+struct JsonEscaped<'a, W: fmt::Write>(&'a mut W);
+
+impl<W: fmt::Write> fmt::Write for JsonEscaped<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut plain = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let esc: &str = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0x08 => "\\b",
+                0x0c => "\\f",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            self.0.write_str(&s[plain..i])?;
+            if esc.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.write_str(esc)?;
+            }
+            plain = i + 1;
+        }
+        self.0.write_str(&s[plain..])
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +279,16 @@ mod tests {
             cols[4],
             r#"src.addr=10.0.0.1:80 src.workload="client" bytes_sent=7 error="a \"b\"""#
         );
+    }
+
+    #[test]
+    fn json_strings_are_escaped_as_serde_json_escapes_them() {
+        let nasty = "a\"b\\c\nd\re\tf\u{8}g\u{c}h\u{1}i\u{1f}j/ü\u{7f}";
+        let mut mine = String::new();
+        json_str(&mut mine, nasty);
+        assert_eq!(mine, serde_json::Value::from(nasty).to_string());
+        let back: String = serde_json::from_str(&mine).expect("valid JSON");
+        assert_eq!(back, nasty);
     }
 
     #[test]

@@ -38,7 +38,8 @@ static LOG_FILTER: OnceLock<FilterHandle> = OnceLock::new();
 /// The start-up log filter and the one in force now, as text.
 static LOG_FILTER_TEXT: Mutex<(String, String)> = Mutex::new((String::new(), String::new()));
 
-/// Installs the log subscriber: stderr, in ztunnel's layout (`LOG_FORMAT=json` for JSON).
+/// Installs the log subscriber: stderr (batched per shard tick, [`super::log_buffer`]), in
+/// ztunnel's layout (`LOG_FORMAT=json` for JSON).
 pub fn init(filter: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -51,7 +52,7 @@ pub fn init(filter: &str) {
     };
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(super::log_buffer::LineSink)
         .event_format(IstioFormat(LogFormat::from_env()));
     if tracing_subscriber::registry()
         .with(filter)

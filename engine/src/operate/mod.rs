@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod config_dump;
+pub mod log_buffer;
 pub mod log_format;
 pub mod logging;
 pub mod profile;

@@ -477,8 +477,8 @@ mod tests {
         let b = ShardMetrics::default();
         a.opened(&l(Reporter::Source, ""));
         a.closed(&l(Reporter::Source, ""), 10, 20);
-        b.opened(&l(Reporter::Source, ""));
-        b.moved(&l(Reporter::Source, ""), 5, 6);
+        let live = b.opened(&l(Reporter::Source, ""));
+        b.moved(&live, 5, 6);
         b.failed(&l(Reporter::Destination, "DENY"));
         b.failed(&TcpLabels::default());
         let report = |shard: usize, tcp, k: u64| ShardReport {

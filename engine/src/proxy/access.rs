@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ringtun_hbone::{Identity, HBONE_PORT};
 
 use super::copy::End;
-use crate::metrics::{Party, Reporter, ServiceName, ShardMetrics, TcpLabels};
+use crate::metrics::{Party, Reporter, Series, ServiceName, ShardMetrics, TcpLabels};
 use crate::shard::pod::PodShard;
 use crate::stream::TlsPath;
 
@@ -108,7 +108,7 @@ pub struct AccessLog {
     /// Record layer of the HBONE connection (kTLS per direction, or userspace rustls).
     pub tls: Option<TlsPath>,
     /// The metric series the connection counts in, once established.
-    pub series: Option<Rc<TcpLabels>>,
+    pub series: Option<Rc<Series>>,
     /// Start of the connection.
     pub started: quanta::Instant,
     /// Shard that carried it.
@@ -279,11 +279,20 @@ impl AccessLog {
     /// Counts the connection's end in the shard's metrics and writes the access line.
     pub fn finish(&self, metrics: &ShardMetrics, outcome: &Outcome) {
         if self.established {
-            if let Some(series) = &self.series {
-                let unreported = outcome.unreported;
-                metrics.moved(series, unreported.request, unreported.response);
+            match &self.series {
+                Some(series) => {
+                    let unreported = outcome.unreported;
+                    metrics.moved(series, unreported.request, unreported.response);
+                    // Unflagged, it closes in the series it opened in: the labels were all
+                    // known before it was established.
+                    if self.response_flags.is_none() {
+                        metrics.closed_in(series, 0, 0);
+                    } else {
+                        metrics.closed(&self.labels(true), 0, 0);
+                    }
+                }
+                None => metrics.closed(&self.labels(true), 0, 0),
             }
-            metrics.closed(&self.labels(true), 0, 0);
         } else if !self.early {
             // As ztunnel: a connection that failed once its destination was chosen was opened,
             // and closed and failed with its response flags.

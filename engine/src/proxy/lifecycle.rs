@@ -19,7 +19,7 @@ use super::access::{AccessLog, Direction, Outcome, Transferred};
 use super::copy::End;
 use crate::config::{Service, Workload};
 use crate::decide::{Admission, Arrival, Grant, Refusal};
-use crate::metrics::TcpLabels;
+use crate::metrics::Series;
 use crate::shard::live::{self, Meter};
 use crate::shard::pod::PodShard;
 use crate::shard::{Shard, Tally};
@@ -140,7 +140,7 @@ impl<X> Record<X> {
     pub(super) fn carry_with(
         &mut self,
         reversed: bool,
-        track: impl FnOnce(Option<(Rc<TcpLabels>, bool)>) -> live::Conn,
+        track: impl FnOnce(Option<(Rc<Series>, bool)>) -> live::Conn,
     ) -> live::Conn {
         let log = &mut self.entry.log;
         log.established(&self.tally.metrics);

@@ -34,6 +34,9 @@ pub async fn run(
     events: Sender<ShardEvent>,
     initial: Snapshot,
 ) {
+    // Declared first, dropped last: what the shard logged on its way out is written too.
+    let _batching = crate::operate::log_buffer::batching();
+    monoio::spawn(crate::operate::log_buffer::flusher());
     let shard = Rc::new(Shard::new(id, opts, tls, initial));
     monoio::spawn(shard.clone().sweep_pool());
     let ShardRx { queue, wake } = rx;

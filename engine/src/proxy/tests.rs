@@ -14,7 +14,7 @@ use super::access::Direction;
 use super::copy::End;
 use super::lifecycle::{Record, DROPPED};
 use crate::decide::Refusal;
-use crate::metrics::{Reporter, TcpCounts, TcpLabels};
+use crate::metrics::{Reporter, Series, TcpCounts, TcpLabels};
 use crate::shard::{live, Tally};
 
 /// Collects what the tracing subscriber writes.
@@ -78,7 +78,7 @@ fn on_runtime<T>(f: impl Future<Output = T>) -> T {
 }
 
 /// Registers a live connection as the shard would, without a shard.
-fn track(series: Option<(Rc<TcpLabels>, bool)>) -> live::Conn {
+fn track(series: Option<(Rc<Series>, bool)>) -> live::Conn {
     let conn = live::Conn::new(Duration::ZERO, None);
     if let Some((labels, reversed)) = series {
         conn.count_in(labels, reversed);

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::config::Snapshot;
 use crate::decide::Grant;
-use crate::metrics::TcpLabels;
+use crate::metrics::Series;
 
 /// How often the sweeper looks.
 pub(crate) const SCAN: Duration = Duration::from_millis(250);
@@ -60,7 +60,7 @@ struct Record {
     reported: [Cell<u64>; 2],
     /// The metric series the bytes count in, and whether the first side is the destination
     /// (then its direction 0 is the response direction).
-    series: RefCell<Option<(Rc<TcpLabels>, bool)>>,
+    series: RefCell<Option<(Rc<Series>, bool)>>,
 }
 
 impl Record {
@@ -223,7 +223,7 @@ impl Conn {
 
     /// Counts the connection's bytes in the metric series `labels` while it lives (see
     /// [`flush_bytes`]); `reversed`: the copy's TCP side is the destination.
-    pub fn count_in(&self, labels: Rc<TcpLabels>, reversed: bool) {
+    pub fn count_in(&self, labels: Rc<Series>, reversed: bool) {
         *self.record.series.borrow_mut() = Some((labels, reversed));
     }
 
@@ -368,7 +368,7 @@ pub fn recheck(mut denied: impl FnMut(&Grant) -> Option<String>) -> usize {
 /// Hands every live connection's bytes since the last call to `sink(labels, received, sent)`,
 /// so the byte counters of a long transfer grow while it runs (the scrape calls it), as
 /// ztunnel's do.
-pub fn flush_bytes(mut sink: impl FnMut(&TcpLabels, u64, u64)) {
+pub fn flush_bytes(mut sink: impl FnMut(&Series, u64, u64)) {
     WATCHED.with(|w| {
         for r in w.borrow().slots.iter().flatten() {
             let (received, sent) = r.take_unreported();
@@ -391,7 +391,7 @@ pub fn open_by_reporter() -> [u64; 2] {
     WATCHED.with(|w| {
         for r in w.borrow().slots.iter().flatten() {
             if let Some((labels, _)) = &*r.series.borrow() {
-                match labels.reporter {
+                match labels.labels().reporter {
                     Some(crate::metrics::Reporter::Source) => n[0] += 1,
                     Some(crate::metrics::Reporter::Destination) => n[1] += 1,
                     None => {}

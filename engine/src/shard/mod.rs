@@ -35,7 +35,7 @@ use ringtun_hbone::Identity;
 
 use crate::config::{Snapshot, Workload};
 use crate::decide::{self, Balancer, Grant, Route, Scope};
-use crate::metrics::{ShardCounters, ShardGauges, ShardMetrics, ShardReport, TcpLabels};
+use crate::metrics::{Series, ShardCounters, ShardGauges, ShardMetrics, ShardReport};
 use crate::options::{ListenerKind, RunOptions};
 use crate::stream::StreamCtx;
 use crate::tls::TlsMaterial;
@@ -363,7 +363,7 @@ impl Shard {
         &self,
         pod: Option<&PodShard>,
         grant: Option<Grant>,
-        series: Option<(Rc<TcpLabels>, bool)>,
+        series: Option<(Rc<Series>, bool)>,
     ) -> live::Conn {
         let conn = live::Conn::new(self.opts.idle_timeout, grant);
         if let Some(p) = pod {
