@@ -9,6 +9,8 @@
 //! and the window in which every one of them is valid, so an expired chain is verified again
 //! (and refused). Remembered per thread (a shard verifies its own handshakes: no lock) and per
 //! verifier (new roots make a new verifier, which remembers nothing); only chains that passed.
+//! Revocation is not checked by these verifiers: one that learns to (CRLs) must forget what it
+//! remembered whenever its lists change.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
