@@ -242,4 +242,8 @@ pub struct RunOptions {
     pub inpod: Option<InpodOptions>,
     /// The DNS proxy (`ISTIO_META_DNS_CAPTURE`), or `None` when it is off.
     pub dns: Option<crate::dns::DnsOptions>,
+    /// Where the DNS proxy listens or would (`/config_dump` shows it either way, as ztunnel).
+    pub dns_listen: crate::dns::Listen,
+    /// `IPV6_ENABLED`.
+    pub ipv6_enabled: bool,
 }

@@ -502,6 +502,15 @@ fn config_dump_has_ztunnels_shape() {
     for section in ["config", "version", "staticConfig", "stagedServices"] {
         assert_eq!(keys(&ours[section]), keys(&theirs[section]), "{section}");
     }
+    // Settings both run with at their defaults read the same, value and form.
+    for key in [
+        "dnsProxy",
+        "dnsProxyAddr",
+        "ipv6Enabled",
+        "numWorkerThreads",
+    ] {
+        assert_eq!(ours["config"][key], theirs["config"][key], "config.{key}");
+    }
     let uid = "uid";
     same_keys_each("workload", &ours["workloads"], &theirs["workloads"], uid);
     same_keys_each(

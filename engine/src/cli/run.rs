@@ -436,6 +436,8 @@ impl RunArgs {
                     ipv6,
                     mark: self.mark,
                 }),
+            dns_listen: self.dns_proxy_addr,
+            ipv6_enabled: ipv6,
         })
     }
 }

@@ -296,9 +296,14 @@ fn ztunnel_settings(opts: &RunOptions) -> serde_json::Map<String, serde_json::Va
     put("statsAddr", json!(role(Role::Metrics)));
     put("readinessAddr", json!(role(Role::Readiness)));
     put("adminAddr", json!(role(Role::Admin)));
+    put("ipv6Enabled", json!(opts.ipv6_enabled));
+    // ztunnel shows it whether the proxy is on or not, in its `Address` enum's form.
     put(
-        "ipv6Enabled",
-        json!(opts.inbound.iter().any(|a| a.is_ipv6())),
+        "dnsProxyAddr",
+        match opts.dns_listen {
+            crate::dns::Listen::Localhost(port) => json!({"Localhost": [opts.ipv6_enabled, port]}),
+            crate::dns::Listen::Addr(a) => json!({"SocketAddr": a.to_string()}),
+        },
     );
     put("requireOriginalSource", json!(false));
     put("localNode", json!(opts.node));

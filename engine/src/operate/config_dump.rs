@@ -87,7 +87,7 @@ pub fn render(snap: &Snapshot, facts: &Facts) -> String {
 }
 
 /// ztunnel's `config` keys. `settings` holds those ringtun has a value for, under ztunnel's
-/// key; the rest are `null` (a DNS proxy, SOCKS5, a CA client: ringtun has none of them).
+/// key; the rest are `null`.
 pub fn ztunnel_config(settings: Map<String, Value>) -> Value {
     const KEYS: [&str; 52] = [
         "adminAddr",
