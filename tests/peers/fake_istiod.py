@@ -41,6 +41,7 @@ string there is taken as base64 (so malformed addresses can be written too).
 stdin commands, one per line:
   reload          re-read the resources file and push what changed
   close           end every open ADS stream with UNAVAILABLE (clients reconnect)
+  close cancelled end them with CANCELLED instead (a routine end: ztunnel counts a Reconnect)
   ca-fail N       fail the next N CreateCertificate calls with UNAVAILABLE
   ca-bundle-add F add the root(s) in PEM file F to the trust bundle sent with every certificate
                   from now on (as istiod does while its root is being rotated)
@@ -483,9 +484,11 @@ class Ads:
                 item = stream.out.get()
                 if item is None:
                     return
-                if item is CLOSE:
-                    emit({"event": "disconnect", "stream": stream.id, "reason": "closed by command"})
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "fake istiod: stream closed")
+                if isinstance(item, tuple) and item[0] is CLOSE:
+                    code = item[1]
+                    emit({"event": "disconnect", "stream": stream.id, "reason": "closed by command",
+                          "code": code.name})
+                    context.abort(code, "fake istiod: stream closed")
                 yield item
         finally:
             with self.store.lock:
@@ -675,11 +678,17 @@ def main():
             continue
         if words[0] == "reload":
             store.reload(force=True)
-        elif words[0] == "close":
+        elif words[0] == "close" and len(words) <= 2:
+            code = grpc.StatusCode.UNAVAILABLE
+            if len(words) == 2:
+                code = {"cancelled": grpc.StatusCode.CANCELLED}.get(words[1])
+            if code is None:
+                emit({"event": "error", "detail": f"unknown close code: {words[1]}"})
+                continue
             with store.lock:
                 streams = list(store.streams)
             for s in streams:
-                s.out.put(CLOSE)
+                s.out.put((CLOSE, code))
         elif words[0] == "ca-fail" and len(words) == 2:
             with ca.lock:
                 ca.fail_next = int(words[1])

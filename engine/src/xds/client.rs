@@ -152,6 +152,7 @@ async fn run(
         let established = status.lock().map(|s| s.is_connected()).unwrap_or(false);
         let why = match &ended {
             Ok(_) => Termination::Complete,
+            Err(e) if e.is_reconnect() => Termination::Reconnect,
             Err(_) if established => Termination::Error,
             Err(_) => Termination::ConnectionError,
         };
@@ -162,6 +163,12 @@ async fn run(
                 tracing::info!("xDS stream closed by the control plane; reconnecting");
                 backoff = INITIAL_BACKOFF;
                 continue;
+            }
+            Err(e) if e.is_reconnect() => {
+                // As ztunnel: a routine end, not a failure; back to the first backoff.
+                tracing::debug!(error = %e, "xDS stream ended; reconnecting");
+                backoff = INITIAL_BACKOFF;
+                tokio::time::sleep(backoff).await;
             }
             Err(e) => {
                 if answered {

@@ -18,9 +18,16 @@ pub enum XdsError {
     /// The connection failed (TCP, TLS or HTTP/2).
     #[error("cannot connect to the control plane: {0}")]
     Connect(String),
-    /// istiod answered with a gRPC error.
-    #[error("control plane: {0}")]
-    Grpc(String),
+    /// istiod answered with a gRPC error (or ended the stream with one).
+    #[error("control plane: {code:?}: {message}{hint}")]
+    Grpc {
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+        /// What to look at, where the message says.
+        hint: &'static str,
+    },
     /// A certificate request could not be made.
     #[error("certificate request: {0}")]
     Csr(String),
@@ -39,6 +46,27 @@ impl From<tonic::Status> for XdsError {
         } else {
             ""
         };
-        XdsError::Grpc(format!("{:?}: {}{hint}", s.code(), s.message()))
+        XdsError::Grpc {
+            code: s.code(),
+            message: s.message().to_owned(),
+            hint,
+        }
+    }
+}
+
+impl XdsError {
+    /// A stream end that is routine, not a failure: istiod's connection age (`GOAWAY`), a
+    /// cancelled or timed-out stream. ztunnel counts these as `Reconnect` and reconnects after
+    /// its initial backoff; the same codes and messages as its `xds/client.rs`.
+    pub fn is_reconnect(&self) -> bool {
+        let XdsError::Grpc { code, message, .. } = self else {
+            return false;
+        };
+        matches!(
+            code,
+            tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ) || (*code == tonic::Code::Unavailable
+            && (message.contains("transport is closing")
+                || message.contains("received prior goaway")))
     }
 }

@@ -20,6 +20,8 @@ pub enum Termination {
     ConnectionError,
     /// The established stream failed.
     Error,
+    /// The stream ended routinely (istiod's connection age, a cancelled stream): reconnect.
+    Reconnect,
     /// istiod closed the stream.
     Complete,
 }
@@ -30,6 +32,7 @@ impl Termination {
         match self {
             Termination::ConnectionError => "ConnectionError",
             Termination::Error => "Error",
+            Termination::Reconnect => "Reconnect",
             Termination::Complete => "Complete",
         }
     }
