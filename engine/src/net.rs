@@ -116,7 +116,14 @@ pub async fn connect_marked_in(
     mark: u32,
     timeout: Duration,
 ) -> io::Result<monoio::net::TcpStream> {
-    let open = || Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP));
+    // Non-blocking from the start (SOCK_NONBLOCK): no fcntl pair per connection.
+    let open = || {
+        Socket::new(
+            Domain::for_address(dst),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )
+    };
     let socket = match netns {
         None => open()?,
         Some(ns) => in_netns(ns, open)??,
@@ -125,7 +132,6 @@ pub async fn connect_marked_in(
         socket.set_mark(mark)?;
     }
     socket.set_nodelay(true)?;
-    socket.set_nonblocking(true)?;
     match socket.connect(&dst.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

@@ -392,7 +392,10 @@ pub fn tcp_h2(
             until_cut(both, &conn).await
         };
         match result {
-            Ok((up, down)) => up.or(down).unwrap_or(End::Closed),
+            Ok((up, down)) => {
+                close(rd, wr);
+                up.or(down).unwrap_or(End::Closed)
+            }
             Err(end) => {
                 // The loop that did not fail was dropped mid-operation; make sure the h2 side
                 // learns of the failure too, then close the socket with RST.
@@ -404,15 +407,22 @@ pub fn tcp_h2(
     }
 }
 
-/// Closes a split socket with RST. Reuniting first matters: dropping the write half on its own
-/// would send FIN, and the peer would read a clean EOF before the reset.
-fn abort(rd: OwnedReadHalf<TcpStream>, wr: OwnedWriteHalf<TcpStream>, fd: RawFd) {
-    net::abort_on_close(fd);
+/// Closes a split socket once its copy ended. Reunited first: monoio's write half shuts the
+/// socket down again when dropped, one more syscall per connection after the copy's own
+/// `shutdown` (or after the peer went away); the stream's drop only closes it.
+fn close(rd: OwnedReadHalf<TcpStream>, wr: OwnedWriteHalf<TcpStream>) {
     match rd.reunite(wr) {
         Ok(stream) => drop(stream),
         // Halves of one socket always reunite; if not, dropping them still closes the fd.
         Err(e) => drop(e),
     }
+}
+
+/// Closes a split socket with RST. Reuniting first matters: dropping the write half on its own
+/// would send FIN, and the peer would read a clean EOF before the reset.
+fn abort(rd: OwnedReadHalf<TcpStream>, wr: OwnedWriteHalf<TcpStream>, fd: RawFd) {
+    net::abort_on_close(fd);
+    close(rd, wr);
 }
 
 /// Runs `work` until the shard cuts the connection: neither direction moved a byte for its
@@ -489,7 +499,11 @@ pub async fn tcp_tcp(a: TcpStream, b: TcpStream, conn: live::Conn) -> End {
         until_cut(both, &conn).await
     };
     match result {
-        Ok((a, b)) => a.or(b).unwrap_or(End::Closed),
+        Ok((a, b)) => {
+            close(ar, aw);
+            close(br, bw);
+            a.or(b).unwrap_or(End::Closed)
+        }
         Err(end) => {
             abort(ar, aw, fa);
             abort(br, bw, fb);
