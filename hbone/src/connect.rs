@@ -1,6 +1,5 @@
 //! HBONE `CONNECT` requests: what the client sends and what the server accepts.
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderValue, Method, Request, StatusCode};
@@ -40,13 +39,17 @@ impl Baggage {
             if !out.is_empty() {
                 out.push(',');
             }
+            out.push_str(k);
+            out.push('=');
             // Values come from config; keep the header valid whatever they hold.
-            let _ = write!(out, "{k}={}", sanitize(v));
+            push_sanitized(&mut out, v);
         };
         add("k8s.cluster.name", &self.cluster);
         add("k8s.namespace.name", &self.namespace);
         if !self.workload_type.is_empty() {
-            let key = format!("k8s.{}.name", sanitize(&self.workload_type.to_lowercase()));
+            let mut key = String::from("k8s.");
+            push_sanitized(&mut key, &self.workload_type.to_lowercase());
+            key.push_str(".name");
             add(&key, &self.workload_name);
         }
         add("service.name", &self.service);
@@ -55,10 +58,13 @@ impl Baggage {
     }
 }
 
-fn sanitize(v: &str) -> String {
-    v.chars()
-        .filter(|c| c.is_ascii_graphic() && !matches!(c, ',' | ';' | '=' | '"' | '\\'))
-        .collect()
+/// Appends `v` without what a header value or a baggage member cannot hold, straight into
+/// the value being built (a CONNECT builds several per connection).
+fn push_sanitized(out: &mut String, v: &str) {
+    out.extend(
+        v.chars()
+            .filter(|c| c.is_ascii_graphic() && !matches!(c, ',' | ';' | '=' | '"' | '\\')),
+    );
 }
 
 /// A W3C `traceparent`: version 00, random trace and span ids, sampled.
@@ -105,7 +111,8 @@ impl ConnectRequest {
     pub fn forwarded_value(&self) -> String {
         let mut v = format!("for=\"{}\"", self.source);
         if let Some(host) = &self.service_host {
-            let _ = write!(v, ";host={}", sanitize(host));
+            v.push_str(";host=");
+            push_sanitized(&mut v, host);
         }
         v
     }

@@ -66,7 +66,7 @@ pub use model::{
     HealthStatus, IpFamily, IpNet, LoadBalancer, LoadBalancerHealthPolicy, LoadBalancerMode,
     LoadBalancerScope, LocalConfig, Locality, NamespacedHostname, NetworkAddress, NetworkMode,
     Policy, PolicyAction, PolicyMatch, PolicyScope, PortMap, Protocol, Rule, Service,
-    ServiceAccountMatch, ServiceEndpoint, StringMatch, Workload,
+    ServiceAccountMatch, ServiceEndpoint, Stamp, StringMatch, Workload,
 };
 pub use parse::{load, parse, Loaded};
 pub use snapshot::{Endpoints, EndpointsIter, ServiceRef, Snapshot};

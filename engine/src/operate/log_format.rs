@@ -77,19 +77,19 @@ impl Visit for Fields<'_> {
         }
         self.key(field.name());
         match self.layout {
-            LogFormat::Plain => {
-                let _ = write!(self.out, "{value:?}");
-            }
+            LogFormat::Plain => debug_str(self.out, value),
             LogFormat::Json => json_str(self.out, value),
         }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.bare(field.name(), format_args!("{value}"));
+        self.key(field.name());
+        self.out.push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.bare(field.name(), format_args!("{value}"));
+        self.key(field.name());
+        self.out.push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -151,7 +151,7 @@ impl IstioFormat {
         };
         match self.0 {
             LogFormat::Plain => {
-                SystemTime.format_time(&mut w)?;
+                now(&mut w)?;
                 writeln!(w, "\t{level}\t{}\t{message}\t{fields}", meta.target())
             }
             LogFormat::Json => {
@@ -159,7 +159,7 @@ impl IstioFormat {
                 w.write_str("{\"level\":\"")?;
                 w.write_str(level)?;
                 w.write_str("\",\"time\":\"")?;
-                SystemTime.format_time(&mut w)?;
+                now(&mut w)?;
                 w.write_str("\",\"scope\":")?;
                 json_str(&mut w, meta.target());
                 w.write_str(",\"message\":")?;
@@ -191,6 +191,75 @@ where
             Err(_) => self.line(w, event, &mut String::new(), &mut String::new()),
         })
     }
+}
+
+/// Appends `s` as `{s:?}` writes it (ztunnel's text layout quotes strings so), without the
+/// formatter when nothing in it needs escaping, as nothing does in names and addresses.
+fn debug_str(out: &mut String, s: &str) {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        let _ = write!(out, "{s:?}");
+    }
+}
+
+thread_local! {
+    /// The second the thread last wrote a time in, and its `YYYY-MM-DDTHH:MM:SS`.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Writes the time now as tracing's `SystemTime` writes it (`2026-12-05T07:50:01.123456Z`),
+/// formatting the date and time of day once a second instead of once a line.
+fn now(w: &mut Writer<'_>) -> fmt::Result {
+    let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else {
+        return SystemTime.format_time(w);
+    };
+    let secs = t.as_secs();
+    SECOND.with(|cell| {
+        let Ok(mut cached) = cell.try_borrow_mut() else {
+            return SystemTime.format_time(w);
+        };
+        if cached.0 != secs {
+            cached.1.clear();
+            civil(&mut cached.1, secs);
+            cached.0 = secs;
+        }
+        w.write_str(&cached.1)?;
+        let mut micros = itoa::Buffer::new();
+        let micros = micros.format(t.subsec_micros());
+        w.write_char('.')?;
+        w.write_str(&"000000"[micros.len()..])?;
+        w.write_str(micros)?;
+        w.write_char('Z')
+    })
+}
+
+/// Appends the UTC date and time of day of `secs` since the epoch, `YYYY-MM-DDTHH:MM:SS`
+/// (the proleptic Gregorian calendar, by days-from-civil inverted).
+fn civil(out: &mut String, secs: u64) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days since 0000-03-01, in 400-year eras of 146,097 days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        rem / 3_600,
+        rem / 60 % 60,
+        rem % 60
+    );
 }
 
 /// Appends `s` as a JSON string literal (as serde_json escapes it).
@@ -279,6 +348,55 @@ mod tests {
             cols[4],
             r#"src.addr=10.0.0.1:80 src.workload="client" bytes_sent=7 error="a \"b\"""#
         );
+    }
+
+    #[test]
+    fn strings_are_quoted_as_debug_quotes_them() {
+        for s in [
+            "client",
+            "10.0.0.1:80",
+            "it's",
+            "a \"b\"",
+            "back\\slash",
+            "tab\t",
+            "ü",
+            "\u{7f}",
+            "",
+        ] {
+            let mut mine = String::new();
+            debug_str(&mut mine, s);
+            assert_eq!(mine, format!("{s:?}"));
+        }
+    }
+
+    #[test]
+    fn times_are_written_as_tracing_writes_them() {
+        let mut mine = String::new();
+        for (secs, want) in [
+            (0, "1970-01-01T00:00:00"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (1_796_456_999, "2026-12-05T07:49:59"),
+            (4_107_542_400, "2100-03-01T00:00:00"),
+            (253_402_300_799, "9999-12-31T23:59:59"),
+        ] {
+            mine.clear();
+            civil(&mut mine, secs);
+            assert_eq!(mine, want);
+        }
+        // Against tracing's own clock: the same layout, within the same second.
+        for _ in 0..5 {
+            let (mut a, mut b) = (String::new(), String::new());
+            now(&mut Writer::new(&mut a)).expect("write");
+            SystemTime
+                .format_time(&mut Writer::new(&mut b))
+                .expect("write");
+            assert_eq!(a.len(), b.len(), "{a} {b}");
+            assert!(a.ends_with('Z') && a.as_bytes()[19] == b'.', "{a}");
+            if a[..19] == b[..19] {
+                return;
+            }
+        }
+        panic!("never in the same second as tracing's clock");
     }
 
     #[test]

@@ -240,6 +240,7 @@ pub fn workload(w: XdsWorkload) -> Result<Workload, ConvertError> {
         status,
         locality,
         capacity: w.capacity.unwrap_or(1),
+        stamp: Default::default(),
     })
 }
 

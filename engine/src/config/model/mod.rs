@@ -30,7 +30,7 @@ pub use values::{
     ApplicationTunnel, ApplicationTunnelProtocol, GatewayAddress, GatewayDestination, HealthStatus,
     Locality, NamespacedHostname, NetworkAddress, PortMap,
 };
-pub use workload::{NetworkMode, Protocol, Workload};
+pub use workload::{NetworkMode, Protocol, Stamp, Workload};
 
 /// The whole file: ztunnel's `LocalConfig` (every top-level key is optional).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

@@ -6,6 +6,7 @@ use serde::de::Deserializer;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One workload (ztunnel `LocalWorkload` = flattened `Workload` + `services` map).
 ///
@@ -91,7 +92,61 @@ pub struct Workload {
     /// `capacity` (default 1).
     #[serde(default = "default_capacity")]
     pub capacity: u32,
+    /// Which copy of the workload this is (not part of the config).
+    #[serde(skip)]
+    pub stamp: Stamp,
 }
+
+/// A number no other [`Workload`] value has had: made anew by `Default` and by every `clone`,
+/// so a shard can remember what it derived from a workload (its metric labels) and know by
+/// one comparison, without reading its fields, that the snapshot's workload is still that
+/// one. Equal to every other stamp, so it never changes whether two workloads compare equal.
+/// The config builds a workload, then shares it behind an `Arc` and never edits it again:
+/// an edit in place after a shard has looked at it would go unnoticed.
+pub struct Stamp(u64);
+
+impl std::fmt::Debug for Stamp {
+    // Without the number: a workload's debug form is compared as a whole, and two copies
+    // of one workload must read the same.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stamp")
+    }
+}
+
+impl Stamp {
+    /// A stamp never handed out before in this process.
+    pub fn new() -> Stamp {
+        // Relaxed: only uniqueness matters, and fetch_add gives it in any order. Stamps are
+        // made when the control thread builds config, never on the data path.
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Stamp(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The number.
+    pub fn get(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Stamp {
+    fn default() -> Stamp {
+        Stamp::new()
+    }
+}
+
+impl Clone for Stamp {
+    fn clone(&self) -> Stamp {
+        Stamp::new()
+    }
+}
+
+impl PartialEq for Stamp {
+    fn eq(&self, _: &Stamp) -> bool {
+        true
+    }
+}
+
+impl Eq for Stamp {}
 
 fn default_capacity() -> u32 {
     1
