@@ -4,6 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderValue, Method, Request, StatusCode};
 
+use crate::addr::AddrText;
+
 /// Header carrying the original client address (RFC 7239), as ztunnel sends it.
 pub const FORWARDED: &str = "forwarded";
 /// W3C baggage header describing the source workload.
@@ -61,10 +63,12 @@ impl Baggage {
 /// Appends `v` without what a header value or a baggage member cannot hold, straight into
 /// the value being built (a CONNECT builds several per connection).
 fn push_sanitized(out: &mut String, v: &str) {
-    out.extend(
-        v.chars()
-            .filter(|c| c.is_ascii_graphic() && !matches!(c, ',' | ';' | '=' | '"' | '\\')),
-    );
+    // By byte: what is kept is ASCII, and no byte of a longer character is ASCII.
+    for b in v.bytes() {
+        if b.is_ascii_graphic() && !matches!(b, b',' | b';' | b'=' | b'"' | b'\\') {
+            out.push(char::from(b));
+        }
+    }
 }
 
 /// A W3C `traceparent`: version 00, random trace and span ids, sampled.
@@ -109,7 +113,9 @@ pub struct ConnectRequest {
 impl ConnectRequest {
     /// The `forwarded` header value: `for="<ip:port>"` and `;host=<service>` when known.
     pub fn forwarded_value(&self) -> String {
-        let mut v = format!("for=\"{}\"", self.source);
+        let mut v = String::from("for=\"");
+        AddrText(self.source).push_to(&mut v);
+        v.push('"');
         if let Some(host) = &self.service_host {
             v.push_str(";host=");
             push_sanitized(&mut v, host);
@@ -122,7 +128,9 @@ impl ConnectRequest {
         let mut req = Request::new(());
         *req.method_mut() = Method::CONNECT;
         // A SocketAddr always renders as a valid authority ("1.2.3.4:80", "[::1]:80").
-        if let Ok(uri) = http::Uri::try_from(self.target.to_string()) {
+        let mut authority = String::new();
+        AddrText(self.target).push_to(&mut authority);
+        if let Ok(uri) = http::Uri::try_from(authority) {
             *req.uri_mut() = uri;
         }
         let headers = req.headers_mut();
@@ -327,5 +335,30 @@ mod tests {
             let b = Baggage { namespace: ns, workload_name: name, workload_type: kind, ..Default::default() };
             prop_assert!(HeaderValue::try_from(b.header_value()).is_ok());
         }
+
+        #[test]
+        fn a_value_keeps_exactly_its_printable_ascii_but_separators(v in ".{0,40}") {
+            let mut out = String::new();
+            push_sanitized(&mut out, &v);
+            let want: String = v
+                .chars()
+                .filter(|c| c.is_ascii_graphic() && !matches!(c, ',' | ';' | '=' | '"' | '\\'))
+                .collect();
+            prop_assert_eq!(out, want);
+        }
+    }
+
+    #[test]
+    fn baggage_members_drop_what_would_break_the_header() {
+        let b = Baggage {
+            namespace: "a b,c;d=e\"f\\gü".into(),
+            workload_type: "Deploy ment".into(),
+            workload_name: "w".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            b.header_value(),
+            "k8s.namespace.name=abcdefg,k8s.deployment.name=w"
+        );
     }
 }

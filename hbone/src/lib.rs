@@ -19,6 +19,7 @@
 //! deterministically (see the proptests beside each module).
 #![warn(missing_docs)]
 
+pub mod addr;
 pub mod cert;
 pub mod connect;
 pub mod error;

@@ -152,7 +152,19 @@ impl IstioFormat {
         match self.0 {
             LogFormat::Plain => {
                 now(&mut w)?;
-                writeln!(w, "\t{level}\t{}\t{message}\t{fields}", meta.target())
+                for part in [
+                    "\t",
+                    level,
+                    "\t",
+                    meta.target(),
+                    "\t",
+                    message,
+                    "\t",
+                    fields,
+                ] {
+                    w.write_str(part)?;
+                }
+                w.write_char('\n')
             }
             LogFormat::Json => {
                 // The time and level need no escaping.
@@ -164,7 +176,8 @@ impl IstioFormat {
                 json_str(&mut w, meta.target());
                 w.write_str(",\"message\":")?;
                 json_str(&mut w, message);
-                writeln!(w, "{fields}}}")
+                w.write_str(fields)?;
+                w.write_str("}\n")
             }
         }
     }

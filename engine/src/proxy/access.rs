@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use ringtun_hbone::addr::AddrText;
 use ringtun_hbone::{Identity, HBONE_PORT};
 
 use super::copy::End;
@@ -155,7 +156,7 @@ pub enum HboneAddr<'a> {
 impl std::fmt::Display for HboneAddr<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            HboneAddr::Addr(a) => a.fmt(f),
+            HboneAddr::Addr(a) => AddrText(*a).fmt(f),
             HboneAddr::Host(h, p) => write!(f, "{h}:{p}"),
         }
     }
@@ -329,13 +330,13 @@ impl AccessLog {
         let tls = self.tls;
         access_event!(
             level,
-            src.addr = %self.src_addr,
+            src.addr = %AddrText(self.src_addr),
             src.workload = src.and_then(|p| known(&p.name)),
             src.namespace = src.and_then(|p| known(&p.namespace)),
             // Strings, so both layouts quote them as ztunnel's do.
             src.identity = self.src_identity.as_deref().filter(|_| mtls && full).map(|i| i.to_string()),
             src.cluster = src.and_then(|p| known(&p.cluster)),
-            dst.addr = self.logged_dst().map(display),
+            dst.addr = self.logged_dst().map(|a| display(AddrText(a))),
             dst.hbone_addr = self.logged_hbone_addr().filter(|_| full).map(display),
             dst.service = self.dst_service.as_deref().filter(|_| full).map(|s| s.hostname.as_str()),
             dst.workload = dst.and_then(|p| known(&p.name)),
@@ -345,7 +346,7 @@ impl AccessLog {
             direction = self.direction.as_str(),
             bytes_sent = done_full.then_some(sent),
             bytes_recv = done_full.then_some(recv),
-            duration = done_full.then(|| format!("{ms}ms")),
+            duration = done_full.then(|| [itoa::Buffer::new().format(ms), "ms"].concat()),
             error = end.and_then(End::reason),
             path = self.direction.path(),
             pool = self.pool_reused.map(|r| if r { "reused" } else { "new" }),
