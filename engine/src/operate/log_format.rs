@@ -251,28 +251,10 @@ fn now(w: &mut Writer<'_>) -> fmt::Result {
     })
 }
 
-/// Appends the UTC date and time of day of `secs` since the epoch, `YYYY-MM-DDTHH:MM:SS`
-/// (the proleptic Gregorian calendar, by days-from-civil inverted).
+/// Appends the UTC date and time of day of `secs` since the epoch, `YYYY-MM-DDTHH:MM:SS`.
 fn civil(out: &mut String, secs: u64) {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Days since 0000-03-01, in 400-year eras of 146,097 days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3_600,
-        rem / 60 % 60,
-        rem % 60
-    );
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+    out.push_str(crate::exposition::rfc3339(secs).trim_end_matches('Z'));
 }
 
 /// Appends `s` as a JSON string literal (as serde_json escapes it).
