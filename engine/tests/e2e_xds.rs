@@ -335,21 +335,19 @@ fn ringtun_takes_its_config_from_istiod_only() {
     // istiod ends the stream routinely (CANCELLED, as at its connection age): a `Reconnect`,
     // not an `Error`, in ztunnel's metric (`xds_fake_istiod_ztunnel` shows ztunnel counting
     // both the same way), and the stream comes back at once.
-    istiod.command("close cancelled");
-    let third = istiod.streams_of("10.77.0.1", 3).remove(2);
-    istiod.wait_event("an ACK on the third stream", |e| {
-        is(e, "ack", ADDRESS_TYPE) && e["stream"] == third
-    });
+    istiod.close_cancelled("10.77.0.1", 3);
     for openmetrics in [false, true] {
         let scrape = Scrape::take(&nodes.client, openmetrics);
-        let ended = |reason| {
-            scrape.one(
-                "istio_xds_connection_terminations_total",
-                &[("reason", reason)],
-            )
-        };
-        assert_eq!(ended("Error"), 1.0, "the UNAVAILABLE close above");
-        assert_eq!(ended("Reconnect"), 1.0, "the CANCELLED close");
+        assert_eq!(
+            terminations(&scrape, "Error"),
+            1.0,
+            "the UNAVAILABLE close above"
+        );
+        assert_eq!(
+            terminations(&scrape, "Reconnect"),
+            1.0,
+            "the CANCELLED close"
+        );
     }
 }
 

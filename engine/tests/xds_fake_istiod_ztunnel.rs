@@ -124,20 +124,14 @@ fn ztunnel_takes_workloads_policies_and_certificates_from_the_fake() {
     // How ztunnel counts a stream's end: UNAVAILABLE (above) as an `Error`, CANCELLED (a
     // routine end, as at istiod's connection age) as a `Reconnect` (`e2e_xds` asserts ringtun
     // counts them alike).
-    istiod.command("close cancelled");
-    let third = istiod.streams_of("10.77.0.1", 3).remove(2);
-    istiod.wait_event("an ACK on the third stream", |e| {
-        is(e, "ack", ADDRESS_TYPE) && e["stream"] == third
-    });
+    istiod.close_cancelled("10.77.0.1", 3);
     let scrape = Scrape::take(&nodes.client, true);
-    let ended = |reason| {
-        scrape.one(
-            "istio_xds_connection_terminations_total",
-            &[("reason", reason)],
-        )
-    };
-    assert_eq!(ended("Error"), 1.0, "the UNAVAILABLE close");
-    assert_eq!(ended("Reconnect"), 1.0, "the CANCELLED close");
+    assert_eq!(terminations(&scrape, "Error"), 1.0, "the UNAVAILABLE close");
+    assert_eq!(
+        terminations(&scrape, "Reconnect"),
+        1.0,
+        "the CANCELLED close"
+    );
 
     // A removal is applied: the server workload is gone, the VIP has no endpoint.
     let mut without_server = mesh_resources();

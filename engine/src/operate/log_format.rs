@@ -63,9 +63,9 @@ impl Fields<'_> {
     }
 
     /// A value written bare in both layouts (numbers, booleans).
-    fn bare(&mut self, name: &str, value: fmt::Arguments<'_>) {
+    fn bare(&mut self, name: &str, value: &str) {
         self.key(name);
-        let _ = self.out.write_fmt(value);
+        self.out.push_str(value);
     }
 }
 
@@ -83,17 +83,15 @@ impl Visit for Fields<'_> {
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.key(field.name());
-        self.out.push_str(itoa::Buffer::new().format(value));
+        self.bare(field.name(), itoa::Buffer::new().format(value));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.key(field.name());
-        self.out.push_str(itoa::Buffer::new().format(value));
+        self.bare(field.name(), itoa::Buffer::new().format(value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.bare(field.name(), format_args!("{value}"));
+        self.bare(field.name(), if value { "true" } else { "false" });
     }
 
     /// Something formatted with `%` or `?`: bare in text, a string in JSON.

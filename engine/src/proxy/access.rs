@@ -280,17 +280,16 @@ impl AccessLog {
     /// Counts the connection's end in the shard's metrics and writes the access line.
     pub fn finish(&self, metrics: &ShardMetrics, outcome: &Outcome) {
         if self.established {
+            let unreported = outcome.unreported;
             match &self.series {
+                // Unflagged, it closes in the series it opened in: the labels were all known
+                // before it was established.
+                Some(series) if self.response_flags.is_none() => {
+                    metrics.closed_in(series, unreported.request, unreported.response);
+                }
                 Some(series) => {
-                    let unreported = outcome.unreported;
                     metrics.moved(series, unreported.request, unreported.response);
-                    // Unflagged, it closes in the series it opened in: the labels were all
-                    // known before it was established.
-                    if self.response_flags.is_none() {
-                        metrics.closed_in(series, 0, 0);
-                    } else {
-                        metrics.closed(&self.labels(true), 0, 0);
-                    }
+                    metrics.closed(&self.labels(true), 0, 0);
                 }
                 None => metrics.closed(&self.labels(true), 0, 0),
             }

@@ -221,10 +221,10 @@ impl Conn {
         Conn { record, key }
     }
 
-    /// Counts the connection's bytes in the metric series `labels` while it lives (see
-    /// [`flush_bytes`]); `reversed`: the copy's TCP side is the destination.
-    pub fn count_in(&self, labels: Rc<Series>, reversed: bool) {
-        *self.record.series.borrow_mut() = Some((labels, reversed));
+    /// Counts the connection's bytes in `series` while it lives (see [`flush_bytes`]);
+    /// `reversed`: the copy's TCP side is the destination.
+    pub fn count_in(&self, series: Rc<Series>, reversed: bool) {
+        *self.record.series.borrow_mut() = Some((series, reversed));
     }
 
     /// `n` bytes moved in `direction` (0: from the copy's TCP side, 1: towards it).
@@ -365,7 +365,7 @@ pub fn recheck(mut denied: impl FnMut(&Grant) -> Option<String>) -> usize {
     cut
 }
 
-/// Hands every live connection's bytes since the last call to `sink(labels, received, sent)`,
+/// Hands every live connection's bytes since the last call to `sink(series, received, sent)`,
 /// so the byte counters of a long transfer grow while it runs (the scrape calls it), as
 /// ztunnel's do.
 pub fn flush_bytes(mut sink: impl FnMut(&Series, u64, u64)) {
@@ -375,8 +375,8 @@ pub fn flush_bytes(mut sink: impl FnMut(&Series, u64, u64)) {
             if received == 0 && sent == 0 {
                 continue;
             }
-            if let Some((labels, _)) = &*r.series.borrow() {
-                sink(labels, received, sent);
+            if let Some((series, _)) = &*r.series.borrow() {
+                sink(series, received, sent);
             } else {
                 // No series (the relay bench, tests): nothing to report to.
             }
@@ -390,8 +390,8 @@ pub fn open_by_reporter() -> [u64; 2] {
     let mut n = [0u64; 2];
     WATCHED.with(|w| {
         for r in w.borrow().slots.iter().flatten() {
-            if let Some((labels, _)) = &*r.series.borrow() {
-                match labels.labels().reporter {
+            if let Some((series, _)) = &*r.series.borrow() {
+                match series.labels().reporter {
                     Some(crate::metrics::Reporter::Source) => n[0] += 1,
                     Some(crate::metrics::Reporter::Destination) => n[1] += 1,
                     None => {}

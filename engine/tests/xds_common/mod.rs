@@ -269,6 +269,25 @@ impl FakeIstiod {
             .and_then(|()| self.stdin.flush())
             .unwrap_or_else(|e| panic!("writing {line:?} to the fake istiod: {e}"));
     }
+
+    /// Ends the stream with CANCELLED, as istiod does at its connection age (a routine end:
+    /// ztunnel's `Reconnect`), and waits for the ACK on the stream the node at `node_ip` opens
+    /// again, its `nth` (from 1).
+    pub fn close_cancelled(&mut self, node_ip: &str, nth: usize) {
+        self.command("close cancelled");
+        let again = self.streams_of(node_ip, nth).remove(nth - 1);
+        self.wait_event("an ACK on the stream opened again", |e| {
+            is(e, "ack", ADDRESS_TYPE) && e["stream"] == again
+        });
+    }
+}
+
+/// `istio_xds_connection_terminations_total` of one `reason` in `scrape`.
+pub fn terminations(scrape: &crate::common::Scrape, reason: &str) -> f64 {
+    scrape.one(
+        "istio_xds_connection_terminations_total",
+        &[("reason", reason)],
+    )
 }
 
 impl Drop for FakeIstiod {
