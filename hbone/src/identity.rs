@@ -68,6 +68,19 @@ impl Identity {
         Ok(Identity::new(td, ns, sa))
     }
 
+    /// The URI's text in pieces, in order: what `Display` writes, for writers that append
+    /// strings without the formatter (the access log writes two identities a line).
+    pub fn pieces(&self) -> [&str; 6] {
+        [
+            SCHEME,
+            &self.trust_domain,
+            "/ns/",
+            &self.namespace,
+            "/sa/",
+            &self.service_account,
+        ]
+    }
+
     /// Whether a SAN string (as in a service's `subjectAltNames`) names this identity.
     pub fn matches_uri(&self, uri: &str) -> bool {
         Identity::parse(uri).is_ok_and(|other| &other == self)
@@ -76,13 +89,7 @@ impl Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Piece by piece rather than write!: the access log writes two identities a line.
-        f.write_str(SCHEME)?;
-        f.write_str(&self.trust_domain)?;
-        f.write_str("/ns/")?;
-        f.write_str(&self.namespace)?;
-        f.write_str("/sa/")?;
-        f.write_str(&self.service_account)
+        self.pieces().iter().try_for_each(|p| f.write_str(p))
     }
 }
 

@@ -122,6 +122,23 @@ pub fn flusher() -> impl Future<Output = ()> {
     })
 }
 
+/// Writes one whole line: into the thread's tick buffer where there is one, else to stderr
+/// at once (in tests, into the thread's record of what was written).
+pub fn write_line(line: &[u8]) {
+    if !append(line) {
+        #[cfg(not(test))]
+        let _ = io::stderr().write_all(line);
+        #[cfg(test)]
+        tests::WRITTEN.with(|w| w.borrow_mut().extend_from_slice(line));
+    }
+}
+
+/// Takes what this thread wrote through [`write_line`] and its tick buffer (tests).
+#[cfg(test)]
+pub fn take_written() -> Vec<u8> {
+    tests::WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut()))
+}
+
 /// The log's writer: the thread's tick buffer where there is one, else stderr.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LineSink;

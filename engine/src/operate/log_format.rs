@@ -4,6 +4,10 @@
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use ringtun_hbone::addr::AddrText;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -30,7 +34,20 @@ impl LogFormat {
             _ => LogFormat::Plain,
         }
     }
+
+    /// The layout of this process's log: the one the log was installed with, plain before.
+    pub fn current() -> LogFormat {
+        PROCESS_FORMAT.get().copied().unwrap_or_default()
+    }
+
+    /// Makes this the layout of [`Line`]s too (the log's installer calls it once).
+    pub fn install(self) {
+        let _ = PROCESS_FORMAT.set(self);
+    }
 }
+
+/// Set once, when the log is installed; read by every [`Line`].
+static PROCESS_FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 /// Writes an event's fields straight into one line buffer, in the order they were written,
 /// so a line costs no allocation per field (the access log writes about thirty per
@@ -66,6 +83,225 @@ impl Fields<'_> {
     fn bare(&mut self, name: &str, value: &str) {
         self.key(name);
         self.out.push_str(value);
+    }
+
+    /// A string: quoted as `{:?}` quotes it in text, a JSON string in JSON.
+    fn string(&mut self, name: &str, value: &str) {
+        self.key(name);
+        match self.layout {
+            LogFormat::Plain => debug_str(self.out, value),
+            LogFormat::Json => json_str(self.out, value),
+        }
+    }
+
+    /// A value shown with `Display` and logged as a string (`field = value.to_string()`),
+    /// without the intermediate string.
+    fn display_string(&mut self, name: &str, value: impl fmt::Display) {
+        self.key(name);
+        let start = self.out.len();
+        match self.layout {
+            LogFormat::Plain => {
+                self.out.push('"');
+                let _ = write!(self.out, "{value}");
+                let shown = &self.out[start + 1..];
+                if !shown.bytes().all(plain_byte) {
+                    // Rare (nothing in a name or an identity needs it): quote it as `{:?}`.
+                    let shown = shown.to_owned();
+                    self.out.truncate(start);
+                    let _ = write!(self.out, "{shown:?}");
+                    return;
+                }
+                self.out.push('"');
+            }
+            LogFormat::Json => {
+                self.out.push('"');
+                let _ = write!(JsonEscaped(self.out), "{value}");
+                self.out.push('"');
+            }
+        }
+    }
+
+    /// A string made of `pieces`, logged as the string they join into.
+    fn pieces(&mut self, name: &str, pieces: &[&str]) {
+        if !pieces.iter().all(|p| p.bytes().all(plain_byte)) {
+            self.string(name, &pieces.concat());
+            return;
+        }
+        // Nothing to escape in either layout.
+        self.key(name);
+        self.out.push('"');
+        pieces.iter().for_each(|p| self.out.push_str(p));
+        self.out.push('"');
+    }
+
+    /// A value logged with `%` (`Display`): bare in text, a string in JSON.
+    fn display(&mut self, name: &str, value: impl fmt::Display) {
+        self.key(name);
+        match self.layout {
+            LogFormat::Plain => {
+                let _ = write!(self.out, "{value}");
+            }
+            LogFormat::Json => {
+                self.out.push('"');
+                let _ = write!(JsonEscaped(self.out), "{value}");
+                self.out.push('"');
+            }
+        }
+    }
+
+    /// A socket address logged with `%`: as [`Fields::display`] writes it, digit by digit.
+    fn addr(&mut self, name: &str, value: SocketAddr) {
+        self.key(name);
+        // An address needs no escaping in either layout.
+        match self.layout {
+            LogFormat::Plain => AddrText(value).push_to(self.out),
+            LogFormat::Json => {
+                self.out.push('"');
+                AddrText(value).push_to(self.out);
+                self.out.push('"');
+            }
+        }
+    }
+}
+
+/// A byte `{:?}` writes as itself inside a quoted string.
+fn plain_byte(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'
+}
+
+/// A log line written without a tracing event, in the same layout and to the same place as
+/// the events' lines: the access log's. A connection's line has about thirty fields, and
+/// tracing's per-field visit (a value set walked through `dyn` calls, each `Option` unwrapped
+/// by its own visit, the subscriber stack around it) cost more than writing them; here each
+/// field is written where it is known. Callers check that the line's target and level are
+/// enabled first ([`tracing::enabled!`]), so the log's filter applies as to any event.
+pub struct Line<'a>(Fields<'a>);
+
+impl Line<'_> {
+    /// `name="value"` (text) where there is a value; a JSON string in JSON.
+    pub fn str(&mut self, name: &str, value: Option<&str>) {
+        if let Some(v) = value {
+            self.0.string(name, v);
+        }
+    }
+
+    /// As [`Line::str`], for a value shown with `Display`.
+    pub fn display_str(&mut self, name: &str, value: Option<impl fmt::Display>) {
+        if let Some(v) = value {
+            self.0.display_string(name, v);
+        }
+    }
+
+    /// As [`Line::str`], for a value given in pieces (written one after another).
+    pub fn pieces<const N: usize>(&mut self, name: &str, value: Option<[&str; N]>) {
+        if let Some(v) = value {
+            self.0.pieces(name, &v);
+        }
+    }
+
+    /// `name=value` (text, bare) where there is a value; a JSON string in JSON.
+    pub fn display(&mut self, name: &str, value: Option<impl fmt::Display>) {
+        if let Some(v) = value {
+            self.0.display(name, v);
+        }
+    }
+
+    /// A socket address, bare in text.
+    pub fn addr(&mut self, name: &str, value: Option<SocketAddr>) {
+        if let Some(v) = value {
+            self.0.addr(name, v);
+        }
+    }
+
+    /// A number, bare in both layouts.
+    pub fn num(&mut self, name: &str, value: Option<u64>) {
+        if let Some(v) = value {
+            self.0.bare(name, itoa::Buffer::new().format(v));
+        }
+    }
+
+    /// `true` or `false`, bare in both layouts.
+    pub fn flag(&mut self, name: &str, value: Option<bool>) {
+        if let Some(v) = value {
+            self.0.bare(name, if v { "true" } else { "false" });
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's [`Line`] buffer, reused from line to line.
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Writes one line at `level` with `target` and `message`, its fields written by `fields`,
+/// to the log's sink ([`super::log_buffer`]).
+pub fn write_line(
+    level: tracing::Level,
+    target: &str,
+    message: &str,
+    fields: impl FnOnce(&mut Line<'_>),
+) {
+    write_line_as(LogFormat::current(), level, target, message, fields);
+}
+
+/// [`write_line`] in a given layout.
+fn write_line_as(
+    layout: LogFormat,
+    level: tracing::Level,
+    target: &str,
+    message: &str,
+    fields: impl FnOnce(&mut Line<'_>),
+) {
+    let write = |buf: &mut String| {
+        buf.clear();
+        let level = level_name(level);
+        let _ = match layout {
+            LogFormat::Plain => now(&mut Writer::new(buf)).map(|()| {
+                for part in ["\t", level, "\t", target, "\t", message, "\t"] {
+                    buf.push_str(part);
+                }
+            }),
+            LogFormat::Json => {
+                buf.push_str("{\"level\":\"");
+                buf.push_str(level);
+                buf.push_str("\",\"time\":\"");
+                now(&mut Writer::new(buf)).map(|()| {
+                    buf.push_str("\",\"scope\":");
+                    json_str(buf, target);
+                    buf.push_str(",\"message\":");
+                    json_str(buf, message);
+                })
+            }
+        };
+        let mut message = String::new();
+        let mut line = Line(Fields {
+            layout,
+            message: &mut message,
+            out: buf,
+            n: 0,
+        });
+        fields(&mut line);
+        buf.push_str(match layout {
+            LogFormat::Plain => "\n",
+            LogFormat::Json => "}\n",
+        });
+        super::log_buffer::write_line(buf.as_bytes());
+    };
+    LINE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => write(&mut buf),
+        // A line written while writing another (a Display impl that logs): its own buffer.
+        Err(_) => write(&mut String::new()),
+    });
+}
+
+/// A level as ztunnel's log names it.
+fn level_name(level: tracing::Level) -> &'static str {
+    match level {
+        tracing::Level::ERROR => "error",
+        tracing::Level::WARN => "warn",
+        tracing::Level::INFO => "info",
+        tracing::Level::DEBUG => "debug",
+        tracing::Level::TRACE => "trace",
     }
 }
 
@@ -140,13 +376,7 @@ impl IstioFormat {
             n: 0,
         });
         let meta = event.metadata();
-        let level = match *meta.level() {
-            tracing::Level::ERROR => "error",
-            tracing::Level::WARN => "warn",
-            tracing::Level::INFO => "info",
-            tracing::Level::DEBUG => "debug",
-            tracing::Level::TRACE => "trace",
-        };
+        let level = level_name(*meta.level());
         match self.0 {
             LogFormat::Plain => {
                 now(&mut w)?;
@@ -207,9 +437,7 @@ where
 /// Appends `s` as `{s:?}` writes it (ztunnel's text layout quotes strings so), without the
 /// formatter when nothing in it needs escaping, as nothing does in names and addresses.
 fn debug_str(out: &mut String, s: &str) {
-    if s.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
+    if s.bytes().all(plain_byte) {
         out.push('"');
         out.push_str(s);
         out.push('"');
@@ -400,6 +628,85 @@ mod tests {
         assert_eq!(mine, serde_json::Value::from(nasty).to_string());
         let back: String = serde_json::from_str(&mine).expect("valid JSON");
         assert_eq!(back, nasty);
+    }
+
+    /// A value whose `Display` output needs quoting.
+    struct Shown(&'static str);
+
+    impl fmt::Display for Shown {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    #[test]
+    fn a_line_written_directly_is_the_line_tracing_writes() {
+        let addr: std::net::SocketAddr = "10.0.0.1:80".parse().expect("addr");
+        let v6: std::net::SocketAddr = "[fd00::1]:15008".parse().expect("addr");
+        for layout in [LogFormat::Plain, LogFormat::Json] {
+            let written = Written::default();
+            let w = written.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || w.clone())
+                .event_format(IstioFormat(layout))
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::event!(target: "access", tracing::Level::INFO,
+                    src.addr = %addr,
+                    src.workload = Some("client"),
+                    src.namespace = None::<&str>,
+                    src.identity = Some(Shown("spiffe://td/ns/a/sa/b").to_string()),
+                    dst.addr = Some(tracing::field::display(v6)),
+                    dst.hbone_addr = Some(tracing::field::display(Shown("svc.ns:80"))),
+                    odd = Some(Shown("say \"hi\"\t\\").to_string()),
+                    bytes_sent = Some(7u64),
+                    ktls.tx = Some(false),
+                    shard = 3u32,
+                    end = Some(tracing::field::display(Shown("a \"b\""))),
+                    unicode = "ü\u{1}",
+                    joined = "a/b",
+                    joined_odd = "a\"/b",
+                    "connection {}", "complete"
+                );
+            });
+            let from_tracing =
+                String::from_utf8(written.0.lock().expect("lock").clone()).expect("UTF-8");
+            log_buffer_taken();
+            write_line_as(
+                layout,
+                tracing::Level::INFO,
+                "access",
+                "connection complete",
+                |l| {
+                    l.addr("src.addr", Some(addr));
+                    l.str("src.workload", Some("client"));
+                    l.str("src.namespace", None);
+                    l.display_str("src.identity", Some(Shown("spiffe://td/ns/a/sa/b")));
+                    l.addr("dst.addr", Some(v6));
+                    l.display("dst.hbone_addr", Some(Shown("svc.ns:80")));
+                    l.display_str("odd", Some(Shown("say \"hi\"\t\\")));
+                    l.num("bytes_sent", Some(7));
+                    l.flag("ktls.tx", Some(false));
+                    l.num("shard", Some(3));
+                    l.display("end", Some(Shown("a \"b\"")));
+                    l.str("unicode", Some("ü\u{1}"));
+                    l.pieces("joined", Some(["a", "/", "b"]));
+                    l.pieces("joined_odd", Some(["a\"", "/", "b"]));
+                },
+            );
+            let direct = String::from_utf8(log_buffer_taken()).expect("UTF-8");
+            // Equal but for the time.
+            let untimed = |l: &str| -> String {
+                let at = l.find("202").expect("a time");
+                format!("{}{}", &l[..at], &l[at + 27..])
+            };
+            assert_eq!(untimed(&direct), untimed(&from_tracing), "{layout:?}");
+            assert!(direct.ends_with('\n'));
+        }
+    }
+
+    fn log_buffer_taken() -> Vec<u8> {
+        super::super::log_buffer::take_written()
     }
 
     #[test]

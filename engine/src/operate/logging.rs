@@ -51,9 +51,11 @@ pub fn init(filter: &str) {
         }
     };
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let layout = LogFormat::from_env();
+    layout.install();
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(super::log_buffer::LineSink)
-        .event_format(IstioFormat(LogFormat::from_env()));
+        .event_format(IstioFormat(layout));
     if tracing_subscriber::registry()
         .with(filter)
         .with(fmt)

@@ -12,6 +12,7 @@ use ringtun_hbone::{Identity, HBONE_PORT};
 
 use super::copy::End;
 use crate::metrics::{Party, Reporter, Series, ServiceName, ShardMetrics, TcpLabels};
+use crate::operate::log_format;
 use crate::shard::pod::PodShard;
 use crate::stream::TlsPath;
 
@@ -126,22 +127,15 @@ pub struct AccessLog {
     pub pod: Option<Rc<PodShard>>,
 }
 
-/// Writes an `access` event at a level chosen at run time (tracing's macros take a constant).
-macro_rules! access_event {
-    ($level:expr, $($fields:tt)+) => {
-        match $level {
-            tracing::Level::ERROR => {
-                tracing::event!(target: "access", parent: None, tracing::Level::ERROR, $($fields)+)
-            }
-            tracing::Level::WARN => {
-                tracing::event!(target: "access", parent: None, tracing::Level::WARN, $($fields)+)
-            }
-            tracing::Level::INFO => {
-                tracing::event!(target: "access", parent: None, tracing::Level::INFO, $($fields)+)
-            }
-            _ => tracing::event!(target: "access", parent: None, tracing::Level::DEBUG, $($fields)+),
-        }
-    };
+/// Whether the log takes `access` lines at this level (its filter, as for any event).
+fn access_enabled(level: tracing::Level) -> bool {
+    // tracing's macro takes a constant level.
+    match level {
+        tracing::Level::ERROR => tracing::enabled!(target: "access", tracing::Level::ERROR),
+        tracing::Level::WARN => tracing::enabled!(target: "access", tracing::Level::WARN),
+        tracing::Level::INFO => tracing::enabled!(target: "access", tracing::Level::INFO),
+        _ => tracing::enabled!(target: "access", tracing::Level::DEBUG),
+    }
 }
 
 /// A CONNECT authority as logged: an address, or a service hostname and port.
@@ -311,10 +305,14 @@ impl AccessLog {
         }
     }
 
-    /// Writes an `access` event: ztunnel's fields in ztunnel's order (an early refusal only
+    /// Writes an `access` line: ztunnel's fields in ztunnel's order (an early refusal only
     /// `src.addr`, `dst.addr`, `direction` and `error`, as ztunnel's), then ringtun's own;
-    /// `outcome`: when it is done, how it ended (bytes, duration, error).
+    /// `outcome`: when it is done, how it ended (bytes, duration, error). Written straight
+    /// into the log ([`log_format::write_line`]), in the layout of tracing's lines.
     fn emit(&self, level: tracing::Level, message: &str, outcome: Option<&Outcome>) {
+        if !access_enabled(level) {
+            return;
+        }
         let done = outcome.is_some();
         let end = outcome.map(|o| &o.end);
         let full = !self.early;
@@ -327,39 +325,50 @@ impl AccessLog {
         let (sent, recv) = self.logged_bytes(outcome.map(|o| o.bytes).unwrap_or_default());
         let done_full = done && full;
         let tls = self.tls;
-        access_event!(
-            level,
-            src.addr = %AddrText(self.src_addr),
-            src.workload = src.and_then(|p| known(&p.name)),
-            src.namespace = src.and_then(|p| known(&p.namespace)),
-            // Strings, so both layouts quote them as ztunnel's do.
-            src.identity = self.src_identity.as_deref().filter(|_| mtls && full).map(|i| i.to_string()),
-            src.cluster = src.and_then(|p| known(&p.cluster)),
-            dst.addr = self.logged_dst().map(|a| display(AddrText(a))),
-            dst.hbone_addr = self.logged_hbone_addr().filter(|_| full).map(display),
-            dst.service = self.dst_service.as_deref().filter(|_| full).map(|s| s.hostname.as_str()),
-            dst.workload = dst.and_then(|p| known(&p.name)),
-            dst.namespace = dst.and_then(|p| known(&p.namespace)),
-            dst.identity = self.dst_identity.as_deref().filter(|_| mtls && full).map(|i| i.to_string()),
-            dst.cluster = dst.and_then(|p| known(&p.cluster)),
-            direction = self.direction.as_str(),
-            bytes_sent = done_full.then_some(sent),
-            bytes_recv = done_full.then_some(recv),
-            duration = done_full.then(|| [itoa::Buffer::new().format(ms), "ms"].concat()),
-            error = end.and_then(End::reason),
-            path = self.direction.path(),
-            pool = self.pool_reused.map(|r| if r { "reused" } else { "new" }),
-            tls = tls.map(TlsPath::name),
-            ktls.tx = tls.map(|t| t.ktls_tx),
-            ktls.rx = tls.map(|t| t.ktls_rx),
-            tls.cipher = tls.map(|t| t.cipher.map_or("-", |c| c.name())),
-            shard = self.shard,
-            end = end.map(display),
-            response_flags = self.response_flags.filter(|_| done),
+        log_format::write_line(level, "access", message, |l| {
+            l.addr("src.addr", Some(self.src_addr));
+            l.str("src.workload", src.and_then(|p| known(&p.name)));
+            l.str("src.namespace", src.and_then(|p| known(&p.namespace)));
+            // Quoted in both layouts, as ztunnel's are.
+            let src_id = self.src_identity.as_deref().filter(|_| mtls && full);
+            l.pieces("src.identity", src_id.map(Identity::pieces));
+            l.str("src.cluster", src.and_then(|p| known(&p.cluster)));
+            l.addr("dst.addr", self.logged_dst());
+            l.display("dst.hbone_addr", self.logged_hbone_addr().filter(|_| full));
+            let service = self.dst_service.as_deref().filter(|_| full);
+            l.str("dst.service", service.map(|s| s.hostname.as_str()));
+            l.str("dst.workload", dst.and_then(|p| known(&p.name)));
+            l.str("dst.namespace", dst.and_then(|p| known(&p.namespace)));
+            let dst_id = self.dst_identity.as_deref().filter(|_| mtls && full);
+            l.pieces("dst.identity", dst_id.map(Identity::pieces));
+            l.str("dst.cluster", dst.and_then(|p| known(&p.cluster)));
+            l.str("direction", Some(self.direction.as_str()));
+            l.num("bytes_sent", done_full.then_some(sent));
+            l.num("bytes_recv", done_full.then_some(recv));
+            let mut digits = itoa::Buffer::new();
+            l.pieces("duration", done_full.then(|| [digits.format(ms), "ms"]));
+            l.str("error", end.and_then(End::reason));
+            l.str("path", Some(self.direction.path()));
+            l.str(
+                "pool",
+                self.pool_reused.map(|r| if r { "reused" } else { "new" }),
+            );
+            l.str("tls", tls.map(TlsPath::name));
+            l.flag("ktls.tx", tls.map(|t| t.ktls_tx));
+            l.flag("ktls.rx", tls.map(|t| t.ktls_rx));
+            l.str(
+                "tls.cipher",
+                tls.map(|t| t.cipher.map_or("-", |c| c.name())),
+            );
+            l.num("shard", Some(u64::from(self.shard)));
+            l.display("end", end);
+            l.str("response_flags", self.response_flags.filter(|_| done));
             // In-pod mode: which pod, which network namespace.
-            pod.uid = self.pod.as_ref().map(|p| p.pod.uid.as_str()),
-            pod.netns = self.pod.as_ref().map(|p| p.pod.netns_name.as_str()),
-            "{message}"
-        );
+            l.str("pod.uid", self.pod.as_ref().map(|p| p.pod.uid.as_str()));
+            l.str(
+                "pod.netns",
+                self.pod.as_ref().map(|p| p.pod.netns_name.as_str()),
+            );
+        });
     }
 }

@@ -261,7 +261,9 @@ async fn accept_stream(
         record.log().src_workload = Some(Arc::new(party));
     }
     record.admitted(&admission, &arrival);
-    let baggage = admission.dst_workload.map(decide::response_baggage);
+    let baggage = admission
+        .dst_workload
+        .and_then(|w| shard.response_baggage(w));
     let grant = match admission.outcome {
         Ok(grant) => grant,
         Err(refusal) => {
@@ -287,8 +289,8 @@ async fn accept_stream(
     };
     let mut respond = respond;
     let mut ok = Response::builder().status(StatusCode::OK);
-    if let Some(b) = baggage.filter(|b| !b.is_empty()) {
-        ok = ok.header(ringtun_hbone::connect::BAGGAGE, b);
+    if let Some(b) = baggage {
+        ok = ok.header(ringtun_hbone::connect::BAGGAGE_NAME, b);
     }
     let send = match respond.send_response(ok.body(()).unwrap_or_default(), false) {
         Ok(s) => s,

@@ -24,7 +24,7 @@ use super::keepalive;
 use super::lifecycle::{refuse_tcp, Record};
 use super::plaintext;
 use crate::config::Snapshot;
-use crate::decide::{self, Refusal, Route};
+use crate::decide::{Refusal, Route};
 use crate::net;
 use crate::shard::demand::Outcome;
 use crate::shard::live;
@@ -151,7 +151,7 @@ async fn open(
             // (ztunnel's `destination_principal` is the workload's).
             log.dst_identity = identities.first().cloned().map(Rc::new);
             log.src_identity = Some(shard.identity_for(pod).clone());
-            let baggage = decide::request_baggage(src_w, &shard.opts.cluster_id);
+            let baggage = shard.request_baggage(src_w);
             drop(snap);
             let req = ConnectRequest {
                 target,

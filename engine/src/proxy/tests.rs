@@ -3,10 +3,8 @@
 //! ztunnel's do.
 
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
 use std::time::Duration;
 
@@ -17,39 +15,28 @@ use crate::decide::Refusal;
 use crate::metrics::{Reporter, Series, TcpCounts, TcpLabels};
 use crate::shard::{live, Tally};
 
-/// Collects what the tracing subscriber writes.
-#[derive(Clone, Default)]
-struct Written(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Written {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The access lines `f` writes.
+/// The access lines `f` writes (on this thread, where the log's filter takes them: info and
+/// above, as `RUST_LOG=info`).
 fn access_lines(f: impl FnOnce()) -> Vec<String> {
-    let written = Written::default();
-    let w = written.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || w.clone())
-        .with_ansi(false)
+        .with_writer(std::io::sink)
         .with_max_level(tracing::Level::INFO)
         .finish();
+    crate::operate::log_buffer::take_written();
     tracing::subscriber::with_default(subscriber, f);
-    let text = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
+    let text = String::from_utf8(crate::operate::log_buffer::take_written()).unwrap();
     text.lines()
-        .filter(|l| l.contains(" access: "))
+        .filter(|l| l.contains("\taccess\t"))
         .map(str::to_owned)
         .collect()
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let start = line
+        .find(&format!(" {key}="))
+        .or_else(|| line.find(&format!("\t{key}=")))?
+        + key.len()
+        + 2;
     let rest = &line[start..];
     Some(match rest.strip_prefix('"') {
         Some(quoted) => &quoted[..quoted.find('"').unwrap_or(quoted.len())],
@@ -104,7 +91,7 @@ fn a_task_dropped_before_its_path_ended_still_writes_its_record() {
     });
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line = &lines[0];
-    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("\terror\t"), "{line}");
     assert!(line.contains("connection complete"), "{line}");
     assert_eq!(field(line, "end"), Some("error"), "{line}");
     assert_eq!(field(line, "error"), Some(DROPPED), "{line}");
@@ -209,13 +196,13 @@ fn a_refusal_is_logged_and_counted_as_ztunnel_does() {
     });
     assert_eq!(lines.len(), 2, "{lines:?}");
     // Refused before a destination was chosen: ztunnel's early `connection failed`, a warning.
-    assert!(lines[0].contains("WARN") && lines[0].contains("connection failed"));
+    assert!(lines[0].contains("\twarn\t") && lines[0].contains("connection failed"));
     assert_eq!(field(&lines[0], "response_flags"), Some("CONNECT"));
     assert_eq!(
         field(&lines[0], "error"),
         Some("unknown destination: 10.0.0.9")
     );
-    assert!(lines[1].contains("ERROR") && lines[1].contains("connection complete"));
+    assert!(lines[1].contains("\terror\t") && lines[1].contains("connection complete"));
     assert_eq!(field(&lines[1], "response_flags"), Some("DENY"));
     assert_eq!(
         field(&lines[1], "error"),

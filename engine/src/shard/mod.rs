@@ -17,6 +17,7 @@ pub mod demand;
 pub mod drain;
 pub mod inbox;
 pub mod live;
+pub mod memo;
 pub mod pod;
 pub mod pool;
 pub mod tls;
@@ -31,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use http::HeaderValue;
 use ringtun_hbone::Identity;
 
 use crate::config::{Snapshot, Workload};
@@ -232,6 +234,10 @@ pub struct Shard {
     pods: RefCell<HashMap<String, Rc<PodShard>>>,
     /// On-demand destinations (`XDS_ON_DEMAND`): off unless the control thread turns it on.
     on_demand: demand::OnDemand,
+    /// The `baggage` a CONNECT from each source workload carries.
+    request_baggage: memo::ByWorkload<Option<HeaderValue>>,
+    /// The `baggage` the answer to a CONNECT to each destination workload carries.
+    response_baggage: memo::ByWorkload<Option<HeaderValue>>,
 }
 
 impl Deref for Shard {
@@ -257,6 +263,8 @@ impl Shard {
             listener_fds: RefCell::new(Vec::new()),
             pods: RefCell::new(HashMap::new()),
             on_demand: demand::OnDemand::default(),
+            request_baggage: memo::ByWorkload::default(),
+            response_baggage: memo::ByWorkload::default(),
         }
     }
 
@@ -291,6 +299,25 @@ impl Shard {
     /// Which workloads a connection of `pod` speaks for: the pod's, or the proxy's scope.
     pub fn scope_for<'a>(&'a self, pod: Option<&'a PodShard>) -> &'a Scope {
         pod.map_or(&self.scope, |p| &p.scope)
+    }
+
+    /// The `baggage` header of a CONNECT from `w` (none for an unknown source), made once per
+    /// workload entry: every stream of a workload carries the same one.
+    pub fn request_baggage(&self, w: Option<&Workload>) -> Option<HeaderValue> {
+        let w = w?;
+        self.request_baggage.get(w, |w| {
+            decide::request_baggage(Some(w), &self.opts.cluster_id).header()
+        })
+    }
+
+    /// The `baggage` header answering a CONNECT to `w`, made once per workload entry.
+    pub fn response_baggage(&self, w: &Workload) -> Option<HeaderValue> {
+        self.response_baggage.get(w, |w| {
+            let v = decide::response_baggage(w);
+            (!v.is_empty())
+                .then(|| HeaderValue::try_from(v).ok())
+                .flatten()
+        })
     }
 
     /// The identity a connection of `pod` presents.
