@@ -395,13 +395,9 @@ mod tests {
     use std::sync::Arc;
 
     fn workload(revision: &str) -> Workload {
-        let text = format!(
-            "workloads:\n- {{uid: c//Pod/ns/a, name: a, namespace: ns, canonicalName: app, canonicalRevision: {revision}, workloadIps: [], services: {{}}}}\n"
-        );
-        match crate::config::parse(std::path::Path::new("t.yaml"), &text) {
-            Ok(mut l) => l.config.workloads.remove(0),
-            Err(e) => panic!("{e}"),
-        }
+        crate::config::test_workload(&format!(
+            "uid: c//Pod/ns/a, name: a, namespace: ns, canonicalName: app, canonicalRevision: {revision}"
+        ))
     }
 
     #[test]

@@ -69,4 +69,14 @@ pub use model::{
     ServiceAccountMatch, ServiceEndpoint, Stamp, StringMatch, Workload,
 };
 pub use parse::{load, parse, Loaded};
+
+/// One workload entry from its YAML fields (`uid: …, name: …`), for tests.
+#[cfg(test)]
+pub(crate) fn test_workload(fields: &str) -> Workload {
+    let text = format!("workloads:\n- {{{fields}, workloadIps: [], services: {{}}}}\n");
+    match parse(std::path::Path::new("t.yaml"), &text) {
+        Ok(mut l) => l.config.workloads.remove(0),
+        Err(e) => panic!("{e}"),
+    }
+}
 pub use snapshot::{Endpoints, EndpointsIter, ServiceRef, Snapshot};

@@ -136,14 +136,19 @@ impl Fields<'_> {
 
     /// A value logged with `%` (`Display`): bare in text, a string in JSON.
     fn display(&mut self, name: &str, value: impl fmt::Display) {
+        self.shown(name, format_args!("{value}"));
+    }
+
+    /// A formatted value (`%` or `?`): bare in text, a string in JSON.
+    fn shown(&mut self, name: &str, value: fmt::Arguments<'_>) {
         self.key(name);
         match self.layout {
             LogFormat::Plain => {
-                let _ = write!(self.out, "{value}");
+                let _ = self.out.write_fmt(value);
             }
             LogFormat::Json => {
                 self.out.push('"');
-                let _ = write!(JsonEscaped(self.out), "{value}");
+                let _ = JsonEscaped(self.out).write_fmt(value);
                 self.out.push('"');
             }
         }
@@ -336,17 +341,7 @@ impl Visit for Fields<'_> {
             let _ = write!(self.message, "{value:?}");
             return;
         }
-        self.key(field.name());
-        match self.layout {
-            LogFormat::Plain => {
-                let _ = write!(self.out, "{value:?}");
-            }
-            LogFormat::Json => {
-                self.out.push('"');
-                let _ = write!(JsonEscaped(self.out), "{value:?}");
-                self.out.push('"');
-            }
-        }
+        self.shown(field.name(), format_args!("{value:?}"));
     }
 }
 

@@ -53,13 +53,7 @@ mod tests {
     use super::*;
 
     fn workload(uid: &str, namespace: &str) -> Workload {
-        let text = format!(
-            "workloads:\n- {{uid: {uid}, name: a, namespace: {namespace}, workloadIps: [], services: {{}}}}\n"
-        );
-        match crate::config::parse(std::path::Path::new("t.yaml"), &text) {
-            Ok(mut l) => l.config.workloads.remove(0),
-            Err(e) => panic!("{e}"),
-        }
+        crate::config::test_workload(&format!("uid: {uid}, name: a, namespace: {namespace}"))
     }
 
     #[test]
