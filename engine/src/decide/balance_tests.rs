@@ -96,7 +96,10 @@ fn picks(s: &Snapshot, n: usize, seed: u64) -> BTreeMap<String, usize> {
     let dst: SocketAddr = VIP.parse().unwrap();
     for _ in 0..n {
         let name = match route(&scope(), s, &mut bal, client(s), dst) {
-            Route::Hbone { workload, .. } => workload.trim_start_matches("ns/").to_owned(),
+            // Each endpoint has its own address.
+            Route::Hbone { target, .. } => s
+                .workload_by_ip(target.ip())
+                .map_or("?".to_owned(), |w| w.name.clone()),
             Route::NoEndpoint { service } => {
                 assert_eq!(service, HOST);
                 "-".to_owned()
@@ -405,9 +408,9 @@ proptest! {
         let mut bal = Balancer::seeded(seed);
         for _ in 0..8 {
             match route(&scope(), &s, &mut bal, Some(src), VIP.parse().unwrap()) {
-                Route::Hbone { target, workload, .. } => {
+                Route::Hbone { target, .. } => {
                     prop_assert_eq!(target.port(), 8080);
-                    let w = s.workload_by_name("ns", workload.trim_start_matches("ns/")).expect("endpoint");
+                    let w = s.workload_by_ip(target.ip()).expect("endpoint");
                     prop_assert!(w.capacity > 0);
                     prop_assert!(allow_all || w.status == crate::config::HealthStatus::Healthy);
                     prop_assert!(eligible.iter().any(|e| e.name == w.name));

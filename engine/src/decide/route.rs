@@ -20,8 +20,6 @@ pub enum Route {
         identities: Vec<Identity>,
         /// Service hostname when a VIP was dialled.
         service: Option<String>,
-        /// `ns/name` of the chosen workload.
-        workload: String,
     },
     /// Plain TCP to this address (destination protocol TCP, not in the mesh, or a
     /// `Passthrough` service).
@@ -100,7 +98,6 @@ pub fn route(
         target,
         identities,
         service,
-        workload: workload.display_name(),
     }
 }
 

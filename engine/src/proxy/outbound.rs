@@ -143,7 +143,6 @@ async fn open(
             target,
             identities,
             service,
-            workload: _,
         } => {
             record.destination(snap.workload_by_ip(target.ip()));
             let log = record.log();

@@ -152,13 +152,6 @@ fn default_capacity() -> u32 {
     1
 }
 
-impl Workload {
-    /// `namespace/name`, for messages.
-    pub fn display_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
-
 /// Workload tunnel protocol (`protocol:`), spelled `HBONE` / `TCP` as in ztunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
 pub enum Protocol {
