@@ -534,19 +534,24 @@ mod tests {
         }
     }
 
-    fn line(format: LogFormat) -> String {
+    /// What the events `f` logs look like in `format`.
+    fn traced(format: LogFormat, f: impl FnOnce()) -> String {
         let written = Written::default();
         let w = written.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || w.clone())
             .event_format(IstioFormat(format))
             .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            let addr: std::net::SocketAddr = "10.0.0.1:80".parse().expect("addr");
-            tracing::event!(target: "access", tracing::Level::ERROR, src.addr = %addr, src.workload = "client", bytes_sent = 7u64, error = "a \"b\"", "connection complete");
-        });
+        tracing::subscriber::with_default(subscriber, f);
         let bytes = written.0.lock().expect("lock").clone();
         String::from_utf8(bytes).expect("UTF-8")
+    }
+
+    fn line(format: LogFormat) -> String {
+        traced(format, || {
+            let addr: std::net::SocketAddr = "10.0.0.1:80".parse().expect("addr");
+            tracing::event!(target: "access", tracing::Level::ERROR, src.addr = %addr, src.workload = "client", bytes_sent = 7u64, error = "a \"b\"", "connection complete");
+        })
     }
 
     #[test]
@@ -639,13 +644,7 @@ mod tests {
         let addr: std::net::SocketAddr = "10.0.0.1:80".parse().expect("addr");
         let v6: std::net::SocketAddr = "[fd00::1]:15008".parse().expect("addr");
         for layout in [LogFormat::Plain, LogFormat::Json] {
-            let written = Written::default();
-            let w = written.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_writer(move || w.clone())
-                .event_format(IstioFormat(layout))
-                .finish();
-            tracing::subscriber::with_default(subscriber, || {
+            let from_tracing = traced(layout, || {
                 tracing::event!(target: "access", tracing::Level::INFO,
                     src.addr = %addr,
                     src.workload = Some("client"),
@@ -664,8 +663,6 @@ mod tests {
                     "connection {}", "complete"
                 );
             });
-            let from_tracing =
-                String::from_utf8(written.0.lock().expect("lock").clone()).expect("UTF-8");
             log_buffer_taken();
             write_line_as(
                 layout,
