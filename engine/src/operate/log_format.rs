@@ -94,33 +94,6 @@ impl Fields<'_> {
         }
     }
 
-    /// A value shown with `Display` and logged as a string (`field = value.to_string()`),
-    /// without the intermediate string.
-    fn display_string(&mut self, name: &str, value: impl fmt::Display) {
-        self.key(name);
-        let start = self.out.len();
-        match self.layout {
-            LogFormat::Plain => {
-                self.out.push('"');
-                let _ = write!(self.out, "{value}");
-                let shown = &self.out[start + 1..];
-                if !shown.bytes().all(plain_byte) {
-                    // Rare (nothing in a name or an identity needs it): quote it as `{:?}`.
-                    let shown = shown.to_owned();
-                    self.out.truncate(start);
-                    let _ = write!(self.out, "{shown:?}");
-                    return;
-                }
-                self.out.push('"');
-            }
-            LogFormat::Json => {
-                self.out.push('"');
-                let _ = write!(JsonEscaped(self.out), "{value}");
-                self.out.push('"');
-            }
-        }
-    }
-
     /// A string made of `pieces`, logged as the string they join into.
     fn pieces(&mut self, name: &str, pieces: &[&str]) {
         if !pieces.iter().all(|p| p.bytes().all(plain_byte)) {
@@ -190,13 +163,6 @@ impl Line<'_> {
         }
     }
 
-    /// As [`Line::str`], for a value shown with `Display`.
-    pub fn display_str(&mut self, name: &str, value: Option<impl fmt::Display>) {
-        if let Some(v) = value {
-            self.0.display_string(name, v);
-        }
-    }
-
     /// As [`Line::str`], for a value given in pieces (written one after another).
     pub fn pieces<const N: usize>(&mut self, name: &str, value: Option<[&str; N]>) {
         if let Some(v) = value {
@@ -259,25 +225,7 @@ fn write_line_as(
 ) {
     let write = |buf: &mut String| {
         buf.clear();
-        let level = level_name(level);
-        let _ = match layout {
-            LogFormat::Plain => now(&mut Writer::new(buf)).map(|()| {
-                for part in ["\t", level, "\t", target, "\t", message, "\t"] {
-                    buf.push_str(part);
-                }
-            }),
-            LogFormat::Json => {
-                buf.push_str("{\"level\":\"");
-                buf.push_str(level);
-                buf.push_str("\",\"time\":\"");
-                now(&mut Writer::new(buf)).map(|()| {
-                    buf.push_str("\",\"scope\":");
-                    json_str(buf, target);
-                    buf.push_str(",\"message\":");
-                    json_str(buf, message);
-                })
-            }
-        };
+        let _ = head(&mut Writer::new(buf), layout, level, target, message);
         let mut message = String::new();
         let mut line = Line(Fields {
             layout,
@@ -286,10 +234,7 @@ fn write_line_as(
             n: 0,
         });
         fields(&mut line);
-        buf.push_str(match layout {
-            LogFormat::Plain => "\n",
-            LogFormat::Json => "}\n",
-        });
+        buf.push_str(end(layout));
         super::log_buffer::write_line(buf.as_bytes());
     };
     LINE.with(|cell| match cell.try_borrow_mut() {
@@ -371,38 +316,50 @@ impl IstioFormat {
             n: 0,
         });
         let meta = event.metadata();
-        let level = level_name(*meta.level());
-        match self.0 {
-            LogFormat::Plain => {
-                now(&mut w)?;
-                for part in [
-                    "\t",
-                    level,
-                    "\t",
-                    meta.target(),
-                    "\t",
-                    message,
-                    "\t",
-                    fields,
-                ] {
-                    w.write_str(part)?;
-                }
-                w.write_char('\n')
+        head(&mut w, self.0, *meta.level(), meta.target(), message)?;
+        w.write_str(fields)?;
+        w.write_str(end(self.0))
+    }
+}
+
+/// A line's start, up to where its fields go: the time, level, target and message, in
+/// `layout`.
+fn head(
+    w: &mut Writer<'_>,
+    layout: LogFormat,
+    level: tracing::Level,
+    target: &str,
+    message: &str,
+) -> fmt::Result {
+    let level = level_name(level);
+    match layout {
+        LogFormat::Plain => {
+            now(w)?;
+            for part in ["\t", level, "\t", target, "\t", message, "\t"] {
+                w.write_str(part)?;
             }
-            LogFormat::Json => {
-                // The time and level need no escaping.
-                w.write_str("{\"level\":\"")?;
-                w.write_str(level)?;
-                w.write_str("\",\"time\":\"")?;
-                now(&mut w)?;
-                w.write_str("\",\"scope\":")?;
-                json_str(&mut w, meta.target());
-                w.write_str(",\"message\":")?;
-                json_str(&mut w, message);
-                w.write_str(fields)?;
-                w.write_str("}\n")
-            }
+            Ok(())
         }
+        LogFormat::Json => {
+            // The time and level need no escaping.
+            w.write_str("{\"level\":\"")?;
+            w.write_str(level)?;
+            w.write_str("\",\"time\":\"")?;
+            now(w)?;
+            w.write_str("\",\"scope\":")?;
+            json_str(w, target);
+            w.write_str(",\"message\":")?;
+            json_str(w, message);
+            Ok(())
+        }
+    }
+}
+
+/// What ends a line after its fields, in `layout`.
+fn end(layout: LogFormat) -> &'static str {
+    match layout {
+        LogFormat::Plain => "\n",
+        LogFormat::Json => "}\n",
     }
 }
 
@@ -673,10 +630,10 @@ mod tests {
                     l.addr("src.addr", Some(addr));
                     l.str("src.workload", Some("client"));
                     l.str("src.namespace", None);
-                    l.display_str("src.identity", Some(Shown("spiffe://td/ns/a/sa/b")));
+                    l.pieces("src.identity", Some(["spiffe://td", "/ns/a/sa/b"]));
                     l.addr("dst.addr", Some(v6));
                     l.display("dst.hbone_addr", Some(Shown("svc.ns:80")));
-                    l.display_str("odd", Some(Shown("say \"hi\"\t\\")));
+                    l.pieces("odd", Some(["say \"hi\"", "\t\\"]));
                     l.num("bytes_sent", Some(7));
                     l.flag("ktls.tx", Some(false));
                     l.num("shard", Some(3));
