@@ -70,17 +70,22 @@ impl Baggage {
     /// carries the same one: build it once per workload and share it (a clone of a
     /// `HeaderValue` shares its bytes).
     pub fn header(&self) -> Option<HeaderValue> {
-        let v = self.header_value();
-        if v.is_empty() {
-            return None;
-        }
-        HeaderValue::try_from(v).ok()
+        baggage_header(self.header_value())
     }
 }
 
+/// A `baggage` header from its text, `None` when there is nothing in it (no header is sent).
+pub fn baggage_header(text: String) -> Option<HeaderValue> {
+    if text.is_empty() {
+        return None;
+    }
+    HeaderValue::try_from(text).ok()
+}
+
 /// Appends `v` without what a header value or a baggage member cannot hold, straight into
-/// the value being built (a CONNECT builds several per connection).
-fn push_sanitized(out: &mut String, v: &str) {
+/// the value being built (a CONNECT builds several per connection; the answer's `baggage` is
+/// built with it too).
+pub fn push_sanitized(out: &mut String, v: &str) {
     // By byte: what is kept is ASCII, and no byte of a longer character is ASCII.
     for b in v.bytes() {
         if b.is_ascii_graphic() && !matches!(b, b',' | b';' | b'=' | b'"' | b'\\') {

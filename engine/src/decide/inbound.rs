@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
+use ringtun_hbone::connect::push_sanitized;
 use ringtun_hbone::Identity;
 
 use super::{Refusal, Scope};
@@ -234,7 +235,9 @@ pub fn revoked(snap: &Snapshot, g: &Grant) -> Option<String> {
 /// `k8s.<type>.name` even when the entry has no type (`k8s..name=server`, checked against the
 /// real ztunnel by `e2e_ztunnel_wire`).
 pub fn response_baggage(w: &Workload) -> String {
-    let kind = format!("k8s.{}.name", keep_token(&w.workload_type.to_lowercase()));
+    let mut kind = String::from("k8s.");
+    push_sanitized(&mut kind, &w.workload_type.to_lowercase());
+    kind.push_str(".name");
     let members = [
         ("k8s.cluster.name", &w.cluster_id),
         ("k8s.namespace.name", &w.namespace),
@@ -249,14 +252,7 @@ pub fn response_baggage(w: &Workload) -> String {
         }
         out.push_str(key);
         out.push('=');
-        out.push_str(&keep_token(value));
+        push_sanitized(&mut out, value);
     }
     out
-}
-
-/// Config values go into a header: only what a baggage member may hold survives.
-fn keep_token(v: &str) -> String {
-    v.chars()
-        .filter(|c| c.is_ascii_graphic() && !matches!(c, ',' | ';' | '=' | '"' | '\\'))
-        .collect()
 }

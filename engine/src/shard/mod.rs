@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use http::HeaderValue;
+use ringtun_hbone::connect::baggage_header;
 use ringtun_hbone::Identity;
 
 use crate::config::{Snapshot, Workload};
@@ -312,12 +313,8 @@ impl Shard {
 
     /// The `baggage` header answering a CONNECT to `w`, made once per workload entry.
     pub fn response_baggage(&self, w: &Workload) -> Option<HeaderValue> {
-        self.response_baggage.get(w, |w| {
-            let v = decide::response_baggage(w);
-            (!v.is_empty())
-                .then(|| HeaderValue::try_from(v).ok())
-                .flatten()
-        })
+        self.response_baggage
+            .get(w, |w| baggage_header(decide::response_baggage(w)))
     }
 
     /// The identity a connection of `pod` presents.
