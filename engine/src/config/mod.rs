@@ -47,6 +47,7 @@
 //! [`Snapshot`] indexes one config for O(1), allocation-free lookups on the connection path;
 //! a [`Delta`] (istiod's updates) makes the next one at the cost of what it changes.
 
+mod by_workload;
 mod chunked;
 mod delta;
 mod error;
@@ -59,6 +60,7 @@ mod validate;
 #[cfg(test)]
 mod delta_tests;
 
+pub use by_workload::ByWorkload;
 pub use delta::{Change, Delta, EntryKey};
 pub use error::ConfigError;
 pub use model::{

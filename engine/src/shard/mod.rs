@@ -17,7 +17,6 @@ pub mod demand;
 pub mod drain;
 pub mod inbox;
 pub mod live;
-pub mod memo;
 pub mod pod;
 pub mod pool;
 pub mod tls;
@@ -36,7 +35,7 @@ use http::HeaderValue;
 use ringtun_hbone::connect::baggage_header;
 use ringtun_hbone::Identity;
 
-use crate::config::{Snapshot, Workload};
+use crate::config::{ByWorkload, Snapshot, Workload};
 use crate::decide::{self, Balancer, Grant, Route, Scope};
 use crate::metrics::{Series, ShardCounters, ShardGauges, ShardMetrics, ShardReport};
 use crate::options::{ListenerKind, RunOptions};
@@ -236,9 +235,9 @@ pub struct Shard {
     /// On-demand destinations (`XDS_ON_DEMAND`): off unless the control thread turns it on.
     on_demand: demand::OnDemand,
     /// The `baggage` a CONNECT from each source workload carries.
-    request_baggage: memo::ByWorkload<Option<HeaderValue>>,
+    request_baggage: ByWorkload<Option<HeaderValue>>,
     /// The `baggage` the answer to a CONNECT to each destination workload carries.
-    response_baggage: memo::ByWorkload<Option<HeaderValue>>,
+    response_baggage: ByWorkload<Option<HeaderValue>>,
 }
 
 impl Deref for Shard {
@@ -264,8 +263,8 @@ impl Shard {
             listener_fds: RefCell::new(Vec::new()),
             pods: RefCell::new(HashMap::new()),
             on_demand: demand::OnDemand::default(),
-            request_baggage: memo::ByWorkload::default(),
-            response_baggage: memo::ByWorkload::default(),
+            request_baggage: ByWorkload::default(),
+            response_baggage: ByWorkload::default(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! What a shard derives from a workload entry once, for every connection of that workload
-//! (the `baggage` headers a CONNECT and its answer carry): kept by the entry's [`Stamp`], so a
-//! config update that replaces the entry is noticed by one comparison.
+//! (its metric labels, the `baggage` headers a CONNECT and its answer carry): kept by the
+//! entry's [`Stamp`], so a config update that replaces the entry is noticed by one comparison.
 //!
 //! [`Stamp`]: crate::config::Stamp
 
@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 use foldhash::HashMap;
 
-use crate::config::Workload;
+use super::Workload;
 
 /// Past this many workloads the memo starts again (a node serves far fewer; a config that
 /// churns through uids must not grow it without bound).
@@ -30,11 +30,25 @@ impl<T> Default for ByWorkload<T> {
 impl<T: Clone> ByWorkload<T> {
     /// The value made from `w`, by `make` the first time this copy of `w` is seen.
     pub fn get(&self, w: &Workload, make: impl FnOnce(&Workload) -> T) -> T {
+        self.get_keeping(w, |_, _| false, make)
+    }
+
+    /// As [`ByWorkload::get`], but a value made from an earlier copy of `w` is kept (and
+    /// vouched for this copy) where `still(value, w)` says it still describes `w`: a copy
+    /// whose fields did not change keeps sharing the same value.
+    pub fn get_keeping(
+        &self,
+        w: &Workload,
+        still: impl FnOnce(&T, &Workload) -> bool,
+        make: impl FnOnce(&Workload) -> T,
+    ) -> T {
         let mut map = self.map.borrow_mut();
         let stamp = w.stamp.get();
         if let Some((seen, v)) = map.get_mut(&w.uid) {
             if *seen != stamp {
-                *v = make(w);
+                if !still(v, w) {
+                    *v = make(w);
+                }
                 *seen = stamp;
             }
             return v.clone();
@@ -53,7 +67,7 @@ mod tests {
     use super::*;
 
     fn workload(uid: &str, namespace: &str) -> Workload {
-        crate::config::test_workload(&format!("uid: {uid}, name: a, namespace: {namespace}"))
+        super::super::test_workload(&format!("uid: {uid}, name: a, namespace: {namespace}"))
     }
 
     #[test]
