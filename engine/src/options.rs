@@ -86,6 +86,27 @@ impl From<TlsCipher> for ringtun_hbone::verify::CipherPreference {
     }
 }
 
+/// Which userspace TLS record layer carries an HBONE connection the kernel does not (no kTLS,
+/// or `--ktls off`). rustls does the handshake either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsRecords {
+    /// ringtun's own, over the keys rustls derived (as kTLS gets them): a received byte is
+    /// opened where it was read and copied once.
+    #[default]
+    Own,
+    /// rustls' buffered connection for the connection's whole life.
+    Rustls,
+}
+
+impl std::fmt::Display for TlsRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsRecords::Own => "own",
+            TlsRecords::Rustls => "rustls",
+        })
+    }
+}
+
 /// Whether HBONE connections hand their TLS record layer to the kernel (kTLS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum KtlsMode {
@@ -222,6 +243,8 @@ pub struct RunOptions {
     pub handshake_timeout: Duration,
     /// Kernel TLS for HBONE connections.
     pub ktls: KtlsMode,
+    /// The userspace record layer where the kernel's is not used.
+    pub tls_records: TlsRecords,
     /// Records an offloaded AES-GCM connection may send with one key before it takes no new
     /// streams (see `stream::KeyBudget`); the default is
     /// [`crate::stream::DEFAULT_TX_RECORD_LIMIT`].

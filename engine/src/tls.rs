@@ -183,23 +183,21 @@ impl TlsMaterial {
         })
     }
 
-    /// Enables kTLS for HBONE connections with what the probe found: rustls must then keep
-    /// the traffic secrets so they can be handed to the kernel after the handshake. Without
-    /// kTLS the configs stay as they are (rustls forgets secrets it does not need).
+    /// Records what the kTLS probe found. Either way rustls keeps the traffic secrets after
+    /// the handshake and logs them: the kernel's record layer or ringtun's own userspace one
+    /// (`--tls-records own`) takes the connection over with its keys, and following a peer's
+    /// KeyUpdate needs the traffic secrets themselves (not only the keys rustls extracts),
+    /// which rustls hands out only through a key log. A connection that stays on rustls'
+    /// records forgets them.
     pub fn with_kernel_offload(mut self, cap: Option<tls_kernel_offload::Capability>) -> Self {
-        if cap.is_some() {
-            // Still the only owner here, so make_mut does not copy.
-            Arc::make_mut(&mut self.server).enable_secret_extraction = true;
-            Arc::make_mut(&mut self.client).enable_secret_extraction = true;
-        }
-        // A kernel that can take new keys (Linux 6.14+) lets an offloaded connection follow
-        // the peer's KeyUpdate, which needs the traffic secrets themselves (not only the keys
-        // rustls extracts): rustls hands them to a key log. Older kernels never need them.
-        if cap.as_ref().is_some_and(|c| c.rekey) {
-            let log = tls_kernel_offload::SecretLog::global();
-            Arc::make_mut(&mut self.server).key_log = log.clone();
-            Arc::make_mut(&mut self.client).key_log = log;
-        }
+        let log = tls_kernel_offload::SecretLog::global();
+        // Still the only owner here, so make_mut does not copy.
+        let server = Arc::make_mut(&mut self.server);
+        server.enable_secret_extraction = true;
+        server.key_log = log.clone();
+        let client = Arc::make_mut(&mut self.client);
+        client.enable_secret_extraction = true;
+        client.key_log = log;
         self.ktls = cap;
         self
     }

@@ -1,4 +1,4 @@
-//! The userspace record pump (`ringtun::stream::pump`) driven by arbitrary operations against
+//! The userspace record layers (`ringtun::stream::pump`: rustls' and ringtun's own) driven by arbitrary operations against
 //! a real rustls peer: records split anywhere, arbitrary and corrupted ciphertext, reads and
 //! writes of any size, sockets that take a little or nothing, flushes, close_notify, end of
 //! stream. It must never panic or spin, and must deliver only what the peer sent.
@@ -8,7 +8,7 @@
 //! exported by the engine for test use only.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use ringtun::stream::pump::{Flush, Read, RecordPump, Transmit, Write};
+use ringtun::stream::pump::{Flush, KeyPump, Read, RecordPump, Records, Transmit, Write};
 
 #[path = "../../engine/src/stream/pump/pair.rs"]
 mod pair;

@@ -48,6 +48,7 @@ mod probe;
 mod record;
 mod rekey;
 mod stream;
+mod userspace;
 
 pub use crypto_info::{
     enable_ulp, get_crypto_state, get_tls_tx_rx, Cipher, CryptoState, Direction,
@@ -70,3 +71,4 @@ pub use rekey::{
     SecretLog, TrafficSecret,
 };
 pub use stream::KtlsStream;
+pub use userspace::{record_len, OpenError, RecordKeys, HEADER_LEN, MAX_RECORD, OVERHEAD, TAG_LEN};

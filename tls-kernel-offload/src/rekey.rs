@@ -324,6 +324,19 @@ impl Rekey {
         &self.tx
     }
 
+    /// Moves the peer's secret on: it sent a KeyUpdate, which a userspace record layer
+    /// followed with the next secret's keys.
+    pub fn advance_rx(&mut self) {
+        self.rx = self.rx.next();
+        self.updates += 1;
+    }
+
+    /// Moves our secret on: a userspace record layer sent our KeyUpdate and seals with the
+    /// next secret's keys from now on.
+    pub fn advance_tx(&mut self) {
+        self.tx = self.tx.next();
+    }
+
     /// KeyUpdates followed so far.
     pub fn updates(&self) -> u64 {
         self.updates

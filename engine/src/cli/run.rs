@@ -12,7 +12,8 @@ use super::values::{parse_millis, parse_u32};
 use super::xds::XdsArgs;
 use crate::operate::admin::Role;
 use crate::options::{
-    InpodOptions, IoDriver, Keepalive, KtlsMode, RunOptions, SignerPaths, TlsCipher, UringTaskrun,
+    InpodOptions, IoDriver, Keepalive, KtlsMode, RunOptions, SignerPaths, TlsCipher, TlsRecords,
+    UringTaskrun,
 };
 use crate::tls::CertPaths;
 use crate::EngineError;
@@ -177,6 +178,11 @@ pub struct RunArgs {
     /// always uses userspace rustls.
     #[arg(long, value_enum, default_value = "auto")]
     pub ktls: KtlsMode,
+    /// The userspace TLS record layer of HBONE connections the kernel does not carry: `own`
+    /// (ringtun's, over the keys rustls derived in the handshake; one copy per received byte)
+    /// or `rustls` (rustls' buffered connection throughout).
+    #[arg(long, value_enum, default_value = "own")]
+    pub tls_records: TlsRecords,
     /// Records an offloaded AES-GCM connection may send with one key before it is retired
     /// (no new streams, GOAWAY). Lowering it is for tests; the default is also the maximum.
     #[arg(long, hide = true, default_value_t = crate::stream::DEFAULT_TX_RECORD_LIMIT)]
@@ -420,6 +426,7 @@ impl RunArgs {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             ktls: self.ktls,
+            tls_records: self.tls_records,
             ktls_tx_record_limit: self.ktls_tx_record_limit,
             ktls_rx_record_limit: self.ktls_rx_record_limit,
             inpod,

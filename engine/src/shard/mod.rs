@@ -200,6 +200,7 @@ impl ShardContext {
             stream: Rc::new(StreamCtx::new(
                 id,
                 tls.ktls.clone(),
+                opts.tls_records,
                 crate::stream::RecordLimits {
                     tx: opts.ktls_tx_record_limit,
                     rx: opts.ktls_rx_record_limit,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tls_kernel_offload::Capability;
 
 use super::RecordLimits;
+use crate::options::TlsRecords;
 
 /// What the byte-stream layers need from the shard they run on, and nothing more: built once
 /// per shard, shared (`Rc`) by its connections.
@@ -16,6 +17,8 @@ pub struct StreamCtx {
     /// What the kernel can offload (`--ktls` and the probe); `None` keeps every connection
     /// on userspace rustls.
     pub ktls: Option<Capability>,
+    /// The userspace record layer of connections the kernel does not carry (`--tls-records`).
+    pub records: TlsRecords,
     /// Records an offloaded AES-GCM connection sends and receives before it retires
     /// (`--ktls-tx-record-limit`, `--ktls-rx-record-limit`; see [`super::KeyBudget`]).
     pub record_limits: RecordLimits,
@@ -31,12 +34,14 @@ impl StreamCtx {
     pub fn new(
         shard: usize,
         ktls: Option<Capability>,
+        records: TlsRecords,
         record_limits: RecordLimits,
         handshake_timeout: Duration,
     ) -> Self {
         StreamCtx {
             shard,
             ktls,
+            records,
             record_limits,
             handshake_timeout,
             counters: TlsCounters::default(),
@@ -52,7 +57,7 @@ pub struct TlsCounters {
     pub ktls_tx: Cell<u64>,
     /// Connections whose receiving side the kernel decrypts (kTLS RX).
     pub ktls_rx: Cell<u64>,
-    /// Connections carried by userspace rustls (no kTLS, or offload not possible).
+    /// Connections carried by a userspace record layer (no kTLS, or offload not possible).
     pub userspace: Cell<u64>,
     /// Connections lost while switching to kTLS (after rustls gave up its secrets).
     pub ktls_failed: Cell<u64>,

@@ -12,7 +12,10 @@ use tls_kernel_offload::{self as ktls, Cipher, Handoff, KtlsError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::ctx::bump;
-use super::{FlushTick, HandshakeIo, HboneIo, KeyBudget, KtlsIo, RustlsIo, StreamCtx, TlsPath};
+use super::pump::{KeyPump, RecordPump};
+use super::TlsPath;
+use super::{FlushTick, HandshakeIo, HboneIo, KeyBudget, KeysIo, KtlsIo, RustlsIo, StreamCtx};
+use crate::options::TlsRecords;
 
 /// An HBONE connection after its TLS handshake.
 #[derive(Debug)]
@@ -29,15 +32,16 @@ pub struct Established {
 }
 
 /// A connection lost between the TLS handshake and its first HTTP/2 byte: mostly while
-/// switching to kTLS, when rustls had given up (or was about to give up) its secrets, so it
-/// cannot continue in userspace either.
+/// taking the record layer over from rustls (for the kernel or ringtun's own), when rustls
+/// had given up (or was about to give up) its secrets, so it cannot continue on its own
+/// either.
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
     /// The offload crate refused or the kernel rejected the keys.
-    #[error("switching to kTLS: {0}")]
+    #[error("taking the record layer over from rustls: {0}")]
     Ktls(#[from] KtlsError),
     /// Socket I/O while finishing the last record or flushing rustls failed.
-    #[error("switching to kTLS: {context}: {source}")]
+    #[error("taking the record layer over from rustls: {context}: {source}")]
     Io {
         /// What was being done.
         context: &'static str,
@@ -45,7 +49,7 @@ pub enum OffloadError {
         source: io::Error,
     },
     /// rustls failed on the record that completed the handshake's last read.
-    #[error("switching to kTLS: {0}")]
+    #[error("taking the record layer over from rustls: {0}")]
     Rustls(#[from] rustls::Error),
     /// A connection staying on userspace rustls could not leave monoio's poll mode (the
     /// runtime refused to deregister the socket); nothing was sent on it yet.
@@ -54,14 +58,15 @@ pub enum OffloadError {
 }
 
 /// Finishes a handshaken connection: offloads it to the kernel when this shard, the kernel
-/// and the negotiated cipher suite allow, else keeps it on userspace rustls ([`RustlsIo`]).
-/// Counts the outcome in the context's counters.
+/// and the negotiated cipher suite allow, else keeps it in userspace, on ringtun's record
+/// layer ([`KeysIo`], `--tls-records own`) or rustls' ([`RustlsIo`]). Counts the outcome in
+/// the context's counters.
 pub async fn establish(
     ctx: &Rc<StreamCtx>,
     tls: tokio_rustls::TlsStream<HandshakeIo>,
 ) -> Result<Established, OffloadError> {
     let Some(cap) = ctx.ktls.as_ref() else {
-        return userspace(ctx, tls);
+        return userspace(ctx, tls).await;
     };
     let (io, common) = tls.get_ref();
     let suite = common.negotiated_cipher_suite().map(|s| s.suite());
@@ -69,15 +74,15 @@ pub async fn establish(
         .filter(|s| cap.can_offload_suite(*s))
         .and_then(Cipher::from_suite);
     let Some(cipher) = cipher.filter(|_| io.cork.is_some()) else {
-        tracing::debug!(shard = ctx.shard, ?suite, "kTLS: this kernel cannot offload the negotiated cipher suite; the connection stays on userspace rustls");
-        return userspace(ctx, tls);
+        tracing::debug!(shard = ctx.shard, ?suite, "kTLS: this kernel cannot offload the negotiated cipher suite; the connection stays in userspace");
+        return userspace(ctx, tls).await;
     };
     // Attaching the ULP is the one step that can fail without losing the connection: the
     // socket stays plain TCP until keys are installed. So it comes before the secrets leave
     // rustls.
     if let Err(e) = ktls::enable_ulp(io.io.as_raw_fd()) {
-        tracing::warn!(shard = ctx.shard, error = %e, "kTLS: the connection stays on userspace rustls");
-        return userspace(ctx, tls);
+        tracing::warn!(shard = ctx.shard, error = %e, "kTLS: the connection stays in userspace");
+        return userspace(ctx, tls).await;
     }
     // Committed: an error from here on loses the connection.
     let result = offload(ctx, into_parts(tls), cipher).await;
@@ -101,23 +106,29 @@ fn into_parts(tls: tokio_rustls::TlsStream<HandshakeIo>) -> (HandshakeIo, rustls
     }
 }
 
-fn userspace(
-    ctx: &StreamCtx,
+async fn userspace(
+    ctx: &Rc<StreamCtx>,
     tls: tokio_rustls::TlsStream<HandshakeIo>,
 ) -> Result<Established, OffloadError> {
-    // Past the handshake nothing reads through the cork any more: the record layer reads the
-    // socket itself.
     let (hio, conn) = into_parts(tls);
-    // rustls rekeys by itself here: the secrets logged for kTLS are not needed.
-    if ctx.ktls.as_ref().is_some_and(|c| c.rekey) {
-        if let Some(random) = hio.client_random() {
-            ktls::SecretLog::global().forget(&random);
-        }
-    }
     let cipher = conn
         .negotiated_cipher_suite()
         .and_then(|s| Cipher::from_suite(s.suite()));
-    // Off monoio's poll I/O: RustlsIo drives the socket itself.
+    if ctx.records == TlsRecords::Own && hio.cork.is_some() {
+        if let Some(cipher) = cipher {
+            let result = own_records(ctx, (hio, conn), cipher).await;
+            if result.is_err() {
+                bump(&ctx.counters.ktls_failed);
+            }
+            return result;
+        }
+    }
+    // rustls rekeys by itself here: the secrets it logged are not needed.
+    if let Some(random) = hio.client_random() {
+        ktls::SecretLog::global().forget(&random);
+    }
+    // Past the handshake nothing reads through the cork any more: the record layer reads the
+    // socket itself, off monoio's poll I/O.
     let sock = hio
         .io
         .try_into_comp_io()
@@ -125,18 +136,103 @@ fn userspace(
     bump(&ctx.counters.userspace);
     let tick = Rc::new(FlushTick::default());
     Ok(Established {
-        io: HboneIo::Rustls(RustlsIo::new(sock, conn, tick.clone())),
+        io: HboneIo::Rustls(RustlsIo::new(sock, RecordPump::new(conn), tick.clone())),
         tick,
         path: TlsPath::userspace(cipher),
         budget: None,
     })
 }
 
-async fn offload(
+/// rustls finished the handshake; ringtun's userspace record layer takes the connection on
+/// with its keys, at the record boundary the cork kept.
+async fn own_records(
     ctx: &Rc<StreamCtx>,
-    (mut hio, mut conn): (HandshakeIo, rustls::Connection),
+    parts: (HandshakeIo, rustls::Connection),
     cipher: Cipher,
 ) -> Result<Established, OffloadError> {
+    let (hio, extracted, early, is_client) = take_over(ctx, parts).await?;
+    let (tx_seq, tx) = &extracted.secrets.tx;
+    let (rx_seq, rx) = &extracted.secrets.rx;
+    let tx = ktls::RecordKeys::from_secrets(*tx_seq, tx)?;
+    let rx = ktls::RecordKeys::from_secrets(*rx_seq, rx)?;
+    let rekey = hio
+        .client_random()
+        .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client));
+    let sock = hio
+        .io
+        .try_into_comp_io()
+        .map_err(|(e, _)| OffloadError::PollMode(e))?;
+    bump(&ctx.counters.userspace);
+    let tick = Rc::new(FlushTick::default());
+    Ok(Established {
+        io: HboneIo::Keys(KeysIo::new(
+            sock,
+            KeyPump::new(tx, rx, rekey, early),
+            tick.clone(),
+        )),
+        tick,
+        path: TlsPath::userspace(Some(cipher)),
+        budget: None,
+    })
+}
+
+async fn offload(
+    ctx: &Rc<StreamCtx>,
+    parts: (HandshakeIo, rustls::Connection),
+    cipher: Cipher,
+) -> Result<Established, OffloadError> {
+    let (hio, extracted, early, is_client) = take_over(ctx, parts).await?;
+    // 3. Keys into the kernel. The peer's record count goes on from where rustls left it.
+    let rx_seq = extracted.secrets.rx.0;
+    let off = ktls::enable(hio.io.as_raw_fd(), extracted.secrets)?;
+    let c = &ctx.counters;
+    if off.tx {
+        bump(&c.ktls_tx);
+    }
+    if off.rx {
+        bump(&c.ktls_rx);
+    }
+    tracing::debug!(
+        shard = ctx.shard,
+        peer = ?hio.io.peer_addr().ok(),
+        %cipher,
+        early = early.len(),
+        "kTLS: HBONE connection offloaded"
+    );
+    let budget = Rc::new(KeyBudget::new(cipher, ctx.record_limits, rx_seq));
+    // The traffic secrets to follow the peer's KeyUpdates, where the kernel can (6.14+).
+    let rekey = ctx
+        .ktls
+        .as_ref()
+        .filter(|c| c.rekey)
+        .and_then(|_| hio.client_random())
+        .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client));
+    Ok(Established {
+        io: HboneIo::Kernel(KtlsIo::new(
+            ctx.clone(),
+            hio.io,
+            early,
+            budget.clone(),
+            rekey,
+        )),
+        // The kernel's socket takes every write at once; nothing to defer.
+        tick: Rc::new(FlushTick::default()),
+        path: TlsPath {
+            ktls_tx: off.tx,
+            ktls_rx: off.rx,
+            cipher: Some(cipher),
+        },
+        budget: Some(budget),
+    })
+}
+
+/// Steps 1 and 2 of taking the record layer over from rustls (for the kernel or ringtun's
+/// own): the socket at a record boundary, the secrets, the plaintext rustls decrypted that
+/// nobody read yet, and whether this end is the client.
+async fn take_over(
+    ctx: &Rc<StreamCtx>,
+    (mut hio, mut conn): (HandshakeIo, rustls::Connection),
+) -> Result<(HandshakeIo, ktls::Extracted, Vec<u8>, bool), OffloadError> {
     let mut early = Vec::new();
     // 1. The handshake may have stopped reading inside a record (tokio-rustls keeps reading
     //    after the handshake until the socket has nothing more). Read exactly the rest of it
@@ -147,7 +243,7 @@ async fn offload(
         tracing::debug!(
             shard = ctx.shard,
             missing = cork.max_read(),
-            "kTLS: finishing a record the handshake left half-read"
+            "after the TLS handshake: finishing a record it left half-read"
         );
     }
     while !cork.at_boundary() {
@@ -193,48 +289,7 @@ async fn offload(
         }
     };
     early.extend_from_slice(&extracted.plaintext);
-    // 3. Keys into the kernel. The peer's record count goes on from where rustls left it.
-    let rx_seq = extracted.secrets.rx.0;
-    let off = ktls::enable(hio.io.as_raw_fd(), extracted.secrets)?;
-    let c = &ctx.counters;
-    if off.tx {
-        bump(&c.ktls_tx);
-    }
-    if off.rx {
-        bump(&c.ktls_rx);
-    }
-    tracing::debug!(
-        shard = ctx.shard,
-        peer = ?hio.io.peer_addr().ok(),
-        %cipher,
-        early = early.len(),
-        "kTLS: HBONE connection offloaded"
-    );
-    let budget = Rc::new(KeyBudget::new(cipher, ctx.record_limits, rx_seq));
-    // The traffic secrets to follow the peer's KeyUpdates, where the kernel can (6.14+).
-    let rekey = ctx
-        .ktls
-        .as_ref()
-        .filter(|c| c.rekey)
-        .and_then(|_| hio.client_random())
-        .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client));
-    Ok(Established {
-        io: HboneIo::Kernel(KtlsIo::new(
-            ctx.clone(),
-            hio.io,
-            early,
-            budget.clone(),
-            rekey,
-        )),
-        // The kernel's socket takes every write at once; nothing to defer.
-        tick: Rc::new(FlushTick::default()),
-        path: TlsPath {
-            ktls_tx: off.tx,
-            ktls_rx: off.rx,
-            cipher: Some(cipher),
-        },
-        budget: Some(budget),
-    })
+    Ok((hio, extracted, early, is_client))
 }
 
 /// Moves the plaintext rustls has decrypted into `out` (so its buffer never fills while we

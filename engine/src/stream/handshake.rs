@@ -12,6 +12,8 @@ use ringtun_hbone::{HboneError, Identity};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
+use crate::options::TlsRecords;
+
 use super::{establish, FlushTick, HandshakeIo, HboneIo, KeyBudget, OffloadError, StreamCtx};
 use super::{Established, TlsPath};
 
@@ -106,7 +108,9 @@ pub async fn server(
 
 /// Corked when kTLS may follow, so the handshake never reads past a TLS record.
 fn corked(ctx: &StreamCtx, tcp: TcpStreamPoll) -> HandshakeIo {
-    HandshakeIo::new(tcp, ctx.ktls.is_some())
+    // Both the kernel and ringtun's own record layer take over from rustls at a record
+    // boundary.
+    HandshakeIo::new(tcp, ctx.ktls.is_some() || ctx.records == TlsRecords::Own)
 }
 
 /// The sequence both ends share. Each step's future is made where it is awaited (`tls`, like

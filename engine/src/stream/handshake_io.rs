@@ -46,7 +46,9 @@ impl HandshakeIo {
         HandshakeIo {
             io,
             cork: corked.then(RecordBoundary::new),
-            hello: corked.then(Box::default),
+            // Always: a connection that stays on rustls' records tells the key log to forget
+            // its secrets by this random.
+            hello: Some(Box::default()),
         }
     }
 

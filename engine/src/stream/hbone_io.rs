@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{KtlsIo, RustlsIo};
+use super::{KeysIo, KtlsIo, RustlsIo};
 
 /// The stream h2 runs on for one HBONE connection.
 // The rustls variant is large, but boxing it would add an indirection to every read and write
@@ -16,6 +16,8 @@ use super::{KtlsIo, RustlsIo};
 pub enum HboneIo {
     /// Userspace rustls.
     Rustls(RustlsIo),
+    /// ringtun's userspace record layer over rustls' keys.
+    Keys(KeysIo),
     /// Kernel TLS.
     Kernel(KtlsIo),
 }
@@ -24,6 +26,7 @@ impl fmt::Debug for HboneIo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HboneIo::Rustls(_) => f.write_str("HboneIo::Rustls"),
+            HboneIo::Keys(_) => f.write_str("HboneIo::Keys"),
             HboneIo::Kernel(k) => f.debug_tuple("HboneIo::Kernel").field(k).finish(),
         }
     }
@@ -37,6 +40,7 @@ impl AsyncRead for HboneIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             HboneIo::Rustls(s) => Pin::new(s).poll_read(cx, buf),
+            HboneIo::Keys(s) => Pin::new(s).poll_read(cx, buf),
             HboneIo::Kernel(k) => Pin::new(k).poll_read(cx, buf),
         }
     }
@@ -50,6 +54,7 @@ impl AsyncWrite for HboneIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             HboneIo::Rustls(s) => Pin::new(s).poll_write(cx, buf),
+            HboneIo::Keys(s) => Pin::new(s).poll_write(cx, buf),
             HboneIo::Kernel(k) => Pin::new(k).poll_write(cx, buf),
         }
     }
@@ -61,6 +66,7 @@ impl AsyncWrite for HboneIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             HboneIo::Rustls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            HboneIo::Keys(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             HboneIo::Kernel(k) => Pin::new(k).poll_write_vectored(cx, bufs),
         }
     }
@@ -68,6 +74,7 @@ impl AsyncWrite for HboneIo {
     fn is_write_vectored(&self) -> bool {
         match self {
             HboneIo::Rustls(s) => s.is_write_vectored(),
+            HboneIo::Keys(s) => s.is_write_vectored(),
             HboneIo::Kernel(k) => k.is_write_vectored(),
         }
     }
@@ -75,6 +82,7 @@ impl AsyncWrite for HboneIo {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             HboneIo::Rustls(s) => Pin::new(s).poll_flush(cx),
+            HboneIo::Keys(s) => Pin::new(s).poll_flush(cx),
             HboneIo::Kernel(k) => Pin::new(k).poll_flush(cx),
         }
     }
@@ -82,6 +90,7 @@ impl AsyncWrite for HboneIo {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             HboneIo::Rustls(s) => Pin::new(s).poll_shutdown(cx),
+            HboneIo::Keys(s) => Pin::new(s).poll_shutdown(cx),
             HboneIo::Kernel(k) => Pin::new(k).poll_shutdown(cx),
         }
     }

@@ -76,4 +76,4 @@ pub use key_budget::{
 pub use ktls::KtlsIo;
 pub use path::TlsPath;
 pub use probe::startup;
-pub use userspace::RustlsIo;
+pub use userspace::{KeysIo, RustlsIo, UserspaceIo};

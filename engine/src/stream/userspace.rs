@@ -11,11 +11,12 @@ use std::task::{ready, Context, Poll};
 use monoio::net::TcpStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::pump::{Flush, Read, RecordPump, Transmit, Write};
+use super::pump::{Flush, KeyPump, Read, RecordPump, Records, Transmit, Write};
 use super::FlushTick;
 use crate::net;
 
-/// An HBONE connection on userspace rustls, after the handshake.
+/// An HBONE connection on a userspace record layer, after the handshake: rustls'
+/// ([`RustlsIo`]) or ringtun's own over rustls' keys ([`KeysIo`]).
 ///
 /// tokio-rustls would do this job, but it costs a syscall per 4 KiB read (rustls reads into
 /// its record buffer in 4 KiB steps) and one `writev` per h2 write (every frame head, every
@@ -33,9 +34,9 @@ use crate::net;
 /// socket is full. monoio's poll I/O would instead route readiness through an epoll instance
 /// (one `epoll_wait` per wake-up) and learn that the socket is empty from a `recv` that fails
 /// with `EAGAIN`: two syscalls more per message.
-pub struct RustlsIo {
+pub struct UserspaceIo<P> {
     sock: Rc<TcpStream>,
-    pump: RecordPump,
+    pump: P,
     /// The last `recv` returned less than it asked for: the socket is (most likely) empty,
     /// so the next read waits for readability instead of trying a `recv` first.
     drained: bool,
@@ -50,9 +51,14 @@ pub struct RustlsIo {
 /// to the stream so that it can live next to it.
 type Readiness = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 
-impl fmt::Debug for RustlsIo {
+/// rustls' record layer.
+pub type RustlsIo = UserspaceIo<RecordPump>;
+/// ringtun's record layer over the keys rustls derived.
+pub type KeysIo = UserspaceIo<KeyPump>;
+
+impl<P: Records> fmt::Debug for UserspaceIo<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RustlsIo")
+        f.debug_struct("UserspaceIo")
             .field("fd", &self.sock.as_raw_fd())
             .field("buffered_in", &self.pump.buffered_input())
             .field("unflushed", &self.pump.unflushed())
@@ -61,11 +67,11 @@ impl fmt::Debug for RustlsIo {
     }
 }
 
-impl RustlsIo {
-    pub(super) fn new(sock: TcpStream, conn: rustls::Connection, tick: Rc<FlushTick>) -> Self {
-        RustlsIo {
+impl<P: Records> UserspaceIo<P> {
+    pub(super) fn new(sock: TcpStream, pump: P, tick: Rc<FlushTick>) -> Self {
+        UserspaceIo {
             sock: Rc::new(sock),
-            pump: RecordPump::new(conn),
+            pump,
             // The handshake may have left the socket empty or not: try a recv first.
             drained: false,
             read_wait: None,
@@ -148,7 +154,7 @@ impl RustlsIo {
     }
 }
 
-impl AsyncRead for RustlsIo {
+impl<P: Records + Unpin> AsyncRead for UserspaceIo<P> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -172,7 +178,7 @@ impl AsyncRead for RustlsIo {
     }
 }
 
-impl AsyncWrite for RustlsIo {
+impl<P: Records + Unpin> AsyncWrite for UserspaceIo<P> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

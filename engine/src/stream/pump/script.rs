@@ -1,4 +1,5 @@
-//! Drives a [`RecordPump`] and a real rustls peer through a sequence of operations read from
+//! Drives a record layer (rustls' [`RecordPump`] or ringtun's [`KeyPump`] over the keys of
+//! the same handshake) and a real rustls peer through a sequence of operations read from
 //! arbitrary bytes: the record pump's fuzz target (`fuzz/fuzz_targets/record_pump.rs`
 //! includes this file) and a property test beside it.
 //!
@@ -10,7 +11,7 @@ use std::io;
 use tokio::io::ReadBuf;
 
 use super::pair;
-use super::{Flush, Read, RecordPump, Transmit, Write};
+use super::{Flush, KeyPump, Read, RecordPump, Records, Transmit, Write};
 
 /// Bytes read one at a time, then zeros.
 struct Ops<'a>(&'a [u8]);
@@ -57,6 +58,22 @@ impl io::Write for Socket<'_> {
     }
 }
 
+/// ringtun's record layer over `conn`'s keys, as `establish` builds it (without the traffic
+/// secrets: KeyUpdates are beyond the script).
+fn keys_pump(conn: rustls::Connection) -> KeyPump {
+    use tls_kernel_offload::{try_extract, Handoff, RecordKeys};
+    match try_extract(conn) {
+        Ok(Handoff::Ready(x)) => {
+            let (tx_seq, tx) = &x.secrets.tx;
+            let (rx_seq, rx) = &x.secrets.rx;
+            let tx = RecordKeys::from_secrets(*tx_seq, tx).expect("tx keys");
+            let rx = RecordKeys::from_secrets(*rx_seq, rx).expect("rx keys");
+            KeyPump::new(tx, rx, None, x.plaintext)
+        }
+        _ => panic!("a finished handshake with nothing left to send gives its keys"),
+    }
+}
+
 /// Runs the operations `data` spells out.
 pub fn run(data: &[u8]) {
     let mut ops = Ops(data);
@@ -67,7 +84,11 @@ pub fn run(data: &[u8]) {
     } else {
         (server, client)
     };
-    let mut pump = RecordPump::new(mine);
+    let mut pump: Box<dyn Records> = if first & 8 == 0 {
+        Box::new(RecordPump::new(mine))
+    } else {
+        Box::new(keys_pump(mine))
+    };
     // The peer's ciphertext not yet handed to the pump, and what the pump sent the peer.
     let mut wire = Vec::new();
     let mut to_peer = Vec::new();

@@ -1,0 +1,453 @@
+//! The record layer the kernel would run, in userspace: TLS 1.3 records sealed and opened
+//! with the keys [`crate::try_extract`] took from rustls, for kernels without kTLS.
+//!
+//! Why not stay on rustls after the handshake: its buffered API copies every received byte
+//! three times before the caller sees it (into its deframer buffer in 4 KiB steps, out of it
+//! into a plaintext queue, out of that into the caller's buffer) and moves the unread tail of
+//! its deframer buffer after each record; a bulk receiver spent as much time in `memmove` as
+//! in AES-GCM. Here a record is opened in place in the buffer the socket was read into, and
+//! its plaintext is copied once, into the reader's buffer; a record is sealed in place after
+//! one copy of the writer's bytes. The handshake, certificates and key schedule stay rustls'.
+//!
+//! Sans-IO: [`RecordKeys`] seals and opens one direction's records (RFC 8446 section 5.2: the
+//! nonce is the IV XOR the record's sequence number, the additional data the record header,
+//! the content type the last non-zero byte of the inner plaintext), [`record_len`] frames the
+//! input. What a record that is not application data means (close_notify, tickets,
+//! KeyUpdate) is the caller's, with [`crate::classify`] and [`crate::parse_handshake`], as on
+//! an offloaded socket. Checked against rustls itself (tests below).
+
+use std::fmt;
+
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use rustls::ConnectionTrafficSecrets;
+
+use crate::crypto_info::zeroize;
+use crate::record::{CONTENT_APPLICATION_DATA, MAX_RECORD_PLAINTEXT};
+use crate::{Cipher, KtlsError, TrafficSecret};
+
+/// TLS record header: type, legacy version, length.
+pub const HEADER_LEN: usize = 5;
+/// The AEAD tag every TLS 1.3 cipher suite appends.
+pub const TAG_LEN: usize = 16;
+/// The most a record may carry beyond its plaintext (RFC 8446 section 5.2: 2^14 + 256).
+const MAX_EXPANSION: usize = 256;
+/// The largest record on the wire: header, inner plaintext (content and its type byte, up to
+/// 2^14 + 256 with padding) and tag, as the peer may send it.
+pub const MAX_RECORD: usize = HEADER_LEN + MAX_RECORD_PLAINTEXT + MAX_EXPANSION;
+/// What a record we seal adds to its payload: header, content type byte, tag.
+pub const OVERHEAD: usize = HEADER_LEN + 1 + TAG_LEN;
+
+/// One direction's record protection: an AEAD key, its IV and the next record's sequence
+/// number.
+pub struct RecordKeys {
+    cipher: Cipher,
+    key: LessSafeKey,
+    iv: [u8; NONCE_LEN],
+    seq: u64,
+}
+
+impl fmt::Debug for RecordKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordKeys")
+            .field("cipher", &self.cipher)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RecordKeys {
+    fn drop(&mut self) {
+        zeroize(&mut self.iv);
+    }
+}
+
+/// Why a received record could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenError {
+    /// The outer content type is not application data (TLS 1.3 encrypts every record after
+    /// the handshake), or the legacy version is not 0x0303.
+    BadHeader,
+    /// The length field is over 2^14 + 256, or too short to hold a tag.
+    Oversized,
+    /// Authentication failed: corrupt, forged or out of sequence.
+    Decrypt,
+    /// The inner plaintext is all padding (no content type).
+    NoContentType,
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpenError::BadHeader => "a TLS record with an unencrypted content type or a wrong version after the handshake",
+            OpenError::Oversized => "a TLS record longer than 2^14 + 256 bytes or shorter than its tag",
+            OpenError::Decrypt => "a TLS record failed authentication (corrupt, forged or out of sequence)",
+            OpenError::NoContentType => "a TLS record with no content type (all padding)",
+        })
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+impl OpenError {
+    /// The TLS alert that tells the peer (RFC 8446 section 6.2).
+    pub fn alert(self) -> u8 {
+        match self {
+            OpenError::BadHeader | OpenError::NoContentType => 10, // unexpected_message
+            OpenError::Oversized => 22,                            // record_overflow
+            OpenError::Decrypt => 20,                              // bad_record_mac
+        }
+    }
+}
+
+/// The length of the record that starts `buf` (header included), once its header is there;
+/// `Err` for a header no TLS 1.3 peer sends after the handshake.
+pub fn record_len(buf: &[u8]) -> Result<Option<usize>, OpenError> {
+    let Some(h) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    if h[0] != CONTENT_APPLICATION_DATA || h[1] != 3 || h[2] != 3 {
+        return Err(OpenError::BadHeader);
+    }
+    let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+    if len > MAX_RECORD_PLAINTEXT + MAX_EXPANSION || len <= TAG_LEN {
+        return Err(OpenError::Oversized);
+    }
+    Ok(Some(HEADER_LEN + len))
+}
+
+impl RecordKeys {
+    /// One direction of extracted secrets: `seq` is the next record's number there.
+    pub fn from_secrets(seq: u64, secrets: &ConnectionTrafficSecrets) -> Result<Self, KtlsError> {
+        let (cipher, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (Cipher::Chacha20Poly1305, key, iv)
+            }
+            _ => return Err(KtlsError::UnsupportedCipher("unknown AEAD".into())),
+        };
+        Self::new(cipher, key.as_ref(), iv.as_ref(), seq)
+    }
+
+    /// The keys a traffic secret yields, from record 0 (after a KeyUpdate).
+    pub fn from_traffic_secret(secret: &TrafficSecret) -> Result<Self, KtlsError> {
+        let (mut key, mut iv) = secret.crypto_keys();
+        let keys = Self::new(secret.cipher(), &key, &iv, 0);
+        zeroize(&mut key);
+        zeroize(&mut iv);
+        keys
+    }
+
+    fn new(cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> Result<Self, KtlsError> {
+        let alg = match cipher {
+            Cipher::Aes128Gcm => &aead::AES_128_GCM,
+            Cipher::Aes256Gcm => &aead::AES_256_GCM,
+            Cipher::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
+        };
+        let bad = |what, got, want| KtlsError::BadSecretLength {
+            cipher,
+            what,
+            got,
+            want,
+        };
+        let iv: [u8; NONCE_LEN] = iv.try_into().map_err(|_| bad("IV", iv.len(), NONCE_LEN))?;
+        let key = UnboundKey::new(alg, key).map_err(|_| bad("key", key.len(), alg.key_len()))?;
+        Ok(RecordKeys {
+            cipher,
+            key: LessSafeKey::new(key),
+            iv,
+            seq,
+        })
+    }
+
+    /// The cipher.
+    pub fn cipher(&self) -> Cipher {
+        self.cipher
+    }
+
+    /// Records sealed or opened with these keys so far (the next record's sequence number).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn nonce(&mut self) -> Nonce {
+        let mut n = self.iv;
+        for (b, s) in n[NONCE_LEN - 8..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        self.seq += 1;
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// Appends one record of `content_type` carrying `parts` (together at most
+    /// [`MAX_RECORD_PLAINTEXT`] bytes) to `out`: the parts are copied in once and encrypted
+    /// where they lie.
+    pub fn seal(&mut self, content_type: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        debug_assert!(len <= MAX_RECORD_PLAINTEXT);
+        let wire = (len + 1 + TAG_LEN) as u16;
+        out.reserve(len + OVERHEAD);
+        let start = out.len();
+        out.extend_from_slice(&[CONTENT_APPLICATION_DATA, 3, 3]);
+        out.extend_from_slice(&wire.to_be_bytes());
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        out.push(content_type);
+        let nonce = self.nonce();
+        let (header, body) = out[start..].split_at_mut(HEADER_LEN);
+        let header: [u8; HEADER_LEN] = [header[0], header[1], header[2], header[3], header[4]];
+        // Infallible for in-range lengths: the only error is a plaintext over the AEAD's limit.
+        let tag = match self
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
+        {
+            Ok(tag) => tag,
+            Err(_) => unreachable!("a TLS record is far below every AEAD's length limit"),
+        };
+        out.extend_from_slice(tag.as_ref());
+    }
+
+    /// Opens the whole record `record` (header included, as long as [`record_len`] said) in
+    /// place: its content type and where its content lies in `record`.
+    pub fn open(&mut self, record: &mut [u8]) -> Result<(u8, std::ops::Range<usize>), OpenError> {
+        let (header, body) = record.split_at_mut(HEADER_LEN);
+        let header: [u8; HEADER_LEN] = [header[0], header[1], header[2], header[3], header[4]];
+        let nonce = self.nonce();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(header), body)
+            .map_err(|_| OpenError::Decrypt)?;
+        // The content type is the last non-zero byte; zeros after it are padding.
+        let Some(at) = plain.iter().rposition(|&b| b != 0) else {
+            return Err(OpenError::NoContentType);
+        };
+        if at > MAX_RECORD_PLAINTEXT {
+            return Err(OpenError::Oversized);
+        }
+        Ok((plain[at], HEADER_LEN..HEADER_LEN + at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{CONTENT_ALERT, CONTENT_HANDSHAKE};
+    use crate::{try_extract, Handoff};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    /// A finished in-memory rustls handshake with secret extraction on.
+    fn pair(
+        suite: rustls::SupportedCipherSuite,
+    ) -> (rustls::ClientConnection, rustls::ServerConnection) {
+        let provider = Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: vec![suite],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        });
+        let cert = rcgen::generate_simple_self_signed(vec!["peer.test".into()]).expect("cert");
+        let der = CertificateDer::from(cert.cert.der().to_vec());
+        let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).expect("key");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der.clone()).expect("root");
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_no_client_auth()
+            .with_single_cert(vec![der], key)
+            .expect("server config");
+        server.enable_secret_extraction = true;
+        // No tickets, so that the server's first flight ends with its Finished.
+        server.send_tls13_tickets = 0;
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+        let name = ServerName::try_from("peer.test").expect("name");
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).expect("server");
+        while c.is_handshaking() || s.is_handshaking() || c.wants_write() || s.wants_write() {
+            transfer(&mut c, &mut s);
+            transfer(&mut s, &mut c);
+        }
+        (c, s)
+    }
+
+    fn transfer(
+        from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+        to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+    ) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).expect("write_tls");
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).expect("read_tls");
+            to.process_new_packets().expect("process");
+        }
+    }
+
+    /// One direction's key material, kept so a test can rebuild the same keys.
+    struct Raw(Cipher, Vec<u8>, Vec<u8>, u64);
+
+    impl Raw {
+        fn of(seq: u64, secrets: &ConnectionTrafficSecrets) -> Raw {
+            let (cipher, key, iv) = match secrets {
+                ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+                ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
+                ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                    (Cipher::Chacha20Poly1305, key, iv)
+                }
+                _ => panic!("unknown AEAD"),
+            };
+            Raw(cipher, key.as_ref().to_vec(), iv.as_ref().to_vec(), seq)
+        }
+
+        fn keys(&self) -> RecordKeys {
+            RecordKeys::new(self.0, &self.1, &self.2, self.3).expect("keys")
+        }
+    }
+
+    /// (tx, rx) of a finished connection.
+    fn extracted(conn: impl Into<rustls::Connection>) -> (Raw, Raw) {
+        match try_extract(conn).expect("extract") {
+            Handoff::Ready(x) => {
+                // The extraction path and the raw rebuild agree.
+                RecordKeys::from_secrets(x.secrets.tx.0, &x.secrets.tx.1).expect("tx");
+                (
+                    Raw::of(x.secrets.tx.0, &x.secrets.tx.1),
+                    Raw::of(x.secrets.rx.0, &x.secrets.rx.1),
+                )
+            }
+            Handoff::NeedsFlush(_) => panic!("nothing should be pending"),
+        }
+    }
+
+    /// Opens every record in `wire`, returning (type, content) pairs.
+    fn open_all(keys: &mut RecordKeys, mut wire: Vec<u8>) -> Result<Vec<(u8, Vec<u8>)>, OpenError> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < wire.len() {
+            let len = record_len(&wire[at..])?.expect("a whole header");
+            let (ty, range) = keys.open(&mut wire[at..at + len])?;
+            out.push((ty, wire[at + range.start..at + range.end].to_vec()));
+            at += len;
+        }
+        Ok(out)
+    }
+
+    fn suites() -> Vec<rustls::SupportedCipherSuite> {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ]
+    }
+
+    #[test]
+    fn records_rustls_sends_open_here_and_records_sealed_here_open_in_rustls() {
+        for suite in suites() {
+            let (c, mut s) = pair(suite);
+            // rustls → ours: a few records, the first sizes at the record limit's edges.
+            let sizes = [1usize, MAX_RECORD_PLAINTEXT, MAX_RECORD_PLAINTEXT + 1, 3000];
+            let sent: Vec<u8> = (0..sizes.iter().sum::<usize>())
+                .map(|i| (i * 7) as u8)
+                .collect();
+            s.writer().write_all(&sent).expect("write");
+            let mut wire = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut wire).expect("write_tls");
+            }
+            let (c_tx, c_rx) = extracted(c);
+            let (mut c_tx, mut c_rx) = (c_tx.keys(), c_rx.keys());
+            let records = open_all(&mut c_rx, wire).expect("open");
+            assert!(records.iter().all(|(t, _)| *t == CONTENT_APPLICATION_DATA));
+            let got: Vec<u8> = records.into_iter().flat_map(|(_, d)| d).collect();
+            assert_eq!(got, sent, "{suite:?}");
+            // ours → rustls: parts spanning a record, then a close_notify alert.
+            let mut wire = Vec::new();
+            c_tx.seal(
+                CONTENT_APPLICATION_DATA,
+                &[b"head", &sent[..1000]],
+                &mut wire,
+            );
+            c_tx.seal(
+                CONTENT_APPLICATION_DATA,
+                &[&sent[..MAX_RECORD_PLAINTEXT]],
+                &mut wire,
+            );
+            c_tx.seal(CONTENT_ALERT, &[&[1, 0]], &mut wire);
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).expect("read_tls");
+                s.process_new_packets().expect("rustls accepts our records");
+            }
+            let mut got = Vec::new();
+            s.reader()
+                .read_to_end(&mut got)
+                .expect("clean close_notify");
+            let mut want = b"head".to_vec();
+            want.extend_from_slice(&sent[..1000]);
+            want.extend_from_slice(&sent[..MAX_RECORD_PLAINTEXT]);
+            assert_eq!(got, want, "{suite:?}");
+            assert_eq!(c_tx.seq(), 3);
+        }
+    }
+
+    #[test]
+    fn tampered_replayed_or_malformed_records_are_refused() {
+        let (c, s) = pair(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256);
+        let mut tx = extracted(s).0.keys();
+        let rx = extracted(c).1;
+        let mut wire = Vec::new();
+        tx.seal(CONTENT_APPLICATION_DATA, &[b"hello"], &mut wire);
+        tx.seal(CONTENT_HANDSHAKE, &[&[4, 0, 0, 0]], &mut wire);
+        let first = HEADER_LEN + 5 + 1 + TAG_LEN;
+        assert_eq!(record_len(&wire).expect("header"), Some(first));
+        assert_eq!(record_len(&wire[..4]).expect("short"), None);
+
+        // One flipped bit anywhere fails authentication, and so does a record out of order.
+        for bit in [0usize, 3 * 8 + 1, (first - 1) * 8] {
+            let mut bad = wire[..first].to_vec();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let mut keys = rx.keys();
+            let r = record_len(&bad).and_then(|_| keys.open(&mut bad));
+            assert!(r.is_err(), "bit {bit}: {r:?}");
+        }
+        let mut keys = rx.keys();
+        let mut second = wire[first..].to_vec();
+        assert_eq!(
+            keys.open(&mut second),
+            Err(OpenError::Decrypt),
+            "skipped a record"
+        );
+        let mut keys = rx.keys();
+        let (ty, range) = keys.open(&mut wire[..first]).expect("first");
+        assert_eq!(
+            (ty, &wire[range]),
+            (CONTENT_APPLICATION_DATA, &b"hello"[..])
+        );
+        let (ty, range) = keys.open(&mut wire[first..]).expect("second");
+        assert_eq!(
+            (ty, &wire[first..][range]),
+            (CONTENT_HANDSHAKE, &[4, 0, 0, 0][..])
+        );
+
+        assert_eq!(
+            record_len(&[CONTENT_ALERT, 3, 3, 0, 2]),
+            Err(OpenError::BadHeader)
+        );
+        assert_eq!(record_len(&[23, 3, 1, 0, 20]), Err(OpenError::BadHeader));
+        assert_eq!(record_len(&[23, 3, 3, 0x41, 1]), Err(OpenError::Oversized));
+        assert_eq!(record_len(&[23, 3, 3, 0, 16]), Err(OpenError::Oversized));
+        assert_eq!(
+            record_len(&[23, 3, 3, 0x41, 0]).expect("max"),
+            Some(MAX_RECORD)
+        );
+    }
+}
