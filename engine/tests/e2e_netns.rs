@@ -72,11 +72,17 @@ fn wait_inbound(m: &Mesh, n: u64, nth: usize, what: &str) -> AccessLine {
     line
 }
 
-/// The whole main path on one I/O driver: 64 MiB through the VIP and the pod IP, identities in
-/// the access logs, pool reuse, passthrough, plaintext inbound capture.
-fn main_scenario(driver: &str, prefix: &'static str) {
+/// The whole main path on one I/O driver and one userspace TLS record layer (`records`:
+/// ringtun's own over rustls' keys, or rustls'): 64 MiB through the VIP and the pod IP,
+/// identities in the access logs, pool reuse, passthrough, plaintext inbound capture.
+fn main_scenario(driver: &str, records: &str, prefix: &'static str) {
     let mut opts = MeshOptions::new(prefix);
-    opts.extra.extend(["--io-driver".into(), driver.into()]);
+    opts.extra.extend([
+        "--io-driver".into(),
+        driver.into(),
+        "--tls-records".into(),
+        records.into(),
+    ]);
     let m = Mesh::start(opts);
     let want_driver = if driver == "legacy" {
         "driver=Legacy"
@@ -92,6 +98,13 @@ fn main_scenario(driver: &str, prefix: &'static str) {
         assert!(
             ready.contains(want_driver),
             "{} runs another driver: {ready}",
+            r.name
+        );
+        let announced = format!("(--tls-records {records})");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("HBONE connections use") && l.contains(&announced)),
+            "{} does not announce its record layer {announced}:\n{log}",
             r.name
         );
     }
@@ -221,12 +234,18 @@ fn main_scenario(driver: &str, prefix: &'static str) {
 
 #[test]
 fn main_path_io_uring() {
-    main_scenario("io-uring", "eiu");
+    main_scenario("io-uring", "own", "eiu");
 }
 
 #[test]
 fn main_path_legacy() {
-    main_scenario("legacy", "elg");
+    main_scenario("legacy", "own", "elg");
+}
+
+/// rustls' record layer throughout, the other userspace choice.
+#[test]
+fn main_path_rustls_records() {
+    main_scenario("io-uring", "rustls", "erl");
 }
 
 #[test]

@@ -86,8 +86,8 @@ fn ktls_auto_and_off_start_and_announce() {
         assert!(log.contains("kTLS available"), "{log}");
     } else {
         assert!(
-            log.contains("kTLS unavailable") && log.contains("userspace rustls"),
-            "auto should announce the userspace fallback:\n{log}"
+            log.contains("kTLS unavailable") && log.contains("ringtun's record layer"),
+            "auto should announce the userspace fallback, on ringtun's own records by default:\n{log}"
         );
     }
 
@@ -98,6 +98,15 @@ fn ktls_auto_and_off_start_and_announce() {
     assert!(
         !log.contains("kTLS available"),
         "off must not probe:\n{log}"
+    );
+
+    // The other userspace record layer is named as such.
+    let (ready, out) = start_or_fail(&ns, &dir, &["--ktls", "off", "--tls-records", "rustls"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(ready, "--tls-records rustls must start:\n{log}");
+    assert!(
+        log.contains("kTLS off") && log.contains("userspace rustls (--tls-records rustls)"),
+        "{log}"
     );
 }
 

@@ -76,7 +76,7 @@ pub fn start(opts: RunOptions) -> Result<Running, EngineError> {
     let synced = initial.is_some();
     let snapshot = Snapshot::new(initial.unwrap_or_default(), 1);
     // Probed once here; every shard shares the result (logged by `startup`).
-    let ktls = crate::stream::startup(opts.ktls)?;
+    let ktls = crate::stream::startup(opts.ktls, opts.tls_records)?;
     let certs = Arc::new(Certificates::open(&opts, ktls.clone())?);
     net::check_mark(opts.mark).map_err(|e| EngineError::Mark {
         mark: opts.mark,

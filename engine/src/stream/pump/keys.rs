@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 use tls_kernel_offload::{
     self as ktls, record_len, HandshakeMsg, HandshakeParseError, KtlsError, OpenError, RecordKeys,
     Rekey, ALERT_CLOSE_NOTIFY, ALERT_LEVEL_FATAL, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
-    CONTENT_HANDSHAKE, MAX_RECORD_PLAINTEXT,
+    CONTENT_HANDSHAKE, MAX_RECORD_PLAINTEXT, OVERHEAD,
 };
 use tokio::io::ReadBuf;
 
@@ -26,8 +26,9 @@ pub const TX_REKEY_AT: u64 = 1 << 23;
 /// Handshake bytes (session tickets) held while a message spans records.
 const MAX_HANDSHAKE: usize = 64 * 1024;
 
-/// A sent record's buffer kept between writes up to this size (one request's records);
-/// a bulk transfer's is let go once sent, so an idle connection keeps little.
+/// Sealed bytes past which the send buffer is sized for a whole [`SEND_LIMIT`] at once (so
+/// that it never grows by copying what it holds), and under which a batch, once sent, lets a
+/// buffer that size go: chatty and idle connections keep little, bulk ones keep theirs.
 const KEEP_SEND_BUFFER: usize = 32 * 1024;
 
 /// One HBONE connection's record layer after the handshake, without I/O.
@@ -57,6 +58,11 @@ pub struct KeyPump {
     /// close_notify queued.
     closing: bool,
     deferral: Deferral,
+    /// Records under one key before ours moves on ([`TX_REKEY_AT`]).
+    rekey_at: u64,
+    /// Why reading failed, once the plaintext before it was delivered: every read after
+    /// that fails the same way (the record that failed is consumed).
+    failed: Option<(io::ErrorKind, String, bool)>,
 }
 
 impl std::fmt::Debug for KeyPump {
@@ -91,7 +97,17 @@ impl KeyPump {
             spos: 0,
             closing: false,
             deferral: Deferral::default(),
+            rekey_at: TX_REKEY_AT,
+            failed: None,
         }
+    }
+
+    /// With the traffic secrets, and our key moving on every `rekey_at` records (tests use a
+    /// small budget; [`KeyPump::new`] takes [`TX_REKEY_AT`]).
+    pub fn with_rekey(mut self, rekey: Rekey, rekey_at: u64) -> Self {
+        self.rekey = Some(Box::new(rekey));
+        self.rekey_at = rekey_at;
+        self
     }
 
     /// Makes room for `want` more bytes of input without growing the buffer where it can:
@@ -119,7 +135,7 @@ impl KeyPump {
 
     /// Seals one record, moving to our next key first when this one has carried enough.
     fn seal(&mut self, content_type: u8, parts: &[&[u8]]) {
-        if self.tx.seq() >= TX_REKEY_AT {
+        if self.tx.seq() >= self.rekey_at {
             self.rekey_tx();
         }
         self.tx.seal(content_type, parts, &mut self.sbuf);
@@ -326,6 +342,12 @@ impl Records for KeyPump {
     }
 
     fn read(&mut self, buf: &mut ReadBuf<'_>) -> Result<Read, ReadError> {
+        if let Some((kind, why, alert)) = &self.failed {
+            return Err(ReadError {
+                error: io::Error::new(*kind, why.clone()),
+                alert: *alert,
+            });
+        }
         let start = buf.filled().len();
         let delivered = |buf: &ReadBuf<'_>| buf.filled().len() > start;
         if self.early_pos < self.early.len() {
@@ -354,8 +376,17 @@ impl Records for KeyPump {
                     Read::Eof
                 });
             }
-            if self.open_next()? {
-                continue;
+            match self.open_next() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    self.failed = Some((e.error.kind(), e.error.to_string(), e.alert));
+                    // What came before the bad record goes first, as over rustls.
+                    if delivered(buf) {
+                        return Ok(Read::Data(buf.filled().len() - start));
+                    }
+                    return Err(e);
+                }
             }
             if delivered(buf) {
                 return Ok(Read::Data(buf.filled().len() - start));
@@ -396,6 +427,14 @@ impl Records for KeyPump {
         // Records span the slices (a frame head and its payload share one), up to the room.
         let mut left = room.min(total);
         let n = left;
+        let need = n + (n / MAX_RECORD_PLAINTEXT + 2) * OVERHEAD;
+        if self.sbuf.capacity() - self.sbuf.len() < need {
+            let mut want = self.sbuf.len() + need;
+            if want > KEEP_SEND_BUFFER {
+                want = want.max(SEND_LIMIT + (SEND_LIMIT / MAX_RECORD_PLAINTEXT + 2) * OVERHEAD);
+            }
+            self.sbuf.reserve_exact(want - self.sbuf.len());
+        }
         let mut parts: [&[u8]; 8] = [&[]; 8];
         let (mut count, mut len) = (0, 0);
         for b in bufs {
@@ -436,7 +475,7 @@ impl Records for KeyPump {
 
     fn transmit(&mut self, out: &mut dyn io::Write) -> io::Result<Transmit> {
         if self.spos == self.sbuf.len() {
-            if self.sbuf.capacity() > KEEP_SEND_BUFFER {
+            if self.spos < KEEP_SEND_BUFFER && self.sbuf.capacity() > KEEP_SEND_BUFFER {
                 self.sbuf = Vec::new();
             } else {
                 self.sbuf.clear();

@@ -44,6 +44,22 @@ fn provider(suite: SupportedCipherSuite) -> Arc<CryptoProvider> {
 /// A client and a server connection with `suite`, handshake done and every handshake byte
 /// (session tickets included) delivered: both have nothing to send.
 pub fn handshaken(suite: SupportedCipherSuite) -> (Connection, Connection) {
+    handshake(suite, None)
+}
+
+/// [`handshaken`], with both ends' secrets logged to `log`.
+#[allow(dead_code)] // the fuzz target includes this file and does not log
+pub fn handshaken_logged(
+    suite: SupportedCipherSuite,
+    log: Arc<dyn rustls::KeyLog>,
+) -> (Connection, Connection) {
+    handshake(suite, Some(log))
+}
+
+fn handshake(
+    suite: SupportedCipherSuite,
+    log: Option<Arc<dyn rustls::KeyLog>>,
+) -> (Connection, Connection) {
     let (cert, key) = identity();
     let mut roots = RootCertStore::empty();
     roots.add(cert.clone()).expect("root");
@@ -62,6 +78,10 @@ pub fn handshaken(suite: SupportedCipherSuite) -> (Connection, Connection) {
     // Either end's keys may go on in ringtun's own record layer.
     client.enable_secret_extraction = true;
     server.enable_secret_extraction = true;
+    if let Some(log) = log {
+        client.key_log = log.clone();
+        server.key_log = log;
+    }
     let name = ServerName::try_from(NAME).expect("name");
     let mut c: Connection = ClientConnection::new(Arc::new(client), name)
         .expect("client")

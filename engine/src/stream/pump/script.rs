@@ -60,7 +60,7 @@ impl io::Write for Socket<'_> {
 
 /// ringtun's record layer over `conn`'s keys, as `establish` builds it (without the traffic
 /// secrets: KeyUpdates are beyond the script).
-fn keys_pump(conn: rustls::Connection) -> KeyPump {
+pub fn keys_pump(conn: rustls::Connection) -> KeyPump {
     use tls_kernel_offload::{try_extract, Handoff, RecordKeys};
     match try_extract(conn) {
         Ok(Handoff::Ready(x)) => {
