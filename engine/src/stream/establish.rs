@@ -243,7 +243,7 @@ async fn take_over(
         tracing::debug!(
             shard = ctx.shard,
             missing = cork.max_read(),
-            "after the TLS handshake: finishing a record it left half-read"
+            "taking over from rustls: finishing a record the handshake left half-read"
         );
     }
     while !cork.at_boundary() {

@@ -44,7 +44,12 @@ impl Bench<'_> {
             contenders,
             crosscheck: with_crosscheck,
         } = *self;
-        let bulk_all = [(Dir::Up, 1), (Dir::Up, 4), (Dir::Down, 1), (Dir::Down, 4)];
+        let mut bulk_all = vec![(Dir::Up, 1), (Dir::Up, 4), (Dir::Down, 1), (Dir::Down, 4)];
+        if let Ok(v) = std::env::var("RTB_BULK_ONLY") {
+            bulk_all.retain(|(d, s)| {
+                format!("{}{s}", if matches!(d, Dir::Up) { "up" } else { "down" }) == v
+            });
+        }
         // Rotate the order so no contender always goes first, and reverse it on odd runs so
         // none always follows the same one (the contender after `direct` shares its topology
         // and load server right after the fastest transfer of the round).
