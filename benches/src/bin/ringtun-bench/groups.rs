@@ -44,12 +44,14 @@ impl Bench<'_> {
             contenders,
             crosscheck: with_crosscheck,
         } = *self;
-        let mut bulk_all = vec![(Dir::Up, 1), (Dir::Up, 4), (Dir::Down, 1), (Dir::Down, 4)];
-        if let Ok(v) = std::env::var("RTB_BULK_ONLY") {
-            bulk_all.retain(|(d, s)| {
-                format!("{}{s}", if matches!(d, Dir::Up) { "up" } else { "down" }) == v
-            });
-        }
+        // `--only bulk` runs all four; `--only bulk-down1` (a profile of one direction) one.
+        let bulk_all: Vec<_> = [(Dir::Up, 1), (Dir::Up, 4), (Dir::Down, 1), (Dir::Down, 4)]
+            .into_iter()
+            .filter(|&(d, s)| {
+                let dir = if matches!(d, Dir::Up) { "up" } else { "down" };
+                wants(o, "bulk") || wants(o, &format!("bulk-{dir}{s}"))
+            })
+            .collect();
         // Rotate the order so no contender always goes first, and reverse it on odd runs so
         // none always follows the same one (the contender after `direct` shares its topology
         // and load server right after the fastest transfer of the round).
@@ -78,8 +80,8 @@ impl Bench<'_> {
                 .iter()
                 .try_for_each(|&i| f(&contenders[i], tunnels[i].as_ref()))
         };
-        if wants(o, "bulk") {
-            for which in bulk_all {
+        if !bulk_all.is_empty() {
+            for which in bulk_all.iter().copied() {
                 each(&mut |c, t| bulk_tests(env, res, run, c, t, plan.bytes, "", &[which]))?;
             }
         }

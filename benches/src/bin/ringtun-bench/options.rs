@@ -91,7 +91,8 @@ pub struct Opts {
     /// Skip the iperf3/sockperf cross-checks even when they are installed.
     #[arg(long)]
     pub no_crosscheck: bool,
-    /// Only these groups: bulk, latency, rr, conn, unpooled, memory, scaling, crosscheck.
+    /// Only these groups: bulk, latency, rr, conn, unpooled, memory, scaling, crosscheck; or one
+    /// bulk case: bulk-up1, bulk-up4, bulk-down1, bulk-down4.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Extra `ringtun run` arguments (after `--`).
