@@ -22,6 +22,10 @@
 //!   records; [`get_tls_tx_rx`] proves offload is active. The pure parsers
 //!   ([`parse_record_type_cmsg`], [`classify`], [`parse_handshake`]) serve callers that
 //!   issue their own `recvmsg` (io_uring) and fuzzing.
+//! - [`RecordKeys`]: the same TLS 1.3 records sealed and opened in userspace with the
+//!   extracted keys (sans-IO), where the kernel has no kTLS; the engine's userspace record
+//!   layer runs on it instead of rustls' buffered connection (one copy per received byte
+//!   instead of three).
 //!
 //! What it is not:
 //!
@@ -34,9 +38,9 @@
 //!   traffic secrets [`SecretLog`] collected during the handshake ([`Rekey`]), and
 //!   [`send_key_update`] starts one of our own; before 6.14 a
 //!   KeyUpdate is reported as [`KtlsError::KeyUpdate`] and the connection must be closed.
-//! - Not a fallback by itself: once secrets are extracted the rustls connection is gone,
-//!   so check [`Capability::can_offload_suite`] and call [`enable_ulp`] *before*
-//!   extracting if a connection must be able to stay in userspace.
+//! - Not a rustls fallback by itself: once secrets are extracted the rustls connection is
+//!   gone, so check [`Capability::can_offload_suite`] and call [`enable_ulp`] *before*
+//!   extracting if a connection must be able to stay on rustls.
 //! - Not NIC offload (`TLS_HW`): whatever the kernel picks is fine, the API is the same.
 #![warn(missing_docs)]
 #![cfg(target_os = "linux")]

@@ -218,13 +218,14 @@ impl RecordKeys {
             .key
             .open_in_place(nonce, Aad::from(header), body)
             .map_err(|_| OpenError::Decrypt)?;
+        // RFC 8446 section 5.4: the inner plaintext, padding included, is at most 2^14 + 1.
+        if plain.len() > MAX_RECORD_PLAINTEXT + 1 {
+            return Err(OpenError::Oversized);
+        }
         // The content type is the last non-zero byte; zeros after it are padding.
         let Some(at) = plain.iter().rposition(|&b| b != 0) else {
             return Err(OpenError::NoContentType);
         };
-        if at > MAX_RECORD_PLAINTEXT {
-            return Err(OpenError::Oversized);
-        }
         Ok((plain[at], HEADER_LEN..HEADER_LEN + at))
     }
 }

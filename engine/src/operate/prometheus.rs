@@ -271,7 +271,7 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
         ),
         (
             "ringtun_ktls_failed_connections",
-            "HBONE connections lost while switching to kernel TLS, per shard",
+            "HBONE connections lost while taking the record layer over from rustls (for kernel TLS or ringtun's userspace records), per shard",
             Figure::Counter(|c| c.ktls_failed),
         ),
         (

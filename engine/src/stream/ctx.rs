@@ -59,7 +59,8 @@ pub struct TlsCounters {
     pub ktls_rx: Cell<u64>,
     /// Connections carried by a userspace record layer (no kTLS, or offload not possible).
     pub userspace: Cell<u64>,
-    /// Connections lost while switching to kTLS (after rustls gave up its secrets).
+    /// Connections lost while taking the record layer over from rustls (for kTLS or ringtun's
+    /// own userspace records), after rustls gave up its secrets.
     pub ktls_failed: Cell<u64>,
     /// Offloaded connections retired because a key (ours or the peer's) neared its usage
     /// limit.

@@ -1,17 +1,20 @@
-//! The byte stream HTTP/2 runs on in an HBONE connection: userspace rustls, or the kernel's
-//! TLS record layer (kTLS) once rustls has finished the handshake. One file per layer; none
-//! of them knows the shard, which hands each connection a [`StreamCtx`].
+//! The byte stream HTTP/2 runs on in an HBONE connection: rustls does the handshake, then the
+//! kernel's TLS record layer (kTLS) or, where the kernel has none, ringtun's own userspace one
+//! carries the records with rustls' keys (`--tls-records rustls` keeps rustls' record layer
+//! instead). One file per layer; none of them knows the shard, which hands each connection a
+//! [`StreamCtx`].
 //!
 //! | file            | layer                                                               |
 //! |-----------------|---------------------------------------------------------------------|
 //! | `probe.rs`      | [`startup`]: can this kernel offload at all (once per process)       |
 //! | `handshake.rs`  | [`handshake::client`] / [`handshake::server`]: the whole start-up     |
 //! | `handshake_io.rs` | [`HandshakeIo`]: the socket under the TLS handshake, corked        |
-//! | `establish.rs`  | [`establish`]: kTLS or userspace, [`Established`]                    |
+//! | `establish.rs`  | [`establish`]: kTLS, ringtun's records or rustls', [`Established`]   |
 //! | `ktls.rs`       | [`KtlsIo`]: the kernel's record layer                                |
 //! | `key_budget.rs` | [`KeyBudget`]: records sent and received with one pair of kTLS keys  |
-//! | `pump/`         | [`pump::RecordPump`]: the userspace record layer, no I/O             |
-//! | `userspace.rs`  | [`RustlsIo`]: the socket and waits around the pump                   |
+//! | `pump/`         | [`pump::Records`]: the userspace record layers, no I/O: ringtun's    |
+//! |                 | ([`pump::KeyPump`]) and rustls' ([`pump::RecordPump`])                 |
+//! | `userspace.rs`  | [`UserspaceIo`]: the socket and waits around either                  |
 //! | `flush.rs`      | [`FlushTick`]: one `writev` per shard tick                           |
 //! | `hbone_io.rs`   | [`HboneIo`]: the one type h2 sees                                    |
 //! | `path.rs`       | [`TlsPath`]: which layer carried a connection, for the access log    |
@@ -19,23 +22,31 @@
 //! A byte through the layers. Both ends of HBONE (outbound [`crate::proxy::outbound`], inbound
 //! [`crate::proxy::inbound`]) start a connection with the same [`handshake`] sequence:
 //!
-//! 1. The socket is wrapped in a [`HandshakeIo`]. When kTLS will be attempted it is *corked*:
-//!    every read stops at a TLS record boundary ([`tls_kernel_offload::RecordBoundary`]), so
-//!    rustls never holds a fragment of a record the kernel would then miss.
+//! 1. The socket is wrapped in a [`HandshakeIo`]. When kTLS or ringtun's record layer will
+//!    take over (always, unless `--ktls off --tls-records rustls`) it is *corked*: every read
+//!    stops at a TLS record boundary ([`tls_kernel_offload::RecordBoundary`]), so rustls never
+//!    holds a fragment of a record the next layer would then miss.
 //! 2. The tokio-rustls handshake runs over it, and the peer's identity is checked.
-//! 3. [`establish`]: if the kernel can take this connection (probe result, negotiated cipher
-//!    suite, the `tls` ULP attaches), finish any record the handshake left half-read, flush
-//!    what rustls still has to send, drain the plaintext it already decrypted, hand the
-//!    secrets to the kernel and continue on a [`KtlsIo`]; otherwise stay on rustls
-//!    ([`RustlsIo`]). Either way the caller gets one [`HboneIo`], and everything above it
-//!    (h2, the copy loops) is the same code.
+//! 3. [`establish`]: finish any record the handshake left half-read, flush what rustls still
+//!    has to send, drain the plaintext it already decrypted and take its secrets; then, if the
+//!    kernel can take this connection (probe result, negotiated cipher suite, the `tls` ULP
+//!    attaches), hand them to the kernel and continue on a [`KtlsIo`], else continue on
+//!    ringtun's userspace record layer with them ([`KeysIo`]: [`pump::KeyPump`] over
+//!    [`tls_kernel_offload::RecordKeys`]). With `--tls-records rustls` and no kTLS the
+//!    connection stays on rustls ([`RustlsIo`]). Whichever it is, the caller gets one
+//!    [`HboneIo`], and everything above it (h2, the copy loops) is the same code.
 //! 4. The HTTP/2 handshake runs on the [`HboneIo`].
 //!
-//! On the userspace path, a byte h2 writes goes into the [`pump::RecordPump`], which encrypts
-//! it into rustls' send buffer; it leaves in a `sendmsg` when h2 flushes, deferred to the end of
-//! the shard tick by [`FlushTick`] so that every stream's frames share one `writev`. A byte
-//! arriving is read by [`RustlsIo`] in 64 KiB `recv`s into the pump's buffer, decrypted by
-//! rustls when h2 reads, and copied once, into h2's buffer.
+//! On the userspace path, a byte h2 writes is copied into the layer's send buffer behind a
+//! record header and sealed there; it leaves in a `sendmsg` when h2 flushes, deferred to the
+//! end of the shard tick by [`FlushTick`] so that every stream's frames share one `writev`. A
+//! byte arriving is read by [`UserspaceIo`] in 64 KiB `recv`s into the layer's buffer, opened
+//! in place there when h2 reads, and copied once, into h2's buffer. (Through rustls' layer it
+//! was copied three times: into its deframer buffer in 4 KiB steps, into its plaintext queue,
+//! into h2's buffer.) Session tickets are skipped, close_notify is end of stream, any other
+//! alert a connection error, and a peer's KeyUpdate is followed with the traffic secrets the
+//! handshake logged (`tls_kernel_offload::SecretLog`); ringtun moves its own key on every
+//! [`pump::TX_REKEY_AT`] records, as rustls would.
 //!
 //! On the kTLS path the socket is read and written through monoio's poll I/O like any other,
 //! as plaintext. The kernel reports a record that is not application data by failing the

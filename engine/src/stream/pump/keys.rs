@@ -168,7 +168,8 @@ impl KeyPump {
         let rx = RecordKeys::from_traffic_secret(&rekey.rx().next()).map_err(fatal)?;
         rekey.advance_rx();
         self.rx = rx;
-        if update_requested {
+        // Nothing may follow our close_notify (or a fatal alert), our KeyUpdate included.
+        if update_requested && !self.closing {
             self.rekey_tx();
         }
         tracing::debug!(update_requested, "TLS: followed the peer's KeyUpdate");
