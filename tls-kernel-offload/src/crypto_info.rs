@@ -259,17 +259,8 @@ impl CryptoInfo {
         seq: u64,
         secrets: &ConnectionTrafficSecrets,
     ) -> Result<Self, KtlsError> {
-        let (cipher, key, iv) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (Cipher::Chacha20Poly1305, key, iv)
-            }
-            // `ConnectionTrafficSecrets` is non-exhaustive; a future AEAD the kernel may
-            // not know lands here.
-            _ => return Err(KtlsError::UnsupportedCipher("unknown AEAD".into())),
-        };
-        CryptoInfo::new(cipher, key.as_ref(), iv.as_ref(), seq)
+        let (cipher, key, iv) = secret_parts(secrets)?;
+        CryptoInfo::new(cipher, key, iv, seq)
     }
 
     pub(crate) fn cipher(&self) -> Cipher {
@@ -303,6 +294,23 @@ impl Drop for CryptoInfo {
 
 /// Overwrites with zeros in a way the optimiser may not elide (the memory is about to be
 /// freed, which would otherwise make the writes dead stores).
+/// The cipher, key and IV of one half of `rustls::ExtractedSecrets`.
+pub(crate) fn secret_parts(
+    secrets: &ConnectionTrafficSecrets,
+) -> Result<(Cipher, &[u8], &[u8]), KtlsError> {
+    let (cipher, key, iv) = match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            (Cipher::Chacha20Poly1305, key, iv)
+        }
+        // `ConnectionTrafficSecrets` is non-exhaustive; a future AEAD the kernel may not know
+        // lands here.
+        _ => return Err(KtlsError::UnsupportedCipher("unknown AEAD".into())),
+    };
+    Ok((cipher, key.as_ref(), iv.as_ref()))
+}
+
 pub(crate) fn zeroize(bytes: &mut [u8]) {
     for b in bytes.iter_mut() {
         // SAFETY: `b` is a valid, aligned, exclusive reference.

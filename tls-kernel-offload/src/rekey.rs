@@ -428,4 +428,4 @@ pub fn send_key_update(
 
 #[cfg(test)]
 #[path = "rekey_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -71,7 +71,7 @@ fn pass(from: &mut rustls::Connection, to: &mut rustls::Connection) -> Vec<u8> {
 }
 
 /// A finished handshake, and the ClientHello's random read off the wire.
-fn handshake(
+pub(crate) fn handshake(
     c: Cipher,
     log: &Arc<SecretLog>,
 ) -> (rustls::Connection, rustls::Connection, [u8; 32]) {

@@ -21,7 +21,7 @@ use std::fmt;
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::ConnectionTrafficSecrets;
 
-use crate::crypto_info::zeroize;
+use crate::crypto_info::{secret_parts, zeroize};
 use crate::record::{CONTENT_APPLICATION_DATA, MAX_RECORD_PLAINTEXT};
 use crate::{Cipher, KtlsError, TrafficSecret};
 
@@ -118,15 +118,8 @@ pub fn record_len(buf: &[u8]) -> Result<Option<usize>, OpenError> {
 impl RecordKeys {
     /// One direction of extracted secrets: `seq` is the next record's number there.
     pub fn from_secrets(seq: u64, secrets: &ConnectionTrafficSecrets) -> Result<Self, KtlsError> {
-        let (cipher, key, iv) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (Cipher::Chacha20Poly1305, key, iv)
-            }
-            _ => return Err(KtlsError::UnsupportedCipher("unknown AEAD".into())),
-        };
-        Self::new(cipher, key.as_ref(), iv.as_ref(), seq)
+        let (cipher, key, iv) = secret_parts(secrets)?;
+        Self::new(cipher, key, iv, seq)
     }
 
     /// The keys a traffic secret yields, from record 0 (after a KeyUpdate).
@@ -234,62 +227,15 @@ impl RecordKeys {
 mod tests {
     use super::*;
     use crate::record::{CONTENT_ALERT, CONTENT_HANDSHAKE};
-    use crate::{try_extract, Handoff};
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use crate::rekey::tests::handshake;
+    use crate::{try_extract, Handoff, SecretLog};
     use std::io::{Read, Write};
     use std::sync::Arc;
 
-    /// A finished in-memory rustls handshake with secret extraction on.
-    fn pair(
-        suite: rustls::SupportedCipherSuite,
-    ) -> (rustls::ClientConnection, rustls::ServerConnection) {
-        let provider = Arc::new(rustls::crypto::CryptoProvider {
-            cipher_suites: vec![suite],
-            ..rustls::crypto::aws_lc_rs::default_provider()
-        });
-        let cert = rcgen::generate_simple_self_signed(vec!["peer.test".into()]).expect("cert");
-        let der = CertificateDer::from(cert.cert.der().to_vec());
-        let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).expect("key");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(der.clone()).expect("root");
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_no_client_auth()
-            .with_single_cert(vec![der], key)
-            .expect("server config");
-        server.enable_secret_extraction = true;
-        // No tickets, so that the server's first flight ends with its Finished.
-        server.send_tls13_tickets = 0;
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.enable_secret_extraction = true;
-        let name = ServerName::try_from("peer.test").expect("name");
-        let mut c = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
-        let mut s = rustls::ServerConnection::new(Arc::new(server)).expect("server");
-        while c.is_handshaking() || s.is_handshaking() || c.wants_write() || s.wants_write() {
-            transfer(&mut c, &mut s);
-            transfer(&mut s, &mut c);
-        }
+    /// A finished in-memory rustls handshake (secret extraction on, no tickets).
+    fn pair(cipher: Cipher) -> (rustls::Connection, rustls::Connection) {
+        let (c, s, _) = handshake(cipher, &Arc::new(SecretLog::default()));
         (c, s)
-    }
-
-    fn transfer(
-        from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
-        to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
-    ) {
-        let mut wire = Vec::new();
-        while from.wants_write() {
-            from.write_tls(&mut wire).expect("write_tls");
-        }
-        let mut rd = &wire[..];
-        while !rd.is_empty() {
-            to.read_tls(&mut rd).expect("read_tls");
-            to.process_new_packets().expect("process");
-        }
     }
 
     /// One direction's key material, kept so a test can rebuild the same keys.
@@ -297,15 +243,8 @@ mod tests {
 
     impl Raw {
         fn of(seq: u64, secrets: &ConnectionTrafficSecrets) -> Raw {
-            let (cipher, key, iv) = match secrets {
-                ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
-                ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
-                ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                    (Cipher::Chacha20Poly1305, key, iv)
-                }
-                _ => panic!("unknown AEAD"),
-            };
-            Raw(cipher, key.as_ref().to_vec(), iv.as_ref().to_vec(), seq)
+            let (cipher, key, iv) = secret_parts(secrets).expect("a known AEAD");
+            Raw(cipher, key.to_vec(), iv.to_vec(), seq)
         }
 
         fn keys(&self) -> RecordKeys {
@@ -341,18 +280,9 @@ mod tests {
         Ok(out)
     }
 
-    fn suites() -> Vec<rustls::SupportedCipherSuite> {
-        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
-        vec![
-            cs::TLS13_AES_128_GCM_SHA256,
-            cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-        ]
-    }
-
     #[test]
     fn records_rustls_sends_open_here_and_records_sealed_here_open_in_rustls() {
-        for suite in suites() {
+        for suite in Cipher::ALL {
             let (c, mut s) = pair(suite);
             // rustls → ours: a few records, the first sizes at the record limit's edges.
             let sizes = [1usize, MAX_RECORD_PLAINTEXT, MAX_RECORD_PLAINTEXT + 1, 3000];
@@ -402,7 +332,7 @@ mod tests {
 
     #[test]
     fn tampered_replayed_or_malformed_records_are_refused() {
-        let (c, s) = pair(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256);
+        let (c, s) = pair(Cipher::Aes128Gcm);
         let mut tx = extracted(s).0.keys();
         let rx = extracted(c).1;
         let mut wire = Vec::new();

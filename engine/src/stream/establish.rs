@@ -127,20 +127,28 @@ async fn userspace(
     if let Some(random) = hio.client_random() {
         ktls::SecretLog::global().forget(&random);
     }
-    // Past the handshake nothing reads through the cork any more: the record layer reads the
-    // socket itself, off monoio's poll I/O.
-    let sock = hio
-        .io
-        .try_into_comp_io()
-        .map_err(|(e, _)| OffloadError::PollMode(e))?;
-    bump(&ctx.counters.userspace);
-    let tick = Rc::new(FlushTick::default());
+    let (sock, tick) = userspace_socket(ctx, hio)?;
     Ok(Established {
         io: HboneIo::Rustls(RustlsIo::new(sock, RecordPump::new(conn), tick.clone())),
         tick,
         path: TlsPath::userspace(cipher),
         budget: None,
     })
+}
+
+/// The socket of a connection a userspace record layer carries, and the tick its flushes wait
+/// for; counted. Past the handshake nothing reads through the cork any more: the layer's
+/// driver reads the socket itself, off monoio's poll I/O.
+fn userspace_socket(
+    ctx: &StreamCtx,
+    hio: HandshakeIo,
+) -> Result<(monoio::net::TcpStream, Rc<FlushTick>), OffloadError> {
+    let sock = hio
+        .io
+        .try_into_comp_io()
+        .map_err(|(e, _)| OffloadError::PollMode(e))?;
+    bump(&ctx.counters.userspace);
+    Ok((sock, Rc::new(FlushTick::default())))
 }
 
 /// rustls finished the handshake; ringtun's userspace record layer takes the connection on
@@ -158,12 +166,7 @@ async fn own_records(
     let rekey = hio
         .client_random()
         .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client));
-    let sock = hio
-        .io
-        .try_into_comp_io()
-        .map_err(|(e, _)| OffloadError::PollMode(e))?;
-    bump(&ctx.counters.userspace);
-    let tick = Rc::new(FlushTick::default());
+    let (sock, tick) = userspace_socket(ctx, hio)?;
     Ok(Established {
         io: HboneIo::Keys(KeysIo::new(
             sock,

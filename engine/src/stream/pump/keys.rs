@@ -15,7 +15,7 @@ use tls_kernel_offload::{
 use tokio::io::ReadBuf;
 
 use super::records::{
-    Deferral, Flush, Read, ReadError, Records, Transmit, Write, READ_CHUNK, SEND_LIMIT,
+    self, Deferral, Flush, Read, ReadError, Records, Transmit, Write, READ_CHUNK, SEND_LIMIT,
 };
 
 /// Records sent under one key before ringtun moves to the next with a KeyUpdate of its own:
@@ -320,10 +320,8 @@ impl Records for KeyPump {
     }
 
     unsafe fn input_received(&mut self, n: usize) {
-        let len = self.rbuf.len();
-        debug_assert!(n <= self.rbuf.capacity() - len);
-        // SAFETY: the caller initialised these bytes of the spare capacity.
-        unsafe { self.rbuf.set_len(len + n) };
+        // SAFETY: the caller initialised them (the trait's contract).
+        unsafe { records::filled(&mut self.rbuf, n) };
     }
 
     fn receive(&mut self, bytes: &[u8]) {

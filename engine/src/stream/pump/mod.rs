@@ -113,10 +113,8 @@ impl Records for RecordPump {
     }
 
     unsafe fn input_received(&mut self, n: usize) {
-        let len = self.rbuf.len();
-        debug_assert!(n <= self.rbuf.capacity() - len);
-        // SAFETY: the caller initialised these bytes of the spare capacity.
-        unsafe { self.rbuf.set_len(len + n) };
+        // SAFETY: the caller initialised them (the trait's contract).
+        unsafe { records::filled(&mut self.rbuf, n) };
     }
 
     fn receive(&mut self, bytes: &[u8]) {

@@ -179,3 +179,16 @@ pub enum Transmit {
     /// Nothing (more) to send: everything written so far is on its way.
     Done,
 }
+
+/// Marks `n` more bytes of `buf`'s spare capacity as filled: what both layers' `input_received`
+/// does with their input buffer.
+///
+/// # Safety
+///
+/// The first `n` bytes of `buf`'s spare capacity must have been initialised.
+pub(super) unsafe fn filled(buf: &mut Vec<u8>, n: usize) {
+    let len = buf.len();
+    debug_assert!(n <= buf.capacity() - len);
+    // SAFETY: the caller initialised these bytes of the spare capacity.
+    unsafe { buf.set_len(len + n) };
+}
