@@ -133,6 +133,11 @@ impl KeyPump {
         (self.tx.seq(), self.rx.seq())
     }
 
+    /// Bytes the send buffer holds, sent ones still in front included, and its capacity.
+    pub fn send_buffer(&self) -> (usize, usize) {
+        (self.sbuf.len(), self.sbuf.capacity())
+    }
+
     /// Seals one record, moving to our next key first when this one has carried enough.
     fn seal(&mut self, content_type: u8, parts: &[&[u8]]) {
         if self.tx.seq() >= self.rekey_at {
@@ -419,9 +424,19 @@ impl Records for KeyPump {
                 "write after TLS close_notify",
             ));
         }
-        let room = SEND_LIMIT.saturating_sub(self.sbuf.len() - self.spos);
+        let unsent = self.sbuf.len() - self.spos;
+        let room = SEND_LIMIT.saturating_sub(unsent);
         if room == 0 {
             return Ok(Write::Full);
+        }
+        // A socket that never drains completely (a slow peer) would leave the sent bytes in
+        // front of the unsent ones for good: once they are at least as many, the unsent ones
+        // move to the front. Each byte moved was preceded by as many sent since the last
+        // move, so this costs at most one more copy per byte, and only while congested; the
+        // buffer stays under twice the send limit.
+        if self.spos > 0 && self.spos >= unsent {
+            self.sbuf.drain(..self.spos);
+            self.spos = 0;
         }
         // Records span the slices (a frame head and its payload share one), up to the room.
         let mut left = room.min(total);
@@ -430,7 +445,8 @@ impl Records for KeyPump {
         if self.sbuf.capacity() - self.sbuf.len() < need {
             let mut want = self.sbuf.len() + need;
             if want > KEEP_SEND_BUFFER {
-                want = want.max(SEND_LIMIT + (SEND_LIMIT / MAX_RECORD_PLAINTEXT + 2) * OVERHEAD);
+                want =
+                    want.max(2 * (SEND_LIMIT + (SEND_LIMIT / MAX_RECORD_PLAINTEXT + 2) * OVERHEAD));
             }
             self.sbuf.reserve_exact(want - self.sbuf.len());
         }

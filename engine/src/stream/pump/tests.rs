@@ -514,3 +514,33 @@ fn our_key_moves_on_after_its_record_budget() {
     );
     assert_eq!(open(&mut peer, &wire).expect("the peer follows"), expected);
 }
+
+#[test]
+fn a_socket_that_never_drains_does_not_grow_the_send_buffer() {
+    // A slow peer: every transmit takes a little and then the socket is full, and h2 keeps
+    // writing as room frees up. What was sent must not pile up in front of what was not.
+    let (client, mut peer) = handshaken(SUITES[0]);
+    let mut pump = super::script::keys_pump(client);
+    let chunk = pattern(48 * 1024);
+    let (mut expected, mut wire) = (Vec::new(), Vec::new());
+    let mut most = 0;
+    for _ in 0..200 {
+        if let Write::Accepted { n, .. } = pump.write(&[io::IoSlice::new(&chunk)]).expect("write") {
+            expected.extend_from_slice(&chunk[..n]);
+        }
+        // One write of 40 KiB, then WouldBlock: never everything.
+        let mut socket = Socket {
+            out: &mut wire,
+            room: 40 * 1024,
+        };
+        let _ = pump.transmit(&mut socket);
+        let (held, capacity) = pump.send_buffer();
+        most = most.max(held.max(capacity));
+    }
+    assert!(
+        most <= 2 * SEND_LIMIT + 64 * 1024,
+        "send buffer grew to {most}"
+    );
+    wire.extend(transmit_all(&mut pump, 1 << 20));
+    assert_eq!(open(&mut peer, &wire).expect("decrypts"), expected);
+}
