@@ -203,13 +203,12 @@ async fn offload(
         "kTLS: HBONE connection offloaded"
     );
     let budget = Rc::new(KeyBudget::new(cipher, ctx.record_limits, rx_seq));
-    // The traffic secrets to follow the peer's KeyUpdates, where the kernel can (6.14+).
-    let rekey = ctx
-        .ktls
-        .as_ref()
-        .filter(|c| c.rekey)
-        .and_then(|_| hio.client_random())
-        .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client));
+    // The traffic secrets to follow the peer's KeyUpdates, where the kernel can (6.14+);
+    // claimed either way, so that the log does not keep them.
+    let rekey = hio
+        .client_random()
+        .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client))
+        .filter(|_| ctx.ktls.as_ref().is_some_and(|c| c.rekey));
     Ok(Established {
         io: HboneIo::Kernel(KtlsIo::new(
             ctx.clone(),
