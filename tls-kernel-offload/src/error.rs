@@ -2,6 +2,9 @@
 
 use std::io;
 
+use crate::record::{
+    ALERT_BAD_RECORD_MAC, ALERT_CLOSE_NOTIFY, ALERT_RECORD_OVERFLOW, ALERT_UNEXPECTED_MESSAGE,
+};
 use crate::{Cipher, Direction};
 
 /// Everything that can go wrong while moving a TLS connection into the kernel or while
@@ -249,10 +252,10 @@ pub(crate) fn errno_name(code: i32) -> std::borrow::Cow<'static, str> {
 /// RFC 8446 section 6 alert names, for messages.
 pub(crate) fn alert_name(description: u8) -> &'static str {
     match description {
-        0 => "close_notify",
-        10 => "unexpected_message",
-        20 => "bad_record_mac",
-        22 => "record_overflow",
+        ALERT_CLOSE_NOTIFY => "close_notify",
+        ALERT_UNEXPECTED_MESSAGE => "unexpected_message",
+        ALERT_BAD_RECORD_MAC => "bad_record_mac",
+        ALERT_RECORD_OVERFLOW => "record_overflow",
         40 => "handshake_failure",
         42 => "bad_certificate",
         43 => "unsupported_certificate",

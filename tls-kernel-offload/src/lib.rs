@@ -66,7 +66,8 @@ pub use probe::{probe, Capability, Support, Unavailable};
 pub use record::{
     classify, parse_handshake, parse_record_type_cmsg, record_type_cmsg, recv_data, recv_record,
     send_alert, send_close_notify, send_record, HandshakeMsg, HandshakeParseError, Record,
-    ALERT_CLOSE_NOTIFY, ALERT_LEVEL_FATAL, ALERT_LEVEL_WARNING, ALERT_USER_CANCELED, CONTENT_ALERT,
+    ALERT_BAD_RECORD_MAC, ALERT_CLOSE_NOTIFY, ALERT_LEVEL_FATAL, ALERT_LEVEL_WARNING,
+    ALERT_RECORD_OVERFLOW, ALERT_UNEXPECTED_MESSAGE, ALERT_USER_CANCELED, CONTENT_ALERT,
     CONTENT_APPLICATION_DATA, CONTENT_CHANGE_CIPHER_SPEC, CONTENT_HANDSHAKE, HANDSHAKE_KEY_UPDATE,
     HANDSHAKE_NEW_SESSION_TICKET, MAX_RECORD_PLAINTEXT, RECORD_TYPE_CMSG_SPACE,
 };

@@ -30,6 +30,12 @@ pub const ALERT_LEVEL_WARNING: u8 = 1;
 pub const ALERT_LEVEL_FATAL: u8 = 2;
 /// Alert description `close_notify`.
 pub const ALERT_CLOSE_NOTIFY: u8 = 0;
+/// Alert description `unexpected_message`.
+pub const ALERT_UNEXPECTED_MESSAGE: u8 = 10;
+/// Alert description `bad_record_mac` (a record failed authentication).
+pub const ALERT_BAD_RECORD_MAC: u8 = 20;
+/// Alert description `record_overflow`.
+pub const ALERT_RECORD_OVERFLOW: u8 = 22;
 /// Alert description `user_canceled` (a warning that precedes close_notify).
 pub const ALERT_USER_CANCELED: u8 = 90;
 

@@ -22,7 +22,10 @@ use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::ConnectionTrafficSecrets;
 
 use crate::crypto_info::{secret_parts, zeroize};
-use crate::record::{CONTENT_APPLICATION_DATA, MAX_RECORD_PLAINTEXT};
+use crate::record::{
+    ALERT_BAD_RECORD_MAC, ALERT_RECORD_OVERFLOW, ALERT_UNEXPECTED_MESSAGE,
+    CONTENT_APPLICATION_DATA, MAX_RECORD_PLAINTEXT,
+};
 use crate::{Cipher, KtlsError, TrafficSecret};
 
 /// TLS record header: type, legacy version, length.
@@ -92,9 +95,9 @@ impl OpenError {
     /// The TLS alert that tells the peer (RFC 8446 section 6.2).
     pub fn alert(self) -> u8 {
         match self {
-            OpenError::BadHeader | OpenError::NoContentType => 10, // unexpected_message
-            OpenError::Oversized => 22,                            // record_overflow
-            OpenError::Decrypt => 20,                              // bad_record_mac
+            OpenError::BadHeader | OpenError::NoContentType => ALERT_UNEXPECTED_MESSAGE,
+            OpenError::Oversized => ALERT_RECORD_OVERFLOW,
+            OpenError::Decrypt => ALERT_BAD_RECORD_MAC,
         }
     }
 }

@@ -127,28 +127,33 @@ async fn userspace(
     if let Some(random) = hio.client_random() {
         ktls::SecretLog::global().forget(&random);
     }
-    let (sock, tick) = userspace_socket(ctx, hio)?;
-    Ok(Established {
-        io: HboneIo::Rustls(RustlsIo::new(sock, RecordPump::new(conn), tick.clone())),
-        tick,
-        path: TlsPath::userspace(cipher),
-        budget: None,
+    in_userspace(ctx, hio, cipher, |sock, tick| {
+        HboneIo::Rustls(RustlsIo::new(sock, RecordPump::new(conn), tick))
     })
 }
 
-/// The socket of a connection a userspace record layer carries, and the tick its flushes wait
-/// for; counted. Past the handshake nothing reads through the cork any more: the layer's
-/// driver reads the socket itself, off monoio's poll I/O.
-fn userspace_socket(
+/// A connection a userspace record layer carries from here on (`layer` makes it from the
+/// socket and the tick its flushes wait for); counted. Past the handshake nothing reads
+/// through the cork any more: the layer's driver reads the socket itself, off monoio's poll
+/// I/O.
+fn in_userspace(
     ctx: &StreamCtx,
     hio: HandshakeIo,
-) -> Result<(monoio::net::TcpStream, Rc<FlushTick>), OffloadError> {
+    cipher: Option<Cipher>,
+    layer: impl FnOnce(monoio::net::TcpStream, Rc<FlushTick>) -> HboneIo,
+) -> Result<Established, OffloadError> {
     let sock = hio
         .io
         .try_into_comp_io()
         .map_err(|(e, _)| OffloadError::PollMode(e))?;
     bump(&ctx.counters.userspace);
-    Ok((sock, Rc::new(FlushTick::default())))
+    let tick = Rc::new(FlushTick::default());
+    Ok(Established {
+        io: layer(sock, tick.clone()),
+        tick,
+        path: TlsPath::userspace(cipher),
+        budget: None,
+    })
 }
 
 /// rustls finished the handshake; ringtun's userspace record layer takes the connection on
@@ -158,24 +163,13 @@ async fn own_records(
     parts: (HandshakeIo, rustls::Connection),
     cipher: Cipher,
 ) -> Result<Established, OffloadError> {
-    let (hio, extracted, early, is_client) = take_over(ctx, parts).await?;
+    let (hio, extracted, early, rekey) = take_over(ctx, parts, cipher).await?;
     let (tx_seq, tx) = &extracted.secrets.tx;
     let (rx_seq, rx) = &extracted.secrets.rx;
     let tx = ktls::RecordKeys::from_secrets(*tx_seq, tx)?;
     let rx = ktls::RecordKeys::from_secrets(*rx_seq, rx)?;
-    let rekey = hio
-        .client_random()
-        .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client));
-    let (sock, tick) = userspace_socket(ctx, hio)?;
-    Ok(Established {
-        io: HboneIo::Keys(KeysIo::new(
-            sock,
-            KeyPump::new(tx, rx, rekey, early),
-            tick.clone(),
-        )),
-        tick,
-        path: TlsPath::userspace(Some(cipher)),
-        budget: None,
+    in_userspace(ctx, hio, Some(cipher), |sock, tick| {
+        HboneIo::Keys(KeysIo::new(sock, KeyPump::new(tx, rx, rekey, early), tick))
     })
 }
 
@@ -184,7 +178,7 @@ async fn offload(
     parts: (HandshakeIo, rustls::Connection),
     cipher: Cipher,
 ) -> Result<Established, OffloadError> {
-    let (hio, extracted, early, is_client) = take_over(ctx, parts).await?;
+    let (hio, extracted, early, rekey) = take_over(ctx, parts, cipher).await?;
     // 3. Keys into the kernel. The peer's record count goes on from where rustls left it.
     let rx_seq = extracted.secrets.rx.0;
     let off = ktls::enable(hio.io.as_raw_fd(), extracted.secrets)?;
@@ -203,12 +197,8 @@ async fn offload(
         "kTLS: HBONE connection offloaded"
     );
     let budget = Rc::new(KeyBudget::new(cipher, ctx.record_limits, rx_seq));
-    // The traffic secrets to follow the peer's KeyUpdates, where the kernel can (6.14+);
-    // claimed either way, so that the log does not keep them.
-    let rekey = hio
-        .client_random()
-        .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client))
-        .filter(|_| ctx.ktls.as_ref().is_some_and(|c| c.rekey));
+    // The traffic secrets follow the peer's KeyUpdates only where the kernel can (6.14+).
+    let rekey = rekey.filter(|_| ctx.ktls.as_ref().is_some_and(|c| c.rekey));
     Ok(Established {
         io: HboneIo::Kernel(KtlsIo::new(
             ctx.clone(),
@@ -230,11 +220,13 @@ async fn offload(
 
 /// Steps 1 and 2 of taking the record layer over from rustls (for the kernel or ringtun's
 /// own): the socket at a record boundary, the secrets, the plaintext rustls decrypted that
-/// nobody read yet, and whether this end is the client.
+/// nobody read yet, and the traffic secrets the handshake logged (claimed here whether or not
+/// the next layer can use them, so that the log does not keep them).
 async fn take_over(
     ctx: &Rc<StreamCtx>,
     (mut hio, mut conn): (HandshakeIo, rustls::Connection),
-) -> Result<(HandshakeIo, ktls::Extracted, Vec<u8>, bool), OffloadError> {
+    cipher: Cipher,
+) -> Result<(HandshakeIo, ktls::Extracted, Vec<u8>, Option<ktls::Rekey>), OffloadError> {
     let mut early = Vec::new();
     // 1. The handshake may have stopped reading inside a record (tokio-rustls keeps reading
     //    after the handshake until the socket has nothing more). Read exactly the rest of it
@@ -291,7 +283,10 @@ async fn take_over(
         }
     };
     early.extend_from_slice(&extracted.plaintext);
-    Ok((hio, extracted, early, is_client))
+    let rekey = hio
+        .client_random()
+        .and_then(|r| ktls::SecretLog::global().take(&r, cipher, is_client));
+    Ok((hio, extracted, early, rekey))
 }
 
 /// Moves the plaintext rustls has decrypted into `out` (so its buffer never fills while we

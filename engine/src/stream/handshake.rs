@@ -106,7 +106,8 @@ pub async fn server(
     .await
 }
 
-/// Corked when kTLS may follow, so the handshake never reads past a TLS record.
+/// Corked when kTLS or ringtun's own record layer may follow, so the handshake never reads
+/// past a TLS record.
 fn corked(ctx: &StreamCtx, tcp: TcpStreamPoll) -> HandshakeIo {
     // Both the kernel and ringtun's own record layer take over from rustls at a record
     // boundary.

@@ -15,6 +15,7 @@ use tls_kernel_offload::{self as ktls, KtlsError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::ctx::bump;
+use super::early::Early;
 use super::key_budget::{records_for, KeyBudget};
 use super::StreamCtx;
 
@@ -41,8 +42,7 @@ enum Closing {
 pub struct KtlsIo {
     io: TcpStreamPoll,
     /// Application data rustls decrypted before the switch; delivered before the socket's.
-    early: Vec<u8>,
-    early_pos: usize,
+    early: Early,
     /// close_notify (or TCP FIN) seen: every further read is end of stream.
     eof: bool,
     budget: Rc<KeyBudget>,
@@ -62,7 +62,7 @@ impl fmt::Debug for KtlsIo {
         f.debug_struct("KtlsIo")
             .field("fd", &self.io.as_raw_fd())
             .field("peer", &self.peer)
-            .field("early_left", &(self.early.len() - self.early_pos))
+            .field("early_left", &self.early.left())
             .field("eof", &self.eof)
             .field("tx_records", &self.budget.tx_records())
             .field("rx_records", &self.budget.rx_records())
@@ -81,8 +81,7 @@ impl KtlsIo {
         let peer = io.peer_addr().ok();
         KtlsIo {
             io,
-            early,
-            early_pos: 0,
+            early: Early::new(early),
             eof: false,
             budget,
             exhausted_logged: false,
@@ -243,14 +242,7 @@ impl AsyncRead for KtlsIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.early_pos < this.early.len() {
-            let n = buf.remaining().min(this.early.len() - this.early_pos);
-            buf.put_slice(&this.early[this.early_pos..this.early_pos + n]);
-            this.early_pos += n;
-            if this.early_pos == this.early.len() {
-                this.early = Vec::new();
-                this.early_pos = 0;
-            }
+        if this.early.deliver(buf).is_some() {
             return Poll::Ready(Ok(()));
         }
         if this.eof || buf.remaining() == 0 {

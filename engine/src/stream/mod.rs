@@ -10,6 +10,7 @@
 //! | `handshake.rs`  | [`handshake::client`] / [`handshake::server`]: the whole start-up     |
 //! | `handshake_io.rs` | [`HandshakeIo`]: the socket under the TLS handshake, corked        |
 //! | `establish.rs`  | [`establish`]: kTLS, ringtun's records or rustls', [`Established`]   |
+//! | `early.rs`      | plaintext rustls decrypted before the take-over, delivered first     |
 //! | `ktls.rs`       | [`KtlsIo`]: the kernel's record layer                                |
 //! | `key_budget.rs` | [`KeyBudget`]: records sent and received with one pair of kTLS keys  |
 //! | `pump/`         | [`pump::Records`]: the userspace record layers, no I/O: ringtun's    |
@@ -64,6 +65,7 @@
 //! at 2^24 records. See there for the limits.
 
 mod ctx;
+mod early;
 mod establish;
 mod flush;
 pub mod handshake;

@@ -9,10 +9,12 @@ use std::mem::MaybeUninit;
 
 use tls_kernel_offload::{
     self as ktls, record_len, HandshakeMsg, HandshakeParseError, KtlsError, OpenError, RecordKeys,
-    Rekey, ALERT_CLOSE_NOTIFY, ALERT_LEVEL_FATAL, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
-    CONTENT_HANDSHAKE, MAX_RECORD_PLAINTEXT, OVERHEAD,
+    Rekey, ALERT_CLOSE_NOTIFY, ALERT_LEVEL_FATAL, ALERT_LEVEL_WARNING, ALERT_UNEXPECTED_MESSAGE,
+    CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE, MAX_RECORD_PLAINTEXT, OVERHEAD,
 };
 use tokio::io::ReadBuf;
+
+use crate::stream::early::Early;
 
 use super::records::{
     self, Deferral, Flush, Read, ReadError, Records, Transmit, Write, READ_CHUNK, SEND_LIMIT,
@@ -44,8 +46,7 @@ pub struct KeyPump {
     /// The opened record's content not yet delivered, as a range of `rbuf`.
     plain: std::ops::Range<usize>,
     /// Application data rustls decrypted before the switch; delivered first.
-    early: Vec<u8>,
-    early_pos: usize,
+    early: Early,
     /// A handshake message that spans records.
     handshake: Vec<u8>,
     /// The socket reported end of stream.
@@ -88,8 +89,7 @@ impl KeyPump {
             rbuf: Vec::new(),
             rpos: 0,
             plain: 0..0,
-            early,
-            early_pos: 0,
+            early: Early::new(early),
             handshake: Vec::new(),
             eof: false,
             closed: false,
@@ -272,8 +272,7 @@ impl KeyPump {
         len: usize,
         handshake_type: Option<u8>,
     ) -> ReadError {
-        // unexpected_message
-        self.alert(10);
+        self.alert(ALERT_UNEXPECTED_MESSAGE);
         ReadError {
             error: io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -297,10 +296,7 @@ fn fatal(e: KtlsError) -> ReadError {
         }
         _ => io::ErrorKind::InvalidData,
     };
-    ReadError {
-        error: io::Error::new(kind, e),
-        alert: false,
-    }
+    ReadError::plain(io::Error::new(kind, e))
 }
 
 impl Records for KeyPump {
@@ -354,14 +350,7 @@ impl Records for KeyPump {
         }
         let start = buf.filled().len();
         let delivered = |buf: &ReadBuf<'_>| buf.filled().len() > start;
-        if self.early_pos < self.early.len() {
-            let n = buf.remaining().min(self.early.len() - self.early_pos);
-            buf.put_slice(&self.early[self.early_pos..self.early_pos + n]);
-            self.early_pos += n;
-            if self.early_pos == self.early.len() {
-                self.early = Vec::new();
-                self.early_pos = 0;
-            }
+        if let Some(n) = self.early.deliver(buf) {
             return Ok(Read::Data(n));
         }
         loop {
@@ -398,13 +387,10 @@ impl Records for KeyPump {
             if self.eof {
                 // TCP end of stream without close_notify (or inside a record): as rustls
                 // reports it.
-                return Err(ReadError {
-                    error: io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "peer closed connection without sending TLS close_notify",
-                    ),
-                    alert: false,
-                });
+                return Err(ReadError::plain(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed connection without sending TLS close_notify",
+                )));
             }
             return Ok(Read::NeedInput);
         }
@@ -511,7 +497,7 @@ impl Records for KeyPump {
     fn close(&mut self) {
         if !self.closing {
             self.closing = true;
-            self.seal(CONTENT_ALERT, &[&[1, ALERT_CLOSE_NOTIFY]]);
+            self.seal(CONTENT_ALERT, &[&[ALERT_LEVEL_WARNING, ALERT_CLOSE_NOTIFY]]);
         }
     }
 }

@@ -11,8 +11,8 @@ use tokio::io::ReadBuf;
 /// per record).
 pub const READ_CHUNK: usize = 64 * 1024;
 
-/// Encrypted bytes rustls may hold for the socket before a write must wait for a flush; also
-/// the most one `writev` sends (rustls hands out at most 64 records per call).
+/// Encrypted bytes a layer may hold for the socket before a write must wait for a flush; also
+/// about the most one `writev` sends (rustls hands out at most 64 records per call).
 pub const SEND_LIMIT: usize = 512 * 1024;
 
 /// Encrypted bytes buffered since the last flush past which a write goes to the socket at
