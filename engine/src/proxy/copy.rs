@@ -163,6 +163,8 @@ struct Reader {
     canceller: Option<Canceller>,
     /// Has not waited for bytes yet (see above).
     fresh: bool,
+    /// The last read filled what it asked for: more is most likely waiting in the socket.
+    full: bool,
 }
 
 impl Reader {
@@ -172,6 +174,7 @@ impl Reader {
             buf: None,
             canceller: None,
             fresh: true,
+            full: false,
         }
     }
 
@@ -189,6 +192,18 @@ impl Reader {
     ) -> impl Future<Output = io::Result<Option<Bytes>>> + 'a {
         async move {
             loop {
+                // A read that filled its buffer most likely left more behind: a direct `recv`
+                // takes it without an io_uring submission and its completion (on the epoll
+                // driver it is the syscall the read would make anyway).
+                if std::mem::take(&mut self.full) {
+                    if let Some(mut buf) = self.buf.take() {
+                        match recv(fd, &mut buf, self.size) {
+                            Ok(n) => return Ok(Some(self.filled(buf, n))),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.buf = Some(buf),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
                 // Tested, not taken here: an `Option` taken in the condition would stay in the
                 // future across the read.
                 if self.buf.is_some() {
@@ -267,6 +282,7 @@ impl Reader {
     /// buffer for the next read.
     fn filled(&mut self, mut buf: BytesMut, n: usize) -> Bytes {
         let chunk = buf.split().freeze();
+        self.full = n == self.size;
         if n == self.size && self.size < MAX_BUF {
             self.size = (self.size + FRAME_HEAD) * 2 - FRAME_HEAD;
         }
