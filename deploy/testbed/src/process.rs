@@ -63,6 +63,7 @@ impl Process {
         if group {
             cmd.process_group(0);
         }
+        crate::sys::unblock_signals_in(&mut cmd);
         let child = cmd.spawn().map_err(Error::io(format!("starting {name}")))?;
         Ok(Process {
             name: name.to_owned(),

@@ -145,6 +145,25 @@ pub fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
     }
 }
 
+/// Has `cmd`'s process start with no signal blocked. A child inherits its parent's signal mask
+/// across `exec`: without this, a program started from a thread that blocked SIGINT/SIGTERM
+/// (see [`block_signals`]) could never be asked to stop, only killed.
+pub fn unblock_signals_in(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // sigemptyset/sigprocmask, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Waits for one of the signals of `set` (from [`block_signals`]); returns it.
 pub fn wait_signal(set: &libc::sigset_t) -> libc::c_int {
     let mut sig = 0;

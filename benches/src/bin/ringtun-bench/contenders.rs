@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use ringtun_testbed::{sys, Netns, RunFiles, TwoNodes, DEFAULT_MARK};
 
 use crate::options::Opts;
 use crate::procs::{Node, Proc, Tunnel, NAMESPACES};
+use crate::profile::{Recording, Shares};
 use crate::progress::Progress;
 use crate::setup::setup_topology;
 use crate::{SERVER_IP, SERVER_PORT, VIP, VIP_PORT};
@@ -97,6 +99,8 @@ pub struct Env {
     pub sources: Vec<IpAddr>,
     /// Progress on stderr.
     pub progress: Progress,
+    /// `--profile`: where the recordings go, and how many were made.
+    pub profile: Option<(PathBuf, AtomicUsize)>,
 }
 
 /// `ringtun run` for one side, with the benchmark's and the caller's extra arguments.
@@ -387,6 +391,8 @@ pub struct Spent {
     pub server: f64,
     /// The kernel's part (stime) of both sides together: what no userspace change removes.
     pub kernel: f64,
+    /// Where it went, both sides together (`--profile`).
+    pub profile: Option<Shares>,
 }
 
 /// Runs `f` in the contender's client namespace, measuring the tunnel's CPU around it.
@@ -396,6 +402,16 @@ pub fn measured<T: Send>(
     tunnel: Option<&Tunnel>,
     f: impl FnOnce(&Target) -> std::io::Result<T> + Send,
 ) -> Result<(T, Option<Spent>), String> {
+    let recording = match (&env.profile, tunnel) {
+        (Some((dir, n)), Some(tunnel)) => {
+            let (mut pids, server) = tunnel.pids();
+            pids.extend(server);
+            let n = n.fetch_add(1, Ordering::Relaxed);
+            let file = dir.join(format!("{n:04}-{}.perf.data", c.name));
+            Some(Recording::start(file, &pids)?)
+        }
+        _ => None,
+    };
     let before = tunnel.map(Tunnel::cpu);
     let t = c.target.clone();
     let r = env.topos[c.topo]
@@ -404,11 +420,13 @@ pub fn measured<T: Send>(
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{}: {e}", c.name))?;
     let after = tunnel.map(Tunnel::cpu);
+    let profile = recording.map(Recording::finish).transpose()?;
     let cpu = match (before, after) {
         (Some(b), Some(a)) => Some(Spent {
             client: a.0 - b.0,
             server: a.1 - b.1,
             kernel: a.2 - b.2,
+            profile,
         }),
         _ => None,
     };

@@ -13,6 +13,7 @@ use crate::crosscheck::crosscheck;
 use crate::memory::memory_test;
 use crate::options::{wants, Opts, Plan};
 use crate::procs::Tunnel;
+use crate::profile::CATEGORIES;
 use crate::{CONN_REPLY, CONN_REQ, GIB, MIB, RR_SIZE};
 
 /// One measurement of one contender, with its tunnel (none for direct).
@@ -223,31 +224,13 @@ pub fn bulk_tests(
         let (took, cpu) = measured(env, c, tunnel, move |t| load::bulk(t, dir, streams, bytes))?;
         let mibs = bytes as f64 / MIB / took.as_secs_f64();
         res.push(run, &c.name, &test, "MiB/s", mibs, true);
-        if let Some(Spent {
-            client: cc,
-            server: sc,
-            kernel,
-        }) = cpu
-        {
-            let gib = bytes as f64 / GIB;
-            res.push(
-                run,
-                &c.name,
-                &test,
-                "CPU s/GiB (pair, kernel)",
-                kernel / gib,
-                false,
-            );
-            res.push(
-                run,
-                &c.name,
-                &test,
-                "CPU s/GiB (pair)",
-                (cc + sc) / gib,
-                false,
-            );
-            res.push(run, &c.name, &test, "CPU s/GiB (client)", cc / gib, false);
-            res.push(run, &c.name, &test, "CPU s/GiB (server)", sc / gib, false);
+        if let Some(spent) = cpu {
+            let per = PerUnit {
+                unit: "s/GiB",
+                scale: GIB / bytes as f64,
+                sides: true,
+            };
+            push_cpu(res, run, c, &test, &per, &spent);
         }
     }
     Ok(())
@@ -289,23 +272,13 @@ pub fn rr_tests(
     let rps = r.completed as f64 / r.elapsed.as_secs_f64();
     res.push(run, &c.name, name, "req/s", rps, true);
     push_p50_p99(res, run, c, name, "RTT", &r.rtts);
-    if let Some(Spent {
-        client: cc,
-        server: sc,
-        kernel,
-    }) = cpu
-    {
-        let per = (cc + sc) / r.completed.max(1) as f64 * 1e6;
-        res.push(run, &c.name, name, "CPU µs/req (pair)", per, false);
-        let kernel = kernel / r.completed.max(1) as f64 * 1e6;
-        res.push(
-            run,
-            &c.name,
-            name,
-            "CPU µs/req (pair, kernel)",
-            kernel,
-            false,
-        );
+    if let Some(spent) = cpu {
+        let per = PerUnit {
+            unit: "µs/req",
+            scale: 1e6 / r.completed.max(1) as f64,
+            sides: false,
+        };
+        push_cpu(res, run, c, name, &per, &spent);
     }
 
     let name = format!("rr16 at {rate:.0} req/s 1 KiB");
@@ -374,45 +347,13 @@ pub fn conn_test(
     );
     push_p50_p99(res, run, c, name, "conn time", &r.times);
     res.push(run, &c.name, name, "failed", r.failed as f64, false);
-    if let Some(Spent {
-        client: cc,
-        server: sc,
-        kernel,
-    }) = cpu
-    {
-        let k = r.completed as f64 / 1000.0;
-        res.push(
-            run,
-            &c.name,
-            name,
-            "CPU s/1000 conns (pair, kernel)",
-            kernel / k,
-            false,
-        );
-        res.push(
-            run,
-            &c.name,
-            name,
-            "CPU s/1000 conns (pair)",
-            (cc + sc) / k,
-            false,
-        );
-        res.push(
-            run,
-            &c.name,
-            name,
-            "CPU s/1000 conns (client)",
-            cc / k,
-            false,
-        );
-        res.push(
-            run,
-            &c.name,
-            name,
-            "CPU s/1000 conns (server)",
-            sc / k,
-            false,
-        );
+    if let Some(spent) = cpu {
+        let per = PerUnit {
+            unit: "s/1000 conns",
+            scale: 1000.0 / r.completed as f64,
+            sides: true,
+        };
+        push_cpu(res, run, c, name, &per, &spent);
     }
     if count_handshakes && tunnel.is_some() {
         // Access-log lines are written when connections end; give the last ones a moment.
@@ -428,6 +369,42 @@ pub fn conn_test(
         );
     }
     Ok(())
+}
+
+/// How a measurement's CPU seconds become a figure per unit of work.
+struct PerUnit {
+    /// The unit in the metric's name, e.g. `s/GiB`.
+    unit: &'static str,
+    /// Seconds times this is the figure.
+    scale: f64,
+    /// Also the client and server sides on their own.
+    sides: bool,
+}
+
+/// Pushes a measurement's CPU per unit: the pair's kernel part, the pair, the sides if asked,
+/// and with `--profile` the pair's CPU in each category of the profile.
+fn push_cpu(
+    res: &mut Results,
+    run: usize,
+    c: &Contender,
+    test: &str,
+    per: &PerUnit,
+    spent: &Spent,
+) {
+    let u = per.unit;
+    let pair = (spent.client + spent.server) * per.scale;
+    let mut push = |metric: String, v: f64| res.push(run, &c.name, test, &metric, v, false);
+    push(format!("CPU {u} (pair, kernel)"), spent.kernel * per.scale);
+    push(format!("CPU {u} (pair)"), pair);
+    if per.sides {
+        push(format!("CPU {u} (client)"), spent.client * per.scale);
+        push(format!("CPU {u} (server)"), spent.server * per.scale);
+    }
+    if let Some(shares) = &spent.profile {
+        for (name, f) in CATEGORIES.iter().zip(shares.fractions()) {
+            push(format!("CPU {u} (pair) {name}"), pair * f);
+        }
+    }
 }
 
 /// Pushes the median and the 99th percentile of `samples` (µs) as `WHAT p50 µs` and

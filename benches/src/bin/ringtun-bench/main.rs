@@ -27,6 +27,7 @@ mod groups;
 mod memory;
 mod options;
 mod procs;
+mod profile;
 mod progress;
 mod setup;
 mod summary;
@@ -112,6 +113,7 @@ fn run(o: Opts) -> Result<(), String> {
     });
     let dir = out.join("work");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let profiles = o.profile.then(|| profile::prepare(&dir)).transpose()?;
     let certs = dir.join("certs");
     certs::write_workload_certs(
         &certs,
@@ -140,6 +142,7 @@ fn run(o: Opts) -> Result<(), String> {
             .map(|i| IpAddr::V4(setup::source_ip(i)))
             .collect(),
         progress: Progress::new(),
+        profile: profiles.map(|d| (d, Default::default())),
     };
     let mut helpers = Vec::new();
     let crosscheck_on = !o.no_crosscheck

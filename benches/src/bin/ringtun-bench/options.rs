@@ -88,6 +88,12 @@ pub struct Opts {
     /// Connections in flight in the connection-rate tests.
     #[arg(long, default_value_t = 16)]
     pub conn_concurrency: usize,
+    /// Where the CPU went: `perf record` on both tunnel processes during every measurement
+    /// that counts CPU, and that CPU per unit split into user (crypto, memory copies, rest) and
+    /// kernel (copies, network stack, scheduler, syscalls/io_uring/epoll, rest) rows. Needs
+    /// perf; the recordings stay in the work directory.
+    #[arg(long)]
+    pub profile: bool,
     /// Skip the iperf3/sockperf cross-checks even when they are installed.
     #[arg(long)]
     pub no_crosscheck: bool,

@@ -1,0 +1,357 @@
+//! `--profile`: where each tunnel's CPU went during a measurement, taken in the same run as
+//! the figures, so that a ratio can be read as "which part differs".
+//!
+//! `perf record` samples both tunnel processes (kernel call chains included) while the load
+//! runs. A sample belongs to one category, decided by the function it landed in. Kernel
+//! samples that landed in a function saying nothing about the work (a lock released with
+//! interrupts re-enabled, the softirq loop, the allocator) are decided by the first caller that
+//! does: on a VM without a PMU, perf's timer cannot interrupt code that runs with interrupts
+//! masked, and the time spent there is charged to the point where they are enabled again. The
+//! bench multiplies the pair's CPU per unit by each category's share of the samples.
+//!
+//! A binary without symbols (ztunnel's release build) has all of its userspace in
+//! "user: rest"; only its calls into libc's `memcpy` are told apart.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ringtun_testbed::sys;
+
+/// The categories, in the order of [`Shares::samples`].
+pub const CATEGORIES: [&str; 8] = [
+    "user: crypto",
+    "user: memory copies",
+    "user: rest",
+    "kernel: copies to and from user",
+    "kernel: network stack",
+    "kernel: scheduler and wake-ups",
+    "kernel: syscalls, io_uring, epoll",
+    "kernel: rest",
+];
+
+const USER_CRYPTO: usize = 0;
+const USER_COPY: usize = 1;
+const USER_REST: usize = 2;
+const KERNEL_COPY: usize = 3;
+const KERNEL_NET: usize = 4;
+const KERNEL_SCHED: usize = 5;
+const KERNEL_IO: usize = 6;
+const KERNEL_REST: usize = 7;
+
+/// Samples per second per CPU: enough for a one-second measurement to have thousands.
+const FREQ: &str = "999";
+
+/// Checks that perf is there and makes the recordings' directory under `work`.
+pub fn prepare(work: &Path) -> Result<PathBuf, String> {
+    let ok = Command::new("perf")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return Err("--profile needs perf (linux-perf on Debian) on the PATH".into());
+    }
+    let dir = work.join("profile");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A `perf record` attached to one measurement's tunnel processes.
+pub struct Recording {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Recording {
+    /// Starts sampling `pids` into `file`; returns once perf has attached.
+    pub fn start(file: PathBuf, pids: &[u32]) -> Result<Recording, String> {
+        let list = pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cmd = Command::new("perf");
+        cmd.args(["record", "-q", "-g", "-F", FREQ, "-p", &list, "-o"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // It is stopped with SIGINT, which the bench's threads block.
+        sys::unblock_signals_in(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("--profile runs `perf record`: {e}"))?;
+        let mut rec = Recording { child, file };
+        // perf writes its file's header once its events are open on every thread.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(Some(status)) = rec.child.try_wait() {
+                return Err(format!("perf record exited at once ({status})"));
+            }
+            if std::fs::metadata(&rec.file).is_ok_and(|m| m.len() > 0) {
+                return Ok(rec);
+            }
+            if Instant::now() > deadline {
+                return Err("perf record did not start within 5 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops sampling and sorts the samples.
+    pub fn finish(mut self) -> Result<Shares, String> {
+        // SAFETY: kill(2) on the perf process this recording started and still owns.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().map_err(|e| format!("perf record: {e}"))?;
+        // perf writes its file on SIGINT and then may end by the signal itself.
+        let stopped = status.signal() == Some(libc::SIGINT) || status.code() == Some(130);
+        if !status.success() && !stopped {
+            return Err(format!("perf record ended with {status}"));
+        }
+        let out = Command::new("perf")
+            .args(["script", "-F", "pid,ip,sym,dso", "-i"])
+            .arg(&self.file)
+            .stderr(Stdio::null())
+            .output()
+            .map_err(|e| format!("perf script: {e}"))?;
+        Ok(Shares::from_script(&String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+/// Sample counts per category (see [`CATEGORIES`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Shares {
+    /// Samples in each category.
+    pub samples: [u64; CATEGORIES.len()],
+}
+
+impl Shares {
+    /// Each category's share of all samples (all zero when there were none).
+    pub fn fractions(&self) -> [f64; CATEGORIES.len()] {
+        let total: u64 = self.samples.iter().sum();
+        let mut f = [0.0; CATEGORIES.len()];
+        if total > 0 {
+            for (f, &n) in f.iter_mut().zip(&self.samples) {
+                *f = n as f64 / total as f64;
+            }
+        }
+        f
+    }
+
+    /// Sorts the samples of `perf script -F pid,ip,sym,dso` output (call chains: one frame per
+    /// line, the leaf first, samples separated by blank lines).
+    pub fn from_script(text: &str) -> Shares {
+        let mut shares = Shares::default();
+        let mut chain: Vec<Frame<'_>> = Vec::new();
+        let mut flush = |chain: &mut Vec<Frame<'_>>| {
+            if !chain.is_empty() {
+                shares.samples[category(chain)] += 1;
+                chain.clear();
+            }
+        };
+        for line in text.lines() {
+            if line.trim().is_empty() || !line.starts_with(char::is_whitespace) {
+                // A blank line or the next sample's header (its pid) ends a sample.
+                flush(&mut chain);
+                continue;
+            }
+            if let Some(frame) = Frame::parse(line) {
+                chain.push(frame);
+            }
+        }
+        flush(&mut chain);
+        shares
+    }
+}
+
+/// One call-chain line: `<ip hex> <symbol> (<dso>)`.
+struct Frame<'a> {
+    kernel: bool,
+    sym: &'a str,
+}
+
+impl<'a> Frame<'a> {
+    fn parse(line: &'a str) -> Option<Frame<'a>> {
+        let (ip, rest) = line.trim().split_once(' ')?;
+        let ip = u64::from_str_radix(ip, 16).ok()?;
+        // The symbol may itself hold " (": the dso is the last parenthesised part.
+        let sym = rest.rsplit_once(" (").map_or(rest, |(s, _)| s);
+        Some(Frame {
+            kernel: ip >= 0xffff_8000_0000_0000,
+            sym,
+        })
+    }
+}
+
+fn category(chain: &[Frame<'_>]) -> usize {
+    let leaf = &chain[0];
+    if !leaf.kernel {
+        let s = leaf.sym.to_ascii_lowercase();
+        return if [
+            "aes", "gcm", "ghash", "chacha", "poly1305", "sha256", "sha512",
+        ]
+        .iter()
+        .any(|k| s.contains(k))
+        {
+            USER_CRYPTO
+        } else if ["memcpy", "memmove", "memset"]
+            .iter()
+            .any(|k| s.contains(k))
+        {
+            USER_COPY
+        } else {
+            USER_REST
+        };
+    }
+    if is_copy(leaf.sym) {
+        return KERNEL_COPY;
+    }
+    chain
+        .iter()
+        .take_while(|f| f.kernel)
+        .find_map(|f| kernel_work(f.sym))
+        .unwrap_or(KERNEL_REST)
+}
+
+fn is_copy(sym: &str) -> bool {
+    [
+        "copy_user",
+        "copy_to_iter",
+        "copy_from_iter",
+        "rep_movs",
+        "copy_page",
+        "memcpy",
+        "memmove",
+        "csum_partial_copy",
+    ]
+    .iter()
+    .any(|k| sym.contains(k))
+}
+
+/// What a kernel function says about the work it is part of, if anything. Prefixes where a
+/// word would also match elsewhere (`tcp_schedule_loss_probe` is TCP's).
+fn kernel_work(sym: &str) -> Option<usize> {
+    const SCHED: [&str; 12] = [
+        "schedule",
+        "__schedule",
+        "finish_task_switch",
+        "pick_next",
+        "enqueue_task",
+        "dequeue_task",
+        "try_to_wake_up",
+        "ttwu",
+        "sched_",
+        "select_task_rq",
+        "update_curr",
+        "__wake_up",
+    ];
+    const IO: [&str; 5] = ["io_", "__io_", "ep_", "__ep_", "do_epoll"];
+    const NET: [&str; 18] = [
+        "tcp",
+        "ip_",
+        "ipv4",
+        "ipv6",
+        "inet",
+        "sock",
+        "skb",
+        "veth",
+        "netif",
+        "napi",
+        "net_rx",
+        "dev_queue",
+        "__dev_",
+        "nf_",
+        "nft_",
+        "conntrack",
+        "neigh",
+        "raw_local_deliver",
+    ];
+    if SCHED.iter().any(|k| sym.starts_with(k)) {
+        Some(KERNEL_SCHED)
+    } else if IO.iter().any(|k| sym.starts_with(k)) {
+        Some(KERNEL_IO)
+    } else if NET.iter().any(|k| sym.contains(k)) {
+        Some(KERNEL_NET)
+    } else if sym.contains("syscall") || sym.contains("entry_SYSCALL") {
+        // The entry and exit of any syscall, reached only when nothing below said more.
+        Some(KERNEL_IO)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines as `perf script -F pid,ip,sym,dso` prints them for a recording with `-g`.
+    const SCRIPT: &str = "\
+1234 
+\tffffffff81a0b0c1 _raw_spin_unlock_irqrestore ([kernel.kallsyms])
+\tffffffff8112aa10 try_to_wake_up ([kernel.kallsyms])
+\tffffffff81cc0101 tcp_data_queue ([kernel.kallsyms])
+\tffffffff8223c951 do_syscall_64 ([kernel.kallsyms])
+\t           f82ad sendmsg (/usr/lib/x86_64-linux-gnu/libc.so.6)
+
+1234 
+\tffffffff81d73cd7 _copy_to_iter ([kernel.kallsyms])
+\tffffffff81cc0202 tcp_recvmsg ([kernel.kallsyms])
+
+1234 
+\tffffffff81a0b0c1 handle_softirqs ([kernel.kallsyms])
+\tffffffff81cc0303 __dev_queue_xmit ([kernel.kallsyms])
+
+1234 
+\tffffffff81a0b0c1 kmem_cache_alloc_noprof ([kernel.kallsyms])
+\tffffffff81cc0404 io_issue_sqe ([kernel.kallsyms])
+
+1234 
+\tffffffff81a0b0c1 read_tsc ([kernel.kallsyms])
+
+1235 
+\t    5599aa001122 aws_lc_0_47_0_aes_gcm_encrypt_avx512 (/bin/ringtun)
+
+1235 
+\t    7f00aa001122 __memmove_avx512_unaligned_erms (/usr/lib/x86_64-linux-gnu/libc.so.6)
+
+1235 
+\t    5599aa003344 <h2::proto::streams::Streams<B, P> as core::ops::Drop>::drop (/bin/ringtun)
+\t    5599aa003355 [unknown] (/bin/ringtun)
+
+1235 
+\t    5599aa003366 [unknown] (/bin/ztunnel)
+";
+
+    #[test]
+    fn samples_land_in_the_category_of_their_work() {
+        let s = Shares::from_script(SCRIPT);
+        assert_eq!(
+            s.samples,
+            [
+                1, // aes
+                1, // memmove
+                2, // h2's drop, a stripped binary
+                1, // _copy_to_iter
+                1, // softirq under __dev_queue_xmit
+                1, // irqrestore under try_to_wake_up
+                1, // allocation under io_issue_sqe
+                1, // read_tsc
+            ]
+        );
+        let f = s.fractions();
+        assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!((f[USER_REST] - 2.0 / 9.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn no_samples_no_shares() {
+        assert_eq!(Shares::from_script("").fractions(), [0.0; 8]);
+        assert_eq!(
+            Shares::from_script("garbage\n\tnot a frame\n").samples,
+            [0; 8]
+        );
+    }
+}
