@@ -164,7 +164,7 @@ struct Reader {
     /// Has not waited for bytes yet (see above).
     fresh: bool,
     /// The last read filled what it asked for: more is most likely waiting in the socket.
-    full: bool,
+    waiting: bool,
 }
 
 impl Reader {
@@ -174,7 +174,7 @@ impl Reader {
             buf: None,
             canceller: None,
             fresh: true,
-            full: false,
+            waiting: false,
         }
     }
 
@@ -195,7 +195,7 @@ impl Reader {
                 // A read that filled its buffer most likely left more behind: a direct `recv`
                 // takes it without an io_uring submission and its completion (on the epoll
                 // driver it is the syscall the read would make anyway).
-                if std::mem::take(&mut self.full) {
+                if std::mem::take(&mut self.waiting) {
                     if let Some(mut buf) = self.buf.take() {
                         match recv(fd, &mut buf, self.size) {
                             Ok(n) => return Ok(Some(self.filled(buf, n))),
@@ -282,7 +282,7 @@ impl Reader {
     /// buffer for the next read.
     fn filled(&mut self, mut buf: BytesMut, n: usize) -> Bytes {
         let chunk = buf.split().freeze();
-        self.full = n == self.size;
+        self.waiting = n == self.size;
         if n == self.size && self.size < MAX_BUF {
             self.size = (self.size + FRAME_HEAD) * 2 - FRAME_HEAD;
         }
@@ -546,6 +546,78 @@ mod tests {
         assert_eq!(End::PeerReset.reason(), None);
         assert_eq!(End::Revoked("why".into()).to_string(), "error");
         assert_eq!(End::Revoked("why".into()).reason(), Some("why"));
+    }
+
+    /// A client socket (std, blocking) and the tunnel's end of it, split.
+    async fn socket_pair() -> (
+        std::net::TcpStream,
+        OwnedReadHalf<TcpStream>,
+        OwnedWriteHalf<TcpStream>,
+        RawFd,
+    ) {
+        let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = std::net::TcpStream::connect(addr).expect("connect");
+        let (tunnel, _) = listener.accept().await.expect("accept");
+        let fd = tunnel.as_raw_fd();
+        let (rd, wr) = tunnel.into_split();
+        (client, rd, wr, fd)
+    }
+
+    /// After a read that filled its buffer the next one is a direct `recv`: it must see the
+    /// end of file, and an empty socket must go back to waiting, on both drivers.
+    #[test]
+    fn a_read_after_a_full_one_sees_the_end_or_waits_for_more() {
+        async fn check() {
+            use std::io::Write;
+            let conn = live::Conn::new(std::time::Duration::ZERO, None);
+            // The write half lives as long as the read half (a dropped one shuts the socket).
+            let (mut client, mut rd, _wr, fd) = socket_pair().await;
+            let mut r = Reader::new();
+            client.write_all(&[1; MIN_BUF]).expect("write");
+            let first = r.next(&mut rd, fd, &conn).await.expect("read");
+            assert_eq!(first.map(|b| b.len()), Some(MIN_BUF));
+            assert!(r.waiting, "a full read expects more");
+            // Nothing is there yet: the direct recv finds the socket empty, and the read
+            // waits for bytes that come later.
+            let later = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                client.write_all(b"later").expect("write");
+                client
+            });
+            let second = r.next(&mut rd, fd, &conn).await.expect("read");
+            assert_eq!(second.as_deref(), Some(&b"later"[..]));
+            let mut client = later.join().expect("writer");
+            // A read that fills its (grown) buffer, then the end right behind it.
+            let size = r.size;
+            client.write_all(&vec![2; size]).expect("write");
+            client
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+            drop(client);
+            let mut got = 0;
+            loop {
+                let chunk = r.next(&mut rd, fd, &conn).await.expect("read");
+                let chunk = chunk.expect("bytes, not quiet");
+                if chunk.is_empty() {
+                    break;
+                }
+                assert!(chunk.iter().all(|&b| b == 2));
+                got += chunk.len();
+            }
+            assert_eq!(got, size, "every byte before the end");
+            assert!(r.buf.is_none(), "at end of file the buffer is let go");
+        }
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("io_uring runtime")
+            .block_on(check());
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("epoll runtime")
+            .block_on(check());
     }
 
     #[test]
