@@ -138,8 +138,9 @@ fn from_h2(e: h2::Error) -> End {
 /// An io_uring read needs its buffer submitted for as long as it waits, so a connection that
 /// sat in `read` would hold a buffer for its whole idle life. So the reader has two modes:
 ///
-/// - *active*: io_uring reads into a kept buffer, one submitted read per read as bulk and
-///   request/response traffic always had; a read pending while the connection has been quiet
+/// - *active*: io_uring reads into a kept buffer, one submitted read per read, except right
+///   after a read that filled its buffer: the socket most likely holds more, and a direct
+///   non-blocking `recv` takes it first; a read pending while the connection has been quiet
 ///   for [`live::QUIET`] (the shard's sweeper says so) is cancelled, which frees the buffer;
 /// - *idle*: no buffer; it waits for readability (an io_uring poll, or epoll readiness on the
 ///   legacy driver), then allocates and reads without blocking, and is active again.
@@ -193,8 +194,9 @@ impl Reader {
         async move {
             loop {
                 // A read that filled its buffer most likely left more behind: a direct `recv`
-                // takes it without an io_uring submission and its completion (on the epoll
-                // driver it is the syscall the read would make anyway).
+                // takes it without an io_uring submission and its completion. (On the epoll
+                // driver it is the syscall the read would make anyway when bytes are there;
+                // when none are, the read's own `recv` finds the socket empty once more.)
                 if std::mem::take(&mut self.waiting) {
                     if let Some(mut buf) = self.buf.take() {
                         match recv(fd, &mut buf, self.size) {
@@ -532,6 +534,8 @@ pub async fn tcp_tcp(a: TcpStream, b: TcpStream, conn: live::Conn) -> End {
 mod tests {
     use super::*;
 
+    use futures_util::FutureExt;
+
     #[test]
     fn resets_and_errors_are_told_apart() {
         let reset = from_io(io::Error::from(io::ErrorKind::ConnectionReset));
@@ -578,6 +582,8 @@ mod tests {
             let first = r.next(&mut rd, fd, &conn).await.expect("read");
             assert_eq!(first.map(|b| b.len()), Some(MIN_BUF));
             assert!(r.waiting, "a full read expects more");
+            // No quiet spell cuts the waits below short, however slow this machine is.
+            conn.touch();
             // Nothing is there yet: the direct recv finds the socket empty, and the read
             // waits for bytes that come later.
             let later = std::thread::spawn(move || {
@@ -587,6 +593,7 @@ mod tests {
             });
             let second = r.next(&mut rd, fd, &conn).await.expect("read");
             assert_eq!(second.as_deref(), Some(&b"later"[..]));
+            conn.touch();
             let mut client = later.join().expect("writer");
             // A read that fills its (grown) buffer, then the end right behind it.
             let size = r.size;
@@ -595,17 +602,17 @@ mod tests {
                 .shutdown(std::net::Shutdown::Write)
                 .expect("shutdown");
             drop(client);
-            let mut got = 0;
-            loop {
-                let chunk = r.next(&mut rd, fd, &conn).await.expect("read");
-                let chunk = chunk.expect("bytes, not quiet");
-                if chunk.is_empty() {
-                    break;
-                }
-                assert!(chunk.iter().all(|&b| b == 2));
-                got += chunk.len();
-            }
-            assert_eq!(got, size, "every byte before the end");
+            let full = r.next(&mut rd, fd, &conn).await.expect("read");
+            let full = full.expect("bytes, not quiet");
+            assert_eq!(full.len(), size, "all of it was there");
+            assert!(full.iter().all(|&b| b == 2));
+            assert!(r.waiting);
+            // The end right behind a full read is seen at once: a direct `recv`. (On io_uring
+            // a read through the ring is never ready at its first poll: it is submitted only
+            // when the task yields.)
+            let end = r.next(&mut rd, fd, &conn).now_or_never();
+            let end = end.expect("ready at once").expect("read");
+            assert_eq!(end.as_deref(), Some(&b""[..]), "end of file");
             assert!(r.buf.is_none(), "at end of file the buffer is let go");
         }
         monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()

@@ -395,15 +395,18 @@ pub struct Spent {
     pub profile: Option<Shares>,
 }
 
-/// Runs `f` in the contender's client namespace, measuring the tunnel's CPU around it.
+/// Runs `f` in the contender's client namespace, measuring the tunnel's CPU around it, and
+/// with `--profile` recording where it went if `profiled` (a measurement that reports its CPU;
+/// the others, latency ones among them, run undisturbed by the sampling).
 pub fn measured<T: Send>(
     env: &Env,
     c: &Contender,
     tunnel: Option<&Tunnel>,
+    profiled: bool,
     f: impl FnOnce(&Target) -> std::io::Result<T> + Send,
 ) -> Result<(T, Option<Spent>), String> {
     let recording = match (&env.profile, tunnel) {
-        (Some((dir, n)), Some(tunnel)) => {
+        (Some((dir, n)), Some(tunnel)) if profiled => {
             let (mut pids, server) = tunnel.pids();
             pids.extend(server);
             let n = n.fetch_add(1, Ordering::Relaxed);

@@ -221,7 +221,9 @@ pub fn bulk_tests(
             if streams == 1 { "" } else { "s" }
         );
         env.progress.step(&format!("{}: {test}", c.name));
-        let (took, cpu) = measured(env, c, tunnel, move |t| load::bulk(t, dir, streams, bytes))?;
+        let (took, cpu) = measured(env, c, tunnel, true, move |t| {
+            load::bulk(t, dir, streams, bytes)
+        })?;
         let mibs = bytes as f64 / MIB / took.as_secs_f64();
         res.push(run, &c.name, &test, "MiB/s", mibs, true);
         if let Some(spent) = cpu {
@@ -246,7 +248,7 @@ pub fn latency_tests(
 ) -> Result<(), String> {
     for (size, name) in [(1usize, "ping-pong 1 B"), (1024, "ping-pong 1 KiB")] {
         env.progress.step(&format!("{}: {name}", c.name));
-        let (rtts, _) = measured(env, c, tunnel, move |t| {
+        let (rtts, _) = measured(env, c, tunnel, false, move |t| {
             load::ping_pong(t, size, (n / 10).max(100), n)
         })?;
         res.push_rtts(run, &c.name, name, &rtts);
@@ -266,7 +268,7 @@ pub fn rr_tests(
     let d = Duration::from_secs_f64(secs);
     let name = "rr16 closed loop 1 KiB";
     env.progress.step(&format!("{}: {name}", c.name));
-    let (r, cpu) = measured(env, c, tunnel, move |t| {
+    let (r, cpu) = measured(env, c, tunnel, true, move |t| {
         load::request_response(t, 16, RR_SIZE, d, None)
     })?;
     let rps = r.completed as f64 / r.elapsed.as_secs_f64();
@@ -283,7 +285,7 @@ pub fn rr_tests(
 
     let name = format!("rr16 at {rate:.0} req/s 1 KiB");
     env.progress.step(&format!("{}: {name}", c.name));
-    let (r, _) = measured(env, c, tunnel, move |t| {
+    let (r, _) = measured(env, c, tunnel, false, move |t| {
         load::request_response(t, 16, RR_SIZE, d, Some(rate))
     })?;
     res.push_rtts(run, &c.name, &name, &r.rtts);
@@ -327,7 +329,7 @@ pub fn conn_test(
     env.progress.step(&format!("{}: {name}", c.name));
     let new_before = pool_new_count(tunnel);
     let sources = sources.to_vec();
-    let (r, cpu) = measured(env, c, tunnel, move |t| {
+    let (r, cpu) = measured(env, c, tunnel, true, move |t| {
         load::connection_rate(t, n, concurrency, CONN_REQ, CONN_REPLY, &sources)
     })?;
     if r.completed == 0 {

@@ -42,6 +42,8 @@ const KERNEL_REST: usize = 7;
 
 /// Samples per second per CPU: enough for a one-second measurement to have thousands.
 const FREQ: &str = "999";
+/// How long perf gets to write its file once asked to stop.
+const STOP_WAIT: Duration = Duration::from_secs(30);
 
 /// Checks that perf is there and makes the recordings' directory under `work`.
 pub fn prepare(work: &Path) -> Result<PathBuf, String> {
@@ -84,6 +86,7 @@ impl Recording {
         let child = cmd
             .spawn()
             .map_err(|e| format!("--profile runs `perf record`: {e}"))?;
+        // Dropped (and killed) on every error below.
         let mut rec = Recording { child, file };
         // perf writes its file's header once its events are open on every thread.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -92,6 +95,8 @@ impl Recording {
                 return Err(format!("perf record exited at once ({status})"));
             }
             if std::fs::metadata(&rec.file).is_ok_and(|m| m.len() > 0) {
+                // The header comes just before the events are enabled.
+                std::thread::sleep(Duration::from_millis(50));
                 return Ok(rec);
             }
             if Instant::now() > deadline {
@@ -101,11 +106,11 @@ impl Recording {
         }
     }
 
-    /// Stops sampling and sorts the samples.
+    /// Stops sampling and sorts the samples; an error if perf failed or saw nothing.
     pub fn finish(mut self) -> Result<Shares, String> {
-        // SAFETY: kill(2) on the perf process this recording started and still owns.
+        // SAFETY: kill(2) on the perf process this recording started and has not reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().map_err(|e| format!("perf record: {e}"))?;
+        let status = self.wait(STOP_WAIT)?;
         // perf writes its file on SIGINT and then may end by the signal itself.
         let stopped = status.signal() == Some(libc::SIGINT) || status.code() == Some(130);
         if !status.success() && !stopped {
@@ -117,7 +122,47 @@ impl Recording {
             .stderr(Stdio::null())
             .output()
             .map_err(|e| format!("perf script: {e}"))?;
-        Ok(Shares::from_script(&String::from_utf8_lossy(&out.stdout)))
+        if !out.status.success() {
+            return Err(format!(
+                "perf script on {} ended with {}",
+                self.file.display(),
+                out.status
+            ));
+        }
+        let shares = Shares::from_script(&String::from_utf8_lossy(&out.stdout));
+        if shares.samples.iter().sum::<u64>() == 0 {
+            return Err(format!("{}: no samples", self.file.display()));
+        }
+        Ok(shares)
+    }
+
+    /// Waits for perf to end, killing it after `limit`.
+    fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(format!("perf record did not stop within {limit:?}"));
+                }
+                Err(e) => return Err(format!("perf record: {e}")),
+            }
+        }
+    }
+}
+
+impl Drop for Recording {
+    /// A recording abandoned on an error path does not stay attached to the tunnels.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -141,8 +186,9 @@ impl Shares {
         f
     }
 
-    /// Sorts the samples of `perf script -F pid,ip,sym,dso` output (call chains: one frame per
-    /// line, the leaf first, samples separated by blank lines).
+    /// Sorts the samples of `perf script -F pid,ip,sym,dso` output: a header line per sample
+    /// (the pid, right-aligned), then its call chain, one tab-indented frame per line with the
+    /// leaf first, then a blank line. A sample without a chain has its one frame on the header.
     pub fn from_script(text: &str) -> Shares {
         let mut shares = Shares::default();
         let mut chain: Vec<Frame<'_>> = Vec::new();
@@ -153,13 +199,14 @@ impl Shares {
             }
         };
         for line in text.lines() {
-            if line.trim().is_empty() || !line.starts_with(char::is_whitespace) {
-                // A blank line or the next sample's header (its pid) ends a sample.
-                flush(&mut chain);
+            if line.starts_with('\t') {
+                chain.extend(Frame::parse(line));
                 continue;
             }
-            if let Some(frame) = Frame::parse(line) {
-                chain.push(frame);
+            // A blank line or the next sample's header ends a sample.
+            flush(&mut chain);
+            if let Some((_pid, inline)) = line.trim().split_once(' ') {
+                chain.extend(Frame::parse(inline));
             }
         }
         flush(&mut chain);
@@ -197,10 +244,7 @@ fn category(chain: &[Frame<'_>]) -> usize {
         .any(|k| s.contains(k))
         {
             USER_CRYPTO
-        } else if ["memcpy", "memmove", "memset"]
-            .iter()
-            .any(|k| s.contains(k))
-        {
+        } else if ["memcpy", "memmove"].iter().any(|k| s.contains(k)) {
             USER_COPY
         } else {
             USER_REST
@@ -216,16 +260,17 @@ fn category(chain: &[Frame<'_>]) -> usize {
         .unwrap_or(KERNEL_REST)
 }
 
+/// Copies between the kernel and a process's memory (not the kernel's copies within itself,
+/// which go by what they are part of).
 fn is_copy(sym: &str) -> bool {
     [
         "copy_user",
         "copy_to_iter",
         "copy_from_iter",
-        "rep_movs",
-        "copy_page",
-        "memcpy",
-        "memmove",
-        "csum_partial_copy",
+        "copy_to_user",
+        "copy_from_user",
+        "rep_movs_alternative",
+        "csum_and_copy",
     ]
     .iter()
     .any(|k| sym.contains(k))
@@ -234,7 +279,8 @@ fn is_copy(sym: &str) -> bool {
 /// What a kernel function says about the work it is part of, if anything. Prefixes where a
 /// word would also match elsewhere (`tcp_schedule_loss_probe` is TCP's).
 fn kernel_work(sym: &str) -> Option<usize> {
-    const SCHED: [&str; 12] = [
+    const SCHED: [&str; 13] = [
+        "io_schedule",
         "schedule",
         "__schedule",
         "finish_task_switch",
@@ -287,42 +333,50 @@ fn kernel_work(sym: &str) -> Option<usize> {
 mod tests {
     use super::*;
 
-    /// Lines as `perf script -F pid,ip,sym,dso` prints them for a recording with `-g`.
+    /// Lines as `perf script -F pid,ip,sym,dso` prints them for a recording with `-g` (the
+    /// last three samples without the blank line between them, one without a chain).
     const SCRIPT: &str = "\
-1234 
+   1234 
 \tffffffff81a0b0c1 _raw_spin_unlock_irqrestore ([kernel.kallsyms])
 \tffffffff8112aa10 try_to_wake_up ([kernel.kallsyms])
 \tffffffff81cc0101 tcp_data_queue ([kernel.kallsyms])
 \tffffffff8223c951 do_syscall_64 ([kernel.kallsyms])
 \t           f82ad sendmsg (/usr/lib/x86_64-linux-gnu/libc.so.6)
 
-1234 
+   1234 
 \tffffffff81d73cd7 _copy_to_iter ([kernel.kallsyms])
 \tffffffff81cc0202 tcp_recvmsg ([kernel.kallsyms])
 
-1234 
+   1234 
 \tffffffff81a0b0c1 handle_softirqs ([kernel.kallsyms])
 \tffffffff81cc0303 __dev_queue_xmit ([kernel.kallsyms])
 
-1234 
+   1234 
 \tffffffff81a0b0c1 kmem_cache_alloc_noprof ([kernel.kallsyms])
 \tffffffff81cc0404 io_issue_sqe ([kernel.kallsyms])
 
-1234 
+   1234 
 \tffffffff81a0b0c1 read_tsc ([kernel.kallsyms])
 
-1235 
+   1235 
 \t    5599aa001122 aws_lc_0_47_0_aes_gcm_encrypt_avx512 (/bin/ringtun)
 
-1235 
+   1235 
 \t    7f00aa001122 __memmove_avx512_unaligned_erms (/usr/lib/x86_64-linux-gnu/libc.so.6)
 
-1235 
+   1235 
 \t    5599aa003344 <h2::proto::streams::Streams<B, P> as core::ops::Drop>::drop (/bin/ringtun)
 \t    5599aa003355 [unknown] (/bin/ringtun)
 
-1235 
+   1235 
 \t    5599aa003366 [unknown] (/bin/ztunnel)
+
+   1236 ffffffff81d73cd8 _copy_from_iter ([kernel.kallsyms])
+   1234 
+\tffffffff81d70000 memcpy_orig ([kernel.kallsyms])
+\tffffffff81cc0505 tcp_sendmsg_locked ([kernel.kallsyms])
+   1235 
+\t    7f00aa001133 __memset_avx512_unaligned_erms (/usr/lib/x86_64-linux-gnu/libc.so.6)
 ";
 
     #[test]
@@ -333,9 +387,9 @@ mod tests {
             [
                 1, // aes
                 1, // memmove
-                2, // h2's drop, a stripped binary
-                1, // _copy_to_iter
-                1, // softirq under __dev_queue_xmit
+                3, // h2's drop, a stripped binary, memset
+                2, // _copy_to_iter, and _copy_from_iter on a sample without a chain
+                2, // softirq under __dev_queue_xmit, the kernel's memcpy under TCP
                 1, // irqrestore under try_to_wake_up
                 1, // allocation under io_issue_sqe
                 1, // read_tsc
@@ -343,7 +397,7 @@ mod tests {
         );
         let f = s.fractions();
         assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-9);
-        assert!((f[USER_REST] - 2.0 / 9.0).abs() < 1e-9);
+        assert!((f[USER_REST] - 3.0 / 12.0).abs() < 1e-9);
     }
 
     #[test]
