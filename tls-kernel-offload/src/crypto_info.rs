@@ -292,8 +292,6 @@ impl Drop for CryptoInfo {
     }
 }
 
-/// Overwrites with zeros in a way the optimiser may not elide (the memory is about to be
-/// freed, which would otherwise make the writes dead stores).
 /// The cipher, key and IV of one half of `rustls::ExtractedSecrets`.
 pub(crate) fn secret_parts(
     secrets: &ConnectionTrafficSecrets,
@@ -311,6 +309,8 @@ pub(crate) fn secret_parts(
     Ok((cipher, key.as_ref(), iv.as_ref()))
 }
 
+/// Overwrites with zeros in a way the optimiser may not elide (the memory is about to be
+/// freed, which would otherwise make the writes dead stores).
 pub(crate) fn zeroize(bytes: &mut [u8]) {
     for b in bytes.iter_mut() {
         // SAFETY: `b` is a valid, aligned, exclusive reference.

@@ -81,10 +81,8 @@ impl Bench<'_> {
                 .iter()
                 .try_for_each(|&i| f(&contenders[i], tunnels[i].as_ref()))
         };
-        if !bulk_all.is_empty() {
-            for which in bulk_all.iter().copied() {
-                each(&mut |c, t| bulk_tests(env, res, run, c, t, plan.bytes, "", &[which]))?;
-            }
+        for &which in &bulk_all {
+            each(&mut |c, t| bulk_tests(env, res, run, c, t, plan.bytes, "", &[which]))?;
         }
         if wants(o, "latency") {
             each(&mut |c, t| latency_tests(env, res, run, c, t, plan.pingpongs))?;

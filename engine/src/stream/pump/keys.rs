@@ -129,12 +129,14 @@ impl KeyPump {
     }
 
     /// Records sent and received so far under the current keys.
-    pub fn records(&self) -> (u64, u64) {
+    #[cfg(test)]
+    pub(crate) fn records(&self) -> (u64, u64) {
         (self.tx.seq(), self.rx.seq())
     }
 
     /// Bytes the send buffer holds, sent ones still in front included, and its capacity.
-    pub fn send_buffer(&self) -> (usize, usize) {
+    #[cfg(test)]
+    pub(crate) fn send_buffer(&self) -> (usize, usize) {
         (self.sbuf.len(), self.sbuf.capacity())
     }
 
