@@ -252,6 +252,26 @@ pub fn recv_nonblocking(fd: RawFd, spare: &mut [mem::MaybeUninit<u8>]) -> io::Re
     }
 }
 
+/// One non-blocking accept on `listener` (a listening socket opened non-blocking, as
+/// [`reuseport_listener`] opens them): the connection and its peer, or `None` when none is
+/// waiting. The new socket is blocking and close-on-exec, like one an io_uring accept returns.
+pub fn accept_nonblocking(
+    listener: BorrowedFd<'_>,
+) -> io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
+    // accept4 with SOCK_CLOEXEC: close-on-exec in the same call.
+    match SockRef::from(&listener).accept() {
+        Ok((socket, peer)) => {
+            let peer = peer.as_socket().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP peer address")
+            })?;
+            Ok(Some((socket.into(), peer)))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Probes a connection's peer with TCP keepalive after `every` without traffic, then every
 /// `every`, and gives up after the kernel's count of unanswered probes (9 by default):
 /// ztunnel's settings (180 s), so a peer that vanished without a FIN or RST does not pin the

@@ -48,7 +48,15 @@ pub(super) fn shard_thread(
         }
     }
     let taskrun = opts.uring_taskrun;
-    let fut = crate::proxy::serve::run(id, opts, tls, rx, events.clone(), snapshot);
+    let fut = crate::proxy::serve::run(
+        id,
+        driver != IoDriver::Legacy,
+        opts,
+        tls,
+        rx,
+        events.clone(),
+        snapshot,
+    );
     let built = match driver {
         IoDriver::Legacy => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()

@@ -25,9 +25,10 @@ use crate::shard::pod::{Pod, PodShard};
 use crate::shard::{Shard, ShardEvent, ShardMsg, ShardRx, Tally};
 use crate::tls::TlsMaterial;
 
-/// Runs one shard until the control thread goes away.
+/// Runs one shard until the control thread goes away; `uring`: whether its runtime is io_uring.
 pub async fn run(
     id: usize,
+    uring: bool,
     opts: Arc<RunOptions>,
     tls: Arc<TlsMaterial>,
     rx: ShardRx,
@@ -50,7 +51,7 @@ pub async fn run(
     };
     let mut buf = vec![0u8; 64];
     loop {
-        if !queue.drain(|msg| handle(&shard, msg, &events)) {
+        if !queue.drain(|msg| handle(&shard, uring, msg, &events)) {
             return;
         }
         // Each send wrote a byte after queueing its message: one read covers every message
@@ -64,7 +65,7 @@ pub async fn run(
         match res {
             // EOF: every sender is gone; what they queued first is still handled.
             Ok(0) => {
-                queue.drain(|msg| handle(&shard, msg, &events));
+                queue.drain(|msg| handle(&shard, uring, msg, &events));
                 return;
             }
             Ok(_) => {}
@@ -77,7 +78,7 @@ pub async fn run(
     }
 }
 
-fn handle(shard: &Rc<Shard>, msg: ShardMsg, events: &Sender<ShardEvent>) {
+fn handle(shard: &Rc<Shard>, uring: bool, msg: ShardMsg, events: &Sender<ShardEvent>) {
     // A control thread that stopped listening has nobody left to tell.
     match msg {
         ShardMsg::Config(snap) => {
@@ -88,14 +89,14 @@ fn handle(shard: &Rc<Shard>, msg: ShardMsg, events: &Sender<ShardEvent>) {
         }
         ShardMsg::Drain => shard.start_drain(),
         ShardMsg::Listen { kind, socket } => {
-            let _ = events.send(listen(shard, kind, socket));
+            let _ = events.send(listen(shard, uring, kind, socket));
         }
         ShardMsg::AddPod {
             pod,
             listeners,
             reply,
         } => {
-            let _ = reply.send(add_pod(shard, pod, listeners));
+            let _ = reply.send(add_pod(shard, uring, pod, listeners));
         }
         ShardMsg::DelPod { uid, deadline } => shard.remove_pod(&uid, deadline),
         ShardMsg::Certificate { identity, tls } => shard.renew_certificate(&identity, tls),
@@ -107,6 +108,7 @@ fn handle(shard: &Rc<Shard>, msg: ShardMsg, events: &Sender<ShardEvent>) {
 /// Starts serving a pod on its listeners (bound in its namespace by the control thread).
 fn add_pod(
     shard: &Rc<Shard>,
+    uring: bool,
     pod: Arc<Pod>,
     listeners: Vec<(ListenerKind, std::net::TcpListener)>,
 ) -> Result<(), String> {
@@ -126,6 +128,7 @@ fn add_pod(
         served.add_listener(listener.as_raw_fd());
         monoio::spawn(accept_loop(
             shard.clone(),
+            uring,
             kind,
             listener,
             Some(served.clone()),
@@ -135,7 +138,12 @@ fn add_pod(
 }
 
 /// Takes a listening socket into this shard's runtime and starts accepting on it.
-fn listen(shard: &Rc<Shard>, kind: ListenerKind, socket: std::net::TcpListener) -> ShardEvent {
+fn listen(
+    shard: &Rc<Shard>,
+    uring: bool,
+    kind: ListenerKind,
+    socket: std::net::TcpListener,
+) -> ShardEvent {
     // from_std registers the fd with this thread's driver, so it must run in the runtime.
     let listener = match TcpListener::from_std(socket) {
         Ok(l) => l,
@@ -148,7 +156,7 @@ fn listen(shard: &Rc<Shard>, kind: ListenerKind, socket: std::net::TcpListener) 
     };
     let addr = listener.local_addr();
     shard.add_listener(listener.as_raw_fd());
-    monoio::spawn(accept_loop(shard.clone(), kind, listener, None));
+    monoio::spawn(accept_loop(shard.clone(), uring, kind, listener, None));
     match addr {
         Ok(addr) => ShardEvent::Listening {
             shard: shard.id,
@@ -165,32 +173,84 @@ fn listen(shard: &Rc<Shard>, kind: ListenerKind, socket: std::net::TcpListener) 
 /// Accepts on one listener until it is shut; `pod`: the pod it was bound in (in-pod mode).
 async fn accept_loop(
     shard: Rc<Shard>,
+    uring: bool,
     kind: ListenerKind,
     listener: TcpListener,
     pod: Option<Rc<PodShard>>,
 ) {
-    loop {
+        loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
-                Tally::bump(&shard.counters().accepted);
-                if shard.is_full() {
-                    // Refusing at once beats queueing: the client retries elsewhere or fails
-                    // fast, and the connections already here keep their share of the shard.
-                    Tally::bump(&shard.counters().overloaded);
-                    crate::net::abort_on_close(stream.as_raw_fd());
-                    tracing::warn!(shard = shard.id, %kind, %peer, limit = shard.opts.max_connections_per_shard, "connection refused: shard at its connection limit");
-                    continue;
-                }
-                dispatch(&shard, kind, stream, peer, pod.clone());
-            }
+            Ok((stream, peer)) => admit(&shard, kind, stream, peer, &pod),
             Err(_) if shard.drain_for(pod.as_deref()).is_fired() => return,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, keep serving live ones.
                 tracing::warn!(shard = shard.id, %kind, error = %e, "accept failed");
                 monoio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        if uring {
+            accept_waiting(&listener, |stream, peer| {
+                admit(&shard, kind, stream, peer, &pod)
+            });
+        }
+    }
+}
+
+/// Most connections accepted in one go after an io_uring accept, before the loop goes back to
+/// the ring: the other tasks of the tick are not kept waiting behind a long backlog.
+const DIRECT_ACCEPTS: usize = 64;
+
+/// Takes the connections already waiting behind one that an io_uring accept returned, with
+/// direct non-blocking accepts, so that they start in this tick as a readiness loop would start
+/// them; returns how many it took.
+///
+/// One ring accept completes one connection per tick, so a burst of connections was spread over
+/// as many ticks, and the HBONE connection they share got a flush (a TLS record, a `sendmsg`, a
+/// packet) for each of them instead of one for the burst. The epoll driver needs none of this:
+/// monoio's accept there is itself a readiness loop of `accept4` calls.
+fn accept_waiting(
+    listener: &TcpListener,
+    mut take: impl FnMut(monoio::net::TcpStream, SocketAddr),
+) -> usize {
+    // SAFETY: `listener` owns the fd and outlives this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+    let mut taken = 0;
+    while taken < DIRECT_ACCEPTS {
+        let (std_stream, peer) = match crate::net::accept_nonblocking(fd) {
+            Ok(Some(accepted)) => accepted,
+            // An error too: the ring's next accept meets it and the loop reports it.
+            Ok(None) | Err(_) => break,
+        };
+        taken += 1;
+        match monoio::net::TcpStream::from_std(std_stream) {
+            Ok(stream) => take(stream, peer),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "accepted connection not taken into the shard")
             }
         }
     }
+    taken
+}
+
+/// Counts an accepted connection in and starts its path, or refuses it when the shard is full.
+fn admit(
+    shard: &Rc<Shard>,
+    kind: ListenerKind,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+    pod: &Option<Rc<PodShard>>,
+) {
+    Tally::bump(&shard.counters().accepted);
+    if shard.is_full() {
+        // Refusing at once beats queueing: the client retries elsewhere or fails
+        // fast, and the connections already here keep their share of the shard.
+        Tally::bump(&shard.counters().overloaded);
+        crate::net::abort_on_close(stream.as_raw_fd());
+        tracing::warn!(shard = shard.id, %kind, %peer, limit = shard.opts.max_connections_per_shard, "connection refused: shard at its connection limit");
+        return;
+    }
+    dispatch(shard, kind, stream, peer, pod.clone());
 }
 
 /// Starts the path for a connection accepted on a `kind` listener.
@@ -255,5 +315,63 @@ impl<F> Drop for Counted<F> {
     fn drop(&mut self) {
         let open = &self.shard.counters().open;
         open.set(open.get().saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections waiting behind the one a ring accept returned all start in the same tick,
+    /// each with its own peer address, and an empty backlog ends the batch at once.
+    #[test]
+    fn a_burst_of_connections_is_taken_in_one_go() {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .build()
+            .expect("io_uring runtime")
+            .block_on(async {
+                let socket = crate::net::reuseport_listener("127.0.0.1:0".parse().expect("addr"))
+                    .expect("listen");
+                let listener = TcpListener::from_std(socket).expect("listener");
+                let addr = listener.local_addr().expect("addr");
+                let clients: Vec<_> = (0..5)
+                    .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+                    .collect();
+                let mut peers: Vec<SocketAddr> = Vec::new();
+                let (first, peer) = listener.accept().await.expect("accept");
+                peers.push(peer);
+                let mut streams = vec![first];
+                let taken = accept_waiting(&listener, |stream, peer| {
+                    streams.push(stream);
+                    peers.push(peer);
+                });
+                assert_eq!(taken, 4, "the rest of the burst, without the ring");
+                let locals: Vec<SocketAddr> = clients
+                    .iter()
+                    .map(|c| c.local_addr().expect("local addr"))
+                    .collect();
+                let mut wanted = locals.clone();
+                wanted.sort();
+                peers.sort();
+                assert_eq!(peers, wanted, "each connection with its own peer");
+                assert_eq!(
+                    accept_waiting(&listener, |_, _| panic!("nothing is waiting")),
+                    0,
+                    "an empty backlog ends the batch"
+                );
+                // The directly accepted sockets carry bytes like a ring-accepted one.
+                use monoio::io::AsyncReadRent;
+                use std::io::Write;
+                for (i, mut c) in clients.into_iter().enumerate() {
+                    c.write_all(&[i as u8; 3]).expect("write");
+                }
+                for s in &mut streams {
+                    let peer = s.peer_addr().expect("peer");
+                    let i = locals.iter().position(|&p| p == peer).expect("known peer");
+                    let (n, buf) = s.read(vec![0u8; 3]).await;
+                    assert_eq!(n.expect("read"), 3);
+                    assert_eq!(buf, vec![i as u8; 3]);
+                }
+            });
     }
 }
