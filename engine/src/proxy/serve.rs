@@ -178,7 +178,7 @@ async fn accept_loop(
     listener: TcpListener,
     pod: Option<Rc<PodShard>>,
 ) {
-        loop {
+    loop {
         match listener.accept().await {
             Ok((stream, peer)) => admit(&shard, kind, stream, peer, &pod),
             Err(_) if shard.drain_for(pod.as_deref()).is_fired() => return,

@@ -15,7 +15,7 @@ use ringtun_testbed::{sys, Netns, RunFiles, TwoNodes, DEFAULT_MARK};
 
 use crate::options::Opts;
 use crate::procs::{Node, Proc, Tunnel, NAMESPACES};
-use crate::profile::{Recording, Shares};
+use crate::profile::{Profile, Recording};
 use crate::progress::Progress;
 use crate::setup::setup_topology;
 use crate::{SERVER_IP, SERVER_PORT, VIP, VIP_PORT};
@@ -391,8 +391,8 @@ pub struct Spent {
     pub server: f64,
     /// The kernel's part (stime) of both sides together: what no userspace change removes.
     pub kernel: f64,
-    /// Where it went, both sides together (`--profile`).
-    pub profile: Option<Shares>,
+    /// Where it went, per side (`--profile`).
+    pub profile: Option<Profile>,
 }
 
 /// Runs `f` in the contender's client namespace, measuring the tunnel's CPU around it, and
@@ -407,11 +407,10 @@ pub fn measured<T: Send>(
 ) -> Result<(T, Option<Spent>), String> {
     let recording = match (&env.profile, tunnel) {
         (Some((dir, n)), Some(tunnel)) if profiled => {
-            let (mut pids, server) = tunnel.pids();
-            pids.extend(server);
+            let (client, server) = tunnel.pids();
             let n = n.fetch_add(1, Ordering::Relaxed);
             let file = dir.join(format!("{n:04}-{}.perf.data", c.name));
-            Some(Recording::start(file, &pids)?)
+            Some(Recording::start(file, client, server)?)
         }
         _ => None,
     };

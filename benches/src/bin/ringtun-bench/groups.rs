@@ -400,9 +400,18 @@ fn push_cpu(
         push(format!("CPU {u} (client)"), spent.client * per.scale);
         push(format!("CPU {u} (server)"), spent.server * per.scale);
     }
-    if let Some(shares) = &spent.profile {
-        for (name, f) in CATEGORIES.iter().zip(shares.fractions()) {
-            push(format!("CPU {u} (pair) {name}"), pair * f);
+    if let Some(p) = &spent.profile {
+        let (c, s) = (p.client.fractions(), p.server.fractions());
+        for (i, name) in CATEGORIES.iter().enumerate() {
+            let (client, server) = (spent.client * c[i], spent.server * s[i]);
+            push(
+                format!("CPU {u} (pair) {name}"),
+                (client + server) * per.scale,
+            );
+            if per.sides {
+                push(format!("CPU {u} (client) {name}"), client * per.scale);
+                push(format!("CPU {u} (server) {name}"), server * per.scale);
+            }
         }
     }
 }

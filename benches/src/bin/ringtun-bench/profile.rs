@@ -19,7 +19,20 @@ use std::time::{Duration, Instant};
 
 use ringtun_testbed::sys;
 
-/// The categories, in the order of [`Shares::samples`].
+/// What a sample's CPU was spent on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Category {
+    UserCrypto,
+    UserCopy,
+    UserRest,
+    KernelCopy,
+    KernelNet,
+    KernelSched,
+    KernelIo,
+    KernelRest,
+}
+
+/// The categories' names, in the order of [`Shares::samples`] (a `Category` is its index).
 pub const CATEGORIES: [&str; 8] = [
     "user: crypto",
     "user: memory copies",
@@ -31,14 +44,7 @@ pub const CATEGORIES: [&str; 8] = [
     "kernel: rest",
 ];
 
-const USER_CRYPTO: usize = 0;
-const USER_COPY: usize = 1;
-const USER_REST: usize = 2;
-const KERNEL_COPY: usize = 3;
-const KERNEL_NET: usize = 4;
-const KERNEL_SCHED: usize = 5;
-const KERNEL_IO: usize = 6;
-const KERNEL_REST: usize = 7;
+use Category::*;
 
 /// Samples per second per CPU: enough for a one-second measurement to have thousands.
 const FREQ: &str = "999";
@@ -65,13 +71,17 @@ pub fn prepare(work: &Path) -> Result<PathBuf, String> {
 pub struct Recording {
     child: Child,
     file: PathBuf,
+    client: Vec<u32>,
+    server: Vec<u32>,
 }
 
 impl Recording {
-    /// Starts sampling `pids` into `file`; returns once perf has attached.
-    pub fn start(file: PathBuf, pids: &[u32]) -> Result<Recording, String> {
-        let list = pids
+    /// Starts sampling the client side's and the server side's processes into `file`; returns
+    /// once perf has attached.
+    pub fn start(file: PathBuf, client: Vec<u32>, server: Vec<u32>) -> Result<Recording, String> {
+        let list = client
             .iter()
+            .chain(&server)
             .map(u32::to_string)
             .collect::<Vec<_>>()
             .join(",");
@@ -87,7 +97,12 @@ impl Recording {
             .spawn()
             .map_err(|e| format!("--profile runs `perf record`: {e}"))?;
         // Dropped (and killed) on every error below.
-        let mut rec = Recording { child, file };
+        let mut rec = Recording {
+            child,
+            file,
+            client,
+            server,
+        };
         // perf writes its file's header once its events are open on every thread.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -107,7 +122,7 @@ impl Recording {
     }
 
     /// Stops sampling and sorts the samples; an error if perf failed or saw nothing.
-    pub fn finish(mut self) -> Result<Shares, String> {
+    pub fn finish(mut self) -> Result<Profile, String> {
         // SAFETY: kill(2) on the perf process this recording started and has not reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let status = self.wait(STOP_WAIT)?;
@@ -129,11 +144,12 @@ impl Recording {
                 out.status
             ));
         }
-        let shares = Shares::from_script(&String::from_utf8_lossy(&out.stdout));
-        if shares.samples.iter().sum::<u64>() == 0 {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let profile = Profile::from_script(&text, &self.client, &self.server);
+        if profile.client.total() + profile.server.total() == 0 {
             return Err(format!("{}: no samples", self.file.display()));
         }
-        Ok(shares)
+        Ok(profile)
     }
 
     /// Waits for perf to end, killing it after `limit`.
@@ -166,6 +182,56 @@ impl Drop for Recording {
     }
 }
 
+/// Where one measurement's CPU went, each side's samples apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Profile {
+    /// The client side's processes.
+    pub client: Shares,
+    /// The server side's processes.
+    pub server: Shares,
+}
+
+impl Profile {
+    /// Sorts the samples of `perf script -F pid,ip,sym,dso` output by side (the sample's pid
+    /// among `client`'s or `server`'s; any other pid is left out) and category. A sample is a
+    /// header line (the pid, right-aligned), then its call chain, one tab-indented frame per
+    /// line with the leaf first, then a blank line. A sample without a chain has its one frame
+    /// on the header.
+    pub fn from_script(text: &str, client: &[u32], server: &[u32]) -> Profile {
+        // [client, server]; `side` indexes it for the sample being read.
+        let mut sides = [Shares::default(); 2];
+        let mut side: Option<usize> = None;
+        let mut chain: Vec<Frame<'_>> = Vec::new();
+        let mut flush = |side: Option<usize>, chain: &mut Vec<Frame<'_>>| {
+            if let (Some(i), false) = (side, chain.is_empty()) {
+                sides[i].samples[category(chain) as usize] += 1;
+            }
+            chain.clear();
+        };
+        for line in text.lines() {
+            if line.starts_with('\t') {
+                chain.extend(Frame::parse(line));
+                continue;
+            }
+            // A blank line or the next sample's header ends a sample.
+            flush(side.take(), &mut chain);
+            let header = line.trim();
+            let (pid, inline) = header.split_once(' ').unwrap_or((header, ""));
+            side = match pid.parse::<u32>() {
+                Ok(pid) if client.contains(&pid) => Some(0),
+                Ok(pid) if server.contains(&pid) => Some(1),
+                _ => None,
+            };
+            if side.is_some() {
+                chain.extend(Frame::parse(inline));
+            }
+        }
+        flush(side, &mut chain);
+        let [client, server] = sides;
+        Profile { client, server }
+    }
+}
+
 /// Sample counts per category (see [`CATEGORIES`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Shares {
@@ -174,9 +240,14 @@ pub struct Shares {
 }
 
 impl Shares {
+    /// All samples.
+    pub fn total(&self) -> u64 {
+        self.samples.iter().sum()
+    }
+
     /// Each category's share of all samples (all zero when there were none).
     pub fn fractions(&self) -> [f64; CATEGORIES.len()] {
-        let total: u64 = self.samples.iter().sum();
+        let total = self.total();
         let mut f = [0.0; CATEGORIES.len()];
         if total > 0 {
             for (f, &n) in f.iter_mut().zip(&self.samples) {
@@ -184,33 +255,6 @@ impl Shares {
             }
         }
         f
-    }
-
-    /// Sorts the samples of `perf script -F pid,ip,sym,dso` output: a header line per sample
-    /// (the pid, right-aligned), then its call chain, one tab-indented frame per line with the
-    /// leaf first, then a blank line. A sample without a chain has its one frame on the header.
-    pub fn from_script(text: &str) -> Shares {
-        let mut shares = Shares::default();
-        let mut chain: Vec<Frame<'_>> = Vec::new();
-        let mut flush = |chain: &mut Vec<Frame<'_>>| {
-            if !chain.is_empty() {
-                shares.samples[category(chain)] += 1;
-                chain.clear();
-            }
-        };
-        for line in text.lines() {
-            if line.starts_with('\t') {
-                chain.extend(Frame::parse(line));
-                continue;
-            }
-            // A blank line or the next sample's header ends a sample.
-            flush(&mut chain);
-            if let Some((_pid, inline)) = line.trim().split_once(' ') {
-                chain.extend(Frame::parse(inline));
-            }
-        }
-        flush(&mut chain);
-        shares
     }
 }
 
@@ -233,7 +277,7 @@ impl<'a> Frame<'a> {
     }
 }
 
-fn category(chain: &[Frame<'_>]) -> usize {
+fn category(chain: &[Frame<'_>]) -> Category {
     let leaf = &chain[0];
     if !leaf.kernel {
         let s = leaf.sym.to_ascii_lowercase();
@@ -243,21 +287,21 @@ fn category(chain: &[Frame<'_>]) -> usize {
         .iter()
         .any(|k| s.contains(k))
         {
-            USER_CRYPTO
+            UserCrypto
         } else if ["memcpy", "memmove"].iter().any(|k| s.contains(k)) {
-            USER_COPY
+            UserCopy
         } else {
-            USER_REST
+            UserRest
         };
     }
     if is_copy(leaf.sym) {
-        return KERNEL_COPY;
+        return KernelCopy;
     }
     chain
         .iter()
         .take_while(|f| f.kernel)
         .find_map(|f| kernel_work(f.sym))
-        .unwrap_or(KERNEL_REST)
+        .unwrap_or(KernelRest)
 }
 
 /// Copies between the kernel and a process's memory (not the kernel's copies within itself,
@@ -278,7 +322,7 @@ fn is_copy(sym: &str) -> bool {
 
 /// What a kernel function says about the work it is part of, if anything. Prefixes where a
 /// word would also match elsewhere (`tcp_schedule_loss_probe` is TCP's).
-fn kernel_work(sym: &str) -> Option<usize> {
+fn kernel_work(sym: &str) -> Option<Category> {
     const SCHED: [&str; 13] = [
         "io_schedule",
         "schedule",
@@ -316,14 +360,14 @@ fn kernel_work(sym: &str) -> Option<usize> {
         "raw_local_deliver",
     ];
     if SCHED.iter().any(|k| sym.starts_with(k)) {
-        Some(KERNEL_SCHED)
+        Some(KernelSched)
     } else if IO.iter().any(|k| sym.starts_with(k)) {
-        Some(KERNEL_IO)
+        Some(KernelIo)
     } else if NET.iter().any(|k| sym.contains(k)) {
-        Some(KERNEL_NET)
+        Some(KernelNet)
     } else if sym.contains("syscall") || sym.contains("entry_SYSCALL") {
         // The entry and exit of any syscall, reached only when nothing below said more.
-        Some(KERNEL_IO)
+        Some(KernelIo)
     } else {
         None
     }
@@ -380,32 +424,41 @@ mod tests {
 ";
 
     #[test]
-    fn samples_land_in_the_category_of_their_work() {
-        let s = Shares::from_script(SCRIPT);
+    fn samples_land_in_the_category_of_their_work_and_side() {
+        let script = format!("{SCRIPT}\n    999 \n\t    5599aa001122 aes_gcm_other (/bin/other)\n");
+        let p = Profile::from_script(&script, &[1234], &[1235, 1236]);
         assert_eq!(
-            s.samples,
+            p.client.samples,
             [
-                1, // aes
-                1, // memmove
-                3, // h2's drop, a stripped binary, memset
-                2, // _copy_to_iter, and _copy_from_iter on a sample without a chain
+                0, 0, 0, 1, // _copy_to_iter
                 2, // softirq under __dev_queue_xmit, the kernel's memcpy under TCP
                 1, // irqrestore under try_to_wake_up
                 1, // allocation under io_issue_sqe
                 1, // read_tsc
             ]
         );
-        let f = s.fractions();
+        assert_eq!(
+            p.server.samples,
+            [
+                1, // aes
+                1, // memmove
+                3, // h2's drop, a stripped binary, memset
+                1, // _copy_from_iter on a sample without a chain
+                0, 0, 0, 0,
+            ],
+            "another process's samples (pid 999) are left out"
+        );
+        let f = p.server.fractions();
         assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-9);
-        assert!((f[USER_REST] - 3.0 / 12.0).abs() < 1e-9);
+        assert!((f[UserRest as usize] - 3.0 / 6.0).abs() < 1e-9);
+        assert_eq!(CATEGORIES[KernelRest as usize], "kernel: rest");
     }
 
     #[test]
     fn no_samples_no_shares() {
-        assert_eq!(Shares::from_script("").fractions(), [0.0; 8]);
-        assert_eq!(
-            Shares::from_script("garbage\n\tnot a frame\n").samples,
-            [0; 8]
-        );
+        let p = Profile::from_script("", &[1], &[2]);
+        assert_eq!(p.client.fractions(), [0.0; 8]);
+        let p = Profile::from_script("garbage\n\tnot a frame\n   1 \n\tnot a frame\n", &[1], &[2]);
+        assert_eq!((p.client.total(), p.server.total()), (0, 0));
     }
 }
