@@ -253,22 +253,25 @@ pub fn recv_nonblocking(fd: RawFd, spare: &mut [mem::MaybeUninit<u8>]) -> io::Re
 }
 
 /// One non-blocking accept on `listener` (a listening socket opened non-blocking, as
-/// [`reuseport_listener`] opens them): the connection and its peer, or `None` when none is
-/// waiting. The new socket is blocking and close-on-exec, like one an io_uring accept returns.
+/// [`reuseport_listener`] opens them), retried on EINTR: the connection and its peer, or `None`
+/// when none is waiting. The new socket is blocking, as one an io_uring accept returns, and
+/// close-on-exec.
 pub fn accept_nonblocking(
     listener: BorrowedFd<'_>,
 ) -> io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
-    // accept4 with SOCK_CLOEXEC: close-on-exec in the same call.
-    match SockRef::from(&listener).accept() {
-        Ok((socket, peer)) => {
-            let peer = peer.as_socket().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP peer address")
-            })?;
-            Ok(Some((socket.into(), peer)))
-        }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
-        Err(e) => Err(e),
+    loop {
+        // accept4 with SOCK_CLOEXEC: close-on-exec in the same call.
+        return match SockRef::from(&listener).accept() {
+            Ok((socket, peer)) => {
+                let peer = peer.as_socket().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP peer address")
+                })?;
+                Ok(Some((socket.into(), peer)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
     }
 }
 

@@ -216,11 +216,18 @@ fn accept_waiting(
     // SAFETY: `listener` owns the fd and outlives this call.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
     let mut taken = 0;
-    while taken < DIRECT_ACCEPTS {
+    for _ in 0..DIRECT_ACCEPTS {
         let (std_stream, peer) = match crate::net::accept_nonblocking(fd) {
             Ok(Some(accepted)) => accepted,
-            // An error too: the ring's next accept meets it and the loop reports it.
-            Ok(None) | Err(_) => break,
+            Ok(None) => break,
+            // A connection that ended while queued (ECONNABORTED; EPROTO on some stacks) is
+            // gone: the rest of the burst is still there.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO)) => {
+                continue
+            }
+            // A lasting error (EMFILE, ENFILE, a listener shut by a drain): the ring's next
+            // accept meets it and the loop reports it or ends.
+            Err(_) => break,
         };
         taken += 1;
         match monoio::net::TcpStream::from_std(std_stream) {
@@ -322,6 +329,24 @@ impl<F> Drop for Counted<F> {
 mod tests {
     use super::*;
 
+    /// Connections waiting in a listening socket's accept queue (`tcpi_unacked` of a listener).
+    fn accept_queue(fd: std::os::fd::RawFd) -> u32 {
+        // SAFETY: `tcp_info` is plain data; getsockopt writes at most `len` bytes into it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_unacked
+    }
+
     /// Connections waiting behind the one a ring accept returned all start in the same tick,
     /// each with its own peer address, and an empty backlog ends the batch at once.
     #[test]
@@ -337,6 +362,16 @@ mod tests {
                 let clients: Vec<_> = (0..5)
                     .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
                     .collect();
+                // A client's connect returns before the server side has processed the last ACK
+                // (softirq work may lag on a busy machine): wait until all five are queued.
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while accept_queue(listener.as_raw_fd()) < 5 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "connections not queued"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 let mut peers: Vec<SocketAddr> = Vec::new();
                 let (first, peer) = listener.accept().await.expect("accept");
                 peers.push(peer);
