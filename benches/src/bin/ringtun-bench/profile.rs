@@ -150,7 +150,10 @@ impl Recording {
         // drop out of the split, and the pair's rows would no longer add up to its CPU.
         for (side, shares) in [("client", &profile.client), ("server", &profile.server)] {
             if shares.total() == 0 {
-                return Err(format!("{}: no samples of the {side} side", self.file.display()));
+                return Err(format!(
+                    "{}: no samples of the {side} side",
+                    self.file.display()
+                ));
             }
         }
         Ok(profile)
