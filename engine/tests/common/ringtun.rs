@@ -284,7 +284,11 @@ impl AccessLine {
 /// Access lines (target `access`, with a `direction=` field) of a log, the debug-level
 /// `connection opened` left out; their fields start at `src.addr=` (ztunnel's first).
 pub fn parse_access(log: &str) -> Vec<AccessLine> {
-    log.lines()
+    // The log is read while the tunnel writes it: a last line without its newline may still be
+    // cut short (a missing `end=`), so it waits for the next read.
+    let complete = log.rfind('\n').map_or("", |i| &log[..=i]);
+    complete
+        .lines()
         .filter(|l| {
             l.contains("access") && l.contains("direction=") && !l.contains("connection opened")
         })
