@@ -215,7 +215,12 @@ impl Process {
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.log();
-            if let Some(l) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            // Complete lines only: the process may be half-way through writing the last one.
+            let complete = log.rfind('\n').map_or("", |i| &log[..=i]);
+            if let Some(l) = complete
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
                 return Ok(l.to_owned());
             }
             if Instant::now() > deadline {
