@@ -215,9 +215,7 @@ impl Process {
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.log();
-            // Complete lines only: the process may be half-way through writing the last one.
-            let complete = log.rfind('\n').map_or("", |i| &log[..=i]);
-            if let Some(l) = complete
+            if let Some(l) = complete_lines(&log)
                 .lines()
                 .find(|l| needles.iter().all(|n| l.contains(n)))
             {
@@ -294,6 +292,12 @@ pub fn http_request(
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
     Ok((status, body.to_owned()))
+}
+
+/// The part of a log read while its process writes it that ends in a newline: the last line
+/// may still be half-written, and a match on it could be cut short.
+pub fn complete_lines(log: &str) -> &str {
+    log.rfind('\n').map_or("", |i| &log[..=i])
 }
 
 /// The last `lines` lines of `text`.

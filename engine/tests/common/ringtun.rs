@@ -284,10 +284,8 @@ impl AccessLine {
 /// Access lines (target `access`, with a `direction=` field) of a log, the debug-level
 /// `connection opened` left out; their fields start at `src.addr=` (ztunnel's first).
 pub fn parse_access(log: &str) -> Vec<AccessLine> {
-    // The log is read while the tunnel writes it: a last line without its newline may still be
-    // cut short (a missing `end=`), so it waits for the next read.
-    let complete = log.rfind('\n').map_or("", |i| &log[..=i]);
-    complete
+    // A last line still being written could lack its `end=`: it waits for the next read.
+    ringtun_testbed::process::complete_lines(log)
         .lines()
         .filter(|l| {
             l.contains("access") && l.contains("direction=") && !l.contains("connection opened")
