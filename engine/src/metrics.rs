@@ -213,6 +213,8 @@ pub struct ShardGauges {
 pub struct ShardCounters {
     /// Connections accepted.
     pub accepted: u64,
+    /// Of those, the ones taken with a direct `accept4` behind an io_uring accept (a burst).
+    pub accepted_direct: u64,
     /// HBONE connections whose TLS ran in the kernel (TX and RX).
     pub ktls_connections: u64,
     /// HBONE connections whose TLS ran in userspace rustls.

@@ -1,7 +1,8 @@
 //! Prometheus metrics end to end in network namespaces: every byte counted on both ends, while
 //! a connection lives and once it closed, with Istio's labels, scraped as Prometheus text and as
 //! OpenMetrics and parsed by `prometheus_client`'s reference parsers
-//! (`tests/peers/prom_check.py`).
+//! (`tests/peers/prom_check.py`); and a burst of connections queued behind a stopped shard,
+//! counted as the io_uring accept loop takes it (direct accepts) on each driver.
 //!
 //! Each test builds its own namespaces; they need root and fail without it.
 
@@ -70,6 +71,7 @@ fn check_client_metrics(sc: &Scrape) {
         "istio_tcp_sent_bytes",
         "istio_tcp_received_bytes",
         "ringtun_accepted_connections",
+        "ringtun_accepted_direct_connections",
         "ringtun_ktls_connections",
         "ringtun_userspace_tls_connections",
     ] {
@@ -485,4 +487,109 @@ fn byte_counters_grow_while_a_connection_lives() {
     }
     m.client.assert_no_panic();
     m.server.assert_no_panic();
+}
+
+/// Connections waiting in `ns`'s accept queue on `port` (the listener's `Recv-Q` in `ss`).
+fn accept_queue(ns: &Netns, port: u16) -> u64 {
+    let out = ns
+        .run("ss", ["-Hltn", &format!("sport = :{port}")])
+        .expect("ss");
+    out.lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Whether every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            .is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+    })
+}
+
+/// A burst that queued while the client ringtun was stopped: every connection carries its own
+/// bytes back intact, and on io_uring the ones behind the first ring accept are taken in the
+/// same tick with direct accepts (`ringtun_accepted_direct_connections_total`), which the
+/// epoll driver never counts (its accept is already a loop of `accept4` calls).
+fn burst_scenario(driver: &str, prefix: &'static str) {
+    const BURST: usize = 5;
+    const EACH: usize = 16 * 1024;
+    let mut opts = MeshOptions::new(prefix);
+    opts.extra.extend(["--io-driver".into(), driver.into()]);
+    let m = Mesh::start(opts);
+    wait_endpoints(&m.client);
+    let _echo = echo_server(&m.nodes.server, "0.0.0.0:5201");
+    let client = &m.nodes.client;
+    // A first connection opens the pooled HBONE connection, so the burst needs no handshake.
+    echo_ok(client, "10.96.0.10:80", 1024);
+
+    m.client.signal(libc::SIGSTOP);
+    // The signal is delivered asynchronously: a connection that arrived before every thread
+    // stopped would be accepted at once.
+    let deadline = Instant::now() + LOG_WAIT;
+    while !all_threads_stopped(m.client.pid()) {
+        assert!(Instant::now() < deadline, "the client ringtun did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut conns = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..BURST {
+        let mut s = connect_in(client, "10.96.0.10:80").expect("connect while stopped");
+        let mut data = vec![0u8; EACH];
+        Pattern::seeded(i as u64 + 1).fill(&mut data);
+        s.write_all(&data).expect("write while stopped");
+        conns.push(s);
+        sent.push(data);
+    }
+    // The kernel finishes each handshake a moment after the client's connect returns.
+    let deadline = Instant::now() + LOG_WAIT;
+    while accept_queue(client, 15001) < BURST as u64 {
+        assert!(Instant::now() < deadline, "the burst never queued");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    m.client.signal(libc::SIGCONT);
+
+    for (i, (mut s, data)) in conns.into_iter().zip(&sent).enumerate() {
+        let mut back = vec![0u8; EACH];
+        std::io::Read::read_exact(&mut s, &mut back)
+            .unwrap_or_else(|e| panic!("connection {i} of the burst: {e}"));
+        assert!(back == *data, "connection {i}: other bytes came back");
+    }
+    m.client
+        .wait_access_all("for the burst", LOG_WAIT, |ls| ls.len() > BURST);
+    let sc = Scrape::take(client, false);
+    let shard0 = [("shard", "0")];
+    assert_eq!(
+        sc.one("ringtun_accepted_connections_total", &shard0),
+        (BURST + 1) as f64,
+        "{}",
+        sc.what
+    );
+    // The ring's accept completes in the shard's task work when it runs again: one connection,
+    // and the rest of the burst is in the queue by then.
+    let want_direct = if driver == "legacy" { 0 } else { BURST - 1 };
+    assert_eq!(
+        sc.one("ringtun_accepted_direct_connections_total", &shard0),
+        want_direct as f64,
+        "{} on {driver}",
+        sc.what
+    );
+    m.client.assert_no_panic();
+}
+
+#[test]
+fn a_burst_of_connections_starts_in_one_tick_on_io_uring() {
+    burst_scenario("io-uring", "oau");
+}
+
+#[test]
+fn a_burst_of_connections_on_the_epoll_driver_needs_no_direct_accepts() {
+    burst_scenario("legacy", "oal");
 }

@@ -223,7 +223,7 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             );
         }
     }
-    let per_shard: [(&str, &str, Figure); 12] = [
+    let per_shard: [(&str, &str, Figure); 13] = [
         (
             "ringtun_open_connections",
             "Connections open now, per shard",
@@ -233,6 +233,11 @@ pub fn render(reports: &[ShardReport], info: &ProcessInfo, openmetrics: bool) ->
             "ringtun_accepted_connections",
             "Connections accepted, per shard",
             Figure::Counter(|c| c.accepted),
+        ),
+        (
+            "ringtun_accepted_direct_connections",
+            "Connections accepted with a direct accept4 behind an io_uring accept (a burst taken in one tick), per shard",
+            Figure::Counter(|c| c.accepted_direct),
         ),
         (
             "ringtun_failed_connections",
@@ -493,6 +498,7 @@ mod tests {
             },
             counters: ShardCounters {
                 accepted: k + 2,
+                accepted_direct: k + 16,
                 ktls_connections: k + 5,
                 userspace_tls_connections: k + 6,
                 refused_overloaded: k + 8,

@@ -190,9 +190,11 @@ async fn accept_loop(
             }
         }
         if uring {
-            accept_waiting(&listener, |stream, peer| {
+            let taken = accept_waiting(&listener, |stream, peer| {
                 admit(&shard, kind, stream, peer, &pod)
             });
+            let direct = &shard.counters().accepted_direct;
+            direct.set(direct.get() + taken as u64);
         }
     }
 }

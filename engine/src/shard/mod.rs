@@ -132,6 +132,8 @@ pub enum ShardEvent {
 pub struct Counters {
     /// Connections accepted on any listener.
     pub accepted: Cell<u64>,
+    /// Of those, the ones taken with a direct `accept4` behind an io_uring accept.
+    pub accepted_direct: Cell<u64>,
     /// Connections currently open.
     pub open: Cell<u64>,
     /// HBONE streams opened over a new pooled connection.
@@ -449,6 +451,7 @@ impl Shard {
             },
             counters: ShardCounters {
                 accepted: c.accepted.get(),
+                accepted_direct: c.accepted_direct.get(),
                 ktls_connections: t.ktls_tx.get().min(t.ktls_rx.get()),
                 userspace_tls_connections: t.userspace.get(),
                 ktls_failed: t.ktls_failed.get(),
