@@ -13,6 +13,7 @@ use ringtun_benches::load::{self, Dir, ServerStats, Target};
 use ringtun_benches::report::DIRECT;
 use ringtun_testbed::{sys, Netns, RunFiles, TwoNodes, DEFAULT_MARK};
 
+use crate::netstat;
 use crate::options::Opts;
 use crate::procs::{Node, Proc, Tunnel, NAMESPACES};
 use crate::profile::{Profile, Recording};
@@ -393,6 +394,8 @@ pub struct Spent {
     pub kernel: f64,
     /// Where it went, per side (`--profile`).
     pub profile: Option<Profile>,
+    /// What the TCP counters of the client's and the server's namespace grew by.
+    pub net: [netstat::Values; 2],
 }
 
 /// Runs `f` in the contender's client namespace, measuring the tunnel's CPU around it, and
@@ -414,6 +417,11 @@ pub fn measured<T: Send>(
         }
         _ => None,
     };
+    let topo = &env.topos[c.topo];
+    let counters = || -> Result<_, String> {
+        Ok([netstat::read(&topo.client)?, netstat::read(&topo.server)?])
+    };
+    let net_before = tunnel.map(|_| counters()).transpose()?;
     let before = tunnel.map(Tunnel::cpu);
     let t = c.target.clone();
     let r = env.topos[c.topo]
@@ -422,13 +430,18 @@ pub fn measured<T: Send>(
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{}: {e}", c.name))?;
     let after = tunnel.map(Tunnel::cpu);
+    let net_after = tunnel.map(|_| counters()).transpose()?;
     let profile = recording.map(Recording::finish).transpose()?;
-    let cpu = match (before, after) {
-        (Some(b), Some(a)) => Some(Spent {
+    let cpu = match (before, after, net_before, net_after) {
+        (Some(b), Some(a), Some(nb), Some(na)) => Some(Spent {
             client: a.0 - b.0,
             server: a.1 - b.1,
             kernel: a.2 - b.2,
             profile,
+            net: [
+                netstat::delta(&nb[0], &na[0]),
+                netstat::delta(&nb[1], &na[1]),
+            ],
         }),
         _ => None,
     };

@@ -11,6 +11,7 @@ use ringtun_benches::stats;
 use crate::contenders::{measured, start_side, start_tunnel, warm_up, Contender, Env, Kind, Spent};
 use crate::crosscheck::crosscheck;
 use crate::memory::memory_test;
+use crate::netstat;
 use crate::options::{wants, Opts, Plan};
 use crate::procs::Tunnel;
 use crate::profile::CATEGORIES;
@@ -229,6 +230,8 @@ pub fn bulk_tests(
                 unit: "s/GiB",
                 scale: GIB / bytes as f64,
                 sides: true,
+                count_unit: "per GiB",
+                count_scale: GIB / bytes as f64,
             };
             push_cpu(res, run, c, &test, &per, &spent);
         }
@@ -277,6 +280,8 @@ pub fn rr_tests(
             unit: "µs/req",
             scale: 1e6 / r.completed.max(1) as f64,
             sides: false,
+            count_unit: "per req",
+            count_scale: 1.0 / r.completed.max(1) as f64,
         };
         push_cpu(res, run, c, name, &per, &spent);
     }
@@ -352,6 +357,8 @@ pub fn conn_test(
             unit: "s/1000 conns",
             scale: 1000.0 / r.completed as f64,
             sides: true,
+            count_unit: "per 1000 conns",
+            count_scale: 1000.0 / r.completed as f64,
         };
         push_cpu(res, run, c, name, &per, &spent);
     }
@@ -379,6 +386,10 @@ struct PerUnit {
     scale: f64,
     /// Also the client and server sides on their own.
     sides: bool,
+    /// The unit counts are given in, e.g. `per GiB`.
+    count_unit: &'static str,
+    /// A count times this is the figure.
+    count_scale: f64,
 }
 
 /// Pushes a measurement's CPU per unit: the pair's kernel part, the pair, the sides if asked,
@@ -399,6 +410,14 @@ fn push_cpu(
     if per.sides {
         push(format!("CPU {u} (client)"), spent.client * per.scale);
         push(format!("CPU {u} (server)"), spent.server * per.scale);
+    }
+    for (side, values) in ["client", "server"].iter().zip(&spent.net) {
+        for ((_, name), v) in netstat::COUNTERS.iter().zip(values) {
+            push(
+                format!("TCP {name} {} ({side} ns)", per.count_unit),
+                *v as f64 * per.count_scale,
+            );
+        }
     }
     if let Some(p) = &spent.profile {
         let (c, s) = (p.client.fractions(), p.server.fractions());

@@ -25,6 +25,7 @@ mod contenders;
 mod crosscheck;
 mod groups;
 mod memory;
+mod netstat;
 mod options;
 mod procs;
 mod profile;
