@@ -69,6 +69,22 @@ pub fn kernel_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&p| kernel_seconds(p)).sum()
 }
 
+/// The whole machine's CPU seconds since boot, from `/proc/stat`'s `cpu` line: (busy, stolen).
+/// Busy is user, nice, system, irq and softirq time of every CPU; stolen is the time the
+/// hypervisor ran something else while this VM wanted to run.
+pub fn machine_cpu() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal …
+    let at = |i: usize| v.get(i).copied().unwrap_or(0) as f64 / clk_tck();
+    Some((at(0) + at(1) + at(2) + at(5) + at(6), at(7)))
+}
+
 /// Resident set size (`VmRSS`) of a process in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -396,6 +396,9 @@ pub struct Spent {
     pub profile: Option<Profile>,
     /// What the TCP counters of the client's and the server's namespace grew by.
     pub net: [netstat::Values; 2],
+    /// The whole machine's busy and stolen CPUs during the measurement (2.0: both CPUs of a
+    /// 2-CPU machine all the time), load generators and everything else included.
+    pub machine: Option<(f64, f64)>,
 }
 
 /// Runs `f` in the contender's client namespace, measuring the tunnel's CPU around it, and
@@ -423,6 +426,7 @@ pub fn measured<T: Send>(
     };
     let net_before = tunnel.map(|_| counters()).transpose()?;
     let before = tunnel.map(Tunnel::cpu);
+    let machine_before = (std::time::Instant::now(), sys::machine_cpu());
     let t = c.target.clone();
     let r = env.topos[c.topo]
         .client
@@ -430,6 +434,13 @@ pub fn measured<T: Send>(
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{}: {e}", c.name))?;
     let after = tunnel.map(Tunnel::cpu);
+    let machine = match (machine_before, sys::machine_cpu()) {
+        ((t0, Some(b)), Some(a)) => {
+            let wall = t0.elapsed().as_secs_f64().max(1e-9);
+            Some(((a.0 - b.0) / wall, (a.1 - b.1) / wall))
+        }
+        _ => None,
+    };
     let net_after = tunnel.map(|_| counters()).transpose()?;
     let profile = recording.map(Recording::finish).transpose()?;
     let cpu = match (before, after, net_before, net_after) {
@@ -442,6 +453,7 @@ pub fn measured<T: Send>(
                 netstat::delta(&nb[0], &na[0]),
                 netstat::delta(&nb[1], &na[1]),
             ],
+            machine,
         }),
         _ => None,
     };

@@ -411,6 +411,10 @@ fn push_cpu(
         push(format!("CPU {u} (client)"), spent.client * per.scale);
         push(format!("CPU {u} (server)"), spent.server * per.scale);
     }
+    if let Some((busy, stolen)) = spent.machine {
+        push("machine CPUs busy".into(), busy);
+        push("machine CPUs stolen".into(), stolen);
+    }
     for (side, values) in ["client", "server"].iter().zip(&spent.net) {
         for ((_, name), v) in netstat::COUNTERS.iter().zip(values) {
             push(
