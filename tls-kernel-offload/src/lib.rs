@@ -47,6 +47,7 @@
 
 mod crypto_info;
 mod error;
+mod gcm_seal;
 mod handoff;
 mod probe;
 mod record;

@@ -6,8 +6,9 @@
 //! into a plaintext queue, out of that into the caller's buffer) and moves the unread tail of
 //! its deframer buffer after each record; a bulk receiver spent as much time in `memmove` as
 //! in AES-GCM. Here a record is opened in place in the buffer the socket was read into, and
-//! its plaintext is copied once, into the reader's buffer; a record is sealed in place after
-//! one copy of the writer's bytes. The handshake, certificates and key schedule stay rustls'.
+//! its plaintext is copied once, into the reader's buffer; a record is sealed by the cipher
+//! reading the writer's bytes where they are and writing the ciphertext into the send buffer
+//! (small records: after one copy, in place). The handshake, certificates and key schedule stay rustls'.
 //!
 //! Sans-IO: [`RecordKeys`] seals and opens one direction's records (RFC 8446 section 5.2: the
 //! nonce is the IV XOR the record's sequence number, the additional data the record header,
@@ -22,6 +23,7 @@ use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::ConnectionTrafficSecrets;
 
 use crate::crypto_info::{secret_parts, zeroize};
+use crate::gcm_seal::GcmSealer;
 use crate::record::{
     ALERT_BAD_RECORD_MAC, ALERT_RECORD_OVERFLOW, ALERT_UNEXPECTED_MESSAGE,
     CONTENT_APPLICATION_DATA, MAX_RECORD_PLAINTEXT,
@@ -39,12 +41,18 @@ const MAX_EXPANSION: usize = 256;
 pub const MAX_RECORD: usize = HEADER_LEN + MAX_RECORD_PLAINTEXT + MAX_EXPANSION;
 /// What a record we seal adds to its payload: header, content type byte, tag.
 pub const OVERHEAD: usize = HEADER_LEN + 1 + TAG_LEN;
+/// Records at least this long are sealed from the writer's slices ([`GcmSealer`]); shorter
+/// ones are copied and sealed in place, where the copy is cheap and aws-lc's one-shot seal
+/// has less to set up per record than its streaming one.
+const STREAM_SEAL_MIN: usize = 2048;
 
 /// One direction's record protection: an AEAD key, its IV and the next record's sequence
 /// number.
 pub struct RecordKeys {
     cipher: Cipher,
     key: LessSafeKey,
+    /// The same key in aws-lc's streaming AES-GCM, which seals without copying first.
+    sealer: Option<GcmSealer>,
     iv: [u8; NONCE_LEN],
     seq: u64,
 }
@@ -147,10 +155,12 @@ impl RecordKeys {
             want,
         };
         let iv: [u8; NONCE_LEN] = iv.try_into().map_err(|_| bad("IV", iv.len(), NONCE_LEN))?;
+        let sealer = GcmSealer::new(cipher, key);
         let key = UnboundKey::new(alg, key).map_err(|_| bad("key", key.len(), alg.key_len()))?;
         Ok(RecordKeys {
             cipher,
             key: LessSafeKey::new(key),
+            sealer,
             iv,
             seq,
         })
@@ -166,31 +176,46 @@ impl RecordKeys {
         self.seq
     }
 
-    fn nonce(&mut self) -> Nonce {
+    fn nonce_bytes(&mut self) -> [u8; NONCE_LEN] {
         let mut n = self.iv;
         for (b, s) in n[NONCE_LEN - 8..].iter_mut().zip(self.seq.to_be_bytes()) {
             *b ^= s;
         }
         self.seq += 1;
-        Nonce::assume_unique_for_key(n)
+        n
+    }
+
+    fn nonce(&mut self) -> Nonce {
+        Nonce::assume_unique_for_key(self.nonce_bytes())
     }
 
     /// Appends one record of `content_type` carrying `parts` (together at most
-    /// [`MAX_RECORD_PLAINTEXT`] bytes) to `out`: the parts are copied in once and encrypted
-    /// where they lie.
+    /// [`MAX_RECORD_PLAINTEXT`] bytes) to `out`. With AES-GCM the cipher reads the parts and
+    /// writes the ciphertext into `out` ([`GcmSealer`]); otherwise the parts are copied in
+    /// once and encrypted where they lie.
     pub fn seal(&mut self, content_type: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         debug_assert!(len <= MAX_RECORD_PLAINTEXT);
         let wire = (len + 1 + TAG_LEN) as u16;
         out.reserve(len + OVERHEAD);
         let start = out.len();
-        out.extend_from_slice(&[CONTENT_APPLICATION_DATA, 3, 3]);
-        out.extend_from_slice(&wire.to_be_bytes());
+        let [w0, w1] = wire.to_be_bytes();
+        let header = [CONTENT_APPLICATION_DATA, 3, 3, w0, w1];
+        out.extend_from_slice(&header);
+        let nonce = self.nonce_bytes();
+        if let Some(sealer) = self.sealer.as_mut().filter(|_| len >= STREAM_SEAL_MIN) {
+            let body = &mut out.spare_capacity_mut()[..len + 1 + TAG_LEN];
+            if sealer.seal(&nonce, &header, parts, content_type, body) {
+                // SAFETY: a successful seal wrote all `len + 1 + TAG_LEN` bytes.
+                unsafe { out.set_len(start + HEADER_LEN + len + 1 + TAG_LEN) };
+                return;
+            }
+        }
         for p in parts {
             out.extend_from_slice(p);
         }
         out.push(content_type);
-        let nonce = self.nonce();
+        let nonce = Nonce::assume_unique_for_key(nonce);
         let (header, body) = out[start..].split_at_mut(HEADER_LEN);
         let header: [u8; HEADER_LEN] = [header[0], header[1], header[2], header[3], header[4]];
         // Infallible for in-range lengths: the only error is a plaintext over the AEAD's limit.
@@ -315,21 +340,36 @@ mod tests {
                 &[&sent[..MAX_RECORD_PLAINTEXT]],
                 &mut wire,
             );
+            // Big enough for the streaming seal, from several slices (an h2 head and payloads).
+            let parts: [&[u8]; 3] = [b"frame head", &sent[..5000], &sent[7000..9001]];
+            c_tx.seal(CONTENT_APPLICATION_DATA, &parts, &mut wire);
             c_tx.seal(CONTENT_ALERT, &[&[1, 0]], &mut wire);
+            // Read as it comes: rustls holds at most a few records' plaintext unread.
+            let (mut got, mut closed) = (Vec::new(), false);
             let mut rd = &wire[..];
             while !rd.is_empty() {
                 s.read_tls(&mut rd).expect("read_tls");
                 s.process_new_packets().expect("rustls accepts our records");
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.reader().read(&mut buf) {
+                        Ok(0) => {
+                            closed = true;
+                            break;
+                        }
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("reading what rustls opened: {e}"),
+                    }
+                }
             }
-            let mut got = Vec::new();
-            s.reader()
-                .read_to_end(&mut got)
-                .expect("clean close_notify");
+            assert!(closed, "clean close_notify");
             let mut want = b"head".to_vec();
             want.extend_from_slice(&sent[..1000]);
             want.extend_from_slice(&sent[..MAX_RECORD_PLAINTEXT]);
+            want.extend(parts.concat());
             assert_eq!(got, want, "{suite:?}");
-            assert_eq!(c_tx.seq(), 3);
+            assert_eq!(c_tx.seq(), 4);
         }
     }
 
