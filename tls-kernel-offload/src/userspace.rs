@@ -373,6 +373,20 @@ mod tests {
         }
     }
 
+    /// The AES suites get the streaming sealer: a key it refused would fall back to copying
+    /// without any other sign.
+    #[test]
+    fn aes_keys_seal_without_copying_first() {
+        for (cipher, key_len) in [(Cipher::Aes128Gcm, 16), (Cipher::Aes256Gcm, 32)] {
+            let keys =
+                RecordKeys::new(cipher, &vec![1u8; key_len], &[2u8; NONCE_LEN], 0).expect("keys");
+            assert!(keys.sealer.is_some(), "{cipher:?} seals after a copy");
+        }
+        let chacha = RecordKeys::new(Cipher::Chacha20Poly1305, &[1u8; 32], &[2u8; NONCE_LEN], 0)
+            .expect("keys");
+        assert!(chacha.sealer.is_none());
+    }
+
     #[test]
     fn tampered_replayed_or_malformed_records_are_refused() {
         let (c, s) = pair(Cipher::Aes128Gcm);
