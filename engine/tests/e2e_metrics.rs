@@ -499,21 +499,6 @@ fn accept_queue(ns: &Netns, port: u16) -> u64 {
         .sum()
 }
 
-/// Whether every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
-fn all_threads_stopped(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|t| {
-        std::fs::read_to_string(t.path().join("stat"))
-            // The state follows the command name, which is in parentheses and may hold spaces.
-            .is_ok_and(|s| {
-                s.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('T'))
-            })
-    })
-}
-
 /// A burst that queued while the client ringtun was stopped: every connection carries its own
 /// bytes back intact, and on io_uring the ones behind the first ring accept are taken in the
 /// same tick with direct accepts (`ringtun_accepted_direct_connections_total`), which the
@@ -534,7 +519,7 @@ fn burst_scenario(driver: &str, prefix: &'static str) {
     // The signal is delivered asynchronously: a connection that arrived before every thread
     // stopped would be accepted at once.
     let deadline = Instant::now() + LOG_WAIT;
-    while !all_threads_stopped(m.client.pid()) {
+    while !ringtun_testbed::sys::all_threads_stopped(m.client.pid()) {
         assert!(Instant::now() < deadline, "the client ringtun did not stop");
         std::thread::sleep(Duration::from_millis(5));
     }

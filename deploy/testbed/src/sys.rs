@@ -34,6 +34,20 @@ pub fn kernel_seconds(pid: u32) -> Option<f64> {
     Some(f.get(12)?.parse::<u64>().ok()? as f64 / clk_tck())
 }
 
+/// Whether every thread of `pid` is stopped (state `T`, e.g. after SIGSTOP, which stops the
+/// threads asynchronously); `false` once it is gone.
+pub fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        // A thread's stat is also at /proc/<tid>/stat.
+        let tid = t.file_name().to_str().and_then(|n| n.parse().ok());
+        tid.and_then(stat_fields)
+            .is_some_and(|f| f.first().is_some_and(|state| state == "T"))
+    })
+}
+
 /// `pid` and all its descendants (children of children…), from the parent pids in
 /// `/proc/*/stat`. A tunnel started through a shell or a wrapper is measured whole.
 pub fn tree(pid: u32) -> Vec<u32> {
@@ -186,4 +200,32 @@ pub fn wait_signal(set: &libc::sigset_t) -> libc::c_int {
     // SAFETY: sigwait on an initialised set.
     unsafe { libc::sigwait(set, &mut sig) };
     sig
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_process_is_seen_stopped_and_a_running_one_not() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        assert!(
+            !all_threads_stopped(pid),
+            "running (sleeping) is not stopped"
+        );
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(std::time::Instant::now() < deadline, "never seen stopped");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!all_threads_stopped(pid), "gone is not stopped");
+    }
 }
