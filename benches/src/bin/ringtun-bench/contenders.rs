@@ -426,9 +426,9 @@ pub fn measured<T: Send>(
     };
     let net_before = tunnel.map(|_| counters()).transpose()?;
     let before = tunnel.map(Tunnel::cpu);
-    let machine_before = (std::time::Instant::now(), sys::machine_cpu());
+    let machine_before = (Instant::now(), sys::machine_cpu());
     let t = c.target.clone();
-    let r = env.topos[c.topo]
+    let r = topo
         .client
         .enter(move || f(&t))
         .map_err(|e| e.to_string())?
