@@ -47,7 +47,7 @@
 
 mod crypto_info;
 mod error;
-mod gcm_seal;
+mod gcm;
 mod handoff;
 mod probe;
 mod record;
@@ -77,4 +77,6 @@ pub use rekey::{
     SecretLog, TrafficSecret,
 };
 pub use stream::KtlsStream;
-pub use userspace::{record_len, OpenError, RecordKeys, HEADER_LEN, MAX_RECORD, OVERHEAD, TAG_LEN};
+pub use userspace::{
+    record_len, OpenError, Opened, RecordKeys, HEADER_LEN, MAX_RECORD, OVERHEAD, TAG_LEN,
+};

@@ -5,10 +5,11 @@
 //! three times before the caller sees it (into its deframer buffer in 4 KiB steps, out of it
 //! into a plaintext queue, out of that into the caller's buffer) and moves the unread tail of
 //! its deframer buffer after each record; a bulk receiver spent as much time in `memmove` as
-//! in AES-GCM. Here a record is opened in place in the buffer the socket was read into, and
-//! its plaintext is copied once, into the reader's buffer; a record is sealed by the cipher
-//! reading the writer's bytes where they are and writing the ciphertext into the send buffer
-//! (small records: after one copy, in place). The handshake, certificates and key schedule stay rustls'.
+//! in AES-GCM. Here the cipher reads a record where the socket put it and writes its
+//! plaintext into the reader's buffer ([`RecordKeys::open_into`]), and reads the writer's
+//! bytes where they are and writes the ciphertext into the send buffer
+//! ([`RecordKeys::seal`]); small records and ChaCha20 are copied once and worked on in place.
+//! The handshake, certificates and key schedule stay rustls'.
 //!
 //! Sans-IO: [`RecordKeys`] seals and opens one direction's records (RFC 8446 section 5.2: the
 //! nonce is the IV XOR the record's sequence number, the additional data the record header,
@@ -18,12 +19,13 @@
 //! an offloaded socket. Checked against rustls itself (tests below).
 
 use std::fmt;
+use std::mem::MaybeUninit;
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::ConnectionTrafficSecrets;
 
 use crate::crypto_info::{secret_parts, zeroize};
-use crate::gcm_seal::GcmSealer;
+use crate::gcm::GcmCipher;
 use crate::record::{
     ALERT_BAD_RECORD_MAC, ALERT_RECORD_OVERFLOW, ALERT_UNEXPECTED_MESSAGE,
     CONTENT_APPLICATION_DATA, MAX_RECORD_PLAINTEXT,
@@ -41,18 +43,19 @@ const MAX_EXPANSION: usize = 256;
 pub const MAX_RECORD: usize = HEADER_LEN + MAX_RECORD_PLAINTEXT + MAX_EXPANSION;
 /// What a record we seal adds to its payload: header, content type byte, tag.
 pub const OVERHEAD: usize = HEADER_LEN + 1 + TAG_LEN;
-/// Records at least this long are sealed from the writer's slices ([`GcmSealer`]); shorter
-/// ones are copied and sealed in place, where the copy is cheap and aws-lc's one-shot seal
-/// has less to set up per record than its streaming one.
-const STREAM_SEAL_MIN: usize = 2048;
+/// Records at least this long are sealed from the writer's slices and opened into the
+/// reader's buffer ([`GcmCipher`]); shorter ones are copied and sealed or opened in place,
+/// where the copy is cheap and aws-lc's one-shot AEAD has less to set up per record than its
+/// streaming one.
+const STREAM_MIN: usize = 2048;
 
 /// One direction's record protection: an AEAD key, its IV and the next record's sequence
 /// number.
 pub struct RecordKeys {
     cipher: Cipher,
     key: LessSafeKey,
-    /// The same key in aws-lc's streaming AES-GCM, which seals without copying first.
-    sealer: Option<GcmSealer>,
+    /// The same key in aws-lc's streaming AES-GCM, which seals and opens without a copy.
+    gcm: Option<GcmCipher>,
     iv: [u8; NONCE_LEN],
     seq: u64,
 }
@@ -126,6 +129,16 @@ pub fn record_len(buf: &[u8]) -> Result<Option<usize>, OpenError> {
     Ok(Some(HEADER_LEN + len))
 }
 
+/// The nonce of record `seq` (the IV XOR the sequence number), moving `seq` on.
+fn next_nonce(iv: &[u8; NONCE_LEN], seq: &mut u64) -> [u8; NONCE_LEN] {
+    let mut n = *iv;
+    for (b, s) in n[NONCE_LEN - 8..].iter_mut().zip(seq.to_be_bytes()) {
+        *b ^= s;
+    }
+    *seq += 1;
+    n
+}
+
 impl RecordKeys {
     /// One direction of extracted secrets: `seq` is the next record's number there.
     pub fn from_secrets(seq: u64, secrets: &ConnectionTrafficSecrets) -> Result<Self, KtlsError> {
@@ -155,12 +168,12 @@ impl RecordKeys {
             want,
         };
         let iv: [u8; NONCE_LEN] = iv.try_into().map_err(|_| bad("IV", iv.len(), NONCE_LEN))?;
-        let sealer = GcmSealer::new(cipher, key);
+        let gcm = GcmCipher::new(cipher, key);
         let key = UnboundKey::new(alg, key).map_err(|_| bad("key", key.len(), alg.key_len()))?;
         Ok(RecordKeys {
             cipher,
             key: LessSafeKey::new(key),
-            sealer,
+            gcm,
             iv,
             seq,
         })
@@ -177,12 +190,7 @@ impl RecordKeys {
     }
 
     fn nonce_bytes(&mut self) -> [u8; NONCE_LEN] {
-        let mut n = self.iv;
-        for (b, s) in n[NONCE_LEN - 8..].iter_mut().zip(self.seq.to_be_bytes()) {
-            *b ^= s;
-        }
-        self.seq += 1;
-        n
+        next_nonce(&self.iv, &mut self.seq)
     }
 
     fn nonce(&mut self) -> Nonce {
@@ -191,7 +199,7 @@ impl RecordKeys {
 
     /// Appends one record of `content_type` carrying `parts` (together at most
     /// [`MAX_RECORD_PLAINTEXT`] bytes) to `out`. With AES-GCM the cipher reads the parts and
-    /// writes the ciphertext into `out` ([`GcmSealer`]); otherwise the parts are copied in
+    /// writes the ciphertext into `out` ([`GcmCipher`]); otherwise the parts are copied in
     /// once and encrypted where they lie.
     pub fn seal(&mut self, content_type: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
@@ -203,9 +211,9 @@ impl RecordKeys {
         let header = [CONTENT_APPLICATION_DATA, 3, 3, w0, w1];
         out.extend_from_slice(&header);
         let nonce = self.nonce_bytes();
-        if let Some(sealer) = self.sealer.as_mut().filter(|_| len >= STREAM_SEAL_MIN) {
+        if let Some(gcm) = self.gcm.as_mut().filter(|_| len >= STREAM_MIN) {
             let body = &mut out.spare_capacity_mut()[..len + 1 + TAG_LEN];
-            if sealer.seal(&nonce, &header, parts, content_type, body) {
+            if gcm.seal(&nonce, &header, parts, content_type, body) {
                 // SAFETY: a successful seal wrote all `len + 1 + TAG_LEN` bytes.
                 unsafe { out.set_len(start + HEADER_LEN + len + 1 + TAG_LEN) };
                 return;
@@ -249,6 +257,75 @@ impl RecordKeys {
         };
         Ok((plain[at], HEADER_LEN..HEADER_LEN + at))
     }
+
+    /// Opens the whole record `record` (header included, as long as [`record_len`] said)
+    /// with as much of its plaintext as fits written into `out` and the rest opened in place:
+    /// the content is `out[..front]` followed by `record[rest]`. Nothing in `out` may be used
+    /// unless this returns `Ok`. Short records, and ciphers other than AES-GCM, are opened in
+    /// place only (`front` is 0), as [`RecordKeys::open`] does.
+    pub fn open_into(
+        &mut self,
+        record: &mut [u8],
+        out: &mut [MaybeUninit<u8>],
+    ) -> Result<Opened, OpenError> {
+        let inner = record.len().saturating_sub(HEADER_LEN + TAG_LEN);
+        let Some(gcm) = self
+            .gcm
+            .as_mut()
+            .filter(|_| inner >= STREAM_MIN && !out.is_empty())
+        else {
+            let (content_type, rest) = self.open(record)?;
+            return Ok(Opened {
+                content_type,
+                front: 0,
+                rest,
+            });
+        };
+        let front = out.len().min(inner);
+        let (header, body) = record.split_at_mut(HEADER_LEN);
+        let (ciphertext, tag) = body.split_at_mut(inner);
+        let (head, tail) = ciphertext.split_at_mut(front);
+        let tag: &[u8; TAG_LEN] = match (&*tag).try_into() {
+            Ok(tag) => tag,
+            Err(_) => return Err(OpenError::Oversized),
+        };
+        let nonce = next_nonce(&self.iv, &mut self.seq);
+        let out = &mut out[..front];
+        if !gcm.open(&nonce, header, head, out, tail, tag) {
+            return Err(OpenError::Decrypt);
+        }
+        // SAFETY: a successful open wrote all of `out`.
+        let out: &[u8] = unsafe { &*(out as *const [MaybeUninit<u8>] as *const [u8]) };
+        if inner > MAX_RECORD_PLAINTEXT + 1 {
+            return Err(OpenError::Oversized);
+        }
+        // The content type is the last non-zero byte of the inner plaintext, which here lies
+        // in two pieces; zeros after it are padding.
+        let (at, content_type) = match tail.iter().rposition(|&b| b != 0) {
+            Some(i) => (front + i, tail[i]),
+            None => match out.iter().rposition(|&b| b != 0) {
+                Some(i) => (i, out[i]),
+                None => return Err(OpenError::NoContentType),
+            },
+        };
+        Ok(Opened {
+            content_type,
+            front: at.min(front),
+            rest: HEADER_LEN + front..HEADER_LEN + at.max(front),
+        })
+    }
+}
+
+/// A record [`RecordKeys::open_into`] opened: its content is the first `front` bytes of the
+/// reader's buffer followed by `rest` of the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The inner content type.
+    pub content_type: u8,
+    /// Content bytes written at the start of the reader's buffer.
+    pub front: usize,
+    /// Where the rest of the content lies in the record.
+    pub rest: std::ops::Range<usize>,
 }
 
 #[cfg(test)]
@@ -380,11 +457,137 @@ mod tests {
         for (cipher, key_len) in [(Cipher::Aes128Gcm, 16), (Cipher::Aes256Gcm, 32)] {
             let keys =
                 RecordKeys::new(cipher, &vec![1u8; key_len], &[2u8; NONCE_LEN], 0).expect("keys");
-            assert!(keys.sealer.is_some(), "{cipher:?} seals after a copy");
+            assert!(keys.gcm.is_some(), "{cipher:?} seals after a copy");
         }
         let chacha = RecordKeys::new(Cipher::Chacha20Poly1305, &[1u8; 32], &[2u8; NONCE_LEN], 0)
             .expect("keys");
-        assert!(chacha.sealer.is_none());
+        assert!(chacha.gcm.is_none());
+    }
+
+    /// A record as a peer may send it: `content`, its type, then `pad` zeros, sealed as
+    /// record 0 by aws-lc-rs' one-shot AEAD.
+    fn padded_record(
+        cipher: Cipher,
+        key: &[u8],
+        iv: &[u8; NONCE_LEN],
+        content: &[u8],
+        ty: u8,
+        pad: usize,
+    ) -> Vec<u8> {
+        let alg = match cipher {
+            Cipher::Aes128Gcm => &aead::AES_128_GCM,
+            Cipher::Aes256Gcm => &aead::AES_256_GCM,
+            Cipher::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
+        };
+        let mut inner = content.to_vec();
+        inner.push(ty);
+        inner.resize(inner.len() + pad, 0);
+        let [w0, w1] = ((inner.len() + TAG_LEN) as u16).to_be_bytes();
+        let header = [CONTENT_APPLICATION_DATA, 3, 3, w0, w1];
+        let key = LessSafeKey::new(UnboundKey::new(alg, key).expect("key"));
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(*iv),
+            Aad::from(header),
+            &mut inner,
+        )
+        .expect("seal");
+        let mut record = header.to_vec();
+        record.extend(inner);
+        record
+    }
+
+    /// However much room the reader's buffer has, opening into it gives the record's
+    /// content as opening in place does, in two pieces, with padding cut anywhere; with AES
+    /// the part that fits really goes there (a silent fallback would fail here).
+    #[test]
+    fn open_into_gives_the_content_in_two_pieces_for_any_room() {
+        let content: Vec<u8> = (0..16_384).map(|i| (i * 13 + i / 256 + 1) as u8).collect();
+        for cipher in Cipher::ALL {
+            let key = vec![5u8; cipher.key_len()];
+            let iv = [6u8; NONCE_LEN];
+            for (len, pad, ty) in [
+                (2100, 0, CONTENT_APPLICATION_DATA),
+                (5000, 300, CONTENT_APPLICATION_DATA),
+                (16_384, 0, CONTENT_APPLICATION_DATA),
+                (3000, 200, CONTENT_HANDSHAKE),
+                (100, 0, CONTENT_APPLICATION_DATA),
+            ] {
+                let content = &content[..len];
+                let wire = padded_record(cipher, &key, &iv, content, ty, pad);
+                let inner = len + 1 + pad;
+                for room in [
+                    0,
+                    1,
+                    17,
+                    len - 1,
+                    len,
+                    len + 1,
+                    len + 1 + pad / 2,
+                    inner,
+                    inner + 9,
+                ] {
+                    let mut record = wire.clone();
+                    let mut keys = RecordKeys::new(cipher, &key, &iv, 0).expect("keys");
+                    let mut out = vec![MaybeUninit::new(0xAAu8); room];
+                    let opened = keys.open_into(&mut record, &mut out).expect("opens");
+                    assert_eq!(
+                        opened.content_type, ty,
+                        "{cipher:?} {len} {pad} room {room}"
+                    );
+                    let mut got: Vec<u8> = out[..opened.front]
+                        .iter()
+                        // SAFETY: `front` bytes were written.
+                        .map(|b| unsafe { b.assume_init() })
+                        .collect();
+                    got.extend_from_slice(&record[opened.rest.clone()]);
+                    assert_eq!(got, content, "{cipher:?} {len} {pad} room {room}");
+                    let direct = cipher != Cipher::Chacha20Poly1305 && inner >= STREAM_MIN;
+                    let want_front = if direct { room.min(len) } else { 0 };
+                    assert_eq!(
+                        opened.front, want_front,
+                        "{cipher:?} {len} {pad} room {room}"
+                    );
+                    assert_eq!(keys.seq(), 1);
+                }
+            }
+        }
+    }
+
+    /// A flipped bit before or after the cut, or a record that is all padding, is refused
+    /// whichever way it is opened.
+    #[test]
+    fn open_into_refuses_what_open_refuses() {
+        let content = vec![7u8; 6000];
+        for cipher in Cipher::ALL {
+            let key = vec![8u8; cipher.key_len()];
+            let iv = [9u8; NONCE_LEN];
+            let wire = padded_record(cipher, &key, &iv, &content, CONTENT_APPLICATION_DATA, 0);
+            for (bit_at, room) in [
+                (HEADER_LEN + 10, 4000),
+                (HEADER_LEN + 5000, 4000),
+                (wire.len() - 1, 100),
+            ] {
+                let mut record = wire.clone();
+                record[bit_at] ^= 4;
+                let mut keys = RecordKeys::new(cipher, &key, &iv, 0).expect("keys");
+                let mut out = vec![MaybeUninit::new(0u8); room];
+                assert_eq!(
+                    keys.open_into(&mut record, &mut out),
+                    Err(OpenError::Decrypt),
+                    "{cipher:?} byte {bit_at}"
+                );
+            }
+            let empty = padded_record(cipher, &key, &iv, &[], 0, 3000);
+            for room in [0, 10, 2000, 5000] {
+                let mut keys = RecordKeys::new(cipher, &key, &iv, 0).expect("keys");
+                let mut out = vec![MaybeUninit::new(1u8); room];
+                assert_eq!(
+                    keys.open_into(&mut empty.clone(), &mut out),
+                    Err(OpenError::NoContentType),
+                    "{cipher:?} room {room}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! ringtun's own userspace record layer: TLS 1.3 records sealed and opened with the keys
 //! rustls derived ([`tls_kernel_offload::RecordKeys`]), the rest of the connection's life
 //! after rustls did the handshake. The same decisions as [`super::RecordPump`] (what to
-//! read, when to send), with a received byte copied once (opened in place in the socket's
-//! read buffer, then into the reader's) instead of three times through rustls' buffers.
+//! read, when to send), with a received byte decrypted from the socket's read buffer into the
+//! reader's (h2's) as far as it has room, and opened in place and copied once otherwise,
+//! instead of copied three times through rustls' buffers.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -196,8 +197,10 @@ impl KeyPump {
     }
 
     /// Opens the next whole record in the buffer and acts on it; `Ok(false)` when none is
-    /// complete yet.
-    fn open_next(&mut self) -> Result<bool, ReadError> {
+    /// complete yet. Application data is opened straight into `buf` as far as it fits
+    /// ([`RecordKeys::open_into`]: the plaintext is not copied again); the rest waits in
+    /// `plain`.
+    fn open_next(&mut self, buf: &mut ReadBuf<'_>) -> Result<bool, ReadError> {
         let at = self.rpos;
         let len = match record_len(&self.rbuf[at..]) {
             Ok(Some(len)) if self.rbuf.len() - at >= len => len,
@@ -205,14 +208,35 @@ impl KeyPump {
             Err(e) => return Err(self.refuse(e)),
         };
         self.rpos += len;
-        let (content_type, range) = match self.rx.open(&mut self.rbuf[at..at + len]) {
+        // SAFETY: `open_into` only writes bytes there; it never de-initialises any.
+        let out = unsafe { buf.unfilled_mut() };
+        let opened = match self.rx.open_into(&mut self.rbuf[at..at + len], out) {
             Ok(r) => r,
             Err(e) => return Err(self.refuse(e)),
         };
-        let content = at + range.start..at + range.end;
-        match content_type {
-            CONTENT_APPLICATION_DATA => self.plain = content,
-            CONTENT_ALERT => match <[u8; 2]>::try_from(&self.rbuf[content.clone()]) {
+        let rest = at + opened.rest.start..at + opened.rest.end;
+        let front = opened.front;
+        if opened.content_type == CONTENT_APPLICATION_DATA {
+            // SAFETY: a successful `open_into` wrote the first `front` unfilled bytes.
+            unsafe { buf.assume_init(front) };
+            buf.advance(front);
+            self.plain = rest;
+            return Ok(true);
+        }
+        // Not for the reader: the content (which a padded record may have put partly into
+        // `buf`, unfilled) is gathered here. Alerts and handshake messages are small and rare.
+        let mut content = Vec::with_capacity(front + rest.len());
+        if front > 0 {
+            // SAFETY: as above, `open_into` wrote these bytes; they stay unfilled.
+            let written = unsafe { &buf.unfilled_mut()[..front] };
+            // SAFETY: initialised (just written), and u8 has no invalid values.
+            content.extend_from_slice(unsafe {
+                &*(written as *const [MaybeUninit<u8>] as *const [u8])
+            });
+        }
+        content.extend_from_slice(&self.rbuf[rest]);
+        match opened.content_type {
+            CONTENT_ALERT => match <[u8; 2]>::try_from(&content[..]) {
                 Ok([_, ALERT_CLOSE_NOTIFY]) => self.closed = true,
                 Ok([level, description]) => {
                     return Err(fatal(KtlsError::PeerAlert { level, description }))
@@ -223,8 +247,7 @@ impl KeyPump {
                 if self.handshake.len() + content.len() > MAX_HANDSHAKE {
                     return Err(self.unexpected(CONTENT_HANDSHAKE, content.len(), None));
                 }
-                self.handshake
-                    .extend_from_slice(&self.rbuf[content.clone()]);
+                self.handshake.extend_from_slice(&content);
                 self.handshake_messages()?;
             }
             other => return Err(self.unexpected(other, content.len(), None)),
@@ -371,7 +394,7 @@ impl Records for KeyPump {
                     Read::Eof
                 });
             }
-            match self.open_next() {
+            match self.open_next(buf) {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {

@@ -169,6 +169,35 @@ fn a_corrupt_record_fails_and_tells_the_peer() {
     }
 }
 
+/// A forged record big enough to be opened straight into the reader's buffer delivers none
+/// of its bytes, then the error, and the peer hears why.
+#[test]
+fn a_corrupt_large_record_delivers_nothing_of_itself() {
+    for own in LAYERS {
+        for suite in 0..SUITES.len() {
+            let (mut pump, mut peer) = server_pump(suite, own);
+            let mut wire = seal(&mut peer, b"before", usize::MAX);
+            let first = wire.len();
+            wire.extend(seal(&mut peer, &pattern(12_000), usize::MAX));
+            wire[first + 6_000] ^= 1;
+            pump.receive(&wire);
+            let (got, stop) = read_all(&mut *pump, 20_000);
+            // rustls may drop what came before the bad record; ours delivers it.
+            assert!(b"before".starts_with(&got), "suite {suite}, own {own}");
+            if own {
+                assert_eq!(got, b"before", "suite {suite}");
+            }
+            let e = stop.expect_err("forged record");
+            assert_eq!(e.error.kind(), io::ErrorKind::InvalidData);
+            assert!(e.alert, "the layer queued an alert");
+            assert!(matches!(
+                open(&mut peer, &transmit_all(&mut *pump, 100)),
+                Err(rustls::Error::AlertReceived(_))
+            ));
+        }
+    }
+}
+
 #[test]
 fn garbage_instead_of_a_record_is_an_error() {
     for own in LAYERS {
