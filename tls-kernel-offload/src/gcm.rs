@@ -163,7 +163,8 @@ impl GcmCipher {
 
     /// Opens a ciphertext cut in two under `nonce` and `aad`, checking `tag`: `head`'s bytes
     /// are decrypted into `head_out` (as long as `head`), `tail`'s in place. `true` when the
-    /// record is authentic; otherwise both outputs hold bytes nobody may use.
+    /// record is authentic; otherwise both outputs are zeroed (as aws-lc's one-shot open does),
+    /// so no unauthenticated plaintext outlives the call.
     pub fn open(
         &mut self,
         nonce: &[u8; 12],
@@ -184,7 +185,7 @@ impl GcmCipher {
         // is decrypted onto itself (aws-lc's GCM allows exactly aliased input and output);
         // the tag is TAG bytes, set in decrypt mode before the final step, which compares it
         // in constant time and writes nothing.
-        unsafe {
+        let authentic = unsafe {
             self.update(head_out.as_mut_ptr().cast(), head.as_ptr(), head.len())
                 && self.update(tail_ptr, tail_ptr, tail.len())
                 && EVP_CIPHER_CTX_ctrl(
@@ -195,7 +196,12 @@ impl GcmCipher {
                 ) == 1
                 && EVP_CipherFinal_ex(self.ctx, scratch.as_mut_ptr(), &mut n) == 1
                 && n == 0
+        };
+        if !authentic {
+            head_out.fill(MaybeUninit::new(0));
+            tail.fill(0);
         }
+        authentic
     }
 }
 
@@ -260,6 +266,68 @@ mod tests {
                         "{cipher:?} split {cuts:?} len {len}"
                     );
                     assert_eq!(&out[len + 1..], want_tag.as_ref());
+                }
+            }
+        }
+    }
+
+    /// One context seals and opens in turn (the direction is set per record), and a record
+    /// with a wrong tag is refused and zeroed without spoiling the next one.
+    #[test]
+    fn one_context_seals_and_opens_in_turn() {
+        let key = [3u8; 16];
+        let reference = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key).expect("key"));
+        let mut gcm = GcmCipher::new(Cipher::Aes128Gcm, &key).expect("context");
+        let plain: Vec<u8> = (0..5000).map(|i| (i % 251) as u8).collect();
+        let aad = [23u8, 3, 3, 0x13, 0x99];
+        for round in 0..3u8 {
+            let nonce = [round; 12];
+            let mut sealed = vec![MaybeUninit::new(0u8); plain.len() + 1 + TAG];
+            assert!(gcm.seal(
+                &nonce,
+                &aad,
+                &[&plain[..100], &plain[100..]],
+                23,
+                &mut sealed
+            ));
+            // SAFETY: a successful seal wrote every byte.
+            let sealed: Vec<u8> = sealed.iter().map(|b| unsafe { b.assume_init() }).collect();
+            let mut want = plain.clone();
+            want.push(23);
+            let tag = reference
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    &mut want,
+                )
+                .expect("seal");
+            want.extend_from_slice(tag.as_ref());
+            assert_eq!(sealed, want, "round {round}");
+
+            let (body, tag) = sealed.split_at(sealed.len() - TAG);
+            let tag: &[u8; TAG] = tag.try_into().expect("tag");
+            let cut = 1234 + usize::from(round);
+            for forged in [true, false] {
+                let mut tag = *tag;
+                tag[0] ^= u8::from(forged);
+                let mut head_out = vec![MaybeUninit::new(0xAAu8); cut];
+                let mut tail = body[cut..].to_vec();
+                let ok = gcm.open(&nonce, &aad, &body[..cut], &mut head_out, &mut tail, &tag);
+                assert_eq!(ok, !forged, "round {round}");
+                // SAFETY: open writes (or zeroes) all of `head_out`.
+                let mut got: Vec<u8> = head_out
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
+                got.extend(tail);
+                if forged {
+                    assert!(
+                        got.iter().all(|&b| b == 0),
+                        "a refused record leaves nothing"
+                    );
+                } else {
+                    assert_eq!(&got[..plain.len()], &plain[..]);
+                    assert_eq!(got[plain.len()], 23);
                 }
             }
         }

@@ -261,8 +261,9 @@ impl RecordKeys {
     /// Opens the whole record `record` (header included, as long as [`record_len`] said)
     /// with as much of its plaintext as fits written into `out` and the rest opened in place:
     /// the content is `out[..front]` followed by `record[rest]`. Nothing in `out` may be used
-    /// unless this returns `Ok`. Short records, and ciphers other than AES-GCM, are opened in
-    /// place only (`front` is 0), as [`RecordKeys::open`] does.
+    /// unless this returns `Ok`. Short records, a reader with little room (under 1 KiB: not
+    /// worth the streaming cipher's set-up) and ciphers other than AES-GCM are opened in place
+    /// only (`front` is 0), as [`RecordKeys::open`] does.
     pub fn open_into(
         &mut self,
         record: &mut [u8],
@@ -272,7 +273,7 @@ impl RecordKeys {
         let Some(gcm) = self
             .gcm
             .as_mut()
-            .filter(|_| inner >= STREAM_MIN && !out.is_empty())
+            .filter(|_| inner >= STREAM_MIN && out.len() >= STREAM_MIN / 2)
         else {
             let (content_type, rest) = self.open(record)?;
             return Ok(Opened {
@@ -518,7 +519,8 @@ mod tests {
                 for room in [
                     0,
                     1,
-                    17,
+                    1023,
+                    1024,
                     len - 1,
                     len,
                     len + 1,
@@ -541,7 +543,9 @@ mod tests {
                         .collect();
                     got.extend_from_slice(&record[opened.rest.clone()]);
                     assert_eq!(got, content, "{cipher:?} {len} {pad} room {room}");
-                    let direct = cipher != Cipher::Chacha20Poly1305 && inner >= STREAM_MIN;
+                    let direct = cipher != Cipher::Chacha20Poly1305
+                        && inner >= STREAM_MIN
+                        && room >= STREAM_MIN / 2;
                     let want_front = if direct { room.min(len) } else { 0 };
                     assert_eq!(
                         opened.front, want_front,
