@@ -210,6 +210,34 @@ mod tests {
     use super::*;
     use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 
+    /// Bytes the cipher wrote (every one: the callers check that it succeeded, or rely on a
+    /// refused open zeroing its output).
+    fn written(out: &[MaybeUninit<u8>]) -> Vec<u8> {
+        // SAFETY: initialised, as above.
+        out.iter().map(|b| unsafe { b.assume_init() }).collect()
+    }
+
+    /// aws-lc-rs' one-shot seal of `plain` and the type byte `last`: ciphertext, then tag.
+    fn one_shot(
+        key: &LessSafeKey,
+        nonce: [u8; 12],
+        aad: [u8; 5],
+        plain: &[u8],
+        last: u8,
+    ) -> Vec<u8> {
+        let mut sealed = plain.to_vec();
+        sealed.push(last);
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut sealed,
+            )
+            .expect("seal");
+        sealed.extend_from_slice(tag.as_ref());
+        sealed
+    }
+
     /// The streaming seal gives aws-lc-rs' in-place seal's bytes, for any split of the
     /// plaintext into slices (empty ones included) and both key sizes.
     #[test]
@@ -248,24 +276,11 @@ mod tests {
 
                     let mut out = vec![MaybeUninit::new(0u8); len + 1 + TAG];
                     assert!(sealer.seal(&nonce, &aad, &parts, 23, &mut out));
-                    // SAFETY: a successful seal wrote every byte.
-                    let out: Vec<u8> = out.iter().map(|b| unsafe { b.assume_init() }).collect();
-
-                    let mut want = plain.to_vec();
-                    want.push(23);
-                    let want_tag = reference
-                        .seal_in_place_separate_tag(
-                            Nonce::assume_unique_for_key(nonce),
-                            Aad::from(aad),
-                            &mut want,
-                        )
-                        .expect("seal");
                     assert_eq!(
-                        &out[..len + 1],
-                        &want[..],
+                        written(&out),
+                        one_shot(&reference, nonce, aad, plain, 23),
                         "{cipher:?} split {cuts:?} len {len}"
                     );
-                    assert_eq!(&out[len + 1..], want_tag.as_ref());
                 }
             }
         }
@@ -290,19 +305,12 @@ mod tests {
                 23,
                 &mut sealed
             ));
-            // SAFETY: a successful seal wrote every byte.
-            let sealed: Vec<u8> = sealed.iter().map(|b| unsafe { b.assume_init() }).collect();
-            let mut want = plain.clone();
-            want.push(23);
-            let tag = reference
-                .seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(aad),
-                    &mut want,
-                )
-                .expect("seal");
-            want.extend_from_slice(tag.as_ref());
-            assert_eq!(sealed, want, "round {round}");
+            let sealed = written(&sealed);
+            assert_eq!(
+                sealed,
+                one_shot(&reference, nonce, aad, &plain, 23),
+                "round {round}"
+            );
 
             let (body, tag) = sealed.split_at(sealed.len() - TAG);
             let tag: &[u8; TAG] = tag.try_into().expect("tag");
@@ -314,11 +322,8 @@ mod tests {
                 let mut tail = body[cut..].to_vec();
                 let ok = gcm.open(&nonce, &aad, &body[..cut], &mut head_out, &mut tail, &tag);
                 assert_eq!(ok, !forged, "round {round}");
-                // SAFETY: open writes (or zeroes) all of `head_out`.
-                let mut got: Vec<u8> = head_out
-                    .iter()
-                    .map(|b| unsafe { b.assume_init() })
-                    .collect();
+                // Open writes (or zeroes) all of `head_out`.
+                let mut got = written(&head_out);
                 got.extend(tail);
                 if forged {
                     assert!(
