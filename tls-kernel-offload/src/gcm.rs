@@ -57,12 +57,12 @@ impl GcmCipher {
     /// the wrong length, or an allocation that failed (the caller works in place instead).
     pub fn new(cipher: Cipher, key: &[u8]) -> Option<Self> {
         // SAFETY: the EVP_aes_*_gcm functions return static descriptions.
-        let (evp, len) = match cipher {
-            Cipher::Aes128Gcm => (unsafe { EVP_aes_128_gcm() }, 16),
-            Cipher::Aes256Gcm => (unsafe { EVP_aes_256_gcm() }, 32),
+        let evp = match cipher {
+            Cipher::Aes128Gcm => unsafe { EVP_aes_128_gcm() },
+            Cipher::Aes256Gcm => unsafe { EVP_aes_256_gcm() },
             Cipher::Chacha20Poly1305 => return None,
         };
-        if key.len() != len {
+        if key.len() != cipher.key_len() {
             return None;
         }
         // SAFETY: plain allocation; checked for null.

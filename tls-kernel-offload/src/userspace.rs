@@ -129,6 +129,32 @@ pub fn record_len(buf: &[u8]) -> Result<Option<usize>, OpenError> {
     Ok(Some(HEADER_LEN + len))
 }
 
+/// aws-lc-rs' AEAD for `cipher`.
+fn algorithm(cipher: Cipher) -> &'static aead::Algorithm {
+    match cipher {
+        Cipher::Aes128Gcm => &aead::AES_128_GCM,
+        Cipher::Aes256Gcm => &aead::AES_256_GCM,
+        Cipher::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
+    }
+}
+
+/// The content type of an opened record and its content's length, the inner plaintext being
+/// `head` followed by `tail` (RFC 8446 section 5.4: the content, its type byte, then zero
+/// padding, at most 2^14 + 1 bytes in all).
+fn content_of(head: &[u8], tail: &[u8]) -> Result<(u8, usize), OpenError> {
+    if head.len() + tail.len() > MAX_RECORD_PLAINTEXT + 1 {
+        return Err(OpenError::Oversized);
+    }
+    // The content type is the last non-zero byte; zeros after it are padding.
+    match tail.iter().rposition(|&b| b != 0) {
+        Some(i) => Ok((tail[i], head.len() + i)),
+        None => match head.iter().rposition(|&b| b != 0) {
+            Some(i) => Ok((head[i], i)),
+            None => Err(OpenError::NoContentType),
+        },
+    }
+}
+
 /// The nonce of record `seq` (the IV XOR the sequence number), moving `seq` on.
 fn next_nonce(iv: &[u8; NONCE_LEN], seq: &mut u64) -> [u8; NONCE_LEN] {
     let mut n = *iv;
@@ -156,11 +182,7 @@ impl RecordKeys {
     }
 
     fn new(cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> Result<Self, KtlsError> {
-        let alg = match cipher {
-            Cipher::Aes128Gcm => &aead::AES_128_GCM,
-            Cipher::Aes256Gcm => &aead::AES_256_GCM,
-            Cipher::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
-        };
+        let alg = algorithm(cipher);
         let bad = |what, got, want| KtlsError::BadSecretLength {
             cipher,
             what,
@@ -247,15 +269,8 @@ impl RecordKeys {
             .key
             .open_in_place(nonce, Aad::from(header), body)
             .map_err(|_| OpenError::Decrypt)?;
-        // RFC 8446 section 5.4: the inner plaintext, padding included, is at most 2^14 + 1.
-        if plain.len() > MAX_RECORD_PLAINTEXT + 1 {
-            return Err(OpenError::Oversized);
-        }
-        // The content type is the last non-zero byte; zeros after it are padding.
-        let Some(at) = plain.iter().rposition(|&b| b != 0) else {
-            return Err(OpenError::NoContentType);
-        };
-        Ok((plain[at], HEADER_LEN..HEADER_LEN + at))
+        let (content_type, len) = content_of(&[], plain)?;
+        Ok((content_type, HEADER_LEN..HEADER_LEN + len))
     }
 
     /// Opens the whole record `record` (header included, as long as [`record_len`] said)
@@ -297,18 +312,7 @@ impl RecordKeys {
         }
         // SAFETY: a successful open wrote all of `out`.
         let out: &[u8] = unsafe { &*(out as *const [MaybeUninit<u8>] as *const [u8]) };
-        if inner > MAX_RECORD_PLAINTEXT + 1 {
-            return Err(OpenError::Oversized);
-        }
-        // The content type is the last non-zero byte of the inner plaintext, which here lies
-        // in two pieces; zeros after it are padding.
-        let (at, content_type) = match tail.iter().rposition(|&b| b != 0) {
-            Some(i) => (front + i, tail[i]),
-            None => match out.iter().rposition(|&b| b != 0) {
-                Some(i) => (i, out[i]),
-                None => return Err(OpenError::NoContentType),
-            },
-        };
+        let (content_type, at) = content_of(out, tail)?;
         Ok(Opened {
             content_type,
             front: at.min(front),
@@ -475,17 +479,12 @@ mod tests {
         ty: u8,
         pad: usize,
     ) -> Vec<u8> {
-        let alg = match cipher {
-            Cipher::Aes128Gcm => &aead::AES_128_GCM,
-            Cipher::Aes256Gcm => &aead::AES_256_GCM,
-            Cipher::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
-        };
         let mut inner = content.to_vec();
         inner.push(ty);
         inner.resize(inner.len() + pad, 0);
         let [w0, w1] = ((inner.len() + TAG_LEN) as u16).to_be_bytes();
         let header = [CONTENT_APPLICATION_DATA, 3, 3, w0, w1];
-        let key = LessSafeKey::new(UnboundKey::new(alg, key).expect("key"));
+        let key = LessSafeKey::new(UnboundKey::new(algorithm(cipher), key).expect("key"));
         key.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(*iv),
             Aad::from(header),
