@@ -1,4 +1,4 @@
-//! What the kernel says about a process: CPU time and resident memory from `/proc`, and which
+//! What the kernel says about a process: CPU time, sleeps and resident memory from `/proc`, and which
 //! ports it listens on (from its network namespace's view); the open-files limit that many
 //! connections need; and signals taken by a thread that waits for them, so that Ctrl-C tears
 //! down namespaces instead of killing the process wherever the kernel delivers it.
@@ -81,6 +81,26 @@ pub fn cpu_of(pids: &[u32]) -> f64 {
 /// Kernel CPU seconds (stime) of several processes together.
 pub fn kernel_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&p| kernel_seconds(p)).sum()
+}
+
+/// Voluntary context switches of all of a process's threads together: how often they went to
+/// sleep waiting for something (I/O, a timer, a lock), each sleep a wake-up later; `None` once
+/// it is gone. Threads that already exited are not counted.
+pub fn voluntary_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let per_thread = tasks.flatten().filter_map(|t| {
+        let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+        let v = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?;
+        v.trim().parse::<u64>().ok()
+    });
+    Some(per_thread.sum())
+}
+
+/// Voluntary context switches of several processes together (gone ones count 0).
+pub fn voluntary_switches_of(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|&p| voluntary_switches(p)).sum()
 }
 
 /// The whole machine's CPU seconds since boot, from `/proc/stat`'s `cpu` line: (busy, stolen).
@@ -205,6 +225,25 @@ pub fn wait_signal(set: &libc::sigset_t) -> libc::c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sleeps_of_a_thread_are_counted_and_a_gone_process_has_none() {
+        let me = std::process::id();
+        let before = voluntary_switches(me).expect("own /proc entry");
+        // Each sleep gives up the CPU: a voluntary switch in this thread.
+        for _ in 0..5 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let after = voluntary_switches(me).expect("own /proc entry");
+        assert!(after >= before + 5, "{before} -> {after}");
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("reap true");
+        assert_eq!(voluntary_switches(pid), None);
+        assert_eq!(voluntary_switches_of(&[pid]), 0);
+    }
 
     #[test]
     fn a_stopped_process_is_seen_stopped_and_a_running_one_not() {

@@ -396,6 +396,9 @@ pub struct Spent {
     pub profile: Option<Profile>,
     /// What the TCP counters of the client's and the server's namespace grew by.
     pub net: [netstat::Values; 2],
+    /// How often each side's threads slept waiting for work (voluntary context switches):
+    /// client, server. Every sleep is a wake-up on the way of whatever woke it.
+    pub sleeps: [u64; 2],
     /// The whole machine's busy and stolen CPUs during the measurement (2.0: both CPUs of a
     /// 2-CPU machine all the time), load generators and everything else included.
     pub machine: Option<(f64, f64)>,
@@ -426,6 +429,7 @@ pub fn measured<T: Send>(
     };
     let net_before = tunnel.map(|_| counters()).transpose()?;
     let before = tunnel.map(Tunnel::cpu);
+    let sleeps_before = tunnel.map(Tunnel::sleeps);
     let machine_before = (Instant::now(), sys::machine_cpu());
     let t = c.target.clone();
     let r = topo
@@ -434,6 +438,7 @@ pub fn measured<T: Send>(
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{}: {e}", c.name))?;
     let after = tunnel.map(Tunnel::cpu);
+    let sleeps_after = tunnel.map(Tunnel::sleeps);
     let machine = match (machine_before, sys::machine_cpu()) {
         ((t0, Some(b)), Some(a)) => {
             let wall = t0.elapsed().as_secs_f64().max(1e-9);
@@ -443,8 +448,15 @@ pub fn measured<T: Send>(
     };
     let net_after = tunnel.map(|_| counters()).transpose()?;
     let profile = recording.map(Recording::finish).transpose()?;
-    let cpu = match (before, after, net_before, net_after) {
-        (Some(b), Some(a), Some(nb), Some(na)) => Some(Spent {
+    let cpu = match (
+        before,
+        after,
+        net_before,
+        net_after,
+        sleeps_before,
+        sleeps_after,
+    ) {
+        (Some(b), Some(a), Some(nb), Some(na), Some(sb), Some(sa)) => Some(Spent {
             client: a.0 - b.0,
             server: a.1 - b.1,
             kernel: a.2 - b.2,
@@ -453,6 +465,7 @@ pub fn measured<T: Send>(
                 netstat::delta(&nb[0], &na[0]),
                 netstat::delta(&nb[1], &na[1]),
             ],
+            sleeps: [sa.0.saturating_sub(sb.0), sa.1.saturating_sub(sb.1)],
             machine,
         }),
         _ => None,

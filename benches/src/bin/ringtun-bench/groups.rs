@@ -88,8 +88,12 @@ impl Bench<'_> {
         if wants(o, "latency") {
             each(&mut |c, t| latency_tests(env, res, run, c, t, plan.pingpongs))?;
         }
-        if wants(o, "rr") {
-            each(&mut |c, t| rr_tests(env, res, run, c, t, plan.secs, o.rate))?;
+        let rr = RrWhich {
+            closed: wants(o, "rr") || wants(o, "rr-closed"),
+            fixed: wants(o, "rr") || wants(o, "rr-rate"),
+        };
+        if rr.closed || rr.fixed {
+            each(&mut |c, t| rr_tests(env, res, run, c, t, plan.secs, o.rate, rr))?;
         }
         if wants(o, "conn") {
             each(&mut |c, t| {
@@ -257,6 +261,16 @@ pub fn latency_tests(
     Ok(())
 }
 
+/// Which request/response tests to run: the closed loop, the fixed rate, or both.
+#[derive(Clone, Copy, Debug)]
+pub struct RrWhich {
+    /// `rr16 closed loop 1 KiB` (`--only rr-closed`).
+    pub closed: bool,
+    /// `rr16 at RATE req/s 1 KiB` (`--only rr-rate`).
+    pub fixed: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn rr_tests(
     env: &Env,
     res: &mut Results,
@@ -265,8 +279,26 @@ pub fn rr_tests(
     tunnel: Option<&Tunnel>,
     secs: f64,
     rate: f64,
+    which: RrWhich,
 ) -> Result<(), String> {
     let d = Duration::from_secs_f64(secs);
+    if which.closed {
+        rr_closed(env, res, run, c, tunnel, d)?;
+    }
+    if which.fixed {
+        rr_fixed(env, res, run, c, tunnel, d, rate)?;
+    }
+    Ok(())
+}
+
+fn rr_closed(
+    env: &Env,
+    res: &mut Results,
+    run: usize,
+    c: &Contender,
+    tunnel: Option<&Tunnel>,
+    d: Duration,
+) -> Result<(), String> {
     let name = "rr16 closed loop 1 KiB";
     env.progress.step(&format!("{}: {name}", c.name));
     let (r, cpu) = measured(env, c, tunnel, true, move |t| {
@@ -285,13 +317,36 @@ pub fn rr_tests(
         };
         push_cpu(res, run, c, name, &per, &spent);
     }
+    Ok(())
+}
 
+fn rr_fixed(
+    env: &Env,
+    res: &mut Results,
+    run: usize,
+    c: &Contender,
+    tunnel: Option<&Tunnel>,
+    d: Duration,
+    rate: f64,
+) -> Result<(), String> {
     let name = format!("rr16 at {rate:.0} req/s 1 KiB");
     env.progress.step(&format!("{}: {name}", c.name));
-    let (r, _) = measured(env, c, tunnel, false, move |t| {
+    let (r, cpu) = measured(env, c, tunnel, false, move |t| {
         load::request_response(t, 16, RR_SIZE, d, Some(rate))
     })?;
     res.push_rtts(run, &c.name, &name, &r.rtts);
+    if let Some(spent) = cpu {
+        // Not profiled (sampling would add to the latency), but the CPU and the sleeps per
+        // request say how much of the added latency is work and how much is waking up.
+        let per = PerUnit {
+            unit: "µs/req",
+            scale: 1e6 / r.completed.max(1) as f64,
+            sides: true,
+            count_unit: "per req",
+            count_scale: 1.0 / r.completed.max(1) as f64,
+        };
+        push_cpu(res, run, c, &name, &per, &spent);
+    }
     res.push(
         run,
         &c.name,
@@ -410,6 +465,12 @@ fn push_cpu(
     if per.sides {
         push(format!("CPU {u} (client)"), spent.client * per.scale);
         push(format!("CPU {u} (server)"), spent.server * per.scale);
+    }
+    for (side, n) in ["client", "server"].iter().zip(spent.sleeps) {
+        push(
+            format!("sleeps {} ({side})", per.count_unit),
+            n as f64 * per.count_scale,
+        );
     }
     if let Some((busy, stolen)) = spent.machine {
         push("machine CPUs busy".into(), busy);

@@ -90,6 +90,7 @@ fn main() {
 
 /// The whole benchmark: set-up, every run, the report.
 fn run(o: Opts) -> Result<(), String> {
+    options::check_only(&o)?;
     ringtun_testbed::require_root().map_err(|e| e.to_string())?;
     let plan = Plan::new(&o);
     let nofile = sys::raise_nofile(1 << 18);

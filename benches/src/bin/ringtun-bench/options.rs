@@ -98,7 +98,7 @@ pub struct Opts {
     #[arg(long)]
     pub no_crosscheck: bool,
     /// Only these groups: bulk, latency, rr, conn, unpooled, memory, scaling, crosscheck; or one
-    /// bulk case: bulk-up1, bulk-up4, bulk-down1, bulk-down4.
+    /// bulk case: bulk-up1, bulk-up4, bulk-down1, bulk-down4; or one rr test: rr-closed, rr-rate.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Extra `ringtun run` arguments (after `--`).
@@ -161,6 +161,62 @@ impl Plan {
     }
 }
 
+/// Every name `--only` takes.
+pub const GROUPS: &[&str] = &[
+    "bulk",
+    "bulk-up1",
+    "bulk-up4",
+    "bulk-down1",
+    "bulk-down4",
+    "latency",
+    "rr",
+    "rr-closed",
+    "rr-rate",
+    "conn",
+    "unpooled",
+    "memory",
+    "scaling",
+    "crosscheck",
+];
+
+/// Refuses an `--only` name that selects nothing (a typo would otherwise run an empty
+/// benchmark and write an empty report).
+pub fn check_only(o: &Opts) -> Result<(), String> {
+    match o.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+        Some(g) => Err(format!(
+            "--only {g}: no such group (one of: {})",
+            GROUPS.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
 pub fn wants(o: &Opts, group: &str) -> bool {
     o.only.is_empty() || o.only.iter().any(|g| g == group)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn only(list: &str) -> Result<(), String> {
+        let o =
+            Opts::try_parse_from(["ringtun-bench", "--only", list]).map_err(|e| e.to_string())?;
+        check_only(&o)
+    }
+
+    #[test]
+    fn only_takes_every_group_and_refuses_a_typo_by_name() {
+        assert_eq!(only(&GROUPS.join(",")), Ok(()));
+        let e = only("rr-rate,bulk-up2").expect_err("bulk-up2 selects nothing");
+        assert!(e.starts_with("--only bulk-up2: no such group"), "{e}");
+    }
+
+    #[test]
+    fn the_two_rr_tests_can_be_chosen_apart() {
+        let o = Opts::try_parse_from(["ringtun-bench", "--only", "rr-rate"]).expect("parses");
+        assert!(wants(&o, "rr-rate") && !wants(&o, "rr-closed") && !wants(&o, "rr"));
+    }
 }

@@ -135,6 +135,15 @@ impl Tunnel {
         (sys::cpu_of(&c), sys::cpu_of(&s), kernel)
     }
 
+    /// Voluntary context switches so far (times a thread slept waiting): (client, server).
+    pub fn sleeps(&self) -> (u64, u64) {
+        let (c, s) = self.pids();
+        (
+            sys::voluntary_switches_of(&c),
+            sys::voluntary_switches_of(&s),
+        )
+    }
+
     /// Resident memory in KiB: (client, server).
     pub fn rss_kib(&self) -> (u64, u64) {
         let (c, s) = self.pids();
