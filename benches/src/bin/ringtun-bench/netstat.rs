@@ -11,7 +11,9 @@ pub const COUNTERS: [(&str, &str); 8] = [
     ("Tcp", "OutSegs"),
     // Segments that carried new data.
     ("TcpExt", "TCPOrigDataSent"),
-    // ACKs that carried nothing else, received.
+    // ACKs that carried nothing else, received on TCP's slow path only (a window change, SACK,
+    // …); the fast path's are not counted apart. OutSegs minus TCPOrigDataSent is what was
+    // sent without new data: pure ACKs, retransmissions, SYNs and FINs.
     ("TcpExt", "TCPPureAcks"),
     // ACKs sent after the delayed-ACK timer, not with data or at once.
     ("TcpExt", "DelayedACKs"),
