@@ -308,14 +308,14 @@ fn rr_closed(
     res.push(run, &c.name, name, "req/s", rps, true);
     push_p50_p99(res, run, c, name, "RTT", &r.rtts);
     if let Some(spent) = cpu {
-        let per = PerUnit {
-            unit: "µs/req",
-            scale: 1e6 / r.completed.max(1) as f64,
-            sides: false,
-            count_unit: "per req",
-            count_scale: 1.0 / r.completed.max(1) as f64,
-        };
-        push_cpu(res, run, c, name, &per, &spent);
+        push_cpu(
+            res,
+            run,
+            c,
+            name,
+            &PerUnit::per_request(r.completed, false),
+            &spent,
+        );
     }
     Ok(())
 }
@@ -338,14 +338,14 @@ fn rr_fixed(
     if let Some(spent) = cpu {
         // Not profiled (sampling would add to the latency), but the CPU and the sleeps per
         // request say how much of the added latency is work and how much is waking up.
-        let per = PerUnit {
-            unit: "µs/req",
-            scale: 1e6 / r.completed.max(1) as f64,
-            sides: true,
-            count_unit: "per req",
-            count_scale: 1.0 / r.completed.max(1) as f64,
-        };
-        push_cpu(res, run, c, &name, &per, &spent);
+        push_cpu(
+            res,
+            run,
+            c,
+            &name,
+            &PerUnit::per_request(r.completed, true),
+            &spent,
+        );
     }
     res.push(
         run,
@@ -445,6 +445,20 @@ struct PerUnit {
     count_unit: &'static str,
     /// A count times this is the figure.
     count_scale: f64,
+}
+
+impl PerUnit {
+    /// CPU in µs and counts per request, over `completed` requests.
+    fn per_request(completed: u64, sides: bool) -> Self {
+        let n = completed.max(1) as f64;
+        PerUnit {
+            unit: "µs/req",
+            scale: 1e6 / n,
+            sides,
+            count_unit: "per req",
+            count_scale: 1.0 / n,
+        }
+    }
 }
 
 /// Pushes a measurement's CPU per unit: the pair's kernel part, the pair, the sides if asked,
