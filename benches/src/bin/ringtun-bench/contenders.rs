@@ -428,8 +428,7 @@ pub fn measured<T: Send>(
         Ok([netstat::read(&topo.client)?, netstat::read(&topo.server)?])
     };
     let net_before = tunnel.map(|_| counters()).transpose()?;
-    let before = tunnel.map(Tunnel::cpu);
-    let sleeps_before = tunnel.map(Tunnel::sleeps);
+    let before = tunnel.map(Tunnel::usage);
     let machine_before = (Instant::now(), sys::machine_cpu());
     let t = c.target.clone();
     let r = topo
@@ -437,8 +436,7 @@ pub fn measured<T: Send>(
         .enter(move || f(&t))
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{}: {e}", c.name))?;
-    let after = tunnel.map(Tunnel::cpu);
-    let sleeps_after = tunnel.map(Tunnel::sleeps);
+    let after = tunnel.map(Tunnel::usage);
     let machine = match (machine_before, sys::machine_cpu()) {
         ((t0, Some(b)), Some(a)) => {
             let wall = t0.elapsed().as_secs_f64().max(1e-9);
@@ -448,24 +446,20 @@ pub fn measured<T: Send>(
     };
     let net_after = tunnel.map(|_| counters()).transpose()?;
     let profile = recording.map(Recording::finish).transpose()?;
-    let cpu = match (
-        before,
-        after,
-        net_before,
-        net_after,
-        sleeps_before,
-        sleeps_after,
-    ) {
-        (Some(b), Some(a), Some(nb), Some(na), Some(sb), Some(sa)) => Some(Spent {
-            client: a.0 - b.0,
-            server: a.1 - b.1,
-            kernel: a.2 - b.2,
+    let cpu = match (before, after, net_before, net_after) {
+        (Some(b), Some(a), Some(nb), Some(na)) => Some(Spent {
+            client: a.cpu.0 - b.cpu.0,
+            server: a.cpu.1 - b.cpu.1,
+            kernel: a.kernel - b.kernel,
             profile,
             net: [
                 netstat::delta(&nb[0], &na[0]),
                 netstat::delta(&nb[1], &na[1]),
             ],
-            sleeps: [sa.0.saturating_sub(sb.0), sa.1.saturating_sub(sb.1)],
+            sleeps: [
+                a.sleeps.0.saturating_sub(b.sleeps.0),
+                a.sleeps.1.saturating_sub(b.sleeps.1),
+            ],
             machine,
         }),
         _ => None,

@@ -88,12 +88,19 @@ impl Bench<'_> {
         if wants(o, "latency") {
             each(&mut |c, t| latency_tests(env, res, run, c, t, plan.pingpongs))?;
         }
-        let rr = RrWhich {
-            closed: wants(o, "rr") || wants(o, "rr-closed"),
-            fixed: wants(o, "rr") || wants(o, "rr-rate"),
-        };
-        if rr.closed || rr.fixed {
-            each(&mut |c, t| rr_tests(env, res, run, c, t, plan.secs, o.rate, rr))?;
+        let rr_closed_on = wants(o, "rr") || wants(o, "rr-closed");
+        let rr_fixed_on = wants(o, "rr") || wants(o, "rr-rate");
+        if rr_closed_on || rr_fixed_on {
+            let d = Duration::from_secs_f64(plan.secs);
+            each(&mut |c, t| {
+                if rr_closed_on {
+                    rr_closed(env, res, run, c, t, d)?;
+                }
+                if rr_fixed_on {
+                    rr_fixed(env, res, run, c, t, d, o.rate)?;
+                }
+                Ok(())
+            })?;
         }
         if wants(o, "conn") {
             each(&mut |c, t| {
@@ -261,36 +268,7 @@ pub fn latency_tests(
     Ok(())
 }
 
-/// Which request/response tests to run: the closed loop, the fixed rate, or both.
-#[derive(Clone, Copy, Debug)]
-pub struct RrWhich {
-    /// `rr16 closed loop 1 KiB` (`--only rr-closed`).
-    pub closed: bool,
-    /// `rr16 at RATE req/s 1 KiB` (`--only rr-rate`).
-    pub fixed: bool,
-}
-
-#[allow(clippy::too_many_arguments)]
-pub fn rr_tests(
-    env: &Env,
-    res: &mut Results,
-    run: usize,
-    c: &Contender,
-    tunnel: Option<&Tunnel>,
-    secs: f64,
-    rate: f64,
-    which: RrWhich,
-) -> Result<(), String> {
-    let d = Duration::from_secs_f64(secs);
-    if which.closed {
-        rr_closed(env, res, run, c, tunnel, d)?;
-    }
-    if which.fixed {
-        rr_fixed(env, res, run, c, tunnel, d, rate)?;
-    }
-    Ok(())
-}
-
+/// rr16 in a closed loop: req/s, RTT and the CPU per request (profiled with `--profile`).
 fn rr_closed(
     env: &Env,
     res: &mut Results,
@@ -320,6 +298,7 @@ fn rr_closed(
     Ok(())
 }
 
+/// rr16 at a fixed rate: RTT, the latency added over direct, and the CPU per request.
 fn rr_fixed(
     env: &Env,
     res: &mut Results,

@@ -122,26 +122,34 @@ pub struct Tunnel {
     pub server: Proc,
 }
 
+/// What a tunnel's processes used so far.
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    /// CPU seconds: (client, server).
+    pub cpu: (f64, f64),
+    /// The kernel's part of the CPU seconds, both sides together.
+    pub kernel: f64,
+    /// Voluntary context switches (times a thread slept waiting): (client, server).
+    pub sleeps: (u64, u64),
+}
+
 impl Tunnel {
     /// Both sides' processes with their descendants: (client, server).
     pub fn pids(&self) -> (Vec<u32>, Vec<u32>) {
         (self.client.pids(), self.server.pids())
     }
 
-    /// CPU seconds so far: (client, server), and the kernel's part of both sides together.
-    pub fn cpu(&self) -> (f64, f64, f64) {
+    /// CPU and sleeps so far, both sides' processes found once (a walk of all of `/proc`).
+    pub fn usage(&self) -> Usage {
         let (c, s) = self.pids();
-        let kernel = sys::kernel_of(&c) + sys::kernel_of(&s);
-        (sys::cpu_of(&c), sys::cpu_of(&s), kernel)
-    }
-
-    /// Voluntary context switches so far (times a thread slept waiting): (client, server).
-    pub fn sleeps(&self) -> (u64, u64) {
-        let (c, s) = self.pids();
-        (
-            sys::voluntary_switches_of(&c),
-            sys::voluntary_switches_of(&s),
-        )
+        Usage {
+            cpu: (sys::cpu_of(&c), sys::cpu_of(&s)),
+            kernel: sys::kernel_of(&c) + sys::kernel_of(&s),
+            sleeps: (
+                sys::voluntary_switches_of(&c),
+                sys::voluntary_switches_of(&s),
+            ),
+        }
     }
 
     /// Resident memory in KiB: (client, server).
