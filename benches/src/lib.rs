@@ -16,5 +16,6 @@
 //! come from the test bed (`ringtun-testbed`).
 
 pub mod load;
+pub mod relay_plan;
 pub mod report;
 pub mod stats;

@@ -13,31 +13,13 @@
 //! relay server   # 0.0.0.0:15008 -> 10.77.0.2:5201
 //! ```
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use ringtun::net::connect_marked;
 use ringtun::proxy::copy::tcp_tcp;
 use ringtun::proxy::live::Conn;
-use ringtun_testbed::DEFAULT_MARK;
-
-/// Where each side listens, where it forwards, and the mark its outgoing connections carry.
-fn plan(side: &str) -> Option<(SocketAddr, SocketAddr, u32)> {
-    match side {
-        "client" => Some((
-            SocketAddr::from(([0, 0, 0, 0], 15001)),
-            SocketAddr::from(([10, 77, 0, 2], 15008)),
-            DEFAULT_MARK,
-        )),
-        "server" => Some((
-            SocketAddr::from(([0, 0, 0, 0], 15008)),
-            SocketAddr::from(([10, 77, 0, 2], 5201)),
-            0,
-        )),
-        _ => None,
-    }
-}
+use ringtun_benches::relay_plan::plan;
 
 fn main() -> ExitCode {
     let side = std::env::args().nth(1).unwrap_or_default();

@@ -66,6 +66,21 @@ pub fn default_ztunnel() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ztunnel/ztunnel")
 }
 
+/// The `bare_relay` binary built beside this one (the `bare-relay` contender: no TLS, no
+/// HTTP/2, a blocked thread per direction, what a relay hop costs at the least).
+fn bare_relay() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+    let path = exe.with_file_name("bare_relay");
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "the bare-relay contender needs {} (cargo build -p ringtun-benches --bin bare_relay)",
+            path.display()
+        ))
+    }
+}
+
 /// One column of the results: a name, how its tunnel starts, where its load goes.
 pub struct Contender {
     /// Its name in the report.
@@ -102,6 +117,8 @@ pub struct Env {
     pub progress: Progress,
     /// `--profile`: where the recordings go, and how many were made.
     pub profile: Option<(PathBuf, AtomicUsize)>,
+    /// `--hops`: where the fixed-rate test's traces go.
+    pub hops: Option<PathBuf>,
 }
 
 /// `ringtun run` for one side, with the benchmark's and the caller's extra arguments.
@@ -554,9 +571,21 @@ pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), 
                     "rtbzs",
                 )?;
             }
+            "bare-relay" => {
+                let path = bare_relay()?;
+                add(
+                    "bare-relay".into(),
+                    Kind::Other {
+                        template: format!("{} {{side}}", path.display()),
+                        env: String::new(),
+                        unpooled_env: None,
+                    },
+                    "rtbr",
+                )?;
+            }
             other => {
                 return Err(format!(
-                    "--contenders: unknown contender {other:?} (legacy, ztunnel, inpod, ztunnel-shared, none)"
+                    "--contenders: unknown contender {other:?} (legacy, ztunnel, inpod, ztunnel-shared, bare-relay, none)"
                 ))
             }
         }

@@ -10,6 +10,7 @@ use ringtun_benches::stats;
 
 use crate::contenders::{measured, start_side, start_tunnel, warm_up, Contender, Env, Kind, Spent};
 use crate::crosscheck::crosscheck;
+use crate::hops;
 use crate::memory::memory_test;
 use crate::netstat;
 use crate::options::{wants, Opts, Plan};
@@ -342,6 +343,19 @@ fn rr_fixed(
         r.late as f64 * 100.0 / r.completed.max(1) as f64,
         false,
     );
+    if let (Some(dir), Some(tunnel)) = (&env.hops, tunnel) {
+        // A pass of its own: tracing every wake-up and transmit slows what it measures.
+        env.progress
+            .step(&format!("{}: {name}, traced (--hops)", c.name));
+        let (client, server) = tunnel.pids();
+        let file = dir.join(format!("run{run}-{}.perf.data", c.name));
+        let trace = hops::Trace::start(file, client, server)?;
+        measured(env, c, None, false, move |t| {
+            load::request_response(t, 16, RR_SIZE, d, Some(rate))
+        })?;
+        let hops = trace.finish(RR_SIZE as u32)?;
+        hops.push(res, run, &c.name, &format!("{name}, traced hops"));
+    }
     Ok(())
 }
 

@@ -24,9 +24,11 @@
 mod contenders;
 mod crosscheck;
 mod groups;
+mod hops;
 mod memory;
 mod netstat;
 mod options;
+mod perf;
 mod procs;
 mod profile;
 mod progress;
@@ -116,6 +118,7 @@ fn run(o: Opts) -> Result<(), String> {
     let dir = out.join("work");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let profiles = o.profile.then(|| profile::prepare(&dir)).transpose()?;
+    let traces = o.hops.then(|| hops::prepare(&dir)).transpose()?;
     let certs = dir.join("certs");
     certs::write_workload_certs(
         &certs,
@@ -145,6 +148,7 @@ fn run(o: Opts) -> Result<(), String> {
             .collect(),
         progress: Progress::new(),
         profile: profiles.map(|d| (d, Default::default())),
+        hops: traces,
     };
     let mut helpers = Vec::new();
     let crosscheck_on = !o.no_crosscheck

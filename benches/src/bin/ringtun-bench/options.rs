@@ -55,7 +55,9 @@ pub struct Opts {
     #[arg(long)]
     pub other_unpooled_env: Option<String>,
     /// Built-in contenders beside direct and ringtun: `legacy` (the same ringtun binary with
-    /// `--io-driver legacy`, epoll) and `ztunnel` (Istio's, from --ztunnel); `none` for neither.
+    /// `--io-driver legacy`, epoll), `ztunnel` (Istio's, from --ztunnel), `inpod` and
+    /// `ztunnel-shared` (each in in-pod mode), `bare-relay` (no TLS or HTTP/2: what a relay hop
+    /// costs at the least, for the latency tests); `none` for none.
     #[arg(long, value_delimiter = ',', default_value = "legacy,ztunnel")]
     pub contenders: Vec<String>,
     /// Another contender that is the same ringtun with extra `ringtun run` arguments, as
@@ -94,6 +96,12 @@ pub struct Opts {
     /// perf; the recordings stay in the work directory.
     #[arg(long)]
     pub profile: bool,
+    /// Where the fixed-rate test's added latency goes: after that test, run it once more
+    /// while `perf record -a` traces wake-ups and transmits, and split each of the four tunnel
+    /// hops into delivery, the wait for a CPU and the tunnel's own work (p50 and p90 µs per
+    /// hop; tracing slows that pass, so it has figures of its own). Needs perf.
+    #[arg(long)]
+    pub hops: bool,
     /// Skip the iperf3/sockperf cross-checks even when they are installed.
     #[arg(long)]
     pub no_crosscheck: bool,

@@ -12,12 +12,9 @@
 //! A binary without symbols (ztunnel's release build) has all of its userspace in
 //! "user: rest"; only its calls into libc's `memcpy` are told apart.
 
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use ringtun_testbed::sys;
+use crate::perf::{self, PerfRecord};
 
 /// What a sample's CPU was spent on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,20 +45,10 @@ use Category::*;
 
 /// Samples per second per CPU: enough for a one-second measurement to have thousands.
 const FREQ: &str = "999";
-/// How long perf gets to write its file once asked to stop.
-const STOP_WAIT: Duration = Duration::from_secs(30);
 
 /// Checks that perf is there and makes the recordings' directory under `work`.
 pub fn prepare(work: &Path) -> Result<PathBuf, String> {
-    let ok = Command::new("perf")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        return Err("--profile needs perf (linux-perf on Debian) on the PATH".into());
-    }
+    perf::check("--profile")?;
     let dir = work.join("profile");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(dir)
@@ -69,7 +56,7 @@ pub fn prepare(work: &Path) -> Result<PathBuf, String> {
 
 /// A `perf record` attached to one measurement's tunnel processes.
 pub struct Recording {
-    child: Child,
+    perf: PerfRecord,
     file: PathBuf,
     client: Vec<u32>,
     server: Vec<u32>,
@@ -85,66 +72,19 @@ impl Recording {
             .map(u32::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let mut cmd = Command::new("perf");
-        cmd.args(["record", "-q", "-g", "-F", FREQ, "-p", &list, "-o"])
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // It is stopped with SIGINT, which the bench's threads block.
-        sys::unblock_signals_in(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("--profile runs `perf record`: {e}"))?;
-        // Dropped (and killed) on every error below.
-        let mut rec = Recording {
-            child,
+        let perf = PerfRecord::start(&["-g", "-F", FREQ, "-p", &list], file.clone())
+            .map_err(|e| format!("--profile: {e}"))?;
+        Ok(Recording {
+            perf,
             file,
             client,
             server,
-        };
-        // perf writes its file's header once its events are open on every thread.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Ok(Some(status)) = rec.child.try_wait() {
-                return Err(format!("perf record exited at once ({status})"));
-            }
-            if std::fs::metadata(&rec.file).is_ok_and(|m| m.len() > 0) {
-                // The header comes just before the events are enabled.
-                std::thread::sleep(Duration::from_millis(50));
-                return Ok(rec);
-            }
-            if Instant::now() > deadline {
-                return Err("perf record did not start within 5 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 
     /// Stops sampling and sorts the samples; an error if perf failed or saw nothing of a side.
-    pub fn finish(mut self) -> Result<Profile, String> {
-        // SAFETY: kill(2) on the perf process this recording started and has not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.wait(STOP_WAIT)?;
-        // perf writes its file on SIGINT and then may end by the signal itself.
-        let stopped = status.signal() == Some(libc::SIGINT) || status.code() == Some(130);
-        if !status.success() && !stopped {
-            return Err(format!("perf record ended with {status}"));
-        }
-        let out = Command::new("perf")
-            .args(["script", "-F", "pid,ip,sym,dso", "-i"])
-            .arg(&self.file)
-            .stderr(Stdio::null())
-            .output()
-            .map_err(|e| format!("perf script: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "perf script on {} ended with {}",
-                self.file.display(),
-                out.status
-            ));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
+    pub fn finish(self) -> Result<Profile, String> {
+        let text = self.perf.finish("pid,ip,sym,dso")?;
         let profile = Profile::from_script(&text, &self.client, &self.server);
         // Every profiled measurement runs through both sides: a side without samples would
         // drop out of the split, and the pair's rows would no longer add up to its CPU.
@@ -157,35 +97,6 @@ impl Recording {
             }
         }
         Ok(profile)
-    }
-
-    /// Waits for perf to end, killing it after `limit`.
-    fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus, String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Ok(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return Err(format!("perf record did not stop within {limit:?}"));
-                }
-                Err(e) => return Err(format!("perf record: {e}")),
-            }
-        }
-    }
-}
-
-impl Drop for Recording {
-    /// A recording abandoned on an error path does not stay attached to the tunnels.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
