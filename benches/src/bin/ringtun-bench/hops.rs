@@ -14,7 +14,8 @@
 //! been woken while asleep; its sender's transmit is the last message-sized one by another
 //! thread before the wake-up. Transmits on `lo` go to the application, any other device is the
 //! HBONE leg between the two namespaces. Hops that did not start from a sleep are not counted
-//! (the tunnel was already running: no wake-up to split).
+//! (the tunnel was already running: no wake-up to split), nor are hops during which the tunnel
+//! was preempted before its transmit (their work would include another task's).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -232,8 +233,6 @@ impl Hops {
     pub fn from_script(text: &str, client: &[u32], server: &[u32], min_len: u32) -> Hops {
         let mut hops = Hops::default();
         let mut threads: HashMap<u32, Thread> = HashMap::new();
-        // Tunnel threads seen transmitting (tid → client side?).
-        let mut side: HashMap<u32, bool> = HashMap::new();
         let mut recent: VecDeque<(f64, u32)> = VecDeque::new();
         let mut asleep: HashSet<u32> = HashSet::new();
         for e in text.lines().filter_map(Event::parse) {
@@ -271,7 +270,6 @@ impl Hops {
                     }
                     let is_client = client.contains(&e.pid);
                     if is_client || server.contains(&e.pid) {
-                        side.insert(e.tid, is_client);
                         let t = threads.entry(e.tid).or_default();
                         // Only the first message transmitted after a wake-up is that hop's.
                         if let Some((woken, ran)) = t.running_since.take() {
