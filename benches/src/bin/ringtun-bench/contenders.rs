@@ -34,6 +34,9 @@ pub enum Kind {
         template: String,
         env: String,
         unpooled_env: Option<String>,
+        /// Whether the memory test applies: not to a relay with a thread per direction, for
+        /// which 10,000 idle connections would be 40,000 threads (past a default `pid_max`).
+        idle_memory: bool,
     },
     /// In-pod (shared) mode: one proxy per node, in a node namespace of its own, handed the
     /// pod's namespace (the topology's client or server side) by a node agent over ZDS, as
@@ -549,6 +552,7 @@ pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), 
                         template: path.display().to_string(),
                         env: ZTUNNEL_ENV.into(),
                         unpooled_env: Some(ZTUNNEL_UNPOOLED_ENV.into()),
+                        idle_memory: true,
                     },
                     "rtbz",
                 )?;
@@ -579,6 +583,7 @@ pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), 
                         template: format!("{} {{side}}", path.display()),
                         env: String::new(),
                         unpooled_env: None,
+                        idle_memory: false,
                     },
                     "rtbr",
                 )?;
@@ -609,6 +614,7 @@ pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), 
                 template: template.clone(),
                 env: o.other_env.clone(),
                 unpooled_env: o.other_unpooled_env.clone(),
+                idle_memory: true,
             },
             "rtbo",
         )?;

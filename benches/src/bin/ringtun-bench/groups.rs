@@ -72,7 +72,14 @@ impl Bench<'_> {
         }
         if wants(o, "memory") {
             for &i in &order {
-                if let Some(t) = &tunnels[i] {
+                let skip = matches!(
+                    contenders[i].kind,
+                    Kind::Other {
+                        idle_memory: false,
+                        ..
+                    }
+                );
+                if let (Some(t), false) = (&tunnels[i], skip) {
                     memory_test(env, res, run, &contenders[i], t, &plan.idle)?;
                 }
             }
