@@ -18,7 +18,7 @@ use crate::options::Opts;
 use crate::procs::{Node, Proc, Tunnel, NAMESPACES};
 use crate::profile::{Profile, Recording};
 use crate::progress::Progress;
-use crate::setup::setup_topology;
+use crate::setup::{setup_topology, sibling_binary};
 use crate::{SERVER_IP, SERVER_PORT, VIP, VIP_PORT};
 
 /// How to start a contender's tunnel.
@@ -67,21 +67,6 @@ pub const ZTUNNEL_SHARED_ENV: &str = "PROXY_MODE=shared,LOCAL_XDS_PATH={config},
 /// Where the shared ztunnel build lives, relative to the workspace.
 pub fn default_ztunnel() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ztunnel/ztunnel")
-}
-
-/// The `bare_relay` binary built beside this one (the `bare-relay` contender: no TLS, no
-/// HTTP/2, a blocked thread per direction, what a relay hop costs at the least).
-fn bare_relay() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
-    let path = exe.with_file_name("bare_relay");
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(format!(
-            "the bare-relay contender needs {} (cargo build -p ringtun-benches --bin bare_relay)",
-            path.display()
-        ))
-    }
 }
 
 /// One column of the results: a name, how its tunnel starts, where its load goes.
@@ -576,7 +561,12 @@ pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), 
                 )?;
             }
             "bare-relay" => {
-                let path = bare_relay()?;
+                // No TLS, no HTTP/2, a blocked thread per direction: what a relay hop costs
+                // at the least.
+                let path = sibling_binary(
+                    "bare_relay",
+                    "(the bare-relay contender: cargo build -p ringtun-benches --bin bare_relay)",
+                )?;
                 add(
                     "bare-relay".into(),
                     Kind::Other {

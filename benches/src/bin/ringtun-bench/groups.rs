@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use ringtun_benches::load::{self, Dir};
+use ringtun_benches::load::{self, Dir, Target};
 use ringtun_benches::report::Results;
 use ringtun_benches::stats;
 
@@ -318,9 +318,9 @@ fn rr_fixed(
 ) -> Result<(), String> {
     let name = format!("rr16 at {rate:.0} req/s 1 KiB");
     env.progress.step(&format!("{}: {name}", c.name));
-    let (r, cpu) = measured(env, c, tunnel, false, move |t| {
-        load::request_response(t, 16, RR_SIZE, d, Some(rate))
-    })?;
+    // The same load for the measured pass and, with --hops, the traced one.
+    let at_rate = move |t: &Target| load::request_response(t, 16, RR_SIZE, d, Some(rate));
+    let (r, cpu) = measured(env, c, tunnel, false, at_rate)?;
     res.push_rtts(run, &c.name, &name, &r.rtts);
     if let Some(spent) = cpu {
         // Not profiled (sampling would add to the latency), but the CPU and the sleeps per
@@ -357,9 +357,7 @@ fn rr_fixed(
         let (client, server) = tunnel.pids();
         let file = dir.join(format!("run{run}-{}.perf.data", c.name));
         let trace = hops::Trace::start(file, client, server)?;
-        measured(env, c, None, false, move |t| {
-            load::request_response(t, 16, RR_SIZE, d, Some(rate))
-        })?;
+        measured(env, c, None, false, at_rate)?;
         let hops = trace.finish(RR_SIZE as u32)?;
         hops.push(res, run, &c.name, &format!("{name}, traced hops"));
     }

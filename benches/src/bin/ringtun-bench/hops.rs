@@ -17,7 +17,7 @@
 //! (the tunnel was already running: no wake-up to split), nor are hops during which the tunnel
 //! was preempted before its transmit (their work would include another task's).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
 use ringtun_benches::report::Results;
@@ -217,12 +217,14 @@ fn field<T: std::str::FromStr>(trace: &str, key: &str) -> Option<T> {
     rest[..end].parse().ok()
 }
 
-/// A tunnel thread's scheduling state while the trace is read.
+/// A thread's scheduling state while the trace is read.
 #[derive(Default)]
 struct Thread {
+    /// Switched out not runnable (waiting), and not switched in since.
+    asleep: bool,
     /// Woken while asleep, at this time (cleared when it runs).
     woken: Option<f64>,
-    /// Switched in at this time, after a wake-up (`None`: running without one, or asleep).
+    /// (woken, switched in) of the run it is in, if that run began with a wake-up.
     running_since: Option<(f64, f64)>,
 }
 
@@ -234,18 +236,14 @@ impl Hops {
         let mut hops = Hops::default();
         let mut threads: HashMap<u32, Thread> = HashMap::new();
         let mut recent: VecDeque<(f64, u32)> = VecDeque::new();
-        let mut asleep: HashSet<u32> = HashSet::new();
         for e in text.lines().filter_map(Event::parse) {
             match e.name {
                 "sched:sched_switch" => {
                     // The previous task is the event's own; asleep unless still runnable.
                     let state = e.trace.split("prev_state=").nth(1).unwrap_or("R");
-                    if !state.starts_with('R') {
-                        asleep.insert(e.tid);
-                    }
-                    if let Some(t) = threads.get_mut(&e.tid) {
-                        t.running_since = None;
-                    }
+                    let prev = threads.entry(e.tid).or_default();
+                    prev.asleep = !state.starts_with('R');
+                    prev.running_since = None;
                     if let Some(next) = e
                         .trace
                         .split("==>")
@@ -254,14 +252,13 @@ impl Hops {
                     {
                         let t = threads.entry(next).or_default();
                         t.running_since = t.woken.take().map(|w| (w, e.time));
-                        asleep.remove(&next);
+                        t.asleep = false;
                     }
                 }
                 "sched:sched_waking" => {
-                    if let Some(pid) = field::<u32>(e.trace, " pid=") {
-                        if asleep.contains(&pid) {
-                            threads.entry(pid).or_default().woken = Some(e.time);
-                        }
+                    let woken = field::<u32>(e.trace, " pid=").and_then(|p| threads.get_mut(&p));
+                    if let Some(t) = woken.filter(|t| t.asleep) {
+                        t.woken = Some(e.time);
                     }
                 }
                 "net:net_dev_xmit" => {

@@ -46,18 +46,18 @@ pub fn build_ringtun() -> Result<PathBuf, String> {
             "cargo build --release -p ringtun failed ({status})"
         ));
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bin = exe
-        .parent()
-        .map(|d| d.join("ringtun"))
-        .ok_or("no directory for the current executable")?;
+    sibling_binary("ringtun", "after the build; pass --ringtun PATH")
+}
+
+/// The binary `name` in this executable's directory (cargo puts a workspace's binaries side by
+/// side); `missing` ends the error when it is not there (what to do about it).
+pub fn sibling_binary(name: &str, missing: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+    let bin = exe.with_file_name(name);
     if bin.exists() {
         Ok(bin)
     } else {
-        Err(format!(
-            "{} not found after the build; pass --ringtun PATH",
-            bin.display()
-        ))
+        Err(format!("{} not found {missing}", bin.display()))
     }
 }
 
