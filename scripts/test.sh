@@ -24,7 +24,7 @@ df -h . | tail -n 1
 
 step "system packages"
 need_pkgs=(iproute2 nftables iptables qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio
-  curl kmod xz-utils linux-perf)
+  curl kmod xz-utils linux-perf valgrind)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -77,8 +77,9 @@ step "benchmark harness smoke (tiny sizes, debug builds, no thresholds)"
 # Checks that ringtun-bench still builds its topology, drives every test group through every
 # contender (direct, ringtun, ringtun on its legacy epoll driver, the real ztunnel from
 # ../shared/ztunnel, both in in-pod/shared mode with the fake node agent, and the bare relay:
-# about 40 s of the run), splits the fixed-rate test's hops from a perf trace (--hops) and
-# writes its report; the figures from a debug build mean nothing.
+# about 40 s of the run), splits the fixed-rate test's hops from a perf trace (--hops), counts
+# instructions under callgrind (--instructions) and writes its report; the figures from a debug
+# build mean nothing.
 test -x ../shared/ztunnel/ztunnel || { echo "../shared/ztunnel/ztunnel is missing: the benchmark smoke needs the real ztunnel" >&2; exit 1; }
 cargo build --locked -p ringtun -p ringtun-benches
 smoke_out=target/ringtun-bench/ci-smoke
@@ -86,12 +87,13 @@ rm -rf "$smoke_out"
 target/debug/ringtun-bench --ringtun target/debug/ringtun --runs 1 --bytes 4M --pingpongs 200 \
   --secs 1 --rate 200 --conns 200 --unpooled-conns 20 --idle-conns 100 --no-crosscheck \
   --only bulk,latency,rr,conn,unpooled,memory --contenders legacy,ztunnel,inpod,ztunnel-shared,bare-relay \
-  --hops --out "$smoke_out"
+  --hops --instructions --out "$smoke_out"
 test -s "$smoke_out/results.json" && test -s "$smoke_out/report.html"
 for c in ringtun ringtun-legacy ztunnel ringtun-inpod ztunnel-shared bare-relay; do
   grep -q "\"$c\"" "$smoke_out/results.json" || { echo "benchmark smoke: no figures for $c" >&2; exit 1; }
 done
 grep -q "hop 4 HBONE → client → app: tunnel's work p50" "$smoke_out/results.json" || { echo "benchmark smoke: no hop figures (--hops)" >&2; exit 1; }
+grep -q "instructions per req (pair)" "$smoke_out/results.json" || { echo "benchmark smoke: no instruction counts (--instructions)" >&2; exit 1; }
 
 step "leftover network namespaces"
 left=$(comm -13 <(echo "$netns_before") <(ip netns list | awk '{print $1}' | sort))

@@ -79,6 +79,9 @@ pub struct Contender {
     pub topo: usize,
     /// Where the load generators connect.
     pub target: Target,
+    /// A command its tunnel's processes run under (the callgrind pass's `valgrind …`); empty
+    /// for none.
+    pub wrap: Vec<String>,
 }
 
 /// Everything shared by the measurements.
@@ -110,9 +113,23 @@ pub struct Env {
 }
 
 /// `ringtun run` for one side, with the benchmark's and the caller's extra arguments.
-fn ringtun_cmd(env: &Env, ns: &Netns, who: &str, workers: usize, extra: &[String]) -> Command {
+fn ringtun_cmd(
+    env: &Env,
+    ns: &Netns,
+    who: &str,
+    workers: usize,
+    extra: &[String],
+    wrap: &[String],
+) -> Command {
     let files = RunFiles::new(&env.config, &env.certs, &format!("default/{who}"));
-    let mut cmd = files.command(ns, &env.ringtun);
+    let mut cmd = match wrap.split_first() {
+        None => files.command(ns, &env.ringtun),
+        Some((program, args)) => {
+            let mut cmd = ns.exec(program);
+            cmd.args(args).arg(&env.ringtun).args(files.args());
+            cmd
+        }
+    };
     cmd.args(["--workers", &workers.to_string()]);
     if !env.pin {
         cmd.arg("--no-pin");
@@ -158,6 +175,17 @@ fn placeholders(env: &Env, ns: &Netns, who: &str, workers: usize) -> Vec<(&'stat
     ]
 }
 
+/// `w` as one word of a `sh -c` line.
+fn shell_word(w: &str) -> String {
+    if w.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_=./%,:+".contains(&b))
+    {
+        w.to_owned()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
 fn fill(template: &str, ph: &[(&str, String)]) -> String {
     ph.iter()
         .fold(template.to_owned(), |s, (k, v)| s.replace(k, v))
@@ -198,7 +226,7 @@ pub fn start_side(
     let cmd = match &c.kind {
         Kind::Direct | Kind::InPod { .. } => return Err("no tunnel of its own".into()),
         Kind::Ringtun { extra: own } => {
-            let mut cmd = ringtun_cmd(env, ns, who, workers, extra);
+            let mut cmd = ringtun_cmd(env, ns, who, workers, extra, &c.wrap);
             cmd.args(own);
             cmd
         }
@@ -209,7 +237,13 @@ pub fn start_side(
         } => {
             let ph = placeholders(env, ns, who, workers);
             let mut cmd = ns.exec("sh");
-            cmd.arg("-c").arg(format!("exec {}", fill(template, &ph)));
+            let wrap: String = c
+                .wrap
+                .iter()
+                .map(|w| format!("{} ", shell_word(w)))
+                .collect();
+            cmd.arg("-c")
+                .arg(format!("exec {wrap}{}", fill(template, &ph)));
             for (k, v) in parse_env(spec, &ph) {
                 cmd.env(k, v);
             }
@@ -486,6 +520,7 @@ pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), 
                 addr: SocketAddr::from((SERVER_IP, SERVER_PORT)),
                 mark: DEFAULT_MARK,
             },
+            wrap: Vec::new(),
         },
         Contender {
             name: "ringtun".into(),
@@ -495,6 +530,7 @@ pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), 
                 addr: SocketAddr::from((VIP, VIP_PORT)),
                 mark: 0,
             },
+            wrap: Vec::new(),
         },
     ];
     let mut add = |name: String, kind: Kind, prefix: &str| -> Result<(), String> {
@@ -507,6 +543,7 @@ pub fn line_up(o: &Opts, dir: &Path) -> Result<(Vec<TwoNodes>, Vec<Contender>), 
                 addr: SocketAddr::from((VIP, VIP_PORT)),
                 mark: 0,
             },
+            wrap: Vec::new(),
         });
         Ok(())
     };

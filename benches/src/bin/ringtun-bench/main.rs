@@ -25,6 +25,7 @@ mod contenders;
 mod crosscheck;
 mod groups;
 mod hops;
+mod instructions;
 mod memory;
 mod netstat;
 mod options;
@@ -43,7 +44,7 @@ use ringtun_benches::report::Results;
 use ringtun_testbed::{certs, sys};
 
 use crate::contenders::Env;
-use crate::options::{wants, Opts, Plan};
+use crate::options::{counts_instructions, wants, Opts, Plan};
 use crate::progress::Progress;
 
 /// Bytes in a MiB, as a float for rates.
@@ -119,6 +120,9 @@ fn run(o: Opts) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let profiles = o.profile.then(|| profile::prepare(&dir)).transpose()?;
     let traces = o.hops.then(|| hops::prepare(&dir)).transpose()?;
+    let counting = counts_instructions(&o)
+        .then(|| instructions::prepare(&dir))
+        .transpose()?;
     let certs = dir.join("certs");
     certs::write_workload_certs(
         &certs,
@@ -194,8 +198,14 @@ fn run(o: Opts) -> Result<(), String> {
         contenders: &contenders,
         crosscheck: crosscheck_on,
     };
-    for run in 0..plan.runs {
-        bench.run(&mut res, run)?;
+    // `--only instructions` asks for the callgrind pass and nothing else.
+    if o.only.is_empty() || o.only.iter().any(|g| g != "instructions") {
+        for run in 0..plan.runs {
+            bench.run(&mut res, run)?;
+        }
+    }
+    if let Some(pass) = &counting {
+        pass.count(&env, &plan, &contenders, o.workers, &mut res)?;
     }
     env.progress.done();
     drop(helpers);

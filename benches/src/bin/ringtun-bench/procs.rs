@@ -84,6 +84,11 @@ impl Proc {
         p.wait_ready(&node.ns, timeout).map_err(|e| e.to_string())
     }
 
+    /// The process itself (the group leader).
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+
     /// The process and its descendants.
     pub fn pids(&self) -> Vec<u32> {
         sys::tree(self.0.pid())
