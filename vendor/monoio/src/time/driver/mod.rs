@@ -207,8 +207,18 @@ where
             }
         }
 
-        // Process pending timers after waking up
-        self.handle.process();
+        // Process pending timers after waking up.
+        //
+        // ringtun patch: only when the earliest deadline the wheel had before the park has
+        // come. No timer is added while the thread is parked, so before that deadline there
+        // is nothing to fire, and the wheel's scans (three per park) are skipped; its elapsed
+        // time then moves on at the next park that does process. See PATCHED.md.
+        if let Some(when) = next_wake {
+            let now = self.time_source.now();
+            if now >= when {
+                self.handle.process_at_time(now);
+            }
+        }
 
         Ok(())
     }
