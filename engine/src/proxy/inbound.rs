@@ -131,6 +131,8 @@ pub async fn handle(
                 retired = true;
                 tracing::debug!(%peer, draining = shard.drain_for(pod.as_deref()).is_fired(), "inbound: GOAWAY");
                 conn.graceful_shutdown();
+                // Nothing woke the task for the GOAWAY: have h2's next poll run.
+                tick.touched();
                 continue;
             }
             Ok(Some(None)) => break,

@@ -1,5 +1,6 @@
 //! The userspace record layer's driver: the socket and the waits around a [`RecordPump`].
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -36,7 +37,9 @@ use crate::net;
 /// with `EAGAIN`: two syscalls more per message.
 pub struct UserspaceIo<P> {
     sock: Rc<TcpStream>,
-    pump: P,
+    /// Shared with the send hook this layer gives the [`FlushTick`] (a deferred flush written
+    /// without a poll of h2); otherwise only this type touches it.
+    pump: Rc<RefCell<P>>,
     /// The last `recv` returned less than it asked for: the socket is (most likely) empty,
     /// so the next read waits for readability instead of trying a `recv` first.
     drained: bool,
@@ -58,19 +61,24 @@ pub type KeysIo = UserspaceIo<KeyPump>;
 
 impl<P: Records> fmt::Debug for UserspaceIo<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UserspaceIo")
-            .field("fd", &self.sock.as_raw_fd())
-            .field("buffered_in", &self.pump.buffered_input())
-            .field("unflushed", &self.pump.unflushed())
-            .field("eof", &self.pump.is_eof())
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("UserspaceIo");
+        d.field("fd", &self.sock.as_raw_fd());
+        if let Ok(pump) = self.pump.try_borrow() {
+            d.field("buffered_in", &pump.buffered_input())
+                .field("unflushed", &pump.unflushed())
+                .field("eof", &pump.is_eof());
+        }
+        d.finish_non_exhaustive()
     }
 }
 
-impl<P: Records> UserspaceIo<P> {
+impl<P: Records + 'static> UserspaceIo<P> {
     pub(super) fn new(sock: TcpStream, pump: P, tick: Rc<FlushTick>) -> Self {
+        let sock = Rc::new(sock);
+        let pump = Rc::new(RefCell::new(pump));
+        tick.set_send(send_hook(Rc::downgrade(&sock), Rc::downgrade(&pump)));
         UserspaceIo {
-            sock: Rc::new(sock),
+            sock,
             pump,
             // The handshake may have left the socket empty or not: try a recv first.
             drained: false,
@@ -84,7 +92,7 @@ impl<P: Records> UserspaceIo<P> {
     /// deferred it. Pending (socket full) is not an error: the task is woken when it drains,
     /// and the bytes stay due.
     fn write_due(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if !self.pump.flush_due(self.tick.current()) {
+        if !self.pump.borrow().flush_due(self.tick.current()) {
             return Ok(());
         }
         match self.poll_transmit(cx) {
@@ -104,7 +112,8 @@ impl<P: Records> UserspaceIo<P> {
             let mut out = SocketWriter {
                 fd: self.sock.as_raw_fd(),
             };
-            match self.pump.transmit(&mut out) {
+            let sent = self.pump.borrow_mut().transmit(&mut out);
+            match sent {
                 Ok(Transmit::Done) => return Poll::Ready(Ok(())),
                 Ok(Transmit::Sent(_)) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -122,7 +131,7 @@ impl<P: Records> UserspaceIo<P> {
             if self.drained {
                 if self.read_wait.is_none() {
                     // Idle: give the buffer back rather than pin it for the connection's life.
-                    self.pump.release_idle_input();
+                    self.pump.borrow_mut().release_idle_input();
                     let sock = self.sock.clone();
                     self.read_wait = Some(Box::pin(async move { sock.readable(false).await }));
                 }
@@ -132,7 +141,8 @@ impl<P: Records> UserspaceIo<P> {
                 self.read_wait = None;
                 self.drained = false;
             }
-            let spare = self.pump.input_buffer();
+            let mut pump = self.pump.borrow_mut();
+            let spare = pump.input_buffer();
             let want = spare.len();
             let n = match net::recv_nonblocking(self.sock.as_raw_fd(), spare) {
                 Ok(n) => n,
@@ -143,10 +153,10 @@ impl<P: Records> UserspaceIo<P> {
                 Err(e) => return Poll::Ready(Err(e)),
             };
             if n == 0 {
-                self.pump.input_ended();
+                pump.input_ended();
             } else {
                 // SAFETY: the kernel initialised the first `n` bytes of the input buffer.
-                unsafe { self.pump.input_received(n) };
+                unsafe { pump.input_received(n) };
             }
             self.drained = n < want;
             return Poll::Ready(Ok(()));
@@ -154,7 +164,7 @@ impl<P: Records> UserspaceIo<P> {
     }
 }
 
-impl<P: Records + Unpin> AsyncRead for UserspaceIo<P> {
+impl<P: Records + Unpin + 'static> AsyncRead for UserspaceIo<P> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -163,7 +173,8 @@ impl<P: Records + Unpin> AsyncRead for UserspaceIo<P> {
         let this = self.get_mut();
         this.write_due(cx)?;
         loop {
-            match this.pump.read(buf) {
+            let read = this.pump.borrow_mut().read(buf);
+            match read {
                 Ok(Read::Data(_) | Read::Eof) => return Poll::Ready(Ok(())),
                 Ok(Read::NeedInput) => ready!(this.poll_fill(cx))?,
                 Err(e) => {
@@ -178,7 +189,7 @@ impl<P: Records + Unpin> AsyncRead for UserspaceIo<P> {
     }
 }
 
-impl<P: Records + Unpin> AsyncWrite for UserspaceIo<P> {
+impl<P: Records + Unpin + 'static> AsyncWrite for UserspaceIo<P> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -194,7 +205,8 @@ impl<P: Records + Unpin> AsyncWrite for UserspaceIo<P> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
-            match this.pump.write(bufs)? {
+            let written = this.pump.borrow_mut().write(bufs)?;
+            match written {
                 Write::Accepted { n, transmit_now } => {
                     // Pending only means the socket is full; the bytes are accepted either way
                     // and the flush that follows waits for room.
@@ -216,7 +228,8 @@ impl<P: Records + Unpin> AsyncWrite for UserspaceIo<P> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match this.pump.flush(this.tick.armed()) {
+        let flush = this.pump.borrow_mut().flush(this.tick.armed());
+        match flush {
             Flush::Later { repoll } => {
                 if repoll {
                     this.tick.repoll();
@@ -229,7 +242,7 @@ impl<P: Records + Unpin> AsyncWrite for UserspaceIo<P> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.pump.close();
+        this.pump.borrow_mut().close();
         ready!(this.poll_transmit(cx))?;
         // SAFETY: plain syscall on a descriptor this connection owns.
         if unsafe { libc::shutdown(this.sock.as_raw_fd(), libc::SHUT_WR) } < 0 {
@@ -278,4 +291,31 @@ impl io::Write for SocketWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// What the [`FlushTick`] calls to write a deferred flush without a poll of h2: everything the
+/// pump holds for the socket, `true` once it is all out. `false` (h2's poll then deals with it)
+/// when the socket is full or failed, or the connection is gone.
+fn send_hook<P: Records + 'static>(
+    sock: std::rc::Weak<TcpStream>,
+    pump: std::rc::Weak<RefCell<P>>,
+) -> Box<dyn FnMut() -> bool> {
+    Box::new(move || {
+        let (Some(sock), Some(pump)) = (sock.upgrade(), pump.upgrade()) else {
+            return false;
+        };
+        let Ok(mut pump) = pump.try_borrow_mut() else {
+            return false;
+        };
+        let mut out = SocketWriter {
+            fd: sock.as_raw_fd(),
+        };
+        loop {
+            match pump.transmit(&mut out) {
+                Ok(Transmit::Done) => return true,
+                Ok(Transmit::Sent(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    })
 }
