@@ -59,6 +59,17 @@ struct Noted {
     woken: AtomicBool,
 }
 
+impl Noted {
+    /// A noting waker around the task's `task`, and the note it keeps.
+    fn around(task: &Waker) -> (Arc<Noted>, Waker) {
+        let note = Arc::new(Noted {
+            task: task.clone(),
+            woken: AtomicBool::new(false),
+        });
+        (note.clone(), Waker::from(note))
+    }
+}
+
 impl Wake for Noted {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
@@ -80,18 +91,11 @@ impl FlushTick {
     ) -> Poll<T> {
         self.armed.set(true);
         let mut noted = self.noted.borrow_mut();
-        if !matches!(&*noted, Some((n, _)) if n.task.will_wake(cx.waker())) {
-            let n = Arc::new(Noted {
-                task: cx.waker().clone(),
-                woken: AtomicBool::new(false),
-            });
-            let waker = Waker::from(n.clone());
-            *noted = Some((n, waker));
+        let noting = noted.get_or_insert_with(|| Noted::around(cx.waker()));
+        if !noting.0.task.will_wake(cx.waker()) {
+            *noting = Noted::around(cx.waker());
         }
-        let Some((note, waker)) = noted.as_ref() else {
-            // Set just above; were it not, h2 is polled as before.
-            return f(cx);
-        };
+        let (note, waker) = &*noting;
         if self.flush_pending.replace(false)
             && self.h2_waits.get()
             && !note.woken.load(Ordering::Relaxed)

@@ -109,13 +109,9 @@ impl<P: Records + 'static> UserspaceIo<P> {
                 ready!(w.as_mut().poll(cx))?;
                 self.write_wait = None;
             }
-            let mut out = SocketWriter {
-                fd: self.sock.as_raw_fd(),
-            };
-            let sent = self.pump.borrow_mut().transmit(&mut out);
+            let sent = transmit_all(&mut *self.pump.borrow_mut(), self.sock.as_raw_fd());
             match sent {
-                Ok(Transmit::Done) => return Poll::Ready(Ok(())),
-                Ok(Transmit::Sent(_)) => {}
+                Ok(()) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let sock = self.sock.clone();
                     self.write_wait = Some(Box::pin(async move { sock.writable(false).await }));
@@ -307,15 +303,17 @@ fn send_hook<P: Records + 'static>(
         let Ok(mut pump) = pump.try_borrow_mut() else {
             return false;
         };
-        let mut out = SocketWriter {
-            fd: sock.as_raw_fd(),
-        };
-        loop {
-            match pump.transmit(&mut out) {
-                Ok(Transmit::Done) => return true,
-                Ok(Transmit::Sent(_)) => {}
-                Err(_) => return false,
-            }
-        }
+        transmit_all(&mut *pump, sock.as_raw_fd()).is_ok()
     })
+}
+
+/// Writes what `pump` holds for the socket `fd` until it holds nothing; a full socket is
+/// `WouldBlock`, with what did not fit still in the pump.
+fn transmit_all<P: Records>(pump: &mut P, fd: std::os::fd::RawFd) -> io::Result<()> {
+    let mut out = SocketWriter { fd };
+    loop {
+        if let Transmit::Done = pump.transmit(&mut out)? {
+            return Ok(());
+        }
+    }
 }

@@ -44,7 +44,7 @@ use ringtun_benches::report::Results;
 use ringtun_testbed::{certs, sys};
 
 use crate::contenders::Env;
-use crate::options::{counts_instructions, wants, Opts, Plan};
+use crate::options::{counts_instructions, runs_timed, wants, Opts, Plan};
 use crate::progress::Progress;
 
 /// Bytes in a MiB, as a float for rates.
@@ -198,8 +198,7 @@ fn run(o: Opts) -> Result<(), String> {
         contenders: &contenders,
         crosscheck: crosscheck_on,
     };
-    // `--only instructions` asks for the callgrind pass and nothing else.
-    if o.only.is_empty() || o.only.iter().any(|g| g != "instructions") {
+    if runs_timed(&o) {
         for run in 0..plan.runs {
             bench.run(&mut res, run)?;
         }

@@ -213,9 +213,15 @@ pub fn wants(o: &Opts, group: &str) -> bool {
     o.only.is_empty() || o.only.iter().any(|g| g == group)
 }
 
-/// Whether the callgrind pass runs: asked for, or the one group `--only` names.
+/// Whether the callgrind pass runs: asked for, or named by `--only`.
 pub fn counts_instructions(o: &Opts) -> bool {
     o.instructions || o.only.iter().any(|g| g == "instructions")
+}
+
+/// Whether the timed runs happen: not when `--only instructions` asks for the callgrind pass
+/// alone.
+pub fn runs_timed(o: &Opts) -> bool {
+    o.only.is_empty() || o.only.iter().any(|g| g != "instructions")
 }
 
 #[cfg(test)]

@@ -213,11 +213,8 @@ where
         // come. No timer is added while the thread is parked, so before that deadline there
         // is nothing to fire, and the wheel's scans (three per park) are skipped; its elapsed
         // time then moves on at the next park that does process. See PATCHED.md.
-        if let Some(when) = next_wake {
-            let now = self.time_source.now();
-            if now >= when {
-                self.handle.process_at_time(now);
-            }
+        if next_wake.is_some_and(|when| self.time_source.now() >= when) {
+            self.handle.process();
         }
 
         Ok(())
