@@ -206,6 +206,20 @@ pub struct ConnResult {
     pub first_error: Option<String>,
 }
 
+impl ConnResult {
+    /// Fails the test named `who: test` when not one connection completed, with the first error
+    /// seen: a rate over nothing would be a figure of zero, not a measurement.
+    pub fn any_completed(&self, who: &str, test: &str) -> Result<(), String> {
+        if self.completed > 0 {
+            return Ok(());
+        }
+        Err(format!(
+            "{who}: {test}: no connection completed ({})",
+            self.first_error.as_deref().unwrap_or_default()
+        ))
+    }
+}
+
 /// Opens `n` new connections, `concurrency` at a time; each sends a `req`-byte request and
 /// reads a `reply`-byte reply and the server's close. With `sources`, connection `i` is bound
 /// to `sources[i % len]` (a tunnel pools per source address, so rotating enough addresses

@@ -388,13 +388,7 @@ pub fn conn_test(
     let (r, cpu) = measured(env, c, tunnel, true, move |t| {
         load::connection_rate(t, n, concurrency, CONN_REQ, CONN_REPLY, &sources)
     })?;
-    if r.completed == 0 {
-        return Err(format!(
-            "{}: {name}: no connection completed ({})",
-            c.name,
-            r.first_error.unwrap_or_default()
-        ));
-    }
+    r.any_completed(&c.name, name)?;
     res.push(
         run,
         &c.name,

@@ -237,13 +237,7 @@ impl Pass {
                 })
                 .map(|(r, _)| r)
             })?;
-            if r.completed == 0 {
-                return Err(format!(
-                    "{}: {test}: no connection completed ({})",
-                    c.name,
-                    r.first_error.unwrap_or_default()
-                ));
-            }
+            r.any_completed(&c.name, test)?;
             let per = [0, 1].map(|i| counts[i].per_unit(idle_rate[i], r.completed));
             push_sides(res, &c.name, test, "instructions per conn", per);
         }
