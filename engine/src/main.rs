@@ -1,7 +1,7 @@
 //! The `ringtun` command.
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ringtun::alloc::Mimalloc = ringtun::alloc::Mimalloc;
 
 fn main() -> std::process::ExitCode {
     #[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
