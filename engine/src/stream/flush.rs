@@ -307,4 +307,68 @@ mod tests {
         assert_eq!(bed.sends.get(), 0);
         assert_eq!(bed.wakes(), 0);
     }
+
+    /// In a shard's own task the noting waker is built once, not at every poll: the check
+    /// that keeps it (`Waker::will_wake`) must know the task's waker again. (monoio's task
+    /// wakers once had a vtable per codegen unit, and in release builds every poll of every
+    /// HBONE connection allocated a new one; vendor/monoio/PATCHED.md, patch 4.)
+    #[test]
+    fn a_shard_task_keeps_one_noting_waker_across_polls() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("a runtime");
+        let notes = rt.block_on(async {
+            monoio::spawn(async {
+                let tick = FlushTick::default();
+                let mut notes = Vec::new();
+                for _ in 0..3 {
+                    std::future::poll_fn(|cx| {
+                        let _ = tick.poll(cx, |cx| {
+                            // What h2 does with the waker it is given: keep it for later.
+                            cx.waker().wake_by_ref();
+                            Poll::<()>::Pending
+                        });
+                        let noted = tick.noted.borrow();
+                        let (note, _) = noted.as_ref().expect("a noting waker");
+                        notes.push(Arc::as_ptr(note) as usize);
+                        Poll::Ready(())
+                    })
+                    .await;
+                    // The next poll_fn is polled in a later run of the same task.
+                    monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                notes
+            })
+            .await
+        });
+        assert_eq!(notes.len(), 3);
+        assert!(
+            notes.iter().all(|n| *n == notes[0]),
+            "one noting waker for the task's whole life: {notes:?}"
+        );
+    }
+
+    /// Why the test above holds in every build profile, not only where the compiler happens to
+    /// keep one copy of a vtable: every monoio task's waker, whatever its future, has the one
+    /// vtable (patch 4). With a vtable per task type, two tasks' wakers differ in every build,
+    /// and a task's own waker and its clone differ wherever the copies land in two codegen
+    /// units (release builds: the test above then fails).
+    #[test]
+    fn monoio_task_wakers_share_one_vtable() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("a runtime");
+        let (a, b) = rt.block_on(async {
+            let a = monoio::spawn(std::future::poll_fn(|cx| {
+                Poll::Ready(cx.waker().vtable() as *const _ as usize)
+            }));
+            let b = monoio::spawn(async {
+                let kept = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+                kept.vtable() as *const _ as usize
+            });
+            (a.await, b.await)
+        });
+        assert_eq!(a, b, "two tasks' wakers (one a clone) have one vtable");
+    }
 }

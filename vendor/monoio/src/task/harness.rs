@@ -171,7 +171,7 @@ where
             #[cfg(feature = "sync")]
             {
                 use crate::task::waker::raw_waker;
-                let waker = raw_waker::<T, S>(self.cell.cast::<Header>().as_ptr());
+                let waker = raw_waker(self.cell.cast::<Header>().as_ptr());
                 // # Ref Count: self -> waker
                 let waker = unsafe { Waker::from_raw(waker) };
                 crate::runtime::CURRENT.try_with(|maybe_ctx| match maybe_ctx {
@@ -227,7 +227,7 @@ where
             #[cfg(feature = "sync")]
             {
                 use crate::task::waker::raw_waker;
-                let waker = raw_waker::<T, S>(self.cell.cast::<Header>().as_ptr());
+                let waker = raw_waker(self.cell.cast::<Header>().as_ptr());
                 // We create a new waker so we need to inc ref count.
                 let waker = unsafe { Waker::from_raw(waker) };
                 self.header().state.ref_inc();

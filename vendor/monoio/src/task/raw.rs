@@ -33,6 +33,13 @@ pub(crate) struct Vtable {
     /// Set future output
     #[cfg(feature = "sync")]
     pub(crate) finish: unsafe fn(NonNull<Header>, *mut ()),
+
+    // ringtun patch: the task's wakers share one vtable that is not generic (see
+    // `waker::WAKER_VTABLE`) and reach the task's own code through these two.
+    /// Wake the task, consuming a reference
+    pub(crate) wake_by_val: unsafe fn(NonNull<Header>),
+    /// Wake the task, keeping the caller's reference
+    pub(crate) wake_by_ref: unsafe fn(NonNull<Header>),
 }
 
 /// Get the vtable for the requested `T` and `S` generics.
@@ -44,6 +51,8 @@ pub(super) fn vtable<T: Future, S: Schedule>() -> &'static Vtable {
         drop_join_handle_slow: drop_join_handle_slow::<T, S>,
         #[cfg(feature = "sync")]
         finish: finish::<T, S>,
+        wake_by_val: wake_by_val::<T, S>,
+        wake_by_ref: wake_by_ref::<T, S>,
     }
 }
 
@@ -102,6 +111,16 @@ impl RawTask {
 unsafe fn poll<T: Future, S: Schedule>(ptr: NonNull<Header>) {
     let harness = Harness::<T, S>::from_raw(ptr);
     harness.poll();
+}
+
+unsafe fn wake_by_val<T: Future, S: Schedule>(ptr: NonNull<Header>) {
+    let harness = Harness::<T, S>::from_raw(ptr);
+    harness.wake_by_val();
+}
+
+unsafe fn wake_by_ref<T: Future, S: Schedule>(ptr: NonNull<Header>) {
+    let harness = Harness::<T, S>::from_raw(ptr);
+    harness.wake_by_ref();
 }
 
 unsafe fn dealloc<T: Future, S: Schedule>(ptr: NonNull<Header>) {

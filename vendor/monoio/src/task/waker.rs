@@ -7,7 +7,7 @@ use std::{
     task::{RawWaker, RawWakerVTable, Waker},
 };
 
-use super::{core::Header, harness::Harness, Schedule};
+use super::{core::Header, Schedule};
 
 pub(super) struct WakerRef<'a, S: 'static> {
     waker: ManuallyDrop<Waker>,
@@ -29,7 +29,7 @@ where
     // point and not an *owned* waker, we must ensure that `drop` is never
     // called on this waker instance. This is done by wrapping it with
     // `ManuallyDrop` and then never calling drop.
-    let waker = unsafe { ManuallyDrop::new(Waker::from_raw(raw_waker::<T, S>(header))) };
+    let waker = unsafe { ManuallyDrop::new(Waker::from_raw(raw_waker(header))) };
 
     WakerRef {
         waker,
@@ -45,59 +45,41 @@ impl<S> ops::Deref for WakerRef<'_, S> {
     }
 }
 
-unsafe fn clone_waker<T, S>(ptr: *const ()) -> RawWaker
-where
-    T: Future,
-    S: Schedule,
-{
+// ringtun patch: one vtable for every task's waker. Upstream built the vtable in a generic
+// function (`&RawWakerVTable::new(...)` per task type), and a promoted constant is not one
+// object: each codegen unit that instantiates it has its own copy. The waker a task is polled
+// with and a clone of it made elsewhere then differ in their vtable pointer, so
+// `Waker::will_wake` was false for a task's own waker, and every `will_wake` check in h2,
+// ringtun and futures cloned and dropped a waker on every poll. A `static` has one address; the
+// task's own functions are reached through its header's vtable.
+static WAKER_VTABLE: RawWakerVTable =
+    RawWakerVTable::new(clone_waker, wake_by_val, wake_by_ref, drop_waker);
+
+unsafe fn clone_waker(ptr: *const ()) -> RawWaker {
     let header = ptr as *const Header;
     trace!("MONOIO DEBUG[Waker]: clone_waker");
     (*header).state.ref_inc();
-    raw_waker::<T, S>(header)
+    raw_waker(header)
 }
 
-unsafe fn drop_waker<T, S>(ptr: *const ())
-where
-    T: Future,
-    S: Schedule,
-{
-    let ptr = NonNull::new_unchecked(ptr as *mut Header);
-    let harness = Harness::<T, S>::from_raw(ptr);
-    harness.drop_reference();
+unsafe fn drop_waker(ptr: *const ()) {
+    let header = ptr as *const Header;
+    if (*header).state.ref_dec() {
+        ((*header).vtable.dealloc)(NonNull::new_unchecked(ptr as *mut Header));
+    }
 }
 
-unsafe fn wake_by_val<T, S>(ptr: *const ())
-where
-    T: Future,
-    S: Schedule,
-{
-    let ptr = NonNull::new_unchecked(ptr as *mut Header);
-    let harness = Harness::<T, S>::from_raw(ptr);
-    harness.wake_by_val();
+unsafe fn wake_by_val(ptr: *const ()) {
+    let header = ptr as *const Header;
+    ((*header).vtable.wake_by_val)(NonNull::new_unchecked(ptr as *mut Header));
 }
 
 // Wake without consuming the waker
-unsafe fn wake_by_ref<T, S>(ptr: *const ())
-where
-    T: Future,
-    S: Schedule,
-{
-    let ptr = NonNull::new_unchecked(ptr as *mut Header);
-    let harness = Harness::<T, S>::from_raw(ptr);
-    harness.wake_by_ref();
+unsafe fn wake_by_ref(ptr: *const ()) {
+    let header = ptr as *const Header;
+    ((*header).vtable.wake_by_ref)(NonNull::new_unchecked(ptr as *mut Header));
 }
 
-pub(super) fn raw_waker<T, S>(header: *const Header) -> RawWaker
-where
-    T: Future,
-    S: Schedule,
-{
-    let ptr = header as *const ();
-    let vtable = &RawWakerVTable::new(
-        clone_waker::<T, S>,
-        wake_by_val::<T, S>,
-        wake_by_ref::<T, S>,
-        drop_waker::<T, S>,
-    );
-    RawWaker::new(ptr, vtable)
+pub(super) fn raw_waker(header: *const Header) -> RawWaker {
+    RawWaker::new(header as *const (), &WAKER_VTABLE)
 }
