@@ -91,12 +91,15 @@ impl FlushTick {
     ) -> Poll<T> {
         self.armed.set(true);
         let mut noted = self.noted.borrow_mut();
-        let noting = noted.get_or_insert_with(|| Noted::around(cx.waker()));
-        if !noting.0.task.will_wake(cx.waker()) {
-            *noting = Noted::around(cx.waker());
+        // A new noting waker (the first poll, or the task's waker changed) has seen none of
+        // the wake-ups h2 registered through the old one: h2 must be polled this time.
+        let renewed = !matches!(noted.as_ref(), Some((note, _)) if note.task.will_wake(cx.waker()));
+        if renewed {
+            *noted = Some(Noted::around(cx.waker()));
         }
-        let (note, waker) = &*noting;
+        let (note, waker) = &*noted.get_or_insert_with(|| Noted::around(cx.waker()));
         if self.flush_pending.replace(false)
+            && !renewed
             && self.h2_waits.get()
             && !note.woken.load(Ordering::Relaxed)
             && self.send_deferred()
@@ -252,6 +255,23 @@ mod tests {
         );
         assert_eq!(bed.sends.get(), 1, "the hook wrote the deferred bytes");
         assert_eq!(bed.wakes(), 1);
+    }
+
+    #[test]
+    fn a_wake_through_a_replaced_noting_waker_still_gets_h2_polled() {
+        let mut bed = Bed::new();
+        assert!(bed.poll(true, false));
+        // h2 wakes the task through the noting waker it kept, and the task is then polled
+        // with another waker (a task's waker may change): the new noting waker has not seen
+        // that wake, so h2 must run.
+        bed.stashed.take().expect("h2 kept a waker").wake();
+        let other = Arc::new(Task(AtomicUsize::new(0)));
+        bed.waker = Waker::from(other);
+        assert!(
+            bed.poll(false, false),
+            "h2 is polled: the wake through the old noting waker is not lost"
+        );
+        assert_eq!(bed.sends.get(), 0);
     }
 
     #[test]
