@@ -410,6 +410,7 @@ async fn sweep() {
         monoio::time::sleep(SCAN).await;
         let now = quanta::Instant::now();
         if std::mem::take(&mut released) {
+            crate::stream::pump::drop_spare_read_buffers();
             crate::alloc::collect_freed();
         }
         let done = WATCHED.with(|w| {

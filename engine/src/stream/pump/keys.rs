@@ -338,6 +338,9 @@ impl Records for KeyPump {
     }
 
     fn input_buffer(&mut self) -> &mut [MaybeUninit<u8>] {
+        if self.rbuf.capacity() == 0 {
+            self.rbuf = records::take_read_buffer();
+        }
         self.compact(READ_CHUNK);
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
             self.rbuf.reserve(READ_CHUNK);
@@ -361,7 +364,7 @@ impl Records for KeyPump {
 
     fn release_idle_input(&mut self) {
         if self.rpos == self.rbuf.len() && self.plain.is_empty() {
-            self.rbuf = Vec::new();
+            records::give_back_read_buffer(std::mem::take(&mut self.rbuf));
             self.rpos = 0;
         }
     }

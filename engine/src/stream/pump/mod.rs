@@ -23,7 +23,8 @@ use tokio::io::ReadBuf;
 pub use keys::{KeyPump, TX_REKEY_AT};
 use records::Deferral;
 pub use records::{
-    Flush, Read, ReadError, Records, Transmit, Write, EAGER_WRITE, READ_CHUNK, SEND_LIMIT,
+    drop_spare_read_buffers, Flush, Read, ReadError, Records, Transmit, Write, EAGER_WRITE,
+    READ_CHUNK, SEND_LIMIT,
 };
 
 mod keys;
@@ -106,6 +107,9 @@ impl Records for RecordPump {
     }
 
     fn input_buffer(&mut self) -> &mut [MaybeUninit<u8>] {
+        if self.rbuf.capacity() == 0 {
+            self.rbuf = records::take_read_buffer();
+        }
         if self.rbuf.capacity() < READ_CHUNK {
             self.rbuf.reserve_exact(READ_CHUNK);
         }
@@ -127,7 +131,7 @@ impl Records for RecordPump {
 
     fn release_idle_input(&mut self) {
         if self.rbuf.is_empty() {
-            self.rbuf = Vec::new();
+            records::give_back_read_buffer(std::mem::take(&mut self.rbuf));
         }
     }
 

@@ -1,6 +1,7 @@
 //! What a userspace record layer is to its driver, whichever it is: the [`Records`]
 //! operations, their answers, and the flush decisions both layers share.
 
+use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 
@@ -10,6 +11,58 @@ use tokio::io::ReadBuf;
 /// makes one read syscall per four records instead of rustls' own 4 KiB reads (four syscalls
 /// per record).
 pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Read buffers a shard keeps after their connections drained them, at most.
+///
+/// A layer gives its read buffer back whenever the socket runs dry, so that an idle connection
+/// pins none (see [`Records::release_idle_input`]); on a connection with a message now and then
+/// that was a 64 KiB allocation and its free for every message, about 250 instructions a
+/// request on each side (round 21 of `benches/`). Two spares cover the busy connections of a
+/// shard that are between two reads at once without holding more than 128 KiB.
+const SPARE_READ_BUFFERS: usize = 2;
+
+thread_local! {
+    /// This shard's spare read buffers (a shard is one thread), empty, each of
+    /// [`READ_CHUNK`] to twice that.
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty read buffer with room for [`READ_CHUNK`]: one this shard kept, or a new one.
+pub(super) fn take_read_buffer() -> Vec<u8> {
+    SPARE
+        .try_with(|s| s.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(READ_CHUNK))
+}
+
+/// Keeps a drained read buffer for this shard's next read, if there is room; frees it
+/// otherwise (and frees buffers a bulk transfer grew past twice [`READ_CHUNK`]).
+pub(super) fn give_back_read_buffer(mut buf: Vec<u8>) {
+    let cap = buf.capacity();
+    if !(READ_CHUNK..=2 * READ_CHUNK).contains(&cap) {
+        return;
+    }
+    buf.clear();
+    let _ = SPARE.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_READ_BUFFERS {
+            s.push(buf);
+        }
+    });
+}
+
+/// How many read buffers this shard keeps right now.
+#[cfg(test)]
+pub(super) fn spare_read_buffers() -> usize {
+    SPARE.with(|s| s.borrow().len())
+}
+
+/// Frees this shard's spare read buffers: the idle sweep calls it before it hands freed
+/// memory back to the OS, so a shard whose connections went quiet keeps none.
+pub fn drop_spare_read_buffers() {
+    let _ = SPARE.try_with(|s| std::mem::take(&mut *s.borrow_mut()));
+}
 
 /// Encrypted bytes a layer may hold for the socket before a write must wait for a flush; also
 /// about the most one `writev` sends (rustls hands out at most 64 records per call).

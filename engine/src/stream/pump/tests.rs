@@ -234,6 +234,51 @@ fn idle_release_keeps_a_partial_record() {
 }
 
 #[test]
+fn a_drained_read_buffer_is_kept_for_the_shards_next_read() {
+    for own in LAYERS {
+        records::drop_spare_read_buffers();
+        let (mut first, mut peer) = server_pump(0, own);
+        let wire = seal(&mut peer, b"hello", 100);
+        let room = first.input_buffer();
+        let at = room.as_ptr() as usize;
+        for (to, from) in room.iter_mut().zip(&wire) {
+            to.write(*from);
+        }
+        // SAFETY: the bytes were written just above.
+        unsafe { first.input_received(wire.len()) };
+        assert_eq!(read_all(&mut *first, 64).0, b"hello");
+        first.release_idle_input();
+        assert_eq!(records::spare_read_buffers(), 1, "drained: given back");
+        let (mut second, _peer) = server_pump(0, own);
+        assert_eq!(
+            second.input_buffer().as_ptr() as usize,
+            at,
+            "another connection on the shard reads into it"
+        );
+        assert_eq!(records::spare_read_buffers(), 0);
+    }
+}
+
+#[test]
+fn a_shard_keeps_two_spare_read_buffers_at_most_and_the_sweep_frees_them() {
+    records::drop_spare_read_buffers();
+    for _ in 0..3 {
+        records::give_back_read_buffer(Vec::with_capacity(READ_CHUNK));
+    }
+    assert_eq!(records::spare_read_buffers(), 2);
+    records::drop_spare_read_buffers();
+    assert_eq!(records::spare_read_buffers(), 0);
+    records::give_back_read_buffer(Vec::with_capacity(4 * READ_CHUNK));
+    records::give_back_read_buffer(Vec::new());
+    assert_eq!(
+        records::spare_read_buffers(),
+        0,
+        "a buffer a bulk transfer grew, or none at all, is not kept"
+    );
+    assert!(records::take_read_buffer().capacity() >= READ_CHUNK);
+}
+
+#[test]
 fn writes_wait_for_the_flush_until_the_eager_threshold() {
     for own in LAYERS {
         let (mut pump, mut peer) = server_pump(0, own);
