@@ -440,6 +440,9 @@ async fn sweep() {
             }
         });
         if done {
+            // No connection left to watch: nothing on this shard is reading now, so the
+            // spare read buffers would only wait for the next burst.
+            crate::stream::pump::drop_spare_read_buffers();
             return;
         }
     }

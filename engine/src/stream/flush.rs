@@ -92,7 +92,11 @@ impl FlushTick {
         self.armed.set(true);
         let mut noted = self.noted.borrow_mut();
         // A new noting waker (the first poll, or the task's waker changed) has seen none of
-        // the wake-ups h2 registered through the old one: h2 must be polled this time.
+        // the wake-ups h2 registered through the old one: h2 must be polled this time. h2
+        // may still hold the old one afterwards (it registers anew only where its poll gets
+        // that far), and a wake through it would go unnoticed: the noting waker must stay
+        // the same for the task's life, which `will_wake` on monoio's task wakers gives
+        // (vendor/monoio/PATCHED.md, patch 4; the tests below check both).
         let renewed = !matches!(noted.as_ref(), Some((note, _)) if note.task.will_wake(cx.waker()));
         if renewed {
             *noted = Some(Noted::around(cx.waker()));

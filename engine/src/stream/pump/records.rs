@@ -58,8 +58,10 @@ pub(super) fn spare_read_buffers() -> usize {
     SPARE.with(|s| s.borrow().len())
 }
 
-/// Frees this shard's spare read buffers: the idle sweep calls it before it hands freed
-/// memory back to the OS, so a shard whose connections went quiet keeps none.
+/// Frees this shard's spare read buffers. The idle sweep calls it before it hands freed
+/// memory back to the OS (connections went quiet) and when it stops (none left to watch); an
+/// HBONE connection that drains after that leaves its buffer here until the shard's next
+/// traffic, two of them at most (256 KiB).
 pub fn drop_spare_read_buffers() {
     let _ = SPARE.try_with(|s| std::mem::take(&mut *s.borrow_mut()));
 }
