@@ -18,7 +18,8 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// pins none (see [`Records::release_idle_input`]); on a connection with a message now and then
 /// that was a 64 KiB allocation and its free for every message, about 250 instructions a
 /// request on each side (round 21 of `benches/`). Two spares cover the busy connections of a
-/// shard that are between two reads at once without holding more than 128 KiB.
+/// shard that are between two reads at once, and hold 256 KiB at the most (each is 64 KiB to
+/// twice that).
 const SPARE_READ_BUFFERS: usize = 2;
 
 thread_local! {
