@@ -97,11 +97,10 @@ impl FlushTick {
         // that far), and a wake through it would go unnoticed: the noting waker must stay
         // the same for the task's life, which `will_wake` on monoio's task wakers gives
         // (vendor/monoio/PATCHED.md, patch 4; the tests below check both).
-        let renewed = !matches!(noted.as_ref(), Some((note, _)) if note.task.will_wake(cx.waker()));
-        if renewed {
-            *noted = Some(Noted::around(cx.waker()));
-        }
-        let (note, waker) = &*noted.get_or_insert_with(|| Noted::around(cx.waker()));
+        let (renewed, (note, waker)) = match &mut *noted {
+            Some(kept) if kept.0.task.will_wake(cx.waker()) => (false, &*kept),
+            slot => (true, &*slot.insert(Noted::around(cx.waker()))),
+        };
         if self.flush_pending.replace(false)
             && !renewed
             && self.h2_waits.get()
