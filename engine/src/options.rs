@@ -55,7 +55,9 @@ impl UringTaskrun {
         let mut b = io_uring::IoUring::builder();
         match self {
             UringTaskrun::Defer => {
-                b.setup_single_issuer().setup_defer_taskrun();
+                b.setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_taskrun_flag();
             }
             UringTaskrun::Coop => {
                 b.setup_single_issuer()
@@ -225,6 +227,8 @@ pub struct RunOptions {
     pub keepalive: Keepalive,
     /// io_uring setup flags for the shards' rings.
     pub uring_taskrun: UringTaskrun,
+    /// Busy ticks an io_uring shard may run before its HBONE connections' deferred writes.
+    pub write_batch_ticks: u32,
     /// Outbound capture listen addresses.
     pub outbound: Vec<SocketAddr>,
     /// HBONE listen addresses.

@@ -109,6 +109,13 @@ pub struct RunArgs {
     /// the chosen flags gets the next one down, announced in the log.
     #[arg(long, value_enum, default_value = "defer")]
     pub uring_taskrun: UringTaskrun,
+    /// How many ticks in a row an io_uring shard may run completions that are already waiting
+    /// before its HBONE connections write what their streams sent (0: at the end of every
+    /// tick). More ticks put more streams' frames into one write on a busy shard; an idle
+    /// shard writes at once. The epoll driver cannot see waiting events without a system call
+    /// and writes at the end of every tick.
+    #[arg(long, default_value_t = 4)]
+    pub write_batch_ticks: u32,
     /// Outbound capture listener (repeatable). Default [::]:15001, or 0.0.0.0:15001 without IPv6.
     #[arg(long)]
     pub outbound_listen: Vec<SocketAddr>,
@@ -384,6 +391,7 @@ impl RunArgs {
             pin: !self.no_pin,
             io_driver: self.io_driver,
             uring_taskrun: self.uring_taskrun,
+            write_batch_ticks: self.write_batch_ticks,
             tls_cipher: self.tls_cipher,
             tcp_keepalive: Duration::from_secs(self.tcp_keepalive_secs),
             keepalive: Keepalive {

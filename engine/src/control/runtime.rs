@@ -48,6 +48,7 @@ pub(super) fn shard_thread(
         }
     }
     let taskrun = opts.uring_taskrun;
+    let batch_ticks = opts.write_batch_ticks;
     let fut = crate::proxy::serve::run(
         id,
         driver != IoDriver::Legacy,
@@ -57,6 +58,12 @@ pub(super) fn shard_thread(
         events.clone(),
         snapshot,
     );
+    // The flush tick's deferred writes wait for the runtime's quiet point (vendor/monoio
+    // patch 5); how long a busy shard may put it off is the operator's.
+    let fut = async move {
+        monoio::set_quiet_busy_ticks(batch_ticks);
+        fut.await
+    };
     let built = match driver {
         IoDriver::Legacy => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()

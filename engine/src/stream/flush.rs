@@ -6,17 +6,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-/// Lets an HBONE connection's writes wait for the end of a shard tick, so that frames from
-/// every stream that became ready in the same tick leave in one record batch and one `writev`.
+/// Lets an HBONE connection's writes wait for the shard's quiet point, so that frames from
+/// every stream that became ready meanwhile leave in one record batch and one `writev`.
 ///
 /// h2 flushes its I/O after every DATA frame it sends without copying (payloads over 256
 /// bytes) and at the end of every poll; with sixteen streams each sending a small request, that
 /// was one `writev` per request although all sixteen were ready at once. The task that drives
-/// the h2 connection polls it through [`FlushTick::poll`], which numbers its polls; a flush
-/// during a poll only marks the bytes due and has the task polled once more after the other
-/// ready tasks of this tick, and the next poll writes them (at its first read or flush).
-/// Until a driver polls through it (the h2 handshake), flushes write at once. The decision
-/// itself is the record pump's ([`super::pump::RecordPump::flush`]).
+/// the h2 connection polls it through [`FlushTick::poll`], which numbers its polls by the
+/// runtime's quiet points (vendor/monoio patch 5: where the shard has run every ready task
+/// and, on io_uring, up to `--write-batch-ticks` ticks of completions that were already
+/// waiting); a flush only marks the bytes due and has the task woken at the next quiet point,
+/// and the poll then writes them (at its first read or flush). Outside a runtime each poll
+/// is a tick of its own. Until a driver polls through it (the h2 handshake), flushes write at
+/// once. The decision itself is the record pump's ([`super::pump::RecordPump::flush`]).
 ///
 /// The poll that writes them need not be h2's: h2 is polled with a waker that notes whether
 /// anything of its own (a stream, the socket) woke the task. When nothing did, the task was
@@ -27,12 +29,13 @@ use std::task::{Context, Poll, Wake, Waker};
 pub struct FlushTick {
     /// A driver polls through [`FlushTick::poll`]: flushes may be deferred.
     armed: Cell<bool>,
-    /// Which poll of the driving task this is.
+    /// The tick the driving task's current poll is in: the runtime's quiet points passed (the
+    /// poll's own number outside a runtime).
     poll: Cell<u32>,
     /// A flush was deferred during this poll: poll the task once more.
     repoll: Cell<bool>,
-    /// The last poll deferred a flush and woke the task for it.
-    flush_pending: Cell<bool>,
+    /// A deferred flush will wake the task: the tick number it was deferred in.
+    flush_pending: Cell<Option<u32>>,
     /// h2's last poll returned Pending: it has registered a wake-up for everything it waits on
     /// (after Ready, e.g. an accepted stream, it may have more without being woken).
     h2_waits: Cell<bool>,
@@ -101,7 +104,16 @@ impl FlushTick {
             Some(kept) if kept.0.task.will_wake(cx.waker()) => (false, &*kept),
             slot => (true, &*slot.insert(Noted::around(cx.waker()))),
         };
-        if self.flush_pending.replace(false)
+        let number = match monoio::quiet_points() {
+            Some(q) => q,
+            None => self.poll.get().wrapping_add(1),
+        };
+        self.poll.set(number);
+        let flush_due = matches!(self.flush_pending.get(), Some(n) if n != number);
+        if flush_due {
+            self.flush_pending.set(None);
+        }
+        if flush_due
             && !renewed
             && self.h2_waits.get()
             && !note.woken.load(Ordering::Relaxed)
@@ -112,15 +124,14 @@ impl FlushTick {
             return Poll::Pending;
         }
         note.woken.store(false, Ordering::Relaxed);
-        self.poll.set(self.poll.get().wrapping_add(1));
         let r = f(&mut Context::from_waker(waker));
         self.h2_waits.set(r.is_pending());
-        if self.repoll.replace(false) {
-            // To the back of the shard's run queue: the streams woken in this tick buffer
-            // their frames first. With the task's own waker, not the noting one, so that the
+        if self.repoll.replace(false) && self.flush_pending.get().is_none() {
+            // At the shard's next quiet point: the streams woken until then buffer their
+            // frames first. With the task's own waker, not the noting one, so that the
             // next poll can tell this wake from h2's.
-            self.flush_pending.set(true);
-            cx.waker().wake_by_ref();
+            self.flush_pending.set(Some(number));
+            monoio::wake_when_quiet(cx.waker());
         }
         r
     }
@@ -142,21 +153,21 @@ impl FlushTick {
     /// The driving task called into h2 itself (a GOAWAY): h2's next poll must not be skipped,
     /// though nothing woke the task for it.
     pub fn touched(&self) {
-        self.flush_pending.set(false);
+        self.flush_pending.set(None);
     }
 
-    /// The number of the driving task's current poll.
+    /// The tick number of the driving task's current poll.
     pub(super) fn current(&self) -> u32 {
         self.poll.get()
     }
 
-    /// The current poll's number when a driver polls through this tick (flushes may then be
+    /// The current poll's tick number when a driver polls through this tick (flushes may then be
     /// deferred), `None` before.
     pub(super) fn armed(&self) -> Option<u32> {
         self.armed.get().then(|| self.poll.get())
     }
 
-    /// Has the driving task polled once more at the end of this poll.
+    /// Has the driving task polled once more at the next tick (the runtime's quiet point).
     pub(super) fn repoll(&self) {
         self.repoll.set(true);
     }
@@ -393,5 +404,160 @@ mod tests {
             (a.await, b.await)
         });
         assert_eq!(a, b, "two tasks' wakers (one a clone) have one vtable");
+    }
+
+    /// A flush deferred in a shard's task waits for the runtime's quiet point: a poll of the
+    /// task before it (h2 woke it again: another stream's frames) does not make the bytes due,
+    /// and the wake at the point writes them without polling h2.
+    #[test]
+    fn a_deferred_flush_waits_for_the_shards_quiet_point() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("a runtime");
+        let polls = rt.block_on(async {
+            monoio::spawn(async {
+                let tick = FlushTick::default();
+                let sends = Rc::new(Cell::new(0));
+                let s = sends.clone();
+                tick.set_send(Box::new(move || {
+                    s.set(s.get() + 1);
+                    true
+                }));
+                let mut polls = Vec::new();
+                std::future::poll_fn(|cx| {
+                    let first = polls.is_empty();
+                    let mut h2 = false;
+                    let _ = tick.poll(cx, |cx| {
+                        h2 = true;
+                        if first {
+                            tick.repoll();
+                            cx.waker().wake_by_ref();
+                        }
+                        Poll::<()>::Pending
+                    });
+                    polls.push((tick.current(), h2, sends.get()));
+                    if polls.len() == 3 {
+                        Poll::Ready(std::mem::take(&mut polls))
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await
+            })
+            .await
+        });
+        let n = polls[0].0;
+        assert_eq!(
+            polls,
+            vec![(n, true, 0), (n, true, 0), (n.wrapping_add(1), false, 1)],
+            "(tick, h2 polled, sends) of each poll"
+        );
+    }
+
+    /// Runs a token around four socket pairs in `rt`'s shard (each reader writes the byte it
+    /// read into the next pair, so each hop leaves task work for the ring) and returns how many
+    /// hops ran between a task's asking for a quiet point and its wake.
+    fn hops_before_the_quiet_point<D: monoio::Driver>(
+        rt: &mut monoio::Runtime<D>,
+        busy_ticks: u32,
+    ) -> usize {
+        use std::io::Write;
+        const PAIRS: usize = 4;
+        rt.block_on(async move {
+            monoio::set_quiet_busy_ticks(busy_ticks);
+            let hops = Rc::new(Cell::new(0usize));
+            let mut into = Vec::new();
+            let mut readers = Vec::new();
+            for _ in 0..PAIRS {
+                let (a, b) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+                b.set_nonblocking(true).expect("non-blocking");
+                readers.push(monoio::net::UnixStream::from_std(a).expect("a monoio stream"));
+                into.push(Rc::new(b));
+            }
+            for (i, mut r) in readers.into_iter().enumerate() {
+                let (next, hops) = (into[(i + 1) % PAIRS].clone(), hops.clone());
+                monoio::spawn(async move {
+                    use monoio::io::AsyncReadRent;
+                    let mut buf = vec![0u8; 1];
+                    loop {
+                        let (n, b) = r.read(buf).await;
+                        buf = b;
+                        if !matches!(n, Ok(1)) {
+                            return;
+                        }
+                        hops.set(hops.get() + 1);
+                        // Direct: the byte is in the next reader's socket when this returns.
+                        let _ = (&*next).write(&buf);
+                    }
+                });
+            }
+            // Every reader's receive is in the kernel, waiting.
+            monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+            (&*into[0]).write_all(&[1]).expect("the first hop");
+            let start = hops.get();
+            let mut asked = false;
+            std::future::poll_fn(|cx| {
+                if asked {
+                    return Poll::Ready(());
+                }
+                asked = true;
+                assert!(monoio::wake_when_quiet(cx.waker()));
+                Poll::Pending
+            })
+            .await;
+            hops.get() - start
+        })
+    }
+
+    /// Patch 5 of vendor/monoio: an io_uring shard whose ring already holds completions runs
+    /// them, up to the busy limit, before its quiet point; with a limit of 0, or on the epoll
+    /// driver (which cannot see waiting events without a system call), the point comes as
+    /// soon as the run queue is empty.
+    #[test]
+    fn a_busy_ring_puts_off_the_quiet_point_up_to_its_limit() {
+        use crate::options::UringTaskrun;
+        for taskrun in [UringTaskrun::Defer, UringTaskrun::Coop] {
+            for busy in [0, 3] {
+                let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                    .enable_timer()
+                    .uring_builder(taskrun.builder())
+                    .build()
+                    .expect("an io_uring runtime");
+                assert_eq!(
+                    hops_before_the_quiet_point(&mut rt, busy),
+                    busy as usize,
+                    "{taskrun:?}, limit {busy}: one hop per busy tick"
+                );
+            }
+        }
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("an epoll runtime");
+        assert_eq!(hops_before_the_quiet_point(&mut rt, 3), 0, "epoll");
+    }
+
+    #[test]
+    fn quiet_points_count_outside_and_inside_a_runtime() {
+        assert_eq!(monoio::quiet_points(), None);
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("a runtime");
+        let (before, after) = rt.block_on(async {
+            let before = monoio::quiet_points();
+            let mut asked = false;
+            std::future::poll_fn(|cx| {
+                if asked {
+                    return Poll::Ready(());
+                }
+                asked = true;
+                monoio::wake_when_quiet(cx.waker());
+                Poll::Pending
+            })
+            .await;
+            (before, monoio::quiet_points())
+        });
+        let before = before.expect("inside a runtime");
+        assert_eq!(after, Some(before.wrapping_add(1)));
     }
 }

@@ -18,6 +18,7 @@ mod driver;
 pub(crate) mod builder;
 #[allow(dead_code)]
 pub(crate) mod runtime;
+mod quiet;
 mod scheduler;
 pub mod time;
 
@@ -45,6 +46,7 @@ pub use driver::IoUringDriver;
 pub use driver::LegacyDriver;
 #[cfg(feature = "macros")]
 pub use monoio_macros::{main, test, test_all};
+pub use quiet::{quiet_points, set_quiet_busy_ticks, wake_when_quiet};
 pub use runtime::{spawn, Runtime};
 #[cfg(any(all(target_os = "linux", feature = "iouring"), feature = "legacy"))]
 pub use {builder::FusionDriver, runtime::FusionRuntime};

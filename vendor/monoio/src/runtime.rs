@@ -26,6 +26,7 @@ thread_local! {
         tasks: Default::default(),
         time_handle: None,
         blocking_handle: crate::blocking::BlockingHandle::Empty(crate::blocking::BlockingStrategy::Panic),
+        quiet: Default::default(),
     };
 }
 
@@ -54,6 +55,9 @@ pub(crate) struct Context {
     /// Blocking Handle
     #[cfg(feature = "sync")]
     pub(crate) blocking_handle: crate::blocking::BlockingHandle,
+
+    /// ringtun patch 5: tasks waiting for a quiet point (see PATCHED.md).
+    pub(crate) quiet: crate::quiet::Quiet,
 }
 
 impl Context {
@@ -68,6 +72,7 @@ impl Context {
             tasks: TaskQueue::default(),
             time_handle: None,
             blocking_handle,
+            quiet: Default::default(),
         }
     }
 
@@ -79,6 +84,7 @@ impl Context {
             thread_id,
             tasks: TaskQueue::default(),
             time_handle: None,
+            quiet: Default::default(),
         }
     }
 
@@ -150,6 +156,9 @@ impl<D> Runtime<D> {
 
                 let mut join = std::pin::pin!(join);
                 set_poll();
+                // ringtun patch 5: ticks in a row that ran completions found waiting while a
+                // task waited for a quiet point.
+                let mut busy = 0;
                 loop {
                     loop {
                         // Consume all tasks(with max round to prevent io starvation)
@@ -173,6 +182,22 @@ impl<D> Runtime<D> {
                         }
 
                         if self.context.tasks.is_empty() {
+                            // ringtun patch 5: before waiting, a quiet point for the tasks
+                            // that asked for one; completions already waiting run first, up
+                            // to the busy limit.
+                            let quiet = &self.context.quiet;
+                            if quiet.has_waiting() {
+                                if busy < quiet.busy_limit()
+                                    && self.driver.reap_ready().unwrap_or(false)
+                                    && !self.context.tasks.is_empty()
+                                {
+                                    busy += 1;
+                                } else {
+                                    busy = 0;
+                                    quiet.pass();
+                                }
+                                continue;
+                            }
                             // No task to execute, we should wait for io blockingly
                             // Hot path
                             break;

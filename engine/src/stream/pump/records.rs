@@ -109,11 +109,11 @@ pub trait Records {
     /// Encrypts plaintext into the send buffer (records span the slices, so a frame head and
     /// its payload share one record), up to [`SEND_LIMIT`].
     fn write(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<Write>;
-    /// The writer asked for a flush. `tick`: the driving task's poll number when it polls
-    /// through a [`super::FlushTick`] (flushes may then wait for the end of the tick), `None`
+    /// The writer asked for a flush. `tick`: the driving task's tick number when it polls
+    /// through a [`super::FlushTick`] (flushes may then wait for the next tick), `None`
     /// when every flush should transmit at once.
     fn flush(&mut self, tick: Option<u32>) -> Flush;
-    /// Whether a flush deferred in an earlier poll is due now, in poll `now` of the driving
+    /// Whether a flush deferred in an earlier tick is due now, in tick `now` of the driving
     /// task.
     fn flush_due(&self, now: u32) -> bool;
     /// Writes the next piece of ciphertext into `out` (the socket: a `WouldBlock` from it is
@@ -124,13 +124,13 @@ pub trait Records {
 }
 
 /// When accepted plaintext should go to the socket: at once past [`EAGER_WRITE`], else at
-/// the flush h2 asks for, deferred to the end of the driving task's poll (both layers decide
-/// the same way).
+/// the flush h2 asks for, deferred to the driving task's next tick (both layers decide the
+/// same way).
 #[derive(Debug, Default)]
 pub(super) struct Deferral {
     /// Plaintext bytes accepted since the last complete transmit.
     pub(super) unflushed: usize,
-    /// The poll of the driving task in which a flush was deferred.
+    /// The tick of the driving task in which a flush was deferred.
     deferred: Option<u32>,
 }
 

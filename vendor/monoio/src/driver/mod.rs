@@ -76,6 +76,11 @@ pub trait Driver {
     fn park(&self) -> io::Result<()>;
     /// Wait with timeout and process returned events.
     fn park_timeout(&self, duration: Duration) -> io::Result<()>;
+    /// ringtun patch 5: processes completions that are already waiting, without waiting or,
+    /// where it can tell that none are, without a system call; whether it processed any.
+    fn reap_ready(&self) -> io::Result<bool> {
+        Ok(false)
+    }
 
     /// The struct to wake thread from another.
     #[cfg(feature = "sync")]

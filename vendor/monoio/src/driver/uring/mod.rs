@@ -367,6 +367,41 @@ impl Driver for IoUringDriver {
         self.inner_park(Some(duration))
     }
 
+    // ringtun patch 5. Completions are waiting when the queue holds some, or when the kernel
+    // has task work for this ring (`IORING_SQ_TASKRUN`, set with `IORING_SETUP_TASKRUN_FLAG`:
+    // under `DEFER_TASKRUN` a completion is only produced when the thread enters with
+    // `GETEVENTS`). Without that flag nothing is seen but what is already queued.
+    fn reap_ready(&self) -> io::Result<bool> {
+        let inner = unsafe { &mut *self.inner.get() };
+        let (taskrun, to_submit) = {
+            let sq = inner.uring.submission();
+            (sq.taskrun(), sq.len() as u32)
+        };
+        if taskrun {
+            // GETEVENTS with no minimum: the kernel runs the task work (and submits what is
+            // queued) and returns without waiting.
+            const IORING_ENTER_GETEVENTS: u32 = 1;
+            let entered = unsafe {
+                inner
+                    .uring
+                    .submitter()
+                    .enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
+            };
+            if let Err(e) = entered {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+                ) {
+                    return Err(e);
+                }
+            }
+        } else if inner.uring.completion().is_empty() {
+            return Ok(false);
+        }
+        inner.tick()?;
+        Ok(true)
+    }
+
     #[cfg(feature = "sync")]
     type Unpark = waker::UnparkHandle;
 

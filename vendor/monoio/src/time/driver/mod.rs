@@ -337,6 +337,12 @@ where
         self.park_internal(Some(duration))
     }
 
+    // ringtun patch 5: timers wait for the next park (a quiet point comes within the busy
+    // limit, and a park after it).
+    fn reap_ready(&self) -> io::Result<bool> {
+        self.park.reap_ready()
+    }
+
     #[cfg(feature = "sync")]
     fn unpark(&self) -> Self::Unpark {
         self.park.unpark()
