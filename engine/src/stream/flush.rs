@@ -454,57 +454,71 @@ mod tests {
         );
     }
 
-    /// Runs a token around four socket pairs in `rt`'s shard (each reader writes the byte it
-    /// read into the next pair, so each hop leaves task work for the ring) and returns how many
-    /// hops ran between a task's asking for a quiet point and its wake.
+    /// Spawns readers on four socket pairs in the current shard, each writing the byte it read
+    /// into the next pair, so that each hop of a token leaves task work for the ring; returns
+    /// the hop count and the way in for the first hop. The token goes round until the
+    /// runtime is dropped.
+    fn token_ring() -> (Rc<Cell<usize>>, Rc<std::os::unix::net::UnixStream>) {
+        use std::io::Write;
+        const PAIRS: usize = 4;
+        let hops = Rc::new(Cell::new(0usize));
+        let mut into = Vec::new();
+        let mut readers = Vec::new();
+        for _ in 0..PAIRS {
+            let (a, b) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+            b.set_nonblocking(true).expect("non-blocking");
+            readers.push(monoio::net::UnixStream::from_std(a).expect("a monoio stream"));
+            into.push(Rc::new(b));
+        }
+        for (i, mut r) in readers.into_iter().enumerate() {
+            let (next, hops) = (into[(i + 1) % PAIRS].clone(), hops.clone());
+            monoio::spawn(async move {
+                use monoio::io::AsyncReadRent;
+                let mut buf = vec![0u8; 1];
+                loop {
+                    let (n, b) = r.read(buf).await;
+                    buf = b;
+                    if !matches!(n, Ok(1)) {
+                        return;
+                    }
+                    hops.set(hops.get() + 1);
+                    // Direct: the byte is in the next reader's socket when this returns.
+                    let _ = (&*next).write(&buf);
+                }
+            });
+        }
+        (hops, into[0].clone())
+    }
+
+    /// Waits for the current shard's next quiet point.
+    async fn quiet_point() {
+        let mut asked = false;
+        std::future::poll_fn(|cx| {
+            if asked {
+                return Poll::Ready(());
+            }
+            asked = true;
+            assert!(monoio::wake_when_quiet(cx.waker()));
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// How many hops of a token (`token_ring`) ran in `rt`'s shard between a task's asking
+    /// for a quiet point and its wake.
     fn hops_before_the_quiet_point<D: monoio::Driver>(
         rt: &mut monoio::Runtime<D>,
         busy_ticks: u32,
     ) -> usize {
         use std::io::Write;
-        const PAIRS: usize = 4;
         rt.block_on(async move {
             monoio::set_quiet_busy_ticks(busy_ticks);
-            let hops = Rc::new(Cell::new(0usize));
-            let mut into = Vec::new();
-            let mut readers = Vec::new();
-            for _ in 0..PAIRS {
-                let (a, b) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
-                b.set_nonblocking(true).expect("non-blocking");
-                readers.push(monoio::net::UnixStream::from_std(a).expect("a monoio stream"));
-                into.push(Rc::new(b));
-            }
-            for (i, mut r) in readers.into_iter().enumerate() {
-                let (next, hops) = (into[(i + 1) % PAIRS].clone(), hops.clone());
-                monoio::spawn(async move {
-                    use monoio::io::AsyncReadRent;
-                    let mut buf = vec![0u8; 1];
-                    loop {
-                        let (n, b) = r.read(buf).await;
-                        buf = b;
-                        if !matches!(n, Ok(1)) {
-                            return;
-                        }
-                        hops.set(hops.get() + 1);
-                        // Direct: the byte is in the next reader's socket when this returns.
-                        let _ = (&*next).write(&buf);
-                    }
-                });
-            }
+            let (hops, first) = token_ring();
             // Every reader's receive is in the kernel, waiting.
             monoio::time::sleep(std::time::Duration::from_millis(20)).await;
-            (&*into[0]).write_all(&[1]).expect("the first hop");
+            (&*first).write_all(&[1]).expect("the first hop");
             let start = hops.get();
-            let mut asked = false;
-            std::future::poll_fn(|cx| {
-                if asked {
-                    return Poll::Ready(());
-                }
-                asked = true;
-                assert!(monoio::wake_when_quiet(cx.waker()));
-                Poll::Pending
-            })
-            .await;
+            quiet_point().await;
             hops.get() - start
         })
     }
@@ -535,6 +549,46 @@ mod tests {
             .build()
             .expect("an epoll runtime");
         assert_eq!(hops_before_the_quiet_point(&mut rt, 3), 0, "epoll");
+    }
+
+    /// A shard that never runs out of work, with a task that asks for every quiet point (a
+    /// connection that always has more to write), still fires its timers: a park without
+    /// waiting comes between two points, and only a park processes the timer wheel (and
+    /// re-arms monoio's poller for the sockets in poll mode: the TLS handshakes).
+    #[test]
+    fn a_ring_that_stays_busy_still_fires_its_timers() {
+        use crate::options::UringTaskrun;
+        use std::io::Write;
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .enable_timer()
+                .uring_builder(UringTaskrun::Defer.builder())
+                .build()
+                .expect("an io_uring runtime");
+            let hops = rt.block_on(async {
+                monoio::set_quiet_busy_ticks(3);
+                let (hops, first) = token_ring();
+                monoio::spawn(async {
+                    loop {
+                        quiet_point().await;
+                    }
+                });
+                monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+                (&*first).write_all(&[1]).expect("the first hop");
+                let start = hops.get();
+                monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+                hops.get() - start
+            });
+            let _ = done.send(hops);
+        });
+        let hops = finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("a 20 ms timer on a busy shard fired within 20 s");
+        assert!(
+            hops > 100,
+            "the token kept the shard busy meanwhile: {hops} hops"
+        );
     }
 
     #[test]

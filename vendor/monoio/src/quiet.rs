@@ -6,7 +6,8 @@
 //! can tell without waiting that completions are already there (io_uring: its completion
 //! queue, or the kernel's task-work flag), the runtime first runs the tasks they wake, up to
 //! a configurable number of such busy ticks in a row, so that a busy shard passes fewer quiet
-//! points and each carries more work.
+//! points and each carries more work. Between two points the runtime parks at least once,
+//! without waiting if it must, for what only a park does (timers, the poller).
 
 use std::cell::{Cell, RefCell};
 use std::task::Waker;

@@ -157,8 +157,9 @@ impl<D> Runtime<D> {
                 let mut join = std::pin::pin!(join);
                 set_poll();
                 // ringtun patch 5: ticks in a row that ran completions found waiting while a
-                // task waited for a quiet point.
+                // task waited for a quiet point, and whether a point passed since the last park.
                 let mut busy = 0;
+                let mut passed = false;
                 loop {
                     loop {
                         // Consume all tasks(with max round to prevent io starvation)
@@ -187,17 +188,26 @@ impl<D> Runtime<D> {
                             // to the busy limit.
                             let quiet = &self.context.quiet;
                             if quiet.has_waiting() {
-                                if busy < quiet.busy_limit()
+                                if passed {
+                                    // At most one point between two parks: on a shard that
+                                    // stays busy, what only a park does (timers, the poller,
+                                    // wakers from other threads) is done without waiting
+                                    // before the next one.
+                                    passed = false;
+                                    let _ = self.driver.park_timeout(std::time::Duration::ZERO);
+                                } else if busy < quiet.busy_limit()
                                     && self.driver.reap_ready().unwrap_or(false)
                                     && !self.context.tasks.is_empty()
                                 {
                                     busy += 1;
                                 } else {
                                     busy = 0;
+                                    passed = true;
                                     quiet.pass();
                                 }
                                 continue;
                             }
+                            passed = false;
                             // No task to execute, we should wait for io blockingly
                             // Hot path
                             break;

@@ -279,7 +279,11 @@ impl IoUringDriver {
             }
 
             // 2.3 install timeout and submit_and_wait with timeout
-            if let Some(duration) = timeout {
+            if timeout.is_some_and(|d| d.is_zero()) {
+                // ringtun patch 5: a zero timeout does not wait. A wait for one completion
+                // with a timeout already past sleeps on a timer that fires a moment later.
+                Self::enter_nowait(inner)?;
+            } else if let Some(duration) = timeout {
                 match inner.ext_arg {
                     // Submit and Wait with timeout in an TimeoutOp way.
                     // Better compatibility(5.4+).
@@ -373,30 +377,16 @@ impl Driver for IoUringDriver {
     // `GETEVENTS`). Without that flag nothing is seen but what is already queued.
     fn reap_ready(&self) -> io::Result<bool> {
         let inner = unsafe { &mut *self.inner.get() };
-        let (taskrun, to_submit) = {
+        let (taskrun, queued) = {
             let sq = inner.uring.submission();
-            (sq.taskrun(), sq.len() as u32)
+            (sq.taskrun(), !sq.is_empty())
         };
-        if taskrun {
-            // GETEVENTS with no minimum: the kernel runs the task work (and submits what is
-            // queued) and returns without waiting.
-            const IORING_ENTER_GETEVENTS: u32 = 1;
-            let entered = unsafe {
-                inner
-                    .uring
-                    .submitter()
-                    .enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
-            };
-            if let Err(e) = entered {
-                if !matches!(
-                    e.raw_os_error(),
-                    Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
-                ) {
-                    return Err(e);
-                }
-            }
-        } else if inner.uring.completion().is_empty() {
+        if !taskrun && inner.uring.completion().is_empty() {
             return Ok(false);
+        }
+        if taskrun || queued {
+            // The task work runs, and what the ticks queued goes in, before their completions.
+            Self::enter_nowait(inner)?;
         }
         inner.tick()?;
         Ok(true)
@@ -408,6 +398,28 @@ impl Driver for IoUringDriver {
     #[cfg(feature = "sync")]
     fn unpark(&self) -> Self::Unpark {
         UringInner::unpark(&self.inner)
+    }
+}
+
+impl IoUringDriver {
+    /// ringtun patch 5: submits what is queued and enters with `GETEVENTS` and no minimum:
+    /// the kernel runs the ring's task work and returns without waiting.
+    fn enter_nowait(inner: &mut UringInner) -> io::Result<()> {
+        const IORING_ENTER_GETEVENTS: u32 = 1;
+        let to_submit = inner.uring.submission().len() as u32;
+        // SAFETY: no argument is passed; the ring's own fd and queues are the crate's.
+        let entered = unsafe {
+            inner
+                .uring
+                .submitter()
+                .enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
+        };
+        match entered {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)) => {
+                Err(e)
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -337,8 +337,8 @@ where
         self.park_internal(Some(duration))
     }
 
-    // ringtun patch 5: timers wait for the next park (a quiet point comes within the busy
-    // limit, and a park after it).
+    // ringtun patch 5: timers wait for the next park (the runtime parks, without waiting
+    // where it must, between two quiet points).
     fn reap_ready(&self) -> io::Result<bool> {
         self.park.reap_ready()
     }
