@@ -599,16 +599,7 @@ mod tests {
             .expect("a runtime");
         let (before, after) = rt.block_on(async {
             let before = monoio::quiet_points();
-            let mut asked = false;
-            std::future::poll_fn(|cx| {
-                if asked {
-                    return Poll::Ready(());
-                }
-                asked = true;
-                monoio::wake_when_quiet(cx.waker());
-                Poll::Pending
-            })
-            .await;
+            quiet_point().await;
             (before, monoio::quiet_points())
         });
         let before = before.expect("inside a runtime");
