@@ -116,6 +116,12 @@ pub struct RunArgs {
     /// and writes at the end of every tick.
     #[arg(long, default_value_t = 4)]
     pub write_batch_ticks: u32,
+    /// Provided buffers (16 KiB each) an io_uring shard lends to multishot receives on its
+    /// plaintext sockets (0: one submitted receive per read). A receive takes a buffer only
+    /// while its bytes are copied out; a connection that fills one reads into its own
+    /// buffer until it goes quiet. The epoll driver ignores it.
+    #[arg(long, default_value_t = 64)]
+    pub uring_recv_buffers: u16,
     /// Outbound capture listener (repeatable). Default [::]:15001, or 0.0.0.0:15001 without IPv6.
     #[arg(long)]
     pub outbound_listen: Vec<SocketAddr>,
@@ -392,6 +398,7 @@ impl RunArgs {
             io_driver: self.io_driver,
             uring_taskrun: self.uring_taskrun,
             write_batch_ticks: self.write_batch_ticks,
+            uring_recv_buffers: self.uring_recv_buffers,
             tls_cipher: self.tls_cipher,
             tcp_keepalive: Duration::from_secs(self.tcp_keepalive_secs),
             keepalive: Keepalive {

@@ -49,6 +49,9 @@ pub(super) fn shard_thread(
     }
     let taskrun = opts.uring_taskrun;
     let batch_ticks = opts.write_batch_ticks;
+    // The copy loops' multishot receives (vendor/monoio patch 6) take the shard's provided
+    // buffers, sized to one TLS record's DATA frame; the ring is registered on first use.
+    monoio::set_recv_buffers(opts.uring_recv_buffers, crate::proxy::copy::MIN_BUF as u32);
     let fut = crate::proxy::serve::run(
         id,
         driver != IoDriver::Legacy,

@@ -157,7 +157,9 @@ fn from_h2(e: h2::Error) -> End {
 /// allocator cache (mimalloc keeps per-thread free lists), which is what a per-shard free list
 /// would do, without holding memory for connections that may never read again.
 struct Reader {
-    size: usize,
+    /// The next read's size (at most [`MAX_BUF`]); 32 bits so that the flags below share its
+    /// word: this struct is in every connection's task.
+    size: u32,
     /// Kept between reads unless the connection went idle.
     buf: Option<BytesMut>,
     /// Cancels the pending read when the connection goes quiet.
@@ -166,16 +168,31 @@ struct Reader {
     fresh: bool,
     /// The last read filled what it asked for: more is most likely waiting in the socket.
     waiting: bool,
+    /// Multishot receives may be used (io_uring with `--uring-recv-buffers`; off after a
+    /// receive filled a whole provided buffer, until the connection goes quiet).
+    multishot: bool,
+    /// The armed multishot receive, if any; while it is there every read comes from it.
+    multi: Option<monoio::net::RecvMulti>,
+    /// The quiet spell the multishot wait is in has been told (`Ok(None)` once per spell).
+    told_quiet: bool,
 }
 
 impl Reader {
+    /// The next read's size.
+    fn size(&self) -> usize {
+        self.size as usize
+    }
+
     fn new() -> Self {
         Reader {
-            size: MIN_BUF,
+            size: MIN_BUF as u32,
             buf: None,
             canceller: None,
             fresh: true,
             waiting: false,
+            multishot: true,
+            multi: None,
+            told_quiet: false,
         }
     }
 
@@ -199,11 +216,17 @@ impl Reader {
                 // when none are, the read's own `recv` finds the socket empty once more.)
                 if std::mem::take(&mut self.waiting) {
                     if let Some(mut buf) = self.buf.take() {
-                        match recv(fd, &mut buf, self.size) {
+                        match recv(fd, &mut buf, self.size()) {
                             Ok(n) => return Ok(Some(self.filled(buf, n))),
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.buf = Some(buf),
                             Err(e) => return Err(e),
                         }
+                    }
+                }
+                if self.multi.is_some() || (self.multishot && self.buf.is_none()) {
+                    match self.next_multi(rd, conn).await {
+                        Some(res) => return res,
+                        None => continue,
                     }
                 }
                 // Tested, not taken here: an `Option` taken in the condition would stay in the
@@ -227,13 +250,100 @@ impl Reader {
                 } else {
                     readable(rd).await?;
                 }
-                let mut buf = BytesMut::with_capacity(self.size);
-                match recv(fd, &mut buf, self.size) {
+                let mut buf = BytesMut::with_capacity(self.size());
+                match recv(fd, &mut buf, self.size()) {
                     Ok(n) => return Ok(Some(self.filled(buf, n))),
                     // Readiness can be stale (legacy driver) or the bytes already gone: wait
                     // again.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// The next bytes from the socket's multishot receive (armed here if it is not yet), with
+    /// the same answers as [`next`](Self::next); `None` when the receive is not (or no
+    /// longer) there and the caller reads the single-shot way.
+    ///
+    /// The receive holds no buffer while it waits: the kernel takes one of the shard's
+    /// provided buffers only when bytes arrive, and the bytes are copied out at once, so an
+    /// idle connection holds nothing and a chatty one needs neither a submission nor a new
+    /// poll of its socket per read. A receive that fills a whole provided buffer means bulk:
+    /// the receive is cancelled, what it took is passed on in order, and the connection reads
+    /// into its own growing buffer (as on the epoll driver) until it goes quiet.
+    #[allow(clippy::manual_async_fn)]
+    fn next_multi<'a>(
+        &'a mut self,
+        rd: &'a OwnedReadHalf<TcpStream>,
+        conn: &'a live::Conn,
+    ) -> impl Future<Output = Option<io::Result<Option<Bytes>>>> + 'a {
+        async move {
+            if self.multi.is_none() {
+                // SAFETY: as in `readable`: arming touches only the shared fd.
+                let stream = unsafe { &*rd.0.get() };
+                match stream.recv_multishot() {
+                    Ok(m) => self.multi = Some(m),
+                    // Off, or the epoll driver: single-shot reads for this connection.
+                    Err(_) => {
+                        self.multishot = false;
+                        return None;
+                    }
+                }
+            }
+            let multi = self.multi.as_mut()?;
+            // Held (so that the sweeper tells a quiet spell) until the spell has been told.
+            let told = self.told_quiet;
+            let holding = (!told).then(|| conn.hold());
+            let mut quiet = std::pin::pin!(conn.quiet());
+            let got = std::future::poll_fn(|cx| {
+                if let Poll::Ready(item) = multi.poll_next(cx) {
+                    return Poll::Ready(Some(item));
+                }
+                if !told && quiet.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            drop(holding);
+            match got {
+                None => {
+                    self.told_quiet = true;
+                    Some(Ok(None))
+                }
+                Some(Some(Ok(buf))) => {
+                    self.told_quiet = false;
+                    if buf.is_eof() {
+                        return Some(Ok(Some(Bytes::new())));
+                    }
+                    let chunk = Bytes::copy_from_slice(&buf);
+                    if buf.len() >= buf.capacity() {
+                        multi.cancel();
+                        self.multishot = false;
+                    }
+                    Some(Ok(Some(chunk)))
+                }
+                // The receive ends next: cancelled (bulk, above) or the shard's buffers ran
+                // dry; the bytes it could not take are still in the socket.
+                Some(Some(Err(e)))
+                    if matches!(e.raw_os_error(), Some(libc::ECANCELED | libc::ENOBUFS)) =>
+                {
+                    if e.raw_os_error() == Some(libc::ENOBUFS) {
+                        self.multishot = false;
+                    }
+                    None
+                }
+                Some(Some(Err(e))) => Some(Err(e)),
+                Some(None) => {
+                    self.multi = None;
+                    if !self.multishot {
+                        // Single-shot reads from here, a direct `recv` first: a receive that
+                        // filled its buffer (or found none) left bytes behind.
+                        self.buf = Some(BytesMut::with_capacity(self.size()));
+                        self.waiting = true;
+                    }
+                    None
                 }
             }
         }
@@ -248,10 +358,10 @@ impl Reader {
     ) -> Option<io::Result<Bytes>> {
         let mut buf = self.buf.take()?;
         // Reuses the allocation when h2 has released every piece of it.
-        buf.reserve(self.size);
+        buf.reserve(self.size());
         // Bound the read to `size` even if the allocation is bigger: frame alignment matters
         // more than reading a little more.
-        let slice = IoBufMut::slice_mut(buf, 0..self.size);
+        let slice = IoBufMut::slice_mut(buf, 0..self.size());
         // Kept across reads while the connection is busy: one per read would cost an
         // allocation each.
         let canceller = self.canceller.take().unwrap_or_default();
@@ -274,6 +384,8 @@ impl Reader {
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
                 drop(buf);
                 self.canceller = None;
+                // Quiet again: the next bytes may come through a multishot receive.
+                self.multishot = true;
                 None
             }
             res => Some(res.map(|n| self.filled(buf, n))),
@@ -284,9 +396,10 @@ impl Reader {
     /// buffer for the next read.
     fn filled(&mut self, mut buf: BytesMut, n: usize) -> Bytes {
         let chunk = buf.split().freeze();
-        self.waiting = n == self.size;
-        if n == self.size && self.size < MAX_BUF {
-            self.size = (self.size + FRAME_HEAD) * 2 - FRAME_HEAD;
+        let size = self.size();
+        self.waiting = n == size;
+        if n == size && size < MAX_BUF {
+            self.size = ((size + FRAME_HEAD) * 2 - FRAME_HEAD) as u32;
         }
         if n > 0 {
             self.buf = Some(buf);
@@ -568,6 +681,155 @@ mod tests {
         (client, rd, wr, fd)
     }
 
+    /// Reads `r` until the end of file, touching `conn` so that no quiet spell interrupts.
+    async fn read_to_end(
+        r: &mut Reader,
+        rd: &mut OwnedReadHalf<TcpStream>,
+        fd: RawFd,
+        conn: &live::Conn,
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        loop {
+            conn.touch();
+            match r.next(rd, fd, conn).await.expect("read") {
+                Some(b) if b.is_empty() => return got,
+                Some(b) => got.extend_from_slice(&b),
+                None => {}
+            }
+        }
+    }
+
+    /// An io_uring runtime on a thread of its own whose shard lends `count` provided buffers of
+    /// `size` bytes (the setting is the thread's), running `f`.
+    fn with_recv_buffers<F: Future<Output = ()> + 'static>(
+        count: u16,
+        size: u32,
+        f: impl FnOnce() -> F + Send + 'static,
+    ) {
+        std::thread::spawn(move || {
+            monoio::set_recv_buffers(count, size);
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .enable_timer()
+                .build()
+                .expect("io_uring runtime")
+                .block_on(async move {
+                    monoio::time::timeout(std::time::Duration::from_secs(20), f())
+                        .await
+                        .expect("done within 20 s")
+                })
+        })
+        .join()
+        .expect("test thread");
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    /// A multishot receive passes a small message on and stays armed; a flood that fills a
+    /// whole provided buffer switches the connection to single reads, and every byte arrives
+    /// in order across the switch (what the receive took before its cancel comes first).
+    #[test]
+    fn multishot_reads_keep_every_byte_in_order_across_the_switch_to_bulk() {
+        with_recv_buffers(4, 1024, || async {
+            use std::io::Write;
+            let conn = live::Conn::new(std::time::Duration::ZERO, None);
+            let (mut client, mut rd, _wr, fd) = socket_pair().await;
+            let mut r = Reader::new();
+            client.write_all(b"hello").expect("write");
+            let first = r.next(&mut rd, fd, &conn).await.expect("read");
+            assert_eq!(first.as_deref(), Some(&b"hello"[..]));
+            assert!(r.multi.is_some(), "a small read leaves the receive armed");
+            assert!(r.buf.is_none(), "and holds no buffer of its own");
+            let sent = pattern(1 << 20);
+            let flood = sent.clone();
+            let writer = std::thread::spawn(move || {
+                for chunk in flood.chunks(4096) {
+                    client.write_all(chunk).expect("write");
+                }
+                client
+                    .shutdown(std::net::Shutdown::Write)
+                    .expect("shutdown");
+            });
+            let got = read_to_end(&mut r, &mut rd, fd, &conn).await;
+            writer.join().expect("writer");
+            assert!(
+                got == sent,
+                "{} bytes of {} arrived intact",
+                got.len(),
+                sent.len()
+            );
+            assert!(
+                !r.multishot,
+                "a receive that filled a buffer switched to single reads"
+            );
+            assert!(r.multi.is_none());
+        });
+    }
+
+    /// When the shard's provided buffers run dry a multishot receive ends with `ENOBUFS`; the
+    /// connection reads the bytes the single-shot way instead, and none is lost.
+    #[test]
+    fn a_multishot_receive_that_finds_no_buffer_falls_back_without_losing_bytes() {
+        with_recv_buffers(1, 1024, || async {
+            use std::io::Write;
+            let conn = live::Conn::new(std::time::Duration::ZERO, None);
+            let (mut a, mut rd_a, _wa, fd_a) = socket_pair().await;
+            let (mut b, mut rd_b, _wb, fd_b) = socket_pair().await;
+            let (mut ra, mut rb) = (Reader::new(), Reader::new());
+            a.write_all(b"a").expect("write");
+            assert_eq!(
+                ra.next(&mut rd_a, fd_a, &conn)
+                    .await
+                    .expect("read")
+                    .as_deref(),
+                Some(&b"a"[..])
+            );
+            b.write_all(b"b").expect("write");
+            assert_eq!(
+                rb.next(&mut rd_b, fd_b, &conn)
+                    .await
+                    .expect("read")
+                    .as_deref(),
+                Some(&b"b"[..])
+            );
+            assert!(
+                ra.multi.is_some() && rb.multi.is_some(),
+                "both receives armed"
+            );
+            // Both arrive before the shard looks: the first takes the only buffer and keeps
+            // it until its reader copies it out; the second finds none.
+            a.write_all(&pattern(300)).expect("write");
+            b.write_all(&pattern(500)).expect("write");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let got_a = ra
+                .next(&mut rd_a, fd_a, &conn)
+                .await
+                .expect("read")
+                .expect("bytes");
+            let got_b = rb
+                .next(&mut rd_b, fd_b, &conn)
+                .await
+                .expect("read")
+                .expect("bytes");
+            assert_eq!(&got_a[..], &pattern(300)[..]);
+            assert_eq!(&got_b[..], &pattern(500)[..]);
+            assert!(
+                ra.multishot && ra.multi.is_some(),
+                "the first receive stays armed"
+            );
+            assert!(
+                !rb.multishot && rb.multi.is_none(),
+                "the second fell back to single reads"
+            );
+            // The fallen-back connection still reads everything after.
+            b.write_all(&pattern(2000)).expect("write");
+            b.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let rest = read_to_end(&mut rb, &mut rd_b, fd_b, &conn).await;
+            assert_eq!(rest, pattern(2000));
+        });
+    }
+
     /// After a read that filled its buffer the next one is a direct `recv`: it must see the
     /// end of file, and an empty socket must go back to waiting, on both drivers.
     #[test]
@@ -596,7 +858,7 @@ mod tests {
             conn.touch();
             let mut client = later.join().expect("writer");
             // A read that fills its (grown) buffer, then the end right behind it.
-            let size = r.size;
+            let size = r.size();
             client.write_all(&vec![2; size]).expect("write");
             client
                 .shutdown(std::net::Shutdown::Write)
@@ -630,11 +892,11 @@ mod tests {
     #[test]
     fn reads_grow_in_whole_records_while_they_fill_and_keep_their_buffer() {
         let mut r = Reader::new();
-        let mut sizes = vec![r.size];
-        while r.size < MAX_BUF {
-            let size = r.size;
+        let mut sizes = vec![r.size()];
+        while r.size() < MAX_BUF {
+            let size = r.size();
             let _ = r.filled(BytesMut::with_capacity(size), size);
-            sizes.push(r.size);
+            sizes.push(r.size());
         }
         // Every read is whole TLS records once its 9-byte DATA frame head is added.
         assert!(
@@ -650,7 +912,7 @@ mod tests {
             "a read that returned bytes keeps the buffer"
         );
         let _ = r.filled(BytesMut::with_capacity(MAX_BUF), MAX_BUF);
-        assert_eq!(r.size, MAX_BUF, "never past the largest read");
+        assert_eq!(r.size(), MAX_BUF, "never past the largest read");
         // The next read takes the kept buffer; at end of file it is let go.
         let kept = r.buf.take().expect("kept");
         let _ = r.filled(kept, 0);
@@ -664,7 +926,7 @@ mod tests {
         let r = Reader::new();
         assert!(r.buf.is_none());
         assert!(r.fresh);
-        assert_eq!(r.size, MIN_BUF);
+        assert_eq!(r.size(), MIN_BUF);
     }
 
     #[test]
@@ -674,6 +936,6 @@ mod tests {
         buf.extend_from_slice(b"hello");
         let chunk = r.filled(buf, 5);
         assert_eq!(&chunk[..], b"hello");
-        assert_eq!(r.size, MIN_BUF);
+        assert_eq!(r.size(), MIN_BUF);
     }
 }

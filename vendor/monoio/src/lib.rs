@@ -47,6 +47,8 @@ pub use driver::LegacyDriver;
 #[cfg(feature = "macros")]
 pub use monoio_macros::{main, test, test_all};
 pub use quiet::{quiet_points, set_quiet_busy_ticks, wake_when_quiet};
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+pub use driver::set_recv_buffers;
 pub use runtime::{spawn, Runtime};
 #[cfg(any(all(target_os = "linux", feature = "iouring"), feature = "legacy"))]
 pub use {builder::FusionDriver, runtime::FusionRuntime};

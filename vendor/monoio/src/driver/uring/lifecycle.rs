@@ -22,6 +22,10 @@ pub(crate) enum Lifecycle {
 
     /// The operation has completed.
     Completed(io::Result<u32>, u32),
+
+    /// ringtun patch 6: a multishot operation (see `multi.rs`); its completions never reach
+    /// the single-shot paths below.
+    Multi(Box<super::multi::Multi>),
 }
 
 impl<'a> Ref<'a, Lifecycle> {
@@ -44,6 +48,7 @@ impl<'a> Ref<'a, Lifecycle> {
                 self.remove();
             }
             Lifecycle::Completed(..) => unsafe { std::hint::unreachable_unchecked() },
+            Lifecycle::Multi(..) => unreachable!("multishot completion on the single-shot path"),
         }
     }
 
@@ -87,6 +92,7 @@ impl<'a> Ref<'a, Lifecycle> {
                 self.remove();
             }
             Lifecycle::Ignored(..) => unsafe { std::hint::unreachable_unchecked() },
+            Lifecycle::Multi(..) => unreachable!("multishot operation dropped as single-shot"),
         }
         true
     }

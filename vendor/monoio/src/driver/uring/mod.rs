@@ -24,7 +24,9 @@ use super::{
 };
 use crate::utils::slab::Slab;
 
+pub(crate) mod buf_ring;
 mod lifecycle;
+pub(crate) mod multi;
 #[cfg(feature = "sync")]
 mod waker;
 #[cfg(feature = "sync")]
@@ -82,6 +84,9 @@ pub(crate) struct UringInner {
 
     // Uring support ext_arg
     ext_arg: bool,
+
+    /// ringtun patch 6: the provided buffers of multishot receives, once one was armed.
+    recv_ring: Option<buf_ring::BufRing>,
 }
 
 // When dropping the driver, all in-flight operations must have completed. This
@@ -111,6 +116,7 @@ impl IoUringDriver {
             poller_installed: false,
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
+            recv_ring: None,
             uring,
         }));
 
@@ -145,6 +151,7 @@ impl IoUringDriver {
             poll: super::poll::Poll::with_capacity(entries as usize)?,
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
+            recv_ring: None,
             uring,
             shared_waker: std::sync::Arc::new(waker::EventWaker::new(waker)),
             eventfd_installed: false,
@@ -438,7 +445,12 @@ impl UringInner {
                     self.poll.tick(Some(Duration::ZERO))?;
                 }
                 _ if index >= MIN_REVERSED_USERDATA => (),
-                _ => self.ops.complete(index as _, resultify(&cqe), cqe.flags()),
+                _ => self.ops.complete(
+                    index as _,
+                    resultify(&cqe),
+                    cqe.flags(),
+                    &mut self.recv_ring,
+                ),
             }
         }
         Ok(())
@@ -465,6 +477,43 @@ impl UringInner {
                 }
                 e => return e.map(|_| ()),
             }
+        }
+    }
+
+    /// The provided-buffer ring, registered on first use with this thread's
+    /// [`set_recv_buffers`](buf_ring::set_recv_buffers).
+    pub(crate) fn recv_ring(&mut self) -> io::Result<&mut buf_ring::BufRing> {
+        if self.recv_ring.is_none() {
+            let (count, size) = buf_ring::recv_buffers();
+            if count == 0 {
+                return Err(io::ErrorKind::Unsupported.into());
+            }
+            self.recv_ring = Some(buf_ring::BufRing::new(&self.uring, count, size)?);
+        }
+        // SAFETY: set just above when it was not.
+        Ok(unsafe { self.recv_ring.as_mut().unwrap_unchecked() })
+    }
+
+    /// Gives a provided buffer back to the kernel.
+    pub(crate) fn give_back(&mut self, bid: u16) {
+        if let Some(ring) = self.recv_ring.as_mut() {
+            ring.give_back(bid);
+        }
+    }
+
+    /// Bytes in each provided buffer (0 with no ring).
+    pub(crate) fn recv_buf_size(&self) -> u32 {
+        self.recv_ring.as_ref().map_or(0, |r| r.buf_size())
+    }
+
+    /// The received bytes in provided buffer `bid`.
+    ///
+    /// # Safety
+    /// As [`BufRing::bytes`](buf_ring::BufRing::bytes).
+    pub(crate) unsafe fn recv_bytes(&self, bid: u16, len: u32) -> &[u8] {
+        match self.recv_ring.as_ref() {
+            Some(ring) => ring.bytes(bid, len),
+            None => &[],
         }
     }
 
@@ -640,6 +689,11 @@ impl Drop for UringInner {
     fn drop(&mut self) {
         // no need to wait for completion, as the kernel will clean up the ring asynchronically.
         let _ = self.uring.submitter().submit();
+        // ringtun patch 6: the kernel lets go of the buffers before they are freed.
+        if let Some(ring) = self.recv_ring.take() {
+            let _ = self.uring.submitter().unregister_buf_ring(buf_ring::BGID);
+            drop(ring);
+        }
         unsafe {
             ManuallyDrop::drop(&mut self.uring);
         }
@@ -656,8 +710,33 @@ impl Ops {
         self.slab.insert(Lifecycle::Submitted)
     }
 
-    fn complete(&mut self, index: usize, result: io::Result<u32>, flags: u32) {
-        let lifecycle = unsafe { self.slab.get(index).unwrap_unchecked() };
+    fn complete(
+        &mut self,
+        index: usize,
+        result: io::Result<u32>,
+        flags: u32,
+        ring: &mut Option<buf_ring::BufRing>,
+    ) {
+        let mut lifecycle = unsafe { self.slab.get(index).unwrap_unchecked() };
+        // ringtun patch 6: a multishot operation queues its completions in its slot.
+        if let Lifecycle::Multi(multi) = &mut *lifecycle {
+            let more = cqueue::more(flags);
+            if multi.dropped {
+                if let (Some(bid), Some(ring)) = (cqueue::buffer_select(flags), ring.as_mut()) {
+                    ring.give_back(bid);
+                }
+                if !more {
+                    lifecycle.remove();
+                }
+                return;
+            }
+            multi.queue.push_back((result, flags));
+            multi.ended |= !more;
+            if let Some(waker) = multi.waker.take() {
+                waker.wake();
+            }
+            return;
+        }
         lifecycle.complete(result, flags);
     }
 }

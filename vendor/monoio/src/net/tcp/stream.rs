@@ -259,6 +259,14 @@ impl TcpStream {
         let op = Op::poll_write(&self.fd, relaxed).unwrap();
         op.wait().await
     }
+
+    /// ringtun patch 6: arms a multishot receive on this socket (io_uring driver, with
+    /// buffers set by [`set_recv_buffers`](crate::set_recv_buffers); `Unsupported`
+    /// otherwise). Reads from the stream must not run beside it.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    pub fn recv_multishot(&self) -> io::Result<crate::net::RecvMulti> {
+        crate::net::RecvMulti::new(&self.fd)
+    }
 }
 
 impl AsReadFd for TcpStream {
