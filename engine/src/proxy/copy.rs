@@ -324,12 +324,16 @@ impl Reader {
                     }
                     Some(Ok(Some(chunk)))
                 }
-                // The receive ends next: cancelled (bulk, above) or the shard's buffers ran
-                // dry; the bytes it could not take are still in the socket.
+                // The receive ends next: cancelled (bulk, above), the shard's buffers ran dry,
+                // or a kernel without multishot receives (before 6.0) refused it; the bytes it
+                // could not take are still in the socket.
                 Some(Some(Err(e)))
-                    if matches!(e.raw_os_error(), Some(libc::ECANCELED | libc::ENOBUFS)) =>
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECANCELED | libc::ENOBUFS | libc::EINVAL)
+                    ) =>
                 {
-                    if e.raw_os_error() == Some(libc::ENOBUFS) {
+                    if e.raw_os_error() != Some(libc::ECANCELED) {
                         self.multishot = false;
                     }
                     None
@@ -764,6 +768,35 @@ mod tests {
                 "a receive that filled a buffer switched to single reads"
             );
             assert!(r.multi.is_none());
+        });
+    }
+
+    /// A connection waiting in a multishot receive still has its quiet spell told, once (that
+    /// is when its HBONE connection lets go of its buffers), and reads on after it.
+    #[test]
+    fn a_multishot_wait_tells_a_quiet_spell_once_and_reads_on() {
+        with_recv_buffers(4, 1024, || async {
+            use std::io::Write;
+            let conn = live::Conn::new(std::time::Duration::ZERO, None);
+            let (mut client, mut rd, _wr, fd) = socket_pair().await;
+            let mut r = Reader::new();
+            client.write_all(b"x").expect("write");
+            let first = r.next(&mut rd, fd, &conn).await.expect("read");
+            assert_eq!(first.as_deref(), Some(&b"x"[..]));
+            conn.touch();
+            // Nothing comes for longer than `live::QUIET`.
+            let quiet = r.next(&mut rd, fd, &conn).await.expect("read");
+            assert_eq!(quiet, None, "the quiet spell is told");
+            assert!(r.multi.is_some(), "the receive stays armed");
+            let later = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                client.write_all(b"later").expect("write");
+                client
+            });
+            // Told once: the next call waits for the bytes, not for the spell again.
+            let next = r.next(&mut rd, fd, &conn).await.expect("read");
+            assert_eq!(next.as_deref(), Some(&b"later"[..]));
+            drop(later.join().expect("writer"));
         });
     }
 

@@ -488,7 +488,14 @@ impl UringInner {
             if count == 0 {
                 return Err(io::ErrorKind::Unsupported.into());
             }
-            self.recv_ring = Some(buf_ring::BufRing::new(&self.uring, count, size)?);
+            match buf_ring::BufRing::new(&self.uring, count, size) {
+                Ok(ring) => self.recv_ring = Some(ring),
+                Err(e) => {
+                    // A kernel without provided-buffer rings (before 5.19) is asked once.
+                    buf_ring::set_recv_buffers(0, 0);
+                    return Err(e);
+                }
+            }
         }
         // SAFETY: set just above when it was not.
         Ok(unsafe { self.recv_ring.as_mut().unwrap_unchecked() })
@@ -730,7 +737,7 @@ impl Ops {
                 }
                 return;
             }
-            multi.queue.push_back((result, flags));
+            multi.queue.push((result, flags));
             multi.ended |= !more;
             if let Some(waker) = multi.waker.take() {
                 waker.wake();

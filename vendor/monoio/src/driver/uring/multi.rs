@@ -7,7 +7,6 @@
 
 use std::{
     cell::UnsafeCell,
-    collections::VecDeque,
     io,
     rc::Rc,
     task::{Context, Poll, Waker},
@@ -21,8 +20,9 @@ use crate::driver::shared_fd::SharedFd;
 /// A multishot operation's completions, kept in its slot until taken.
 #[derive(Default)]
 pub(crate) struct Multi {
-    /// (result, flags) of each completion not taken yet, in order.
-    pub(crate) queue: VecDeque<(io::Result<u32>, u32)>,
+    /// (result, flags) of each completion not taken yet, in order: rarely more than one, so
+    /// a `Vec` (a `VecDeque` would put every idle connection's slot in a larger size class).
+    pub(crate) queue: Vec<(io::Result<u32>, u32)>,
     pub(crate) waker: Option<Waker>,
     /// The last completion (no `IORING_CQE_F_MORE`) has arrived.
     pub(crate) ended: bool,
@@ -105,7 +105,8 @@ impl RecvMulti {
         let Lifecycle::Multi(multi) = &mut *slot else {
             return Poll::Ready(None);
         };
-        if let Some((res, flags)) = multi.queue.pop_front() {
+        if !multi.queue.is_empty() {
+            let (res, flags) = multi.queue.remove(0);
             return Poll::Ready(Some(res.map(|len| RecvBuf {
                 driver: this.driver.clone(),
                 bid: cqueue::buffer_select(flags),
