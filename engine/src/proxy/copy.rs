@@ -333,8 +333,14 @@ impl Reader {
                         Some(libc::ECANCELED | libc::ENOBUFS | libc::EINVAL)
                     ) =>
                 {
-                    if e.raw_os_error() != Some(libc::ECANCELED) {
-                        self.multishot = false;
+                    match e.raw_os_error() {
+                        // No kernel change will make the next one work: off for the shard.
+                        Some(libc::EINVAL) => {
+                            monoio::set_recv_buffers(0, 0);
+                            self.multishot = false;
+                        }
+                        Some(libc::ENOBUFS) => self.multishot = false,
+                        _ => {}
                     }
                     None
                 }
@@ -768,6 +774,51 @@ mod tests {
                 "a receive that filled a buffer switched to single reads"
             );
             assert!(r.multi.is_none());
+        });
+    }
+
+    /// A connection whose reader does not take what arrives (its task waits for HTTP/2 flow
+    /// control) holds at most a couple of the shard's buffers: its receive stops, the rest
+    /// waits in the socket, another connection still receives through the ring, and every byte
+    /// comes out in order once the reader catches up.
+    #[test]
+    fn a_reader_that_falls_behind_does_not_take_the_shards_buffers() {
+        with_recv_buffers(4, 1024, || async {
+            use std::io::Write;
+            let conn = live::Conn::new(std::time::Duration::ZERO, None);
+            let (mut a, mut rd_a, _wa, fd_a) = socket_pair().await;
+            let (mut b, mut rd_b, _wb, fd_b) = socket_pair().await;
+            let (mut ra, mut rb) = (Reader::new(), Reader::new());
+            a.write_all(b"a").expect("write");
+            let first = ra.next(&mut rd_a, fd_a, &conn).await.expect("read");
+            assert_eq!(first.as_deref(), Some(&b"a"[..]));
+            // Ten messages arrive one by one while `ra` is not polled; the shard keeps
+            // taking completions meanwhile (this task sleeps in the ring).
+            let sent = pattern(1000);
+            let messages = sent.clone();
+            let writer = std::thread::spawn(move || {
+                for m in messages.chunks(100) {
+                    a.write_all(m).expect("write");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                a.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            });
+            monoio::time::sleep(std::time::Duration::from_millis(200)).await;
+            writer.join().expect("writer");
+            b.write_all(b"b").expect("write");
+            let got_b = rb.next(&mut rd_b, fd_b, &conn).await.expect("read");
+            assert_eq!(got_b.as_deref(), Some(&b"b"[..]));
+            assert!(
+                rb.multishot && rb.multi.is_some(),
+                "the other connection found a buffer in the ring"
+            );
+            let got_a = read_to_end(&mut ra, &mut rd_a, fd_a, &conn).await;
+            assert!(
+                got_a == sent,
+                "{} bytes of {} in order",
+                got_a.len(),
+                sent.len()
+            );
         });
     }
 

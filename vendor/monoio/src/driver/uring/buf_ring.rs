@@ -52,12 +52,18 @@ impl BufRing {
         if size == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "recv buffer size 0"));
         }
+        // The kernel wants the ring page-aligned (64 KiB pages on some arm64 kernels).
+        // SAFETY: sysconf has no preconditions.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            p if p > 0 => p as usize,
+            _ => 4096,
+        };
         let ring_layout = Layout::from_size_align(
-            entries as usize * std::mem::size_of::<BufRingEntry>(),
-            4096,
+            (entries as usize * std::mem::size_of::<BufRingEntry>()).max(page),
+            page,
         )
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let bufs_layout = Layout::from_size_align(entries as usize * size as usize, 4096)
+        let bufs_layout = Layout::from_size_align(entries as usize * size as usize, page)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: both layouts have a non-zero size.
         let ring = unsafe { alloc_zeroed(ring_layout) } as *mut BufRingEntry;

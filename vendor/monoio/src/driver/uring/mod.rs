@@ -87,6 +87,10 @@ pub(crate) struct UringInner {
 
     /// ringtun patch 6: the provided buffers of multishot receives, once one was armed.
     recv_ring: Option<buf_ring::BufRing>,
+
+    /// ringtun patch 6: cancels to submit (of multishot receives whose owner fell behind,
+    /// or that found the submission queue full).
+    cancels: Vec<u64>,
 }
 
 // When dropping the driver, all in-flight operations must have completed. This
@@ -117,6 +121,7 @@ impl IoUringDriver {
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
             recv_ring: None,
+            cancels: Vec::new(),
             uring,
         }));
 
@@ -152,6 +157,7 @@ impl IoUringDriver {
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
             recv_ring: None,
+            cancels: Vec::new(),
             uring,
             shared_waker: std::sync::Arc::new(waker::EventWaker::new(waker)),
             eventfd_installed: false,
@@ -450,10 +456,46 @@ impl UringInner {
                     resultify(&cqe),
                     cqe.flags(),
                     &mut self.recv_ring,
+                    &mut self.cancels,
                 ),
             }
         }
+        if !self.cancels.is_empty() {
+            self.push_cancels();
+        }
         Ok(())
+    }
+
+    /// ringtun patch 6: whether slot `index` holds a multishot operation.
+    fn is_multi(&mut self, index: usize) -> bool {
+        matches!(
+            self.ops.slab.get(index).as_deref(),
+            Some(Lifecycle::Multi(..))
+        )
+    }
+
+    /// ringtun patch 6: submits the cancels waiting in `cancels`, as many as the submission
+    /// queue takes (the rest wait for the next tick).
+    fn push_cancels(&mut self) {
+        while let Some(&index) = self.cancels.last() {
+            // A slot taken since by another kind of operation is not this cancel's: a
+            // multishot receive ends with a completion without `F_MORE`, after which its
+            // owner frees the slot.
+            if !self.is_multi(index as usize) {
+                self.cancels.pop();
+                continue;
+            }
+            let cancel = opcode::AsyncCancel::new(index).build().user_data(u64::MAX);
+            // SAFETY: a cancel names no memory.
+            if unsafe { self.uring.submission().push(&cancel) }.is_err() {
+                if self.submit().is_err()
+                    || unsafe { self.uring.submission().push(&cancel) }.is_err()
+                {
+                    return;
+                }
+            }
+            self.cancels.pop();
+        }
     }
 
     fn submit(&mut self) -> io::Result<()> {
@@ -491,8 +533,13 @@ impl UringInner {
             match buf_ring::BufRing::new(&self.uring, count, size) {
                 Ok(ring) => self.recv_ring = Some(ring),
                 Err(e) => {
-                    // A kernel without provided-buffer rings (before 5.19) is asked once.
-                    buf_ring::set_recv_buffers(0, 0);
+                    // A kernel without provided-buffer rings (before 5.19) is asked once;
+                    // short memory may pass.
+                    if e.kind() != io::ErrorKind::OutOfMemory
+                        && e.raw_os_error() != Some(libc::ENOMEM)
+                    {
+                        buf_ring::set_recv_buffers(0, 0);
+                    }
                     return Err(e);
                 }
             }
@@ -652,7 +699,11 @@ impl UringInner {
             .user_data(u64::MAX);
         if inner.uring.submission().push(&cancel).is_err() {
             let _ = inner.submit();
-            let _ = inner.uring.submission().push(&cancel);
+            if inner.uring.submission().push(&cancel).is_err() && inner.is_multi(index) {
+                // ringtun patch 6: not lost (an armed multishot receive would otherwise run
+                // for the socket's whole life): pushed again at the next tick.
+                inner.cancels.push(index as u64);
+            }
         }
     }
 
@@ -698,8 +749,11 @@ impl Drop for UringInner {
         let _ = self.uring.submitter().submit();
         // ringtun patch 6: the kernel lets go of the buffers before they are freed.
         if let Some(ring) = self.recv_ring.take() {
-            let _ = self.uring.submitter().unregister_buf_ring(buf_ring::BGID);
-            drop(ring);
+            if self.uring.submitter().unregister_buf_ring(buf_ring::BGID).is_err() {
+                // Still registered: the kernel may write into the buffers until the ring
+                // is gone, so they are never freed.
+                std::mem::forget(ring);
+            }
         }
         unsafe {
             ManuallyDrop::drop(&mut self.uring);
@@ -723,6 +777,7 @@ impl Ops {
         result: io::Result<u32>,
         flags: u32,
         ring: &mut Option<buf_ring::BufRing>,
+        cancels: &mut Vec<u64>,
     ) {
         let mut lifecycle = unsafe { self.slab.get(index).unwrap_unchecked() };
         // ringtun patch 6: a multishot operation queues its completions in its slot.
@@ -739,6 +794,13 @@ impl Ops {
             }
             multi.queue.push((result, flags));
             multi.ended |= !more;
+            // An owner that does not take what arrives (its task waits on something else)
+            // must not hold the shard's buffers or read past TCP's flow control: the receive
+            // stops, and the owner arms a new one once it has caught up.
+            if more && !multi.capped && multi.queue.len() >= multi::QUEUE_LIMIT {
+                multi.capped = true;
+                cancels.push(index as u64);
+            }
             if let Some(waker) = multi.waker.take() {
                 waker.wake();
             }

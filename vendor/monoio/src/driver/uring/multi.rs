@@ -28,7 +28,14 @@ pub(crate) struct Multi {
     pub(crate) ended: bool,
     /// The owner is gone: completions only give their buffers back.
     pub(crate) dropped: bool,
+    /// Cancelled for holding [`QUEUE_LIMIT`] completions.
+    pub(crate) capped: bool,
 }
+
+/// Completions a receive may hold for its owner before it is cancelled: an owner that does
+/// not keep up (its task waits for flow control elsewhere) then holds at most this many of
+/// the shard's buffers, and the socket's receive window closes as it would without the ring.
+pub(crate) const QUEUE_LIMIT: usize = 2;
 
 /// A multishot receive on a socket (io_uring driver only).
 ///
@@ -107,11 +114,21 @@ impl RecvMulti {
         };
         if !multi.queue.is_empty() {
             let (res, flags) = multi.queue.remove(0);
-            return Poll::Ready(Some(res.map(|len| RecvBuf {
-                driver: this.driver.clone(),
-                bid: cqueue::buffer_select(flags),
-                len,
-            })));
+            let bid = cqueue::buffer_select(flags);
+            return Poll::Ready(Some(match res {
+                Ok(len) => Ok(RecvBuf {
+                    driver: this.driver.clone(),
+                    bid,
+                    len,
+                }),
+                Err(e) => {
+                    // Not expected with a buffer, but never kept from the ring.
+                    if let Some(bid) = bid {
+                        inner.give_back(bid);
+                    }
+                    Err(e)
+                }
+            }));
         }
         if multi.ended {
             slot.remove();
