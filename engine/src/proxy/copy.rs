@@ -732,6 +732,21 @@ mod tests {
         .expect("test thread");
     }
 
+    /// Writes `msg` into `client` and checks that `r`'s next read returns exactly it.
+    async fn passes(
+        msg: &[u8],
+        client: &mut std::net::TcpStream,
+        r: &mut Reader,
+        rd: &mut OwnedReadHalf<TcpStream>,
+        fd: RawFd,
+        conn: &live::Conn,
+    ) {
+        use std::io::Write;
+        client.write_all(msg).expect("write");
+        let got = r.next(rd, fd, conn).await.expect("read");
+        assert_eq!(got.as_deref(), Some(msg));
+    }
+
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()
     }
@@ -746,9 +761,7 @@ mod tests {
             let conn = live::Conn::new(std::time::Duration::ZERO, None);
             let (mut client, mut rd, _wr, fd) = socket_pair().await;
             let mut r = Reader::new();
-            client.write_all(b"hello").expect("write");
-            let first = r.next(&mut rd, fd, &conn).await.expect("read");
-            assert_eq!(first.as_deref(), Some(&b"hello"[..]));
+            passes(b"hello", &mut client, &mut r, &mut rd, fd, &conn).await;
             assert!(r.multi.is_some(), "a small read leaves the receive armed");
             assert!(r.buf.is_none(), "and holds no buffer of its own");
             let sent = pattern(1 << 20);
@@ -789,9 +802,7 @@ mod tests {
             let (mut a, mut rd_a, _wa, fd_a) = socket_pair().await;
             let (mut b, mut rd_b, _wb, fd_b) = socket_pair().await;
             let (mut ra, mut rb) = (Reader::new(), Reader::new());
-            a.write_all(b"a").expect("write");
-            let first = ra.next(&mut rd_a, fd_a, &conn).await.expect("read");
-            assert_eq!(first.as_deref(), Some(&b"a"[..]));
+            passes(b"a", &mut a, &mut ra, &mut rd_a, fd_a, &conn).await;
             // Ten messages arrive one by one while `ra` is not polled; the shard keeps
             // taking completions meanwhile (this task sleeps in the ring).
             let sent = pattern(1000);
@@ -805,9 +816,7 @@ mod tests {
             });
             monoio::time::sleep(std::time::Duration::from_millis(200)).await;
             writer.join().expect("writer");
-            b.write_all(b"b").expect("write");
-            let got_b = rb.next(&mut rd_b, fd_b, &conn).await.expect("read");
-            assert_eq!(got_b.as_deref(), Some(&b"b"[..]));
+            passes(b"b", &mut b, &mut rb, &mut rd_b, fd_b, &conn).await;
             assert!(
                 rb.multishot && rb.multi.is_some(),
                 "the other connection found a buffer in the ring"
@@ -831,9 +840,7 @@ mod tests {
             let conn = live::Conn::new(std::time::Duration::ZERO, None);
             let (mut client, mut rd, _wr, fd) = socket_pair().await;
             let mut r = Reader::new();
-            client.write_all(b"x").expect("write");
-            let first = r.next(&mut rd, fd, &conn).await.expect("read");
-            assert_eq!(first.as_deref(), Some(&b"x"[..]));
+            passes(b"x", &mut client, &mut r, &mut rd, fd, &conn).await;
             conn.touch();
             // Nothing comes for longer than `live::QUIET`.
             let quiet = r.next(&mut rd, fd, &conn).await.expect("read");
@@ -861,22 +868,8 @@ mod tests {
             let (mut a, mut rd_a, _wa, fd_a) = socket_pair().await;
             let (mut b, mut rd_b, _wb, fd_b) = socket_pair().await;
             let (mut ra, mut rb) = (Reader::new(), Reader::new());
-            a.write_all(b"a").expect("write");
-            assert_eq!(
-                ra.next(&mut rd_a, fd_a, &conn)
-                    .await
-                    .expect("read")
-                    .as_deref(),
-                Some(&b"a"[..])
-            );
-            b.write_all(b"b").expect("write");
-            assert_eq!(
-                rb.next(&mut rd_b, fd_b, &conn)
-                    .await
-                    .expect("read")
-                    .as_deref(),
-                Some(&b"b"[..])
-            );
+            passes(b"a", &mut a, &mut ra, &mut rd_a, fd_a, &conn).await;
+            passes(b"b", &mut b, &mut rb, &mut rd_b, fd_b, &conn).await;
             assert!(
                 ra.multi.is_some() && rb.multi.is_some(),
                 "both receives armed"
