@@ -136,7 +136,11 @@ fn from_h2(e: h2::Error) -> End {
 /// Reads the TCP side of a tunnel without pinning a buffer while the connection is idle.
 ///
 /// An io_uring read needs its buffer submitted for as long as it waits, so a connection that
-/// sat in `read` would hold a buffer for its whole idle life. So the reader has two modes:
+/// sat in `read` would hold a buffer for its whole idle life. On io_uring with provided
+/// buffers (`--uring-recv-buffers`), a reader first uses a multishot receive, which holds a
+/// shard buffer only while bytes are copied out (see [`Reader::next_multi`]); a connection that
+/// fills one, or finds none, goes on in the two modes below until its next quiet spell, and
+/// the epoll driver (or a ring without buffers) uses them throughout:
 ///
 /// - *active*: io_uring reads into a kept buffer, one submitted read per read, except right
 ///   after a read that filled its buffer: the socket most likely holds more, and a direct
