@@ -331,24 +331,20 @@ impl Reader {
                 // The receive ends next: cancelled (bulk, above), the shard's buffers ran dry,
                 // or a kernel without multishot receives (before 6.0) refused it; the bytes it
                 // could not take are still in the socket.
-                Some(Some(Err(e)))
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ECANCELED | libc::ENOBUFS | libc::EINVAL)
-                    ) =>
-                {
-                    match e.raw_os_error() {
-                        // No kernel change will make the next one work: off for the shard.
-                        Some(libc::EINVAL) => {
-                            monoio::set_recv_buffers(0, 0);
-                            self.multishot = false;
-                        }
-                        Some(libc::ENOBUFS) => self.multishot = false,
-                        _ => {}
+                Some(Some(Err(e))) => match e.raw_os_error() {
+                    Some(libc::ECANCELED) => None,
+                    Some(libc::ENOBUFS) => {
+                        self.multishot = false;
+                        None
                     }
-                    None
-                }
-                Some(Some(Err(e))) => Some(Err(e)),
+                    // No kernel change will make the next one work: off for the shard.
+                    Some(libc::EINVAL) => {
+                        monoio::set_recv_buffers(0, 0);
+                        self.multishot = false;
+                        None
+                    }
+                    _ => Some(Err(e)),
+                },
                 Some(None) => {
                     self.multi = None;
                     if !self.multishot {

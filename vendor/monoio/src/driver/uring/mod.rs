@@ -477,25 +477,29 @@ impl UringInner {
     /// ringtun patch 6: submits the cancels waiting in `cancels`, as many as the submission
     /// queue takes (the rest wait for the next tick).
     fn push_cancels(&mut self) {
-        while let Some(&index) = self.cancels.last() {
+        // Taken off the list before the push: a full queue's submit may tick, and that tick
+        // pushes what is still listed.
+        while let Some(index) = self.cancels.pop() {
             // A slot taken since by another kind of operation is not this cancel's: a
             // multishot receive ends with a completion without `F_MORE`, after which its
             // owner frees the slot.
-            if !self.is_multi(index as usize) {
-                self.cancels.pop();
-                continue;
+            if self.is_multi(index as usize) && !self.push_cancel(index) {
+                self.cancels.push(index);
+                return;
             }
-            let cancel = opcode::AsyncCancel::new(index).build().user_data(u64::MAX);
-            // SAFETY: a cancel names no memory.
-            if unsafe { self.uring.submission().push(&cancel) }.is_err() {
-                if self.submit().is_err()
-                    || unsafe { self.uring.submission().push(&cancel) }.is_err()
-                {
-                    return;
-                }
-            }
-            self.cancels.pop();
         }
+    }
+
+    /// Pushes a cancel of the operation in slot `index`, submitting first if the submission
+    /// queue is full; `false` if it still did not fit.
+    fn push_cancel(&mut self, index: u64) -> bool {
+        let cancel = opcode::AsyncCancel::new(index).build().user_data(u64::MAX);
+        // SAFETY: a cancel names no memory.
+        if unsafe { self.uring.submission().push(&cancel) }.is_ok() {
+            return true;
+        }
+        let _ = self.submit();
+        unsafe { self.uring.submission().push(&cancel) }.is_ok()
     }
 
     fn submit(&mut self) -> io::Result<()> {
@@ -677,33 +681,19 @@ impl UringInner {
                 && std::any::TypeId::of::<T>()
                     != std::any::TypeId::of::<crate::driver::op::close::Close>()
             {
-                unsafe {
-                    let cancel = opcode::AsyncCancel::new(index as u64)
-                        .build()
-                        .user_data(u64::MAX);
-
-                    // Try push cancel, if failed, will submit and re-push.
-                    if inner.uring.submission().push(&cancel).is_err() {
-                        let _ = inner.submit();
-                        let _ = inner.uring.submission().push(&cancel);
-                    }
-                }
+                // Try push cancel, if failed, will submit and re-push (ringtun patch 6: the
+                // same push as every other cancel's).
+                let _ = inner.push_cancel(index as u64);
             }
         }
     }
 
     pub(crate) unsafe fn cancel_op(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
         let inner = &mut *this.get();
-        let cancel = opcode::AsyncCancel::new(index as u64)
-            .build()
-            .user_data(u64::MAX);
-        if inner.uring.submission().push(&cancel).is_err() {
-            let _ = inner.submit();
-            if inner.uring.submission().push(&cancel).is_err() && inner.is_multi(index) {
-                // ringtun patch 6: not lost (an armed multishot receive would otherwise run
-                // for the socket's whole life): pushed again at the next tick.
-                inner.cancels.push(index as u64);
-            }
+        if !inner.push_cancel(index as u64) && inner.is_multi(index) {
+            // ringtun patch 6: not lost (an armed multishot receive would otherwise run for
+            // the socket's whole life): pushed again at the next tick.
+            inner.cancels.push(index as u64);
         }
     }
 

@@ -165,7 +165,7 @@ impl Drop for Owner {
         let Lifecycle::Multi(multi) = &mut *slot else {
             return;
         };
-        let queued: Vec<_> = multi.queue.drain(..).collect();
+        let queued = std::mem::take(&mut multi.queue);
         let ended = multi.ended;
         multi.dropped = true;
         multi.waker = None;
