@@ -22,7 +22,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use monoio::buf::{IoBuf, IoBufMut};
@@ -63,14 +63,41 @@ pub struct Target {
     pub mark: u32,
 }
 
+/// Whether the generators' rings defer completion work to their own waits
+/// (`SINGLE_ISSUER | DEFER_TASKRUN`, as ringtun's shards do) rather than taking an interrupt
+/// per completion. Set once from `ringtun-bench --load-ring` before any generator starts.
+static DEFER_TASKRUN: AtomicBool = AtomicBool::new(true);
+
+/// Chooses the generators' ring setup (`--load-ring`): `true` defers completion work to the
+/// generator's own waits, `false` takes the kernel's default (an interrupt per completion).
+pub fn set_defer_taskrun(defer: bool) {
+    DEFER_TASKRUN.store(defer, Ordering::Relaxed);
+}
+
 /// Runs `fut` on a fresh single-thread monoio runtime (io_uring when the kernel allows it, else
 /// epoll) with timers enabled.
+///
+/// The generators share the machine's CPUs with the tunnels they measure: a completion that
+/// interrupts a generator thread takes CPU a tunnel could have used, and compresses every
+/// ratio between tunnels toward 1. So the ring defers that work to the generator's own waits
+/// where the kernel has the flags (6.1), and is built without them where it refuses.
 pub fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
-    match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .enable_timer()
-        .with_entries(4096)
-        .build()
-    {
+    let uring = |defer: bool| {
+        let mut b = io_uring::IoUring::builder();
+        if defer {
+            b.setup_single_issuer().setup_defer_taskrun();
+        }
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .with_entries(4096)
+            .uring_builder(b)
+            .build()
+    };
+    let built = match uring(DEFER_TASKRUN.load(Ordering::Relaxed)) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => uring(false),
+        built => built,
+    };
+    match built {
         Ok(mut rt) => Ok(rt.block_on(fut)),
         Err(_) => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()

@@ -84,6 +84,7 @@ fn main() {
         std::process::exit(memory::idle_child_main(&args[2..]));
     }
     let o = Opts::parse();
+    ringtun_benches::load::set_defer_taskrun(o.load_ring == options::LoadRing::Defer);
     procs::install_signal_cleanup();
     if let Err(e) = run(o) {
         eprintln!("\nringtun-bench: {e}");
@@ -178,7 +179,7 @@ fn run(o: Opts) -> Result<(), String> {
         "Unpooled connection rate: ringtun has no switch to turn pooling off, so its client side runs with --pool-idle-timeout-ms 1 and every connection comes from one of {UNPOOLED_SOURCES} rotating source addresses (HBONE pools per source address); 'new HBONE conns per conn' (from the access log) shows whether each connection really did a TLS handshake."
     ));
     let header = format!(
-        "ringtun-bench: {} run(s); bulk {} MiB; ping-pong {} round trips; rr {} s at {} req/s; {} pooled / {} unpooled connections; idle {:?}",
+        "ringtun-bench: {} run(s); bulk {} MiB; ping-pong {} round trips; rr {} s at {} req/s; {} pooled / {} unpooled connections; idle {:?}; load generators' ring: {:?}",
         plan.runs,
         plan.bytes >> 20,
         plan.pingpongs,
@@ -186,7 +187,8 @@ fn run(o: Opts) -> Result<(), String> {
         o.rate,
         plan.conns,
         plan.unpooled_conns,
-        plan.idle
+        plan.idle,
+        o.load_ring
     );
     eprintln!("{header}");
     eprintln!("ringtun-bench: work files in {}", dir.display());

@@ -5,6 +5,15 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// The load generators' io_uring setup (`--load-ring`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadRing {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN`: completions are produced when the generator waits.
+    Defer,
+    /// No setup flag: every completion interrupts the generator thread.
+    Interrupt,
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "ringtun-bench",
@@ -72,6 +81,12 @@ pub struct Opts {
     /// quick 1000].
     #[arg(long, value_delimiter = ',')]
     pub idle_conns: Option<Vec<usize>>,
+    /// The load generators' io_uring setup: `defer` (completion work waits for the generator's
+    /// own `io_uring_enter`, as in ringtun's shards) or `interrupt` (the kernel's default, an
+    /// interrupt per completion: the generators before round 24). The generators share the
+    /// CPUs with the tunnels, so what they waste narrows every ratio.
+    #[arg(long, value_enum, default_value_t = LoadRing::Defer)]
+    pub load_ring: LoadRing,
     /// Request rate (req/s over 16 connections) of the fixed-rate latency test.
     #[arg(long, default_value_t = 2000.0)]
     pub rate: f64,
