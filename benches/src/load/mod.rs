@@ -178,3 +178,52 @@ pub(super) async fn drain(s: &mut TcpStream, mut buf: Vec<u8>) -> u64 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A server and a client built with one ring setup echo `rounds` messages of `size`
+    /// bytes, each checked against what was sent.
+    fn echo_with(defer: bool, size: usize, rounds: usize) -> io::Result<usize> {
+        set_defer_taskrun(defer);
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = probe.local_addr()?;
+        drop(probe);
+        let stats = Arc::new(ServerStats::default());
+        // The server runs until the test process exits, as it does in ringtun-bench.
+        std::thread::spawn(move || server::serve(addr, stats));
+        let t = Target { addr, mark: 0 };
+        block_on(async move {
+            let mut s = loop {
+                match dial(&t).await {
+                    Ok(s) => break s,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        monoio::time::sleep(Duration::from_millis(5)).await
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            write_all(&mut s, header(b'P', size as u64)).await?;
+            let mut matched = 0;
+            for round in 0..rounds {
+                let sent: Vec<u8> = (0..size).map(|i| (i * 7 + round) as u8).collect();
+                let out = write_all(&mut s, sent.clone()).await?;
+                drop(out);
+                let back = read_exact(&mut s, vec![0u8; size]).await?;
+                matched += usize::from(back == sent);
+            }
+            Ok(matched)
+        })?
+    }
+
+    #[test]
+    fn both_ring_setups_of_the_generators_echo_every_byte() {
+        for defer in [true, false] {
+            let matched = echo_with(defer, 3000, 200).expect("echo runs");
+            assert_eq!(matched, 200, "defer {defer}: every echoed message matches");
+        }
+    }
+}
