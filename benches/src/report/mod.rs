@@ -104,6 +104,24 @@ pub struct Results {
     pub raw_rtts: HashMap<(String, String), Vec<f64>>,
 }
 
+/// The metric of the CPU time the host took from the machine during a measurement.
+pub const STOLEN: &str = "machine CPUs stolen";
+
+/// A point in [`Results`] that figures pushed after it can be rolled back to.
+#[derive(Debug, Clone)]
+pub struct Mark {
+    samples: usize,
+    latency: usize,
+    raw: HashMap<(String, String), usize>,
+}
+
+impl Mark {
+    /// How many samples there were at the mark: those after it are the measurement's.
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+}
+
 impl Results {
     /// Records a sample.
     pub fn push(
@@ -155,6 +173,42 @@ impl Results {
             .entry((contender.to_owned(), test.to_owned()))
             .or_default()
             .extend_from_slice(rtts);
+    }
+
+    /// Where the results stand now, so a measurement's figures can be taken back
+    /// ([`Results::roll_back`]).
+    pub fn mark(&self) -> Mark {
+        Mark {
+            samples: self.samples.len(),
+            latency: self.latency.len(),
+            raw: self
+                .raw_rtts
+                .iter()
+                .map(|(k, v)| (k.clone(), v.len()))
+                .collect(),
+        }
+    }
+
+    /// The largest `machine CPUs stolen` among the samples pushed since `mark`.
+    pub fn stolen_since(&self, mark: &Mark) -> Option<f64> {
+        self.samples[mark.samples.min(self.samples.len())..]
+            .iter()
+            .filter(|s| s.metric == STOLEN)
+            .map(|s| s.value)
+            .reduce(f64::max)
+    }
+
+    /// Takes back every figure pushed since `mark` (a measurement to be repeated).
+    pub fn roll_back(&mut self, mark: &Mark) {
+        self.samples.truncate(mark.samples);
+        self.latency.truncate(mark.latency);
+        self.raw_rtts.retain(|k, v| match mark.raw.get(k) {
+            Some(&n) => {
+                v.truncate(n);
+                true
+            }
+            None => false,
+        });
     }
 
     /// Values of one (contender, test, metric) over all runs.
@@ -323,4 +377,36 @@ pub fn render_markdown(t: &Table) -> String {
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rolled_back_measurement_leaves_only_what_came_before_it() {
+        let mut r = Results::default();
+        r.push(0, "ringtun", "rr", "req/s", 100.0, true);
+        r.push(0, "ringtun", "rr", STOLEN, 0.01, false);
+        r.push_rtts(0, "ringtun", "rr", &[10.0, 20.0]);
+        let mark = r.mark();
+        assert_eq!(r.stolen_since(&mark), None, "nothing pushed since the mark");
+        r.push(1, "ringtun", "rr", "req/s", 50.0, true);
+        r.push(1, "ringtun", "rr", STOLEN, 0.30, false);
+        r.push(1, "ringtun", "bulk", STOLEN, 0.10, false);
+        r.push_rtts(1, "ringtun", "rr", &[90.0, 95.0, 99.0]);
+        r.push_rtts(1, "ztunnel", "rr", &[5.0]);
+        assert_eq!(
+            r.stolen_since(&mark),
+            Some(0.30),
+            "the largest steal since the mark"
+        );
+        r.roll_back(&mark);
+        assert_eq!(r.values("ringtun", "rr", "req/s"), vec![100.0]);
+        assert_eq!(r.values("ringtun", "rr", STOLEN), vec![0.01]);
+        assert_eq!(r.latency.len(), 1);
+        let key = |c: &str| (c.to_owned(), "rr".to_owned());
+        assert_eq!(r.raw_rtts.get(&key("ringtun")), Some(&vec![10.0, 20.0]));
+        assert!(!r.raw_rtts.contains_key(&key("ztunnel")));
+    }
 }

@@ -87,6 +87,14 @@ pub struct Opts {
     /// CPUs with the tunnels, so what they waste narrows every ratio.
     #[arg(long, value_enum, default_value_t = LoadRing::Defer)]
     pub load_ring: LoadRing,
+    /// A measurement during which the host took more than this many CPUs from the machine
+    /// (`machine CPUs stolen`, from /proc/stat) is measured again, at most `--steal-retries`
+    /// more times; each repeat is noted in the report.
+    #[arg(long, default_value_t = 0.05)]
+    pub steal_limit: f64,
+    /// How many times one measurement may be repeated for the host's steal (0: never).
+    #[arg(long, default_value_t = 2)]
+    pub steal_retries: usize,
     /// Request rate (req/s over 16 connections) of the fixed-rate latency test.
     #[arg(long, default_value_t = 2000.0)]
     pub rate: f64,
