@@ -463,15 +463,14 @@ fn repeat_if_stolen(
             .collect();
         res.roll_back(&mark);
         let what = format!(
-            "run {}: {} measured again ({attempt} of at most {}): the host took {stolen:.2} CPUs during {} (limit {})",
-            run + 1,
+            "{} measured again ({attempt} of at most {}): the host took {stolen:.2} CPUs during {} (limit {})",
             c.name,
             o.steal_retries,
             tests.join(", "),
             o.steal_limit
         );
         env.progress.step(&what);
-        res.notes.push(what);
+        res.notes.push(format!("run {}: {what}", run + 1));
     }
 }
 
