@@ -197,10 +197,13 @@ mod tests {
         std::thread::spawn(move || server::serve(addr, stats));
         let t = Target { addr, mark: 0 };
         block_on(async move {
+            // The server binds on its own thread: refused until it listens, for 2 s at most.
+            let mut tries = 0;
             let mut s = loop {
                 match dial(&t).await {
                     Ok(s) => break s,
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && tries < 400 => {
+                        tries += 1;
                         monoio::time::sleep(Duration::from_millis(5)).await
                     }
                     Err(e) => return Err(e),
