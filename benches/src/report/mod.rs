@@ -115,13 +115,6 @@ pub struct Mark {
     raw: HashMap<(String, String), usize>,
 }
 
-impl Mark {
-    /// How many samples there were at the mark: those after it are the measurement's.
-    pub fn samples(&self) -> usize {
-        self.samples
-    }
-}
-
 impl Results {
     /// Records a sample.
     pub fn push(
@@ -189,13 +182,24 @@ impl Results {
         }
     }
 
-    /// The largest `machine CPUs stolen` among the samples pushed since `mark`.
-    pub fn stolen_since(&self, mark: &Mark) -> Option<f64> {
+    /// The `machine CPUs stolen` samples pushed since `mark`.
+    fn stolen_after<'a>(&'a self, mark: &Mark) -> impl Iterator<Item = &'a Sample> {
         self.samples[mark.samples.min(self.samples.len())..]
             .iter()
             .filter(|s| s.metric == STOLEN)
-            .map(|s| s.value)
-            .reduce(f64::max)
+    }
+
+    /// The largest `machine CPUs stolen` among the samples pushed since `mark`.
+    pub fn stolen_since(&self, mark: &Mark) -> Option<f64> {
+        self.stolen_after(mark).map(|s| s.value).reduce(f64::max)
+    }
+
+    /// The tests pushed since `mark` during which the host stole more than `limit` CPUs.
+    pub fn stolen_tests_since(&self, mark: &Mark, limit: f64) -> Vec<String> {
+        self.stolen_after(mark)
+            .filter(|s| s.value > limit)
+            .map(|s| s.test.clone())
+            .collect()
     }
 
     /// Takes back every figure pushed since `mark` (a measurement to be repeated).

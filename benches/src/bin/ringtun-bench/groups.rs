@@ -456,11 +456,7 @@ fn repeat_if_stolen(
             _ => return Ok(()),
         };
         attempt += 1;
-        let tests: Vec<String> = res.samples[mark.samples()..]
-            .iter()
-            .filter(|s| s.metric == report::STOLEN && s.value > o.steal_limit)
-            .map(|s| s.test.clone())
-            .collect();
+        let tests = res.stolen_tests_since(&mark, o.steal_limit);
         res.roll_back(&mark);
         let what = format!(
             "{} measured again ({attempt} of at most {}): the host took {stolen:.2} CPUs during {} (limit {})",

@@ -499,6 +499,7 @@ impl UringInner {
             return true;
         }
         let _ = self.submit();
+        // SAFETY: as above.
         unsafe { self.uring.submission().push(&cancel) }.is_ok()
     }
 
