@@ -229,6 +229,8 @@ pub struct RunOptions {
     pub uring_taskrun: UringTaskrun,
     /// Busy ticks an io_uring shard may run before its HBONE connections' deferred writes.
     pub write_batch_ticks: u32,
+    /// Bytes waiting on an HBONE connection that end the busy ticks (0: never).
+    pub write_batch_bytes: u32,
     /// Provided buffers of an io_uring shard's multishot receives (0: none).
     pub uring_recv_buffers: u16,
     /// Outbound capture listen addresses.

@@ -116,6 +116,11 @@ pub struct RunArgs {
     /// and writes at the end of every tick.
     #[arg(long, default_value_t = 4)]
     pub write_batch_ticks: u32,
+    /// Plaintext bytes an HBONE connection may hold for its next write before it stops the
+    /// busy ticks of `--write-batch-ticks` and writes at the end of the tick (0: never). A batch
+    /// that large costs little per byte to write, and holding it back leaves the peer idle.
+    #[arg(long, default_value_t = 4096)]
+    pub write_batch_bytes: u32,
     /// Provided buffers (16 KiB each) an io_uring shard lends to multishot receives on its
     /// plaintext sockets (0: one submitted receive per read). A receive takes a buffer only
     /// while its bytes are copied out; a connection that fills one reads into its own
@@ -398,6 +403,7 @@ impl RunArgs {
             io_driver: self.io_driver,
             uring_taskrun: self.uring_taskrun,
             write_batch_ticks: self.write_batch_ticks,
+            write_batch_bytes: self.write_batch_bytes,
             uring_recv_buffers: self.uring_recv_buffers,
             tls_cipher: self.tls_cipher,
             tcp_keepalive: Duration::from_secs(self.tcp_keepalive_secs),

@@ -49,6 +49,7 @@ pub(super) fn shard_thread(
     }
     let taskrun = opts.uring_taskrun;
     let batch_ticks = opts.write_batch_ticks;
+    let batch_bytes = opts.write_batch_bytes;
     // The copy loops' multishot receives (vendor/monoio patch 6) take the shard's provided
     // buffers, sized to one TLS record's DATA frame; the ring is registered on first use.
     monoio::set_recv_buffers(opts.uring_recv_buffers, crate::proxy::copy::MIN_BUF as u32);
@@ -65,6 +66,7 @@ pub(super) fn shard_thread(
     // patch 5); how long a busy shard may put it off is the operator's.
     let fut = async move {
         monoio::set_quiet_busy_ticks(batch_ticks);
+        crate::stream::set_write_batch_bytes(batch_bytes);
         fut.await
     };
     let built = match driver {

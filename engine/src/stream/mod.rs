@@ -80,7 +80,7 @@ mod userspace;
 
 pub use ctx::{StreamCtx, TlsCounters};
 pub use establish::{establish, Established, OffloadError};
-pub use flush::FlushTick;
+pub use flush::{set_write_batch_bytes, FlushTick};
 pub use handshake_io::HandshakeIo;
 pub use hbone_io::HboneIo;
 pub use key_budget::{

@@ -230,6 +230,7 @@ impl<P: Records + Unpin + 'static> AsyncWrite for UserspaceIo<P> {
                 if repoll {
                     this.tick.repoll();
                 }
+                super::flush::hurry_if_full(this.pump.borrow().unflushed());
                 Poll::Ready(Ok(()))
             }
             Flush::Now => this.poll_transmit(cx),

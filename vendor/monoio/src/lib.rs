@@ -46,7 +46,7 @@ pub use driver::IoUringDriver;
 pub use driver::LegacyDriver;
 #[cfg(feature = "macros")]
 pub use monoio_macros::{main, test, test_all};
-pub use quiet::{quiet_points, set_quiet_busy_ticks, wake_when_quiet};
+pub use quiet::{hurry_quiet, quiet_points, set_quiet_busy_ticks, wake_when_quiet};
 #[cfg(all(target_os = "linux", feature = "iouring"))]
 pub use driver::set_recv_buffers;
 pub use runtime::{spawn, Runtime};

@@ -25,6 +25,9 @@ pub(crate) struct Quiet {
     points: Cell<u32>,
     /// Busy ticks in a row that may pass before a quiet point is taken anyway.
     busy_limit: Cell<u32>,
+    /// A waiting task has enough to do at the point that more busy ticks would only delay
+    /// it: the next point comes as soon as the run queue empties.
+    hurried: Cell<bool>,
 }
 
 impl Quiet {
@@ -38,9 +41,15 @@ impl Quiet {
         self.busy_limit.get()
     }
 
+    /// Whether a task asked for the next point without busy ticks ([`hurry_quiet`]).
+    pub(crate) fn hurried(&self) -> bool {
+        self.hurried.get()
+    }
+
     /// Passes a quiet point: counts it and wakes everything that waited for it.
     pub(crate) fn pass(&self) {
         self.points.set(self.points.get().wrapping_add(1));
+        self.hurried.set(false);
         let mut woken = self.spare.take();
         std::mem::swap(&mut woken, &mut *self.waiting.borrow_mut());
         // A woken task that asks again lands on the fresh list, for the next point.
@@ -69,6 +78,16 @@ pub fn quiet_points() -> Option<u32> {
         return None;
     }
     Some(CURRENT.with(|ctx| ctx.quiet.points.get()))
+}
+
+/// Asks for this thread's runtime's next quiet point as soon as the run queue empties, without
+/// the busy ticks [`set_quiet_busy_ticks`] allows: a task that waits for the point already has
+/// a batch large enough that more completions would only delay it. Outside a runtime this does
+/// nothing.
+pub fn hurry_quiet() {
+    if CURRENT.is_set() {
+        CURRENT.with(|ctx| ctx.quiet.hurried.set(true));
+    }
 }
 
 /// Sets how many ticks in a row that found completions already waiting may pass before a

@@ -196,6 +196,7 @@ impl<D> Runtime<D> {
                                     passed = false;
                                     let _ = self.driver.park_timeout(std::time::Duration::ZERO);
                                 } else if busy < quiet.busy_limit()
+                                    && !quiet.hurried()
                                     && self.driver.reap_ready().unwrap_or(false)
                                     && !self.context.tasks.is_empty()
                                 {
