@@ -613,7 +613,10 @@ mod tests {
                 .expect("an io_uring runtime");
             let [hurried, next] = hops_before_quiet_points(&mut rt, 3, Some(unflushed));
             assert_eq!(hurried, first, "{unflushed} bytes waiting: busy ticks");
-            assert!(next >= 3, "the next point had its busy ticks again: {next} hops");
+            assert!(
+                next >= 3,
+                "the next point had its busy ticks again: {next} hops"
+            );
         }
     }
 
