@@ -146,27 +146,42 @@ pub fn request_response(
         let start = Instant::now();
         let end = start + duration;
         let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r.max(1.0)));
+        let due = move |i: usize, k: u32, iv: Duration| {
+            start + iv.mul_f64(i as f64 / conns as f64) + iv * k
+        };
+        let mut turns = match interval {
+            Some(iv) => Pacer::start(conns, iv, end, due)?,
+            None => Vec::new(),
+        }
+        .into_iter();
         let mut tasks = Vec::new();
         for (i, mut s) in streams.into_iter().enumerate() {
             let result = result.clone();
+            let mut turn = turns.next();
             tasks.push(monoio::spawn(async move {
                 let mut out = pattern(size.max(1));
                 let mut back = vec![0u8; size.max(1)].into_boxed_slice();
+                let mut tick = vec![0u8; 1];
                 let mut rtts = Vec::new();
                 let mut late = 0u64;
-                let mut next = interval.map(|iv| start + iv.mul_f64(i as f64 / conns as f64));
+                let mut k = 0;
                 loop {
-                    if let (Some(due), Some(iv)) = (next, interval) {
-                        let now = Instant::now();
+                    if let (Some(iv), Some(turn)) = (interval, turn.as_mut()) {
+                        let due = due(i, k, iv);
                         if due >= end {
                             break;
                         }
-                        if due > now {
-                            monoio::time::sleep(due - now).await;
-                        } else if now - due > iv {
+                        if Instant::now().saturating_duration_since(due) > iv {
                             late += 1;
                         }
-                        next = Some(due + iv);
+                        // One byte per turn, written at `due` to the µs: there at once when
+                        // this connection is behind, so no turn is ever taken early.
+                        let (n, b) = turn.read(tick).await;
+                        tick = b;
+                        if n? == 0 {
+                            return Err(io::Error::other("the pacer stopped early"));
+                        }
+                        k += 1;
                     } else if Instant::now() >= end {
                         break;
                     }
@@ -189,6 +204,60 @@ pub fn request_response(
         r.elapsed = start.elapsed();
         Ok(r)
     })?
+}
+
+/// Sends each connection of a fixed-rate run its turns on time.
+///
+/// monoio's timer wheel has 1 ms steps: a connection that slept until its turn woke at the
+/// next whole millisecond, so at 2,000 req/s over 16 connections, spread 0.5 ms apart, the
+/// requests left in pairs a few µs apart (round 25 of `benches/`), and a tunnel that writes
+/// what is ready in one segment carried two. This thread sleeps to each turn with 1 ns of
+/// timer slack and writes one byte to that connection's end of a socket pair; the connection
+/// reads it before it sends, so the runtime wakes at the turn instead of the millisecond.
+struct Pacer;
+
+impl Pacer {
+    /// One socket per connection to read its turns from; the thread ends after the last turn
+    /// before `end` (it writes none for a turn whose connection would already have stopped).
+    fn start(
+        conns: usize,
+        iv: Duration,
+        end: Instant,
+        due: impl Fn(usize, u32, Duration) -> Instant + Send + 'static,
+    ) -> io::Result<Vec<monoio::net::UnixStream>> {
+        let mut ours = Vec::with_capacity(conns);
+        let mut theirs = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let (a, b) = std::os::unix::net::UnixStream::pair()?;
+            a.set_nonblocking(true)?;
+            theirs.push(monoio::net::UnixStream::from_std(a)?);
+            ours.push(b);
+        }
+        std::thread::Builder::new()
+            .name("load-pacer".into())
+            .spawn(move || {
+                use std::io::Write;
+                // SAFETY: prctl with integer arguments only, on this thread.
+                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+                // Turns in time order: every connection's k-th turn comes before any
+                // (k+1)-th, and within a round in connection order.
+                for k in 0.. {
+                    for (i, sock) in ours.iter_mut().enumerate() {
+                        let at = due(i, k, iv);
+                        if at >= end {
+                            return;
+                        }
+                        let now = Instant::now();
+                        if at > now {
+                            std::thread::sleep(at - now);
+                        }
+                        // A connection that failed has dropped its end: the rest go on.
+                        let _ = sock.write_all(&[1]);
+                    }
+                }
+            })?;
+        Ok(theirs)
+    }
 }
 
 /// What a connection-rate run measured.
@@ -373,5 +442,54 @@ where
         Ok(Ok(())) => Ok(conns),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::other("idle connection thread died")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection reads each of its turns before the run's end, one byte each, none
+    /// before its time, and then the end of its socket.
+    #[test]
+    fn the_pacer_gives_every_turn_and_none_early() {
+        let (conns, iv) = (4, Duration::from_millis(8));
+        let start = Instant::now();
+        let end = start + Duration::from_millis(100);
+        let due = move |i: usize, k: u32, iv: Duration| {
+            start + iv.mul_f64(i as f64 / conns as f64) + iv * k
+        };
+        let read = block_on(async move {
+            let mut tasks = Vec::new();
+            for (i, mut s) in Pacer::start(conns, iv, end, due)?.into_iter().enumerate() {
+                tasks.push(monoio::spawn(async move {
+                    let (mut turns, mut early, mut buf) = (0u32, 0u32, vec![0u8; 1]);
+                    loop {
+                        let (n, b) = s.read(buf).await;
+                        buf = b;
+                        if n? == 0 {
+                            return Ok::<_, io::Error>((turns, early));
+                        }
+                        early += u32::from(Instant::now() < due(i, turns, iv));
+                        turns += 1;
+                    }
+                }));
+            }
+            let mut read = Vec::new();
+            for t in tasks {
+                read.push(t.await?);
+            }
+            Ok::<_, io::Error>(read)
+        })
+        .expect("a runtime")
+        .expect("the turns are read");
+        for (i, (turns, early)) in read.into_iter().enumerate() {
+            let want = (0..).take_while(|&k| due(i, k, iv) < end).count() as u32;
+            assert_eq!(
+                turns, want,
+                "connection {i}: one byte per turn before the end"
+            );
+            assert_eq!(early, 0, "connection {i}: no turn before its time");
+        }
     }
 }
