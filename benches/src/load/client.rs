@@ -145,19 +145,21 @@ pub fn request_response(
         let result = Rc::new(RefCell::new(RrResult::default()));
         let start = Instant::now();
         let end = start + duration;
-        let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r.max(1.0)));
-        let due = move |i: usize, k: u32, iv: Duration| {
-            start + iv.mul_f64(i as f64 / conns as f64) + iv * k
-        };
-        let mut turns = match interval {
-            Some(iv) => Pacer::start(conns, iv, end, due)?,
+        let schedule = rate.map(|r| Schedule {
+            start,
+            end,
+            conns,
+            iv: Duration::from_secs_f64(conns as f64 / r.max(1.0)),
+        });
+        let mut turns = match schedule {
+            Some(schedule) => Pacer::start(schedule)?,
             None => Vec::new(),
         }
         .into_iter();
         let mut tasks = Vec::new();
         for (i, mut s) in streams.into_iter().enumerate() {
             let result = result.clone();
-            let mut turn = turns.next();
+            let mut paced = schedule.zip(turns.next());
             tasks.push(monoio::spawn(async move {
                 let mut out = pattern(size.max(1));
                 let mut back = vec![0u8; size.max(1)].into_boxed_slice();
@@ -166,12 +168,11 @@ pub fn request_response(
                 let mut late = 0u64;
                 let mut k = 0;
                 loop {
-                    if let (Some(iv), Some(turn)) = (interval, turn.as_mut()) {
-                        let due = due(i, k, iv);
-                        if due >= end {
+                    if let Some((schedule, turn)) = paced.as_mut() {
+                        let Some(due) = schedule.due(i, k) else {
                             break;
-                        }
-                        if Instant::now().saturating_duration_since(due) > iv {
+                        };
+                        if Instant::now().saturating_duration_since(due) > schedule.iv {
                             late += 1;
                         }
                         // One byte per turn, written at `due` to the µs: there at once when
@@ -206,6 +207,24 @@ pub fn request_response(
     })?
 }
 
+/// When each connection of a fixed-rate run takes its turns: spread evenly over `iv`.
+#[derive(Clone, Copy)]
+struct Schedule {
+    start: Instant,
+    end: Instant,
+    conns: usize,
+    /// One connection's interval between turns.
+    iv: Duration,
+}
+
+impl Schedule {
+    /// Connection `i`'s `k`-th turn, `None` from the first one at or past the end.
+    fn due(&self, i: usize, k: u32) -> Option<Instant> {
+        let at = self.start + self.iv.mul_f64(i as f64 / self.conns as f64) + self.iv * k;
+        (at < self.end).then_some(at)
+    }
+}
+
 /// Sends each connection of a fixed-rate run its turns on time.
 ///
 /// monoio's timer wheel has 1 ms steps: a connection that slept until its turn woke at the
@@ -218,16 +237,11 @@ struct Pacer;
 
 impl Pacer {
     /// One socket per connection to read its turns from; the thread ends after the last turn
-    /// before `end` (it writes none for a turn whose connection would already have stopped).
-    fn start(
-        conns: usize,
-        iv: Duration,
-        end: Instant,
-        due: impl Fn(usize, u32, Duration) -> Instant + Send + 'static,
-    ) -> io::Result<Vec<monoio::net::UnixStream>> {
-        let mut ours = Vec::with_capacity(conns);
-        let mut theirs = Vec::with_capacity(conns);
-        for _ in 0..conns {
+    /// before the schedule's end (it writes none for a turn whose connection has stopped).
+    fn start(schedule: Schedule) -> io::Result<Vec<monoio::net::UnixStream>> {
+        let mut ours = Vec::with_capacity(schedule.conns);
+        let mut theirs = Vec::with_capacity(schedule.conns);
+        for _ in 0..schedule.conns {
             let (a, b) = std::os::unix::net::UnixStream::pair()?;
             a.set_nonblocking(true)?;
             theirs.push(monoio::net::UnixStream::from_std(a)?);
@@ -243,10 +257,9 @@ impl Pacer {
                 // (k+1)-th, and within a round in connection order.
                 for k in 0.. {
                     for (i, sock) in ours.iter_mut().enumerate() {
-                        let at = due(i, k, iv);
-                        if at >= end {
+                        let Some(at) = schedule.due(i, k) else {
                             return;
-                        }
+                        };
                         let now = Instant::now();
                         if at > now {
                             std::thread::sleep(at - now);
@@ -453,15 +466,16 @@ mod tests {
     /// before its time, and then the end of its socket.
     #[test]
     fn the_pacer_gives_every_turn_and_none_early() {
-        let (conns, iv) = (4, Duration::from_millis(8));
         let start = Instant::now();
-        let end = start + Duration::from_millis(100);
-        let due = move |i: usize, k: u32, iv: Duration| {
-            start + iv.mul_f64(i as f64 / conns as f64) + iv * k
+        let schedule = Schedule {
+            start,
+            end: start + Duration::from_millis(100),
+            conns: 4,
+            iv: Duration::from_millis(8),
         };
         let read = block_on(async move {
             let mut tasks = Vec::new();
-            for (i, mut s) in Pacer::start(conns, iv, end, due)?.into_iter().enumerate() {
+            for (i, mut s) in Pacer::start(schedule)?.into_iter().enumerate() {
                 tasks.push(monoio::spawn(async move {
                     let (mut turns, mut early, mut buf) = (0u32, 0u32, vec![0u8; 1]);
                     loop {
@@ -470,7 +484,8 @@ mod tests {
                         if n? == 0 {
                             return Ok::<_, io::Error>((turns, early));
                         }
-                        early += u32::from(Instant::now() < due(i, turns, iv));
+                        let due = schedule.due(i, turns).expect("no turn past the end");
+                        early += u32::from(Instant::now() < due);
                         turns += 1;
                     }
                 }));
@@ -484,7 +499,7 @@ mod tests {
         .expect("a runtime")
         .expect("the turns are read");
         for (i, (turns, early)) in read.into_iter().enumerate() {
-            let want = (0..).take_while(|&k| due(i, k, iv) < end).count() as u32;
+            let want = (0..).take_while(|&k| schedule.due(i, k).is_some()).count() as u32;
             assert_eq!(
                 turns, want,
                 "connection {i}: one byte per turn before the end"
